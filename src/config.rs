@@ -1,0 +1,308 @@
+//! Validated configuration: which roles get which secret, and how to reach the server.
+//!
+//! Built once from the command line and environment (`ConfigArgs`) so that every mode
+//! (`sync`, `run`, `watch`, `verify`, `health`) agrees on the role map and the secret
+//! lookup rules of DESIGN.md, and so that configuration mistakes (a malformed `--role`, a
+//! role name PostgreSQL would silently truncate) fail before anything touches the server.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use nix::unistd::{Gid, Uid, User};
+
+use crate::cli::ConfigArgs;
+use crate::error::Failure;
+use crate::secret::{self, Secret};
+
+/// PostgreSQL's identifier limit (NAMEDATALEN - 1); longer names are truncated by the
+/// server, which would silently sync the wrong role.
+pub const MAX_ROLE_BYTES: usize = 63;
+
+/// Where a role's secret comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretRef {
+    /// Looked up as `NAME`, then `NAME.txt`, in the secret directories.
+    Name(String),
+    /// An explicit path.
+    Path(PathBuf),
+}
+
+/// One role to keep in step with one secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleSpec {
+    pub name: String,
+    pub secret: SecretRef,
+}
+
+/// Where the server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Host {
+    /// A Unix socket directory (`PGHOST` starting with `/`).
+    Socket(PathBuf),
+    /// A TCP host name or address.
+    Tcp(String),
+}
+
+/// The OS identity to connect with when started as root (peer authentication).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OsIdentity {
+    pub uid: Uid,
+    pub gid: Gid,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub roles: Vec<RoleSpec>,
+    pub superuser: String,
+    pub superuser_secret: Option<SecretRef>,
+    /// Searched in order: `SECRETS_SOURCE_DIR`, then `KEYS_DIR`.
+    pub secret_dirs: Vec<PathBuf>,
+    pub host: Host,
+    pub port: u16,
+    pub pgdata: PathBuf,
+    pub dbname: String,
+    pub sync_identity: Option<OsIdentity>,
+    pub connect_timeout: Duration,
+}
+
+impl Config {
+    /// Validates the arguments. Errors are `Failure::Config`.
+    pub fn from_args(args: &ConfigArgs) -> anyhow::Result<Config> {
+        Self::build(args).context(Failure::Config)
+    }
+
+    fn build(args: &ConfigArgs) -> anyhow::Result<Config> {
+        let superuser_secret = match &args.postgres_password_file {
+            Some(path) => Some(SecretRef::Path(path.clone())),
+            None => Some(SecretRef::Name("postgres_password".into())),
+        };
+        let roles = if args.roles.is_empty() {
+            let mut roles = vec![
+                RoleSpec {
+                    name: args.postgres_user.clone(),
+                    secret: superuser_secret.clone().unwrap_or(SecretRef::Name(String::new())),
+                },
+                role(&args.app_db_user, "postgres_app_user_pw"),
+                role(&args.app_db_ro_user, "postgres_app_ro_pw"),
+            ];
+            if let Some(user) = args.temporal_db_user.as_deref().filter(|u| !u.is_empty()) {
+                roles.push(role(user, "postgres_temporal_pw"));
+            }
+            roles
+        } else {
+            args.roles
+                .iter()
+                .map(|spec| parse_role_spec(spec))
+                .collect::<anyhow::Result<Vec<_>>>()?
+        };
+        for (i, spec) in roles.iter().enumerate() {
+            check_role_name(&spec.name)?;
+            if roles[..i].iter().any(|other| other.name == spec.name) {
+                bail!("role {:?} is configured twice", spec.name);
+            }
+        }
+        check_role_name(&args.postgres_user)?;
+        // With an explicit map, the superuser's own entry (if any) is its password source.
+        let superuser_secret = roles
+            .iter()
+            .find(|r| r.name == args.postgres_user)
+            .map(|r| r.secret.clone())
+            .or(superuser_secret);
+        let host = if args.pghost.starts_with('/') {
+            Host::Socket(PathBuf::from(&args.pghost))
+        } else if args.pghost.is_empty() {
+            bail!("PGHOST is empty");
+        } else {
+            Host::Tcp(args.pghost.clone())
+        };
+        Ok(Config {
+            roles,
+            superuser: args.postgres_user.clone(),
+            superuser_secret,
+            secret_dirs: vec![args.secrets_source_dir.clone(), args.keys_dir.clone()],
+            host,
+            port: args.pgport,
+            pgdata: args.pgdata.clone(),
+            dbname: args.dbname.clone(),
+            sync_identity: sync_identity(args.sync_user.as_deref())?,
+            connect_timeout: args.connect_timeout,
+        })
+    }
+
+    /// The file a secret reference points at now (lookups are repeated on every read,
+    /// because a rotation may add `NAME` beside `NAME.txt`).
+    pub fn resolve(&self, secret: &SecretRef) -> anyhow::Result<PathBuf> {
+        match secret {
+            SecretRef::Path(path) => Ok(path.clone()),
+            SecretRef::Name(name) => {
+                let dirs: Vec<&Path> = self.secret_dirs.iter().map(PathBuf::as_path).collect();
+                secret::locate(name, &dirs).map_err(|tried| {
+                    let tried: Vec<String> =
+                        tried.iter().map(|p| p.display().to_string()).collect();
+                    anyhow::anyhow!("secret file {name} not found (tried {})", tried.join(", "))
+                })
+            }
+        }
+    }
+
+    /// Reads and validates every role's secret; the first problem fails the whole set.
+    pub fn load_secrets(&self) -> anyhow::Result<Vec<(RoleSpec, Secret)>> {
+        self.roles
+            .iter()
+            .map(|spec| {
+                let secret = self
+                    .resolve(&spec.secret)
+                    .and_then(|path| secret::read_file(&path))
+                    .with_context(|| format!("secret for role {:?}", spec.name))?;
+                Ok((spec.clone(), secret))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+            .context(Failure::Config)
+    }
+
+    /// The superuser's password from its file, if such a file exists.
+    pub fn superuser_password(&self) -> Option<anyhow::Result<Secret>> {
+        let secret = self.superuser_secret.as_ref()?;
+        let path = self.resolve(secret).ok()?;
+        Some(secret::read_file(&path))
+    }
+
+    /// Every directory that can hold a configured secret (what `watch` observes).
+    pub fn watched_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = self.secret_dirs.clone();
+        for spec in self.roles.iter().map(|r| &r.secret).chain(&self.superuser_secret) {
+            if let SecretRef::Path(path) = spec
+                && let Some(parent) = path.parent()
+                && !dirs.iter().any(|d| d == parent)
+            {
+                dirs.push(parent.to_path_buf());
+            }
+        }
+        dirs
+    }
+}
+
+fn role(name: &str, secret: &str) -> RoleSpec {
+    RoleSpec {
+        name: name.to_owned(),
+        secret: SecretRef::Name(secret.to_owned()),
+    }
+}
+
+/// Parses `--role NAME=FILE`.
+pub fn parse_role_spec(spec: &str) -> anyhow::Result<RoleSpec> {
+    let Some((name, file)) = spec.split_once('=') else {
+        bail!("--role {spec:?} is not of the form NAME=FILE");
+    };
+    if name.is_empty() || file.is_empty() {
+        bail!("--role {spec:?} is not of the form NAME=FILE");
+    }
+    let secret = if file.contains('/') {
+        SecretRef::Path(PathBuf::from(file))
+    } else {
+        SecretRef::Name(file.to_owned())
+    };
+    Ok(RoleSpec {
+        name: name.to_owned(),
+        secret,
+    })
+}
+
+/// Rejects names the server would refuse or silently truncate.
+pub fn check_role_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty() {
+        bail!("a role name is empty");
+    }
+    if name.contains('\0') {
+        bail!("role name {name:?} contains a NUL byte");
+    }
+    if name.len() > MAX_ROLE_BYTES {
+        bail!(
+            "role name {name:?} is {} bytes long; PostgreSQL allows at most {MAX_ROLE_BYTES}",
+            name.len()
+        );
+    }
+    Ok(())
+}
+
+/// Started as root, the sync connects as an unprivileged OS user so that `peer`
+/// authentication maps it to the superuser role (the image's `local all postgres peer`).
+fn sync_identity(requested: Option<&str>) -> anyhow::Result<Option<OsIdentity>> {
+    if !Uid::effective().is_root() {
+        return Ok(None);
+    }
+    let name = requested.unwrap_or("postgres");
+    match User::from_name(name).with_context(|| format!("looking up OS user {name:?}"))? {
+        Some(user) if user.uid.is_root() => Ok(None),
+        Some(user) => Ok(Some(OsIdentity {
+            uid: user.uid,
+            gid: user.gid,
+        })),
+        None if requested.is_some() => bail!("--sync-user: no OS user named {name:?}"),
+        None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        config: ConfigArgs,
+    }
+
+    fn config(args: &[&str]) -> anyhow::Result<Config> {
+        let mut argv = vec!["x", "--sync-user", "root"];
+        argv.extend_from_slice(args);
+        Config::from_args(&Wrapper::try_parse_from(argv)?.config)
+    }
+
+    fn names(config: &Config) -> Vec<&str> {
+        config.roles.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    #[test]
+    fn default_roles_and_optional_temporal() {
+        let c = config(&[]).unwrap();
+        assert_eq!(names(&c), ["postgres", "appuser", "backupuser"]);
+        let c = config(&["--temporal-db-user", "temporaluser", "--app-db-user", "app"]).unwrap();
+        assert_eq!(names(&c), ["postgres", "app", "backupuser", "temporaluser"]);
+        assert_eq!(c.roles[3].secret, SecretRef::Name("postgres_temporal_pw".into()));
+    }
+
+    #[test]
+    fn password_file_is_the_superuser_source() {
+        let c = config(&["--postgres-password-file", "/run/secrets/pw"]).unwrap();
+        assert_eq!(c.roles[0].secret, SecretRef::Path("/run/secrets/pw".into()));
+        assert_eq!(c.superuser_secret, Some(SecretRef::Path("/run/secrets/pw".into())));
+        assert!(c.watched_dirs().contains(&PathBuf::from("/run/secrets")));
+    }
+
+    #[test]
+    fn explicit_role_map_replaces_defaults() {
+        let c = config(&["--role", "My Role=my_pw", "--role", "x=/etc/k/x.txt"]).unwrap();
+        assert_eq!(names(&c), ["My Role", "x"]);
+        assert_eq!(c.roles[1].secret, SecretRef::Path("/etc/k/x.txt".into()));
+        assert_eq!(c.superuser_secret, Some(SecretRef::Name("postgres_password".into())));
+    }
+
+    #[test]
+    fn bad_role_specs_are_config_errors() {
+        for bad in ["noequals", "=file", "name=", &format!("{}=f", "r".repeat(64))] {
+            let err = config(&["--role", bad]).unwrap_err();
+            assert_eq!(Failure::of(&err), Some(Failure::Config), "{bad}");
+        }
+        assert!(config(&["--role", &format!("{}=f", "r".repeat(63))]).is_ok());
+        assert!(config(&["--role", "a=x", "--role", "a=y"]).is_err());
+    }
+
+    #[test]
+    fn host_kind() {
+        assert!(matches!(config(&[]).unwrap().host, Host::Socket(_)));
+        assert_eq!(config(&["--pghost", "db"]).unwrap().host, Host::Tcp("db".into()));
+    }
+}

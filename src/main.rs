@@ -1,0 +1,59 @@
+//! Entry point: parse the command line, start logging, dispatch, map errors to exit codes.
+//!
+//! Everything with behaviour lives in the modules named after the architecture in
+//! DESIGN.md; this file only wires them together, so a reader sees every mode at a glance.
+
+mod cli;
+mod config;
+mod error;
+mod health;
+mod keyfiles;
+mod logging;
+mod postmaster;
+mod secret;
+mod state;
+mod supervisor;
+mod sync;
+mod verify;
+mod watch;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use cli::{Cli, Command};
+use error::{EXIT_UNEXPECTED, Failure};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    match dispatch(cli.command) {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            tracing::error!("{err:#}");
+            ExitCode::from(Failure::of(&err).map_or(EXIT_UNEXPECTED, Failure::exit_code))
+        }
+    }
+}
+
+/// Runs one subcommand; `Ok` carries the exit code (non-zero for `run`'s child status).
+fn dispatch(command: Command) -> anyhow::Result<u8> {
+    match command {
+        Command::Run(args) => supervisor::run(args),
+        Command::Sync(args) => block_on(sync::command(args)),
+        Command::Watch(args) => watch::command(args),
+        Command::Verify(args) => block_on(verify::command(args)),
+        Command::Health(args) => health::command(args),
+        Command::Generate(args) => keyfiles::run(&args).map(|()| 0),
+    }
+}
+
+/// One-shot commands need only a single-threaded runtime: the work is sequential I/O.
+fn block_on<F: std::future::Future<Output = anyhow::Result<u8>>>(future: F) -> anyhow::Result<u8> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(future)
+}

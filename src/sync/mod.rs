@@ -1,0 +1,329 @@
+//! The password sync: plan which roles need a new password, apply them in one transaction.
+//!
+//! One implementation serves `sync`, `run` and `watch`. The recipe is DESIGN.md's: every
+//! secret is read and validated before connecting (an invalid file applies nothing); one
+//! transaction takes an advisory lock (concurrent syncs queue instead of interleaving),
+//! switches statement logging off for itself, reads the stored verifiers, and sends
+//! `ALTER ROLE … PASSWORD '<SCRAM verifier>'` only for roles whose stored verifier does
+//! not already match. A failure rolls the whole set back, so the old passwords keep working.
+
+pub mod connect;
+pub mod scram;
+pub mod sql;
+
+use std::collections::HashMap;
+use std::fmt;
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::cli::{ReportFormat, SyncArgs};
+use crate::config::{Config, RoleSpec};
+use crate::error::Failure;
+use crate::secret::Secret;
+use connect::Auth;
+
+/// The line operators grep for after a sync.
+pub const COMPLETE_LINE: &str = "Password synchronization complete.";
+
+/// What happened to one role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// A new verifier was stored.
+    Changed,
+    /// The stored verifier already matches the secret; nothing was written.
+    Unchanged,
+    /// The role does not exist (a warning, or an error under `--strict`).
+    Missing,
+    /// `--dry-run`: would be changed.
+    WouldChange,
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Status::Changed => "changed",
+            Status::Unchanged => "unchanged",
+            Status::Missing => "missing",
+            Status::WouldChange => "would change",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RoleOutcome {
+    pub role: String,
+    pub status: Status,
+}
+
+/// The result of one sync.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub roles: Vec<RoleOutcome>,
+    /// The server is a standby (read-only): nothing was attempted.
+    pub standby: bool,
+    pub dry_run: bool,
+}
+
+impl Report {
+    /// Roles that got a new password.
+    pub fn changed(&self) -> Vec<&str> {
+        self.roles_with(Status::Changed)
+    }
+
+    pub fn roles_with(&self, status: Status) -> Vec<&str> {
+        self.roles
+            .iter()
+            .filter(|r| r.status == status)
+            .map(|r| r.role.as_str())
+            .collect()
+    }
+
+    /// The report as text lines (one per role, then the completion line).
+    pub fn lines(&self) -> Vec<String> {
+        if self.standby {
+            return vec!["server is a standby (in recovery): sync skipped".to_owned()];
+        }
+        let mut lines: Vec<String> = self
+            .roles
+            .iter()
+            .map(|r| format!("role {:?}: {}", r.role, r.status))
+            .collect();
+        lines.push(if self.dry_run {
+            "Dry run: nothing was changed.".to_owned()
+        } else {
+            COMPLETE_LINE.to_owned()
+        });
+        lines
+    }
+}
+
+/// How to apply.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    pub strict: bool,
+    pub dry_run: bool,
+}
+
+/// A sync that remembers, in memory only, the last superuser password it applied, so a
+/// long-running process can still authenticate after rotating the superuser.
+pub struct Syncer {
+    pub config: Config,
+    pub options: Options,
+    remembered_superuser: Option<Secret>,
+}
+
+impl Syncer {
+    pub fn new(config: Config, options: Options) -> Syncer {
+        Syncer {
+            config,
+            options,
+            remembered_superuser: None,
+        }
+    }
+
+    /// Reads every secret (all must be valid), connects, applies. Nothing is applied on any
+    /// error.
+    pub async fn sync(&mut self) -> anyhow::Result<Report> {
+        let secrets = self.config.load_secrets()?;
+        self.apply_secrets(&secrets).await
+    }
+
+    /// Applies an already validated set of secrets.
+    pub async fn apply_secrets(&mut self, secrets: &[(RoleSpec, Secret)]) -> anyhow::Result<Report> {
+        let client = self.connect_superuser(secrets).await?;
+        let report = apply(&client, secrets, self.options).await?;
+        if !report.standby
+            && !self.options.dry_run
+            && let Some((_, secret)) = secrets.iter().find(|(r, _)| r.name == self.config.superuser)
+        {
+            // Replacing the old value drops (and so zeroizes) it.
+            self.remembered_superuser = Some(secret.clone());
+        }
+        Ok(report)
+    }
+
+    /// Connects as the superuser: OS identity, then the password from its file, then the
+    /// remembered one.
+    pub async fn connect_superuser(&self, secrets: &[(RoleSpec, Secret)]) -> anyhow::Result<Client> {
+        let from_set = secrets
+            .iter()
+            .find(|(r, _)| r.name == self.config.superuser)
+            .map(|(_, s)| s.clone());
+        // When the superuser is not in the synced set, its file is still a way in.
+        let from_file = match from_set {
+            Some(secret) => Some(secret),
+            None => self.config.superuser_password().and_then(Result::ok),
+        };
+        let mut methods = vec![Auth::Identity];
+        if let Some(secret) = &from_file {
+            methods.push(Auth::Password(secret, "superuser password file"));
+        }
+        if let Some(secret) = &self.remembered_superuser
+            && Some(secret) != from_file.as_ref()
+        {
+            methods.push(Auth::Password(secret, "last applied superuser password"));
+        }
+        connect::connect_any(&self.config, &self.config.superuser, &methods).await
+    }
+}
+
+/// The sync transaction itself.
+pub async fn apply(
+    client: &Client,
+    secrets: &[(RoleSpec, Secret)],
+    options: Options,
+) -> anyhow::Result<Report> {
+    let mut report = Report {
+        dry_run: options.dry_run,
+        ..Report::default()
+    };
+    // A standby cannot take ALTER ROLE; its passwords arrive through replication.
+    let in_recovery: bool = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .context("checking whether the server is a standby")
+        .context(Failure::Sql)?
+        .get(0);
+    if in_recovery {
+        report.standby = true;
+        return Ok(report);
+    }
+    let names: Vec<String> = secrets.iter().map(|(r, _)| r.name.clone()).collect();
+    let stored = transaction(client, secrets, &names, options, &mut report)
+        .await
+        .context(Failure::Sql);
+    stored?;
+    Ok(report)
+}
+
+async fn transaction(
+    client: &Client,
+    secrets: &[(RoleSpec, Secret)],
+    names: &[String],
+    options: Options,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    // `Client::transaction` needs `&mut`; the explicit BEGIN keeps `Client` shareable.
+    // Any early return drops the connection's transaction state with ROLLBACK below.
+    client.batch_execute("BEGIN").await.context("starting the transaction")?;
+    let result = async {
+        client
+            .execute("SELECT pg_advisory_xact_lock($1)", &[&sql::ADVISORY_LOCK_KEY])
+            .await
+            .context("taking the sync lock")?;
+        for setting in sql::QUIET_SETTINGS {
+            // One message per statement: a setting only applies to statements received
+            // after it, so batching them with ALTER ROLE would log the batch.
+            client
+                .batch_execute(setting)
+                .await
+                .context("suppressing statement logging")?;
+        }
+        let rows = client
+            .query(
+                "SELECT rolname::text, rolpassword FROM pg_authid WHERE rolname = ANY($1::text[])",
+                &[&names],
+            )
+            .await
+            .context("reading the stored password verifiers (pg_authid)")?;
+        let current: HashMap<String, Option<String>> =
+            rows.iter().map(|row| (row.get(0), row.get(1))).collect();
+
+        let missing: Vec<&str> = names
+            .iter()
+            .filter(|n| !current.contains_key(*n))
+            .map(String::as_str)
+            .collect();
+        if options.strict && !missing.is_empty() {
+            return Err(anyhow::anyhow!("role(s) {missing:?} do not exist (--strict)"))
+                .context(Failure::MissingRole);
+        }
+        for (spec, secret) in secrets {
+            let status = match current.get(&spec.name) {
+                None => {
+                    tracing::warn!(role = %spec.name, "role does not exist; skipped");
+                    Status::Missing
+                }
+                Some(Some(stored)) if scram::verifies(stored, secret) => Status::Unchanged,
+                Some(_) if options.dry_run => Status::WouldChange,
+                Some(_) => {
+                    let statement =
+                        sql::alter_role_password(&spec.name, &scram::make_verifier(secret));
+                    client
+                        .batch_execute(&statement)
+                        .await
+                        .with_context(|| format!("setting the password of role {:?}", spec.name))?;
+                    Status::Changed
+                }
+            };
+            report.roles.push(RoleOutcome {
+                role: spec.name.clone(),
+                status,
+            });
+        }
+        if options.dry_run {
+            bail!(DryRun);
+        }
+        client.batch_execute("COMMIT").await.context("committing")
+    }
+    .await;
+    match result {
+        Ok(()) => Ok(()),
+        Err(err) => {
+            // Roll back whatever was applied; if the connection is gone, the server
+            // rolls back on its own.
+            let _ = client.batch_execute("ROLLBACK").await;
+            if err.downcast_ref::<DryRun>().is_some() {
+                Ok(())
+            } else {
+                Err(err)
+            }
+        }
+    }
+}
+
+/// Marker used to leave a dry run's transaction through the rollback path.
+#[derive(Debug)]
+struct DryRun;
+
+impl fmt::Display for DryRun {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("dry run")
+    }
+}
+
+impl std::error::Error for DryRun {}
+
+/// `pg-password-sync sync`.
+pub async fn command(args: SyncArgs) -> anyhow::Result<u8> {
+    let config = Config::from_args(&args.config)?;
+    let options = Options {
+        strict: args.options.strict,
+        dry_run: args.dry_run,
+    };
+    let mut syncer = Syncer::new(config, options);
+    let report = syncer.sync().await?;
+    print_report(&report, args.format)?;
+    Ok(0)
+}
+
+/// Writes the report to stdout.
+pub fn print_report(report: &Report, format: ReportFormat) -> anyhow::Result<()> {
+    match format {
+        ReportFormat::Text => {
+            for line in report.lines() {
+                println!("{line}");
+            }
+        }
+        ReportFormat::Json => {
+            println!(
+                "{}",
+                serde_json::to_string(report).context("serialising the report")?
+            );
+        }
+    }
+    Ok(())
+}
