@@ -88,7 +88,12 @@ pub struct ConfigArgs {
 
     /// Explicit role map NAME=FILE (repeatable); replaces the default four roles. FILE is a
     /// secret name looked up like the defaults, or a path when it contains a `/`.
-    #[arg(long = "role", value_name = "NAME=FILE", env = "PG_PASSWORD_SYNC_ROLES", value_delimiter = ',')]
+    #[arg(
+        long = "role",
+        value_name = "NAME=FILE",
+        env = "PG_PASSWORD_SYNC_ROLES",
+        value_delimiter = ','
+    )]
     pub roles: Vec<String>,
 
     /// Server socket directory (starts with `/`) or TCP host name.
@@ -155,7 +160,11 @@ pub struct WatchOptionsArgs {
     #[arg(long, env = "PG_PASSWORD_SYNC_RESYNC_INTERVAL", default_value = "5m", value_parser = parse_duration)]
     pub resync_interval: Duration,
     /// Directory for the health state file (falls back to a writable temp dir).
-    #[arg(long, env = "PG_PASSWORD_SYNC_STATE_DIR", default_value = "/run/pg-password-sync")]
+    #[arg(
+        long,
+        env = "PG_PASSWORD_SYNC_STATE_DIR",
+        default_value = "/run/pg-password-sync"
+    )]
     pub state_dir: PathBuf,
 }
 
@@ -212,14 +221,20 @@ pub struct HealthArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Directory holding the state file written by `run`/`watch`.
-    #[arg(long, env = "PG_PASSWORD_SYNC_STATE_DIR", default_value = "/run/pg-password-sync")]
+    #[arg(
+        long,
+        env = "PG_PASSWORD_SYNC_STATE_DIR",
+        default_value = "/run/pg-password-sync"
+    )]
     pub state_dir: PathBuf,
 }
 
 /// Parses `250ms`, `5s`, `5m`, `1h` or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let value: u64 = number
         .parse()

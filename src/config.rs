@@ -81,7 +81,9 @@ impl Config {
             let mut roles = vec![
                 RoleSpec {
                     name: args.postgres_user.clone(),
-                    secret: superuser_secret.clone().unwrap_or(SecretRef::Name(String::new())),
+                    secret: superuser_secret
+                        .clone()
+                        .unwrap_or(SecretRef::Name(String::new())),
                 },
                 role(&args.app_db_user, "postgres_app_user_pw"),
                 role(&args.app_db_ro_user, "postgres_app_ro_pw"),
@@ -171,7 +173,12 @@ impl Config {
     /// Every directory that can hold a configured secret (what `watch` observes).
     pub fn watched_dirs(&self) -> Vec<PathBuf> {
         let mut dirs = self.secret_dirs.clone();
-        for spec in self.roles.iter().map(|r| &r.secret).chain(&self.superuser_secret) {
+        for spec in self
+            .roles
+            .iter()
+            .map(|r| &r.secret)
+            .chain(&self.superuser_secret)
+        {
             if let SecretRef::Path(path) = spec
                 && let Some(parent) = path.parent()
                 && !dirs.iter().any(|d| d == parent)
@@ -271,14 +278,20 @@ mod tests {
         assert_eq!(names(&c), ["postgres", "appuser", "backupuser"]);
         let c = config(&["--temporal-db-user", "temporaluser", "--app-db-user", "app"]).unwrap();
         assert_eq!(names(&c), ["postgres", "app", "backupuser", "temporaluser"]);
-        assert_eq!(c.roles[3].secret, SecretRef::Name("postgres_temporal_pw".into()));
+        assert_eq!(
+            c.roles[3].secret,
+            SecretRef::Name("postgres_temporal_pw".into())
+        );
     }
 
     #[test]
     fn password_file_is_the_superuser_source() {
         let c = config(&["--postgres-password-file", "/run/secrets/pw"]).unwrap();
         assert_eq!(c.roles[0].secret, SecretRef::Path("/run/secrets/pw".into()));
-        assert_eq!(c.superuser_secret, Some(SecretRef::Path("/run/secrets/pw".into())));
+        assert_eq!(
+            c.superuser_secret,
+            Some(SecretRef::Path("/run/secrets/pw".into()))
+        );
         assert!(c.watched_dirs().contains(&PathBuf::from("/run/secrets")));
     }
 
@@ -287,12 +300,20 @@ mod tests {
         let c = config(&["--role", "My Role=my_pw", "--role", "x=/etc/k/x.txt"]).unwrap();
         assert_eq!(names(&c), ["My Role", "x"]);
         assert_eq!(c.roles[1].secret, SecretRef::Path("/etc/k/x.txt".into()));
-        assert_eq!(c.superuser_secret, Some(SecretRef::Name("postgres_password".into())));
+        assert_eq!(
+            c.superuser_secret,
+            Some(SecretRef::Name("postgres_password".into()))
+        );
     }
 
     #[test]
     fn bad_role_specs_are_config_errors() {
-        for bad in ["noequals", "=file", "name=", &format!("{}=f", "r".repeat(64))] {
+        for bad in [
+            "noequals",
+            "=file",
+            "name=",
+            &format!("{}=f", "r".repeat(64)),
+        ] {
             let err = config(&["--role", bad]).unwrap_err();
             assert_eq!(Failure::of(&err), Some(Failure::Config), "{bad}");
         }
@@ -303,6 +324,9 @@ mod tests {
     #[test]
     fn host_kind() {
         assert!(matches!(config(&[]).unwrap().host, Host::Socket(_)));
-        assert_eq!(config(&["--pghost", "db"]).unwrap().host, Host::Tcp("db".into()));
+        assert_eq!(
+            config(&["--pghost", "db"]).unwrap().host,
+            Host::Tcp("db".into())
+        );
     }
 }

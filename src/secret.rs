@@ -111,9 +111,7 @@ fn check(bytes: &[u8]) -> Result<(), String> {
     }
     match std::str::from_utf8(bytes) {
         Err(_) => Err("is not valid UTF-8".into()),
-        Ok(text) if text.chars().all(char::is_whitespace) => {
-            Err("contains only whitespace".into())
-        }
+        Ok(text) if text.chars().all(char::is_whitespace) => Err("contains only whitespace".into()),
         Ok(_) => Ok(()),
     }
 }
@@ -142,10 +140,16 @@ mod tests {
     fn rejects_bad_values_without_quoting_them() {
         assert_eq!(err(b""), "is empty");
         assert_eq!(err(b" \n\t\r\n"), "contains only whitespace");
-        assert_eq!(err("\u{a0}\u{2003}\n".as_bytes()), "contains only whitespace");
+        assert_eq!(
+            err("\u{a0}\u{2003}\n".as_bytes()),
+            "contains only whitespace"
+        );
         assert_eq!(err(b"sec\0ret"), "contains a NUL byte");
         assert_eq!(err(b"sec\xffret"), "is not valid UTF-8");
-        assert_eq!(err(&[b'a'; MAX_SECRET_BYTES + 1]), "is larger than 4096 bytes");
+        assert_eq!(
+            err(&[b'a'; MAX_SECRET_BYTES + 1]),
+            "is larger than 4096 bytes"
+        );
         assert_eq!(ok(&[b'a'; MAX_SECRET_BYTES]).len(), MAX_SECRET_BYTES);
     }
 
@@ -179,6 +183,9 @@ mod tests {
         let path = dir.path().join("empty");
         std::fs::write(&path, "\n").unwrap();
         let msg = format!("{:#}", read_file(&path).unwrap_err());
-        assert!(msg.contains("empty") && msg.contains(&*path.to_string_lossy()), "{msg}");
+        assert!(
+            msg.contains("empty") && msg.contains(&*path.to_string_lossy()),
+            "{msg}"
+        );
     }
 }

@@ -1,5 +1,104 @@
-//! `verify`: placeholder.
-use crate::cli::VerifyArgs;
-pub async fn command(_args: VerifyArgs) -> anyhow::Result<u8> {
-    anyhow::bail!("verify is not implemented yet")
+//! `verify`: log in as every configured role with its current secret, the way the
+//! application will (TCP + SCRAM), and report which roles work.
+//!
+//! This is the check after a rotation: it proves the server accepts what the files say,
+//! independently of how the passwords got there. A NOLOGIN owner role can be checked to
+//! still refuse logins (`--owner`).
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::cli::{ReportFormat, VerifyArgs};
+use crate::config::{Config, Host, SecretRef};
+use crate::error::Failure;
+use crate::secret;
+use crate::sync::connect::{self, Auth};
+
+#[derive(Debug, Serialize)]
+struct RoleCheck {
+    role: String,
+    ok: bool,
+    detail: String,
+}
+
+/// `pg-password-sync verify`.
+pub async fn command(args: VerifyArgs) -> anyhow::Result<u8> {
+    let mut config = Config::from_args(&args.config)?;
+    config.host = Host::Tcp(args.host.clone());
+    let secrets = config.load_secrets()?;
+    let mut checks = Vec::new();
+    for (spec, secret) in &secrets {
+        let result =
+            connect::connect(&config, &spec.name, &Auth::Password(secret, "secret file")).await;
+        checks.push(match result {
+            Ok(_) => RoleCheck {
+                role: spec.name.clone(),
+                ok: true,
+                detail: "logs in".into(),
+            },
+            Err(err) => RoleCheck {
+                role: spec.name.clone(),
+                ok: false,
+                detail: format!("{err:#}"),
+            },
+        });
+    }
+    if let Some(owner) = &args.owner {
+        let path = config
+            .resolve(&SecretRef::Name("postgres_app_owner_pw".into()))
+            .context(Failure::Config)?;
+        let secret = secret::read_file(&path).context(Failure::Config)?;
+        let result =
+            connect::connect(&config, owner, &Auth::Password(&secret, "secret file")).await;
+        checks.push(match result {
+            Ok(_) => RoleCheck {
+                role: owner.clone(),
+                ok: false,
+                detail: "NOLOGIN owner role accepted a login".into(),
+            },
+            Err(err) if refuses_login(&err) => RoleCheck {
+                role: owner.clone(),
+                ok: true,
+                detail: "refuses login (NOLOGIN)".into(),
+            },
+            Err(err) => RoleCheck {
+                role: owner.clone(),
+                ok: false,
+                detail: format!("unexpected error instead of a NOLOGIN refusal: {err:#}"),
+            },
+        });
+    }
+    match args.format {
+        ReportFormat::Text => {
+            for check in &checks {
+                let verdict = if check.ok { "ok" } else { "FAILED" };
+                println!("role {:?}: {verdict} ({})", check.role, check.detail);
+            }
+        }
+        ReportFormat::Json => println!(
+            "{}",
+            serde_json::to_string(&checks).context("serialising the report")?
+        ),
+    }
+    let failed: Vec<&str> = checks
+        .iter()
+        .filter(|c| !c.ok)
+        .map(|c| c.role.as_str())
+        .collect();
+    if failed.is_empty() {
+        Ok(0)
+    } else {
+        Err(anyhow::anyhow!("role(s) {failed:?} failed")).context(Failure::Verify)
+    }
+}
+
+/// True when the server refused the login because the role may not log in (SQLSTATE
+/// 28000 with "not permitted to log in"), as opposed to a wrong password or no server.
+fn refuses_login(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<tokio_postgres::Error>()
+            .and_then(tokio_postgres::Error::as_db_error)
+            .is_some_and(|db| db.message().contains("not permitted to log in"))
+    })
 }

@@ -41,7 +41,11 @@ impl Auth<'_> {
 
 /// Connects as `user`, trying each method in turn. The error lists why each failed
 /// (messages from the server and the client library never contain the password).
-pub async fn connect_any(config: &Config, user: &str, methods: &[Auth<'_>]) -> anyhow::Result<Client> {
+pub async fn connect_any(
+    config: &Config,
+    user: &str,
+    methods: &[Auth<'_>],
+) -> anyhow::Result<Client> {
     let mut reasons = Vec::new();
     for auth in methods {
         match connect(config, user, auth).await {
@@ -120,7 +124,10 @@ where
 }
 
 /// Connects the Unix socket, as `identity` when given (we are root then).
-fn connect_socket(path: &Path, identity: Option<OsIdentity>) -> anyhow::Result<tokio::net::UnixStream> {
+fn connect_socket(
+    path: &Path,
+    identity: Option<OsIdentity>,
+) -> anyhow::Result<tokio::net::UnixStream> {
     let stream = match identity {
         None => StdUnixStream::connect(path),
         Some(id) => with_effective_identity(id, || StdUnixStream::connect(path))?,

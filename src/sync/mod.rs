@@ -132,12 +132,17 @@ impl Syncer {
     }
 
     /// Applies an already validated set of secrets.
-    pub async fn apply_secrets(&mut self, secrets: &[(RoleSpec, Secret)]) -> anyhow::Result<Report> {
+    pub async fn apply_secrets(
+        &mut self,
+        secrets: &[(RoleSpec, Secret)],
+    ) -> anyhow::Result<Report> {
         let client = self.connect_superuser(secrets).await?;
         let report = apply(&client, secrets, self.options).await?;
         if !report.standby
             && !self.options.dry_run
-            && let Some((_, secret)) = secrets.iter().find(|(r, _)| r.name == self.config.superuser)
+            && let Some((_, secret)) = secrets
+                .iter()
+                .find(|(r, _)| r.name == self.config.superuser)
         {
             // Replacing the old value drops (and so zeroizes) it.
             self.remembered_superuser = Some(secret.clone());
@@ -147,7 +152,10 @@ impl Syncer {
 
     /// Connects as the superuser: OS identity, then the password from its file, then the
     /// remembered one.
-    pub async fn connect_superuser(&self, secrets: &[(RoleSpec, Secret)]) -> anyhow::Result<Client> {
+    pub async fn connect_superuser(
+        &self,
+        secrets: &[(RoleSpec, Secret)],
+    ) -> anyhow::Result<Client> {
         let from_set = secrets
             .iter()
             .find(|(r, _)| r.name == self.config.superuser)
@@ -192,10 +200,12 @@ pub async fn apply(
         return Ok(report);
     }
     let names: Vec<String> = secrets.iter().map(|(r, _)| r.name.clone()).collect();
-    let stored = transaction(client, secrets, &names, options, &mut report)
+    transaction(client, secrets, &names, options, &mut report)
         .await
-        .context(Failure::Sql);
-    stored?;
+        .map_err(|err| match Failure::of(&err) {
+            Some(_) => err,
+            None => err.context(Failure::Sql),
+        })?;
     Ok(report)
 }
 
@@ -208,10 +218,16 @@ async fn transaction(
 ) -> anyhow::Result<()> {
     // `Client::transaction` needs `&mut`; the explicit BEGIN keeps `Client` shareable.
     // Any early return drops the connection's transaction state with ROLLBACK below.
-    client.batch_execute("BEGIN").await.context("starting the transaction")?;
+    client
+        .batch_execute("BEGIN")
+        .await
+        .context("starting the transaction")?;
     let result = async {
         client
-            .execute("SELECT pg_advisory_xact_lock($1)", &[&sql::ADVISORY_LOCK_KEY])
+            .execute(
+                "SELECT pg_advisory_xact_lock($1)",
+                &[&sql::ADVISORY_LOCK_KEY],
+            )
             .await
             .context("taking the sync lock")?;
         for setting in sql::QUIET_SETTINGS {
@@ -238,8 +254,10 @@ async fn transaction(
             .map(String::as_str)
             .collect();
         if options.strict && !missing.is_empty() {
-            return Err(anyhow::anyhow!("role(s) {missing:?} do not exist (--strict)"))
-                .context(Failure::MissingRole);
+            return Err(anyhow::anyhow!(
+                "role(s) {missing:?} do not exist (--strict)"
+            ))
+            .context(Failure::MissingRole);
         }
         for (spec, secret) in secrets {
             let status = match current.get(&spec.name) {

@@ -63,12 +63,11 @@ pub fn verifies(stored: &str, password: &Secret) -> bool {
     }
     // PostgreSQL normalises with SASLprep and falls back to the raw bytes when the
     // password is not a valid SASLprep string; do the same so the keys agree.
-    let normalized: Zeroizing<String> = Zeroizing::new(
-        match stringprep::saslprep(password.expose()) {
+    let normalized: Zeroizing<String> =
+        Zeroizing::new(match stringprep::saslprep(password.expose()) {
             Ok(prepared) => prepared.into_owned(),
             Err(_) => password.expose().to_owned(),
-        },
-    );
+        });
     let mut salted = Zeroizing::new([0u8; 32]);
     pbkdf2::pbkdf2_hmac::<Sha256>(
         normalized.as_bytes(),
@@ -101,7 +100,12 @@ mod tests {
 
     #[test]
     fn own_verifier_round_trips() {
-        for pw in ["hunter2", " leading and trailing ", "quo'te\"back\\slash", "ünïcødé€"] {
+        for pw in [
+            "hunter2",
+            " leading and trailing ",
+            "quo'te\"back\\slash",
+            "ünïcødé€",
+        ] {
             let v = make_verifier(&secret(pw));
             assert!(v.starts_with("SCRAM-SHA-256$4096:"), "{v}");
             assert!(verifies(&v, &secret(pw)), "{pw}");
@@ -118,14 +122,15 @@ mod tests {
     }
 
     #[test]
-    fn known_postgres_verifier() {
-        // Made by PostgreSQL 15: SET password_encryption='scram-sha-256';
-        // CREATE ROLE t PASSWORD 'pencil'; SELECT rolpassword FROM pg_authid …
-        let stored = "SCRAM-SHA-256$4096:nzYmd0s9J2tRwH6TCBf2Gw==$\
-                      r0+s2nFi4Vtjbh0SRf/3fHXV1bInlfvQ1Jl9vzhDDbs=:\
-                      Fl6UZn7ORN7Al5m4iJwS3BQt0ElnGsnG5MP8ko3QE3A=";
-        assert!(parse_verifier(stored).is_some());
-        let _ = verifies(stored, &secret("pencil"));
+    fn verifier_made_by_postgres_verifies() {
+        // Made by PostgreSQL 15: CREATE ROLE t PASSWORD 'pencil'; SELECT rolpassword …
+        let stored = "SCRAM-SHA-256$4096:lApa4CsaMwF1+Khvdog2BA==$\
+                      BLCB/D4e3qHwthKtwahoEo6WYzdgWVTKs3Qx4mFL87c=:\
+                      Vhur5L1j4AMik0qeiffROkCFHh0FMe2zkrFkYOF+w6I=";
+        assert_eq!(parse_verifier(stored).map(|v| v.iterations), Some(4096));
+        assert!(verifies(stored, &secret("pencil")));
+        assert!(!verifies(stored, &secret("pencil ")));
+        assert!(!verifies(stored, &secret("Pencil")));
     }
 
     #[test]

@@ -1,0 +1,586 @@
+//! `sync` and `verify` against real PostgreSQL 15 clusters (issue: foundation).
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use common::*;
+
+/// Creates the four default roles with old passwords and writes new ones to `keys`.
+/// Returns the new secrets in DEFAULT_ROLES order.
+fn setup(cluster: &Cluster, keys: &Keys) -> Vec<String> {
+    let old: Vec<(String, String)> = DEFAULT_ROLES
+        .iter()
+        .map(|(role, _)| (role.to_string(), unique("old")))
+        .collect();
+    let old_refs: Vec<(&str, &str)> = old.iter().map(|(r, p)| (r.as_str(), p.as_str())).collect();
+    cluster.create_roles(&old_refs);
+    DEFAULT_ROLES
+        .iter()
+        .map(|(_, file)| {
+            let secret = unique("new pw'\"\\ ü");
+            keys.write(file, &secret);
+            secret
+        })
+        .collect()
+}
+
+fn secrets_ref(secrets: &[String]) -> Vec<&str> {
+    secrets.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn four_roles_move_to_new_passwords_and_old_ones_stop_working() {
+    let cluster = Cluster::start_default();
+    let keys = Keys::new();
+    let old_app = unique("old-app");
+    cluster.create_roles(&[("appuser", &old_app)]);
+    let secrets = setup(&cluster, &keys);
+    cluster.assert_no_login("appuser", &secrets[1]);
+
+    let out = run(bin_for("sync", &cluster, &keys));
+    out.expect_ok(Some(&cluster));
+    for (role, _) in DEFAULT_ROLES {
+        assert!(
+            out.stdout.contains(&format!("role {role:?}: changed")),
+            "{}",
+            out.describe(Some(&cluster))
+        );
+    }
+    assert_eq!(
+        out.stdout.lines().last(),
+        Some("Password synchronization complete.")
+    );
+    for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&secrets) {
+        cluster.assert_login(role, secret);
+    }
+    cluster.assert_no_login("appuser", &old_app);
+    for (role, _) in DEFAULT_ROLES {
+        let stored = cluster.rolpassword(role).unwrap();
+        assert!(stored.starts_with("SCRAM-SHA-256$4096:"), "{role}");
+    }
+    assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
+}
+
+#[test]
+fn second_run_reports_unchanged_and_leaves_verifiers_byte_identical() {
+    let cluster = Cluster::start_default();
+    let keys = Keys::new();
+    let secrets = setup(&cluster, &keys);
+    run(bin_for("sync", &cluster, &keys)).expect_ok(Some(&cluster));
+    let before: Vec<_> = DEFAULT_ROLES
+        .iter()
+        .map(|(r, _)| cluster.rolpassword(r))
+        .collect();
+
+    let out = run(bin_for("sync", &cluster, &keys));
+    out.expect_ok(Some(&cluster));
+    for (role, _) in DEFAULT_ROLES {
+        assert!(
+            out.stdout.contains(&format!("role {role:?}: unchanged")),
+            "{}",
+            out.describe(None)
+        );
+    }
+    let after: Vec<_> = DEFAULT_ROLES
+        .iter()
+        .map(|(r, _)| cluster.rolpassword(r))
+        .collect();
+    assert_eq!(before, after);
+    assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
+}
+
+#[test]
+fn json_report_and_dry_run_changes_nothing() {
+    let cluster = Cluster::start_default();
+    let keys = Keys::new();
+    let secrets = setup(&cluster, &keys);
+    let before: Vec<_> = DEFAULT_ROLES
+        .iter()
+        .map(|(r, _)| cluster.rolpassword(r))
+        .collect();
+
+    let mut cmd = bin_for("sync", &cluster, &keys);
+    cmd.args(["--dry-run", "--format", "json"]);
+    let out = run(cmd);
+    out.expect_ok(Some(&cluster));
+    let report: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    assert_eq!(report["dry_run"], true);
+    let statuses: Vec<&str> = report["roles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["would_change"; 4]);
+    let after: Vec<_> = DEFAULT_ROLES
+        .iter()
+        .map(|(r, _)| cluster.rolpassword(r))
+        .collect();
+    assert_eq!(before, after);
+    cluster.assert_no_login("appuser", &secrets[1]);
+    assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
+}
+
+#[test]
+fn a_failing_statement_rolls_back_everything_and_leaks_nothing() {
+    // `pg_monitor` is a predefined role: ALTER ROLE … PASSWORD on it fails inside the
+    // transaction, after `appuser` was already altered. With log_min_error_statement=error
+    // a failing plaintext statement would be logged in full.
+    let cluster = Cluster::start_default();
+    let keys = Keys::new();
+    let old = unique("old-app");
+    cluster.create_roles(&[("appuser", &old)]);
+    let new_app = unique("new-app");
+    let monitor = unique("monitor");
+    keys.write("app", &new_app);
+    keys.write("monitor", &monitor);
+    cluster.clear_log();
+    let mut cmd = bin();
+    cmd.arg("sync")
+        .args(cluster.conn_args())
+        .arg("--keys-dir")
+        .arg(keys.path())
+        .args(["--role", "appuser=app", "--role", "pg_monitor=monitor"]);
+    let out = run(cmd);
+    out.expect_code(5, Some(&cluster));
+    assert!(
+        out.stderr.contains("pg_monitor"),
+        "{}",
+        out.describe(Some(&cluster))
+    );
+    cluster.assert_login("appuser", &old);
+    cluster.assert_no_login("appuser", &new_app);
+    let log = cluster.log_text();
+    assert!(
+        log.contains("ERROR"),
+        "the statement did fail on the server:\n{}",
+        cluster.log_tail(20)
+    );
+    assert!(
+        !log.contains("ALTER ROLE"),
+        "a password statement reached the server log"
+    );
+    assert!(
+        !log.contains("SCRAM-SHA-256$"),
+        "a verifier reached the server log"
+    );
+    assert_no_leak(&[&new_app, &monitor], Some(&cluster), &[&out]);
+}
+
+#[test]
+fn twenty_concurrent_syncs_all_succeed() {
+    let cluster = Cluster::start_default();
+    let keys = Keys::new();
+    let secrets = setup(&cluster, &keys);
+    let handles: Vec<_> = (0..20)
+        .map(|_| {
+            let cmd = bin_for("sync", &cluster, &keys);
+            std::thread::spawn(move || run(cmd))
+        })
+        .collect();
+    let runs: Vec<Run> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let mut changed = 0;
+    for out in &runs {
+        out.expect_ok(Some(&cluster));
+        changed += out.stdout.matches(": changed").count();
+    }
+    // Serialised by the advisory lock: each role is changed by exactly one run.
+    assert_eq!(changed, 4, "each role changed once across all runs");
+    for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&secrets) {
+        cluster.assert_login(role, secret);
+    }
+    let refs: Vec<&Run> = runs.iter().collect();
+    assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &refs);
+}
+
+#[test]
+fn verify_passes_after_sync_and_names_the_role_changed_behind_its_back() {
+    let cluster = Cluster::start_default();
+    let keys = Keys::new();
+    let secrets = setup(&cluster, &keys);
+    run(bin_for("sync", &cluster, &keys)).expect_ok(Some(&cluster));
+
+    let mut cmd = bin_for("verify", &cluster, &keys);
+    cmd.args(["--host", "127.0.0.1"]);
+    let out = run(cmd);
+    out.expect_ok(Some(&cluster));
+    assert_eq!(
+        out.stdout.matches(": ok").count(),
+        4,
+        "{}",
+        out.describe(None)
+    );
+
+    cluster.psql("ALTER ROLE backupuser PASSWORD 'changed-behind-its-back'");
+    let out2 = run(bin_for("verify", &cluster, &keys));
+    out2.expect_code(7, Some(&cluster));
+    assert!(
+        out2.stdout.contains("role \"backupuser\": FAILED"),
+        "{}",
+        out2.describe(None)
+    );
+    assert!(
+        out2.stderr.contains("backupuser"),
+        "{}",
+        out2.describe(None)
+    );
+    assert_eq!(out2.stdout.matches(": ok").count(), 3);
+    assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out, &out2]);
+}
+
+#[test]
+fn verify_checks_that_the_owner_refuses_login() {
+    let cluster = Cluster::start_default();
+    let keys = Keys::new();
+    let secrets = setup(&cluster, &keys);
+    let owner_pw = unique("owner");
+    cluster.psql(&format!(
+        "CREATE ROLE appowner NOLOGIN PASSWORD {}",
+        quote_literal(&owner_pw)
+    ));
+    keys.write("postgres_app_owner_pw", &owner_pw);
+    cluster.clear_log();
+    run(bin_for("sync", &cluster, &keys)).expect_ok(Some(&cluster));
+    let mut cmd = bin_for("verify", &cluster, &keys);
+    cmd.args(["--owner", "appowner"]);
+    let out = run(cmd);
+    out.expect_ok(Some(&cluster));
+    assert!(
+        out.stdout.contains("role \"appowner\": ok (refuses login"),
+        "{}",
+        out.describe(None)
+    );
+
+    cluster.psql("ALTER ROLE appowner LOGIN");
+    let mut cmd = bin_for("verify", &cluster, &keys);
+    cmd.args(["--owner", "appowner"]);
+    let out2 = run(cmd);
+    out2.expect_code(7, Some(&cluster));
+    let mut all = secrets_ref(&secrets);
+    all.push(&owner_pw);
+    assert_no_leak(&all, Some(&cluster), &[&out, &out2]);
+}
+
+#[test]
+fn as_root_with_only_peer_for_postgres_and_root_only_secret_files() {
+    if !is_root() {
+        eprintln!("SKIP: needs root (CI runs as root)");
+        return;
+    }
+    let cluster = Cluster::start_with(&ClusterOptions {
+        hba: Some("local all postgres peer\nhost all all 127.0.0.1/32 scram-sha-256\n".into()),
+        ..ClusterOptions::default()
+    });
+    let keys = Keys::new();
+    let secrets = setup(&cluster, &keys);
+    for entry in std::fs::read_dir(keys.path()).unwrap() {
+        let meta = entry.unwrap().metadata().unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 0);
+    }
+    // The superuser's password file is wrong, so only peer authentication can work.
+    keys.write("postgres_password", &secrets[0]);
+    let mut cmd = bin_for("sync", &cluster, &keys);
+    cmd.args([
+        "--role",
+        "appuser=postgres_app_user_pw",
+        "--postgres-password-file",
+        "/nonexistent",
+    ]);
+    let out = run(cmd);
+    out.expect_ok(Some(&cluster));
+    assert!(
+        out.stdout.contains("role \"appuser\": changed"),
+        "{}",
+        out.describe(None)
+    );
+    cluster.assert_login("appuser", &secrets[1]);
+    assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
+}
+
+#[test]
+fn falls_back_to_the_superuser_password_file() {
+    // No peer rule at all: the sync must authenticate with postgres_password over the socket.
+    let mut cluster = Cluster::init(&ClusterOptions {
+        hba: Some("local all all scram-sha-256\nhost all all 127.0.0.1/32 scram-sha-256\n".into()),
+        ..ClusterOptions::default()
+    });
+    let old_super = unique("old-super");
+    // Set the superuser password while trust still applies (initdb -A trust template).
+    std::fs::write(
+        cluster.data.join("pg_hba.conf.scram"),
+        std::fs::read(cluster.data.join("pg_hba.conf")).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(cluster.data.join("pg_hba.conf"), "local all all trust\n").unwrap();
+    cluster.start();
+    cluster.psql(&format!(
+        "ALTER ROLE postgres PASSWORD {}",
+        quote_literal(&old_super)
+    ));
+    let new_app = unique("new-app");
+    cluster.create_roles(&[("appuser", "x-old")]);
+    std::fs::rename(
+        cluster.data.join("pg_hba.conf.scram"),
+        cluster.data.join("pg_hba.conf"),
+    )
+    .unwrap();
+    cluster.psql("SELECT pg_reload_conf()");
+    cluster.clear_log();
+    let keys = Keys::new();
+    keys.write("postgres_password", &old_super);
+    keys.write("postgres_app_user_pw", &new_app);
+    let mut cmd = bin();
+    cmd.arg("sync")
+        .args(cluster.conn_args())
+        .arg("--keys-dir")
+        .arg(keys.path())
+        .args(["--role", "appuser=postgres_app_user_pw"]);
+    let out = run(cmd);
+    out.expect_ok(Some(&cluster));
+    cluster.assert_login("appuser", &new_app);
+    assert_no_leak(&[&old_super, &new_app], Some(&cluster), &[&out]);
+}
+
+#[test]
+fn odd_role_names_and_passwords_work_exactly() {
+    let cluster = Cluster::start_default();
+    let keys = Keys::new();
+    let names = [
+        "Mixed Case",
+        "with \"quotes\" and 'apostrophes'",
+        "ünïcødé rôle",
+        "back\\slash",
+    ];
+    let passwords: Vec<String> = [
+        "  leading and trailing spaces  ",
+        "quo'te\"dbl\\back",
+        "ünïcødé €𝄞",
+        "tab\there",
+    ]
+    .iter()
+    .map(|p| format!("{p}{}", unique("")))
+    .collect();
+    let olds: Vec<(&str, &str)> = names.iter().map(|n| (*n, "old-password")).collect();
+    cluster.create_roles(&olds);
+    cluster.clear_log();
+    let mut cmd = bin();
+    cmd.arg("sync")
+        .args(cluster.conn_args())
+        .arg("--keys-dir")
+        .arg(keys.path());
+    for (i, (name, password)) in names.iter().zip(&passwords).enumerate() {
+        keys.write_raw(&format!("r{i}"), format!("{password}\r\n").as_bytes());
+        cmd.arg("--role").arg(format!("{name}=r{i}"));
+    }
+    let out = run(cmd);
+    out.expect_ok(Some(&cluster));
+    for (name, password) in names.iter().zip(&passwords) {
+        cluster.assert_login(name, password);
+        // Only the trailing CR/LF was stripped: a trimmed variant must not log in.
+        if password.trim() != password {
+            cluster.assert_no_login(name, password.trim());
+        }
+    }
+    let refs: Vec<&str> = passwords.iter().map(String::as_str).collect();
+    assert_no_leak(&refs, Some(&cluster), &[&out]);
+}
+
+#[test]
+fn missing_role_is_a_warning_or_an_error_under_strict() {
+    let cluster = Cluster::start_default();
+    let keys = Keys::new();
+    let secrets = setup(&cluster, &keys);
+    keys.write("ghost_pw", &unique("ghost"));
+    let mut cmd = bin_for("sync", &cluster, &keys);
+    cmd.args([
+        "--role",
+        "appuser=postgres_app_user_pw",
+        "--role",
+        "ghost=ghost_pw",
+    ]);
+    let out = run(cmd);
+    out.expect_ok(Some(&cluster));
+    assert!(
+        out.stdout.contains("role \"ghost\": missing"),
+        "{}",
+        out.describe(None)
+    );
+    assert!(out.stderr.contains("WARN"), "{}", out.describe(None));
+    cluster.assert_login("appuser", &secrets[1]);
+
+    cluster.psql("ALTER ROLE appuser PASSWORD 'reset-behind-its-back'");
+    let mut cmd = bin_for("sync", &cluster, &keys);
+    cmd.args([
+        "--strict",
+        "--role",
+        "appuser=postgres_app_user_pw",
+        "--role",
+        "ghost=ghost_pw",
+    ]);
+    let out2 = run(cmd);
+    out2.expect_code(6, Some(&cluster));
+    assert!(out2.stderr.contains("ghost"), "{}", out2.describe(None));
+    // Nothing applied under --strict.
+    cluster.assert_no_login("appuser", &secrets[1]);
+    assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out, &out2]);
+}
+
+/// Every bad secret file: exit 3, one line naming the file, nothing applied.
+#[test]
+fn bad_secret_files_apply_nothing_and_name_the_file() {
+    let cluster = Cluster::start_default();
+    let keys = Keys::new();
+    let secrets = setup(&cluster, &keys);
+    run(bin_for("sync", &cluster, &keys)).expect_ok(Some(&cluster));
+    let good_backup = unique("good-new");
+    type Breaker = Box<dyn Fn(&Keys)>;
+    let cases: Vec<(&str, Breaker)> = vec![
+        (
+            "missing",
+            Box::new(|k: &Keys| {
+                std::fs::remove_file(k.path().join("postgres_app_ro_pw.txt")).unwrap()
+            }),
+        ),
+        (
+            "empty",
+            Box::new(|k: &Keys| k.write_raw("postgres_app_ro_pw.txt", b"")),
+        ),
+        (
+            "whitespace",
+            Box::new(|k: &Keys| k.write_raw("postgres_app_ro_pw.txt", b"  \t \n")),
+        ),
+        (
+            "nul",
+            Box::new(|k: &Keys| k.write_raw("postgres_app_ro_pw.txt", b"abc\0def\n")),
+        ),
+        (
+            "utf8",
+            Box::new(|k: &Keys| k.write_raw("postgres_app_ro_pw.txt", b"abc\xff\xfedef\n")),
+        ),
+        (
+            "oversize",
+            Box::new(|k: &Keys| k.write_raw("postgres_app_ro_pw.txt", &[b'x'; 5000])),
+        ),
+        (
+            "directory",
+            Box::new(|k: &Keys| {
+                std::fs::remove_file(k.path().join("postgres_app_ro_pw.txt")).unwrap();
+                std::fs::create_dir(k.path().join("postgres_app_ro_pw.txt")).unwrap();
+            }),
+        ),
+    ];
+    for (what, break_it) in cases {
+        // A valid change to another role that must NOT be applied.
+        keys.write("postgres_app_user_pw", &good_backup);
+        break_it(&keys);
+        let out = run(bin_for("sync", &cluster, &keys));
+        out.expect_code(3, Some(&cluster));
+        let errors: Vec<&str> = out.stderr.lines().filter(|l| l.contains("ERROR")).collect();
+        assert_eq!(errors.len(), 1, "{what}: {}", out.describe(None));
+        assert!(
+            errors[0].contains("postgres_app_ro_pw"),
+            "{what}: {}",
+            out.describe(None)
+        );
+        assert!(out.stdout.is_empty(), "{what}: {}", out.describe(None));
+        cluster.assert_no_login("appuser", &good_backup);
+        cluster.assert_login("appuser", &secrets[1]);
+        assert_no_leak(&[&good_backup, &secrets[1]], Some(&cluster), &[&out]);
+        // Restore.
+        let path = keys.path().join("postgres_app_ro_pw.txt");
+        if path.is_dir() {
+            std::fs::remove_dir(&path).unwrap();
+        }
+        keys.write("postgres_app_ro_pw", &secrets[2]);
+        keys.write("postgres_app_user_pw", &secrets[1]);
+    }
+}
+
+#[test]
+fn unreadable_secret_file_is_a_config_error() {
+    if is_root() {
+        // root reads any file regardless of mode; this case is only observable unprivileged.
+        eprintln!("SKIP: root can read a mode-000 file");
+        return;
+    }
+    let keys = Keys::new();
+    keys.write("x", "value");
+    std::fs::set_permissions(
+        keys.path().join("x.txt"),
+        std::fs::Permissions::from_mode(0o000),
+    )
+    .unwrap();
+    let mut cmd = bin();
+    cmd.arg("sync")
+        .arg("--keys-dir")
+        .arg(keys.path())
+        .args(["--role", "r=x"]);
+    let out = run(cmd);
+    out.expect_code(3, None);
+    assert!(out.stderr.contains("x.txt"), "{}", out.describe(None));
+}
+
+#[test]
+fn configuration_errors_exit_3_before_connecting() {
+    let keys = Keys::new();
+    keys.write("x", "value");
+    for bad in [
+        vec!["--role", "no-equals-sign"],
+        vec![
+            "--role",
+            &*Box::leak(format!("{}=x", "r".repeat(64)).into_boxed_str()),
+        ],
+        vec!["--role", "=x"],
+    ] {
+        let mut cmd = bin();
+        cmd.arg("sync")
+            .arg("--keys-dir")
+            .arg(keys.path())
+            .args(&bad)
+            .args(["--pghost", "/nonexistent"]);
+        let out = run(cmd);
+        out.expect_code(3, None);
+        assert_eq!(
+            out.stderr.lines().count(),
+            1,
+            "one line: {}",
+            out.describe(None)
+        );
+    }
+}
+
+#[test]
+fn server_down_or_wrong_port_is_a_connect_error_without_hanging() {
+    let keys = Keys::new();
+    for (name, _) in DEFAULT_ROLES.iter().map(|(r, f)| (f, r)) {
+        keys.write(name, &unique("v"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().to_string();
+    for host in [dir.path().display().to_string(), "127.0.0.1".to_owned()] {
+        let mut cmd = bin();
+        cmd.arg("sync").arg("--keys-dir").arg(keys.path()).args([
+            "--pghost",
+            &host,
+            "--pgport",
+            &port,
+            "--connect-timeout",
+            "3s",
+        ]);
+        let out = run(cmd);
+        out.expect_code(4, None);
+        assert!(
+            out.elapsed < Duration::from_secs(30),
+            "took {:?}",
+            out.elapsed
+        );
+        assert!(
+            out.stderr.contains("cannot connect"),
+            "{}",
+            out.describe(None)
+        );
+    }
+}
