@@ -1,0 +1,440 @@
+#!/usr/bin/env python3
+"""Measuring helpers for scripts/bench.sh: every clock here is time.monotonic().
+
+Subcommands (each prints one JSON object on stdout, diagnostics on stderr):
+
+  life     start CMD as PID 1 of a new PID namespace (unshare --pid --fork --mount-proc),
+           time the first successful TCP login with a password file, sample the steady
+           VmRSS of that PID 1, optionally run Kubernetes-style `..data` rotations and time
+           each one to the first login with the new password, then stop it with a signal
+           (SIGKILL after a grace period, like `docker stop`) and read the cluster state
+           with pg_controldata.
+  time     run CMD and report its wall time.
+  login    one login attempt (exit 0 on success).
+  summary  turn the collected JSON lines into summary.json and a markdown table.
+
+Passwords are read from files and handed to pg8000 in memory; they never reach argv.
+"""
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import pg8000.native
+
+PR_SET_PDEATHSIG = 1
+
+
+def log(msg):
+    print(f"[harness] {msg}", file=sys.stderr, flush=True)
+
+
+def read_secret(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read().rstrip("\r\n")
+
+
+def try_login(port, user, password, timeout=2.0):
+    """One login over TCP; True on success, False on refusal or authentication failure."""
+    try:
+        conn = pg8000.native.Connection(
+            user, host="127.0.0.1", port=port, password=password,
+            database="postgres", timeout=timeout)
+    except (pg8000.native.InterfaceError, pg8000.native.DatabaseError, OSError):
+        return False
+    try:
+        conn.close()
+    except Exception:  # noqa: BLE001 - closing a working connection must not fail the poll
+        pass
+    return True
+
+
+def poll_login(port, user, password, deadline, interval, alive=None):
+    """Poll until a login succeeds; returns the monotonic time of that success or None."""
+    while time.monotonic() < deadline:
+        if try_login(port, user, password):
+            return time.monotonic()
+        if alive is not None and not alive():
+            return None
+        time.sleep(interval)
+    return None
+
+
+def children_of(ppid):
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...; comm may contain spaces and parentheses.
+        fields = stat[stat.rfind(")") + 2:].split()
+        if int(fields[1]) == ppid:
+            out.append(int(entry))
+    return out
+
+
+def vmrss_kib(pid):
+    with open(f"/proc/{pid}/status", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def cluster_state(pgdata, bindir):
+    out = subprocess.run([os.path.join(bindir, "pg_controldata"), "-D", pgdata],
+                         capture_output=True, text=True, check=True,
+                         env=dict(os.environ, LC_ALL="C")).stdout
+    for line in out.splitlines():
+        if line.startswith("Database cluster state:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def set_pdeathsig():
+    """Child side of Popen: die with the harness, so nothing outlives an interrupted bench."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def k8s_rotate(keys_dir, names, new_values):
+    """One Kubernetes-style secret update: write a new `..<ts>` dir holding every file,
+    symlink `..data_tmp` to it, rename it over `..data`, remove the old dir. Returns the
+    monotonic time of the rename (the instant the new secret becomes visible)."""
+    old = os.readlink(os.path.join(keys_dir, "..data"))
+    new = f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{secrets.token_hex(4)}"
+    new_path = os.path.join(keys_dir, new)
+    os.mkdir(new_path, 0o755)
+    for name in names:
+        if name in new_values:
+            value = new_values[name]
+        else:
+            value = read_secret(os.path.join(keys_dir, old, name))
+        fd = os.open(os.path.join(new_path, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(value + "\n")
+    tmp = os.path.join(keys_dir, "..data_tmp")
+    os.symlink(new, tmp)
+    t_swap = time.monotonic()
+    os.rename(tmp, os.path.join(keys_dir, "..data"))
+    old_path = os.path.join(keys_dir, old)
+    for name in os.listdir(old_path):
+        os.unlink(os.path.join(old_path, name))
+    os.rmdir(old_path)
+    return t_swap
+
+
+def cmd_life(a):
+    result = {"label": a.label}
+    logf = open(a.log, "ab")  # noqa: SIM115 - lives as long as the child
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", *a.cmd],
+        stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+        preexec_fn=set_pdeathsig)
+    pid1 = None
+    try:
+        # The namespace's PID 1 is unshare's only child.
+        find_deadline = time.monotonic() + 5
+        while pid1 is None and time.monotonic() < find_deadline:
+            kids = children_of(proc.pid)
+            if kids:
+                pid1 = kids[0]
+            elif proc.poll() is not None:
+                break
+            else:
+                time.sleep(0.001)
+        if pid1 is None:
+            raise RuntimeError("PID 1 of the new namespace never appeared")
+
+        password = read_secret(a.password_file)
+        t_login = poll_login(a.port, a.user, password, t0 + a.timeout, a.interval,
+                             alive=lambda: proc.poll() is None)
+        if t_login is None:
+            raise RuntimeError(
+                f"no login as {a.user} with the new password within {a.timeout}s "
+                f"(PID 1 {'exited ' + str(proc.returncode) if proc.poll() is not None else 'still running'})")
+        result["synced_ms"] = round((t_login - t0) * 1000, 1)
+
+        # Steady RSS: let the post-sync work settle, then take the median of a few samples.
+        time.sleep(a.settle)
+        samples = []
+        for _ in range(5):
+            samples.append(vmrss_kib(pid1))
+            time.sleep(0.1)
+        result["rss_kib"] = int(statistics.median(samples))
+
+        if a.rotations:
+            result["rotation_ms"] = rotate_many(a, pid1, proc)
+
+        if a.stop_signal:
+            sig = getattr(signal, "SIG" + a.stop_signal)
+            t_stop = time.monotonic()
+            os.kill(pid1, sig)
+            try:
+                proc.wait(timeout=a.grace)
+                result["killed"] = False
+            except subprocess.TimeoutExpired:
+                os.kill(pid1, signal.SIGKILL)
+                proc.wait(timeout=30)
+                result["killed"] = True
+            result["stop_ms"] = round((time.monotonic() - t_stop) * 1000, 1)
+            result["exit_status"] = proc.returncode
+            result["state"] = cluster_state(a.pgdata, a.bindir)
+            result["clean"] = result["state"] == "shut down" and not result["killed"]
+    except Exception as e:  # noqa: BLE001 - reported as the scenario's outcome
+        result["error"] = str(e)
+        log(f"{a.label}: {e}")
+    finally:
+        if proc.poll() is None:
+            if pid1 is not None:
+                try:
+                    os.kill(pid1, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.kill()
+            proc.wait(timeout=30)
+        logf.close()
+    print(json.dumps(result), flush=True)
+    return 0 if "error" not in result else 1
+
+
+def rotate_many(a, pid1, proc):
+    names = a.rotate_names.split(",")
+    samples = []
+    for i in range(a.rotations):
+        new_password = f"bench-rot-{i}-{secrets.token_hex(12)}"
+        t_swap = k8s_rotate(a.keys_dir, names, {a.rotate_file: new_password})
+        t_ok = poll_login(a.port, a.user, new_password, t_swap + a.rotation_timeout,
+                          a.rotation_interval, alive=lambda: proc.poll() is None)
+        if t_ok is None:
+            raise RuntimeError(f"rotation {i}: new password not accepted within "
+                               f"{a.rotation_timeout}s")
+        samples.append(round((t_ok - t_swap) * 1000, 2))
+        # Independent rotations: let the watcher go quiet before the next swap.
+        time.sleep(a.rotation_gap)
+    return samples
+
+
+def cmd_time(a):
+    t0 = time.monotonic()
+    rc = subprocess.run(a.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                        check=False).returncode
+    ms = round((time.monotonic() - t0) * 1000, 1)
+    print(json.dumps({"label": a.label, "ms": ms, "rc": rc}), flush=True)
+    return rc
+
+
+def cmd_login(a):
+    return 0 if try_login(a.port, a.user, read_secret(a.password_file)) else 1
+
+
+# ---------------------------------------------------------------------------- summary
+
+def load(path):
+    rows = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    return rows
+
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 1) if values else None
+
+
+def pct(values, p):
+    """Nearest-rank percentile: p99 of 50 samples is the largest one, p50 the 25th."""
+    if not values:
+        return None
+    s = sorted(values)
+    return round(s[max(0, math.ceil(p / 100 * len(s)) - 1)], 1)
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return None
+    return round(a / b, 2)
+
+
+def fmt(v, unit=""):
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    return f"{v}{unit}"
+
+
+def cmd_summary(a):
+    d = a.dir
+    ours = [r for r in load(f"{d}/startup.jsonl") if r["label"] == "ours"]
+    base = [r for r in load(f"{d}/startup.jsonl") if r["label"] == "baseline"]
+    tini = load(f"{d}/tini.jsonl")
+    rot = load(f"{d}/rotation.jsonl")
+    rot_default = load(f"{d}/rotation_default.jsonl")
+    roles = load(f"{d}/roles.jsonl")
+    meta = json.load(open(f"{d}/meta.json", encoding="utf-8"))
+
+    def ok(rows):
+        return [r for r in rows if "error" not in r]
+
+    errors = [f"{r['label']}: {r['error']}" for r in ours + base + tini + rot + rot_default
+              if "error" in r]
+
+    rot_samples = [x for r in ok(rot) for x in r.get("rotation_ms", [])]
+    rot_default_samples = [x for r in ok(rot_default) for x in r.get("rotation_ms", [])]
+    ours_stop = [r for r in ok(ours) if "stop_ms" in r]
+    base_stop = [r for r in ok(base) if "stop_ms" in r]
+    roles_ours = [r["ms"] for r in roles if r["label"] == "ours" and r["rc"] == 0]
+    roles_psql = [r["ms"] for r in roles if r["label"] == "psql_batch" and r["rc"] == 0]
+
+    summary = {
+        "startup_synced_ms": {"ours": med([r["synced_ms"] for r in ok(ours)]),
+                              "baseline": med([r["synced_ms"] for r in ok(base)])},
+        "rotation_ms": {"p50": pct(rot_samples, 50), "p99": pct(rot_samples, 99),
+                        "n": len(rot_samples)},
+        "stop": {"ours_ms": med([r["stop_ms"] for r in ours_stop]),
+                 "ours_clean": (all(r["clean"] for r in ours_stop) if ours_stop else None),
+                 "baseline_ms": med([r["stop_ms"] for r in base_stop]),
+                 "baseline_clean": (all(r["clean"] for r in base_stop) if base_stop else None)},
+        "rss_kib": {"ours": med([r["rss_kib"] for r in ok(ours)]),
+                    "tini": med([r["rss_kib"] for r in ok(tini)]),
+                    "baseline": med([r["rss_kib"] for r in ok(base)])},
+        "binary_bytes": meta.get("binary_bytes"),
+        "roles_1000_ms": {"ours": med(roles_ours), "psql_batch": med(roles_psql)},
+    }
+    s = summary
+    targets = [
+        ("synced ≥ 5× sooner than the baseline",
+         None if None in (s["startup_synced_ms"]["ours"], s["startup_synced_ms"]["baseline"])
+         else s["startup_synced_ms"]["baseline"] >= 5 * s["startup_synced_ms"]["ours"]),
+        ("rotation p99 ≤ 50 ms",
+         None if s["rotation_ms"]["p99"] is None else s["rotation_ms"]["p99"] <= 50),
+        ("clean stop in ≤ 1 s",
+         None if s["stop"]["ours_ms"] is None
+         else bool(s["stop"]["ours_clean"]) and max(r["stop_ms"] for r in ours_stop) <= 1000),
+        ("RSS ≤ 2.5 MiB",
+         None if s["rss_kib"]["ours"] is None else s["rss_kib"]["ours"] <= 2560),
+        ("stripped binary ≤ 3 MiB",
+         None if s["binary_bytes"] is None else s["binary_bytes"] <= 3 * 1024 * 1024),
+        ("1,000 roles within 1.5× of the psql batch",
+         None if None in (s["roles_1000_ms"]["ours"], s["roles_1000_ms"]["psql_batch"])
+         else s["roles_1000_ms"]["ours"] <= 1.5 * s["roles_1000_ms"]["psql_batch"]),
+    ]
+    summary_file = dict(summary)
+    summary_file["meta"] = dict(meta, errors=errors,
+                                rotation_default_debounce_ms={
+                                    "p50": pct(rot_default_samples, 50),
+                                    "p99": pct(rot_default_samples, 99),
+                                    "n": len(rot_default_samples)},
+                                targets={name: met for name, met in targets})
+    with open(a.out, "w", encoding="utf-8") as f:
+        json.dump(summary_file, f, indent=2)
+        f.write("\n")
+
+    m = meta
+    st, stp, rss, r1k = (s["startup_synced_ms"], s["stop"], s["rss_kib"], s["roles_1000_ms"])
+    rd = summary_file["meta"]["rotation_default_debounce_ms"]
+    lines = [
+        f"Machine: {m['nproc']} CPU ({m['cpu']}), kernel {m['kernel']}, {m['postgres']}; "
+        f"mode: {m['mode']}; medians of {m['startup_reps']} interleaved starts each.",
+        "",
+        "| metric | ours | baseline | ratio (baseline/ours) |",
+        "|---|---|---|---|",
+        f"| start → first login with the new password (median) | {fmt(st['ours'], ' ms')} | "
+        f"{fmt(st['baseline'], ' ms')} | {fmt(ratio(st['baseline'], st['ours']), '×')} |",
+        f"| rotation `..data` swap → login, debounce {m['debounce']} (p50 / p99, n={s['rotation_ms']['n']}) | "
+        f"{fmt(s['rotation_ms']['p50'], ' ms')} / {fmt(s['rotation_ms']['p99'], ' ms')} | "
+        f"restart + redeploy (minutes) | — |",
+        f"| rotation with the default debounce 250ms (p50 / p99, n={rd['n']}) | "
+        f"{fmt(rd['p50'], ' ms')} / {fmt(rd['p99'], ' ms')} | — | — |",
+        f"| stop: ours SIGINT, baseline `docker stop` (SIGTERM, SIGKILL after {m['grace_s']} s) | "
+        f"{fmt(stp['ours_ms'], ' ms')} | {fmt(stp['baseline_ms'], ' ms')} | "
+        f"{fmt(ratio(stp['baseline_ms'], stp['ours_ms']), '×')} |",
+        f"| cluster state after stop (clean = `shut down`) | "
+        f"{'clean' if stp['ours_clean'] else ('n/a' if stp['ours_clean'] is None else 'NOT clean')} | "
+        f"{'clean' if stp['baseline_clean'] else ('n/a' if stp['baseline_clean'] is None else 'NOT clean (crash recovery next start)')} | — |",
+        f"| PID 1 VmRSS, steady after sync (tini: {fmt(rss['tini'], ' KiB')}) | "
+        f"{fmt(rss['ours'], ' KiB')} | {fmt(rss['baseline'], ' KiB')} (bash) | "
+        f"{fmt(ratio(rss['baseline'], rss['ours']), '×')} |",
+        f"| stripped release binary | {fmt(s['binary_bytes'], ' B')} | — | — |",
+        f"| 1,000 roles rotated (ours: one `sync`; baseline: one psql batch of plaintext ALTER ROLE) | "
+        f"{fmt(r1k['ours'], ' ms')} | {fmt(r1k['psql_batch'], ' ms')} | "
+        f"{fmt(ratio(r1k['psql_batch'], r1k['ours']), '×')} |",
+        "",
+        "| target | met |",
+        "|---|---|",
+    ]
+    lines += [f"| {name} | {'not measured' if met is None else ('yes' if met else 'NO')} |"
+              for name, met in targets]
+    if errors:
+        lines += ["", "Errors (scenarios that produced no number):"]
+        lines += [f"- {e}" for e in errors]
+    print("\n".join(lines))
+    return 0
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    life = sub.add_parser("life")
+    life.add_argument("--label", required=True)
+    life.add_argument("--port", type=int, required=True)
+    life.add_argument("--user", required=True)
+    life.add_argument("--password-file", required=True)
+    life.add_argument("--pgdata", required=True)
+    life.add_argument("--bindir", required=True)
+    life.add_argument("--log", required=True)
+    life.add_argument("--timeout", type=float, default=90.0)
+    life.add_argument("--interval", type=float, default=0.005)
+    life.add_argument("--settle", type=float, default=1.0)
+    life.add_argument("--stop-signal", choices=["INT", "TERM", "QUIT"])
+    life.add_argument("--grace", type=float, default=10.0)
+    life.add_argument("--rotations", type=int, default=0)
+    life.add_argument("--keys-dir")
+    life.add_argument("--rotate-file")
+    life.add_argument("--rotate-names", default="")
+    life.add_argument("--rotation-timeout", type=float, default=10.0)
+    life.add_argument("--rotation-interval", type=float, default=0.002)
+    life.add_argument("--rotation-gap", type=float, default=0.3)
+    life.add_argument("cmd", nargs=argparse.REMAINDER)
+
+    tm = sub.add_parser("time")
+    tm.add_argument("--label", required=True)
+    tm.add_argument("cmd", nargs=argparse.REMAINDER)
+
+    lg = sub.add_parser("login")
+    lg.add_argument("--port", type=int, required=True)
+    lg.add_argument("--user", required=True)
+    lg.add_argument("--password-file", required=True)
+
+    sm = sub.add_parser("summary")
+    sm.add_argument("--dir", required=True)
+    sm.add_argument("--out", required=True)
+
+    a = p.parse_args()
+    if getattr(a, "cmd", None) and a.cmd[0] == "--":
+        a.cmd = a.cmd[1:]
+    return {"life": cmd_life, "time": cmd_time, "login": cmd_login,
+            "summary": cmd_summary}[a.command](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+#!/usr/bin/env bash
+# Benchmarks pg-password-sync against the shell wrapper it replaces (bench/baseline/), side
+# by side in one run on throwaway clusters, and reports medians and ratios (the machine is
+# shared and noisy: never compare numbers from different runs).
+#
+#   scripts/bench.sh [--quick]
+#
+# Scenarios (details in bench/README.md): startup → first login with the new password, as
+# PID 1 of a new PID namespace; Kubernetes `..data` rotation → first login with the new
+# password; stop (ours: SIGINT; baseline: what `docker stop` does) and the cluster state
+# afterwards; steady PID 1 RSS (ours, tini, the baseline's bash); 1,000 roles rotated by one
+# `sync` against one psql batch; the stripped binary size.
+# Prints a markdown table and writes target/bench/summary.json. Run as root (PID
+# namespaces); installs what it needs; cleans up every process and temp dir it made.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+
+MODE=full
+case "${1:-}" in
+  --quick) MODE=quick ;;
+  "") ;;
+  -h | --help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "usage: scripts/bench.sh [--quick]" >&2; exit 2 ;;
+esac
+if [ "$MODE" = quick ]; then
+  STARTUP_REPS=3 ROTATIONS=10 ROTATIONS_DEFAULT=3 ROLES_REPS=3 GRACE=2 TINI_REPS=1
+else
+  STARTUP_REPS=7 ROTATIONS=50 ROTATIONS_DEFAULT=10 ROLES_REPS=5 GRACE=10 TINI_REPS=3
+fi
+# The watcher's quiet period for the rotation scenario (the default, 250ms, is measured too).
+DEBOUNCE=${BENCH_DEBOUNCE:-10ms}
+NROLES=1000
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "scripts/bench.sh runs as root: it needs PID namespaces (unshare --pid) and runs postgres as the postgres user" >&2
+  exit 1
+fi
+
+ensure_postgres
+missing=()
+command -v tini >/dev/null || missing+=(tini)
+command -v strip >/dev/null || missing+=(binutils)
+command -v python3 >/dev/null || missing+=(python3 python3-pip)
+if [ "${#missing[@]}" -gt 0 ]; then
+  step "installing ${missing[*]}"
+  apt_install "${missing[@]}"
+fi
+if ! python3 -c 'import pg8000' 2>/dev/null; then
+  step "installing pg8000 (Python PostgreSQL driver for the login pollers)"
+  if ! python3 -m pip --version >/dev/null 2>&1; then apt_install python3-pip; fi
+  python3 -m pip install --quiet pg8000 2>/dev/null ||
+    python3 -m pip install --quiet --break-system-packages pg8000
+fi
+
+step "building pg-password-sync (release)"
+cargo build --release --quiet
+BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/pg-password-sync
+[ -x "$BIN" ] || { echo "no binary at $BIN" >&2; exit 1; }
+
+OUT=$PWD/target/bench
+mkdir -p "$OUT"
+HARNESS=(python3 "$PWD/bench/harness.py")
+BASELINE=$PWD/bench/baseline/pg-password-sync-wrapper.sh
+
+WORK=$(mktemp -d /tmp/pps-bench-XXXXXX)
+chmod 755 "$WORK"
+chown postgres:postgres "$WORK"
+RES=$WORK/results
+mkdir "$RES"
+ROLES_DATA=
+
+cleanup() {
+  local rc=$? pid f
+  trap - EXIT INT TERM
+  if [ -n "$ROLES_DATA" ] && [ -f "$ROLES_DATA/postmaster.pid" ]; then
+    as_pg "$PG_BINDIR/pg_ctl" -D "$ROLES_DATA" -m immediate -t 30 -w stop >/dev/null 2>&1 || true
+  fi
+  # Last resort: anything still running from our temp dir (every server we start has
+  # $WORK in its command line), by PID.
+  for f in /proc/[0-9]*/cmdline; do
+    pid=${f#/proc/} pid=${pid%/cmdline}
+    if [ "$pid" != $$ ] && grep -qsF -- "$WORK" "$f"; then kill -KILL "$pid" 2>/dev/null || true; fi
+  done
+  rm -rf "$WORK"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# --------------------------------------------------------------------------- fixtures
+step "preparing a template cluster and secrets in $WORK"
+TEMPLATE=$WORK/template
+as_pg "$PG_BINDIR/initdb" -U postgres -A trust --no-sync -D "$TEMPLATE" >/dev/null
+# The official image's defaults: trust on the socket, SCRAM over TCP.
+as_pg tee "$TEMPLATE/pg_hba.conf" >/dev/null <<'HBA'
+local all all trust
+host all all 127.0.0.1/32 scram-sha-256
+HBA
+SOCK0=$WORK/sock0
+mkdir "$SOCK0" && chown postgres:postgres "$SOCK0"
+PORT0=$(free_port)
+as_pg "$PG_BINDIR/pg_ctl" -D "$TEMPLATE" -l "$WORK/template.log" -t 60 -w \
+  -o "-p $PORT0 -k $SOCK0 -c listen_addresses=''" start >/dev/null
+# Throwaway bench passwords only.
+timeout 300 psql -X -q -v ON_ERROR_STOP=1 -h "$SOCK0" -p "$PORT0" -U postgres -d postgres <<'SQL'
+CREATE ROLE appuser LOGIN PASSWORD 'bench-old-app';
+CREATE ROLE backupuser LOGIN PASSWORD 'bench-old-ro';
+CREATE ROLE temporaluser LOGIN PASSWORD 'bench-old-temporal';
+ALTER ROLE postgres PASSWORD 'bench-old-super';
+SQL
+as_pg "$PG_BINDIR/pg_ctl" -D "$TEMPLATE" -m fast -t 60 -w stop >/dev/null
+printf 'bench-old-app\n' >"$WORK/old_app_pw"
+
+SECRET_NAMES=postgres_password.txt,postgres_app_user_pw.txt,postgres_app_ro_pw.txt,postgres_temporal_pw.txt
+# make_keys DIR: a Kubernetes-style secret volume (..<ts>/FILE, ..data -> ..<ts>,
+# FILE -> ..data/FILE) holding fresh random passwords.
+make_keys() {
+  local dir=$1 ts name
+  ts=..$(date -u +%Y_%m_%d_%H_%M_%S).$RANDOM
+  mkdir -p "$dir/$ts"
+  for name in ${SECRET_NAMES//,/ }; do
+    python3 -c 'import secrets; print("bench-" + secrets.token_urlsafe(24))' >"$dir/$ts/$name"
+    ln -s "..data/$name" "$dir/$name"
+  done
+  ln -s "$ts" "$dir/..data"
+  chmod -R a+rX "$dir"
+}
+KEYS=$WORK/keys
+make_keys "$KEYS"
+
+# new_instance NAME: a fresh copy of the template cluster with its own port and socket dir;
+# sets DATA, SOCK, PORT, LOGDIR.
+new_instance() {
+  local dir=$WORK/$1
+  mkdir -p "$dir/sock" "$dir/state"
+  cp -a "$TEMPLATE" "$dir/data"
+  chown postgres:postgres "$dir/sock"
+  DATA=$dir/data SOCK=$dir/sock PORT=$(free_port) LOGDIR=$dir
+}
+postgres_cmd() {
+  echo setpriv --reuid=postgres --regid=postgres --init-groups -- \
+    "$PG_BINDIR/postgres" -D "$DATA" -p "$PORT" -k "$SOCK" -c listen_addresses=127.0.0.1
+}
+# life LABEL OUTFILE [harness life options…] -- CMD…: one run as PID 1, a JSON line to OUTFILE.
+life() {
+  local label=$1 outfile=$2
+  shift 2
+  if ! KEYS_DIR=$KEYS SECRETS_SOURCE_DIR=$WORK/no-such-dir PGHOST=$SOCK PGPORT=$PORT \
+    PGDATA=$DATA TEMPORAL_DB_USER=temporaluser PG_PASSWORD_SYNC_STATE_DIR=$LOGDIR/state \
+    "${HARNESS[@]}" life --label "$label" --port "$PORT" --pgdata "$DATA" \
+    --bindir "$PG_BINDIR" --log "$LOGDIR/pid1.log" "$@" >>"$outfile"; then
+    echo "    $label failed; last lines of its log:" >&2
+    tail -n 5 "$LOGDIR/pid1.log" | sed 's/^/    | /' >&2
+  fi
+  tail -n 1 "$outfile" | sed 's/^/    /'
+}
+
+# --------------------------------------------------------------------------- startup, RSS, stop
+step "startup → first login with the new password, RSS, stop: ours and the baseline, $STARTUP_REPS interleaved runs each (baseline stop grace ${GRACE} s)"
+ours_run() {
+  new_instance "ours-$1"
+  # shellcheck disable=SC2046 # postgres_cmd is a word list of paths without spaces
+  life ours "$RES/startup.jsonl" --user appuser --password-file "$KEYS/postgres_app_user_pw.txt" \
+    --stop-signal INT --grace 30 -- "$BIN" run -- $(postgres_cmd)
+  rm -rf "$WORK/ours-$1"
+}
+baseline_run() {
+  new_instance "baseline-$1"
+  # shellcheck disable=SC2046
+  life baseline "$RES/startup.jsonl" --user appuser --password-file "$KEYS/postgres_app_user_pw.txt" \
+    --stop-signal TERM --grace "$GRACE" -- "$BASELINE" $(postgres_cmd)
+  rm -rf "$WORK/baseline-$1"
+}
+for i in $(seq 1 "$STARTUP_REPS"); do
+  if [ $((i % 2)) -eq 1 ]; then ours_run "$i"; baseline_run "$i"; else baseline_run "$i"; ours_run "$i"; fi
+done
+
+step "tini supervising the same postgres (RSS reference), $TINI_REPS run(s)"
+for i in $(seq 1 "$TINI_REPS"); do
+  new_instance "tini-$i"
+  # shellcheck disable=SC2046
+  life tini "$RES/tini.jsonl" --user appuser --password-file "$WORK/old_app_pw" \
+    --stop-signal INT --grace 30 -- "$(command -v tini)" -- $(postgres_cmd)
+  rm -rf "$WORK/tini-$i"
+done
+
+# --------------------------------------------------------------------------- rotation
+rotation_run() { # LABEL OUTFILE N [run options…]
+  local label=$1 outfile=$2 n=$3
+  shift 3
+  new_instance "$label"
+  local keys=$KEYS
+  KEYS=$WORK/$label/keys
+  make_keys "$KEYS"
+  # shellcheck disable=SC2046
+  life "$label" "$outfile" --user appuser --password-file "$KEYS/postgres_app_user_pw.txt" \
+    --settle 0.5 --rotations "$n" --keys-dir "$KEYS" --rotate-file postgres_app_user_pw.txt \
+    --rotate-names "$SECRET_NAMES" --stop-signal INT --grace 30 -- "$BIN" run "$@" -- $(postgres_cmd)
+  KEYS=$keys
+  rm -rf "${WORK:?}/$label"
+}
+step "rotation: Kubernetes ..data swap → first login with the new password, $ROTATIONS rotations, --debounce $DEBOUNCE"
+rotation_run rotation "$RES/rotation.jsonl" "$ROTATIONS" --debounce "$DEBOUNCE"
+step "rotation with the default debounce (250ms), $ROTATIONS_DEFAULT rotations"
+rotation_run rotation-default "$RES/rotation_default.jsonl" "$ROTATIONS_DEFAULT"
+
+# --------------------------------------------------------------------------- 1,000 roles
+step "1,000 login roles: one \`pg-password-sync sync\` against one psql batch of plaintext ALTER ROLEs, $ROLES_REPS runs each"
+new_instance roles
+ROLES_DATA=$DATA
+as_pg "$PG_BINDIR/pg_ctl" -D "$DATA" -l "$LOGDIR/server.log" -t 60 -w \
+  -o "-p $PORT -k $SOCK -c listen_addresses=127.0.0.1" start >/dev/null
+psql_roles() { timeout 600 psql -X -q -v ON_ERROR_STOP=1 -h "$SOCK" -p "$PORT" -U postgres -d postgres "$@"; }
+psql_roles -c "DO \$\$ BEGIN FOR i IN 1..$NROLES LOOP
+  EXECUTE format('CREATE ROLE %I LOGIN PASSWORD %L', 'bench_r' || lpad(i::text, 4, '0'), 'bench-old-' || i);
+END LOOP; END \$\$;"
+ROLES_KEYS=$LOGDIR/keys
+mkdir "$ROLES_KEYS"
+ROLE_MAP=$(python3 -c "import sys; n=int(sys.argv[1]); print(','.join(f'bench_r{i:04d}=bench_r{i:04d}' for i in range(1, n + 1)))" "$NROLES")
+# new_role_secrets: fresh passwords in the files (for ours) and in a SQL batch (for psql),
+# written before the clock starts; plus one file per side to check a login afterwards.
+new_role_secrets() {
+  python3 - "$ROLES_KEYS" "$LOGDIR" "$NROLES" <<'PY'
+import os, secrets, sys
+keys, logdir, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with open(os.path.join(logdir, "batch.sql"), "w") as sql:
+    for i in range(1, n + 1):
+        name = f"bench_r{i:04d}"
+        ours, theirs = "bench-" + secrets.token_urlsafe(24), "bench-" + secrets.token_urlsafe(24)
+        with open(os.path.join(keys, name), "w") as f:
+            f.write(ours + "\n")
+        sql.write(f"ALTER ROLE {name} PASSWORD '{theirs}';\n")
+        if i == n // 2:
+            with open(os.path.join(logdir, "check_psql"), "w") as f:
+                f.write(theirs + "\n")
+PY
+  chmod -R a+rX "$ROLES_KEYS"
+}
+roles_ours() {
+  new_role_secrets
+  KEYS_DIR=$ROLES_KEYS SECRETS_SOURCE_DIR=$WORK/no-such-dir PGHOST=$SOCK PGPORT=$PORT PGDATA=$DATA \
+    PG_PASSWORD_SYNC_ROLES=$ROLE_MAP "${HARNESS[@]}" time --label ours -- "$BIN" sync \
+    >>"$RES/roles.jsonl" || echo "    ours: sync failed" >&2
+  tail -n 1 "$RES/roles.jsonl" | sed 's/^/    /'
+  "${HARNESS[@]}" login --port "$PORT" --user "bench_r$(printf %04d $((NROLES / 2)))" \
+    --password-file "$ROLES_KEYS/bench_r$(printf %04d $((NROLES / 2)))" ||
+    echo "    WARNING: a role synced by ours does not log in with its new password" >&2
+}
+roles_psql() {
+  new_role_secrets
+  "${HARNESS[@]}" time --label psql_batch -- timeout 600 psql -X -q -v ON_ERROR_STOP=1 \
+    -h "$SOCK" -p "$PORT" -U postgres -d postgres -f "$LOGDIR/batch.sql" \
+    >>"$RES/roles.jsonl" || echo "    psql batch failed" >&2
+  tail -n 1 "$RES/roles.jsonl" | sed 's/^/    /'
+  "${HARNESS[@]}" login --port "$PORT" --user "bench_r$(printf %04d $((NROLES / 2)))" \
+    --password-file "$LOGDIR/check_psql" ||
+    echo "    WARNING: a role set by the psql batch does not log in with its new password" >&2
+}
+for i in $(seq 1 "$ROLES_REPS"); do
+  if [ $((i % 2)) -eq 1 ]; then roles_ours; roles_psql; else roles_psql; roles_ours; fi
+done
+as_pg "$PG_BINDIR/pg_ctl" -D "$DATA" -m fast -t 60 -w stop >/dev/null
+ROLES_DATA=
+
+# --------------------------------------------------------------------------- binary, summary
+cp "$BIN" "$WORK/pg-password-sync"
+strip "$WORK/pg-password-sync"
+BINARY_BYTES=$(stat -c %s "$WORK/pg-password-sync")
+
+CPU=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || true)
+[ -n "$CPU" ] || CPU=$(uname -m)
+python3 - "$RES/meta.json" <<PY
+import json, sys
+json.dump({
+    "mode": "$MODE", "startup_reps": $STARTUP_REPS, "grace_s": $GRACE,
+    "debounce": "$DEBOUNCE", "rotations": $ROTATIONS, "roles": $NROLES,
+    "roles_reps": $ROLES_REPS, "binary_bytes": $BINARY_BYTES,
+    "binary_bytes_as_built": $(stat -c %s "$BIN"),
+    "nproc": $(nproc), "cpu": """$CPU""", "kernel": "$(uname -r)",
+    "postgres": "$("$PG_BINDIR/postgres" --version)",
+    "rotation_poll_interval_ms": 2, "startup_poll_interval_ms": 5,
+}, open(sys.argv[1], "w"), indent=2)
+PY
+
+step "results ($MODE)"
+"${HARNESS[@]}" summary --dir "$RES" --out "$OUT/summary.json" | tee "$OUT/summary.md"
+cp "$RES"/*.jsonl "$OUT/" 2>/dev/null || true
+echo
+echo "wrote $OUT/summary.json, $OUT/summary.md and the raw samples ($OUT/*.jsonl)"
