@@ -157,6 +157,8 @@ def cmd_life(a):
             else:
                 time.sleep(0.001)
         if pid1 is None:
+            if proc.poll() is not None:
+                raise RuntimeError(f"PID 1 exited at once (unshare status {proc.returncode})")
             raise RuntimeError("PID 1 of the new namespace never appeared")
 
         password = read_secret(a.password_file)

@@ -55,7 +55,12 @@ if ! python3 -c 'import pg8000' 2>/dev/null; then
 fi
 
 step "building pg-password-sync (release)"
-cargo build --release --quiet
+mkdir -p target/bench
+OUT_BUILD_LOG=$PWD/target/bench/build.log
+if ! cargo build --release --quiet >"$OUT_BUILD_LOG" 2>&1; then
+  cat "$OUT_BUILD_LOG" >&2
+  exit 1
+fi
 BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/pg-password-sync
 [ -x "$BIN" ] || { echo "no binary at $BIN" >&2; exit 1; }
 
@@ -137,7 +142,7 @@ new_instance() {
   local dir=$WORK/$1
   mkdir -p "$dir/sock" "$dir/state"
   cp -a "$TEMPLATE" "$dir/data"
-  chown postgres:postgres "$dir/sock"
+  chown postgres:postgres "$dir" "$dir/sock"
   DATA=$dir/data SOCK=$dir/sock PORT=$(free_port) LOGDIR=$dir
 }
 postgres_cmd() {
