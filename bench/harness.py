@@ -26,6 +26,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import pg8000.native
@@ -85,12 +86,59 @@ def children_of(ppid):
     return out
 
 
-def vmrss_kib(pid):
+def proc_status(pid):
+    """VmRSS and its split (anon/file/shmem, KiB) and the thread count of pid."""
+    out = {}
     with open(f"/proc/{pid}/status", encoding="utf-8") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem", "Threads"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+def vmrss_kib(pid):
+    return proc_status(pid)["VmRSS"]
+
+
+# Log lines whose arrival time explains where the time goes.
+MARKS = {
+    "pg_ready": "database system is ready to accept connections",
+    "synced": "Password synchronization complete.",
+    # The watcher's line after a live re-sync.
+    "rotated": "passwords rotated:",
+}
+
+
+class LogTap:
+    """Copies the PID 1's combined output to the log file, each line prefixed with the ms
+    since t0, and keeps the monotonic arrival time of the lines in MARKS."""
+
+    def __init__(self, stream, path, t0):
+        self.stream, self.t0, self.events = stream, t0, []
+        self.file = open(path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        for raw in self.stream:
+            t = time.monotonic()
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.file.write(f"+{(t - self.t0) * 1000:9.1f}ms {line}\n")
+            self.file.flush()
+            for mark, text in MARKS.items():
+                if text in line:
+                    self.events.append((mark, t))
+
+    def first(self, mark, after=0.0):
+        for m, t in list(self.events):
+            if m == mark and t >= after:
+                return t
+        return None
+
+    def close(self):
+        self.thread.join(timeout=5)
+        self.file.close()
 
 
 def cluster_state(pgdata, bindir):
@@ -138,12 +186,12 @@ def k8s_rotate(keys_dir, names, new_values):
 
 def cmd_life(a):
     result = {"label": a.label}
-    logf = open(a.log, "ab")  # noqa: SIM115 - lives as long as the child
     t0 = time.monotonic()
     proc = subprocess.Popen(
         ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", *a.cmd],
-        stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         preexec_fn=set_pdeathsig)
+    tap = LogTap(proc.stdout, a.log, t0)
     pid1 = None
     try:
         # The namespace's PID 1 is unshare's only child.
@@ -169,6 +217,11 @@ def cmd_life(a):
                 f"no login as {a.user} with the new password within {a.timeout}s "
                 f"(PID 1 {'exited ' + str(proc.returncode) if proc.poll() is not None else 'still running'})")
         result["synced_ms"] = round((t_login - t0) * 1000, 1)
+        # Where the time went, from the log lines' arrival: postgres ready, sync logged.
+        time.sleep(0.05)
+        for mark in MARKS:
+            t = tap.first(mark)
+            result[f"{mark}_logged_ms"] = None if t is None else round((t - t0) * 1000, 1)
 
         # Steady RSS: let the post-sync work settle, then take the median of a few samples.
         time.sleep(a.settle)
@@ -177,9 +230,10 @@ def cmd_life(a):
             samples.append(vmrss_kib(pid1))
             time.sleep(0.1)
         result["rss_kib"] = int(statistics.median(samples))
+        result["status"] = proc_status(pid1)
 
         if a.rotations:
-            result["rotation_ms"] = rotate_many(a, pid1, proc)
+            result["rotation_ms"], result["rotation_sync_logged_ms"] = rotate_many(a, proc, tap)
 
         if a.stop_signal:
             sig = getattr(signal, "SIG" + a.stop_signal)
@@ -208,14 +262,14 @@ def cmd_life(a):
                     pass
             proc.kill()
             proc.wait(timeout=30)
-        logf.close()
+        tap.close()
     print(json.dumps(result), flush=True)
     return 0 if "error" not in result else 1
 
 
-def rotate_many(a, pid1, proc):
+def rotate_many(a, proc, tap):
     names = a.rotate_names.split(",")
-    samples = []
+    samples, logged = [], []
     for i in range(a.rotations):
         new_password = f"bench-rot-{i}-{secrets.token_hex(12)}"
         t_swap = k8s_rotate(a.keys_dir, names, {a.rotate_file: new_password})
@@ -227,7 +281,9 @@ def rotate_many(a, pid1, proc):
         samples.append(round((t_ok - t_swap) * 1000, 2))
         # Independent rotations: let the watcher go quiet before the next swap.
         time.sleep(a.rotation_gap)
-    return samples
+        t_log = tap.first("rotated", after=t_swap) or tap.first("synced", after=t_swap)
+        logged.append(None if t_log is None else round((t_log - t_swap) * 1000, 2))
+    return samples, logged
 
 
 def cmd_time(a):

@@ -32,6 +32,9 @@ fi
 # The watcher's quiet period for the rotation scenario (the default, 250ms, is measured too).
 DEBOUNCE=${BENCH_DEBOUNCE:-10ms}
 NROLES=1000
+# For working on the bench itself: run only some scenarios (startup,tini,rotation,roles).
+ONLY=${BENCH_ONLY:-startup,tini,rotation,roles}
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "scripts/bench.sh runs as root: it needs PID namespaces (unshare --pid) and runs postgres as the postgres user" >&2
@@ -65,7 +68,8 @@ BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/pg-password-sync
 [ -x "$BIN" ] || { echo "no binary at $BIN" >&2; exit 1; }
 
 OUT=$PWD/target/bench
-mkdir -p "$OUT"
+rm -rf "$OUT/logs"
+mkdir -p "$OUT/logs"
 HARNESS=(python3 "$PWD/bench/harness.py")
 BASELINE=$PWD/bench/baseline/pg-password-sync-wrapper.sh
 
@@ -161,6 +165,7 @@ life() {
     tail -n 5 "$LOGDIR/pid1.log" | sed 's/^/    | /' >&2
   fi
   tail -n 1 "$outfile" | sed 's/^/    /'
+  cp "$LOGDIR/pid1.log" "$OUT/logs/${LOGDIR##*/}.log" 2>/dev/null || true
 }
 
 # --------------------------------------------------------------------------- startup, RSS, stop
@@ -180,11 +185,13 @@ baseline_run() {
   rm -rf "$WORK/baseline-$1"
 }
 for i in $(seq 1 "$STARTUP_REPS"); do
+  want startup || break
   if [ $((i % 2)) -eq 1 ]; then ours_run "$i"; baseline_run "$i"; else baseline_run "$i"; ours_run "$i"; fi
 done
 
 step "tini supervising the same postgres (RSS reference), $TINI_REPS run(s)"
 for i in $(seq 1 "$TINI_REPS"); do
+  want tini || break
   new_instance "tini-$i"
   # shellcheck disable=SC2046
   life tini "$RES/tini.jsonl" --user appuser --password-file "$WORK/old_app_pw" \
@@ -207,24 +214,14 @@ rotation_run() { # LABEL OUTFILE N [run options…]
   KEYS=$keys
   rm -rf "${WORK:?}/$label"
 }
-step "rotation: Kubernetes ..data swap → first login with the new password, $ROTATIONS rotations, --debounce $DEBOUNCE"
-rotation_run rotation "$RES/rotation.jsonl" "$ROTATIONS" --debounce "$DEBOUNCE"
-step "rotation with the default debounce (250ms), $ROTATIONS_DEFAULT rotations"
-rotation_run rotation-default "$RES/rotation_default.jsonl" "$ROTATIONS_DEFAULT"
+if want rotation; then
+  step "rotation: Kubernetes ..data swap → first login with the new password, $ROTATIONS rotations, --debounce $DEBOUNCE"
+  rotation_run rotation "$RES/rotation.jsonl" "$ROTATIONS" --debounce "$DEBOUNCE"
+  step "rotation with the default debounce (250ms), $ROTATIONS_DEFAULT rotations"
+  rotation_run rotation-default "$RES/rotation_default.jsonl" "$ROTATIONS_DEFAULT"
+fi
 
 # --------------------------------------------------------------------------- 1,000 roles
-step "1,000 login roles: one \`pg-password-sync sync\` against one psql batch of plaintext ALTER ROLEs, $ROLES_REPS runs each"
-new_instance roles
-ROLES_DATA=$DATA
-as_pg "$PG_BINDIR/pg_ctl" -D "$DATA" -l "$LOGDIR/server.log" -t 60 -w \
-  -o "-p $PORT -k $SOCK -c listen_addresses=127.0.0.1" start >/dev/null
-psql_roles() { timeout 600 psql -X -q -v ON_ERROR_STOP=1 -h "$SOCK" -p "$PORT" -U postgres -d postgres "$@"; }
-psql_roles -c "DO \$\$ BEGIN FOR i IN 1..$NROLES LOOP
-  EXECUTE format('CREATE ROLE %I LOGIN PASSWORD %L', 'bench_r' || lpad(i::text, 4, '0'), 'bench-old-' || i);
-END LOOP; END \$\$;"
-ROLES_KEYS=$LOGDIR/keys
-mkdir "$ROLES_KEYS"
-ROLE_MAP=$(python3 -c "import sys; n=int(sys.argv[1]); print(','.join(f'bench_r{i:04d}=bench_r{i:04d}' for i in range(1, n + 1)))" "$NROLES")
 # new_role_secrets: fresh passwords in the files (for ours) and in a SQL batch (for psql),
 # written before the clock starts; plus one file per side to check a login afterwards.
 new_role_secrets() {
@@ -264,11 +261,25 @@ roles_psql() {
     --password-file "$LOGDIR/check_psql" ||
     echo "    WARNING: a role set by the psql batch does not log in with its new password" >&2
 }
-for i in $(seq 1 "$ROLES_REPS"); do
-  if [ $((i % 2)) -eq 1 ]; then roles_ours; roles_psql; else roles_psql; roles_ours; fi
-done
-as_pg "$PG_BINDIR/pg_ctl" -D "$DATA" -m fast -t 60 -w stop >/dev/null
-ROLES_DATA=
+roles_1000() {
+  step "1,000 login roles: one \`pg-password-sync sync\` against one psql batch of plaintext ALTER ROLEs, $ROLES_REPS runs each"
+  new_instance roles
+  ROLES_DATA=$DATA
+  as_pg "$PG_BINDIR/pg_ctl" -D "$DATA" -l "$LOGDIR/server.log" -t 60 -w \
+    -o "-p $PORT -k $SOCK -c listen_addresses=127.0.0.1" start >/dev/null
+  timeout 600 psql -X -q -v ON_ERROR_STOP=1 -h "$SOCK" -p "$PORT" -U postgres -d postgres -c "DO \$\$ BEGIN FOR i IN 1..$NROLES LOOP
+  EXECUTE format('CREATE ROLE %I LOGIN PASSWORD %L', 'bench_r' || lpad(i::text, 4, '0'), 'bench-old-' || i);
+END LOOP; END \$\$;"
+  ROLES_KEYS=$LOGDIR/keys
+  mkdir "$ROLES_KEYS"
+  ROLE_MAP=$(python3 -c "import sys; n=int(sys.argv[1]); print(','.join(f'bench_r{i:04d}=bench_r{i:04d}' for i in range(1, n + 1)))" "$NROLES")
+  for i in $(seq 1 "$ROLES_REPS"); do
+    if [ $((i % 2)) -eq 1 ]; then roles_ours; roles_psql; else roles_psql; roles_ours; fi
+  done
+  as_pg "$PG_BINDIR/pg_ctl" -D "$DATA" -m fast -t 60 -w stop >/dev/null
+  ROLES_DATA=
+}
+if want roles; then roles_1000; fi
 
 # --------------------------------------------------------------------------- binary, summary
 cp "$BIN" "$WORK/pg-password-sync"
