@@ -297,7 +297,7 @@ json.dump({
     "binary_bytes_as_built": $(stat -c %s "$BIN"),
     "nproc": $(nproc), "cpu": """$CPU""", "kernel": "$(uname -r)",
     "postgres": "$("$PG_BINDIR/postgres" --version)",
-    "rotation_poll_interval_ms": 2, "startup_poll_interval_ms": 5,
+    "rotation_poll_interval_ms": 5, "startup_poll_interval_ms": 5,
 }, open(sys.argv[1], "w"), indent=2)
 PY
 
