@@ -165,10 +165,14 @@ def cluster_state(pgdata, bindir):
     return "unknown"
 
 
-def set_pdeathsig():
+def child_setup():
     """Child side of Popen: die with the harness, so nothing outlives an interrupted bench."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # A background job of a non-interactive shell (the bench runs us so) starts with SIGINT
+    # and SIGQUIT ignored; the PID 1 under test must start with default dispositions.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
 def k8s_rotate(keys_dir, names, new_values):
@@ -204,7 +208,7 @@ def cmd_life(a):
     proc = subprocess.Popen(
         ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", *a.cmd],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        preexec_fn=set_pdeathsig)
+        preexec_fn=child_setup)
     tap = LogTap(proc.stdout, a.log, t0)
     pid1 = None
     try:

@@ -95,6 +95,13 @@ cleanup() {
   rm -rf "$WORK"
   exit "$rc"
 }
+# interruptible CMD…: run CMD as a background job and wait for it, so that a signal to this
+# script runs its trap at once (bash defers traps while a foreground command runs); the EXIT
+# trap then kills what is left.
+interruptible() {
+  "$@" &
+  wait "$!"
+}
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
@@ -159,7 +166,7 @@ life() {
   shift 2
   if ! KEYS_DIR=$KEYS SECRETS_SOURCE_DIR=$WORK/no-such-dir PGHOST=$SOCK PGPORT=$PORT \
     PGDATA=$DATA TEMPORAL_DB_USER=temporaluser PG_PASSWORD_SYNC_STATE_DIR=$LOGDIR/state \
-    "${HARNESS[@]}" life --label "$label" --port "$PORT" --pgdata "$DATA" \
+    interruptible "${HARNESS[@]}" life --label "$label" --port "$PORT" --pgdata "$DATA" \
     --bindir "$PG_BINDIR" --log "$LOGDIR/pid1.log" "$@" >>"$outfile"; then
     echo "    $label failed; last lines of its log:" >&2
     tail -n 5 "$LOGDIR/pid1.log" | sed 's/^/    | /' >&2
@@ -244,7 +251,7 @@ PY
 roles_ours() {
   new_role_secrets
   KEYS_DIR=$ROLES_KEYS SECRETS_SOURCE_DIR=$WORK/no-such-dir PGHOST=$SOCK PGPORT=$PORT PGDATA=$DATA \
-    PG_PASSWORD_SYNC_ROLES=$ROLE_MAP "${HARNESS[@]}" time --label ours -- "$BIN" sync \
+    PG_PASSWORD_SYNC_ROLES=$ROLE_MAP interruptible "${HARNESS[@]}" time --label ours -- "$BIN" sync \
     >>"$RES/roles.jsonl" || echo "    ours: sync failed" >&2
   tail -n 1 "$RES/roles.jsonl" | sed 's/^/    /'
   "${HARNESS[@]}" login --port "$PORT" --user "bench_r$(printf %04d $((NROLES / 2)))" \
@@ -253,7 +260,7 @@ roles_ours() {
 }
 roles_psql() {
   new_role_secrets
-  "${HARNESS[@]}" time --label psql_batch -- timeout 600 psql -X -q -v ON_ERROR_STOP=1 \
+  interruptible "${HARNESS[@]}" time --label psql_batch -- timeout 600 psql -X -q -v ON_ERROR_STOP=1 \
     -h "$SOCK" -p "$PORT" -U postgres -d postgres -f "$LOGDIR/batch.sql" \
     >>"$RES/roles.jsonl" || echo "    psql batch failed" >&2
   tail -n 1 "$RES/roles.jsonl" | sed 's/^/    /'
