@@ -57,14 +57,20 @@ if ! python3 -c 'import pg8000' 2>/dev/null; then
     python3 -m pip install --quiet --break-system-packages pg8000
 fi
 
-step "building pg-password-sync (release)"
-mkdir -p target/bench
-OUT_BUILD_LOG=$PWD/target/bench/build.log
-if ! cargo build --release --quiet >"$OUT_BUILD_LOG" 2>&1; then
-  cat "$OUT_BUILD_LOG" >&2
-  exit 1
+if [ -n "${BENCH_BIN:-}" ]; then
+  # For comparing builds (e.g. another profile): measure this binary instead of building.
+  step "using BENCH_BIN=$BENCH_BIN (not building)"
+  BIN=$(realpath "$BENCH_BIN")
+else
+  step "building pg-password-sync (release)"
+  mkdir -p target/bench
+  OUT_BUILD_LOG=$PWD/target/bench/build.log
+  if ! cargo build --release --quiet >"$OUT_BUILD_LOG" 2>&1; then
+    cat "$OUT_BUILD_LOG" >&2
+    exit 1
+  fi
+  BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/pg-password-sync
 fi
-BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/pg-password-sync
 [ -x "$BIN" ] || { echo "no binary at $BIN" >&2; exit 1; }
 
 OUT=$PWD/target/bench
@@ -298,7 +304,7 @@ CPU=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || tru
 python3 - "$RES/meta.json" <<PY
 import json, sys
 json.dump({
-    "mode": "$MODE", "startup_reps": $STARTUP_REPS, "grace_s": $GRACE,
+    "mode": "$MODE", "binary": "$BIN", "only": "$ONLY", "startup_reps": $STARTUP_REPS, "grace_s": $GRACE,
     "debounce": "$DEBOUNCE", "rotations": $ROTATIONS, "roles": $NROLES,
     "roles_reps": $ROLES_REPS, "binary_bytes": $BINARY_BYTES,
     "binary_bytes_as_built": $(stat -c %s "$BIN"),
