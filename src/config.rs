@@ -286,7 +286,7 @@ mod tests {
         assert_eq!(c.roles[0].secret, SecretRef::Path("/run/secrets/pw".into()));
         assert_eq!(
             c.superuser_secret,
-            Some(SecretRef::Path("/run/secrets/pw".into()))
+            SecretRef::Path("/run/secrets/pw".into())
         );
         assert!(c.watched_dirs().contains(&PathBuf::from("/run/secrets")));
     }
@@ -298,7 +298,7 @@ mod tests {
         assert_eq!(c.roles[1].secret, SecretRef::Path("/etc/k/x.txt".into()));
         assert_eq!(
             c.superuser_secret,
-            Some(SecretRef::Name("postgres_password".into()))
+            SecretRef::Name("postgres_password".into())
         );
     }
 
