@@ -47,7 +47,7 @@ pub fn render(
         out.push_str(key);
         out.push_str(": ");
         // `out` has room reserved, and `encode_string` appends in place.
-        STANDARD.encode_string(&**value, &mut *out);
+        STANDARD.encode_string(&**value, &mut out);
         out.push('\n');
     }
     out
