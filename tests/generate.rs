@@ -818,3 +818,225 @@ fn leftover_temp_files_of_a_killed_run_are_removed() {
     assert!(!leftover.exists());
     assert_eq!(snapshot(&fx.keys()), snap);
 }
+
+/// A terminal session: `generate ARGS` run on a pseudo-terminal by util-linux `script`,
+/// followed by `stty -a` so the test can see that echo was switched back on.
+struct Terminal {
+    child: std::process::Child,
+    input: std::process::ChildStdin,
+    chunks: std::sync::mpsc::Receiver<Vec<u8>>,
+    transcript: String,
+    seen: usize,
+    command: String,
+}
+
+impl Terminal {
+    /// Starts the session; `None` (the test is skipped) when `script` is not installed.
+    fn start(dir: &Path, args: &[&str]) -> Option<Terminal> {
+        use std::io::Read;
+        let line = format!(
+            "{BIN} generate --dir {} {}; echo \"generate-exit=$?\"; stty -a",
+            dir.display(),
+            args.join(" ")
+        );
+        // The line goes through a shell unquoted: paths and arguments must be plain words.
+        let plain =
+            |s: &str| !s.contains(|c: char| c.is_whitespace() || "'\"\\$`;&|<>()".contains(c));
+        assert!(plain(BIN) && plain(&dir.display().to_string()) && args.iter().all(|a| plain(a)));
+        let mut cmd = Command::new("script");
+        cmd.args(["-qec", &line, "/dev/null"]);
+        for (_, var) in OIDC {
+            cmd.env_remove(var);
+        }
+        cmd.env_remove("PG_PASSWORD_SYNC_NON_INTERACTIVE");
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                eprintln!("skipped: util-linux `script` is not installed");
+                return None;
+            }
+            Err(err) => panic!("spawning script: {err}"),
+        };
+        let input = child.stdin.take().unwrap();
+        let mut output = child.stdout.take().unwrap();
+        let (tx, chunks) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = output.read(&mut buf) {
+                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        Some(Terminal {
+            child,
+            input,
+            chunks,
+            transcript: String::new(),
+            seen: 0,
+            command: line,
+        })
+    }
+
+    /// Waits until `text` appears after what was already consumed, then consumes it.
+    fn expect(&mut self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(at) = self.transcript[self.seen..].find(text) {
+                self.seen += at + text.len();
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.chunks.recv_timeout(left) {
+                Ok(chunk) => self.transcript.push_str(&String::from_utf8_lossy(&chunk)),
+                Err(_) => panic!(
+                    "waiting for {text:?} on the terminal\ncommand: {}\ntranscript:\n{}",
+                    self.command, self.transcript
+                ),
+            }
+        }
+    }
+
+    /// Types a line.
+    fn type_line(&mut self, text: &str) {
+        use std::io::Write;
+        self.input
+            .write_all(format!("{text}\n").as_bytes())
+            .unwrap();
+        self.input.flush().unwrap();
+    }
+
+    /// Waits for the end of the session; returns generate's exit code and the transcript.
+    fn finish(mut self) -> (i32, String) {
+        self.expect("generate-exit=");
+        let code_at = self.seen;
+        // Read to the end of the session (the reader thread ends at EOF).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while let Ok(chunk) = self
+            .chunks
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.transcript.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        drop(self.input);
+        let status = self.child.wait().unwrap();
+        let code: i32 = self.transcript[code_at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|d| d.parse().ok())
+            .unwrap_or_else(|| panic!("no exit code in:\n{}", self.transcript));
+        assert!(
+            status.success(),
+            "script failed: {status}\n{}",
+            self.transcript
+        );
+        (code, self.transcript)
+    }
+}
+
+/// Whether `stty -a` output shows echo on (`echo`, not `-echo`).
+fn echo_is_on(stty: &str) -> bool {
+    stty.split(|c: char| c.is_whitespace() || c == ';')
+        .any(|word| word == "echo")
+}
+
+#[test]
+fn on_a_terminal_missing_oidc_values_are_prompted_without_echo() {
+    let fx = Fixture::new();
+    let typed = [
+        "Typed-Google-Secret-7781",
+        "Typed-Microsoft-Secret-7782",
+        "Typed-Keycloak-Secret-7783",
+    ];
+    let Some(mut term) = Terminal::start(&fx.dir, &[]) else {
+        return;
+    };
+    for ((_, var), value) in OIDC.iter().zip(typed) {
+        term.expect(&format!("{var} (input hidden): "));
+        term.type_line(value);
+    }
+    let (code, transcript) = term.finish();
+    assert_eq!(code, 0, "{transcript}");
+    let snap = snapshot(&fx.keys());
+    assert_eq!(snap.len(), 11, "{transcript}");
+    for ((file, _), value) in OIDC.iter().zip(typed) {
+        assert_eq!(snap[*file], value.as_bytes());
+        assert!(
+            !transcript.contains(value),
+            "typed secret was echoed:\n{transcript}"
+        );
+    }
+    for value in snap.values() {
+        assert!(
+            !transcript.contains(&*String::from_utf8_lossy(value)),
+            "{transcript}"
+        );
+    }
+    let stty = transcript.split("generate-exit=").nth(1).unwrap();
+    assert!(echo_is_on(stty), "echo was not restored:\n{transcript}");
+}
+
+#[test]
+fn on_a_terminal_non_interactive_still_refuses_to_prompt() {
+    let fx = Fixture::new();
+    let Some(term) = Terminal::start(&fx.dir, &["--non-interactive"]) else {
+        return;
+    };
+    let (code, transcript) = term.finish();
+    assert_eq!(code, 3, "{transcript}");
+    assert!(
+        transcript.contains("OIDC_GOOGLE_CLIENT_SECRET"),
+        "{transcript}"
+    );
+    assert!(!transcript.contains("input hidden"), "{transcript}");
+    assert!(!fx.keys().exists());
+}
+
+#[test]
+fn on_a_terminal_restore_asks_for_confirmation() {
+    let (fx, first) = Fixture::new().generated();
+    run(with_oidc_env(generate(&fx.dir, &["--force"]))).success();
+    let second = snapshot(&fx.keys());
+
+    let Some(mut term) = Terminal::start(&fx.dir, &["--restore"]) else {
+        return;
+    };
+    term.expect("[y/N] ");
+    term.type_line("n");
+    let (code, transcript) = term.finish();
+    assert_eq!(code, 1, "{transcript}");
+    assert!(transcript.contains("cancelled"), "{transcript}");
+    assert_eq!(
+        snapshot(&fx.keys()),
+        second,
+        "declined restore changed files"
+    );
+    assert_eq!(fx.backups().len(), 1, "declined restore took a backup");
+
+    let Some(mut term) = Terminal::start(&fx.dir, &["--restore"]) else {
+        return;
+    };
+    term.expect("[y/N] ");
+    term.type_line("y");
+    let (code, transcript) = term.finish();
+    assert_eq!(code, 0, "{transcript}");
+    assert_eq!(snapshot(&fx.keys()), first);
+    for value in values(&[&first, &second]) {
+        assert!(
+            !transcript.contains(&*String::from_utf8_lossy(&value)),
+            "{transcript}"
+        );
+    }
+
+    // --yes skips the question.
+    let Some(term) = Terminal::start(&fx.dir, &["--restore", "--yes"]) else {
+        return;
+    };
+    let (code, transcript) = term.finish();
+    assert_eq!(code, 0, "{transcript}");
+    assert!(!transcript.contains("[y/N]"), "{transcript}");
+    assert_eq!(snapshot(&fx.keys()), second);
+}

@@ -79,7 +79,7 @@ pub struct GenerateArgs {
     pub list_backups: bool,
 
     /// Restore the secret files from BACKUP (a name under DIR/backups or a path; the newest
-    /// by default). The current set is backed up first. Asks on a terminal unless --yes.
+    /// by default). The current set is backed up first. Asks on a terminal unless --yes or --non-interactive.
     #[arg(long, value_name = "BACKUP", conflicts_with = "force")]
     #[allow(clippy::option_option)]
     pub restore: Option<Option<String>>,

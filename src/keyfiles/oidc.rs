@@ -124,11 +124,12 @@ fn prompt_hidden(var: &str) -> anyhow::Result<Secret> {
     // No echo of the typed characters; ECHONL still shows the final newline.
     silent.local_flags.remove(LocalFlags::ECHO);
     silent.local_flags.insert(LocalFlags::ECHONL);
-    eprint!("{var} (input hidden): ");
-    let _ = std::io::stderr().flush();
-    // TCSAFLUSH: drop anything typed ahead, which would otherwise have been echoed.
+    // Echo goes off before the prompt appears, so nothing typed in answer is ever shown;
+    // TCSAFLUSH drops anything typed ahead of the prompt (it was echoed, so it is not used).
     tcsetattr(stdin.as_fd(), SetArg::TCSAFLUSH, &silent).context("switching terminal echo off")?;
     let restore = RestoreTerminal(original);
+    eprint!("{var} (input hidden): ");
+    let _ = std::io::stderr().flush();
     let mut line = Zeroizing::new(String::new());
     stdin
         .lock()
