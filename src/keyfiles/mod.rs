@@ -24,6 +24,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use clap::builder::BoolishValueParser;
 use clap::{ArgGroup, Args};
 use nix::fcntl::{Flock, FlockArg};
 use zeroize::Zeroizing;
@@ -57,8 +58,9 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub force: bool,
 
-    /// Do not back up the current set before --force overwrites it.
-    #[arg(long, env = "PG_PASSWORD_SYNC_NO_BACKUP", conflicts_with_all = ["backup_only", "restore"])]
+    /// Do not back up the current set before --force overwrites it (--restore always backs
+    /// up). The variable takes true/false, 1/0, yes/no or on/off.
+    #[arg(long, env = "PG_PASSWORD_SYNC_NO_BACKUP", value_parser = BoolishValueParser::new())]
     pub no_backup: bool,
 
     /// Only back up the current set to DIR/backups/backup-YYYYMMDD-HHMMSS; generate nothing.
@@ -99,8 +101,9 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "FILE", env = "PG_PASSWORD_SYNC_USER_SECRETS_FILE")]
     pub user_secrets_file: Option<PathBuf>,
 
-    /// Never prompt: a missing OIDC value is an error (the default when stdin is not a terminal).
-    #[arg(long, env = "PG_PASSWORD_SYNC_NON_INTERACTIVE")]
+    /// Never prompt: a missing OIDC value is an error (the default when stdin is not a
+    /// terminal), and --restore does not ask.
+    #[arg(long, env = "PG_PASSWORD_SYNC_NON_INTERACTIVE", value_parser = BoolishValueParser::new())]
     pub non_interactive: bool,
 
     /// Also write a Kubernetes Secret manifest named NAME holding every value (keys without

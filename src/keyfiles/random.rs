@@ -56,8 +56,9 @@ fn sample_alphanumeric(
 
 /// A new password: `PASSWORD_LEN` characters of `[A-Za-z0-9]`.
 pub fn password() -> anyhow::Result<Secret> {
-    let value = sample_alphanumeric(PASSWORD_LEN, os_fill)?;
-    Ok(Secret::new(value.as_str().to_owned()))
+    let mut value = sample_alphanumeric(PASSWORD_LEN, os_fill)?;
+    // Moves the String out (no copy); the emptied wrapper has nothing left to zeroize.
+    Ok(Secret::new(std::mem::take(&mut *value)))
 }
 
 /// A new signing secret: `SIGNING_BYTES` random bytes, base64url without padding.
