@@ -804,6 +804,25 @@ fn k8s_secret_manifest_holds_every_key_base64_encoded() {
             .contains("postgres_app_user_pw: ")
     );
 
+    // With the manifest on stdout, every report goes to stderr: stdout stays pure YAML.
+    run(generate(&fx.dir, &["--backup-only"])).success();
+    let out = run(with_oidc_env(generate(
+        &fx.dir,
+        &["--force", "--k8s-secret", "app", "--keep-backups", "1"],
+    )))
+    .success();
+    let new = snapshot(&fx.keys());
+    out.no_values(values(&[&snap, &new]).iter().map(Vec::as_slice));
+    assert!(out.stdout.starts_with("apiVersion: v1\n"), "{out}");
+    assert_eq!(
+        out.stdout.lines().count(),
+        17,
+        "only the manifest on stdout\n{out}"
+    );
+    assert!(out.stderr.contains("backed up 11 files"), "{out}");
+    assert!(out.stderr.contains("removed old backup"), "{out}");
+    assert_eq!(fx.backups().len(), 1, "{out}");
+
     run(generate(&fx.dir, &["--k8s-secret", "Bad_Name"])).code(3);
     run(generate(
         &fx.dir,

@@ -132,16 +132,17 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     if args.list_backups {
         return list_backups(&paths);
     }
-    if let Some(name) = &args.restore {
-        restore(args, &paths, name.as_deref().filter(|n| !n.is_empty()))?;
+    // The write modes return their lock so that pruning happens while it is still held.
+    let _lock = if let Some(name) = &args.restore {
+        restore(args, &paths, name.as_deref().filter(|n| !n.is_empty()))?
     } else if args.backup_only {
-        backup_only(&paths)?;
+        backup_only(&paths)?
     } else {
-        generate(args, &paths)?;
-    }
+        generate(args, &paths)?
+    };
     if let Some(keep) = args.keep_backups {
         for name in backup::prune(&paths.root, keep as usize)? {
-            println!("removed old backup {name}");
+            report(args, &format!("removed old backup {name}"));
         }
     }
     Ok(())
@@ -197,7 +198,7 @@ enum Action {
 }
 
 /// Creates missing files (or, with `--force`, replaces all), backing up first.
-fn generate(args: &GenerateArgs, paths: &Paths) -> anyhow::Result<()> {
+fn generate(args: &GenerateArgs, paths: &Paths) -> anyhow::Result<Flock<File>> {
     // Everything that can be refused is checked before the first write.
     if let Some(name) = &args.k8s_secret {
         check_k8s_names(name, args.namespace.as_deref())?;
@@ -237,7 +238,7 @@ fn generate(args: &GenerateArgs, paths: &Paths) -> anyhow::Result<()> {
     }
     .into_iter();
 
-    let _lock = lock_and_prepare(paths)?;
+    let lock = lock_and_prepare(paths)?;
     // New values, made before anything is written; `None` keeps the current file.
     let mut writes: Vec<(Entry, Action, Secret)> = Vec::new();
     let mut kept = Vec::new();
@@ -293,7 +294,7 @@ fn generate(args: &GenerateArgs, paths: &Paths) -> anyhow::Result<()> {
     if let Some(name) = &args.k8s_secret {
         write_manifest(args, paths, name)?;
     }
-    Ok(())
+    Ok(lock)
 }
 
 /// Sets a kept file's mode to 0600 if it differs; returns whether it did.
@@ -369,20 +370,20 @@ fn write_manifest(args: &GenerateArgs, paths: &Paths, name: &str) -> anyhow::Res
 }
 
 /// `--backup-only`.
-fn backup_only(paths: &Paths) -> anyhow::Result<()> {
-    let _lock = lock_and_prepare(paths)?;
+fn backup_only(paths: &Paths) -> anyhow::Result<Flock<File>> {
+    let lock = lock_and_prepare(paths)?;
     let files = backup::present_files(&paths.keys);
     if files.is_empty() {
         println!("no secret files in {} to back up", paths.keys.display());
-        return Ok(());
+        return Ok(lock);
     }
     let made = backup::create(&paths.root, &paths.keys, &files)?;
     println!("backed up {} files to {}", files.len(), made.path.display());
-    Ok(())
+    Ok(lock)
 }
 
 /// `--restore [BACKUP]`.
-fn restore(args: &GenerateArgs, paths: &Paths, name: Option<&str>) -> anyhow::Result<()> {
+fn restore(args: &GenerateArgs, paths: &Paths, name: Option<&str>) -> anyhow::Result<Flock<File>> {
     let source = backup::resolve(&paths.root, name).context(Failure::Config)?;
     let files = backup::present_files(&source.keys());
     if files.is_empty() {
@@ -403,7 +404,7 @@ fn restore(args: &GenerateArgs, paths: &Paths, name: Option<&str>) -> anyhow::Re
             bail!("restore cancelled; nothing was changed");
         }
     }
-    let _lock = lock_and_prepare(paths)?;
+    let lock = lock_and_prepare(paths)?;
     let current = backup::present_files(&paths.keys);
     if !current.is_empty() {
         let made = backup::create(&paths.root, &paths.keys, &current)?;
@@ -427,7 +428,7 @@ fn restore(args: &GenerateArgs, paths: &Paths, name: Option<&str>) -> anyhow::Re
         files.len(),
         source.path.display()
     );
-    Ok(())
+    Ok(lock)
 }
 
 /// `--verify`.
