@@ -1062,3 +1062,21 @@ fn on_a_terminal_restore_asks_for_confirmation() {
     assert!(!transcript.contains("[y/N]"), "{transcript}");
     assert_eq!(snapshot(&fx.keys()), second);
 }
+
+#[test]
+fn a_second_concurrent_run_is_refused_while_the_directory_is_locked() {
+    use nix::fcntl::{Flock, FlockArg};
+    let (fx, snap) = Fixture::new().generated();
+    let held = Flock::lock(fs::File::open(&fx.dir).unwrap(), FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .unwrap();
+    let out = run(with_oidc_env(generate(&fx.dir, &["--force"]))).code(1);
+    assert!(
+        out.stderr.contains("another `generate` is running"),
+        "{out}"
+    );
+    assert_eq!(snapshot(&fx.keys()), snap);
+    assert!(fx.backups().is_empty());
+    drop(held);
+    run(with_oidc_env(generate(&fx.dir, &["--force"]))).success();
+}
