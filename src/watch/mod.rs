@@ -380,11 +380,17 @@ async fn reconcile(
     tracing::debug!(
         trigger = trigger.describe(),
         roles = %changed_files.join(", "),
+        since_first_event_ms = since.elapsed().as_millis(),
         "applying the secret set"
     );
+    let applying = Instant::now();
     match syncer.apply_secrets(&secrets).await {
         Ok(report) => {
             let elapsed = since.elapsed().as_millis();
+            tracing::debug!(
+                apply_ms = applying.elapsed().as_millis(),
+                "sync transaction done"
+            );
             let changed = report.changed();
             if report.standby {
                 tracing::info!("server is a standby (in recovery): sync skipped");

@@ -48,11 +48,13 @@ enum Kind {
 
 /// Every path to watch right now: the secret directories, then each resolvable secret file.
 fn targets(config: &Config) -> Vec<(PathBuf, Kind)> {
-    let mut targets: Vec<(PathBuf, Kind)> = config
-        .watched_dirs()
-        .into_iter()
-        .map(|dir| (dir, Kind::Dir))
-        .collect();
+    let mut targets: Vec<(PathBuf, Kind)> = Vec::new();
+    // SECRETS_SOURCE_DIR and KEYS_DIR may well be the same directory.
+    for dir in config.watched_dirs() {
+        if !targets.iter().any(|(p, _)| *p == dir) {
+            targets.push((dir, Kind::Dir));
+        }
+    }
     let refs = config
         .roles
         .iter()
@@ -220,6 +222,15 @@ mod tests {
                 (dir.path().join("sub/x_pw"), Kind::File),
             ]
         );
+    }
+
+    #[test]
+    fn the_same_directory_configured_twice_is_watched_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config(dir.path());
+        c.secret_dirs = vec![dir.path().to_path_buf(), dir.path().to_path_buf()];
+        c.roles.truncate(1);
+        assert_eq!(targets(&c), [(dir.path().to_path_buf(), Kind::Dir)]);
     }
 
     #[test]
