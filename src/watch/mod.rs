@@ -305,7 +305,9 @@ pub async fn watch_loop(
                 reconcile(syncer, state, &mut watches, &mut loop_state, Trigger::Periodic, since).await;
             }
             _ = drift_check.tick() => {
-                if watches.drifted(&syncer.config) {
+                // A pending burst re-arms anyway; feeding it would only stretch its quiet
+                // period (after a Kubernetes swap every file's inode has changed).
+                if debouncer.deadline().is_none() && watches.drifted(&syncer.config) {
                     tracing::debug!("a watched path appeared, vanished or was replaced");
                     debouncer.event(Instant::now(), false);
                 }
