@@ -375,7 +375,11 @@ async fn reconcile(
             trigger = trigger.describe(),
             "secret files unchanged; nothing to do"
         );
-        loop_state.retry = None;
+        // A retry of a failed *full* resync stays scheduled: the server may still hold a
+        // password changed behind our back. A retry of a file change is moot now.
+        if loop_state.retry.as_ref().is_some_and(|r| !r.full) {
+            loop_state.retry = None;
+        }
         state.record_sync(&syncer.config, true);
         return;
     }
