@@ -90,12 +90,16 @@ impl Watcher {
         );
     }
 
-    /// SIGTERM, then the exit must be 0 and prompt.
+    /// SIGTERM, then the exit must be 0 and prompt. The record includes the watcher's
+    /// argv and environment as seen just before, for the leak checks.
     fn stop(mut self, cluster: &Cluster) -> Run {
         self.assert_alive();
+        let seen = proc_strings(self.running.pid() as u32);
+        assert!(!seen.is_empty(), "/proc of the watcher is readable");
         self.signal(Signal::SIGTERM);
-        let run = self.running.finish(LIMIT);
+        let mut run = self.running.finish(LIMIT);
         run.expect_ok(Some(cluster));
+        run.proc_seen = seen;
         run
     }
 }
