@@ -8,6 +8,8 @@
 //! root; otherwise as the current user, mapped to the `postgres` role by `pg_ident`.
 #![allow(dead_code)]
 
+pub mod k8s;
+
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::net::TcpListener;

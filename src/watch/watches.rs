@@ -1,0 +1,258 @@
+//! The inotify watches behind the watch loop: which paths are watched, and re-arming them.
+//!
+//! Two kinds of target, both non-recursive (DESIGN.md, "Watch" and its pitfalls):
+//! - every directory that can hold a secret: Kubernetes swaps its `..data` symlink, editors
+//!   and generators rename files into it, so only a directory watch sees those;
+//! - every secret file as currently resolved: a Compose single-file bind mount keeps its
+//!   inode when the host renames a new file over its source, and only in-place rewrites of
+//!   that inode show through, which a watch on the mount point's directory does not see.
+//!
+//! Watches are tied to inodes, and renames, swaps and remounts replace inodes. `notify` also
+//! drops a path's watch by name when it sees a delete or move of that name, which can hit a
+//! watch we re-established a moment before. So `arm` simply re-establishes every watch each
+//! time it runs (a handful of syscalls per burst) instead of trying to track which ones are
+//! still good, and records the identity (device, inode) it armed. `drifted` compares those
+//! identities with what the paths point at now: the loop polls it once a second, which is how
+//! a directory missing at start, removed and recreated, or mounted over (no inotify event at
+//! all) is picked up.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use notify::{Event, RecommendedWatcher, RecursiveMode, Watcher};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::config::Config;
+
+/// What a path points at (following symlinks), so a replaced inode is noticed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+fn identity(path: &Path) -> Option<FileId> {
+    std::fs::metadata(path).ok().map(|m| FileId {
+        dev: m.dev(),
+        ino: m.ino(),
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Dir,
+    File,
+}
+
+/// Every path to watch right now: the secret directories, then each resolvable secret file.
+fn targets(config: &Config) -> Vec<(PathBuf, Kind)> {
+    let mut targets: Vec<(PathBuf, Kind)> = Vec::new();
+    // SECRETS_SOURCE_DIR and KEYS_DIR may well be the same directory.
+    for dir in config.watched_dirs() {
+        if !targets.iter().any(|(p, _)| *p == dir) {
+            targets.push((dir, Kind::Dir));
+        }
+    }
+    let refs = config
+        .roles
+        .iter()
+        .map(|r| &r.secret)
+        .chain(&config.superuser_secret);
+    for secret in refs {
+        // An unresolvable secret is reported by the read; its directory watch (or the
+        // once-a-second check) notices when it appears.
+        if let Ok(path) = config.resolve(secret)
+            && !targets.iter().any(|(p, _)| *p == path)
+        {
+            targets.push((path, Kind::File));
+        }
+    }
+    targets
+}
+
+/// The watcher and what it was armed on.
+pub struct Watches {
+    watcher: RecommendedWatcher,
+    /// Path → the identity it had when its watch was established.
+    armed: HashMap<PathBuf, FileId>,
+    /// Directories already warned about as missing (warn once, until they appear).
+    missing: HashSet<PathBuf>,
+    /// Paths whose watch failed, already warned about (warn once, until it works).
+    failed: HashSet<PathBuf>,
+}
+
+impl Watches {
+    /// Starts an inotify watcher whose events go to `events` (from notify's own thread).
+    pub fn new(events: UnboundedSender<notify::Result<Event>>) -> anyhow::Result<Watches> {
+        let watcher = RecommendedWatcher::new(
+            move |event: notify::Result<Event>| {
+                // The loop only stops listening when it is being dropped.
+                let _ = events.send(event);
+            },
+            notify::Config::default(),
+        )
+        .context("starting the inotify file watcher")?;
+        Ok(Watches {
+            watcher,
+            armed: HashMap::new(),
+            missing: HashSet::new(),
+            failed: HashSet::new(),
+        })
+    }
+
+    /// (Re-)establishes a watch on every target. Missing directories are warned about once
+    /// and left to the once-a-second `drifted` check.
+    pub fn arm(&mut self, config: &Config) {
+        let targets = targets(config);
+        let stale: Vec<PathBuf> = self
+            .armed
+            .keys()
+            .filter(|p| !targets.iter().any(|(t, _)| t == *p))
+            .cloned()
+            .collect();
+        for path in stale {
+            // Errors mean the watch is already gone (its inode was deleted).
+            let _ = self.watcher.unwatch(&path);
+            self.armed.remove(&path);
+        }
+        for (path, kind) in targets {
+            if self.armed.remove(&path).is_some() {
+                let _ = self.watcher.unwatch(&path);
+            }
+            let Some(id) = identity(&path) else {
+                if kind == Kind::Dir && self.missing.insert(path.clone()) {
+                    tracing::warn!(
+                        "secret directory {} does not exist; its secrets will be picked up \
+                         when it appears (checking every second)",
+                        path.display()
+                    );
+                }
+                continue;
+            };
+            match self.watcher.watch(&path, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    self.armed.insert(path.clone(), id);
+                    self.failed.remove(&path);
+                    if self.missing.remove(&path) {
+                        tracing::info!("secret directory {} appeared; watching it", path.display());
+                    }
+                    tracing::debug!(path = %path.display(), ?kind, "watching");
+                }
+                Err(err) => {
+                    if self.failed.insert(path.clone()) {
+                        tracing::warn!(
+                            "cannot watch {}: {err}; retrying every second",
+                            path.display()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether some target appeared, disappeared or now points at another inode since `arm`
+    /// (then the caller treats it as a file event: re-arm and re-read).
+    pub fn drifted(&self, config: &Config) -> bool {
+        let targets = targets(config);
+        if self
+            .armed
+            .keys()
+            .any(|p| !targets.iter().any(|(t, _)| t == p))
+        {
+            return true;
+        }
+        targets
+            .iter()
+            .any(|(path, _)| identity(path) != self.armed.get(path).copied())
+    }
+
+    /// How many directories and files are watched (for the log).
+    pub fn counts(&self, config: &Config) -> (usize, usize) {
+        let dirs = config.watched_dirs();
+        let watched_dirs = self.armed.keys().filter(|p| dirs.contains(p)).count();
+        (watched_dirs, self.armed.len() - watched_dirs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Host, RoleSpec, SecretRef};
+    use std::time::Duration;
+
+    fn config(dir: &Path) -> Config {
+        Config {
+            roles: vec![
+                RoleSpec {
+                    name: "postgres".into(),
+                    secret: SecretRef::Name("postgres_password".into()),
+                },
+                RoleSpec {
+                    name: "x".into(),
+                    secret: SecretRef::Path(dir.join("sub/x_pw")),
+                },
+            ],
+            superuser: "postgres".into(),
+            superuser_secret: Some(SecretRef::Name("postgres_password".into())),
+            secret_dirs: vec![dir.join("missing"), dir.to_path_buf()],
+            host: Host::Tcp("127.0.0.1".into()),
+            port: 5432,
+            pgdata: dir.join("data"),
+            dbname: "postgres".into(),
+            sync_identity: None,
+            connect_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn targets_are_the_directories_then_the_resolved_files_once_each() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("postgres_password.txt"), "pw\n").unwrap();
+        let c = config(dir.path());
+        let got: Vec<(PathBuf, Kind)> = targets(&c);
+        assert_eq!(
+            got,
+            [
+                (dir.path().join("missing"), Kind::Dir),
+                (dir.path().to_path_buf(), Kind::Dir),
+                (dir.path().join("sub"), Kind::Dir),
+                (dir.path().join("postgres_password.txt"), Kind::File),
+                (dir.path().join("sub/x_pw"), Kind::File),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_same_directory_configured_twice_is_watched_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config(dir.path());
+        c.secret_dirs = vec![dir.path().to_path_buf(), dir.path().to_path_buf()];
+        c.roles.truncate(1);
+        assert_eq!(targets(&c), [(dir.path().to_path_buf(), Kind::Dir)]);
+    }
+
+    #[test]
+    fn drift_is_seen_when_a_directory_appears_or_a_file_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("postgres_password.txt"), "pw\n").unwrap();
+        let c = config(dir.path());
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut w = Watches::new(tx).unwrap();
+        w.arm(&c);
+        assert!(!w.drifted(&c));
+        assert_eq!(w.counts(&c), (1, 1));
+        std::fs::create_dir(dir.path().join("missing")).unwrap();
+        assert!(w.drifted(&c), "a missing directory appeared");
+        w.arm(&c);
+        assert!(!w.drifted(&c));
+        assert_eq!(w.counts(&c), (2, 1));
+        let tmp = dir.path().join("tmp");
+        std::fs::write(&tmp, "new\n").unwrap();
+        std::fs::rename(&tmp, dir.path().join("postgres_password.txt")).unwrap();
+        assert!(w.drifted(&c), "the file's inode changed");
+        w.arm(&c);
+        assert!(!w.drifted(&c));
+    }
+}

@@ -1,0 +1,566 @@
+//! `watch` (the sidecar) against real PostgreSQL 15 clusters (issue 4): Kubernetes
+//! AtomicWriter swaps, renames and in-place rewrites, superuser rotation by password only,
+//! invalid files, rapid swaps, a secrets directory missing or remounted, SIGHUP, SIGTERM,
+//! and no plaintext anywhere.
+//!
+//! Every wait is a poll for the observable outcome (a login with the new password works)
+//! under a generous liveness bound; latency itself is measured by a benchmark elsewhere.
+
+mod common;
+
+use std::io::Write as _;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::k8s::SecretVolume;
+use common::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// Liveness bound for a rotation to be in force (debounce is 50 ms in these tests).
+const LIMIT: Duration = Duration::from_secs(10);
+
+/// The three non-superuser default roles (the superuser keeps peer access over the socket).
+const APP_ROLES: [(&str, &str); 3] = [
+    ("appuser", "postgres_app_user_pw"),
+    ("backupuser", "postgres_app_ro_pw"),
+    ("temporaluser", "postgres_temporal_pw"),
+];
+
+/// A running `watch` sidecar.
+struct Watcher {
+    running: Running,
+    _state: tempfile::TempDir,
+}
+
+impl Watcher {
+    /// `watch` on `cluster` with `keys_dir` (and a missing SECRETS_SOURCE_DIR, as in a
+    /// container without Docker secrets), 50 ms debounce, plus `extra` arguments.
+    fn start(cluster: &Cluster, keys_dir: &Path, extra: &[&str]) -> Watcher {
+        Watcher::start_with_conn(cluster.conn_args(), keys_dir, extra)
+    }
+
+    fn start_with_conn(conn: Vec<String>, keys_dir: &Path, extra: &[&str]) -> Watcher {
+        Watcher::start_wrapped(bin(), conn, keys_dir, extra)
+    }
+
+    /// `watch` run by `cmd`: the binary itself, or a wrapper whose last argument before
+    /// ours execs it (so the pid and signals are the watcher's).
+    fn start_wrapped(
+        mut cmd: std::process::Command,
+        conn: Vec<String>,
+        keys_dir: &Path,
+        extra: &[&str],
+    ) -> Watcher {
+        let state = tempfile::tempdir().unwrap();
+        cmd.arg("watch")
+            .args(conn)
+            .arg("--keys-dir")
+            .arg(keys_dir)
+            .arg("--secrets-source-dir")
+            .arg(state.path().join("no-docker-secrets"))
+            .args(["--temporal-db-user", "temporaluser", "--debounce", "50ms"])
+            .arg("--state-dir")
+            .arg(state.path())
+            .args(extra);
+        Watcher {
+            running: Running::spawn(cmd),
+            _state: state,
+        }
+    }
+
+    fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.running.pid()), signal).unwrap();
+    }
+
+    fn stderr(&self) -> String {
+        self.running.stderr_so_far()
+    }
+
+    fn wait_stderr(&self, what: &str, needle: &str) {
+        wait_until(LIMIT, what, || self.stderr().contains(needle));
+    }
+
+    fn assert_alive(&mut self) {
+        assert!(
+            self.running.child.try_wait().unwrap().is_none(),
+            "the watcher exited:\n{}",
+            self.stderr()
+        );
+    }
+
+    /// SIGTERM, then the exit must be 0 and prompt. The record includes the watcher's
+    /// argv and environment as seen just before, for the leak checks.
+    fn stop(mut self, cluster: &Cluster) -> Run {
+        self.assert_alive();
+        let seen = proc_strings(self.running.pid() as u32);
+        assert!(!seen.is_empty(), "/proc of the watcher is readable");
+        self.signal(Signal::SIGTERM);
+        let mut run = self.running.finish(LIMIT);
+        run.expect_ok(Some(cluster));
+        run.proc_seen = seen;
+        run
+    }
+}
+
+/// Polls until `role` can log in with `password`.
+fn wait_login(cluster: &Cluster, role: &str, password: &str) {
+    wait_until(
+        LIMIT,
+        &format!("{role} to log in with its new password"),
+        || cluster.login(role, password).is_ok(),
+    );
+}
+
+/// One fresh secret per default role (DEFAULT_ROLES order), with characters that need care.
+fn fresh(tag: &str) -> Vec<String> {
+    DEFAULT_ROLES
+        .iter()
+        .map(|(role, _)| unique(&format!("{tag}-{role} '\"\\ ü")))
+        .collect()
+}
+
+/// The AtomicWriter payload for `secrets` (file names without `.txt`, as in a Secret).
+fn payload(secrets: &[String]) -> Vec<(&'static str, Vec<u8>)> {
+    DEFAULT_ROLES
+        .iter()
+        .zip(secrets)
+        .map(|((_, file), secret)| (*file, secret.as_bytes().to_vec()))
+        .collect()
+}
+
+fn update(volume: &mut SecretVolume, secrets: &[String]) {
+    let payload = payload(secrets);
+    let files: Vec<(&str, &[u8])> = payload.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+    volume.update(&files);
+}
+
+/// Creates the three app roles with throwaway passwords (plaintext through psql: setup),
+/// then empties the server log so the leak checks see only what the watcher caused.
+fn create_app_roles(cluster: &Cluster) {
+    let olds: Vec<String> = APP_ROLES.iter().map(|_| unique("setup")).collect();
+    let roles: Vec<(&str, &str)> = APP_ROLES
+        .iter()
+        .zip(&olds)
+        .map(|((role, _), pw)| (*role, pw.as_str()))
+        .collect();
+    cluster.create_roles(&roles);
+    cluster.clear_log();
+}
+
+/// Writes a secret file the way a generator does: a temp file elsewhere, renamed in.
+fn write_file(dir: &Path, name: &str, value: &str) {
+    let staging = tempfile::tempdir_in(dir.parent().unwrap()).unwrap();
+    let tmp = staging.path().join(name);
+    std::fs::write(&tmp, format!("{value}\n")).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+fn write_all(dir: &Path, secrets: &[String]) {
+    for ((_, file), secret) in DEFAULT_ROLES.iter().zip(secrets) {
+        write_file(dir, &format!("{file}.txt"), secret);
+    }
+}
+
+fn wait_all(cluster: &Cluster, secrets: &[String]) {
+    for ((role, _), secret) in DEFAULT_ROLES.iter().zip(secrets) {
+        wait_login(cluster, role, secret);
+    }
+}
+
+fn refs(all: &[Vec<String>]) -> Vec<&str> {
+    all.iter().flatten().map(String::as_str).collect()
+}
+
+/// Every line the watcher logged at WARN or ERROR, except the expected note that the
+/// (deliberately absent) Docker secrets directory does not exist.
+fn problems(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .filter(|l| !l.contains("no-docker-secrets does not exist"))
+        .collect()
+}
+
+#[test]
+fn kubernetes_atomic_writer_swaps_are_each_applied() {
+    let cluster = Cluster::start_default();
+    create_app_roles(&cluster);
+    let root = tempfile::tempdir().unwrap();
+    let mut volume = SecretVolume::new(&root.path().join("secrets"));
+    let mut all = vec![fresh("k8s0")];
+    update(&mut volume, &all[0]);
+
+    let mut watcher = Watcher::start(&cluster, &volume.dir, &["--resync-interval", "0"]);
+    wait_all(&cluster, &all[0]);
+    for round in 1..=3 {
+        let next = fresh(&format!("k8s{round}"));
+        update(&mut volume, &next);
+        wait_all(&cluster, &next);
+        let previous = &all[round - 1];
+        for ((role, _), old) in DEFAULT_ROLES.iter().zip(previous) {
+            cluster.assert_no_login(role, old);
+        }
+        all.push(next);
+    }
+    watcher.assert_alive();
+    let stderr = watcher.stderr();
+    assert_eq!(
+        stderr.matches("passwords rotated").count(),
+        3,
+        "one rotation line per swap:\n{stderr}"
+    );
+    assert!(problems(&stderr).is_empty(), "{stderr}");
+    assert_no_leak(&refs(&all), Some(&cluster), &[]);
+    let run = watcher.stop(&cluster);
+    assert_no_leak(&refs(&all), Some(&cluster), &[&run]);
+}
+
+#[test]
+fn a_file_renamed_in_and_an_in_place_rewrite_are_each_applied() {
+    let cluster = Cluster::start_default();
+    create_app_roles(&cluster);
+    let keys = Keys::new();
+    let first = fresh("first");
+    write_all(keys.path(), &first);
+    let watcher = Watcher::start(&cluster, keys.path(), &[]);
+    wait_all(&cluster, &first);
+
+    // A new name renamed into the directory: `NAME` wins over `NAME.txt` from now on.
+    let renamed = unique("renamed-in");
+    write_file(keys.path(), "postgres_app_ro_pw", &renamed);
+    wait_login(&cluster, "backupuser", &renamed);
+    cluster.assert_no_login("backupuser", &first[2]);
+
+    // A rename over an existing file.
+    let replaced = unique("replaced");
+    write_file(keys.path(), "postgres_app_user_pw.txt", &replaced);
+    wait_login(&cluster, "appuser", &replaced);
+    cluster.assert_no_login("appuser", &first[1]);
+
+    // An in-place rewrite (same inode, as through a single-file bind mount).
+    let path = keys.path().join("postgres_temporal_pw.txt");
+    let inode = std::fs::metadata(&path).unwrap().ino();
+    let rewritten = unique("rewritten");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    writeln!(file, "{rewritten}").unwrap();
+    drop(file);
+    assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode);
+    wait_login(&cluster, "temporaluser", &rewritten);
+    cluster.assert_no_login("temporaluser", &first[3]);
+
+    let stderr = watcher.stderr();
+    assert!(problems(&stderr).is_empty(), "{stderr}");
+    let run = watcher.stop(&cluster);
+    let first = [first];
+    let mut secrets = refs(&first);
+    secrets.extend([renamed.as_str(), replaced.as_str(), rewritten.as_str()]);
+    assert_no_leak(&secrets, Some(&cluster), &[&run]);
+}
+
+#[test]
+fn an_in_place_rewrite_through_a_single_file_bind_mount_is_applied() {
+    // A Compose `secrets: file:` mount, for real: the watcher runs in its own mount
+    // namespace where `ctr/app_secret` is a bind mount of `host/app_secret`. An in-place
+    // rewrite on the host raises no event on `ctr/` (the inode's parent is `host/`), so
+    // only the watch on the file itself sees it.
+    let cluster = Cluster::start_default();
+    create_app_roles(&cluster);
+    let keys = Keys::new();
+    let (host, ctr) = (keys.path().join("host"), keys.path().join("ctr"));
+    std::fs::create_dir(&host).unwrap();
+    std::fs::create_dir(&ctr).unwrap();
+    let (host_file, ctr_file) = (host.join("app_secret"), ctr.join("app_secret"));
+    let first = unique("bind-first");
+    std::fs::write(&host_file, format!("{first}\n")).unwrap();
+    std::fs::write(&ctr_file, b"mount point\n").unwrap();
+
+    let mut wrapper = std::process::Command::new("unshare");
+    wrapper
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("RUST_LOG", "info")
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(r#"mount --bind "$1" "$2" && shift 2 && exec "$@""#)
+        .arg("sh")
+        .arg(&host_file)
+        .arg(&ctr_file)
+        .arg(BIN);
+    let role = format!("--role=appuser={}", ctr_file.display());
+    let watcher = Watcher::start_wrapped(wrapper, cluster.conn_args(), &ctr, &[&role]);
+    wait_login(&cluster, "appuser", &first);
+    // Outside the namespace the mount point still holds its own content.
+    assert_eq!(std::fs::read(&ctr_file).unwrap(), b"mount point\n");
+
+    let second = unique("bind-second");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&host_file)
+        .unwrap()
+        .write_all(format!("{second}\n").as_bytes())
+        .unwrap();
+    wait_login(&cluster, "appuser", &second);
+    cluster.assert_no_login("appuser", &first);
+    let run = watcher.stop(&cluster);
+    assert_no_leak(&[&first, &second], Some(&cluster), &[&run]);
+}
+
+#[test]
+fn the_superuser_is_rotated_twice_when_only_password_auth_works() {
+    let cluster = Cluster::start_default();
+    let keys = Keys::new();
+    let first = fresh("su0");
+    // Setup: the server already has the first set (plaintext through psql), then the log
+    // is emptied.
+    let roles: Vec<(&str, &str)> = DEFAULT_ROLES
+        .iter()
+        .zip(&first)
+        .map(|((role, _), pw)| (*role, pw.as_str()))
+        .collect();
+    cluster.create_roles(&roles);
+    cluster.clear_log();
+    write_all(keys.path(), &first);
+
+    // TCP to 127.0.0.1: the harness' hba wants SCRAM there, so no peer/trust way in.
+    let conn = vec![
+        "--pghost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "--pgport".to_owned(),
+        cluster.port.to_string(),
+    ];
+    let watcher = Watcher::start_with_conn(conn, keys.path(), &[]);
+    watcher.wait_stderr("the first sync", "Password synchronization complete.");
+
+    let mut all = vec![first];
+    for round in 1..=2 {
+        let mut next = all[round - 1].clone();
+        next[0] = unique(&format!("su{round}-postgres"));
+        next[1] = unique(&format!("su{round}-appuser"));
+        write_all(keys.path(), &next);
+        wait_login(&cluster, "postgres", &next[0]);
+        wait_login(&cluster, "appuser", &next[1]);
+        cluster.assert_no_login("postgres", &all[round - 1][0]);
+        all.push(next);
+    }
+    let stderr = watcher.stderr();
+    assert!(problems(&stderr).is_empty(), "{stderr}");
+    let run = watcher.stop(&cluster);
+    assert_no_leak(&refs(&all), Some(&cluster), &[&run]);
+}
+
+#[test]
+fn an_empty_file_is_refused_and_the_next_valid_one_applied() {
+    let cluster = Cluster::start_default();
+    create_app_roles(&cluster);
+    let keys = Keys::new();
+    let first = fresh("empty0");
+    write_all(keys.path(), &first);
+    let mut watcher = Watcher::start(&cluster, keys.path(), &[]);
+    wait_all(&cluster, &first);
+
+    keys.write_raw("postgres_app_user_pw.txt", b"");
+    watcher.wait_stderr("the empty file to be reported", "is empty");
+    let stderr = watcher.stderr();
+    let refusal = stderr
+        .lines()
+        .find(|l| l.contains("is empty"))
+        .unwrap_or_default();
+    assert!(
+        refusal.contains("WARN") && refusal.contains("postgres_app_user_pw.txt"),
+        "the warning names the file:\n{stderr}"
+    );
+    watcher.assert_alive();
+    cluster.assert_login("appuser", &first[1]);
+    for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&first) {
+        cluster.assert_login(role, secret);
+    }
+
+    let valid = unique("after-empty");
+    keys.write("postgres_app_user_pw", &valid);
+    wait_login(&cluster, "appuser", &valid);
+    cluster.assert_no_login("appuser", &first[1]);
+    let run = watcher.stop(&cluster);
+    let first = [first];
+    let mut secrets = refs(&first);
+    secrets.push(&valid);
+    assert_no_leak(&secrets, Some(&cluster), &[&run]);
+}
+
+#[test]
+fn twenty_swaps_fifty_ms_apart_end_in_the_last_state() {
+    let cluster = Cluster::start_default();
+    create_app_roles(&cluster);
+    let root = tempfile::tempdir().unwrap();
+    let mut volume = SecretVolume::new(&root.path().join("secrets"));
+    let mut all = vec![fresh("burst0")];
+    update(&mut volume, &all[0]);
+    let watcher = Watcher::start(&cluster, &volume.dir, &[]);
+    wait_all(&cluster, &all[0]);
+
+    for i in 1..=20 {
+        let next = fresh(&format!("burst{i}"));
+        update(&mut volume, &next);
+        all.push(next);
+        // Pacing of the producer (a rotation every 50 ms), not synchronisation.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let last = all.last().unwrap();
+    wait_all(&cluster, last);
+    for ((role, _), old) in DEFAULT_ROLES.iter().zip(&all[19]) {
+        cluster.assert_no_login(role, old);
+    }
+    let stderr = watcher.stderr();
+    assert!(problems(&stderr).is_empty(), "{stderr}");
+    let run = watcher.stop(&cluster);
+    assert_no_leak(&refs(&all), Some(&cluster), &[&run]);
+}
+
+#[test]
+fn a_secrets_directory_missing_at_start_is_picked_up_when_it_appears() {
+    let cluster = Cluster::start_default();
+    create_app_roles(&cluster);
+    let root = tempfile::tempdir().unwrap();
+    let dir: PathBuf = root.path().join("keys");
+    let mut watcher = Watcher::start(&cluster, &dir, &[]);
+    watcher.wait_stderr(
+        "a warning about the missing directory",
+        &format!("secret directory {} does not exist", dir.display()),
+    );
+    watcher.assert_alive();
+
+    let secrets = fresh("late");
+    std::fs::create_dir(&dir).unwrap();
+    write_all(&dir, &secrets);
+    wait_all(&cluster, &secrets);
+    let run = watcher.stop(&cluster);
+    assert!(
+        run.stderr
+            .contains(&format!("secret directory {} appeared", dir.display())),
+        "{}",
+        run.stderr
+    );
+    assert_no_leak(&refs(&[secrets]), Some(&cluster), &[&run]);
+}
+
+#[test]
+fn a_removed_and_recreated_secrets_directory_is_picked_up() {
+    let cluster = Cluster::start_default();
+    create_app_roles(&cluster);
+    let root = tempfile::tempdir().unwrap();
+    let dir: PathBuf = root.path().join("keys");
+    std::fs::create_dir(&dir).unwrap();
+    let first = fresh("mount0");
+    write_all(&dir, &first);
+    let mut watcher = Watcher::start(&cluster, &dir, &[]);
+    wait_all(&cluster, &first);
+
+    std::fs::remove_dir_all(&dir).unwrap();
+    watcher.wait_stderr(
+        "a warning about the vanished directory",
+        &format!("secret directory {} does not exist", dir.display()),
+    );
+    watcher.assert_alive();
+    // Nothing was applied meanwhile: the passwords in force stay.
+    for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&first) {
+        cluster.assert_login(role, secret);
+    }
+
+    let second = fresh("mount1");
+    std::fs::create_dir(&dir).unwrap();
+    write_all(&dir, &second);
+    wait_all(&cluster, &second);
+    cluster.assert_no_login("appuser", &first[1]);
+    let run = watcher.stop(&cluster);
+    assert_no_leak(&refs(&[first, second]), Some(&cluster), &[&run]);
+}
+
+#[test]
+fn sighup_restores_a_password_changed_behind_its_back_and_sigterm_exits_0() {
+    let cluster = Cluster::start_default();
+    create_app_roles(&cluster);
+    let keys = Keys::new();
+    let secrets = fresh("hup");
+    write_all(keys.path(), &secrets);
+    // No periodic resync: only the SIGHUP can restore the password.
+    let watcher = Watcher::start(&cluster, keys.path(), &["--resync-interval", "0"]);
+    wait_all(&cluster, &secrets);
+
+    let intruder = unique("intruder");
+    cluster.psql(&format!(
+        "ALTER ROLE appuser PASSWORD {}",
+        quote_literal(&intruder)
+    ));
+    cluster.clear_log();
+    cluster.assert_no_login("appuser", &secrets[1]);
+
+    watcher.signal(Signal::SIGHUP);
+    wait_login(&cluster, "appuser", &secrets[1]);
+    cluster.assert_no_login("appuser", &intruder);
+    let run = watcher.stop(&cluster);
+    assert!(run.stderr.contains("SIGHUP received"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("trigger: resync request"),
+        "{}",
+        run.stderr
+    );
+    assert_no_leak(&refs(&[secrets]), Some(&cluster), &[&run]);
+}
+
+#[test]
+fn the_periodic_resync_restores_a_password_changed_behind_its_back() {
+    let cluster = Cluster::start_default();
+    create_app_roles(&cluster);
+    let keys = Keys::new();
+    let secrets = fresh("periodic");
+    write_all(keys.path(), &secrets);
+    let watcher = Watcher::start(&cluster, keys.path(), &["--resync-interval", "1s"]);
+    wait_all(&cluster, &secrets);
+
+    let intruder = unique("intruder");
+    cluster.psql(&format!(
+        "ALTER ROLE backupuser PASSWORD {}",
+        quote_literal(&intruder)
+    ));
+    cluster.clear_log();
+    wait_login(&cluster, "backupuser", &secrets[2]);
+    let run = watcher.stop(&cluster);
+    assert!(
+        run.stderr.contains("trigger: periodic resync"),
+        "{}",
+        run.stderr
+    );
+    assert_no_leak(&refs(&[secrets]), Some(&cluster), &[&run]);
+}
+
+#[test]
+fn it_waits_for_the_server_and_retries_a_rotation_made_while_the_server_was_down() {
+    let mut cluster = Cluster::init(&ClusterOptions::default());
+    let keys = Keys::new();
+    let first = fresh("down0");
+    write_all(keys.path(), &first);
+    let watcher = Watcher::start(&cluster, keys.path(), &[]);
+    watcher.wait_stderr("the wait for the server", "waiting for PostgreSQL");
+
+    cluster.start();
+    create_app_roles(&cluster);
+    // The app roles did not exist at the first sync (reported missing); the SIGHUP resync
+    // gives them their passwords.
+    watcher.wait_stderr("the first sync", "Password synchronization complete.");
+    watcher.signal(Signal::SIGHUP);
+    wait_all(&cluster, &first);
+
+    cluster.stop();
+    let second = fresh("down1");
+    write_all(keys.path(), &second);
+    watcher.wait_stderr("the failed apply", "retrying in");
+    cluster.start();
+    wait_all(&cluster, &second);
+    let run = watcher.stop(&cluster);
+    assert_no_leak(&refs(&[first, second]), Some(&cluster), &[&run]);
+}
