@@ -59,7 +59,7 @@ fn targets(config: &Config) -> Vec<(PathBuf, Kind)> {
         .roles
         .iter()
         .map(|r| &r.secret)
-        .chain(&config.superuser_secret);
+        .chain(std::iter::once(&config.superuser_secret));
     for secret in refs {
         // An unresolvable secret is reported by the read; its directory watch (or the
         // once-a-second check) notices when it appears.
