@@ -195,7 +195,7 @@ mod tests {
                 },
             ],
             superuser: "postgres".into(),
-            superuser_secret: Some(SecretRef::Name("postgres_password".into())),
+            superuser_secret: SecretRef::Name("postgres_password".into()),
             secret_dirs: vec![dir.join("missing"), dir.to_path_buf()],
             host: Host::Tcp("127.0.0.1".into()),
             port: 5432,
