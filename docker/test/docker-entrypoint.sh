@@ -92,10 +92,10 @@ HBA
     printf "\nlisten_addresses = '*'\npassword_encryption = 'scram-sha-256'\n" >>"$PGDATA/postgresql.conf"
 
     log "starting the temporary server (socket only)"
-    pg_ctl -D "$PGDATA" -o "-c listen_addresses='' -p $PGPORT -k $SOCKET_DIR" -w -t 60 start >/dev/null
+    pg_ctl -D "$PGDATA" -o "-c listen_addresses='' -p $PGPORT -k $SOCKET_DIR" -w -t 60 start
     process_init_files
     log "stopping the temporary server"
-    pg_ctl -D "$PGDATA" -m fast -w -t 60 stop >/dev/null
+    pg_ctl -D "$PGDATA" -m fast -w -t 60 stop
     log "init process complete; ready for start up"
 fi
 
