@@ -79,12 +79,22 @@ check() {
 }
 
 # Files tracked or about to be (untracked but not ignored), so build output and
-# vendored trees (target/, .git/) never count.
+# vendored trees (target/, .git/) never count. Outside a git checkout: find, minus those.
+# Arguments are git pathspecs (`*` also matches `/`), NUL-separated output.
 repo_files() {
-    git -C "$REPO_ROOT" ls-files -z --cached --others --exclude-standard -- "$@" |
-        while IFS= read -r -d '' f; do
-            [[ -f "$REPO_ROOT/$f" ]] && printf '%s\0' "$REPO_ROOT/$f"
-        done
+    if git -C "$REPO_ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+        git -C "$REPO_ROOT" ls-files -z --cached --others --exclude-standard -- "$@" |
+            while IFS= read -r -d '' f; do
+                [[ -f "$REPO_ROOT/$f" ]] && printf '%s\0' "$REPO_ROOT/$f"
+            done
+        return 0
+    fi
+    local args=() p
+    for p in "$@"; do
+        args+=(-o -path "$REPO_ROOT/$p")
+    done
+    find "$REPO_ROOT" \( -name .git -o -name target -o -name node_modules \) -prune \
+        -o -type f \( -false "${args[@]}" \) -print0
 }
 
 lint_shell() {
@@ -135,7 +145,6 @@ lint_compose() {
 }
 
 main() {
-    command -v git >/dev/null 2>&1 || apt_install git
     check "shellcheck" lint_shell
     check "hadolint" lint_docker
     check "kubernetes-validate" lint_k8s
