@@ -236,6 +236,19 @@ generate_keys() {
     write_keys_fallback "$WORK/keys"
 }
 
+# Appends every current secret to $WORK/secrets.patterns (0600), one per line, for the
+# leak check; never a blank line (an empty grep pattern would match everything).
+remember_secrets() {
+    local name secret
+    (
+        umask 077
+        for name in "${ALL_KEY_FILES[@]}"; do
+            secret="$(read_secret "$WORK/keys/$name")"
+            [[ -n "$secret" ]] && printf '%s\n' "$secret"
+        done >>"$WORK/secrets.patterns"
+    )
+}
+
 # Writes a libpq passfile with every role's current password into $WORK/client/NAME.
 write_passfile() {
     local target="$WORK/client/$1" role secret tmp
@@ -356,6 +369,7 @@ setup() {
         rm -rf "$WORK/keys"
         generate_keys
     fi
+    remember_secrets
     write_passfile current.pgpass
 
     docker network create --label "$LABEL" "$NET" >/dev/null
@@ -433,6 +447,7 @@ test_live_rotation() {
     # What `scripts/rotate.sh compose` does with the directory mount: new files renamed
     # into place on the host; nothing else.
     generate_keys || { fail "generating new secrets failed"; return 1; }
+    remember_secrets
     write_passfile current.pgpass
     local ms
     ms="$(logins_within current.pgpass "$ROTATE_DEADLINE_MS" "${ROLES[@]}")" ||
@@ -479,6 +494,21 @@ test_clean_stop_and_restart() {
         { fail "no sync after the restart"; return 1; }
 }
 
+test_no_secret_leaks() {
+    require_running || return 1
+    # The patterns travel on stdin (grep -f -), never on a command line.
+    if docker exec -i "$DB" sh -c 'grep -laF -f - /proc/[0-9]*/cmdline /proc/[0-9]*/environ 2>/dev/null' \
+        <"$WORK/secrets.patterns" >"$WORK/leaks" 2>&1; then
+        fail "a secret appears in $(tr '\n' ' ' <"$WORK/leaks")"
+        return 1
+    fi
+    if docker logs "$DB" 2>&1 | grep -qF -f "$WORK/secrets.patterns"; then
+        fail "a secret appears in the container log"
+        return 1
+    fi
+    log "  $(wc -l <"$WORK/secrets.patterns") secrets (initial and rotated): none in any argv, environment or the log"
+}
+
 main() {
     local base_only=0
     while (($# > 0)); do
@@ -511,6 +541,7 @@ main() {
     run_test "live rotation without restart" test_live_rotation
     run_test "SIGHUP reloads postgres" test_sighup_reload
     run_test "docker stop is clean, restart without recovery" test_clean_stop_and_restart
+    run_test "no secret in argv, environment or log" test_no_secret_leaks
 
     local name
     for name in "${FAILED[@]}"; do
