@@ -143,7 +143,7 @@ cleanup() {
     ids="$(docker ps -aq --filter "label=$LABEL" 2>/dev/null || true)"
     if [[ -n "$ids" ]]; then
         # shellcheck disable=SC2086 # one id per word
-        docker rm -f $ids >/dev/null 2>&1 || true
+        docker rm -f -v $ids >/dev/null 2>&1 || true
     fi
     docker network rm "$NET" >/dev/null 2>&1 || true
     docker volume rm "$VOLUME" >/dev/null 2>&1 || true
