@@ -28,7 +28,8 @@ passwords live; this script then waits until it reports healthy and runs verify.
 
 Options:
   --dir DIR           secrets directory for 'generate --dir'; the files are in DIR/keys
-                      (default: \$SECRETS_DIR, else infra/secrets in the repository)
+                      (default: \$SECRETS_DIR or \$PG_PASSWORD_SYNC_SECRETS_DIR, else
+                      infra/secrets in the repository)
   --no-backup         do not back up the current files before overwriting them
   --timeout SECONDS   how long to wait for healthy (default: 60 compose, 300 k8s)
   --bin PATH          pg-password-sync on this host (default: \$PG_PASSWORD_SYNC_BIN,
@@ -56,7 +57,7 @@ die() {
 }
 
 MODE=""
-SECRETS_DIR="${SECRETS_DIR:-$REPO_ROOT/infra/secrets}"
+SECRETS_DIR="${SECRETS_DIR:-${PG_PASSWORD_SYNC_SECRETS_DIR:-$REPO_ROOT/infra/secrets}}"
 BACKUP=1
 TIMEOUT=""
 BIN="${PG_PASSWORD_SYNC_BIN:-pg-password-sync}"
