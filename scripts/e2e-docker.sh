@@ -447,12 +447,17 @@ test_live_rotation() {
     # What `scripts/rotate.sh compose` does with the directory mount: new files renamed
     # into place on the host; nothing else.
     generate_keys || { fail "generating new secrets failed"; return 1; }
+    local renamed
+    renamed=$(now_ms)
     remember_secrets
     write_passfile current.pgpass
-    local ms
+    local ms total
     ms="$(logins_within current.pgpass "$ROTATE_DEADLINE_MS" "${ROLES[@]}")" ||
         { fail "new passwords not live within $ROTATE_DEADLINE_MS ms"; return 1; }
-    log "  new passwords log in ${ms} ms after the files were renamed into place"
+    # Measured on the host from the rename, so `docker exec` start-up counts against us.
+    total=$(($(now_ms) - renamed))
+    log "  every new password logs in ${total} ms after the rename (${ms} ms of polling in the client)"
+    ((total <= ROTATE_DEADLINE_MS)) || { fail "new passwords took ${total} ms (limit $ROTATE_DEADLINE_MS)"; return 1; }
     login_refused old.pgpass appuser || { fail "the old appuser password still works"; return 1; }
     [[ "$(started_at)" == "$before" ]] || { fail "the container was restarted"; return 1; }
     [[ "$(docker inspect -f '{{.RestartCount}}' "$DB")" == 0 ]] || { fail "restart count is not 0"; return 1; }
