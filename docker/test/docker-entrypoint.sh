@@ -71,6 +71,7 @@ process_init_files() {
 
 if [[ ! -s "$PGDATA/PG_VERSION" ]]; then
     log "initializing the database cluster in $PGDATA"
+    trap 'rm -f "$PWFILE_COPY"' EXIT
     pwopt=()
     if [[ -s "$PWFILE_COPY" ]]; then
         pwopt=(--pwfile="$PWFILE_COPY")
@@ -97,6 +98,7 @@ HBA
     log "stopping the temporary server"
     pg_ctl -D "$PGDATA" -m fast -w -t 60 stop
     log "init process complete; ready for start up"
+    trap - EXIT
 fi
 
 exec "$@"
