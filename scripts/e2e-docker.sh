@@ -68,6 +68,22 @@ debian_mirror() {
     ' "${files[@]}"
 }
 
+# Removes a debootstrap target even after an interrupted run: unmounts whatever
+# debootstrap left mounted inside it (proc, sys, possibly a bind-mounted /dev), deepest
+# first, and never lets rm cross into another file system.
+remove_rootfs() {
+    local rootfs=$1 mnt
+    [[ -n "$rootfs" && "$rootfs" == /var/tmp/pg-password-sync-rootfs.* ]] || return 0
+    if [[ -d "$rootfs" ]]; then
+        awk -v root="$rootfs/" 'index($2, root) == 1 { print $2 }' /proc/mounts | sort -r |
+            while IFS= read -r mnt; do
+                umount -l "$mnt" 2>/dev/null || true
+            done
+        rm -rf --one-file-system "$rootfs"
+    fi
+    rm -f "$rootfs.log"
+}
+
 # Builds $BASE_IMAGE with debootstrap unless it already exists.
 ensure_base_image() {
     if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
@@ -84,19 +100,21 @@ ensure_base_image() {
     mirror="$(debian_mirror)" || die "no Debian '$SUITE' archive found in apt's sources"
     local rootfs
     rootfs="$(mktemp -d /var/tmp/pg-password-sync-rootfs.XXXXXX)"
+    # shellcheck disable=SC2064 # expand now: rootfs is local
+    trap "remove_rootfs '$rootfs'" EXIT
     log "debootstrap $SUITE ($BASE_PACKAGES) into $rootfs from apt's Debian mirror"
     local started=$SECONDS
     if ! debootstrap --variant=minbase --include="$BASE_PACKAGES" "$SUITE" "$rootfs" "$mirror" \
         >"$rootfs.log" 2>&1; then
         tail -n 30 "$rootfs.log" >&2
-        rm -rf "$rootfs"
-        die "debootstrap failed (log above, full log in $rootfs.log)"
+        die "debootstrap failed (the end of its log is above)"
     fi
     # Keep the image small and free of host-specific state.
-    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    rm -rf --one-file-system "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
     log "debootstrap took $((SECONDS - started)) s ($(du -sh "$rootfs" | cut -f1)); importing"
     tar -C "$rootfs" -c . | docker import - "$BASE_IMAGE" >/dev/null
-    rm -rf "$rootfs" "$rootfs.log"
+    remove_rootfs "$rootfs"
+    trap - EXIT
     log "base image $BASE_IMAGE built in $((SECONDS - started)) s"
 }
 
@@ -524,6 +542,8 @@ main() {
         esac
         shift
     done
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
     if ! docker info >/dev/null 2>&1; then
         echo "SKIP: no Docker engine answers 'docker info'; container tests not run"
         exit 0
@@ -532,8 +552,6 @@ main() {
     ((base_only == 0)) || exit 0
 
     trap cleanup EXIT
-    trap 'exit 130' INT
-    trap 'exit 143' TERM
     build_binary
     WORK="$(mktemp -d /tmp/pg-password-sync-e2e.XXXXXX)"
     chmod 0700 "$WORK"
