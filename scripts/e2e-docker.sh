@@ -350,7 +350,14 @@ build_binary() {
     fi
     command -v cargo >/dev/null 2>&1 || die "cargo not found; build the binary or set PG_PASSWORD_SYNC_BIN"
     log "cargo build --release"
-    (cd "$REPO_ROOT" && cargo build --release --locked --quiet) || die "cargo build failed"
+    local build_log
+    build_log="$(mktemp /tmp/pg-password-sync-e2e-cargo.XXXXXX)"
+    if ! (cd "$REPO_ROOT" && cargo build --release --locked) >"$build_log" 2>&1; then
+        tail -n 40 "$build_log" >&2
+        rm -f "$build_log"
+        die "cargo build failed"
+    fi
+    rm -f "$build_log"
     BIN="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/pg-password-sync"
     [[ -x "$BIN" ]] || die "built binary not found at $BIN"
 }
