@@ -317,7 +317,8 @@ login_refused() {
 }
 
 log_count() { docker logs "$DB" 2>&1 | grep -cF -- "$1" || true; }
-log_has() { docker logs "$DB" 2>&1 | grep -qF -- "$1"; }
+# (grep reads all input: with pipefail, `grep -q` quitting early could fail the pipeline.)
+log_has() { docker logs "$DB" 2>&1 | grep -F -- "$1" >/dev/null; }
 log_count_above() { (($(log_count "$1") > $2)); }
 is_running() { [[ "$(docker inspect -f '{{.State.Running}}' "$DB" 2>/dev/null)" == true ]]; }
 started_at() { docker inspect -f '{{.State.StartedAt}}' "$DB"; }
@@ -432,18 +433,21 @@ test_initial_sync() {
 
 test_sync_unchanged_and_verify() {
     require_running || return 1
-    local out
-    out="$(docker exec "$DB" pg-password-sync sync 2>&1)" || { fail "sync failed: $out"; return 1; }
+    local out role
+    # stdout is the report: `role "NAME": changed|unchanged|missing`, then the completion line.
+    out="$(docker exec "$DB" pg-password-sync sync 2>"$WORK/sync.err")" ||
+        { cat "$WORK/sync.err" >&2; fail "sync failed"; return 1; }
     printf '%s\n' "$out" | sed 's/^/    sync> /' >&2
-    local role
     for role in "${ROLES[@]}"; do
-        printf '%s\n' "$out" | grep -w -- "$role" | grep -qw unchanged ||
+        printf '%s\n' "$out" | grep -Fx "role \"$role\": unchanged" >/dev/null ||
             { fail "sync does not report $role as unchanged"; return 1; }
     done
-    if printf '%s\n' "$out" | grep -Eqw 'changed|missing'; then
+    if printf '%s\n' "$out" | grep -E '^role ".*": (changed|missing)$' >/dev/null; then
         fail "a second sync changed something"
         return 1
     fi
+    printf '%s\n' "$out" | grep -Fx 'Password synchronization complete.' >/dev/null ||
+        { fail "sync did not print 'Password synchronization complete.'"; return 1; }
     out="$(docker exec "$DB" pg-password-sync verify 2>&1)" || { fail "verify failed: $out"; return 1; }
     printf '%s\n' "$out" | sed 's/^/    verify> /' >&2
 }
@@ -532,7 +536,7 @@ test_no_secret_leaks() {
         fail "a secret appears in $(tr '\n' ' ' <"$WORK/leaks")"
         return 1
     fi
-    if docker logs "$DB" 2>&1 | grep -qF -f "$WORK/secrets.patterns"; then
+    if docker logs "$DB" 2>&1 | grep -F -f "$WORK/secrets.patterns" >/dev/null; then
         fail "a secret appears in the container log"
         return 1
     fi
