@@ -6,19 +6,23 @@
 //! is read once, re-reads *every* secret, and applies only when the whole set is valid and
 //! some value differs from what it last applied. An invalid set (a half-written or empty
 //! file) is logged and left alone: the previous passwords stay in force until the next event
-//! brings a valid set. A periodic full resync (`--resync-interval`), a watcher overflow and a
-//! message on the `resync` channel (SIGHUP) apply even without a content change, which
-//! restores a password changed behind our back. A failed apply (server restarting, auth
-//! refused) is retried with backoff; nothing transient ends the loop.
+//! brings a valid set. One event skips the quiet period: a Kubernetes AtomicWriter renaming
+//! its new `..data` symlink into place, which by design completes a consistent set, so a
+//! Secret update is applied milliseconds after the kubelet swaps it. A periodic full resync
+//! (`--resync-interval`), a watcher overflow and a message on the `resync` channel (SIGHUP)
+//! apply even without a content change, which restores a password changed behind our back.
+//! A failed apply (server restarting, auth refused) is retried with backoff; nothing
+//! transient ends the loop.
 
 mod timing;
 mod watches;
 
+use std::ffi::OsStr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use notify::Event;
-use notify::event::{AccessKind, AccessMode, EventKind};
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 
@@ -273,6 +277,10 @@ pub async fn watch_loop(
                 match classify(&event) {
                     EventClass::Noise => {}
                     EventClass::Change => debouncer.event(now, false),
+                    EventClass::Complete => {
+                        let since = debouncer.take().map_or(now, |b| b.first);
+                        reconcile(syncer, state, &mut watches, &mut loop_state, Trigger::Files, since).await;
+                    }
                     EventClass::Overflow => {
                         tracing::warn!("file watcher overflowed or failed ({}); full resync", describe_event(&event));
                         debouncer.event(now, true);
@@ -322,9 +330,16 @@ enum EventClass {
     /// Opening or reading a file (our own reads cause these): not a change.
     Noise,
     Change,
+    /// A Kubernetes AtomicWriter finished a swap: the new `..data` symlink was renamed into
+    /// place. The writer guarantees the whole set is complete at that moment, so there is
+    /// nothing to wait for: apply at once instead of after the quiet period.
+    Complete,
     /// Events were lost (inotify queue overflow) or the watcher reported an error.
     Overflow,
 }
+
+/// The symlink a Kubernetes AtomicWriter renames into place as the last step of a swap.
+const DATA_LINK: &str = "..data";
 
 fn classify(event: &notify::Result<Event>) -> EventClass {
     match event {
@@ -334,6 +349,14 @@ fn classify(event: &notify::Result<Event>) -> EventClass {
             // A write ends with close-after-write; that one is a change.
             EventKind::Access(AccessKind::Close(AccessMode::Write)) => EventClass::Change,
             EventKind::Access(_) => EventClass::Noise,
+            EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(_))
+                if event
+                    .paths
+                    .iter()
+                    .any(|p| p.file_name() == Some(OsStr::new(DATA_LINK))) =>
+            {
+                EventClass::Complete
+            }
             _ => EventClass::Change,
         },
     }
@@ -456,7 +479,7 @@ async fn tick(timer: Option<&mut tokio::time::Interval>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use notify::event::{CreateKind, ModifyKind, RenameMode};
+    use notify::event::{CreateKind, RenameMode};
 
     #[test]
     fn our_own_reads_are_not_changes_but_writes_and_renames_are() {
@@ -481,6 +504,13 @@ mod tests {
             classify(&ev(EventKind::Create(CreateKind::File))),
             EventClass::Change
         );
+        let swap = Event::new(EventKind::Modify(ModifyKind::Name(RenameMode::Both)))
+            .add_path("/keys/..data_tmp".into())
+            .add_path("/keys/..data".into());
+        assert_eq!(classify(&Ok(swap)), EventClass::Complete);
+        let other_rename = Event::new(EventKind::Modify(ModifyKind::Name(RenameMode::To)))
+            .add_path("/keys/postgres_password.txt".into());
+        assert_eq!(classify(&Ok(other_rename)), EventClass::Change);
         let overflow = Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan);
         assert_eq!(classify(&Ok(overflow)), EventClass::Overflow);
         assert_eq!(
