@@ -291,11 +291,13 @@ async fn sync_once(syncer: &mut Syncer, state: &StateFile) -> anyhow::Result<()>
     let started = Instant::now();
     match syncer.sync().await {
         Ok(report) => {
+            // Recorded before the report is logged: whoever sees the completion line
+            // (operators, tests) finds `health` already current.
+            state.record_sync_of(snapshot, true);
             for line in report.lines() {
                 tracing::info!("{line}");
             }
             tracing::debug!(took_ms = started.elapsed().as_millis() as u64, "sync");
-            state.record_sync_of(snapshot, true);
             Ok(())
         }
         Err(err) => {
