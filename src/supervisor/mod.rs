@@ -263,6 +263,8 @@ async fn first_sync(
 ) -> anyhow::Result<()> {
     let mut attempt = 0u32;
     loop {
+        // A SIGHUP that arrived while waiting is answered by this very attempt.
+        while resync.try_recv().is_ok() {}
         match sync_once(syncer, state).await {
             Ok(()) => {
                 tracing::info!(
