@@ -260,8 +260,16 @@ fn child_starts_with_no_blocked_and_no_ignored_signals() {
     // PID 1 blocks every signal for its signalfd; the child must not inherit that mask
     // (postgres would never see SIGTERM), nor Rust's ignored SIGPIPE.
     let mut cmd = binary(Mode::Subreaper);
-    cmd.args(["run", "--no-sync", "--", "sh", "-c"])
-        .arg("grep -E '^Sig(Blk|Ign)' /proc/$$/status");
+    // grep is our direct child and reads its own status: the mask it got from us.
+    cmd.args([
+        "run",
+        "--no-sync",
+        "--",
+        "grep",
+        "-E",
+        "^Sig(Blk|Ign)",
+        "/proc/self/status",
+    ]);
     let out = run(cmd);
     out.expect_ok(None);
     let field = |name: &str| {
