@@ -620,9 +620,7 @@ impl IdleClient {
     }
 }
 
-#[test]
-fn sigterm_waits_for_an_idle_client_then_exits_zero() {
-    let mode = Mode::Pid1;
+fn sigterm_waits_for_an_idle_client(mode: Mode) {
     if !available(mode, "sigterm_waits_for_an_idle_client") {
         return;
     }
@@ -650,8 +648,16 @@ fn sigterm_waits_for_an_idle_client_then_exits_zero() {
 }
 
 #[test]
-fn postgres_failing_to_start_is_not_synced_and_its_code_propagates() {
-    let mode = Mode::Pid1;
+fn sigterm_waits_for_an_idle_client_then_exits_zero_as_pid1() {
+    sigterm_waits_for_an_idle_client(Mode::Pid1);
+}
+
+#[test]
+fn sigterm_waits_for_an_idle_client_then_exits_zero_as_subreaper() {
+    sigterm_waits_for_an_idle_client(Mode::Subreaper);
+}
+
+fn postgres_failing_to_start(mode: Mode) {
     if !available(mode, "postgres_failing_to_start") {
         return;
     }
@@ -675,6 +681,16 @@ fn postgres_failing_to_start_is_not_synced_and_its_code_propagates() {
         "{}",
         out.stderr
     );
+}
+
+#[test]
+fn postgres_failing_to_start_is_not_synced_and_its_code_propagates_as_pid1() {
+    postgres_failing_to_start(Mode::Pid1);
+}
+
+#[test]
+fn postgres_failing_to_start_is_not_synced_and_its_code_propagates_as_subreaper() {
+    postgres_failing_to_start(Mode::Subreaper);
 }
 
 fn postmaster_killed(mode: Mode) {
@@ -706,9 +722,7 @@ fn postmaster_sigkilled_after_ready_exits_nonzero_within_1s_as_subreaper() {
     postmaster_killed(Mode::Subreaper);
 }
 
-#[test]
-fn as_root_with_only_peer_for_postgres_and_root_only_secret_files() {
-    let mode = Mode::Pid1;
+fn root_with_peer_only(mode: Mode) {
     if !is_root() {
         eprintln!("SKIP: the root/peer test needs root");
         return;
@@ -729,6 +743,16 @@ fn as_root_with_only_peer_for_postgres_and_root_only_secret_files() {
     let out = sup.finish(Duration::from_secs(10));
     out.expect_ok(None);
     assert_no_leak(&pg.secrets(), None, &[&out]);
+}
+
+#[test]
+fn as_root_with_only_peer_for_postgres_and_root_only_secret_files_as_pid1() {
+    root_with_peer_only(Mode::Pid1);
+}
+
+#[test]
+fn as_root_with_only_peer_for_postgres_and_root_only_secret_files_as_subreaper() {
+    root_with_peer_only(Mode::Subreaper);
 }
 
 fn health_follows_the_sync(mode: Mode) {
