@@ -1,5 +1,141 @@
-//! `health`: placeholder.
+//! `health`: the probe. Exit 0 only when postgres is ready and the last sync of the
+//! *current* secret files succeeded; otherwise exit 8 with a one-line reason.
+//!
+//! It runs as a short-lived separate process (compose `HEALTHCHECK`, Kubernetes probes),
+//! so it judges from what it can observe without a password: the state file written by
+//! `run`/`watch` (is its writer alive, was the server ready, did the last sync succeed,
+//! which file versions did it read), `postmaster.pid` (is the postmaster alive and
+//! `ready`), and a fresh `stat` of each recorded secret file, which catches a rotation that
+//! has not been synced. Process checks use pids as seen in the writer's pid namespace, so
+//! the probe must run in the container (as `docker exec` and `HEALTHCHECK` do).
+
+use anyhow::anyhow;
+
 use crate::cli::HealthArgs;
-pub fn command(_args: HealthArgs) -> anyhow::Result<u8> {
-    anyhow::bail!("health is not implemented yet")
+use crate::error::Failure;
+use crate::postmaster;
+use crate::state::{StatStamp, State, StateFile};
+
+/// `pg-password-sync health`.
+pub fn command(args: HealthArgs) -> anyhow::Result<u8> {
+    match evaluate(&args) {
+        Ok(summary) => {
+            println!("healthy: {summary}");
+            Ok(0)
+        }
+        Err(reason) => Err(anyhow!(reason).context(Failure::Unhealthy)),
+    }
+}
+
+/// The verdict: a summary when healthy, the reason otherwise.
+fn evaluate(args: &HealthArgs) -> Result<String, String> {
+    let Some(path) = StateFile::locate(&args.state_dir) else {
+        return Err(format!(
+            "no state file under {} (or its fallbacks): `run`/`watch` has not started",
+            args.state_dir.display()
+        ));
+    };
+    let state = StateFile::read(&path).map_err(|err| format!("{err:#}"))?;
+    if !postmaster::is_alive(state.pid as i32) {
+        return Err(format!(
+            "the process that wrote {} (pid {}) is not running",
+            path.display(),
+            state.pid
+        ));
+    }
+    if !state.ready {
+        return Err("PostgreSQL is not ready yet".into());
+    }
+    let pgdata = &args.config.pgdata;
+    let Some(pidfile) = postmaster::read(pgdata) else {
+        return Err(format!(
+            "cannot read {}",
+            pgdata.join(postmaster::PID_FILE).display()
+        ));
+    };
+    if let Some(expected) = state.postmaster_pid
+        && expected != pidfile.pid
+    {
+        return Err(format!(
+            "postmaster.pid names pid {}, not the server {expected} that was synced",
+            pidfile.pid
+        ));
+    }
+    match &pidfile.status {
+        Some(status) if status.accepts_connections() => {}
+        other => return Err(format!("postmaster status is {other:?}, not ready")),
+    }
+    if !postmaster::is_alive(pidfile.pid) {
+        return Err(format!("postmaster pid {} is not running", pidfile.pid));
+    }
+    sync_verdict(&state)
+}
+
+/// The part of the verdict about the last sync (pure but for the fresh `stat`s).
+fn sync_verdict(state: &State) -> Result<String, String> {
+    let Some(last) = &state.last_sync else {
+        return Err("no sync has completed yet".into());
+    };
+    if !last.ok {
+        return Err("the last sync failed".into());
+    }
+    for file in &last.files {
+        if file.stat.is_none() {
+            return Err(format!(
+                "the secret file for role {:?} was missing at the last sync",
+                file.role
+            ));
+        }
+        if StatStamp::of(&file.path) != file.stat {
+            return Err(format!(
+                "secret file {} (role {:?}) changed since the last sync",
+                file.path.display(),
+                file.role
+            ));
+        }
+    }
+    Ok(format!(
+        "PostgreSQL is ready and the last sync of {} secret file(s) is current",
+        last.files.len()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{FileStamp, LastSync};
+
+    fn synced(path: &std::path::Path, ok: bool) -> State {
+        State {
+            pid: 1,
+            ready: true,
+            last_sync: Some(LastSync {
+                ok,
+                at_ms: 0,
+                files: vec![FileStamp {
+                    role: "appuser".into(),
+                    path: path.to_path_buf(),
+                    stat: StatStamp::of(path),
+                }],
+            }),
+            ..State::default()
+        }
+    }
+
+    #[test]
+    fn sync_verdicts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pw");
+        std::fs::write(&path, "a\n").unwrap();
+        assert!(sync_verdict(&synced(&path, true)).is_ok());
+        assert!(sync_verdict(&synced(&path, false)).is_err());
+        assert!(sync_verdict(&State::default()).is_err());
+
+        let state = synced(&path, true);
+        std::fs::write(dir.path().join("new"), "bb\n").unwrap();
+        std::fs::rename(dir.path().join("new"), &path).unwrap();
+        let why = sync_verdict(&state).unwrap_err();
+        assert!(why.contains("changed since the last sync"), "{why}");
+        assert!(!why.contains("bb"));
+    }
 }
