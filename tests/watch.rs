@@ -600,3 +600,38 @@ fn it_waits_for_the_server_and_retries_a_rotation_made_while_the_server_was_down
     let run = watcher.stop(&cluster);
     assert_no_leak(&refs(&[first, second]), Some(&cluster), &[&run]);
 }
+
+#[test]
+fn a_sidecar_without_the_data_directory_reports_health_from_its_syncs() {
+    // A sidecar shares the socket, not PGDATA: health must judge by the watcher's syncs.
+    let cluster = Cluster::start_default();
+    create_app_roles(&cluster);
+    let keys = Keys::new();
+    let first = fresh("side0");
+    write_all(keys.path(), &first);
+    let mut conn = cluster.conn_args();
+    let at = conn.iter().position(|a| a == "--pgdata").unwrap();
+    conn[at + 1] = "/nonexistent-pgdata".into();
+    // A ten-minute debounce keeps the next rename unsynced while health looks at it.
+    let watcher = Watcher::start_with_conn(conn, keys.path(), &["--debounce", "10m"]);
+    wait_all(&cluster, &first);
+    let health = || {
+        let mut cmd = bin();
+        cmd.args(["health", "--pgdata", "/nonexistent-pgdata", "--state-dir"])
+            .arg(watcher._state.path());
+        run(cmd)
+    };
+    wait_until(LIMIT, "health to report the first sync", || {
+        health().code() == Some(0)
+    });
+    write_file(keys.path(), "postgres_app_user_pw.txt", &unique("side1"));
+    let out = health();
+    out.expect_code(8, Some(&cluster));
+    assert!(
+        out.stderr.contains("changed since the last sync"),
+        "{}",
+        out.describe(None)
+    );
+    let run = watcher.stop(&cluster);
+    assert_no_leak(&refs(&[first]), Some(&cluster), &[&run, &out]);
+}

@@ -30,7 +30,7 @@ use crate::cli::{WatchArgs, WatchOptionsArgs};
 use crate::config::{Config, RoleSpec};
 use crate::error::Failure;
 use crate::secret::Secret;
-use crate::state::StateFile;
+use crate::state::{Snapshot, StateFile};
 use crate::sync::{Options, Syncer, connect};
 use timing::{Backoff, Debouncer, changed_roles, set_changed};
 use watches::Watches;
@@ -113,13 +113,15 @@ async fn first_sync(syncer: &mut Syncer, state: &StateFile) {
     let mut progress_at = started + WAIT_PROGRESS;
     let mut announced = false;
     loop {
+        // Taken before the read, so `health` can tell whether a file changed after it.
+        let snapshot = Snapshot::take(&syncer.config);
         let error = match syncer.sync().await {
             Ok(report) => {
                 for line in report.lines() {
                     tracing::info!("{line}");
                 }
                 state.record_ready(true);
-                state.record_sync(&syncer.config, true);
+                state.record_sync_of(snapshot, true);
                 return;
             }
             Err(err) if Failure::of(&err) == Some(Failure::Config) => {
@@ -138,7 +140,7 @@ async fn first_sync(syncer: &mut Syncer, state: &StateFile) {
                 // the loop retries the sync with its own backoff.
                 tracing::warn!("first sync failed: {err:#}");
                 state.record_ready(true);
-                state.record_sync(&syncer.config, false);
+                state.record_sync_of(snapshot, false);
                 return;
             }
         };
@@ -380,6 +382,8 @@ async fn reconcile(
 ) {
     // First re-arm, then read: a change after the read is then sure to raise an event.
     watches.arm(&syncer.config);
+    // Taken before the read, so `health` can tell whether a file changed after it.
+    let snapshot = Snapshot::take(&syncer.config);
     let secrets = match syncer.config.load_secrets() {
         Ok(secrets) => secrets,
         Err(err) => {
@@ -388,7 +392,7 @@ async fn reconcile(
                 "secret files are not valid, nothing applied (the previous passwords stay in \
                  force until the files are fixed): {err:#}"
             );
-            state.record_sync(&syncer.config, false);
+            state.record_sync_of(snapshot, false);
             return;
         }
     };
@@ -403,7 +407,7 @@ async fn reconcile(
         if loop_state.retry.as_ref().is_some_and(|r| !r.full) {
             loop_state.retry = None;
         }
-        state.record_sync(&syncer.config, true);
+        state.record_sync_of(snapshot, true);
         return;
     }
     tracing::debug!(
@@ -439,7 +443,7 @@ async fn reconcile(
             loop_state.last_applied = Some(secrets);
             loop_state.retry = None;
             loop_state.backoff.reset();
-            state.record_sync(&syncer.config, true);
+            state.record_sync_of(snapshot, true);
         }
         Err(err) => {
             let delay = loop_state.backoff.next_delay();
@@ -453,7 +457,7 @@ async fn reconcile(
                 full: trigger.full(),
                 since,
             });
-            state.record_sync(&syncer.config, false);
+            state.record_sync_of(snapshot, false);
         }
     }
 }
