@@ -50,13 +50,19 @@ CREATE ROLE backupuser LOGIN PASSWORD 'old-ro-password';
 CREATE ROLE temporaluser LOGIN PASSWORD 'old-temporal-password';
 SQL
 
-KEYS=$WORK/keys
-step "writing new key files to $KEYS"
-mkdir -m 700 "$KEYS"
-for name in postgres_password postgres_app_user_pw postgres_app_ro_pw postgres_temporal_pw; do
-  (umask 077; head -c 24 /dev/urandom | base64 | tr -d '/+=' > "$KEYS/$name.txt")
-done
-ls -l "$KEYS"
+SECRETS=$WORK/secrets
+KEYS=$SECRETS/keys
+step "generating the secret files with pg-password-sync generate --dir $SECRETS"
+mkdir -m 700 "$SECRETS"
+# The OIDC client secrets are never generated: they come from the operator's env file.
+cat > "$SECRETS/user-provided.env" <<'ENV'
+# demo values for the identity providers
+OIDC_GOOGLE_CLIENT_SECRET="demo-google-client-secret"
+export OIDC_MICROSOFT_CLIENT_SECRET='demo-microsoft-client-secret'
+OIDC_KEYCLOAK_CLIENT_SECRET=demo-keycloak-client-secret
+ENV
+"$BIN" generate --dir "$SECRETS"
+"$BIN" generate --dir "$SECRETS" --list
 
 export KEYS_DIR=$KEYS SECRETS_SOURCE_DIR=$WORK/none PGHOST=$SOCK PGPORT=$PORT PGDATA TEMPORAL_DB_USER=temporaluser
 
@@ -76,7 +82,8 @@ step "pg-password-sync verify (every role logs in with its file)"
 "$BIN" verify
 
 step "the server log never saw a password"
-if grep -F -f <(cat "$KEYS"/*.txt) "$WORK/server.log" >/dev/null; then
+# One pattern per line (the generator writes no trailing newline).
+if grep -F -f <(for f in "$KEYS"/*.txt; do cat "$f"; echo; done) "$WORK/server.log" >/dev/null; then
   echo "LEAK: a password is in the server log" >&2
   exit 1
 fi

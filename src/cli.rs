@@ -87,7 +87,8 @@ pub struct ConfigArgs {
     pub temporal_db_user: Option<String>,
 
     /// Explicit role map NAME=FILE (repeatable); replaces the default four roles. FILE is a
-    /// secret name looked up like the defaults, or a path when it contains a `/`.
+    /// secret name looked up like the defaults, or a path when it contains a `/`. In the
+    /// environment variable, entries are separated by commas.
     #[arg(
         long = "role",
         value_name = "NAME=FILE",

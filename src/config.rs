@@ -55,7 +55,7 @@ pub struct OsIdentity {
 pub struct Config {
     pub roles: Vec<RoleSpec>,
     pub superuser: String,
-    pub superuser_secret: Option<SecretRef>,
+    pub superuser_secret: SecretRef,
     /// Searched in order: `SECRETS_SOURCE_DIR`, then `KEYS_DIR`.
     pub secret_dirs: Vec<PathBuf>,
     pub host: Host,
@@ -73,17 +73,15 @@ impl Config {
     }
 
     fn build(args: &ConfigArgs) -> anyhow::Result<Config> {
-        let superuser_secret = match &args.postgres_password_file {
-            Some(path) => Some(SecretRef::Path(path.clone())),
-            None => Some(SecretRef::Name("postgres_password".into())),
+        let superuser_default = match &args.postgres_password_file {
+            Some(path) => SecretRef::Path(path.clone()),
+            None => SecretRef::Name("postgres_password".into()),
         };
         let roles = if args.roles.is_empty() {
             let mut roles = vec![
                 RoleSpec {
                     name: args.postgres_user.clone(),
-                    secret: superuser_secret
-                        .clone()
-                        .unwrap_or(SecretRef::Name(String::new())),
+                    secret: superuser_default.clone(),
                 },
                 role(&args.app_db_user, "postgres_app_user_pw"),
                 role(&args.app_db_ro_user, "postgres_app_ro_pw"),
@@ -109,8 +107,7 @@ impl Config {
         let superuser_secret = roles
             .iter()
             .find(|r| r.name == args.postgres_user)
-            .map(|r| r.secret.clone())
-            .or(superuser_secret);
+            .map_or(superuser_default, |r| r.secret.clone());
         let host = if args.pghost.starts_with('/') {
             Host::Socket(PathBuf::from(&args.pghost))
         } else if args.pghost.is_empty() {
@@ -165,8 +162,7 @@ impl Config {
 
     /// The superuser's password from its file, if such a file exists.
     pub fn superuser_password(&self) -> Option<anyhow::Result<Secret>> {
-        let secret = self.superuser_secret.as_ref()?;
-        let path = self.resolve(secret).ok()?;
+        let path = self.resolve(&self.superuser_secret).ok()?;
         Some(secret::read_file(&path))
     }
 
@@ -177,7 +173,7 @@ impl Config {
             .roles
             .iter()
             .map(|r| &r.secret)
-            .chain(&self.superuser_secret)
+            .chain(std::iter::once(&self.superuser_secret))
         {
             if let SecretRef::Path(path) = spec
                 && let Some(parent) = path.parent()
@@ -290,7 +286,7 @@ mod tests {
         assert_eq!(c.roles[0].secret, SecretRef::Path("/run/secrets/pw".into()));
         assert_eq!(
             c.superuser_secret,
-            Some(SecretRef::Path("/run/secrets/pw".into()))
+            SecretRef::Path("/run/secrets/pw".into())
         );
         assert!(c.watched_dirs().contains(&PathBuf::from("/run/secrets")));
     }
@@ -302,7 +298,7 @@ mod tests {
         assert_eq!(c.roles[1].secret, SecretRef::Path("/etc/k/x.txt".into()));
         assert_eq!(
             c.superuser_secret,
-            Some(SecretRef::Name("postgres_password".into()))
+            SecretRef::Name("postgres_password".into())
         );
     }
 

@@ -165,8 +165,16 @@ pub async fn wait_ready(pgdata: &Path, child: i32) -> PidFile {
     let mut last_progress = Instant::now();
     let mut last_state = String::new();
     tracing::info!(pgdata = %pgdata.display(), "waiting for PostgreSQL to be ready");
+    let path = pgdata.join(PID_FILE);
     loop {
-        match check(read(pgdata).as_ref(), child) {
+        let verdict = match std::fs::read_to_string(&path) {
+            Ok(text) => check(parse(&text).as_ref(), child),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => check(None, child),
+            // Not found is normal before the first start; anything else (permissions) would
+            // otherwise wait forever in silence.
+            Err(err) => Readiness::Waiting(format!("cannot read {}: {err}", path.display())),
+        };
+        match verdict {
             Readiness::Ready(file) => {
                 tracing::info!(
                     pid = file.pid,

@@ -166,11 +166,6 @@ impl StateFile {
         });
     }
 
-    /// Records the outcome of a sync of the secret files `config` names (ok or not).
-    pub fn record_sync(&self, config: &Config, ok: bool) {
-        self.record_sync_of(Snapshot::take(config), ok);
-    }
-
     /// Records the outcome of a sync that read the files as they were in `snapshot`.
     pub fn record_sync_of(&self, snapshot: Snapshot, ok: bool) {
         self.update(|state| {

@@ -54,13 +54,20 @@ impl Watcher {
         extra: &[&str],
     ) -> Watcher {
         let state = tempfile::tempdir().unwrap();
+        // 50 ms unless the test chooses its own.
+        let debounce = if extra.contains(&"--debounce") {
+            &[][..]
+        } else {
+            &["--debounce", "50ms"][..]
+        };
         cmd.arg("watch")
             .args(conn)
             .arg("--keys-dir")
             .arg(keys_dir)
             .arg("--secrets-source-dir")
             .arg(state.path().join("no-docker-secrets"))
-            .args(["--temporal-db-user", "temporaluser", "--debounce", "50ms"])
+            .args(["--temporal-db-user", "temporaluser"])
+            .args(debounce)
             .arg("--state-dir")
             .arg(state.path())
             .args(extra);
@@ -90,12 +97,16 @@ impl Watcher {
         );
     }
 
-    /// SIGTERM, then the exit must be 0 and prompt.
+    /// SIGTERM, then the exit must be 0 and prompt. The record includes the watcher's
+    /// argv and environment as seen just before, for the leak checks.
     fn stop(mut self, cluster: &Cluster) -> Run {
         self.assert_alive();
+        let seen = proc_strings(self.running.pid() as u32);
+        assert!(!seen.is_empty(), "/proc of the watcher is readable");
         self.signal(Signal::SIGTERM);
-        let run = self.running.finish(LIMIT);
+        let mut run = self.running.finish(LIMIT);
         run.expect_ok(Some(cluster));
+        run.proc_seen = seen;
         run
     }
 }
@@ -211,6 +222,35 @@ fn kubernetes_atomic_writer_swaps_are_each_applied() {
     assert_no_leak(&refs(&all), Some(&cluster), &[]);
     let run = watcher.stop(&cluster);
     assert_no_leak(&refs(&all), Some(&cluster), &[&run]);
+}
+
+#[test]
+fn a_kubernetes_swap_is_applied_without_waiting_for_the_debounce() {
+    // With a ten-minute quiet period only the `..data` rename, which completes the set by
+    // design, can get the new passwords in force within the liveness bound.
+    let cluster = Cluster::start_default();
+    create_app_roles(&cluster);
+    let root = tempfile::tempdir().unwrap();
+    let mut volume = SecretVolume::new(&root.path().join("secrets"));
+    let first = fresh("slow0");
+    update(&mut volume, &first);
+    let watcher = Watcher::start(
+        &cluster,
+        &volume.dir,
+        &["--debounce", "10m", "--resync-interval", "0"],
+    );
+    wait_all(&cluster, &first);
+    let next = fresh("slow1");
+    update(&mut volume, &next);
+    wait_all(&cluster, &next);
+    let run = watcher.stop(&cluster);
+    assert_eq!(
+        run.stderr.matches("passwords rotated").count(),
+        1,
+        "{}",
+        run.stderr
+    );
+    assert_no_leak(&refs(&[first, next]), Some(&cluster), &[&run]);
 }
 
 #[test]
@@ -559,4 +599,39 @@ fn it_waits_for_the_server_and_retries_a_rotation_made_while_the_server_was_down
     wait_all(&cluster, &second);
     let run = watcher.stop(&cluster);
     assert_no_leak(&refs(&[first, second]), Some(&cluster), &[&run]);
+}
+
+#[test]
+fn a_sidecar_without_the_data_directory_reports_health_from_its_syncs() {
+    // A sidecar shares the socket, not PGDATA: health must judge by the watcher's syncs.
+    let cluster = Cluster::start_default();
+    create_app_roles(&cluster);
+    let keys = Keys::new();
+    let first = fresh("side0");
+    write_all(keys.path(), &first);
+    let mut conn = cluster.conn_args();
+    let at = conn.iter().position(|a| a == "--pgdata").unwrap();
+    conn[at + 1] = "/nonexistent-pgdata".into();
+    // A ten-minute debounce keeps the next rename unsynced while health looks at it.
+    let watcher = Watcher::start_with_conn(conn, keys.path(), &["--debounce", "10m"]);
+    wait_all(&cluster, &first);
+    let health = || {
+        let mut cmd = bin();
+        cmd.args(["health", "--pgdata", "/nonexistent-pgdata", "--state-dir"])
+            .arg(watcher._state.path());
+        run(cmd)
+    };
+    wait_until(LIMIT, "health to report the first sync", || {
+        health().code() == Some(0)
+    });
+    write_file(keys.path(), "postgres_app_user_pw.txt", &unique("side1"));
+    let out = health();
+    out.expect_code(8, Some(&cluster));
+    assert!(
+        out.stderr.contains("changed since the last sync"),
+        "{}",
+        out.describe(None)
+    );
+    let run = watcher.stop(&cluster);
+    assert_no_leak(&refs(&[first]), Some(&cluster), &[&run, &out]);
 }

@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use nix::sys::signal::{Signal, kill};
-use nix::sys::wait::WaitStatus;
 use nix::unistd::{Pid, getpid};
 use tokio::sync::{mpsc, watch};
 
@@ -79,7 +78,7 @@ async fn supervise(
     args: RunArgs,
     config: Option<Config>,
 ) -> anyhow::Result<u8> {
-    let (status_tx, mut status_rx) = watch::channel(None::<WaitStatus>);
+    let (status_tx, mut status_rx) = watch::channel(None::<u8>);
     let (resync_tx, resync_rx) = mpsc::unbounded_channel();
     let signals = Signals::new(signalfd)?;
     tokio::spawn(signal_loop(
@@ -101,13 +100,14 @@ async fn supervise(
     tokio::pin!(work);
     let mut work_done = false;
     let mut stop_error = None;
-    let status = loop {
+    let code = loop {
         tokio::select! {
             changed = status_rx.wait_for(Option::is_some) => {
                 // The sender lives in the signal task, which never ends; a closed channel
                 // would mean it panicked, and there is no status to report then.
-                match changed {
-                    Ok(status) => break (*status).unwrap_or(WaitStatus::StillAlive),
+                match changed.map(|code| *code) {
+                    Ok(Some(code)) => break code,
+                    Ok(None) => continue,
                     Err(_) => anyhow::bail!("the signal and reaper task ended unexpectedly"),
                 }
             }
@@ -116,7 +116,7 @@ async fn supervise(
                 if let Err(err) = outcome {
                     // --exit-on-sync-failure: stop postgres the fast way and exit with the
                     // failure's code once it is down.
-                    tracing::error!("{err:#}; stopping PostgreSQL (--exit-on-sync-failure)");
+                    tracing::error!("stopping PostgreSQL after the failed sync (--exit-on-sync-failure)");
                     forward(child, Signal::SIGINT);
                     stop_error = Some(err);
                 }
@@ -128,7 +128,6 @@ async fn supervise(
         state.record_ready(false);
     }
     stop_leftover_server(&pgdata, child).await;
-    let code = exit::code_of(status).unwrap_or(exit::CANNOT_EXECUTE);
     tracing::info!(
         code,
         after_child_ms = exited_at.elapsed().as_millis() as u64,
@@ -263,6 +262,8 @@ async fn first_sync(
 ) -> anyhow::Result<()> {
     let mut attempt = 0u32;
     loop {
+        // A SIGHUP that arrived while waiting is answered by this very attempt.
+        while resync.try_recv().is_ok() {}
         match sync_once(syncer, state).await {
             Ok(()) => {
                 tracing::info!(
@@ -291,11 +292,13 @@ async fn sync_once(syncer: &mut Syncer, state: &StateFile) -> anyhow::Result<()>
     let started = Instant::now();
     match syncer.sync().await {
         Ok(report) => {
+            // Recorded before the report is logged: whoever sees the completion line
+            // (operators, tests) finds `health` already current.
+            state.record_sync_of(snapshot, true);
             for line in report.lines() {
                 tracing::info!("{line}");
             }
             tracing::debug!(took_ms = started.elapsed().as_millis() as u64, "sync");
-            state.record_sync_of(snapshot, true);
             Ok(())
         }
         Err(err) => {

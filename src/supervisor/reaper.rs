@@ -4,7 +4,7 @@
 //! grandchildren a shell leaves behind, postgres' temporary init server once the entrypoint
 //! is gone, backends of a killed postmaster. Each must be waited for or it stays a zombie.
 //! A second waiter (`Child::wait`, `tokio::process`) would steal statuses from this one, so
-//! there is none; the main child's final status is published on a `watch` channel.
+//! there is none; the exit code of the main child's end is published on a `watch` channel.
 
 use nix::errno::Errno;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
@@ -15,12 +15,12 @@ use super::exit;
 
 pub struct Reaper {
     child: Pid,
-    status: watch::Sender<Option<WaitStatus>>,
+    status: watch::Sender<Option<u8>>,
 }
 
 impl Reaper {
-    /// A reaper for `child`, publishing its final status on `status`.
-    pub fn new(child: Pid, status: watch::Sender<Option<WaitStatus>>) -> Reaper {
+    /// A reaper for `child`, publishing the exit code its end maps to on `status`.
+    pub fn new(child: Pid, status: watch::Sender<Option<u8>>) -> Reaper {
         Reaper { child, status }
     }
 
@@ -46,8 +46,8 @@ impl Reaper {
                             describe(status)
                         );
                         // Only exits and deaths end the child (we never ask for stops).
-                        if exit::code_of(status).is_some() {
-                            self.status.send_replace(Some(status));
+                        if let Some(code) = exit::code_of(status) {
+                            self.status.send_replace(Some(code));
                         }
                     } else {
                         tracing::debug!(pid = pid.as_raw(), "reaped an orphan");

@@ -5,21 +5,24 @@
 //! SIGTERM/SIGINT blocked would ignore `docker stop`. std's `Command` (Rust 1.95, measured
 //! here: the child's `SigBlk` was all ones) only restores SIGPIPE, not the mask, and
 //! resetting it ourselves would need an `unsafe` `pre_exec`. So the child is started with
-//! `posix_spawnp`, whose attributes do it in the child before exec: an empty signal mask
+//! `posix_spawn`, whose attributes do it in the child before exec: an empty signal mask
 //! (`POSIX_SPAWN_SETSIGMASK`) and default dispositions (`POSIX_SPAWN_SETSIGDEF`, which
-//! undoes Rust's ignored SIGPIPE). glibc's `posix_spawnp` reports exec's errno (ENOENT,
-//! EACCES) as its result, which becomes the shell's 127/126.
+//! undoes Rust's ignored SIGPIPE). glibc's `posix_spawn` reports exec's errno (ENOENT,
+//! EACCES) as its result, which becomes the shell's 127/126; the `PATH` search is ours, done
+//! the way a shell does it (see `resolve`).
 //!
 //! Only the pid is kept and nothing here ever waits: the reaper owns every `waitpid`.
 //! stdin, stdout and stderr are inherited, so postgres' log passes through untouched.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
 
 use nix::errno::Errno;
-use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawnp};
+use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawn};
 use nix::sys::signal::{SigSet, Signal};
 use nix::unistd::Pid;
+use nix::unistd::{AccessFlags, access};
 
 use super::exit;
 
@@ -80,13 +83,44 @@ pub fn spawn(cmd: &[String]) -> Result<Pid, SpawnFailure> {
     };
     let (attr, actions) =
         setup().map_err(|err| fail(exit::CANNOT_EXECUTE, format!("preparing the spawn: {err}")))?;
-    match posix_spawnp(&argv[0], &actions, &attr, &argv, &envp) {
+    let Some(path) = resolve(program) else {
+        return Err(fail(exit::NOT_FOUND, "command not found".into()));
+    };
+    match posix_spawn(path.as_path(), &actions, &attr, &argv, &envp) {
         Ok(pid) => {
             tracing::info!(pid = pid.as_raw(), command = %program, "started child");
             Ok(pid)
         }
         Err(errno) => Err(fail(code_for(errno), errno.desc().to_owned())),
     }
+}
+
+/// Finds `program` the way a shell does: a name with a `/` is used as is; otherwise the
+/// first executable regular file named so in `PATH`, else the first non-executable one (exec
+/// then fails with EACCES: 126), else nothing (127). `posix_spawnp` would report EACCES for
+/// a missing command when some `PATH` directory is not searchable, which is not "found".
+fn resolve(program: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        return Some(PathBuf::from(program));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+    let candidates: Vec<PathBuf> = std::env::split_paths(&path)
+        .map(|dir| {
+            // An empty PATH entry means the current directory.
+            let dir = if dir.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                dir
+            };
+            dir.join(program)
+        })
+        .filter(|candidate| candidate.is_file())
+        .collect();
+    candidates
+        .iter()
+        .find(|c| access(c.as_path(), AccessFlags::X_OK).is_ok())
+        .or(candidates.first())
+        .cloned()
 }
 
 /// 127 when exec found nothing to run, 126 when it found something it could not run.
@@ -114,6 +148,14 @@ mod tests {
             ["docker-entrypoint.sh", "postgres"]
         );
         assert_eq!(command_or_default(&["x".into()]), ["x"]);
+    }
+
+    #[test]
+    fn path_search_like_a_shell() {
+        assert_eq!(resolve("/x/y"), Some(PathBuf::from("/x/y")));
+        let sh = resolve("sh").unwrap();
+        assert!(sh.is_absolute() && sh.ends_with("sh"), "{}", sh.display());
+        assert_eq!(resolve("pps-no-such-command-anywhere"), None);
     }
 
     #[test]

@@ -6,19 +6,23 @@
 //! is read once, re-reads *every* secret, and applies only when the whole set is valid and
 //! some value differs from what it last applied. An invalid set (a half-written or empty
 //! file) is logged and left alone: the previous passwords stay in force until the next event
-//! brings a valid set. A periodic full resync (`--resync-interval`), a watcher overflow and a
-//! message on the `resync` channel (SIGHUP) apply even without a content change, which
-//! restores a password changed behind our back. A failed apply (server restarting, auth
-//! refused) is retried with backoff; nothing transient ends the loop.
+//! brings a valid set. One event skips the quiet period: a Kubernetes AtomicWriter renaming
+//! its new `..data` symlink into place, which by design completes a consistent set, so a
+//! Secret update is applied milliseconds after the kubelet swaps it. A periodic full resync
+//! (`--resync-interval`), a watcher overflow and a message on the `resync` channel (SIGHUP)
+//! apply even without a content change, which restores a password changed behind our back.
+//! A failed apply (server restarting, auth refused) is retried with backoff; nothing
+//! transient ends the loop.
 
 mod timing;
 mod watches;
 
+use std::ffi::OsStr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use notify::Event;
-use notify::event::{AccessKind, AccessMode, EventKind};
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 
@@ -26,7 +30,7 @@ use crate::cli::{WatchArgs, WatchOptionsArgs};
 use crate::config::{Config, RoleSpec};
 use crate::error::Failure;
 use crate::secret::Secret;
-use crate::state::StateFile;
+use crate::state::{Snapshot, StateFile};
 use crate::sync::{Options, Syncer, connect};
 use timing::{Backoff, Debouncer, changed_roles, set_changed};
 use watches::Watches;
@@ -109,13 +113,15 @@ async fn first_sync(syncer: &mut Syncer, state: &StateFile) {
     let mut progress_at = started + WAIT_PROGRESS;
     let mut announced = false;
     loop {
+        // Taken before the read, so `health` can tell whether a file changed after it.
+        let snapshot = Snapshot::take(&syncer.config);
         let error = match syncer.sync().await {
             Ok(report) => {
                 for line in report.lines() {
                     tracing::info!("{line}");
                 }
                 state.record_ready(true);
-                state.record_sync(&syncer.config, true);
+                state.record_sync_of(snapshot, true);
                 return;
             }
             Err(err) if Failure::of(&err) == Some(Failure::Config) => {
@@ -134,7 +140,7 @@ async fn first_sync(syncer: &mut Syncer, state: &StateFile) {
                 // the loop retries the sync with its own backoff.
                 tracing::warn!("first sync failed: {err:#}");
                 state.record_ready(true);
-                state.record_sync(&syncer.config, false);
+                state.record_sync_of(snapshot, false);
                 return;
             }
         };
@@ -273,6 +279,10 @@ pub async fn watch_loop(
                 match classify(&event) {
                     EventClass::Noise => {}
                     EventClass::Change => debouncer.event(now, false),
+                    EventClass::Complete => {
+                        let since = debouncer.take().map_or(now, |b| b.first);
+                        reconcile(syncer, state, &mut watches, &mut loop_state, Trigger::Files, since).await;
+                    }
                     EventClass::Overflow => {
                         tracing::warn!("file watcher overflowed or failed ({}); full resync", describe_event(&event));
                         debouncer.event(now, true);
@@ -305,7 +315,9 @@ pub async fn watch_loop(
                 reconcile(syncer, state, &mut watches, &mut loop_state, Trigger::Periodic, since).await;
             }
             _ = drift_check.tick() => {
-                if watches.drifted(&syncer.config) {
+                // A pending burst re-arms anyway; feeding it would only stretch its quiet
+                // period (after a Kubernetes swap every file's inode has changed).
+                if debouncer.deadline().is_none() && watches.drifted(&syncer.config) {
                     tracing::debug!("a watched path appeared, vanished or was replaced");
                     debouncer.event(Instant::now(), false);
                 }
@@ -320,9 +332,16 @@ enum EventClass {
     /// Opening or reading a file (our own reads cause these): not a change.
     Noise,
     Change,
+    /// A Kubernetes AtomicWriter finished a swap: the new `..data` symlink was renamed into
+    /// place. The writer guarantees the whole set is complete at that moment, so there is
+    /// nothing to wait for: apply at once instead of after the quiet period.
+    Complete,
     /// Events were lost (inotify queue overflow) or the watcher reported an error.
     Overflow,
 }
+
+/// The symlink a Kubernetes AtomicWriter renames into place as the last step of a swap.
+const DATA_LINK: &str = "..data";
 
 fn classify(event: &notify::Result<Event>) -> EventClass {
     match event {
@@ -332,6 +351,14 @@ fn classify(event: &notify::Result<Event>) -> EventClass {
             // A write ends with close-after-write; that one is a change.
             EventKind::Access(AccessKind::Close(AccessMode::Write)) => EventClass::Change,
             EventKind::Access(_) => EventClass::Noise,
+            EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(_))
+                if event
+                    .paths
+                    .iter()
+                    .any(|p| p.file_name() == Some(OsStr::new(DATA_LINK))) =>
+            {
+                EventClass::Complete
+            }
             _ => EventClass::Change,
         },
     }
@@ -355,6 +382,8 @@ async fn reconcile(
 ) {
     // First re-arm, then read: a change after the read is then sure to raise an event.
     watches.arm(&syncer.config);
+    // Taken before the read, so `health` can tell whether a file changed after it.
+    let snapshot = Snapshot::take(&syncer.config);
     let secrets = match syncer.config.load_secrets() {
         Ok(secrets) => secrets,
         Err(err) => {
@@ -363,7 +392,7 @@ async fn reconcile(
                 "secret files are not valid, nothing applied (the previous passwords stay in \
                  force until the files are fixed): {err:#}"
             );
-            state.record_sync(&syncer.config, false);
+            state.record_sync_of(snapshot, false);
             return;
         }
     };
@@ -373,18 +402,28 @@ async fn reconcile(
             trigger = trigger.describe(),
             "secret files unchanged; nothing to do"
         );
-        loop_state.retry = None;
-        state.record_sync(&syncer.config, true);
+        // A retry of a failed *full* resync stays scheduled: the server may still hold a
+        // password changed behind our back. A retry of a file change is moot now.
+        if loop_state.retry.as_ref().is_some_and(|r| !r.full) {
+            loop_state.retry = None;
+        }
+        state.record_sync_of(snapshot, true);
         return;
     }
     tracing::debug!(
         trigger = trigger.describe(),
         roles = %changed_files.join(", "),
+        since_first_event_ms = since.elapsed().as_millis(),
         "applying the secret set"
     );
+    let applying = Instant::now();
     match syncer.apply_secrets(&secrets).await {
         Ok(report) => {
             let elapsed = since.elapsed().as_millis();
+            tracing::debug!(
+                apply_ms = applying.elapsed().as_millis(),
+                "sync transaction done"
+            );
             let changed = report.changed();
             if report.standby {
                 tracing::info!("server is a standby (in recovery): sync skipped");
@@ -404,7 +443,7 @@ async fn reconcile(
             loop_state.last_applied = Some(secrets);
             loop_state.retry = None;
             loop_state.backoff.reset();
-            state.record_sync(&syncer.config, true);
+            state.record_sync_of(snapshot, true);
         }
         Err(err) => {
             let delay = loop_state.backoff.next_delay();
@@ -418,7 +457,7 @@ async fn reconcile(
                 full: trigger.full(),
                 since,
             });
-            state.record_sync(&syncer.config, false);
+            state.record_sync_of(snapshot, false);
         }
     }
 }
@@ -444,7 +483,7 @@ async fn tick(timer: Option<&mut tokio::time::Interval>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use notify::event::{CreateKind, ModifyKind, RenameMode};
+    use notify::event::{CreateKind, RenameMode};
 
     #[test]
     fn our_own_reads_are_not_changes_but_writes_and_renames_are() {
@@ -469,6 +508,13 @@ mod tests {
             classify(&ev(EventKind::Create(CreateKind::File))),
             EventClass::Change
         );
+        let swap = Event::new(EventKind::Modify(ModifyKind::Name(RenameMode::Both)))
+            .add_path("/keys/..data_tmp".into())
+            .add_path("/keys/..data".into());
+        assert_eq!(classify(&Ok(swap)), EventClass::Complete);
+        let other_rename = Event::new(EventKind::Modify(ModifyKind::Name(RenameMode::To)))
+            .add_path("/keys/postgres_password.txt".into());
+        assert_eq!(classify(&Ok(other_rename)), EventClass::Change);
         let overflow = Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan);
         assert_eq!(classify(&Ok(overflow)), EventClass::Overflow);
         assert_eq!(

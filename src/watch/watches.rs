@@ -48,16 +48,18 @@ enum Kind {
 
 /// Every path to watch right now: the secret directories, then each resolvable secret file.
 fn targets(config: &Config) -> Vec<(PathBuf, Kind)> {
-    let mut targets: Vec<(PathBuf, Kind)> = config
-        .watched_dirs()
-        .into_iter()
-        .map(|dir| (dir, Kind::Dir))
-        .collect();
+    let mut targets: Vec<(PathBuf, Kind)> = Vec::new();
+    // SECRETS_SOURCE_DIR and KEYS_DIR may well be the same directory.
+    for dir in config.watched_dirs() {
+        if !targets.iter().any(|(p, _)| *p == dir) {
+            targets.push((dir, Kind::Dir));
+        }
+    }
     let refs = config
         .roles
         .iter()
         .map(|r| &r.secret)
-        .chain(&config.superuser_secret);
+        .chain(std::iter::once(&config.superuser_secret));
     for secret in refs {
         // An unresolvable secret is reported by the read; its directory watch (or the
         // once-a-second check) notices when it appears.
@@ -193,7 +195,7 @@ mod tests {
                 },
             ],
             superuser: "postgres".into(),
-            superuser_secret: Some(SecretRef::Name("postgres_password".into())),
+            superuser_secret: SecretRef::Name("postgres_password".into()),
             secret_dirs: vec![dir.join("missing"), dir.to_path_buf()],
             host: Host::Tcp("127.0.0.1".into()),
             port: 5432,
@@ -220,6 +222,15 @@ mod tests {
                 (dir.path().join("sub/x_pw"), Kind::File),
             ]
         );
+    }
+
+    #[test]
+    fn the_same_directory_configured_twice_is_watched_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config(dir.path());
+        c.secret_dirs = vec![dir.path().to_path_buf(), dir.path().to_path_buf()];
+        c.roles.truncate(1);
+        assert_eq!(targets(&c), [(dir.path().to_path_buf(), Kind::Dir)]);
     }
 
     #[test]

@@ -1,0 +1,227 @@
+//! Parser for the user secrets file (`<dir>/user-provided.env`), which holds the OIDC
+//! client secrets issued by the identity providers.
+//!
+//! The replaced script `source`d this file, so any line in it ran as shell code. Here it is
+//! parsed as data, accepting what such files contain in practice: comments, blank lines,
+//! `export ` prefixes, single quotes (literal), double quotes (with `\"`, `\\`, `\$` and
+//! `` \` `` escapes; `$` is never expanded), `=` inside values, trailing ` # comments` and
+//! CRLF line ends. A line it cannot read is an error with its line number and never its
+//! content, since the line may be a secret.
+
+use std::fmt;
+use std::path::Path;
+
+use anyhow::Context;
+use zeroize::Zeroizing;
+
+use crate::secret::Secret;
+
+/// A parsed env file: variables in file order (a later assignment wins on lookup).
+#[derive(Debug, Default)]
+pub struct EnvFile {
+    vars: Vec<(String, Secret)>,
+}
+
+/// Why a line could not be parsed; displays the line number and the problem only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError {
+    pub line: usize,
+    pub problem: &'static str,
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line {}: {}", self.line, self.problem)
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+impl EnvFile {
+    /// The value of `key`, if assigned (the last assignment wins, as in the shell).
+    pub fn get(&self, key: &str) -> Option<&Secret> {
+        self.vars
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v)
+    }
+
+    /// Reads and parses a file. Errors name the file and the line, never the content.
+    pub fn read(path: &Path) -> anyhow::Result<EnvFile> {
+        let bytes = Zeroizing::new(
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+        );
+        parse(&bytes).with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
+/// Parses the bytes of an env file.
+pub fn parse(bytes: &[u8]) -> Result<EnvFile, ParseError> {
+    let mut file = EnvFile::default();
+    for (index, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line = index + 1;
+        let text = std::str::from_utf8(raw).map_err(|_| ParseError {
+            line,
+            problem: "is not valid UTF-8",
+        })?;
+        if let Some((key, mut value)) =
+            parse_line(text).map_err(|problem| ParseError { line, problem })?
+        {
+            // Move the String out of its `Zeroizing` wrapper without copying it.
+            file.vars
+                .push((key, Secret::new(std::mem::take(&mut *value))));
+        }
+    }
+    Ok(file)
+}
+
+/// Parses one line (without its `\n`): `None` for blank and comment lines.
+fn parse_line(line: &str) -> Result<Option<(String, Zeroizing<String>)>, &'static str> {
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    let text = line.trim_start();
+    if text.is_empty() || text.starts_with('#') {
+        return Ok(None);
+    }
+    let text = match text.strip_prefix("export") {
+        Some(rest) if rest.starts_with([' ', '\t']) => rest.trim_start(),
+        _ => text,
+    };
+    let (key, raw) = text.split_once('=').ok_or("expected KEY=VALUE")?;
+    let key = key.trim_end();
+    if !is_name(key) {
+        return Err("invalid variable name");
+    }
+    Ok(Some((key.to_owned(), parse_value(raw.trim_start())?)))
+}
+
+/// Whether `key` is a shell variable name.
+fn is_name(key: &str) -> bool {
+    let mut chars = key.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Parses the right-hand side of an assignment.
+fn parse_value(raw: &str) -> Result<Zeroizing<String>, &'static str> {
+    let mut value = Zeroizing::new(String::with_capacity(raw.len()));
+    let rest = if let Some(body) = raw.strip_prefix('\'') {
+        let end = body.find('\'').ok_or("unterminated single quote")?;
+        value.push_str(&body[..end]);
+        &body[end + 1..]
+    } else if let Some(body) = raw.strip_prefix('"') {
+        let mut chars = body.char_indices();
+        let mut end = None;
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '"' => {
+                    end = Some(i + 1);
+                    break;
+                }
+                '\\' => match chars.next() {
+                    Some((_, e @ ('"' | '\\' | '$' | '`'))) => value.push(e),
+                    Some((_, other)) => {
+                        value.push('\\');
+                        value.push(other);
+                    }
+                    None => value.push('\\'),
+                },
+                c => value.push(c),
+            }
+        }
+        &body[end.ok_or("unterminated double quote")?..]
+    } else {
+        // Unquoted: up to a `#` that starts a word (a trailing comment), trailing blanks off.
+        let cut = raw
+            .char_indices()
+            .find(|&(i, c)| c == '#' && i > 0 && raw[..i].ends_with([' ', '\t']))
+            .map_or(raw.len(), |(i, _)| i);
+        value.push_str(raw[..cut].trim_end());
+        return Ok(value);
+    };
+    let rest = rest.trim_start();
+    if rest.is_empty() || rest.starts_with('#') {
+        Ok(value)
+    } else {
+        Err("unexpected text after the closing quote")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(text: &str, key: &str) -> Option<String> {
+        parse(text.as_bytes())
+            .unwrap()
+            .get(key)
+            .map(|s| s.expose().to_owned())
+    }
+
+    #[test]
+    fn accepts_the_usual_forms() {
+        let text = "# OIDC secrets\n\
+                    \n\
+                    A=plain\n\
+                    export B=exported\n\
+                    C='single # not a comment $HOME'\n\
+                    D=\"double \\\"q\\\" \\\\ \\$HOME $HOME \\n\" # trailing\n\
+                    E=with=equals==\n\
+                    F=crlf\r\n\
+                    \x20\x20G = spaced   # comment\n\
+                    H=\n\
+                    I=a#b\n\
+                    export\tJ='x'\r\n\
+                    A=second\n";
+        assert_eq!(get(text, "A").as_deref(), Some("second"));
+        assert_eq!(get(text, "B").as_deref(), Some("exported"));
+        assert_eq!(
+            get(text, "C").as_deref(),
+            Some("single # not a comment $HOME")
+        );
+        assert_eq!(
+            get(text, "D").as_deref(),
+            Some("double \"q\" \\ $HOME $HOME \\n")
+        );
+        assert_eq!(get(text, "E").as_deref(), Some("with=equals=="));
+        assert_eq!(get(text, "F").as_deref(), Some("crlf"));
+        assert_eq!(get(text, "G").as_deref(), Some("spaced"));
+        assert_eq!(get(text, "H").as_deref(), Some(""));
+        assert_eq!(get(text, "I").as_deref(), Some("a#b"));
+        assert_eq!(get(text, "J").as_deref(), Some("x"));
+        assert_eq!(get(text, "MISSING"), None);
+        assert!(parse(b"").unwrap().get("A").is_none());
+    }
+
+    #[test]
+    fn errors_give_the_line_number_only() {
+        let cases: [(&[u8], usize, &str); 7] = [
+            (
+                b"A=1\nthis is not an assignment-secretvalue\n",
+                2,
+                "expected KEY=VALUE",
+            ),
+            (
+                b"A=1\r\nB=2\r\nC='secretvalue\r\n",
+                3,
+                "unterminated single quote",
+            ),
+            (b"A=\"secretvalue\n", 1, "unterminated double quote"),
+            (b"\n\n1A=secretvalue\n", 3, "invalid variable name"),
+            (
+                b"A='x'secretvalue\n",
+                1,
+                "unexpected text after the closing quote",
+            ),
+            (b"exportA B=secretvalue\n", 1, "invalid variable name"),
+            (b"A=1\nB=\xffsecretvalue\n", 2, "is not valid UTF-8"),
+        ];
+        for (text, line, problem) in cases {
+            let err = parse(text).unwrap_err();
+            assert_eq!(err, ParseError { line, problem }, "{text:?}");
+            assert!(!err.to_string().contains("secretvalue"));
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! Where the OIDC client secrets come from: the user secrets file, else the environment,
+//! else (on a terminal) a prompt that does not echo.
+//!
+//! These three values are issued by the identity providers and must match their
+//! configuration, so they are never generated. Every value needed by a run is gathered
+//! before anything is written: a missing value in non-interactive mode is an error naming
+//! the variables, raised while `keys/` is still untouched. Values are only ever held as
+//! `Secret`s; messages name variables, never values.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::os::fd::AsFd;
+use std::path::Path;
+
+use anyhow::Context;
+use nix::sys::termios::{LocalFlags, SetArg, Termios, tcgetattr, tcsetattr};
+use zeroize::Zeroizing;
+
+use super::check::is_placeholder;
+use super::envfile::EnvFile;
+use crate::error::Failure;
+use crate::secret::{MAX_SECRET_BYTES, Secret};
+
+/// What is wrong with a value for a secret file, if anything (never quoting it).
+pub fn value_problem(value: &str) -> Option<&'static str> {
+    if value.trim().is_empty() {
+        Some("is empty")
+    } else if value.contains(['\n', '\r']) {
+        Some("contains a line break")
+    } else if value.contains('\0') {
+        Some("contains a NUL byte")
+    } else if value.len() > MAX_SECRET_BYTES {
+        Some("is longer than 4096 bytes")
+    } else {
+        None
+    }
+}
+
+/// Reads the user secrets file. A missing default file is fine (`None`); a missing file
+/// the operator named explicitly, or one that does not parse, is a configuration error.
+pub fn load_env_file(path: &Path, explicit: bool) -> anyhow::Result<Option<EnvFile>> {
+    if !explicit && !path.exists() {
+        return Ok(None);
+    }
+    EnvFile::read(path).context(Failure::Config).map(Some)
+}
+
+/// Whether prompting is allowed: stdin is a terminal and `--non-interactive` is not set.
+pub fn interactive(non_interactive: bool) -> bool {
+    !non_interactive && std::io::stdin().is_terminal()
+}
+
+/// Gathers the value of every variable in `vars`, in order: the env file, the environment,
+/// then a hidden prompt when `interactive`. An empty assignment counts as missing.
+pub fn collect(
+    vars: &[&'static str],
+    file: Option<&EnvFile>,
+    file_path: &Path,
+    interactive: bool,
+) -> anyhow::Result<Vec<Secret>> {
+    let mut found: Vec<Option<Secret>> = Vec::with_capacity(vars.len());
+    for var in vars {
+        let from_file = file
+            .and_then(|f| f.get(var))
+            .filter(|s| !s.expose().is_empty());
+        let value = match from_file {
+            Some(secret) => Some(secret.clone()),
+            None => std::env::var(var)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .map(Secret::new),
+        };
+        found.push(value);
+    }
+    let missing: Vec<&str> = vars
+        .iter()
+        .zip(&found)
+        .filter(|(_, v)| v.is_none())
+        .map(|(var, _)| *var)
+        .collect();
+    if !missing.is_empty() && !interactive {
+        return Err(anyhow::anyhow!(
+            "missing {}: set {} in {} or the environment (or run on a terminal to be asked)",
+            if missing.len() == 1 {
+                "an OIDC client secret"
+            } else {
+                "OIDC client secrets"
+            },
+            missing.join(", "),
+            file_path.display()
+        ))
+        .context(Failure::Config);
+    }
+    let mut values = Vec::with_capacity(vars.len());
+    for (var, value) in vars.iter().zip(found) {
+        let value = match value {
+            Some(value) => value,
+            None => prompt_hidden(var)?,
+        };
+        if let Some(problem) = value_problem(value.expose()) {
+            return Err(anyhow::anyhow!("the value of {var} {problem}")).context(Failure::Config);
+        }
+        if is_placeholder(value.expose()) {
+            tracing::warn!("{var} holds a placeholder value; `generate --verify` will fail");
+        }
+        values.push(value);
+    }
+    Ok(values)
+}
+
+/// Puts the terminal's saved settings back when dropped (also on an error path).
+struct RestoreTerminal(Termios);
+
+impl Drop for RestoreTerminal {
+    fn drop(&mut self) {
+        let _ = tcsetattr(std::io::stdin().as_fd(), SetArg::TCSANOW, &self.0);
+    }
+}
+
+/// Asks for `var` on stderr and reads one line from the terminal with echo switched off.
+fn prompt_hidden(var: &str) -> anyhow::Result<Secret> {
+    let stdin = std::io::stdin();
+    let original = tcgetattr(stdin.as_fd()).context("reading the terminal settings")?;
+    let mut silent = original.clone();
+    // No echo of the typed characters; ECHONL still shows the final newline.
+    silent.local_flags.remove(LocalFlags::ECHO);
+    silent.local_flags.insert(LocalFlags::ECHONL);
+    // Echo goes off before the prompt appears, so nothing typed in answer is ever shown;
+    // TCSAFLUSH drops anything typed ahead of the prompt (it was echoed, so it is not used).
+    tcsetattr(stdin.as_fd(), SetArg::TCSAFLUSH, &silent).context("switching terminal echo off")?;
+    let restore = RestoreTerminal(original);
+    eprint!("{var} (input hidden): ");
+    let _ = std::io::stderr().flush();
+    let mut line = Zeroizing::new(String::new());
+    stdin
+        .lock()
+        .read_line(&mut line)
+        .with_context(|| format!("reading {var} from the terminal"))?;
+    drop(restore);
+    while line.ends_with(['\n', '\r']) {
+        line.pop();
+    }
+    if line.is_empty() {
+        return Err(anyhow::anyhow!("no value entered for {var}")).context(Failure::Config);
+    }
+    Ok(Secret::new(std::mem::take(&mut *line)))
+}
+
+/// Asks a yes/no question on stderr and reads the answer from stdin (default no).
+pub fn confirm(question: &str) -> anyhow::Result<bool> {
+    eprint!("{question} [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut answer)
+        .context("reading the answer")?;
+    Ok(matches!(
+        answer.trim().to_ascii_lowercase().as_str(),
+        "y" | "yes"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn value_problems() {
+        assert_eq!(value_problem("a-real-client-secret"), None);
+        assert_eq!(value_problem(" "), Some("is empty"));
+        assert_eq!(value_problem("a\nb"), Some("contains a line break"));
+        assert_eq!(value_problem("a\0b"), Some("contains a NUL byte"));
+        assert_eq!(
+            value_problem(&"a".repeat(4097)),
+            Some("is longer than 4096 bytes")
+        );
+    }
+
+    #[test]
+    fn file_wins_and_missing_is_named() {
+        let file = crate::keyfiles::envfile::parse(
+            b"A_TEST_ONLY_VAR=from-file-value-1234\nB_TEST_ONLY_VAR=\n",
+        )
+        .unwrap();
+        let got = collect(&["A_TEST_ONLY_VAR"], Some(&file), Path::new("u.env"), false).unwrap();
+        assert_eq!(got[0].expose(), "from-file-value-1234");
+        let err = collect(
+            &["A_TEST_ONLY_VAR", "B_TEST_ONLY_VAR", "C_TEST_ONLY_VAR"],
+            Some(&file),
+            Path::new("u.env"),
+            false,
+        )
+        .unwrap_err();
+        let msg = format!("{err:#}");
+        assert_eq!(Failure::of(&err), Some(Failure::Config));
+        assert!(msg.contains("B_TEST_ONLY_VAR, C_TEST_ONLY_VAR"), "{msg}");
+        assert!(
+            !msg.contains("A_TEST_ONLY_VAR") && !msg.contains("from-file"),
+            "{msg}"
+        );
+    }
+}

@@ -1,0 +1,1082 @@
+//! Integration tests of `pg-password-sync generate`: they drive the built binary on temp
+//! directories and check files, modes, backups and output, never the internals.
+//!
+//! Every command's stdout and stderr is also checked for every secret value the test has
+//! seen (old and new), since the generator must never print one. Helpers live here (not in
+//! a shared harness) because none of them needs PostgreSQL.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pg-password-sync");
+
+const RANDOM_FILES: [&str; 8] = [
+    "postgres_password.txt",
+    "postgres_app_user_pw.txt",
+    "postgres_app_ro_pw.txt",
+    "postgres_app_owner_pw.txt",
+    "postgres_temporal_pw.txt",
+    "redis_password.txt",
+    "session_signing_secret.txt",
+    "csrf_signing_secret.txt",
+];
+
+const OIDC: [(&str, &str); 3] = [
+    ("oidc_google_client_secret.txt", "OIDC_GOOGLE_CLIENT_SECRET"),
+    (
+        "oidc_microsoft_client_secret.txt",
+        "OIDC_MICROSOFT_CLIENT_SECRET",
+    ),
+    (
+        "oidc_keycloak_client_secret.txt",
+        "OIDC_KEYCLOAK_CLIENT_SECRET",
+    ),
+];
+
+/// OIDC values the tests provide through the environment.
+const OIDC_ENV_VALUES: [&str; 3] = [
+    "google-Env-Secret-0123456789",
+    "microsoft-Env-Secret-0123456789",
+    "keycloak-Env-Secret-0123456789",
+];
+
+fn all_files() -> Vec<&'static str> {
+    RANDOM_FILES
+        .iter()
+        .copied()
+        .chain(OIDC.iter().map(|(f, _)| *f))
+        .collect()
+}
+
+/// A finished command with everything needed to explain a failure.
+struct Run {
+    command: String,
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl fmt::Display for Run {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "command: {}\nstatus: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.command, self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+impl Run {
+    fn from_output(command: String, output: Output) -> Run {
+        Run {
+            command,
+            status: output.status,
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    fn success(self) -> Run {
+        assert!(self.status.success(), "expected success\n{self}");
+        self
+    }
+
+    fn code(self, code: i32) -> Run {
+        assert_eq!(
+            self.status.code(),
+            Some(code),
+            "expected exit {code}\n{self}"
+        );
+        self
+    }
+
+    /// Asserts that none of `values` occurs in stdout or stderr (empty values, which tests
+    /// catch separately, are skipped: every string contains them).
+    fn no_values<'a>(&self, values: impl IntoIterator<Item = &'a [u8]>) {
+        for value in values.into_iter().filter(|v| !v.is_empty()) {
+            let text = String::from_utf8_lossy(value);
+            assert!(
+                !self.stdout.contains(&*text) && !self.stderr.contains(&*text),
+                "a secret value appears in the output\n{self}"
+            );
+        }
+    }
+}
+
+/// `pg-password-sync generate --dir DIR ARGS…` with a clean environment and no stdin.
+fn generate(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("generate").arg("--dir").arg(dir).args(args);
+    for (_, var) in OIDC {
+        cmd.env_remove(var);
+    }
+    for var in [
+        "PG_PASSWORD_SYNC_SECRETS_DIR",
+        "PG_PASSWORD_SYNC_NO_BACKUP",
+        "PG_PASSWORD_SYNC_KEEP_BACKUPS",
+        "PG_PASSWORD_SYNC_USER_SECRETS_FILE",
+        "PG_PASSWORD_SYNC_NON_INTERACTIVE",
+        "PG_PASSWORD_SYNC_TEST_DELAY_US",
+        "RUST_LOG",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+/// Adds the test OIDC values to the environment of `cmd`.
+fn with_oidc_env(mut cmd: Command) -> Command {
+    for ((_, var), value) in OIDC.iter().zip(OIDC_ENV_VALUES) {
+        cmd.env(var, value);
+    }
+    cmd
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut text = format!("{}", cmd.get_program().to_string_lossy());
+    for arg in cmd.get_args() {
+        text.push(' ');
+        text.push_str(&arg.to_string_lossy());
+    }
+    text
+}
+
+fn run(mut cmd: Command) -> Run {
+    let command = describe(&cmd);
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {command}: {e}"));
+    Run::from_output(command, output)
+}
+
+/// The file contents of a keys directory, by file name (catalog files only).
+type Snapshot = BTreeMap<String, Vec<u8>>;
+
+fn snapshot(keys: &Path) -> Snapshot {
+    all_files()
+        .into_iter()
+        .filter_map(|f| fs::read(keys.join(f)).ok().map(|v| (f.to_owned(), v)))
+        .collect()
+}
+
+fn values(snapshots: &[&Snapshot]) -> Vec<Vec<u8>> {
+    snapshots.iter().flat_map(|s| s.values().cloned()).collect()
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// A temp directory with `secrets/` (not yet created) as the generator's DIR.
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().join("secrets");
+        Fixture { _tmp: tmp, dir }
+    }
+
+    fn keys(&self) -> PathBuf {
+        self.dir.join("keys")
+    }
+
+    /// Backup directories, oldest first (name order works within these tests' suffixes
+    /// only when parsed, so sort by the numeric suffix as the tool does).
+    fn backups(&self) -> Vec<PathBuf> {
+        let Ok(entries) = fs::read_dir(self.dir.join("backups")) else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = entries
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with("backup-"))
+            .collect();
+        names.sort_by_key(|n| {
+            let stamp = n[7..22].to_owned();
+            let suffix: u32 = n.get(23..).map_or(0, |s| s.parse().unwrap());
+            (stamp, suffix)
+        });
+        names
+            .into_iter()
+            .map(|n| self.dir.join("backups").join(n))
+            .collect()
+    }
+
+    fn newest_backup(&self) -> PathBuf {
+        self.backups().pop().expect("a backup exists")
+    }
+
+    /// A complete set generated from the environment's OIDC values.
+    fn generated(self) -> (Fixture, Snapshot) {
+        let out = run(with_oidc_env(generate(&self.dir, &[]))).success();
+        let snap = snapshot(&self.keys());
+        out.no_values(values(&[&snap]).iter().map(Vec::as_slice));
+        assert_eq!(snap.len(), 11, "{out}");
+        (self, snap)
+    }
+}
+
+fn is_password(value: &[u8]) -> bool {
+    value.len() == 32 && value.iter().all(u8::is_ascii_alphanumeric)
+}
+
+fn is_signing(value: &[u8]) -> bool {
+    value.len() == 43
+        && base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(value)
+            .is_ok_and(|bytes| bytes.len() == 32)
+}
+
+/// Whether `value` is a complete value of the kind `file` holds (OIDC: the env value).
+fn well_formed(file: &str, value: &[u8]) -> bool {
+    match OIDC.iter().position(|(f, _)| *f == file) {
+        Some(i) => value == OIDC_ENV_VALUES[i].as_bytes(),
+        None if file.contains("signing") => is_signing(value),
+        None => is_password(value),
+    }
+}
+
+#[test]
+fn fresh_dir_gets_eleven_files_with_the_documented_names_formats_and_modes() {
+    let (fx, snap) = Fixture::new().generated();
+    assert_eq!(mode(&fx.dir), 0o700);
+    assert_eq!(mode(&fx.keys()), 0o700);
+    let mut names: Vec<String> = fs::read_dir(fx.keys())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    let mut expected: Vec<String> = all_files().into_iter().map(str::to_owned).collect();
+    expected.sort();
+    assert_eq!(
+        names, expected,
+        "keys/ holds exactly the 11 files and no temp file"
+    );
+    for file in all_files() {
+        assert_eq!(mode(&fx.keys().join(file)), 0o600, "{file}");
+        assert!(
+            well_formed(file, &snap[file]),
+            "{file} is not in the documented format"
+        );
+    }
+    for file in &RANDOM_FILES[..6] {
+        assert!(is_password(&snap[*file]), "{file}");
+    }
+    // Eight independent random values.
+    let mut random: Vec<&Vec<u8>> = RANDOM_FILES.iter().map(|f| &snap[*f]).collect();
+    random.sort();
+    random.dedup();
+    assert_eq!(random.len(), 8);
+    assert!(
+        !fx.dir.join("backups").exists(),
+        "nothing to back up on a fresh dir"
+    );
+}
+
+#[test]
+fn second_run_without_force_changes_nothing() {
+    let (fx, before) = Fixture::new().generated();
+    let stat = |fx: &Fixture| -> Vec<(u64, i64, i64)> {
+        all_files()
+            .iter()
+            .map(|f| {
+                let m = fs::metadata(fx.keys().join(f)).unwrap();
+                (m.ino(), m.mtime(), m.mtime_nsec())
+            })
+            .collect()
+    };
+    let inodes = stat(&fx);
+    // Without OIDC values in the environment: nothing is needed, so nothing is asked for.
+    let out = run(generate(&fx.dir, &[])).success();
+    out.no_values(values(&[&before]).iter().map(Vec::as_slice));
+    assert!(out.stdout.contains("kept"), "{out}");
+    assert_eq!(snapshot(&fx.keys()), before);
+    assert_eq!(stat(&fx), inodes, "files were rewritten\n{out}");
+    assert!(
+        fx.backups().is_empty(),
+        "no backup without an overwrite\n{out}"
+    );
+}
+
+#[test]
+fn force_regenerates_random_secrets_keeps_oidc_and_backs_up_the_old_set() {
+    let (fx, old) = Fixture::new().generated();
+    let out = run(with_oidc_env(generate(&fx.dir, &["--force"]))).success();
+    let new = snapshot(&fx.keys());
+    out.no_values(values(&[&old, &new]).iter().map(Vec::as_slice));
+    for file in RANDOM_FILES {
+        assert_ne!(old[file], new[file], "{file} was not regenerated\n{out}");
+        assert!(well_formed(file, &new[file]), "{file}");
+        assert_eq!(mode(&fx.keys().join(file)), 0o600);
+    }
+    for (i, (file, _)) in OIDC.iter().enumerate() {
+        assert_eq!(new[*file], OIDC_ENV_VALUES[i].as_bytes(), "{file}");
+    }
+    let backups = fx.backups();
+    assert_eq!(backups.len(), 1, "{out}");
+    let backup = &backups[0];
+    assert_eq!(
+        snapshot(&backup.join("keys")),
+        old,
+        "backup is not the old set byte for byte"
+    );
+    assert_eq!(mode(&fx.dir.join("backups")), 0o700);
+    assert_eq!(mode(backup), 0o700);
+    assert_eq!(mode(&backup.join("keys")), 0o700);
+    for file in all_files() {
+        assert_eq!(mode(&backup.join("keys").join(file)), 0o600, "{file}");
+    }
+    let name = backup.file_name().unwrap().to_str().unwrap();
+    assert!(out.stdout.contains(name), "the backup is reported\n{out}");
+}
+
+#[test]
+fn force_reads_oidc_values_afresh_from_their_source() {
+    let (fx, old) = Fixture::new().generated();
+    let env_file = fx.dir.join("user-provided.env");
+    fs::write(
+        &env_file,
+        "OIDC_GOOGLE_CLIENT_SECRET=rotated-google-secret-value\n\
+         OIDC_MICROSOFT_CLIENT_SECRET=rotated-microsoft-secret\n",
+    )
+    .unwrap();
+    // Keycloak is not in the file: it comes from the environment.
+    let out = run(with_oidc_env(generate(&fx.dir, &["--force"]))).success();
+    let new = snapshot(&fx.keys());
+    out.no_values(values(&[&old, &new]).iter().map(Vec::as_slice));
+    assert_eq!(
+        new["oidc_google_client_secret.txt"],
+        b"rotated-google-secret-value"
+    );
+    assert_eq!(
+        new["oidc_microsoft_client_secret.txt"],
+        b"rotated-microsoft-secret"
+    );
+    assert_eq!(
+        new["oidc_keycloak_client_secret.txt"],
+        OIDC_ENV_VALUES[2].as_bytes()
+    );
+    assert_eq!(snapshot(&fx.newest_backup().join("keys")), old);
+}
+
+#[test]
+fn force_with_no_backup_takes_none() {
+    let (fx, old) = Fixture::new().generated();
+    let out = run(with_oidc_env(generate(
+        &fx.dir,
+        &["--force", "--no-backup"],
+    )))
+    .success();
+    out.no_values(
+        values(&[&old, &snapshot(&fx.keys())])
+            .iter()
+            .map(Vec::as_slice),
+    );
+    assert!(fx.backups().is_empty(), "{out}");
+    assert_ne!(snapshot(&fx.keys()), old);
+}
+
+/// Kills `generate --force` with SIGKILL at 200 random moments. After each kill every file
+/// must hold a complete old or new value, and if any file changed, the newest backup must
+/// be the complete old set. The test-only delay hook stretches the write sequence so the
+/// random moments fall throughout it.
+#[test]
+fn sigkill_at_random_moments_never_leaves_a_torn_file_or_an_unbacked_change() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    const DELAY_US: &str = "300";
+    let (fx, mut old) = Fixture::new().generated();
+    let force = || {
+        let mut cmd = with_oidc_env(generate(&fx.dir, &["--force"]));
+        cmd.env("PG_PASSWORD_SYNC_TEST_DELAY_US", DELAY_US);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd
+    };
+    // Calibrate: how long one complete run takes on this machine.
+    let started = Instant::now();
+    let calibration = run(force()).success();
+    let full = started.elapsed();
+    old = {
+        let new = snapshot(&fx.keys());
+        calibration.no_values(values(&[&old, &new]).iter().map(Vec::as_slice));
+        new
+    };
+    let window = full.mul_f64(1.3).as_micros() as u64;
+
+    let (mut unchanged, mut partial, mut complete) = (0, 0, 0);
+    // About 10 s on 2 idle cores; the guard only stops a pathologically slow run.
+    let began = Instant::now();
+    for round in 0..200 {
+        assert!(
+            began.elapsed() < Duration::from_secs(150),
+            "too slow: {round} rounds in 150 s"
+        );
+        let mut cmd = force();
+        let command = describe(&cmd);
+        let child = cmd.spawn().expect("spawning generate");
+        let mut random = [0u8; 8];
+        getrandom::fill(&mut random).unwrap();
+        let at = u64::from_le_bytes(random) % window.max(1);
+        // The random kill moment (not a synchronisation: the outcome is checked after the
+        // child has been reaped, whatever it managed to do).
+        std::thread::sleep(Duration::from_micros(at));
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+        let out = Run::from_output(command, child.wait_with_output().unwrap());
+
+        let new = snapshot(&fx.keys());
+        out.no_values(values(&[&old, &new]).iter().map(Vec::as_slice));
+        assert_eq!(new.len(), 11, "round {round}: a file is missing\n{out}");
+        let mut changed = 0;
+        for (file, value) in &new {
+            if *value != old[file] {
+                changed += 1;
+                assert!(
+                    well_formed(file, value),
+                    "round {round}: {file} is torn (killed {at} us in)\n{out}"
+                );
+            }
+        }
+        if changed > 0 {
+            let backup = fx.newest_backup();
+            assert_eq!(
+                snapshot(&backup.join("keys")),
+                old,
+                "round {round}: {changed} files changed but {} is not the old set\n{out}",
+                backup.display()
+            );
+        }
+        match changed {
+            0 => unchanged += 1,
+            8 => complete += 1,
+            _ => partial += 1,
+        }
+        old = new;
+    }
+    eprintln!(
+        "one run: {full:?}; 200 kills in {:?}; outcomes: {unchanged} unchanged, {partial} \
+         partial, {complete} complete",
+        began.elapsed()
+    );
+    assert!(
+        unchanged > 0 && complete + partial > 0,
+        "kill moments were not spread out"
+    );
+
+    // Every named backup is complete, and a normal run cleans the killed runs' temp files.
+    for backup in fx.backups() {
+        assert_eq!(
+            snapshot(&backup.join("keys")).len(),
+            11,
+            "{}",
+            backup.display()
+        );
+    }
+    run(generate(&fx.dir, &["--verify"])).success();
+    run(generate(&fx.dir, &[])).success();
+    for dir in [fx.keys(), fx.dir.join("backups")] {
+        let leftovers: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "{}: {leftovers:?}", dir.display());
+    }
+}
+
+#[test]
+fn restore_round_trip() {
+    let (fx, first) = Fixture::new().generated();
+    run(with_oidc_env(generate(&fx.dir, &["--force"]))).success();
+    let second = snapshot(&fx.keys());
+    assert_ne!(first, second);
+
+    // Newest backup (the first set); stdin is not a terminal, so no question is asked.
+    let out = run(generate(&fx.dir, &["--restore"])).success();
+    out.no_values(values(&[&first, &second]).iter().map(Vec::as_slice));
+    assert_eq!(snapshot(&fx.keys()), first, "{out}");
+    for file in all_files() {
+        assert_eq!(mode(&fx.keys().join(file)), 0o600);
+    }
+    // The replaced set was backed up first and is now the newest backup.
+    assert_eq!(snapshot(&fx.newest_backup().join("keys")), second, "{out}");
+
+    // Restore a named backup (back to the second set), with --yes.
+    let name = fx
+        .newest_backup()
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let out = run(generate(&fx.dir, &["--restore", &name, "--yes"])).success();
+    out.no_values(values(&[&first, &second]).iter().map(Vec::as_slice));
+    assert_eq!(snapshot(&fx.keys()), second, "{out}");
+
+    let out = run(generate(&fx.dir, &["--restore", "backup-19700101-000000"])).code(3);
+    assert_eq!(snapshot(&fx.keys()), second, "{out}");
+}
+
+#[test]
+fn restore_without_backups_fails_and_changes_nothing() {
+    let (fx, snap) = Fixture::new().generated();
+    let out = run(generate(&fx.dir, &["--restore"])).code(3);
+    assert!(out.stderr.contains("no backups"), "{out}");
+    assert_eq!(snapshot(&fx.keys()), snap);
+}
+
+#[test]
+fn verify_passes_on_a_fresh_set() {
+    let (fx, snap) = Fixture::new().generated();
+    let out = run(generate(&fx.dir, &["--verify"])).success();
+    out.no_values(values(&[&snap]).iter().map(Vec::as_slice));
+}
+
+#[test]
+fn verify_reports_every_problem_and_exits_7() {
+    let (fx, snap) = Fixture::new().generated();
+    let keys = fx.keys();
+    fs::write(
+        keys.join("oidc_google_client_secret.txt"),
+        "replace-me-with-your-google-secret",
+    )
+    .unwrap();
+    fs::write(keys.join("redis_password.txt"), "Short1234").unwrap();
+    fs::set_permissions(
+        keys.join("postgres_password.txt"),
+        fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    fs::remove_file(keys.join("csrf_signing_secret.txt")).unwrap();
+    fs::write(keys.join("oidc_keycloak_client_secret.txt"), "\n").unwrap();
+    let out = run(generate(&fx.dir, &["--verify"])).code(7);
+    let mut seen = values(&[&snap]);
+    seen.push(b"Short1234".to_vec());
+    out.no_values(seen.iter().map(Vec::as_slice));
+    let problems: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("problem:"))
+        .collect();
+    let has = |file: &str, what: &str| {
+        problems
+            .iter()
+            .any(|l| l.contains(file) && l.contains(what))
+    };
+    assert!(has("oidc_google_client_secret.txt", "placeholder"), "{out}");
+    assert!(has("redis_password.txt", "shorter than 24"), "{out}");
+    assert!(has("postgres_password.txt", "0644"), "{out}");
+    assert!(has("csrf_signing_secret.txt", "missing"), "{out}");
+    assert!(has("oidc_keycloak_client_secret.txt", "empty"), "{out}");
+    assert_eq!(problems.len(), 5, "{out}");
+    assert!(out.stderr.contains("5 problem"), "{out}");
+}
+
+#[test]
+fn list_shows_names_sizes_modes_and_times_but_no_value() {
+    let (fx, snap) = Fixture::new().generated();
+    let out = run(generate(&fx.dir, &["--list"])).success();
+    out.no_values(values(&[&snap]).iter().map(Vec::as_slice));
+    for file in all_files() {
+        let line = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(file))
+            .unwrap_or_else(|| panic!("{file} not listed\n{out}"));
+        let size = snap[file].len().to_string();
+        assert!(line.split_whitespace().any(|w| w == size), "{line}");
+        assert!(line.contains("0600"), "{line}");
+        assert!(line.contains(':'), "no time in {line}");
+    }
+    fs::remove_file(fx.keys().join("redis_password.txt")).unwrap();
+    let out = run(generate(&fx.dir, &["--list"])).success();
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("redis_password.txt") && l.contains("missing")),
+        "{out}"
+    );
+}
+
+#[test]
+fn backup_only_list_backups_and_keep_backups() {
+    let (fx, snap) = Fixture::new().generated();
+    for _ in 0..3 {
+        let out = run(generate(&fx.dir, &["--backup-only"])).success();
+        out.no_values(values(&[&snap]).iter().map(Vec::as_slice));
+    }
+    let backups = fx.backups();
+    assert_eq!(backups.len(), 3);
+    for backup in &backups {
+        assert_eq!(snapshot(&backup.join("keys")), snap);
+    }
+    assert_eq!(snapshot(&fx.keys()), snap, "--backup-only changes no file");
+    let out = run(generate(&fx.dir, &["--list-backups"])).success();
+    for backup in &backups {
+        let name = backup.file_name().unwrap().to_str().unwrap();
+        assert!(out.stdout.contains(name), "{out}");
+    }
+    let out = run(generate(&fx.dir, &["--backup-only", "--keep-backups", "2"])).success();
+    let left = fx.backups();
+    assert_eq!(left.len(), 2, "{out}");
+    assert!(
+        !left.contains(&backups[0]) && !left.contains(&backups[1]),
+        "the oldest go\n{out}"
+    );
+    run(generate(&fx.dir, &["--keep-backups", "0"])).code(2);
+}
+
+#[test]
+fn user_secrets_file_is_parsed_not_executed() {
+    let fx = Fixture::new();
+    fs::create_dir_all(&fx.dir).unwrap();
+    let marker = fx.dir.join("executed");
+    let text = format!(
+        "# OIDC client secrets\r\n\
+         \r\n\
+         export OIDC_GOOGLE_CLIENT_SECRET='g00gle secret # $(touch {m})'\r\n\
+         OIDC_MICROSOFT_CLIENT_SECRET=\"ms=secret=with=equals \\\"q\\\"\" # comment\r\n\
+         OIDC_KEYCLOAK_CLIENT_SECRET=kc-plain-secret-value   # comment\r\n\
+         UNRELATED=$(touch {m})\r\n",
+        m = marker.display()
+    );
+    fs::write(fx.dir.join("user-provided.env"), text).unwrap();
+    // The environment also has values: the file wins.
+    let out = run(with_oidc_env(generate(&fx.dir, &[]))).success();
+    let snap = snapshot(&fx.keys());
+    out.no_values(values(&[&snap]).iter().map(Vec::as_slice));
+    assert_eq!(
+        snap["oidc_google_client_secret.txt"],
+        format!("g00gle secret # $(touch {})", marker.display()).as_bytes()
+    );
+    assert_eq!(
+        snap["oidc_microsoft_client_secret.txt"],
+        b"ms=secret=with=equals \"q\""
+    );
+    assert_eq!(
+        snap["oidc_keycloak_client_secret.txt"],
+        b"kc-plain-secret-value"
+    );
+    assert!(!marker.exists(), "the env file was executed");
+}
+
+#[test]
+fn explicit_user_secrets_file_and_environment_fallback() {
+    let fx = Fixture::new();
+    let tmp = fx.dir.parent().unwrap().join("elsewhere.env");
+    fs::write(&tmp, "OIDC_GOOGLE_CLIENT_SECRET=from-explicit-file-123\n").unwrap();
+    let mut cmd = generate(&fx.dir, &["--user-secrets-file", tmp.to_str().unwrap()]);
+    cmd.env("OIDC_MICROSOFT_CLIENT_SECRET", "ms-from-environment-123");
+    cmd.env("OIDC_KEYCLOAK_CLIENT_SECRET", "kc-from-environment-123");
+    let out = run(cmd).success();
+    let snap = snapshot(&fx.keys());
+    out.no_values(values(&[&snap]).iter().map(Vec::as_slice));
+    assert_eq!(
+        snap["oidc_google_client_secret.txt"],
+        b"from-explicit-file-123"
+    );
+    assert_eq!(
+        snap["oidc_microsoft_client_secret.txt"],
+        b"ms-from-environment-123"
+    );
+
+    // A named file that does not exist is an error, even though the environment has values.
+    let fx = Fixture::new();
+    let missing = fx.dir.parent().unwrap().join("missing.env");
+    let cmd = generate(&fx.dir, &["--user-secrets-file", missing.to_str().unwrap()]);
+    run(with_oidc_env(cmd)).code(3);
+    assert!(!fx.keys().exists());
+}
+
+#[test]
+fn unparseable_env_file_line_is_an_error_with_its_number_not_its_content() {
+    let fx = Fixture::new();
+    fs::create_dir_all(&fx.dir).unwrap();
+    fs::write(
+        fx.dir.join("user-provided.env"),
+        "OIDC_GOOGLE_CLIENT_SECRET=fine-value-1234567\nOIDC_MICROSOFT_CLIENT_SECRET='TopSecretUnterminated\n",
+    )
+    .unwrap();
+    let out = run(with_oidc_env(generate(&fx.dir, &[]))).code(3);
+    assert!(out.stderr.contains("line 2"), "{out}");
+    assert!(out.stderr.contains("user-provided.env"), "{out}");
+    assert!(
+        !out.stderr.contains("TopSecret") && !out.stdout.contains("TopSecret"),
+        "{out}"
+    );
+    assert!(!out.stderr.contains("fine-value"), "{out}");
+    assert!(!fx.keys().exists(), "nothing written\n{out}");
+}
+
+#[test]
+fn missing_oidc_value_non_interactive_fails_before_writing() {
+    // Fresh dir: nothing created at all.
+    let fx = Fixture::new();
+    let mut cmd = generate(&fx.dir, &["--non-interactive"]);
+    cmd.env("OIDC_GOOGLE_CLIENT_SECRET", "only-google-is-set-123");
+    let out = run(cmd).code(3);
+    assert!(out.stderr.contains("OIDC_MICROSOFT_CLIENT_SECRET"), "{out}");
+    assert!(out.stderr.contains("OIDC_KEYCLOAK_CLIENT_SECRET"), "{out}");
+    assert!(!out.stderr.contains("OIDC_GOOGLE_CLIENT_SECRET"), "{out}");
+    assert!(!out.stderr.contains("only-google"), "{out}");
+    assert!(!fx.keys().exists(), "keys/ was created\n{out}");
+
+    // Existing set with --force: keys/ untouched and no backup taken.
+    let (fx, snap) = Fixture::new().generated();
+    let mut cmd = generate(&fx.dir, &["--force"]); // stdin is not a TTY: non-interactive
+    cmd.env("OIDC_GOOGLE_CLIENT_SECRET", OIDC_ENV_VALUES[0]);
+    cmd.env("OIDC_MICROSOFT_CLIENT_SECRET", OIDC_ENV_VALUES[1]);
+    let out = run(cmd).code(3);
+    out.no_values(values(&[&snap]).iter().map(Vec::as_slice));
+    assert!(out.stderr.contains("OIDC_KEYCLOAK_CLIENT_SECRET"), "{out}");
+    assert_eq!(snapshot(&fx.keys()), snap);
+    assert!(fx.backups().is_empty(), "{out}");
+}
+
+#[test]
+fn k8s_secret_manifest_holds_every_key_base64_encoded() {
+    let (fx, snap) = Fixture::new().generated();
+    let out = run(generate(
+        &fx.dir,
+        &["--k8s-secret", "app-secrets", "--namespace", "prod"],
+    ))
+    .success();
+    // The manifest carries values base64-encoded (by design); raw values appear nowhere.
+    out.no_values(values(&[&snap]).iter().map(Vec::as_slice));
+    assert!(
+        out.stdout.starts_with("apiVersion: v1\nkind: Secret\n"),
+        "{out}"
+    );
+    assert!(
+        out.stdout
+            .contains("  name: app-secrets\n  namespace: prod\n"),
+        "{out}"
+    );
+    let data: BTreeMap<&str, &str> = out
+        .stdout
+        .split("\ndata:\n")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no data section\n{out}"))
+        .lines()
+        .map(|l| l.trim().split_once(": ").unwrap())
+        .collect();
+    assert_eq!(data.len(), 11, "{out}");
+    for file in all_files() {
+        let key = file.strip_suffix(".txt").unwrap();
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(data[key])
+            .unwrap();
+        assert_eq!(decoded, snap[file], "{key}");
+    }
+
+    let manifest = fx.dir.parent().unwrap().join("secret.yaml");
+    let out = run(generate(
+        &fx.dir,
+        &[
+            "--k8s-secret",
+            "app-secrets",
+            "--output",
+            manifest.to_str().unwrap(),
+        ],
+    ))
+    .success();
+    out.no_values(values(&[&snap]).iter().map(Vec::as_slice));
+    assert!(!out.stdout.contains("data:"), "{out}");
+    assert_eq!(mode(&manifest), 0o600);
+    assert!(
+        fs::read_to_string(&manifest)
+            .unwrap()
+            .contains("postgres_app_user_pw: ")
+    );
+
+    // With the manifest on stdout, every report goes to stderr: stdout stays pure YAML.
+    run(generate(&fx.dir, &["--backup-only"])).success();
+    let out = run(with_oidc_env(generate(
+        &fx.dir,
+        &["--force", "--k8s-secret", "app", "--keep-backups", "1"],
+    )))
+    .success();
+    let new = snapshot(&fx.keys());
+    out.no_values(values(&[&snap, &new]).iter().map(Vec::as_slice));
+    assert!(out.stdout.starts_with("apiVersion: v1\n"), "{out}");
+    assert_eq!(
+        out.stdout.lines().count(),
+        17,
+        "only the manifest on stdout\n{out}"
+    );
+    assert!(out.stderr.contains("backed up 11 files"), "{out}");
+    assert!(out.stderr.contains("removed old backup"), "{out}");
+    assert_eq!(fx.backups().len(), 1, "{out}");
+
+    run(generate(&fx.dir, &["--k8s-secret", "Bad_Name"])).code(3);
+    run(generate(
+        &fx.dir,
+        &["--k8s-secret", "ok", "--namespace", "a.b"],
+    ))
+    .code(3);
+}
+
+#[test]
+fn leftover_temp_files_of_a_killed_run_are_removed() {
+    let (fx, snap) = Fixture::new().generated();
+    let leftover = fx.keys().join(".redis_password.txt.tmp-1-abcdef");
+    fs::write(&leftover, "half").unwrap();
+    run(generate(&fx.dir, &[])).success();
+    assert!(!leftover.exists());
+    assert_eq!(snapshot(&fx.keys()), snap);
+}
+
+/// A terminal session: `generate ARGS` run on a pseudo-terminal by util-linux `script`,
+/// followed by `stty -a` so the test can see that echo was switched back on.
+struct Terminal {
+    child: std::process::Child,
+    input: std::process::ChildStdin,
+    chunks: std::sync::mpsc::Receiver<Vec<u8>>,
+    transcript: String,
+    seen: usize,
+    command: String,
+}
+
+impl Terminal {
+    /// Starts the session; `None` (the test is skipped) when `script` is not installed.
+    fn start(dir: &Path, args: &[&str]) -> Option<Terminal> {
+        use std::io::Read;
+        let line = format!(
+            "{BIN} generate --dir {} {}; echo \"generate-exit=$?\"; stty -a",
+            dir.display(),
+            args.join(" ")
+        );
+        // The line goes through a shell unquoted: paths and arguments must be plain words.
+        let plain =
+            |s: &str| !s.contains(|c: char| c.is_whitespace() || "'\"\\$`;&|<>()".contains(c));
+        assert!(plain(BIN) && plain(&dir.display().to_string()) && args.iter().all(|a| plain(a)));
+        let mut cmd = Command::new("script");
+        cmd.args(["-qec", &line, "/dev/null"]);
+        for (_, var) in OIDC {
+            cmd.env_remove(var);
+        }
+        cmd.env_remove("PG_PASSWORD_SYNC_NON_INTERACTIVE");
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                eprintln!("skipped: util-linux `script` is not installed");
+                return None;
+            }
+            Err(err) => panic!("spawning script: {err}"),
+        };
+        let input = child.stdin.take().unwrap();
+        let mut output = child.stdout.take().unwrap();
+        let (tx, chunks) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = output.read(&mut buf) {
+                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        Some(Terminal {
+            child,
+            input,
+            chunks,
+            transcript: String::new(),
+            seen: 0,
+            command: line,
+        })
+    }
+
+    /// Waits until `text` appears after what was already consumed, then consumes it.
+    fn expect(&mut self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(at) = self.transcript[self.seen..].find(text) {
+                self.seen += at + text.len();
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.chunks.recv_timeout(left) {
+                Ok(chunk) => self.transcript.push_str(&String::from_utf8_lossy(&chunk)),
+                Err(_) => panic!(
+                    "waiting for {text:?} on the terminal\ncommand: {}\ntranscript:\n{}",
+                    self.command, self.transcript
+                ),
+            }
+        }
+    }
+
+    /// Types a line.
+    fn type_line(&mut self, text: &str) {
+        use std::io::Write;
+        self.input
+            .write_all(format!("{text}\n").as_bytes())
+            .unwrap();
+        self.input.flush().unwrap();
+    }
+
+    /// Waits for the end of the session; returns generate's exit code and the transcript.
+    fn finish(mut self) -> (i32, String) {
+        self.expect("generate-exit=");
+        let code_at = self.seen;
+        // Read to the end of the session (the reader thread ends at EOF).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while let Ok(chunk) = self
+            .chunks
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.transcript.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        drop(self.input);
+        let status = self.child.wait().unwrap();
+        let code: i32 = self.transcript[code_at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|d| d.parse().ok())
+            .unwrap_or_else(|| panic!("no exit code in:\n{}", self.transcript));
+        assert!(
+            status.success(),
+            "script failed: {status}\n{}",
+            self.transcript
+        );
+        (code, self.transcript)
+    }
+}
+
+/// Whether `stty -a` output shows echo on (`echo`, not `-echo`).
+fn echo_is_on(stty: &str) -> bool {
+    stty.split(|c: char| c.is_whitespace() || c == ';')
+        .any(|word| word == "echo")
+}
+
+#[test]
+fn on_a_terminal_missing_oidc_values_are_prompted_without_echo() {
+    let fx = Fixture::new();
+    let typed = [
+        "Typed-Google-Secret-7781",
+        "Typed-Microsoft-Secret-7782",
+        "Typed-Keycloak-Secret-7783",
+    ];
+    let Some(mut term) = Terminal::start(&fx.dir, &[]) else {
+        return;
+    };
+    for ((_, var), value) in OIDC.iter().zip(typed) {
+        term.expect(&format!("{var} (input hidden): "));
+        term.type_line(value);
+    }
+    let (code, transcript) = term.finish();
+    assert_eq!(code, 0, "{transcript}");
+    let snap = snapshot(&fx.keys());
+    assert_eq!(snap.len(), 11, "{transcript}");
+    for ((file, _), value) in OIDC.iter().zip(typed) {
+        assert_eq!(snap[*file], value.as_bytes());
+        assert!(
+            !transcript.contains(value),
+            "typed secret was echoed:\n{transcript}"
+        );
+    }
+    for value in snap.values() {
+        assert!(
+            !transcript.contains(&*String::from_utf8_lossy(value)),
+            "{transcript}"
+        );
+    }
+    let stty = transcript.split("generate-exit=").nth(1).unwrap();
+    assert!(echo_is_on(stty), "echo was not restored:\n{transcript}");
+}
+
+#[test]
+fn on_a_terminal_non_interactive_still_refuses_to_prompt() {
+    let fx = Fixture::new();
+    let Some(term) = Terminal::start(&fx.dir, &["--non-interactive"]) else {
+        return;
+    };
+    let (code, transcript) = term.finish();
+    assert_eq!(code, 3, "{transcript}");
+    assert!(
+        transcript.contains("OIDC_GOOGLE_CLIENT_SECRET"),
+        "{transcript}"
+    );
+    assert!(!transcript.contains("input hidden"), "{transcript}");
+    assert!(!fx.keys().exists());
+}
+
+#[test]
+fn on_a_terminal_restore_asks_for_confirmation() {
+    let (fx, first) = Fixture::new().generated();
+    run(with_oidc_env(generate(&fx.dir, &["--force"]))).success();
+    let second = snapshot(&fx.keys());
+
+    let Some(mut term) = Terminal::start(&fx.dir, &["--restore"]) else {
+        return;
+    };
+    term.expect("[y/N] ");
+    term.type_line("n");
+    let (code, transcript) = term.finish();
+    assert_eq!(code, 1, "{transcript}");
+    assert!(transcript.contains("cancelled"), "{transcript}");
+    assert_eq!(
+        snapshot(&fx.keys()),
+        second,
+        "declined restore changed files"
+    );
+    assert_eq!(fx.backups().len(), 1, "declined restore took a backup");
+
+    let Some(mut term) = Terminal::start(&fx.dir, &["--restore"]) else {
+        return;
+    };
+    term.expect("[y/N] ");
+    term.type_line("y");
+    let (code, transcript) = term.finish();
+    assert_eq!(code, 0, "{transcript}");
+    assert_eq!(snapshot(&fx.keys()), first);
+    for value in values(&[&first, &second]) {
+        assert!(
+            !transcript.contains(&*String::from_utf8_lossy(&value)),
+            "{transcript}"
+        );
+    }
+
+    // --yes skips the question.
+    let Some(term) = Terminal::start(&fx.dir, &["--restore", "--yes"]) else {
+        return;
+    };
+    let (code, transcript) = term.finish();
+    assert_eq!(code, 0, "{transcript}");
+    assert!(!transcript.contains("[y/N]"), "{transcript}");
+    assert_eq!(snapshot(&fx.keys()), second);
+}
+
+#[test]
+fn a_second_concurrent_run_is_refused_while_the_directory_is_locked() {
+    use nix::fcntl::{Flock, FlockArg};
+    let (fx, snap) = Fixture::new().generated();
+    let held = Flock::lock(fs::File::open(&fx.dir).unwrap(), FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .unwrap();
+    let out = run(with_oidc_env(generate(&fx.dir, &["--force"]))).code(1);
+    assert!(
+        out.stderr.contains("another `generate` is running"),
+        "{out}"
+    );
+    assert_eq!(snapshot(&fx.keys()), snap);
+    assert!(fx.backups().is_empty());
+    drop(held);
+    run(with_oidc_env(generate(&fx.dir, &["--force"]))).success();
+}

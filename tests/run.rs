@@ -1,0 +1,944 @@
+//! `run` as PID 1 and as a subreaper, and `health` (issue 3).
+//!
+//! PID-1 tests start the binary with `unshare --pid --fork --mount-proc`, which makes it
+//! PID 1 of a new pid namespace with its own `/proc` (its host pid is unshare's child);
+//! subreaper tests start it directly, where it sets `PR_SET_CHILD_SUBREAPER`. PostgreSQL
+//! tests go through `tests/fixtures/docker-entrypoint.sh`, a stand-in for the official
+//! image's entrypoint (initdb, temporary socket-only server, init SQL, `exec postgres`).
+//! Every wait polls a condition; wall-clock limits are liveness bounds, except the
+//! "within 2 s / 1 s / 5 s" ones, which are part of the contract.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const ENTRYPOINT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/docker-entrypoint.sh"
+);
+const COMPLETE: &str = "Password synchronization complete.";
+const PG_READY: &str = "database system is ready to accept connections";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// PID 1 of a new pid namespace.
+    Pid1,
+    /// A plain process with PR_SET_CHILD_SUBREAPER.
+    Subreaper,
+}
+
+/// Whether this machine lets us create a pid namespace (root, or user namespaces).
+fn can_unshare() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        Command::new("unshare")
+            .args(["--pid", "--fork", "--mount-proc", "true"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
+/// Whether a test in `mode` can run here; prints the skip reason when not.
+fn available(mode: Mode, test: &str) -> bool {
+    if mode == Mode::Pid1 && !can_unshare() {
+        eprintln!("SKIP: {test}: `unshare --pid --fork --mount-proc` is not possible here");
+        return false;
+    }
+    true
+}
+
+/// The binary (as PID 1 through unshare, or directly) with `bin()`'s clean environment.
+fn binary(mode: Mode) -> Command {
+    let mut cmd = match mode {
+        Mode::Pid1 => {
+            let mut cmd = Command::new("unshare");
+            cmd.args(["--pid", "--fork", "--mount-proc", BIN]);
+            cmd
+        }
+        Mode::Subreaper => Command::new(BIN),
+    };
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("RUST_LOG", "info");
+    cmd
+}
+
+/// The first child of `pid` (through `/proc/<pid>/task/*/children`).
+fn first_child(pid: u32) -> Option<u32> {
+    descendants(pid).get(1).copied()
+}
+
+/// `/proc/<pid>/status` field `State` letter.
+fn proc_state(pid: u32) -> Option<char> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("State:"))
+        .and_then(|s| s.trim().chars().next())
+}
+
+fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// A running `run`, with its host pid, and argv/environ sampled from it and its
+/// descendants in the background (for the leak checks).
+struct Sup {
+    running: Running,
+    mode: Mode,
+    /// The host pid of our binary (PID 1 of the namespace in Pid1 mode).
+    pid: u32,
+    stop_sampling: Arc<AtomicBool>,
+    sampler: Option<std::thread::JoinHandle<BTreeSet<String>>>,
+}
+
+impl Sup {
+    fn spawn(mode: Mode, cmd: Command) -> Sup {
+        let running = Running::spawn(cmd);
+        let outer = running.child.id();
+        let pid = match mode {
+            Mode::Subreaper => outer,
+            Mode::Pid1 => {
+                let mut found = None;
+                wait_until(Duration::from_secs(10), "unshare's child", || {
+                    found = first_child(outer);
+                    found.is_some()
+                });
+                found.unwrap()
+            }
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let sampler = std::thread::spawn(move || {
+            let mut seen = BTreeSet::new();
+            while !flag.load(Ordering::Relaxed) {
+                for p in descendants(outer) {
+                    seen.extend(proc_strings(p));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            seen
+        });
+        Sup {
+            running,
+            mode,
+            pid,
+            stop_sampling: stop,
+            sampler: Some(sampler),
+        }
+    }
+
+    fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.pid as i32), signal).unwrap();
+    }
+
+    fn stderr(&self) -> String {
+        self.running.stderr_so_far()
+    }
+
+    fn wait_stderr(&self, limit: Duration, needle: &str) {
+        let deadline = Instant::now() + limit;
+        while !self.stderr().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} on stderr within {limit:?}:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.running.child.try_wait().unwrap().is_none()
+    }
+
+    /// Waits (bounded by `limit`, from now) for exit, then collects the output (which
+    /// may take longer: an orphan can hold the pipes open in subreaper mode).
+    fn finish(mut self, limit: Duration) -> Run {
+        let started = Instant::now();
+        while self.is_running() {
+            assert!(
+                started.elapsed() < limit,
+                "run did not exit within {limit:?}:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let exited_after = started.elapsed();
+        let mut run = self.running.finish(Duration::from_secs(120));
+        run.elapsed = exited_after;
+        self.stop_sampling.store(true, Ordering::Relaxed);
+        run.proc_seen = self
+            .sampler
+            .take()
+            .unwrap()
+            .join()
+            .unwrap()
+            .into_iter()
+            .collect();
+        run
+    }
+}
+
+// ---------------------------------------------------------------- pure init behaviour
+
+fn exit_codes(mode: Mode) {
+    if !available(mode, "exit_codes") {
+        return;
+    }
+    for n in [0, 1, 2, 7, 126, 127, 255] {
+        let mut cmd = binary(mode);
+        cmd.args(["run", "--no-sync", "--", "sh", "-c", &format!("exit {n}")]);
+        run(cmd).expect_code(n, None);
+    }
+    for (signal, code) in [("TERM", 143), ("KILL", 137), ("USR1", 138)] {
+        let mut cmd = binary(mode);
+        cmd.args(["run", "--no-sync", "--", "sh", "-c"])
+            .arg(format!("kill -{signal} $$"));
+        run(cmd).expect_code(code, None);
+    }
+}
+
+#[test]
+fn exit_code_is_the_childs_as_pid1() {
+    exit_codes(Mode::Pid1);
+}
+
+#[test]
+fn exit_code_is_the_childs_as_subreaper() {
+    exit_codes(Mode::Subreaper);
+}
+
+fn exec_failures(mode: Mode) {
+    if !available(mode, "exec_failures") {
+        return;
+    }
+    let mut cmd = binary(mode);
+    cmd.args(["run", "--no-sync", "--", "pps-no-such-command-anywhere"]);
+    let out = run(cmd);
+    out.expect_code(127, None);
+    let errors: Vec<&str> = out.stderr.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "{}", out.describe(None));
+    assert!(errors[0].contains("pps-no-such-command-anywhere"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("not-executable.sh");
+    std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut cmd = binary(mode);
+    cmd.args(["run", "--no-sync", "--"]).arg(&script);
+    run(cmd).expect_code(126, None);
+}
+
+#[test]
+fn command_not_found_is_127_and_not_executable_126_as_pid1() {
+    exec_failures(Mode::Pid1);
+}
+
+#[test]
+fn command_not_found_is_127_and_not_executable_126_as_subreaper() {
+    exec_failures(Mode::Subreaper);
+}
+
+#[test]
+fn child_starts_with_no_blocked_and_no_ignored_signals() {
+    // PID 1 blocks every signal for its signalfd; the child must not inherit that mask
+    // (postgres would never see SIGTERM), nor Rust's ignored SIGPIPE.
+    let mut cmd = binary(Mode::Subreaper);
+    // grep is our direct child and reads its own status: the mask it got from us.
+    cmd.args([
+        "run",
+        "--no-sync",
+        "--",
+        "grep",
+        "-E",
+        "^Sig(Blk|Ign)",
+        "/proc/self/status",
+    ]);
+    let out = run(cmd);
+    out.expect_ok(None);
+    let field = |name: &str| {
+        let line = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{}", out.describe(None)));
+        u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+    };
+    assert_eq!(field("SigBlk:"), 0, "{}", out.stdout);
+    let sigpipe_bit = 1u64 << (Signal::SIGPIPE as u32 - 1);
+    assert_eq!(field("SigIgn:") & sigpipe_bit, 0, "{}", out.stdout);
+}
+
+const FORWARDED: [(Signal, &str); 7] = [
+    (Signal::SIGHUP, "HUP"),
+    (Signal::SIGINT, "INT"),
+    (Signal::SIGQUIT, "QUIT"),
+    (Signal::SIGTERM, "TERM"),
+    (Signal::SIGUSR1, "USR1"),
+    (Signal::SIGUSR2, "USR2"),
+    (Signal::SIGWINCH, "WINCH"),
+];
+
+fn signals_reach_the_child(mode: Mode) {
+    if !available(mode, "signals_reach_the_child") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("signals.log");
+    let script = dir.path().join("child.sh");
+    let mut text = String::from("#!/bin/bash\nf=\"$1\"\nnote() { echo \"$1\" >>\"$f\"; }\n");
+    for (_, name) in FORWARDED {
+        text.push_str(&format!("trap 'note {name}' {name}\n"));
+    }
+    text.push_str(
+        "note ready\nwhile [ ! -e \"$f.stop\" ]; do sleep 0.05 & wait \"$!\"; done\nexit 0\n",
+    );
+    std::fs::write(&script, text).unwrap();
+    let mut cmd = binary(mode);
+    cmd.args(["run", "--no-sync", "--", "bash"])
+        .arg(&script)
+        .arg(&log);
+    let mut sup = Sup::spawn(mode, cmd);
+    let lines = || -> Vec<String> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    wait_until(Duration::from_secs(10), "the child's traps", || {
+        lines().first().map(String::as_str) == Some("ready")
+    });
+    for (i, (signal, name)) in FORWARDED.iter().enumerate() {
+        sup.signal(*signal);
+        wait_until(Duration::from_secs(10), name, || lines().len() > i + 1);
+        assert_eq!(lines()[i + 1], *name, "{:?}", lines());
+    }
+    assert!(
+        sup.is_running(),
+        "PID 1 must survive every forwarded signal"
+    );
+    std::fs::write(dir.path().join("signals.log.stop"), "").unwrap();
+    let out = sup.finish(Duration::from_secs(10));
+    out.expect_ok(None);
+    let mut expected = vec!["ready".to_owned()];
+    expected.extend(FORWARDED.iter().map(|(_, n)| (*n).to_owned()));
+    assert_eq!(lines(), expected, "each signal arrived exactly once");
+}
+
+#[test]
+fn every_signal_reaches_the_child_exactly_once_as_pid1() {
+    signals_reach_the_child(Mode::Pid1);
+}
+
+#[test]
+fn every_signal_reaches_the_child_exactly_once_as_subreaper() {
+    signals_reach_the_child(Mode::Subreaper);
+}
+
+fn orphans_are_reaped(mode: Mode) {
+    if !available(mode, "orphans_are_reaped") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("spawned");
+    let mut cmd = binary(mode);
+    // Each `( sleep & )` subshell exits at once: its sleep is orphaned to PID 1 / us.
+    cmd.args(["run", "--no-sync", "--", "sh", "-c"])
+        .arg(
+            "i=0; while [ $i -lt 50 ]; do (sleep 0.3 &); i=$((i+1)); done; \
+             echo >\"$0\"; exec sleep 1000",
+        )
+        .arg(&marker);
+    let sup = Sup::spawn(mode, cmd);
+    wait_until(Duration::from_secs(10), "the orphans", || marker.exists());
+    // Some orphans are still sleeping now; they are ours.
+    let orphans = descendants(sup.pid)
+        .into_iter()
+        .filter(|p| comm(*p) == "sleep")
+        .count();
+    assert!(orphans > 1, "orphans were reparented to us");
+    // All 50 exit; none may stay a zombie: only we and the child remain.
+    wait_until(Duration::from_secs(20), "all orphans reaped", || {
+        let pids = descendants(sup.pid);
+        pids.len() == 2 && pids.iter().all(|p| proc_state(*p) != Some('Z'))
+    });
+    sup.signal(Signal::SIGTERM);
+    sup.finish(Duration::from_secs(10)).expect_code(143, None);
+}
+
+#[test]
+fn fifty_orphans_leave_no_zombie_as_pid1() {
+    orphans_are_reaped(Mode::Pid1);
+}
+
+#[test]
+fn fifty_orphans_leave_no_zombie_as_subreaper() {
+    orphans_are_reaped(Mode::Subreaper);
+}
+
+// ------------------------------------------------------------------ with PostgreSQL
+
+/// A fresh (empty) PGDATA for the stand-in entrypoint, secret files with new passwords,
+/// and a state directory.
+struct Pg {
+    /// Holds data/ and sock/; removed on drop.
+    _root: tempfile::TempDir,
+    data: PathBuf,
+    sock: PathBuf,
+    port: u16,
+    keys: Keys,
+    state: tempfile::TempDir,
+    secrets: Vec<String>,
+}
+
+impl Pg {
+    fn new() -> Pg {
+        let root = server_dir("pps-run-");
+        let data = root.path().join("data");
+        let sock = root.path().join("sock");
+        let status = as_server_user("mkdir").arg(&sock).status().unwrap();
+        assert!(status.success());
+        let keys = Keys::new();
+        let secrets = DEFAULT_ROLES
+            .iter()
+            .map(|(_, file)| {
+                let secret = unique("run pw'\"\\ ü");
+                keys.write(file, &secret);
+                secret
+            })
+            .collect();
+        Pg {
+            _root: root,
+            data,
+            sock,
+            port: free_port(),
+            keys,
+            state: tempfile::tempdir().unwrap(),
+            secrets,
+        }
+    }
+
+    fn secrets(&self) -> Vec<&str> {
+        self.secrets.iter().map(String::as_str).collect()
+    }
+
+    /// `run` with the stand-in entrypoint; `env` goes to both (INIT_DELAY, PG_HBA, …).
+    fn command(&self, mode: Mode, env: &[(&str, &str)], flags: &[&str], pg: &[&str]) -> Command {
+        let mut cmd = binary(mode);
+        cmd.env("PGDATA", &self.data)
+            .env("PGHOST", &self.sock)
+            .env("PGPORT", self.port.to_string())
+            .env(
+                "POSTGRES_EXTRA_CONF",
+                "log_statement = 'all'\nlog_min_error_statement = 'error'\nfsync = off",
+            );
+        for (key, value) in env {
+            cmd.env(key, value);
+        }
+        cmd.arg("run")
+            .arg("--keys-dir")
+            .arg(self.keys.path())
+            .arg("--secrets-source-dir")
+            .arg(self.keys.path().join("no-such-dir"))
+            .args(["--temporal-db-user", "temporaluser"])
+            .arg("--state-dir")
+            .arg(self.state.path())
+            .args(flags)
+            .args([
+                "--",
+                ENTRYPOINT,
+                "postgres",
+                "-c",
+                "listen_addresses=127.0.0.1",
+            ])
+            .args(pg);
+        cmd
+    }
+
+    /// `health`, run where `run` runs (inside its pid namespace for PID 1).
+    fn health(&self, sup: &Sup) -> Run {
+        let mut cmd = match sup.mode {
+            Mode::Pid1 => {
+                let mut cmd = Command::new("nsenter");
+                cmd.args(["-t", &sup.pid.to_string(), "--pid", "--mount", BIN]);
+                cmd
+            }
+            Mode::Subreaper => Command::new(BIN),
+        };
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .arg("health")
+            .arg("--pgdata")
+            .arg(&self.data)
+            .arg("--state-dir")
+            .arg(self.state.path());
+        run(cmd)
+    }
+
+    fn cluster_state(&self) -> String {
+        let out = as_server_user(pg_bin("pg_controldata"))
+            .arg(&self.data)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("Database cluster state:"))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default()
+    }
+
+    fn assert_new_passwords(&self) {
+        for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&self.secrets) {
+            if let Err(err) = login_tcp(self.port, role, secret) {
+                panic!("login as {role} with its new password failed: {err}");
+            }
+        }
+        login_tcp(self.port, "appuser", "placeholder-appuser")
+            .expect_err("the placeholder password no longer works");
+    }
+
+    /// Processes whose argv mentions this data directory (a postmaster started with -D).
+    fn postgres_processes(&self) -> Vec<String> {
+        let data = self.data.display().to_string();
+        all_proc_strings()
+            .into_iter()
+            .filter(|s| s.contains(&data) && s.contains("postgres -D"))
+            .collect()
+    }
+}
+
+/// Fresh PGDATA, 2 s init delay: exactly one sync, after the final server is ready; all
+/// roles hold their new passwords; SIGINT (`docker stop` for the postgres image) stops
+/// everything cleanly within 2 s. No secret anywhere.
+fn fresh_init_then_stop(mode: Mode) {
+    if !available(mode, "fresh_init_then_stop") {
+        return;
+    }
+    let pg = Pg::new();
+    let sup = Sup::spawn(mode, pg.command(mode, &[("INIT_DELAY", "2")], &[], &[]));
+    sup.wait_stderr(Duration::from_secs(120), COMPLETE);
+    let before_stop = sup.stderr();
+    pg.assert_new_passwords();
+    let health = pg.health(&sup);
+    health.expect_ok(None);
+
+    sup.signal(Signal::SIGINT);
+    let out = sup.finish(Duration::from_secs(2));
+    eprintln!("{mode:?}: stopped {:?} after SIGINT", out.elapsed);
+    out.expect_ok(None);
+    assert_eq!(pg.cluster_state(), "shut down", "{}", out.describe(None));
+
+    assert_eq!(
+        out.stderr.matches(COMPLETE).count(),
+        1,
+        "exactly one sync:\n{}",
+        out.stderr
+    );
+    // The temporary server (pg_ctl sends its log to stdout) and the final one (stderr)
+    // both said "ready"; the sync came after the final server's, and after init.
+    assert!(out.stdout.contains(PG_READY), "{}", out.describe(None));
+    assert_eq!(before_stop.matches(PG_READY).count(), 1, "{before_stop}");
+    assert_eq!(before_stop.matches("PostgreSQL is ready").count(), 1);
+    let final_ready = before_stop.find(PG_READY).unwrap();
+    let first_role_line = before_stop.find("role \"").unwrap();
+    let init_done = before_stop.find("init process complete").unwrap();
+    assert!(
+        init_done < final_ready && final_ready < first_role_line,
+        "{before_stop}"
+    );
+    for (role, _) in DEFAULT_ROLES {
+        assert!(
+            out.stderr.contains(&format!("role {role:?}: changed")),
+            "{}",
+            out.stderr
+        );
+    }
+    if let Some(line) = out.stderr.lines().find(|l| l.contains("first sync done")) {
+        eprintln!("{mode:?}: {line}");
+    }
+    assert_no_leak(&pg.secrets(), None, &[&out, &health]);
+}
+
+#[test]
+fn fresh_pgdata_syncs_once_after_the_final_server_and_sigint_stops_cleanly_as_pid1() {
+    fresh_init_then_stop(Mode::Pid1);
+}
+
+#[test]
+fn fresh_pgdata_syncs_once_after_the_final_server_and_sigint_stops_cleanly_as_subreaper() {
+    fresh_init_then_stop(Mode::Subreaper);
+}
+
+/// An idle client connected with psql over the socket; dropping stdin disconnects it.
+struct IdleClient {
+    child: std::process::Child,
+}
+
+impl IdleClient {
+    fn connect(pg: &Pg) -> IdleClient {
+        let mut child = as_server_user(pg_bin("psql"))
+            .args(["-X", "-q", "-U", "postgres", "-d", "postgres", "-h"])
+            .arg(&pg.sock)
+            .args(["-p", &pg.port.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.as_mut().unwrap();
+        stdin.write_all(b"SELECT 'connected';\n").unwrap();
+        stdin.flush().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        // psql's aligned output starts with the column header; the session is open.
+        assert!(!line.is_empty(), "psql did not connect");
+        IdleClient { child }
+    }
+
+    fn leave(mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+fn sigterm_waits_for_an_idle_client(mode: Mode) {
+    if !available(mode, "sigterm_waits_for_an_idle_client") {
+        return;
+    }
+    let pg = Pg::new();
+    let mut sup = Sup::spawn(mode, pg.command(mode, &[], &[], &[]));
+    sup.wait_stderr(Duration::from_secs(120), COMPLETE);
+    let client = IdleClient::connect(&pg);
+    sup.signal(Signal::SIGTERM);
+    sup.wait_stderr(Duration::from_secs(10), "received smart shutdown request");
+    // Smart shutdown: postgres waits for the client, and so does PID 1. Observed over a
+    // window (this is the property under test, not a synchronisation).
+    let window = Instant::now();
+    while window.elapsed() < Duration::from_secs(1) {
+        assert!(
+            sup.is_running(),
+            "PID 1 exited while a client was connected"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    client.leave();
+    let out = sup.finish(Duration::from_secs(10));
+    out.expect_ok(None);
+    assert_eq!(pg.cluster_state(), "shut down");
+    assert_no_leak(&pg.secrets(), None, &[&out]);
+}
+
+#[test]
+fn sigterm_waits_for_an_idle_client_then_exits_zero_as_pid1() {
+    sigterm_waits_for_an_idle_client(Mode::Pid1);
+}
+
+#[test]
+fn sigterm_waits_for_an_idle_client_then_exits_zero_as_subreaper() {
+    sigterm_waits_for_an_idle_client(Mode::Subreaper);
+}
+
+fn postgres_failing_to_start(mode: Mode) {
+    if !available(mode, "postgres_failing_to_start") {
+        return;
+    }
+    let pg = Pg::new();
+    let sup = Sup::spawn(
+        mode,
+        pg.command(mode, &[], &[], &["-c", "no_such_setting_pps=1"]),
+    );
+    let out = sup.finish(Duration::from_secs(120));
+    // postgres exits 1 on a configuration error.
+    out.expect_code(1, None);
+    assert!(out.stderr.contains("no_such_setting_pps"), "{}", out.stderr);
+    assert!(
+        !out.stderr.contains("role \""),
+        "no sync was attempted:\n{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("sync failed"), "{}", out.stderr);
+    assert!(
+        !out.stderr.contains("PostgreSQL is ready"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn postgres_failing_to_start_is_not_synced_and_its_code_propagates_as_pid1() {
+    postgres_failing_to_start(Mode::Pid1);
+}
+
+#[test]
+fn postgres_failing_to_start_is_not_synced_and_its_code_propagates_as_subreaper() {
+    postgres_failing_to_start(Mode::Subreaper);
+}
+
+fn postmaster_killed(mode: Mode) {
+    if !available(mode, "postmaster_killed") {
+        return;
+    }
+    let pg = Pg::new();
+    let sup = Sup::spawn(mode, pg.command(mode, &[], &[], &[]));
+    sup.wait_stderr(Duration::from_secs(120), COMPLETE);
+    // The entrypoint exec'ed into postgres: our child is the postmaster.
+    let postmaster = first_child(sup.pid).unwrap();
+    assert_eq!(comm(postmaster), "postgres");
+    kill(Pid::from_raw(postmaster as i32), Signal::SIGKILL).unwrap();
+    let out = sup.finish(Duration::from_secs(1));
+    eprintln!(
+        "{mode:?}: exited {:?} after the postmaster was killed",
+        out.elapsed
+    );
+    out.expect_code(137, None);
+}
+
+#[test]
+fn postmaster_sigkilled_after_ready_exits_nonzero_within_1s_as_pid1() {
+    postmaster_killed(Mode::Pid1);
+}
+
+#[test]
+fn postmaster_sigkilled_after_ready_exits_nonzero_within_1s_as_subreaper() {
+    postmaster_killed(Mode::Subreaper);
+}
+
+fn root_with_peer_only(mode: Mode) {
+    if !is_root() {
+        eprintln!("SKIP: the root/peer test needs root");
+        return;
+    }
+    if !available(mode, "as_root_with_only_peer") {
+        return;
+    }
+    let pg = Pg::new();
+    // Root-only secret files, as Compose delivers them.
+    let meta = std::fs::metadata(pg.keys.path().join("postgres_app_user_pw.txt")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o600));
+    let hba = "local all postgres peer\nhost all all 127.0.0.1/32 scram-sha-256";
+    let sup = Sup::spawn(mode, pg.command(mode, &[("PG_HBA", hba)], &[], &[]));
+    sup.wait_stderr(Duration::from_secs(120), COMPLETE);
+    pg.assert_new_passwords();
+    sup.signal(Signal::SIGINT);
+    let out = sup.finish(Duration::from_secs(10));
+    out.expect_ok(None);
+    assert_no_leak(&pg.secrets(), None, &[&out]);
+}
+
+#[test]
+fn as_root_with_only_peer_for_postgres_and_root_only_secret_files_as_pid1() {
+    root_with_peer_only(Mode::Pid1);
+}
+
+#[test]
+fn as_root_with_only_peer_for_postgres_and_root_only_secret_files_as_subreaper() {
+    root_with_peer_only(Mode::Subreaper);
+}
+
+fn health_follows_the_sync(mode: Mode) {
+    if !available(mode, "health_follows_the_sync") {
+        return;
+    }
+    let pg = Pg::new();
+    let sup = Sup::spawn(
+        mode,
+        pg.command(mode, &[("INIT_DELAY", "2")], &["--no-watch"], &[]),
+    );
+    // Before the sync (the init delay): not healthy.
+    sup.wait_stderr(Duration::from_secs(60), "init delay");
+    let before = pg.health(&sup);
+    before.expect_code(8, None);
+    assert_eq!(before.stderr.lines().count(), 1, "{}", before.stderr);
+
+    sup.wait_stderr(Duration::from_secs(60), COMPLETE);
+    let after = pg.health(&sup);
+    after.expect_ok(None);
+
+    // A rotation without a sync (--no-watch): no longer healthy, and it says why.
+    let rotated = unique("rotated");
+    pg.keys.write("postgres_app_user_pw", &rotated);
+    let stale = pg.health(&sup);
+    stale.expect_code(8, None);
+    assert!(
+        stale.stderr.contains("postgres_app_user_pw"),
+        "{}",
+        stale.describe(None)
+    );
+
+    // SIGHUP re-syncs (and reloads postgres): healthy again.
+    sup.signal(Signal::SIGHUP);
+    wait_until(Duration::from_secs(30), "a resync", || {
+        sup.stderr().matches(COMPLETE).count() == 2
+    });
+    wait_until(Duration::from_secs(10), "healthy again", || {
+        pg.health(&sup).code() == Some(0)
+    });
+    login_tcp(pg.port, "appuser", &rotated).unwrap();
+
+    sup.signal(Signal::SIGINT);
+    let out = sup.finish(Duration::from_secs(10));
+    out.expect_ok(None);
+    let mut secrets = pg.secrets();
+    secrets.push(&rotated);
+    assert_no_leak(&secrets, None, &[&out, &before, &after, &stale]);
+}
+
+#[test]
+fn health_is_8_before_the_sync_0_after_and_8_after_an_unsynced_rotation_as_pid1() {
+    health_follows_the_sync(Mode::Pid1);
+}
+
+#[test]
+fn health_is_8_before_the_sync_0_after_and_8_after_an_unsynced_rotation_as_subreaper() {
+    health_follows_the_sync(Mode::Subreaper);
+}
+
+fn sigint_during_init(mode: Mode) {
+    if !available(mode, "sigint_during_init") {
+        return;
+    }
+    let pg = Pg::new();
+    let sup = Sup::spawn(mode, pg.command(mode, &[("INIT_DELAY", "60")], &[], &[]));
+    sup.wait_stderr(Duration::from_secs(60), "init delay");
+    assert_eq!(
+        pg.postgres_processes().len(),
+        1,
+        "the temporary server runs"
+    );
+    sup.signal(Signal::SIGINT);
+    let out = sup.finish(Duration::from_secs(5));
+    eprintln!(
+        "{mode:?}: exited {:?} after SIGINT during init",
+        out.elapsed
+    );
+    // The entrypoint's own status (its INT trap exits 130).
+    out.expect_code(130, None);
+    assert!(
+        out.stderr.contains("temporary server stopped"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(pg.cluster_state(), "shut down", "{}", out.stderr);
+    assert!(!pg.data.join("postmaster.pid").exists());
+    assert_eq!(pg.postgres_processes(), Vec::<String>::new());
+    assert!(!out.stderr.contains(COMPLETE));
+    assert_no_leak(&pg.secrets(), None, &[&out]);
+}
+
+#[test]
+fn sigint_during_init_stops_the_temporary_server_as_pid1() {
+    sigint_during_init(Mode::Pid1);
+}
+
+#[test]
+fn sigint_during_init_stops_the_temporary_server_as_subreaper() {
+    sigint_during_init(Mode::Subreaper);
+}
+
+#[test]
+fn exit_on_sync_failure_stops_postgres_and_exits_with_the_failure_code() {
+    let mode = Mode::Subreaper;
+    let pg = Pg::new();
+    // An empty secret file is a configuration error (exit 3).
+    pg.keys.write_raw("postgres_app_ro_pw.txt", b"\n");
+    let sup = Sup::spawn(
+        mode,
+        pg.command(mode, &[], &["--exit-on-sync-failure"], &[]),
+    );
+    let out = sup.finish(Duration::from_secs(120));
+    out.expect_code(3, None);
+    assert!(out.stderr.contains("postgres_app_ro_pw"), "{}", out.stderr);
+    assert_eq!(pg.cluster_state(), "shut down");
+}
+
+/// Watching is on by default inside `run`: a rotation of the files reaches the server
+/// without a restart (same postmaster), and `health` follows it.
+fn rotation_while_running(mode: Mode) {
+    if !available(mode, "rotation_while_running") {
+        return;
+    }
+    let pg = Pg::new();
+    let sup = Sup::spawn(
+        mode,
+        pg.command(
+            mode,
+            &[],
+            &["--debounce", "20ms", "--resync-interval", "0"],
+            &[],
+        ),
+    );
+    sup.wait_stderr(Duration::from_secs(120), COMPLETE);
+    pg.assert_new_passwords();
+    let postmaster = postmaster_pid(&pg.data);
+
+    let rotated: Vec<String> = (0..2).map(|i| unique(&format!("live{i}"))).collect();
+    pg.keys.write("postgres_app_user_pw", &rotated[0]);
+    pg.keys.write("postgres_app_ro_pw", &rotated[1]);
+    wait_until(
+        Duration::from_secs(10),
+        "the rotation to be in force",
+        || {
+            login_tcp(pg.port, "appuser", &rotated[0]).is_ok()
+                && login_tcp(pg.port, "backupuser", &rotated[1]).is_ok()
+        },
+    );
+    login_tcp(pg.port, "appuser", &pg.secrets[1]).expect_err("the old password is gone");
+    assert_eq!(
+        postmaster_pid(&pg.data),
+        postmaster,
+        "the server was not restarted"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "health to follow the rotation",
+        || pg.health(&sup).code() == Some(0),
+    );
+
+    sup.signal(Signal::SIGINT);
+    let out = sup.finish(Duration::from_secs(10));
+    out.expect_ok(None);
+    assert!(out.stderr.contains("passwords rotated"), "{}", out.stderr);
+    let mut secrets = pg.secrets();
+    secrets.extend(rotated.iter().map(String::as_str));
+    assert_no_leak(&secrets, None, &[&out]);
+}
+
+/// Line 1 of `postmaster.pid`.
+fn postmaster_pid(data: &Path) -> String {
+    std::fs::read_to_string(data.join("postmaster.pid"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn a_rotation_reaches_the_running_server_without_a_restart_as_pid1() {
+    rotation_while_running(Mode::Pid1);
+}
+
+#[test]
+fn a_rotation_reaches_the_running_server_without_a_restart_as_subreaper() {
+    rotation_while_running(Mode::Subreaper);
+}
