@@ -468,7 +468,7 @@ def cmd_summary(a):
         f"mode: {m['mode']}; medians of {m['startup_reps']} interleaved starts each; "
         f"watcher debounce {m['debounce']}.",
         "",
-        "| metric | ours | baseline | ratio (baseline/ours) |",
+        "| metric | ours | baseline | baseline ÷ ours (> 1: ours better) |",
         "|---|---|---|---|",
         f"| start → first login with the new password (median) | {fmt(st['ours'], ' ms')} | "
         f"{fmt(st['baseline'], ' ms')} | {fmt(ratio(st['baseline'], st['ours']), '×')} |",
