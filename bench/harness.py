@@ -268,7 +268,12 @@ def cmd_life(a):
             (result["rotation_ms"], result["rotation_sync_logged_ms"],
              result["rotation_login_attempt_ms"]) = rotate_many(a, proc, tap)
 
-        if a.stop_signal:
+        if a.stop_signal == "KILL":
+            # Not a stop measurement: just end this run (a baseline run beyond the few whose
+            # ten-second `docker stop` is timed).
+            os.kill(pid1, signal.SIGKILL)
+            proc.wait(timeout=30)
+        elif a.stop_signal:
             sig = getattr(signal, "SIG" + a.stop_signal)
             t_stop = time.monotonic()
             os.kill(pid1, sig)
@@ -465,7 +470,8 @@ def cmd_summary(a):
     rd = summary_file["meta"]["rotation_rename_ms"]
     lines = [
         f"Machine: {m['nproc']} CPU ({m['cpu']}), kernel {m['kernel']}, {m['postgres']}; "
-        f"mode: {m['mode']}; medians of {m['startup_reps']} interleaved starts each; "
+        f"mode: {m['mode']}; medians of {m['startup_reps']} interleaved starts each "
+        f"(the baseline's stop timed in {m['baseline_stop_reps']} of them); "
         f"watcher debounce {m['debounce']}.",
         "",
         "| metric | ours | baseline | baseline ÷ ours (> 1: ours better) |",
@@ -536,7 +542,7 @@ def main():
     life.add_argument("--timeout", type=float, default=90.0)
     life.add_argument("--interval", type=float, default=0.005)
     life.add_argument("--settle", type=float, default=1.0)
-    life.add_argument("--stop-signal", choices=["INT", "TERM", "QUIT"])
+    life.add_argument("--stop-signal", choices=["INT", "TERM", "QUIT", "KILL"])
     life.add_argument("--grace", type=float, default=10.0)
     life.add_argument("--rotations", type=int, default=0)
     life.add_argument("--keys-dir")
