@@ -10,8 +10,11 @@
 # password; stop (ours: SIGINT; baseline: what `docker stop` does) and the cluster state
 # afterwards; steady PID 1 RSS (ours, tini, the baseline's bash); 1,000 roles rotated by one
 # `sync` against one psql batch; the stripped binary size.
-# Prints a markdown table and writes target/bench/summary.json. Run as root (PID
-# namespaces); installs what it needs; cleans up every process and temp dir it made.
+# Prints a markdown table and writes target/bench/summary.json (+ summary.md, raw samples,
+# PID-1 logs). Run as root (PID namespaces); installs what it needs; cleans up every process
+# and temp dir it made. --quick: fewer repetitions and a 2 s stop grace (under 3 minutes).
+# For working on the bench: BENCH_ONLY=startup,tini,rotation,roles (a subset),
+# BENCH_BIN=PATH (measure a prebuilt binary), BENCH_DEBOUNCE=250ms (the watcher's --debounce).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
@@ -21,7 +24,7 @@ MODE=full
 case "${1:-}" in
   --quick) MODE=quick ;;
   "") ;;
-  -h | --help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "usage: scripts/bench.sh [--quick]" >&2; exit 2 ;;
 esac
 if [ "$MODE" = quick ]; then
