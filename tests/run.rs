@@ -183,14 +183,8 @@ impl Sup {
         let mut run = self.running.finish(Duration::from_secs(120));
         run.elapsed = exited_after;
         self.stop_sampling.store(true, Ordering::Relaxed);
-        run.proc_seen = self
-            .sampler
-            .take()
-            .unwrap()
-            .join()
-            .unwrap()
-            .into_iter()
-            .collect();
+        run.proc_seen
+            .extend(self.sampler.take().unwrap().join().unwrap());
         run
     }
 }

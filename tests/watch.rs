@@ -106,7 +106,7 @@ impl Watcher {
         self.signal(Signal::SIGTERM);
         let mut run = self.running.finish(LIMIT);
         run.expect_ok(Some(cluster));
-        run.proc_seen = seen;
+        run.proc_seen.extend(seen);
         run
     }
 }
