@@ -158,8 +158,11 @@ fi
 
 step "SIGINT to run (what docker stop sends): postgres shuts down cleanly"
 kill -INT "$RUN_PID"
-wait "$RUN_PID"
-echo "run exited with status $?"
+status=0
+wait "$RUN_PID" || status=$?
+RUN_PID=
+echo "run exited with status $status"
+[ "$status" -eq 0 ]
 as_pg "$PG_BINDIR/pg_controldata" "$PGDATA" | grep 'Database cluster state'
 if grep -F -f <(for f in "$KEYS"/*.txt "$SECRETS"/backups/*/keys/*.txt; do cat "$f"; echo; done) \
   "$LOG" "$WORK/server.log" >/dev/null; then

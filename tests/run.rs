@@ -54,7 +54,9 @@ fn can_unshare() -> bool {
 /// Whether a test in `mode` can run here; prints the skip reason when not.
 fn available(mode: Mode, test: &str) -> bool {
     if mode == Mode::Pid1 && !can_unshare() {
-        eprintln!("SKIP: {test}: `unshare --pid --fork --mount-proc` is not possible here");
+        skip(&format!(
+            "{test}: `unshare --pid --fork --mount-proc` is not possible here"
+        ));
         return false;
     }
     true
@@ -718,7 +720,7 @@ fn postmaster_sigkilled_after_ready_exits_nonzero_within_1s_as_subreaper() {
 
 fn root_with_peer_only(mode: Mode) {
     if !is_root() {
-        eprintln!("SKIP: the root/peer test needs root");
+        skip("the root/peer test needs root");
         return;
     }
     if !available(mode, "as_root_with_only_peer") {

@@ -310,7 +310,7 @@ fn verify_checks_that_the_owner_refuses_login() {
 #[test]
 fn as_root_with_only_peer_for_postgres_and_root_only_secret_files() {
     if !is_root() {
-        eprintln!("SKIP: needs root (CI runs as root)");
+        skip("needs root (CI runs as root)");
         return;
     }
     let cluster = Cluster::start_with(&ClusterOptions {
@@ -545,19 +545,30 @@ fn bad_secret_files_apply_nothing_and_name_the_file() {
 
 #[test]
 fn unreadable_secret_file_is_a_config_error() {
-    if is_root() {
-        // root reads any file regardless of mode; this case is only observable unprivileged.
-        eprintln!("SKIP: root can read a mode-000 file");
-        return;
-    }
     let keys = Keys::new();
     keys.write("x", "value");
+    std::fs::set_permissions(keys.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(
         keys.path().join("x.txt"),
         std::fs::Permissions::from_mode(0o000),
     )
     .unwrap();
-    let mut cmd = bin();
+    // Root reads any file whatever its mode: run the binary as `nobody` then.
+    let mut cmd = if is_root() {
+        let mut cmd = std::process::Command::new("setpriv");
+        cmd.args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--",
+            BIN,
+        ])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        cmd
+    } else {
+        bin()
+    };
     cmd.arg("sync")
         .arg("--keys-dir")
         .arg(keys.path())
@@ -565,6 +576,11 @@ fn unreadable_secret_file_is_a_config_error() {
     let out = run(cmd);
     out.expect_code(3, None);
     assert!(out.stderr.contains("x.txt"), "{}", out.describe(None));
+    assert!(
+        out.stderr.contains("ermission denied"),
+        "{}",
+        out.describe(None)
+    );
 }
 
 #[test]
