@@ -281,6 +281,35 @@ fn child_starts_with_no_blocked_and_no_ignored_signals() {
     assert_eq!(field("SigIgn:") & sigpipe_bit, 0, "{}", out.stdout);
 }
 
+#[test]
+fn an_initialised_data_directory_keeps_the_superuser_password_out_of_the_childs_environment() {
+    // The official entrypoint exports POSTGRES_PASSWORD (read from POSTGRES_PASSWORD_FILE)
+    // and execs postgres, which would carry it in /proc/*/environ. It only needs it to
+    // initialise an empty PGDATA.
+    let data = tempfile::tempdir().unwrap();
+    let child_env = |initialised: bool| {
+        if initialised {
+            std::fs::write(data.path().join("PG_VERSION"), "15\n").unwrap();
+        }
+        let mut cmd = binary(Mode::Subreaper);
+        cmd.env("POSTGRES_PASSWORD_FILE", "/run/secrets/postgres_password")
+            .env("POSTGRES_PASSWORD", "not-a-real-password")
+            .env("PGDATA", data.path())
+            .args(["run", "--no-sync", "--", "env"]);
+        let out = run(cmd);
+        out.expect_ok(None);
+        out.stdout
+    };
+    let fresh = child_env(false);
+    assert!(fresh.contains("POSTGRES_PASSWORD_FILE="), "{fresh}");
+    let initialised = child_env(true);
+    assert!(!initialised.contains("POSTGRES_PASSWORD"), "{initialised}");
+    assert!(
+        initialised.contains("PGDATA="),
+        "the rest is passed on: {initialised}"
+    );
+}
+
 const FORWARDED: [(Signal, &str); 7] = [
     (Signal::SIGHUP, "HUP"),
     (Signal::SIGINT, "INT"),

@@ -57,7 +57,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         .build()
         .context("starting the async runtime")?;
     let command = spawn::command_or_default(&args.cmd);
-    let child = match spawn::spawn(&command) {
+    let withheld = withheld_env(&args.config.pgdata);
+    let child = match spawn::spawn(&command, withheld) {
         Ok(pid) => pid,
         Err(failure) => {
             tracing::error!("{}", failure.message);
@@ -69,6 +70,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     // child is gone and PID 1 must exit promptly.
     runtime.shutdown_background();
     result
+}
+
+/// Variables the child does not get. The official entrypoint turns
+/// `POSTGRES_PASSWORD_FILE` into an exported `POSTGRES_PASSWORD` on every start and then
+/// `exec`s postgres, so the superuser's plaintext would sit in the environment of the
+/// postmaster and every backend. It only needs it to initialise an empty data directory:
+/// once `PG_VERSION` exists, neither variable is passed on. (For the first start, the
+/// image ships an init script that unsets it before the entrypoint's final `exec`.)
+fn withheld_env(pgdata: &std::path::Path) -> &'static [&'static str] {
+    if pgdata.join("PG_VERSION").exists() {
+        &["POSTGRES_PASSWORD", "POSTGRES_PASSWORD_FILE"]
+    } else {
+        &[]
+    }
 }
 
 /// Everything after the spawn.
