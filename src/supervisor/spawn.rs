@@ -164,9 +164,9 @@ mod tests {
         assert_eq!(code_for(Errno::ENOENT), 127);
         assert_eq!(code_for(Errno::EACCES), 126);
         assert_eq!(code_for(Errno::ENOEXEC), 126);
-        let err = spawn(&["/nonexistent/pg-password-sync-test".into()]).unwrap_err();
+        let err = spawn(&["/nonexistent/pg-password-sync-test".into()], &[]).unwrap_err();
         assert_eq!(err.code, 127);
         assert!(err.message.contains("/nonexistent"), "{}", err.message);
-        assert_eq!(spawn(&[]).unwrap_err().code, 127);
+        assert_eq!(spawn(&[], &[]).unwrap_err().code, 127);
     }
 }
