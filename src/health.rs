@@ -68,12 +68,13 @@ fn evaluate(args: &HealthArgs) -> Result<String, String> {
     sync_verdict(&state)
 }
 
-/// Fails when a role's secret now resolves to another file than the last sync read.
+/// Fails when a role's secret now resolves to another existing file than the last sync
+/// read. (A secret that no longer resolves at all shows as a missing file below.)
 fn lookup_verdict(state: &State, now: &Snapshot) -> Result<(), String> {
     let Some(last) = &state.last_sync else {
         return Ok(());
     };
-    for current in &now.0 {
+    for current in now.0.iter().filter(|f| f.stat.is_some()) {
         if let Some(read) = last.files.iter().find(|f| f.role == current.role)
             && read.path != current.path
         {
@@ -172,10 +173,11 @@ mod tests {
         let state = synced(&path, true);
         std::fs::write(dir.path().join("new"), "bb\n").unwrap();
         std::fs::rename(dir.path().join("new"), &path).unwrap();
+        std::fs::write(dir.path().join("pw.txt"), "c\n").unwrap();
         let moved = Snapshot(vec![FileStamp {
             role: "appuser".into(),
             path: dir.path().join("pw.txt"),
-            stat: None,
+            stat: StatStamp::of(&dir.path().join("pw.txt")),
         }]);
         let why = lookup_verdict(&state, &moved).unwrap_err();
         assert!(why.contains("is now"), "{why}");
