@@ -263,6 +263,22 @@ fn command_not_found_is_127_and_not_executable_126_as_subreaper() {
 }
 
 #[test]
+fn log_lines_on_a_pipe_carry_no_terminal_escape_codes() {
+    // A container log is a pipe: `docker logs` showed `pid\x1b[0m\x1b[2m=\x1b[0m7`.
+    let mut cmd = binary(Mode::Subreaper);
+    cmd.args(["run", "--no-sync", "--", "true"]);
+    let out = run(cmd);
+    out.expect_ok(None);
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("[pg-password-sync] INFO started child"))
+        .unwrap_or_else(|| panic!("no 'started child' line:\n{}", out.stderr));
+    assert!(line.contains(" pid="), "{line:?}");
+    assert!(!out.stderr.contains('\x1b'), "{:?}", out.stderr);
+}
+
+#[test]
 fn child_starts_with_no_blocked_and_no_ignored_signals() {
     // PID 1 blocks every signal for its signalfd; the child must not inherit that mask
     // (postgres would never see SIGTERM), nor Rust's ignored SIGPIPE.
