@@ -435,6 +435,13 @@ test_initial_sync() {
     ms="$(logins_within current.pgpass 5000 "${ROLES[@]}")" ||
         { fail "a role cannot log in with its mounted secret"; return 1; }
     log "  every role logs in from a second container with its secret (${ms} ms)"
+    # Operators grep the container log: our lines carry the prefix and no colour codes.
+    log_has '[pg-password-sync] INFO Password synchronization complete.' ||
+        { fail "no '[pg-password-sync]'-prefixed completion line in the log"; return 1; }
+    if docker logs "$DB" 2>&1 | grep -F $'\e' >/dev/null; then
+        fail "terminal escape codes in the container log"
+        return 1
+    fi
 }
 
 test_sync_unchanged_and_verify() {
