@@ -6,7 +6,6 @@
 //! type renders as `[redacted]`, and call sites log role and file names only.
 
 use std::fmt;
-use std::io::IsTerminal;
 
 use tracing::{Event, Subscriber};
 use tracing_subscriber::EnvFilter;
@@ -22,13 +21,11 @@ pub const PREFIX: &str = "[pg-password-sync]";
 /// Installs the global subscriber. `RUST_LOG` (default `info`) filters events.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colours only on a terminal: a container log (`docker logs`, kubectl logs) is a pipe,
-    // and escape codes there break `grep 'pid=7'` and log collectors.
-    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Container logs are files, not terminals: no colour escapes in field names.
+        .with_ansi(false);
     // A second init (only possible in tests) keeps the first subscriber.
     let _ = match format {
         LogFormat::Text => builder.event_format(Prefixed).try_init(),

@@ -14,7 +14,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -190,14 +190,8 @@ impl Sup {
         let mut run = self.running.finish(Duration::from_secs(120));
         run.elapsed = exited_after;
         self.stop_sampling.store(true, Ordering::Relaxed);
-        run.proc_seen = self
-            .sampler
-            .take()
-            .unwrap()
-            .join()
-            .unwrap()
-            .into_iter()
-            .collect();
+        run.proc_seen
+            .extend(self.sampler.take().unwrap().join().unwrap());
         run
     }
 }
@@ -895,4 +889,76 @@ fn exit_on_sync_failure_stops_postgres_and_exits_with_the_failure_code() {
     out.expect_code(3, None);
     assert!(out.stderr.contains("postgres_app_ro_pw"), "{}", out.stderr);
     assert_eq!(pg.cluster_state(), "shut down");
+}
+
+/// Watching is on by default inside `run`: a rotation of the files reaches the server
+/// without a restart (same postmaster), and `health` follows it.
+fn rotation_while_running(mode: Mode) {
+    if !available(mode, "rotation_while_running") {
+        return;
+    }
+    let pg = Pg::new();
+    let sup = Sup::spawn(
+        mode,
+        pg.command(
+            mode,
+            &[],
+            &["--debounce", "20ms", "--resync-interval", "0"],
+            &[],
+        ),
+    );
+    sup.wait_stderr(Duration::from_secs(120), COMPLETE);
+    pg.assert_new_passwords();
+    let postmaster = postmaster_pid(&pg.data);
+
+    let rotated: Vec<String> = (0..2).map(|i| unique(&format!("live{i}"))).collect();
+    pg.keys.write("postgres_app_user_pw", &rotated[0]);
+    pg.keys.write("postgres_app_ro_pw", &rotated[1]);
+    wait_until(
+        Duration::from_secs(10),
+        "the rotation to be in force",
+        || {
+            login_tcp(pg.port, "appuser", &rotated[0]).is_ok()
+                && login_tcp(pg.port, "backupuser", &rotated[1]).is_ok()
+        },
+    );
+    login_tcp(pg.port, "appuser", &pg.secrets[1]).expect_err("the old password is gone");
+    assert_eq!(
+        postmaster_pid(&pg.data),
+        postmaster,
+        "the server was not restarted"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "health to follow the rotation",
+        || pg.health(&sup).code() == Some(0),
+    );
+
+    sup.signal(Signal::SIGINT);
+    let out = sup.finish(Duration::from_secs(10));
+    out.expect_ok(None);
+    assert!(out.stderr.contains("passwords rotated"), "{}", out.stderr);
+    let mut secrets = pg.secrets();
+    secrets.extend(rotated.iter().map(String::as_str));
+    assert_no_leak(&secrets, None, &[&out]);
+}
+
+/// Line 1 of `postmaster.pid`.
+fn postmaster_pid(data: &Path) -> String {
+    std::fs::read_to_string(data.join("postmaster.pid"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn a_rotation_reaches_the_running_server_without_a_restart_as_pid1() {
+    rotation_while_running(Mode::Pid1);
+}
+
+#[test]
+fn a_rotation_reaches_the_running_server_without_a_restart_as_subreaper() {
+    rotation_while_running(Mode::Subreaper);
 }

@@ -16,6 +16,8 @@ fn setup(cluster: &Cluster, keys: &Keys) -> Vec<String> {
         .collect();
     let old_refs: Vec<(&str, &str)> = old.iter().map(|(r, p)| (r.as_str(), p.as_str())).collect();
     cluster.create_roles(&old_refs);
+    // The setup itself sent plaintext; the checks look only at what the sync causes.
+    cluster.clear_log();
     DEFAULT_ROLES
         .iter()
         .map(|(_, file)| {
@@ -167,6 +169,48 @@ fn a_failing_statement_rolls_back_everything_and_leaks_nothing() {
         "a verifier reached the server log"
     );
     assert_no_leak(&[&new_app, &monitor], Some(&cluster), &[&out]);
+}
+
+#[test]
+fn only_verifiers_are_sent_and_no_logging_setting_shows_them() {
+    // md5 as the server default: a plaintext ALTER ROLE would be stored as md5, so a SCRAM
+    // verifier in pg_authid proves the client sent one. Every logging knob that can print
+    // a statement is turned up; none may show the verifier or the statement.
+    let cluster = Cluster::start_with(&ClusterOptions {
+        extra_conf: vec![
+            "password_encryption = 'md5'".into(),
+            "log_min_duration_statement = 0".into(),
+            "log_min_duration_sample = 0".into(),
+            "log_statement_sample_rate = 1".into(),
+            "log_transaction_sample_rate = 1".into(),
+            "debug_print_parse = on".into(),
+            "debug_print_rewritten = on".into(),
+            "debug_print_plan = on".into(),
+        ],
+        ..ClusterOptions::default()
+    });
+    let keys = Keys::new();
+    let secrets = setup(&cluster, &keys);
+    let out = run(bin_for("sync", &cluster, &keys));
+    out.expect_ok(Some(&cluster));
+    for (role, _) in DEFAULT_ROLES {
+        let stored = cluster.rolpassword(role).unwrap();
+        assert!(
+            stored.starts_with("SCRAM-SHA-256$4096:"),
+            "{role}: a plaintext was sent"
+        );
+    }
+    let log = cluster.log_text();
+    assert!(log.contains("duration:"), "the noisy settings are in force");
+    assert!(
+        !log.contains("ALTER ROLE"),
+        "a password statement reached the server log"
+    );
+    assert!(
+        !log.contains("SCRAM-SHA-256$"),
+        "a verifier reached the server log"
+    );
+    assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
 }
 
 #[test]

@@ -540,41 +540,9 @@ impl Run {
     }
 }
 
-/// Runs a command to completion, sampling `/proc/<pid>/{cmdline,environ}` of it and its
-/// descendants while it runs, with a generous liveness bound.
-pub fn run(mut cmd: Command) -> Run {
-    let command = format!("{cmd:?}");
-    let started = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = drain(child.stdout.take().unwrap());
-    let stderr = drain(child.stderr.take().unwrap());
-    let mut seen = BTreeSet::new();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        for pid in descendants(child.id()) {
-            seen.extend(proc_strings(pid));
-        }
-        if started.elapsed() > Duration::from_secs(120) {
-            let _ = child.kill();
-            panic!("{command} did not finish within 120 s");
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    };
-    Run {
-        command,
-        status,
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
-        proc_seen: seen.into_iter().collect(),
-        elapsed: started.elapsed(),
-    }
+/// Runs a command to completion (see `Running::finish`), with a generous liveness bound.
+pub fn run(cmd: Command) -> Run {
+    Running::spawn(cmd).finish(Duration::from_secs(120))
 }
 
 fn drain(mut reader: impl std::io::Read + Send + 'static) -> std::thread::JoinHandle<String> {
@@ -724,12 +692,17 @@ impl Running {
         self.stderr_live.lock().unwrap().clone()
     }
 
-    /// Waits (bounded) for exit and returns the full record.
+    /// Waits (bounded) for exit and returns the full record, sampling
+    /// `/proc/<pid>/{cmdline,environ}` of the process and its descendants meanwhile.
     pub fn finish(mut self, limit: Duration) -> Run {
         let started = Instant::now();
+        let mut seen = BTreeSet::new();
         let status = loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 break status;
+            }
+            for pid in descendants(self.child.id()) {
+                seen.extend(proc_strings(pid));
             }
             if started.elapsed() > limit {
                 let _ = self.child.kill();
@@ -740,14 +713,14 @@ impl Running {
                     self.command
                 );
             }
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_millis(1));
         };
         Run {
             command: self.command.clone(),
             status,
             stdout: self.stdout.take().unwrap().join().unwrap(),
             stderr: self.stderr.take().unwrap().join().unwrap(),
-            proc_seen: Vec::new(),
+            proc_seen: seen.into_iter().collect(),
             elapsed: started.elapsed(),
         }
     }
