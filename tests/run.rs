@@ -3,8 +3,9 @@
 //! PID-1 tests start the binary with `unshare --pid --fork --mount-proc`, which makes it
 //! PID 1 of a new pid namespace with its own `/proc` (its host pid is unshare's child);
 //! subreaper tests start it directly, where it sets `PR_SET_CHILD_SUBREAPER`. PostgreSQL
-//! tests go through `tests/fixtures/docker-entrypoint.sh`, a stand-in for the official
-//! image's entrypoint (initdb, temporary socket-only server, init SQL, `exec postgres`).
+//! tests go through `docker/test/docker-entrypoint.sh`, the stand-in for the official
+//! image's entrypoint that the e2e test image also uses (initdb, temporary socket-only
+//! server, the init SQL of `docker/test/initdb.d`, `exec postgres`).
 //! Every wait polls a condition; wall-clock limits are liveness bounds, except the
 //! "within 2 s / 1 s / 5 s" ones, which are part of the contract.
 
@@ -25,8 +26,14 @@ use nix::unistd::Pid;
 
 const ENTRYPOINT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/docker-entrypoint.sh"
+    "/docker/test/docker-entrypoint.sh"
 );
+/// Its init scripts: the roles appuser, backupuser, temporaluser (placeholder passwords).
+const INITDB_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docker/test/initdb.d");
+/// The stand-in's pg_hba.conf for these tests (`env` may replace it): trust on the socket,
+/// so that the suite also runs as a non-root user (the server then runs as that user,
+/// which peer would not map to `postgres`); SCRAM over TCP.
+const TEST_HBA: &str = "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256";
 const COMPLETE: &str = "Password synchronization complete.";
 const PG_READY: &str = "database system is ready to accept connections";
 
@@ -252,6 +259,22 @@ fn command_not_found_is_127_and_not_executable_126_as_subreaper() {
 }
 
 #[test]
+fn log_lines_on_a_pipe_carry_no_terminal_escape_codes() {
+    // A container log is a pipe: `docker logs` showed `pid\x1b[0m\x1b[2m=\x1b[0m7`.
+    let mut cmd = binary(Mode::Subreaper);
+    cmd.args(["run", "--no-sync", "--", "true"]);
+    let out = run(cmd);
+    out.expect_ok(None);
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("[pg-password-sync] INFO started child"))
+        .unwrap_or_else(|| panic!("no 'started child' line:\n{}", out.stderr));
+    assert!(line.contains(" pid="), "{line:?}");
+    assert!(!out.stderr.contains('\x1b'), "{:?}", out.stderr);
+}
+
+#[test]
 fn child_starts_with_no_blocked_and_no_ignored_signals() {
     // PID 1 blocks every signal for its signalfd; the child must not inherit that mask
     // (postgres would never see SIGTERM), nor Rust's ignored SIGPIPE.
@@ -470,6 +493,9 @@ impl Pg {
         cmd.env("PGDATA", &self.data)
             .env("PGHOST", &self.sock)
             .env("PGPORT", self.port.to_string())
+            .env("INITDB_DIR", INITDB_DIR)
+            .env("POSTGRES_INITDB_ARGS", "--no-sync")
+            .env("PG_HBA", TEST_HBA)
             .env(
                 "POSTGRES_EXTRA_CONF",
                 "log_statement = 'all'\nlog_min_error_statement = 'error'\nfsync = off",
