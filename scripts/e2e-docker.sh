@@ -374,6 +374,8 @@ build_test_image() {
     mkdir -p "$ctx"
     cp -r "$REPO_ROOT/docker/test/Dockerfile" "$REPO_ROOT/docker/test/docker-entrypoint.sh" \
         "$REPO_ROOT/docker/test/initdb.d" "$ctx/"
+    # The production image's init script that unsets the exported password (see below).
+    cp "$REPO_ROOT/docker/initdb/zz-unset-password.sh" "$ctx/initdb.d/"
     cp "$BIN" "$ctx/pg-password-sync"
     log "building $TEST_IMAGE FROM $BASE_IMAGE (local images only)"
     local started=$SECONDS
@@ -413,7 +415,10 @@ setup() {
 }
 
 start_db() {
+    # SYS_PTRACE only so that the leak test's `docker exec` may read the environment of
+    # processes of another uid and of our non-dumpable PID 1 (test-only; not in the image).
     docker run -d --name "$DB" --label "$LABEL" --network "$NET" --network-alias db \
+        --cap-add SYS_PTRACE \
         -v "$VOLUME:/var/lib/postgresql/data" \
         -v "$WORK/keys:/app/keys:ro" \
         -e KEYS_DIR=/app/keys \
@@ -562,6 +567,14 @@ test_clean_stop_and_restart() {
 
 test_no_secret_leaks() {
     require_running || return 1
+    # Another uid's (or a non-dumpable process's) environ needs CAP_SYS_PTRACE (added to
+    # the container in start_db); without it the scan would silently read nothing. Prove
+    # it can read PID 1's and the postmaster's before trusting it.
+    if ! docker exec "$DB" sh -c \
+        'cat /proc/1/environ "/proc/$(head -n 1 "$PGDATA/postmaster.pid")/environ" >/dev/null'; then
+        fail "cannot read the environment of PID 1 and the postmaster"
+        return 1
+    fi
     # The patterns travel on stdin (grep -f -), never on a command line.
     if docker exec -i "$DB" sh -c 'grep -laF -f - /proc/[0-9]*/cmdline /proc/[0-9]*/environ 2>/dev/null' \
         <"$WORK/secrets.patterns" >"$WORK/leaks" 2>&1; then
@@ -602,12 +615,15 @@ main() {
     setup
 
     run_test "initial sync, every role logs in" test_initial_sync
+    # After the first start (initdb) and again after a restart on the same volume: the
+    # entrypoint exports the superuser password on both paths.
+    run_test "no secret in argv or environment after the first start" test_no_secret_leaks
     run_test "second sync unchanged, verify passes" test_sync_unchanged_and_verify
     run_test "healthy, no zombies" test_healthy_no_zombies
     run_test "live rotation without restart" test_live_rotation
     run_test "SIGHUP reloads postgres" test_sighup_reload
     run_test "docker stop is clean, restart without recovery" test_clean_stop_and_restart
-    run_test "no secret in argv, environment or log" test_no_secret_leaks
+    run_test "no secret in argv, environment or log after the restart" test_no_secret_leaks
 
     local name
     for name in "${FAILED[@]}"; do

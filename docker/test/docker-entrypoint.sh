@@ -13,8 +13,11 @@
 #     $INITDB_DIR/*.sh|*.sql, optionally waits INIT_DELAY seconds, and stops it with a
 #     fast shutdown;
 #   * finally it execs postgres, which therefore keeps the entrypoint's PID.
-# Unlike the official script it never puts the superuser password into the environment:
-# POSTGRES_PASSWORD_FILE is handed to initdb as a file.
+# Like the official script (its `file_env`), it exports the superuser's password from
+# POSTGRES_PASSWORD_FILE as POSTGRES_PASSWORD whenever it can read the file, so the final
+# `exec` would hand it to postgres: the e2e leak test proves that `run` withholding the
+# variables on an initialised PGDATA, and the image's zz-unset-password.sh init script on
+# the first start, keep it out of every process's environment.
 #
 # Environment (defaults are the container's):
 #   PGDATA                 data directory (/var/lib/postgresql/data)
@@ -70,6 +73,17 @@ if [[ "$(id -u)" == 0 ]]; then
         exec gosu postgres "${BASH_SOURCE[0]}" "$@"
     fi
     exec setpriv --reuid=postgres --regid=postgres --init-groups "${BASH_SOURCE[0]}" "$@"
+fi
+
+# The official image's file_env: the password file's content becomes an exported variable.
+if [[ -n "${POSTGRES_PASSWORD_FILE:-}" ]]; then
+    if [[ -r "$POSTGRES_PASSWORD_FILE" ]]; then
+        POSTGRES_PASSWORD="$(<"$POSTGRES_PASSWORD_FILE")"
+        export POSTGRES_PASSWORD
+    elif [[ -s "$PWFILE_COPY" ]]; then
+        POSTGRES_PASSWORD="$(<"$PWFILE_COPY")"
+        export POSTGRES_PASSWORD
+    fi
 fi
 
 # Runs the init scripts against the temporary server over the socket.
