@@ -1080,3 +1080,43 @@ fn a_second_concurrent_run_is_refused_while_the_directory_is_locked() {
     drop(held);
     run(with_oidc_env(generate(&fx.dir, &["--force"]))).success();
 }
+
+/// The review's race: the files to create were decided before the lock was taken, so a file
+/// another run created in between (here: while this run waits at the OIDC prompt) was
+/// overwritten as "new", without a backup. Under the lock the plan is made again.
+#[test]
+fn a_file_created_while_waiting_at_the_prompt_is_kept_not_overwritten() {
+    let (fx, snap) = Fixture::new().generated();
+    fs::remove_file(fx.keys().join("redis_password.txt")).unwrap();
+    fs::remove_file(fx.keys().join(OIDC[0].0)).unwrap();
+    let Some(mut term) = Terminal::start(&fx.dir, &[]) else {
+        return;
+    };
+    term.expect(&format!("{} (input hidden): ", OIDC[0].1));
+    // Another run's result appears now, between the first look and the lock.
+    let concurrent = "ConcurrentRedisValue0123456789ab";
+    fs::write(fx.keys().join("redis_password.txt"), concurrent).unwrap();
+    let typed = "Typed-Google-Secret-4242";
+    term.type_line(typed);
+    let (code, transcript) = term.finish();
+    assert_eq!(code, 0, "{transcript}");
+    let now = snapshot(&fx.keys());
+    assert_eq!(
+        now["redis_password.txt"],
+        concurrent.as_bytes(),
+        "a file created before the lock was overwritten:\n{transcript}"
+    );
+    assert!(transcript.contains("kept"), "{transcript}");
+    assert_eq!(now[OIDC[0].0], typed.as_bytes());
+    for file in all_files() {
+        if file != "redis_password.txt" && file != OIDC[0].0 {
+            assert_eq!(now[file], snap[file], "{file}");
+        }
+    }
+    for value in values(&[&snap, &now]) {
+        assert!(
+            !transcript.contains(&*String::from_utf8_lossy(&value)),
+            "{transcript}"
+        );
+    }
+}

@@ -197,31 +197,38 @@ enum Action {
     Keep,
 }
 
-/// Creates missing files (or, with `--force`, replaces all), backing up first.
-fn generate(args: &GenerateArgs, paths: &Paths) -> anyhow::Result<Flock<File>> {
-    // Everything that can be refused is checked before the first write.
-    if let Some(name) = &args.k8s_secret {
-        check_k8s_names(name, args.namespace.as_deref())?;
-    }
-    let plan: Vec<(Entry, Action)> = ENTRIES
+/// The action for each catalog file given which files exist now.
+fn plan(paths: &Paths, force: bool) -> Vec<(Entry, Action)> {
+    ENTRIES
         .iter()
         .map(|entry| {
-            let action = match (paths.keys.join(entry.file).exists(), args.force) {
+            let action = match (paths.keys.join(entry.file).exists(), force) {
                 (false, _) => Action::Create,
                 (true, true) => Action::Replace,
                 (true, false) => Action::Keep,
             };
             (*entry, action)
         })
-        .collect();
-    let oidc_vars: Vec<&'static str> = plan
+        .collect()
+}
+
+/// Creates missing files (or, with `--force`, replaces all), backing up first.
+fn generate(args: &GenerateArgs, paths: &Paths) -> anyhow::Result<Flock<File>> {
+    // Everything that can be refused is checked before the first write.
+    if let Some(name) = &args.k8s_secret {
+        check_k8s_names(name, args.namespace.as_deref())?;
+    }
+    // The OIDC values are gathered (perhaps prompted for) before the lock, from a first
+    // look at which files exist; what is written and what is backed up is decided again
+    // under the lock, since another run may have created files in the meantime.
+    let oidc_vars: Vec<&'static str> = plan(paths, args.force)
         .iter()
         .filter_map(|(entry, action)| match (entry.kind, action) {
             (Kind::Oidc(var), Action::Create | Action::Replace) => Some(var),
             _ => None,
         })
         .collect();
-    let mut oidc_values = if oidc_vars.is_empty() {
+    let oidc_values: Vec<(&'static str, Secret)> = if oidc_vars.is_empty() {
         Vec::new()
     } else {
         let (env_path, explicit) = match &args.user_secrets_file {
@@ -229,20 +236,20 @@ fn generate(args: &GenerateArgs, paths: &Paths) -> anyhow::Result<Flock<File>> {
             None => (paths.root.join("user-provided.env"), false),
         };
         let file = oidc::load_env_file(&env_path, explicit)?;
-        oidc::collect(
+        let values = oidc::collect(
             &oidc_vars,
             file.as_ref(),
             &env_path,
             oidc::interactive(args.non_interactive),
-        )?
-    }
-    .into_iter();
+        )?;
+        oidc_vars.iter().copied().zip(values).collect()
+    };
 
     let lock = lock_and_prepare(paths)?;
     // New values, made before anything is written; `None` keeps the current file.
     let mut writes: Vec<(Entry, Action, Secret)> = Vec::new();
     let mut kept = Vec::new();
-    for (entry, action) in plan {
+    for (entry, action) in plan(paths, args.force) {
         let value = match (action, entry.kind) {
             (Action::Keep, _) => {
                 kept.push(entry);
@@ -251,8 +258,15 @@ fn generate(args: &GenerateArgs, paths: &Paths) -> anyhow::Result<Flock<File>> {
             (_, Kind::Password) => random::password()?,
             (_, Kind::Signing) => random::signing_secret()?,
             (_, Kind::Oidc(var)) => oidc_values
-                .next()
-                .with_context(|| format!("no value gathered for {var}"))?,
+                .iter()
+                .find(|(v, _)| *v == var)
+                .map(|(_, value)| value.clone())
+                .with_context(|| {
+                    format!(
+                        "{} disappeared while {var} was being gathered; run again",
+                        paths.shown(entry.file)
+                    )
+                })?,
         };
         if action == Action::Replace {
             let current = check::read_value(&paths.keys.join(entry.file))?;
