@@ -1120,3 +1120,40 @@ fn a_file_created_while_waiting_at_the_prompt_is_kept_not_overwritten() {
         );
     }
 }
+
+#[test]
+fn k8s_secret_to_a_terminal_is_refused_but_piping_and_output_work() {
+    let (fx, snap) = Fixture::new().generated();
+    let Some(term) = Terminal::start(&fx.dir, &["--k8s-secret", "app"]) else {
+        return;
+    };
+    let (code, transcript) = term.finish();
+    assert_eq!(code, 3, "{transcript}");
+    assert!(transcript.contains("--output FILE"), "{transcript}");
+    assert!(!transcript.contains("data:"), "{transcript}");
+    for value in snap.values() {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(value);
+        assert!(!transcript.contains(&encoded), "{transcript}");
+    }
+    assert_eq!(snapshot(&fx.keys()), snap);
+
+    // With --force, the refusal comes before any write or backup.
+    let Some(term) = Terminal::start(&fx.dir, &["--k8s-secret=app", "--force"]) else {
+        return;
+    };
+    let (code, transcript) = term.finish();
+    assert_eq!(code, 3, "{transcript}");
+    assert_eq!(snapshot(&fx.keys()), snap, "refused run changed files");
+    assert!(fx.backups().is_empty(), "refused run took a backup");
+
+    // To a file, on the same terminal, it works.
+    let manifest = fx.dir.parent().unwrap().join("m.yaml");
+    let output = format!("--output={}", manifest.display());
+    let Some(term) = Terminal::start(&fx.dir, &["--k8s-secret=app", &output]) else {
+        return;
+    };
+    let (code, transcript) = term.finish();
+    assert_eq!(code, 0, "{transcript}");
+    assert!(fs::read_to_string(&manifest).unwrap().contains("data:\n"));
+    assert!(!transcript.contains("data:"), "{transcript}");
+}

@@ -20,7 +20,7 @@ mod oidc;
 mod random;
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -107,7 +107,8 @@ pub struct GenerateArgs {
     pub non_interactive: bool,
 
     /// Also write a Kubernetes Secret manifest named NAME holding every value (keys without
-    /// `.txt`), to stdout or --output, ready for `kubectl apply -f -`.
+    /// `.txt`) to --output, or to stdout when that is a pipe (`| kubectl apply -f -`); it
+    /// is refused when stdout is a terminal.
     #[arg(long, value_name = "NAME", conflicts_with_all = ["backup_only", "verify", "list", "list_backups", "restore"])]
     pub k8s_secret: Option<String>,
 
@@ -217,6 +218,13 @@ fn generate(args: &GenerateArgs, paths: &Paths) -> anyhow::Result<Flock<File>> {
     // Everything that can be refused is checked before the first write.
     if let Some(name) = &args.k8s_secret {
         check_k8s_names(name, args.namespace.as_deref())?;
+        if args.output.is_none() && std::io::stdout().is_terminal() {
+            return Err(anyhow::anyhow!(
+                "--k8s-secret without --output would print every secret to the terminal: \
+                 use --output FILE, or pipe it (`| kubectl apply -f -`)"
+            ))
+            .context(Failure::Config);
+        }
     }
     // The OIDC values are gathered (perhaps prompted for) before the lock, from a first
     // look at which files exist; what is written and what is backed up is decided again
