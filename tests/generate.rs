@@ -117,19 +117,19 @@ fn generate(dir: &Path, args: &[&str]) -> Command {
     for (_, var) in OIDC {
         cmd.env_remove(var);
     }
-    for var in [
-        "PG_PASSWORD_SYNC_SECRETS_DIR",
-        "PG_PASSWORD_SYNC_NO_BACKUP",
-        "PG_PASSWORD_SYNC_KEEP_BACKUPS",
-        "PG_PASSWORD_SYNC_USER_SECRETS_FILE",
-        "PG_PASSWORD_SYNC_NON_INTERACTIVE",
-        "PG_PASSWORD_SYNC_TEST_DELAY_US",
-        "RUST_LOG",
-    ] {
-        cmd.env_remove(var);
-    }
+    clean_env(&mut cmd);
     cmd.stdin(Stdio::null());
     cmd
+}
+
+/// Removes every variable that could change what `generate` does (each option has one).
+fn clean_env(cmd: &mut Command) {
+    for (var, _) in std::env::vars_os() {
+        if var.to_string_lossy().starts_with("PG_PASSWORD_SYNC_") {
+            cmd.env_remove(var);
+        }
+    }
+    cmd.env_remove("RUST_LOG");
 }
 
 /// Adds the test OIDC values to the environment of `cmd`.
@@ -870,7 +870,7 @@ impl Terminal {
         for (_, var) in OIDC {
             cmd.env_remove(var);
         }
-        cmd.env_remove("PG_PASSWORD_SYNC_NON_INTERACTIVE");
+        clean_env(&mut cmd);
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -1156,4 +1156,103 @@ fn k8s_secret_to_a_terminal_is_refused_but_piping_and_output_work() {
     assert_eq!(code, 0, "{transcript}");
     assert!(fs::read_to_string(&manifest).unwrap().contains("data:\n"));
     assert!(!transcript.contains("data:"), "{transcript}");
+}
+
+#[test]
+fn every_option_works_from_its_environment_variable() {
+    let (fx, snap) = Fixture::new().generated();
+    let with = |vars: &[(&str, &str)], args: &[&str]| {
+        let mut cmd = generate(&fx.dir, args);
+        for (var, value) in vars {
+            cmd.env(var, value);
+        }
+        run(cmd)
+    };
+    let oidc = OIDC.iter().map(|(_, var)| *var).zip(OIDC_ENV_VALUES);
+    let oidc: Vec<(&str, &str)> = oidc.collect();
+    // Modes switched off by their variables (or set empty) do not conflict with --force.
+    let mut vars = vec![
+        ("PG_PASSWORD_SYNC_VERIFY", "false"),
+        ("PG_PASSWORD_SYNC_LIST", "0"),
+        ("PG_PASSWORD_SYNC_RESTORE", ""),
+        ("PG_PASSWORD_SYNC_K8S_SECRET", ""),
+        ("PG_PASSWORD_SYNC_K8S_NAMESPACE", ""),
+        ("PG_PASSWORD_SYNC_OUTPUT", ""),
+        ("PG_PASSWORD_SYNC_NO_BACKUP", "yes"),
+    ];
+    vars.extend(&oidc);
+    let out = with(&vars, &["--force"]).success();
+    let unbacked = snapshot(&fx.keys());
+    out.no_values(values(&[&snap, &unbacked]).iter().map(Vec::as_slice));
+    assert_ne!(unbacked["redis_password.txt"], snap["redis_password.txt"]);
+    assert!(fx.backups().is_empty(), "{out}");
+
+    let mut vars = vec![
+        ("PG_PASSWORD_SYNC_FORCE", "true"),
+        ("PG_PASSWORD_SYNC_VERIFY", "off"),
+    ];
+    vars.extend(&oidc);
+    let out = with(&vars, &[]).success();
+    let forced = snapshot(&fx.keys());
+    out.no_values(values(&[&unbacked, &forced]).iter().map(Vec::as_slice));
+    assert_ne!(
+        forced["redis_password.txt"], unbacked["redis_password.txt"],
+        "{out}"
+    );
+    assert_eq!(fx.backups().len(), 1, "{out}");
+
+    let out = with(&[("PG_PASSWORD_SYNC_LIST", "1")], &[]).success();
+    assert!(out.stdout.contains("MODIFIED (UTC)"), "{out}");
+    let out = with(&[("PG_PASSWORD_SYNC_VERIFY", "yes")], &[]).success();
+    assert!(out.stdout.contains("pass"), "{out}");
+    let out = with(&[("PG_PASSWORD_SYNC_LIST_BACKUPS", "on")], &[]).success();
+    assert!(out.stdout.contains("(newest)"), "{out}");
+    let out = with(&[("PG_PASSWORD_SYNC_BACKUP_ONLY", "true")], &[]).success();
+    assert!(out.stdout.contains("backed up 11 files"), "{out}");
+    assert_eq!(fx.backups().len(), 2, "{out}");
+    // Two modes switched on by their variables conflict.
+    let out = with(
+        &[
+            ("PG_PASSWORD_SYNC_LIST", "1"),
+            ("PG_PASSWORD_SYNC_VERIFY", "1"),
+        ],
+        &[],
+    )
+    .code(3);
+    assert!(out.stderr.contains("cannot be used with"), "{out}");
+
+    let manifest = fx.dir.parent().unwrap().join("env.yaml");
+    let out = with(
+        &[
+            ("PG_PASSWORD_SYNC_K8S_SECRET", "app-secrets"),
+            ("PG_PASSWORD_SYNC_K8S_NAMESPACE", "prod"),
+            ("PG_PASSWORD_SYNC_OUTPUT", manifest.to_str().unwrap()),
+        ],
+        &[],
+    )
+    .success();
+    out.no_values(values(&[&forced]).iter().map(Vec::as_slice));
+    let text = fs::read_to_string(&manifest).unwrap();
+    assert!(
+        text.contains("  name: app-secrets\n  namespace: prod\n"),
+        "{text}"
+    );
+
+    // Restore the oldest backup (the set before PG_PASSWORD_SYNC_FORCE) by name.
+    let oldest = fx.backups()[0]
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let out = with(
+        &[
+            ("PG_PASSWORD_SYNC_RESTORE", &oldest),
+            ("PG_PASSWORD_SYNC_YES", "true"),
+        ],
+        &[],
+    )
+    .success();
+    out.no_values(values(&[&unbacked, &forced]).iter().map(Vec::as_slice));
+    assert_eq!(snapshot(&fx.keys()), unbacked, "{out}");
 }
