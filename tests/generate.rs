@@ -588,6 +588,30 @@ fn verify_reports_every_problem_and_exits_7() {
 }
 
 #[test]
+fn an_oversized_file_is_a_verify_problem_and_force_replaces_it() {
+    let (fx, snap) = Fixture::new().generated();
+    let big = vec![b'A'; 5000];
+    fs::write(fx.keys().join("redis_password.txt"), &big).unwrap();
+    let out = run(generate(&fx.dir, &["--verify"])).code(7);
+    out.no_values(values(&[&snap]).iter().map(Vec::as_slice));
+    assert!(
+        out.stdout
+            .contains("problem: redis_password.txt: is larger than 4096 bytes"),
+        "{out}"
+    );
+    let out = run(with_oidc_env(generate(&fx.dir, &["--force"]))).success();
+    let now = snapshot(&fx.keys());
+    out.no_values(values(&[&snap, &now]).iter().map(Vec::as_slice));
+    assert!(is_password(&now["redis_password.txt"]), "{out}");
+    assert_eq!(
+        fs::read(fx.newest_backup().join("keys/redis_password.txt")).unwrap(),
+        big,
+        "the oversized file was not backed up\n{out}"
+    );
+    run(generate(&fx.dir, &["--verify"])).success();
+}
+
+#[test]
 fn list_shows_names_sizes_modes_and_times_but_no_value() {
     let (fx, snap) = Fixture::new().generated();
     let out = run(generate(&fx.dir, &["--list"])).success();

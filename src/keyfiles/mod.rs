@@ -344,8 +344,12 @@ fn generate(args: &GenerateArgs, paths: &Paths) -> anyhow::Result<Flock<File>> {
                 })?,
         };
         if action == Action::Replace {
-            let current = check::read_value(&paths.keys.join(entry.file))?;
-            if *current == value.expose().as_bytes() {
+            // An unchanged value is kept. A file that cannot be read as a value (one over
+            // 4096 bytes, say) is simply replaced: that is what --force is for, and the
+            // backup before the first overwrite still copies it.
+            let unchanged = check::read_value(&paths.keys.join(entry.file))
+                .is_ok_and(|current| *current == value.expose().as_bytes());
+            if unchanged {
                 kept.push(entry);
                 continue;
             }
