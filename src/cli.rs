@@ -267,6 +267,25 @@ mod tests {
     }
 
     #[test]
+    fn every_flag_has_an_environment_variable() {
+        let cli = Cli::command();
+        let mut missing = Vec::new();
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                // clap's own flags, and `run`'s CMD after `--`.
+                if matches!(id, "help" | "version" | "cmd") {
+                    continue;
+                }
+                if arg.get_env().is_none() {
+                    missing.push(format!("{} --{id}", sub.get_name()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "flags without an env var: {missing:?}");
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
