@@ -993,3 +993,33 @@ fn a_rotation_reaches_the_running_server_without_a_restart_as_pid1() {
 fn a_rotation_reaches_the_running_server_without_a_restart_as_subreaper() {
     rotation_while_running(Mode::Subreaper);
 }
+
+/// Invalid secret files at start: no backoff loop; the watcher applies them once fixed.
+#[test]
+fn secret_files_fixed_after_start_are_applied_by_the_watcher() {
+    let pg = Pg::new();
+    let missing = pg.keys.path().join("postgres_app_ro_pw.txt");
+    std::fs::remove_file(&missing).unwrap();
+    let sup = Sup::spawn(
+        Mode::Subreaper,
+        pg.command(Mode::Subreaper, &[], &["--debounce", "20ms"], &[]),
+    );
+    sup.wait_stderr(Duration::from_secs(120), "waiting for valid secret files");
+    pg.keys.write("postgres_app_ro_pw", &pg.secrets[2]);
+    wait_until(
+        Duration::from_secs(10),
+        "the fixed files to be applied",
+        || login_tcp(pg.port, "backupuser", &pg.secrets[2]).is_ok(),
+    );
+    pg.assert_new_passwords();
+    sup.signal(Signal::SIGINT);
+    let out = sup.finish(Duration::from_secs(10));
+    out.expect_ok(None);
+    assert!(
+        out.stderr.contains("postgres_app_ro_pw"),
+        "the file was named: {}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("retrying the sync"), "{}", out.stderr);
+    assert_no_leak(&pg.secrets(), None, &[&out]);
+}

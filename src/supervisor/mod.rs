@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::cli::RunArgs;
 use crate::config::{Config, Host};
+use crate::error::Failure;
 use crate::postmaster::{self, PidFile};
 use crate::state::{Snapshot, StateFile};
 use crate::sync::{Options, Syncer};
@@ -227,6 +228,7 @@ async fn work(
         &state,
         &mut resync,
         args.exit_on_sync_failure,
+        !args.no_watch,
         ready_at,
     )
     .await?;
@@ -267,12 +269,15 @@ fn target_server(mut config: Config, pidfile: &PidFile) -> Config {
 
 /// The first sync after readiness, retried with backoff (1 s doubling to 30 s) while
 /// postgres keeps serving; SIGHUP retries at once. With `exit_on_failure` the first
-/// failure is returned instead.
+/// failure is returned instead. With `watching`, invalid secret files end this loop
+/// early: the watcher applies them as soon as they are fixed, instead of at the next
+/// backoff tick.
 async fn first_sync(
     syncer: &mut Syncer,
     state: &StateFile,
     resync: &mut mpsc::UnboundedReceiver<()>,
     exit_on_failure: bool,
+    watching: bool,
     ready_at: Instant,
 ) -> anyhow::Result<()> {
     let mut attempt = 0u32;
@@ -288,6 +293,10 @@ async fn first_sync(
                 return Ok(());
             }
             Err(err) if exit_on_failure => return Err(err),
+            Err(err) if watching && Failure::of(&err) == Some(Failure::Config) => {
+                tracing::info!("waiting for valid secret files");
+                return Ok(());
+            }
             Err(_) => {
                 let delay = backoff(attempt);
                 attempt = attempt.saturating_add(1);
