@@ -239,12 +239,18 @@ async fn work(
         {
             tracing::error!(
                 "watching the secret files stopped: {err:#}; \
-                 re-syncing on SIGHUP only"
+                 re-syncing on SIGHUP and every --resync-interval only"
             );
         }
     }
-    // --no-watch (or the watch gave up): SIGHUP still re-syncs.
-    while resync.recv().await.is_some() {
+    // --no-watch: SIGHUP still re-syncs. A watch that gave up (no inotify instance left,
+    // say) keeps the periodic resync too.
+    let period = Some(args.watch.resync_interval).filter(|p| !args.no_watch && !p.is_zero());
+    loop {
+        tokio::select! {
+            message = resync.recv() => if message.is_none() { break },
+            () = tokio::time::sleep(period.unwrap_or_default()), if period.is_some() => {}
+        }
         let _ = sync_once(&mut syncer, &state).await;
     }
     Ok(())
