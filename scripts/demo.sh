@@ -23,7 +23,9 @@ PORT=$(free_port)
 mkdir -p "$SOCK"
 if [ "$(id -u)" -eq 0 ]; then chown postgres:postgres "$SOCK"; chown postgres:postgres "$WORK"; fi
 
+RUN_PID=
 cleanup() {
+  if [ -n "$RUN_PID" ]; then kill -INT "$RUN_PID" 2>/dev/null || true; wait "$RUN_PID" 2>/dev/null || true; fi
   as_pg "$PG_BINDIR/pg_ctl" -D "$PGDATA" -m immediate -w stop >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }
@@ -88,5 +90,85 @@ if grep -F -f <(for f in "$KEYS"/*.txt; do cat "$f"; echo; done) "$WORK/server.l
   exit 1
 fi
 echo "checked $(wc -l < "$WORK/server.log") log lines (log_statement=all): no password"
+
+step "stopping the cluster; from now on pg-password-sync run supervises it"
+as_pg "$PG_BINDIR/pg_ctl" -D "$PGDATA" -m fast -w stop >/dev/null
+
+# A Kubernetes Secret volume: the kubelet writes a new ..<timestamp> directory, points
+# ..data_tmp at it and renames that over ..data; the visible names link through ..data.
+VOLUME=$WORK/volume
+mkdir -m 755 "$VOLUME"
+k8s_swap() {
+  local ts name
+  ts="..$(date +%Y_%m_%d_%H_%M_%S.%N)"
+  mkdir "$VOLUME/$ts"
+  for name in postgres_password postgres_app_user_pw postgres_app_ro_pw postgres_temporal_pw; do
+    cp "$KEYS/$name.txt" "$VOLUME/$ts/$name"
+  done
+  ln -s "$ts" "$VOLUME/..data_tmp"
+  mv -T "$VOLUME/..data_tmp" "$VOLUME/..data"
+  for name in postgres_password postgres_app_user_pw postgres_app_ro_pw postgres_temporal_pw; do
+    [ -L "$VOLUME/$name" ] || ln -s "..data/$name" "$VOLUME/$name"
+  done
+}
+k8s_swap
+export KEYS_DIR=$VOLUME
+
+STATE=$WORK/state
+LOG=$WORK/run.log
+# As root, postgres must run as the postgres OS user; setpriv execs in place, so the PID
+# that run supervises is the postmaster's and signals reach it.
+AS_PG=()
+if [ "$(id -u)" -eq 0 ]; then AS_PG=(setpriv --reuid=postgres --regid=postgres --init-groups --); fi
+"$BIN" run --state-dir "$STATE" -- "${AS_PG[@]}" "$PG_BINDIR/postgres" -D "$PGDATA" \
+  -p "$PORT" -k "$SOCK" -c listen_addresses=127.0.0.1 -c log_statement=all \
+  >"$LOG" 2>&1 &
+RUN_PID=$!
+wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...: poll every 50 ms
+  local limit=$1 what=$2 i
+  shift 2
+  for ((i = 0; i < limit * 20; i++)); do
+    if "$@"; then return 0; fi
+    sleep 0.05
+  done
+  echo "timed out waiting for $what; run log:" >&2
+  tail -n 30 "$LOG" >&2
+  return 1
+}
+wait_for 60 "the first sync" grep -q 'Password synchronization complete.' "$LOG"
+grep -F '[pg-password-sync]' "$LOG" | tail -n 7
+"$BIN" health --state-dir "$STATE"
+POSTMASTER=$(head -n 1 "$PGDATA/postmaster.pid")
+
+step "rotating: generate --force (with a backup), then a Kubernetes-style ..data swap"
+"$BIN" generate --dir "$SECRETS" --force
+k8s_swap
+(umask 077; printf '127.0.0.1:%s:*:appuser:%s\n' "$PORT" "$(cat "$KEYS/postgres_app_user_pw.txt")" > "$PASSFILE")
+app_login() { PGPASSFILE=$PASSFILE psql -X -At -h 127.0.0.1 -p "$PORT" -U appuser -d postgres -c 'SELECT 1' >/dev/null 2>&1; }
+wait_for 10 "the new app password" app_login
+grep -F 'passwords rotated' "$LOG"
+echo "appuser logs in with the rotated password"
+if [ "$(head -n 1 "$PGDATA/postmaster.pid")" = "$POSTMASTER" ]; then
+  echo "same postmaster (pid $POSTMASTER): the server was not restarted"
+else
+  echo "the server was restarted" >&2
+  exit 1
+fi
+"$BIN" verify
+
+step "SIGINT to run (what docker stop sends): postgres shuts down cleanly"
+kill -INT "$RUN_PID"
+status=0
+wait "$RUN_PID" || status=$?
+RUN_PID=
+echo "run exited with status $status"
+[ "$status" -eq 0 ]
+as_pg "$PG_BINDIR/pg_controldata" "$PGDATA" | grep 'Database cluster state'
+if grep -F -f <(for f in "$KEYS"/*.txt "$SECRETS"/backups/*/keys/*.txt; do cat "$f"; echo; done) \
+  "$LOG" "$WORK/server.log" >/dev/null; then
+  echo "LEAK: a password is in a log" >&2
+  exit 1
+fi
+echo "no password in the run log or the server log"
 
 step "demo complete"

@@ -23,13 +23,15 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
-# ensure_postgres: PostgreSQL 15 server binaries, the `postgres` OS user, setpriv/unshare.
+# ensure_postgres: PostgreSQL 15 server binaries, the `postgres` OS user, setpriv/unshare,
+# python3 (free_port).
 ensure_postgres() {
   local missing=()
   [ -x "$PG_BINDIR/initdb" ] || missing+=(postgresql-15)
   command -v psql >/dev/null || missing+=(postgresql-client-15)
   command -v setpriv >/dev/null || missing+=(util-linux)
   command -v unshare >/dev/null || missing+=(util-linux)
+  command -v python3 >/dev/null || missing+=(python3)
   if [ "${#missing[@]}" -gt 0 ]; then
     step "installing ${missing[*]}"
     apt_install "${missing[@]}"

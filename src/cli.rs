@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::keyfiles::GenerateArgs;
@@ -127,7 +128,7 @@ pub struct ConfigArgs {
 #[derive(Debug, Clone, Args)]
 pub struct SyncOptionsArgs {
     /// A role that does not exist is an error (exit 6) instead of a warning.
-    #[arg(long, env = "PG_PASSWORD_SYNC_STRICT")]
+    #[arg(long, env = "PG_PASSWORD_SYNC_STRICT", value_parser = BoolishValueParser::new())]
     pub strict: bool,
 }
 
@@ -144,10 +145,10 @@ pub struct SyncArgs {
     #[command(flatten)]
     pub options: SyncOptionsArgs,
     /// Report what would change; change nothing.
-    #[arg(long)]
+    #[arg(long, env = "PG_PASSWORD_SYNC_DRY_RUN", value_parser = BoolishValueParser::new())]
     pub dry_run: bool,
     /// Report format on stdout.
-    #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
+    #[arg(long, env = "PG_PASSWORD_SYNC_REPORT_FORMAT", value_enum, default_value_t = ReportFormat::Text)]
     pub format: ReportFormat,
 }
 
@@ -178,14 +179,14 @@ pub struct RunArgs {
     #[command(flatten)]
     pub watch: WatchOptionsArgs,
     /// Do not watch the secret files after the first sync.
-    #[arg(long, env = "PG_PASSWORD_SYNC_NO_WATCH")]
+    #[arg(long, env = "PG_PASSWORD_SYNC_NO_WATCH", value_parser = BoolishValueParser::new())]
     pub no_watch: bool,
     /// Do not sync at all: only supervise CMD (a plain init).
-    #[arg(long, env = "PG_PASSWORD_SYNC_NO_SYNC")]
+    #[arg(long, env = "PG_PASSWORD_SYNC_NO_SYNC", value_parser = BoolishValueParser::new())]
     pub no_sync: bool,
     /// On a failed first sync stop postgres (SIGINT) and exit non-zero, like the old wrapper,
     /// instead of retrying with backoff while postgres keeps serving.
-    #[arg(long, env = "PG_PASSWORD_SYNC_EXIT_ON_FAILURE")]
+    #[arg(long, env = "PG_PASSWORD_SYNC_EXIT_ON_FAILURE", value_parser = BoolishValueParser::new())]
     pub exit_on_sync_failure: bool,
     /// The command to supervise.
     #[arg(last = true, value_name = "CMD")]
@@ -213,7 +214,7 @@ pub struct VerifyArgs {
     #[arg(long, env = "APP_DB_OWNER")]
     pub owner: Option<String>,
     /// Report format on stdout.
-    #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
+    #[arg(long, env = "PG_PASSWORD_SYNC_REPORT_FORMAT", value_enum, default_value_t = ReportFormat::Text)]
     pub format: ReportFormat,
 }
 
@@ -240,6 +241,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let value: u64 = number
         .parse()
         .map_err(|_| format!("`{text}` is not a duration like 250ms, 5s or 5m"))?;
+    // A year is more than any sensible period, and keeps `Instant + period` far from overflow.
+    const MAX_MILLIS: u64 = 365 * 24 * 3_600_000;
     let millis = match unit {
         "ms" => Some(value),
         "" | "s" => value.checked_mul(1_000),
@@ -248,8 +251,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         _ => return Err(format!("unknown unit in `{text}` (use ms, s, m or h)")),
     };
     millis
+        .filter(|&ms| ms <= MAX_MILLIS)
         .map(Duration::from_millis)
-        .ok_or_else(|| format!("`{text}` is too long"))
+        .ok_or_else(|| format!("`{text}` is too long (at most a year)"))
 }
 
 #[cfg(test)]
@@ -263,6 +267,25 @@ mod tests {
     }
 
     #[test]
+    fn every_flag_has_an_environment_variable() {
+        let cli = Cli::command();
+        let mut missing = Vec::new();
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                // clap's own flags, and `run`'s CMD after `--`.
+                if matches!(id, "help" | "version" | "cmd") {
+                    continue;
+                }
+                if arg.get_env().is_none() {
+                    missing.push(format!("{} --{id}", sub.get_name()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "flags without an env var: {missing:?}");
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
@@ -270,5 +293,7 @@ mod tests {
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("5 weeks").is_err());
+        assert!(parse_duration("8761h").is_err());
+        assert!(parse_duration("99999999999999999999").is_err());
     }
 }

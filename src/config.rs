@@ -108,6 +108,12 @@ impl Config {
             .iter()
             .find(|r| r.name == args.postgres_user)
             .map_or(superuser_default, |r| r.secret.clone());
+        if args.connect_timeout.is_zero() {
+            bail!("--connect-timeout must be more than 0");
+        }
+        if args.pghost.contains(',') {
+            bail!("PGHOST lists several hosts; give exactly one socket directory or host");
+        }
         let host = if args.pghost.starts_with('/') {
             Host::Socket(PathBuf::from(&args.pghost))
         } else if args.pghost.is_empty() {
@@ -315,6 +321,12 @@ mod tests {
         }
         assert!(config(&["--role", &format!("{}=f", "r".repeat(63))]).is_ok());
         assert!(config(&["--role", "a=x", "--role", "a=y"]).is_err());
+    }
+
+    #[test]
+    fn unusable_connection_settings_are_config_errors() {
+        assert!(config(&["--connect-timeout", "0"]).is_err());
+        assert!(config(&["--pghost", "a,b"]).is_err());
     }
 
     #[test]

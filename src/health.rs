@@ -12,9 +12,10 @@
 use anyhow::anyhow;
 
 use crate::cli::HealthArgs;
+use crate::config::Config;
 use crate::error::Failure;
 use crate::postmaster;
-use crate::state::{StatStamp, State, StateFile};
+use crate::state::{Snapshot, StatStamp, State, StateFile};
 
 /// `pg-password-sync health`.
 pub fn command(args: HealthArgs) -> anyhow::Result<u8> {
@@ -59,7 +60,33 @@ fn evaluate(args: &HealthArgs) -> Result<String, String> {
         }
         (Some(pidfile), expected) => check_postmaster(&pidfile, expected)?,
     }
+    // The lookup is redone: a new `NAME` beside `NAME.txt`, or a file appearing in
+    // SECRETS_SOURCE_DIR, changes the secret in force without touching the recorded file.
+    if let Ok(config) = Config::from_args(&args.config) {
+        lookup_verdict(&state, &Snapshot::take(&config))?;
+    }
     sync_verdict(&state)
+}
+
+/// Fails when a role's secret now resolves to another existing file than the last sync
+/// read. (A secret that no longer resolves at all shows as a missing file below.)
+fn lookup_verdict(state: &State, now: &Snapshot) -> Result<(), String> {
+    let Some(last) = &state.last_sync else {
+        return Ok(());
+    };
+    for current in now.0.iter().filter(|f| f.stat.is_some()) {
+        if let Some(read) = last.files.iter().find(|f| f.role == current.role)
+            && read.path != current.path
+        {
+            return Err(format!(
+                "the secret for role {:?} is now {} (the last sync read {})",
+                current.role,
+                current.path.display(),
+                read.path.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The part of the verdict about the server: the pid file names the synced server, which
@@ -146,6 +173,16 @@ mod tests {
         let state = synced(&path, true);
         std::fs::write(dir.path().join("new"), "bb\n").unwrap();
         std::fs::rename(dir.path().join("new"), &path).unwrap();
+        std::fs::write(dir.path().join("pw.txt"), "c\n").unwrap();
+        let moved = Snapshot(vec![FileStamp {
+            role: "appuser".into(),
+            path: dir.path().join("pw.txt"),
+            stat: StatStamp::of(&dir.path().join("pw.txt")),
+        }]);
+        let why = lookup_verdict(&state, &moved).unwrap_err();
+        assert!(why.contains("is now"), "{why}");
+        assert!(lookup_verdict(&state, &Snapshot(state.last_sync.clone().unwrap().files)).is_ok());
+
         let why = sync_verdict(&state).unwrap_err();
         assert!(why.contains("changed since the last sync"), "{why}");
         assert!(!why.contains("bb"));

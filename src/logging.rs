@@ -23,7 +23,9 @@ pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Container logs are files, not terminals: no colour escapes in field names.
+        .with_ansi(false);
     // A second init (only possible in tests) keeps the first subscriber.
     let _ = match format {
         LogFormat::Text => builder.event_format(Prefixed).try_init(),

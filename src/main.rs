@@ -25,6 +25,9 @@ use cli::{Cli, Command};
 use error::{EXIT_UNEXPECTED, Failure};
 
 fn main() -> ExitCode {
+    // No core dump and no ptrace by other users of this process: its memory holds secrets.
+    // (Reset by exec, so the supervised postgres is unaffected.) Failing is not fatal.
+    let _ = nix::sys::prctl::set_dumpable(false);
     let cli = Cli::parse();
     logging::init(cli.log_format);
     match dispatch(cli.command) {

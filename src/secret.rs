@@ -72,7 +72,9 @@ pub fn read_file(path: &Path) -> anyhow::Result<Secret> {
     }
     let file = File::open(path).with_context(|| format!("opening secret file {shown}"))?;
     // Read one byte past the limit so an over-size file is detected without reading it all.
-    let mut bytes = Zeroizing::new(Vec::with_capacity(256));
+    // Sized for the largest accepted file, so reading never reallocates and frees a copy
+    // of the secret without zeroizing it.
+    let mut bytes = Zeroizing::new(Vec::with_capacity(MAX_SECRET_BYTES + 1));
     file.take(MAX_SECRET_BYTES as u64 + 1)
         .read_to_end(&mut bytes)
         .with_context(|| format!("reading secret file {shown}"))?;

@@ -117,19 +117,19 @@ fn generate(dir: &Path, args: &[&str]) -> Command {
     for (_, var) in OIDC {
         cmd.env_remove(var);
     }
-    for var in [
-        "PG_PASSWORD_SYNC_SECRETS_DIR",
-        "PG_PASSWORD_SYNC_NO_BACKUP",
-        "PG_PASSWORD_SYNC_KEEP_BACKUPS",
-        "PG_PASSWORD_SYNC_USER_SECRETS_FILE",
-        "PG_PASSWORD_SYNC_NON_INTERACTIVE",
-        "PG_PASSWORD_SYNC_TEST_DELAY_US",
-        "RUST_LOG",
-    ] {
-        cmd.env_remove(var);
-    }
+    clean_env(&mut cmd);
     cmd.stdin(Stdio::null());
     cmd
+}
+
+/// Removes every variable that could change what `generate` does (each option has one).
+fn clean_env(cmd: &mut Command) {
+    for (var, _) in std::env::vars_os() {
+        if var.to_string_lossy().starts_with("PG_PASSWORD_SYNC_") {
+            cmd.env_remove(var);
+        }
+    }
+    cmd.env_remove("RUST_LOG");
 }
 
 /// Adds the test OIDC values to the environment of `cmd`.
@@ -588,6 +588,30 @@ fn verify_reports_every_problem_and_exits_7() {
 }
 
 #[test]
+fn an_oversized_file_is_a_verify_problem_and_force_replaces_it() {
+    let (fx, snap) = Fixture::new().generated();
+    let big = vec![b'A'; 5000];
+    fs::write(fx.keys().join("redis_password.txt"), &big).unwrap();
+    let out = run(generate(&fx.dir, &["--verify"])).code(7);
+    out.no_values(values(&[&snap]).iter().map(Vec::as_slice));
+    assert!(
+        out.stdout
+            .contains("problem: redis_password.txt: is larger than 4096 bytes"),
+        "{out}"
+    );
+    let out = run(with_oidc_env(generate(&fx.dir, &["--force"]))).success();
+    let now = snapshot(&fx.keys());
+    out.no_values(values(&[&snap, &now]).iter().map(Vec::as_slice));
+    assert!(is_password(&now["redis_password.txt"]), "{out}");
+    assert_eq!(
+        fs::read(fx.newest_backup().join("keys/redis_password.txt")).unwrap(),
+        big,
+        "the oversized file was not backed up\n{out}"
+    );
+    run(generate(&fx.dir, &["--verify"])).success();
+}
+
+#[test]
 fn list_shows_names_sizes_modes_and_times_but_no_value() {
     let (fx, snap) = Fixture::new().generated();
     let out = run(generate(&fx.dir, &["--list"])).success();
@@ -870,7 +894,7 @@ impl Terminal {
         for (_, var) in OIDC {
             cmd.env_remove(var);
         }
-        cmd.env_remove("PG_PASSWORD_SYNC_NON_INTERACTIVE");
+        clean_env(&mut cmd);
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -1079,4 +1103,180 @@ fn a_second_concurrent_run_is_refused_while_the_directory_is_locked() {
     assert!(fx.backups().is_empty());
     drop(held);
     run(with_oidc_env(generate(&fx.dir, &["--force"]))).success();
+}
+
+/// The review's race: the files to create were decided before the lock was taken, so a file
+/// another run created in between (here: while this run waits at the OIDC prompt) was
+/// overwritten as "new", without a backup. Under the lock the plan is made again.
+#[test]
+fn a_file_created_while_waiting_at_the_prompt_is_kept_not_overwritten() {
+    let (fx, snap) = Fixture::new().generated();
+    fs::remove_file(fx.keys().join("redis_password.txt")).unwrap();
+    fs::remove_file(fx.keys().join(OIDC[0].0)).unwrap();
+    let Some(mut term) = Terminal::start(&fx.dir, &[]) else {
+        return;
+    };
+    term.expect(&format!("{} (input hidden): ", OIDC[0].1));
+    // Another run's result appears now, between the first look and the lock.
+    let concurrent = "ConcurrentRedisValue0123456789ab";
+    fs::write(fx.keys().join("redis_password.txt"), concurrent).unwrap();
+    let typed = "Typed-Google-Secret-4242";
+    term.type_line(typed);
+    let (code, transcript) = term.finish();
+    assert_eq!(code, 0, "{transcript}");
+    let now = snapshot(&fx.keys());
+    assert_eq!(
+        now["redis_password.txt"],
+        concurrent.as_bytes(),
+        "a file created before the lock was overwritten:\n{transcript}"
+    );
+    assert!(transcript.contains("kept"), "{transcript}");
+    assert_eq!(now[OIDC[0].0], typed.as_bytes());
+    for file in all_files() {
+        if file != "redis_password.txt" && file != OIDC[0].0 {
+            assert_eq!(now[file], snap[file], "{file}");
+        }
+    }
+    for value in values(&[&snap, &now]) {
+        assert!(
+            !transcript.contains(&*String::from_utf8_lossy(&value)),
+            "{transcript}"
+        );
+    }
+}
+
+#[test]
+fn k8s_secret_to_a_terminal_is_refused_but_piping_and_output_work() {
+    let (fx, snap) = Fixture::new().generated();
+    let Some(term) = Terminal::start(&fx.dir, &["--k8s-secret", "app"]) else {
+        return;
+    };
+    let (code, transcript) = term.finish();
+    assert_eq!(code, 3, "{transcript}");
+    assert!(transcript.contains("--output FILE"), "{transcript}");
+    assert!(!transcript.contains("data:"), "{transcript}");
+    for value in snap.values() {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(value);
+        assert!(!transcript.contains(&encoded), "{transcript}");
+    }
+    assert_eq!(snapshot(&fx.keys()), snap);
+
+    // With --force, the refusal comes before any write or backup.
+    let Some(term) = Terminal::start(&fx.dir, &["--k8s-secret=app", "--force"]) else {
+        return;
+    };
+    let (code, transcript) = term.finish();
+    assert_eq!(code, 3, "{transcript}");
+    assert_eq!(snapshot(&fx.keys()), snap, "refused run changed files");
+    assert!(fx.backups().is_empty(), "refused run took a backup");
+
+    // To a file, on the same terminal, it works.
+    let manifest = fx.dir.parent().unwrap().join("m.yaml");
+    let output = format!("--output={}", manifest.display());
+    let Some(term) = Terminal::start(&fx.dir, &["--k8s-secret=app", &output]) else {
+        return;
+    };
+    let (code, transcript) = term.finish();
+    assert_eq!(code, 0, "{transcript}");
+    assert!(fs::read_to_string(&manifest).unwrap().contains("data:\n"));
+    assert!(!transcript.contains("data:"), "{transcript}");
+}
+
+#[test]
+fn every_option_works_from_its_environment_variable() {
+    let (fx, snap) = Fixture::new().generated();
+    let with = |vars: &[(&str, &str)], args: &[&str]| {
+        let mut cmd = generate(&fx.dir, args);
+        for (var, value) in vars {
+            cmd.env(var, value);
+        }
+        run(cmd)
+    };
+    let oidc = OIDC.iter().map(|(_, var)| *var).zip(OIDC_ENV_VALUES);
+    let oidc: Vec<(&str, &str)> = oidc.collect();
+    // Modes switched off by their variables (or set empty) do not conflict with --force.
+    let mut vars = vec![
+        ("PG_PASSWORD_SYNC_VERIFY", "false"),
+        ("PG_PASSWORD_SYNC_LIST", "0"),
+        ("PG_PASSWORD_SYNC_RESTORE", ""),
+        ("PG_PASSWORD_SYNC_K8S_SECRET", ""),
+        ("PG_PASSWORD_SYNC_K8S_NAMESPACE", ""),
+        ("PG_PASSWORD_SYNC_OUTPUT", ""),
+        ("PG_PASSWORD_SYNC_NO_BACKUP", "yes"),
+    ];
+    vars.extend(&oidc);
+    let out = with(&vars, &["--force"]).success();
+    let unbacked = snapshot(&fx.keys());
+    out.no_values(values(&[&snap, &unbacked]).iter().map(Vec::as_slice));
+    assert_ne!(unbacked["redis_password.txt"], snap["redis_password.txt"]);
+    assert!(fx.backups().is_empty(), "{out}");
+
+    let mut vars = vec![
+        ("PG_PASSWORD_SYNC_FORCE", "true"),
+        ("PG_PASSWORD_SYNC_VERIFY", "off"),
+    ];
+    vars.extend(&oidc);
+    let out = with(&vars, &[]).success();
+    let forced = snapshot(&fx.keys());
+    out.no_values(values(&[&unbacked, &forced]).iter().map(Vec::as_slice));
+    assert_ne!(
+        forced["redis_password.txt"], unbacked["redis_password.txt"],
+        "{out}"
+    );
+    assert_eq!(fx.backups().len(), 1, "{out}");
+
+    let out = with(&[("PG_PASSWORD_SYNC_LIST", "1")], &[]).success();
+    assert!(out.stdout.contains("MODIFIED (UTC)"), "{out}");
+    let out = with(&[("PG_PASSWORD_SYNC_VERIFY", "yes")], &[]).success();
+    assert!(out.stdout.contains("pass"), "{out}");
+    let out = with(&[("PG_PASSWORD_SYNC_LIST_BACKUPS", "on")], &[]).success();
+    assert!(out.stdout.contains("(newest)"), "{out}");
+    let out = with(&[("PG_PASSWORD_SYNC_BACKUP_ONLY", "true")], &[]).success();
+    assert!(out.stdout.contains("backed up 11 files"), "{out}");
+    assert_eq!(fx.backups().len(), 2, "{out}");
+    // Two modes switched on by their variables conflict.
+    let out = with(
+        &[
+            ("PG_PASSWORD_SYNC_LIST", "1"),
+            ("PG_PASSWORD_SYNC_VERIFY", "1"),
+        ],
+        &[],
+    )
+    .code(3);
+    assert!(out.stderr.contains("cannot be used with"), "{out}");
+
+    let manifest = fx.dir.parent().unwrap().join("env.yaml");
+    let out = with(
+        &[
+            ("PG_PASSWORD_SYNC_K8S_SECRET", "app-secrets"),
+            ("PG_PASSWORD_SYNC_K8S_NAMESPACE", "prod"),
+            ("PG_PASSWORD_SYNC_OUTPUT", manifest.to_str().unwrap()),
+        ],
+        &[],
+    )
+    .success();
+    out.no_values(values(&[&forced]).iter().map(Vec::as_slice));
+    let text = fs::read_to_string(&manifest).unwrap();
+    assert!(
+        text.contains("  name: app-secrets\n  namespace: prod\n"),
+        "{text}"
+    );
+
+    // Restore the oldest backup (the set before PG_PASSWORD_SYNC_FORCE) by name.
+    let oldest = fx.backups()[0]
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let out = with(
+        &[
+            ("PG_PASSWORD_SYNC_RESTORE", &oldest),
+            ("PG_PASSWORD_SYNC_YES", "true"),
+        ],
+        &[],
+    )
+    .success();
+    out.no_values(values(&[&unbacked, &forced]).iter().map(Vec::as_slice));
+    assert_eq!(snapshot(&fx.keys()), unbacked, "{out}");
 }

@@ -3,8 +3,9 @@
 //! PID-1 tests start the binary with `unshare --pid --fork --mount-proc`, which makes it
 //! PID 1 of a new pid namespace with its own `/proc` (its host pid is unshare's child);
 //! subreaper tests start it directly, where it sets `PR_SET_CHILD_SUBREAPER`. PostgreSQL
-//! tests go through `tests/fixtures/docker-entrypoint.sh`, a stand-in for the official
-//! image's entrypoint (initdb, temporary socket-only server, init SQL, `exec postgres`).
+//! tests go through `docker/test/docker-entrypoint.sh`, the stand-in for the official
+//! image's entrypoint that the e2e test image also uses (initdb, temporary socket-only
+//! server, the init SQL of `docker/test/initdb.d`, `exec postgres`).
 //! Every wait polls a condition; wall-clock limits are liveness bounds, except the
 //! "within 2 s / 1 s / 5 s" ones, which are part of the contract.
 
@@ -25,8 +26,14 @@ use nix::unistd::Pid;
 
 const ENTRYPOINT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/docker-entrypoint.sh"
+    "/docker/test/docker-entrypoint.sh"
 );
+/// Its init scripts: the roles appuser, backupuser, temporaluser (placeholder passwords).
+const INITDB_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docker/test/initdb.d");
+/// The stand-in's pg_hba.conf for these tests (`env` may replace it): trust on the socket,
+/// so that the suite also runs as a non-root user (the server then runs as that user,
+/// which peer would not map to `postgres`); SCRAM over TCP.
+const TEST_HBA: &str = "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256";
 const COMPLETE: &str = "Password synchronization complete.";
 const PG_READY: &str = "database system is ready to accept connections";
 
@@ -54,7 +61,9 @@ fn can_unshare() -> bool {
 /// Whether a test in `mode` can run here; prints the skip reason when not.
 fn available(mode: Mode, test: &str) -> bool {
     if mode == Mode::Pid1 && !can_unshare() {
-        eprintln!("SKIP: {test}: `unshare --pid --fork --mount-proc` is not possible here");
+        skip(&format!(
+            "{test}: `unshare --pid --fork --mount-proc` is not possible here"
+        ));
         return false;
     }
     true
@@ -183,14 +192,8 @@ impl Sup {
         let mut run = self.running.finish(Duration::from_secs(120));
         run.elapsed = exited_after;
         self.stop_sampling.store(true, Ordering::Relaxed);
-        run.proc_seen = self
-            .sampler
-            .take()
-            .unwrap()
-            .join()
-            .unwrap()
-            .into_iter()
-            .collect();
+        run.proc_seen
+            .extend(self.sampler.take().unwrap().join().unwrap());
         run
     }
 }
@@ -256,6 +259,22 @@ fn command_not_found_is_127_and_not_executable_126_as_subreaper() {
 }
 
 #[test]
+fn log_lines_on_a_pipe_carry_no_terminal_escape_codes() {
+    // A container log is a pipe: `docker logs` showed `pid\x1b[0m\x1b[2m=\x1b[0m7`.
+    let mut cmd = binary(Mode::Subreaper);
+    cmd.args(["run", "--no-sync", "--", "true"]);
+    let out = run(cmd);
+    out.expect_ok(None);
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("[pg-password-sync] INFO started child"))
+        .unwrap_or_else(|| panic!("no 'started child' line:\n{}", out.stderr));
+    assert!(line.contains(" pid="), "{line:?}");
+    assert!(!out.stderr.contains('\x1b'), "{:?}", out.stderr);
+}
+
+#[test]
 fn child_starts_with_no_blocked_and_no_ignored_signals() {
     // PID 1 blocks every signal for its signalfd; the child must not inherit that mask
     // (postgres would never see SIGTERM), nor Rust's ignored SIGPIPE.
@@ -283,6 +302,35 @@ fn child_starts_with_no_blocked_and_no_ignored_signals() {
     assert_eq!(field("SigBlk:"), 0, "{}", out.stdout);
     let sigpipe_bit = 1u64 << (Signal::SIGPIPE as u32 - 1);
     assert_eq!(field("SigIgn:") & sigpipe_bit, 0, "{}", out.stdout);
+}
+
+#[test]
+fn an_initialised_data_directory_keeps_the_superuser_password_out_of_the_childs_environment() {
+    // The official entrypoint exports POSTGRES_PASSWORD (read from POSTGRES_PASSWORD_FILE)
+    // and execs postgres, which would carry it in /proc/*/environ. It only needs it to
+    // initialise an empty PGDATA.
+    let data = tempfile::tempdir().unwrap();
+    let child_env = |initialised: bool| {
+        if initialised {
+            std::fs::write(data.path().join("PG_VERSION"), "15\n").unwrap();
+        }
+        let mut cmd = binary(Mode::Subreaper);
+        cmd.env("POSTGRES_PASSWORD_FILE", "/run/secrets/postgres_password")
+            .env("POSTGRES_PASSWORD", "not-a-real-password")
+            .env("PGDATA", data.path())
+            .args(["run", "--no-sync", "--", "env"]);
+        let out = run(cmd);
+        out.expect_ok(None);
+        out.stdout
+    };
+    let fresh = child_env(false);
+    assert!(fresh.contains("POSTGRES_PASSWORD_FILE="), "{fresh}");
+    let initialised = child_env(true);
+    assert!(!initialised.contains("POSTGRES_PASSWORD"), "{initialised}");
+    assert!(
+        initialised.contains("PGDATA="),
+        "the rest is passed on: {initialised}"
+    );
 }
 
 const FORWARDED: [(Signal, &str); 7] = [
@@ -445,6 +493,9 @@ impl Pg {
         cmd.env("PGDATA", &self.data)
             .env("PGHOST", &self.sock)
             .env("PGPORT", self.port.to_string())
+            .env("INITDB_DIR", INITDB_DIR)
+            .env("POSTGRES_INITDB_ARGS", "--no-sync")
+            .env("PG_HBA", TEST_HBA)
             .env(
                 "POSTGRES_EXTRA_CONF",
                 "log_statement = 'all'\nlog_min_error_statement = 'error'\nfsync = off",
@@ -724,7 +775,7 @@ fn postmaster_sigkilled_after_ready_exits_nonzero_within_1s_as_subreaper() {
 
 fn root_with_peer_only(mode: Mode) {
     if !is_root() {
-        eprintln!("SKIP: the root/peer test needs root");
+        skip("the root/peer test needs root");
         return;
     }
     if !available(mode, "as_root_with_only_peer") {
@@ -941,4 +992,34 @@ fn a_rotation_reaches_the_running_server_without_a_restart_as_pid1() {
 #[test]
 fn a_rotation_reaches_the_running_server_without_a_restart_as_subreaper() {
     rotation_while_running(Mode::Subreaper);
+}
+
+/// Invalid secret files at start: no backoff loop; the watcher applies them once fixed.
+#[test]
+fn secret_files_fixed_after_start_are_applied_by_the_watcher() {
+    let pg = Pg::new();
+    let missing = pg.keys.path().join("postgres_app_ro_pw.txt");
+    std::fs::remove_file(&missing).unwrap();
+    let sup = Sup::spawn(
+        Mode::Subreaper,
+        pg.command(Mode::Subreaper, &[], &["--debounce", "20ms"], &[]),
+    );
+    sup.wait_stderr(Duration::from_secs(120), "waiting for valid secret files");
+    pg.keys.write("postgres_app_ro_pw", &pg.secrets[2]);
+    wait_until(
+        Duration::from_secs(10),
+        "the fixed files to be applied",
+        || login_tcp(pg.port, "backupuser", &pg.secrets[2]).is_ok(),
+    );
+    pg.assert_new_passwords();
+    sup.signal(Signal::SIGINT);
+    let out = sup.finish(Duration::from_secs(10));
+    out.expect_ok(None);
+    assert!(
+        out.stderr.contains("postgres_app_ro_pw"),
+        "the file was named: {}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("retrying the sync"), "{}", out.stderr);
+    assert_no_leak(&pg.secrets(), None, &[&out]);
 }

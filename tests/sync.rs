@@ -16,6 +16,8 @@ fn setup(cluster: &Cluster, keys: &Keys) -> Vec<String> {
         .collect();
     let old_refs: Vec<(&str, &str)> = old.iter().map(|(r, p)| (r.as_str(), p.as_str())).collect();
     cluster.create_roles(&old_refs);
+    // The setup itself sent plaintext; the checks look only at what the sync causes.
+    cluster.clear_log();
     DEFAULT_ROLES
         .iter()
         .map(|(_, file)| {
@@ -170,6 +172,48 @@ fn a_failing_statement_rolls_back_everything_and_leaks_nothing() {
 }
 
 #[test]
+fn only_verifiers_are_sent_and_no_logging_setting_shows_them() {
+    // md5 as the server default: a plaintext ALTER ROLE would be stored as md5, so a SCRAM
+    // verifier in pg_authid proves the client sent one. Every logging knob that can print
+    // a statement is turned up; none may show the verifier or the statement.
+    let cluster = Cluster::start_with(&ClusterOptions {
+        extra_conf: vec![
+            "password_encryption = 'md5'".into(),
+            "log_min_duration_statement = 0".into(),
+            "log_min_duration_sample = 0".into(),
+            "log_statement_sample_rate = 1".into(),
+            "log_transaction_sample_rate = 1".into(),
+            "debug_print_parse = on".into(),
+            "debug_print_rewritten = on".into(),
+            "debug_print_plan = on".into(),
+        ],
+        ..ClusterOptions::default()
+    });
+    let keys = Keys::new();
+    let secrets = setup(&cluster, &keys);
+    let out = run(bin_for("sync", &cluster, &keys));
+    out.expect_ok(Some(&cluster));
+    for (role, _) in DEFAULT_ROLES {
+        let stored = cluster.rolpassword(role).unwrap();
+        assert!(
+            stored.starts_with("SCRAM-SHA-256$4096:"),
+            "{role}: a plaintext was sent"
+        );
+    }
+    let log = cluster.log_text();
+    assert!(log.contains("duration:"), "the noisy settings are in force");
+    assert!(
+        !log.contains("ALTER ROLE"),
+        "a password statement reached the server log"
+    );
+    assert!(
+        !log.contains("SCRAM-SHA-256$"),
+        "a verifier reached the server log"
+    );
+    assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
+}
+
+#[test]
 fn twenty_concurrent_syncs_all_succeed() {
     let cluster = Cluster::start_default();
     let keys = Keys::new();
@@ -266,7 +310,7 @@ fn verify_checks_that_the_owner_refuses_login() {
 #[test]
 fn as_root_with_only_peer_for_postgres_and_root_only_secret_files() {
     if !is_root() {
-        eprintln!("SKIP: needs root (CI runs as root)");
+        skip("needs root (CI runs as root)");
         return;
     }
     let cluster = Cluster::start_with(&ClusterOptions {
@@ -501,19 +545,30 @@ fn bad_secret_files_apply_nothing_and_name_the_file() {
 
 #[test]
 fn unreadable_secret_file_is_a_config_error() {
-    if is_root() {
-        // root reads any file regardless of mode; this case is only observable unprivileged.
-        eprintln!("SKIP: root can read a mode-000 file");
-        return;
-    }
     let keys = Keys::new();
     keys.write("x", "value");
+    std::fs::set_permissions(keys.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(
         keys.path().join("x.txt"),
         std::fs::Permissions::from_mode(0o000),
     )
     .unwrap();
-    let mut cmd = bin();
+    // Root reads any file whatever its mode: run the binary as `nobody` then.
+    let mut cmd = if is_root() {
+        let mut cmd = std::process::Command::new("setpriv");
+        cmd.args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--",
+            BIN,
+        ])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        cmd
+    } else {
+        bin()
+    };
     cmd.arg("sync")
         .arg("--keys-dir")
         .arg(keys.path())
@@ -521,6 +576,11 @@ fn unreadable_secret_file_is_a_config_error() {
     let out = run(cmd);
     out.expect_code(3, None);
     assert!(out.stderr.contains("x.txt"), "{}", out.describe(None));
+    assert!(
+        out.stderr.contains("ermission denied"),
+        "{}",
+        out.describe(None)
+    );
 }
 
 #[test]

@@ -15,6 +15,7 @@ use zeroize::Zeroizing;
 
 use super::catalog::{ENTRIES, Entry};
 use super::clock::Utc;
+use crate::secret::MAX_SECRET_BYTES;
 
 /// Values that template files ship with and that must never reach production (compared
 /// case-insensitively; the first five also count when they appear inside a value, as in
@@ -85,6 +86,13 @@ pub fn verify(keys: &Path) -> anyhow::Result<Vec<String>> {
                 entry.file
             ));
         }
+        if meta.len() > MAX_SECRET_BYTES as u64 {
+            problems.push(format!(
+                "{}: is larger than {MAX_SECRET_BYTES} bytes",
+                entry.file
+            ));
+            continue;
+        }
         let value = read_value(&path)?;
         problems.extend(
             value_problems(entry, &value)
@@ -95,12 +103,28 @@ pub fn verify(keys: &Path) -> anyhow::Result<Vec<String>> {
     Ok(problems)
 }
 
-/// Reads a secret file's value: its bytes minus trailing `\r`/`\n`, at most 64 KiB.
+/// Reads a secret file's value: its bytes minus trailing `\r`/`\n`. A file larger than
+/// `MAX_SECRET_BYTES` is an error (as it is for `run`), named without its content.
+///
+/// The buffer is allocated once, one byte larger than the largest value, and filled in
+/// place, so no reallocation ever leaves an un-zeroized copy of the value behind.
 pub fn read_value(path: &Path) -> anyhow::Result<Zeroizing<Vec<u8>>> {
-    let mut bytes = Zeroizing::new(Vec::with_capacity(128));
-    fs::File::open(path)
-        .and_then(|file| file.take(64 * 1024).read_to_end(&mut bytes))
-        .with_context(|| format!("reading {}", path.display()))?;
+    let mut bytes = Zeroizing::new(vec![0u8; MAX_SECRET_BYTES + 1]);
+    let mut filled = 0;
+    let mut file = fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    while filled < bytes.len() {
+        match file.read(&mut bytes[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+    if filled > MAX_SECRET_BYTES {
+        anyhow::bail!("{} is larger than {MAX_SECRET_BYTES} bytes", path.display());
+    }
+    // Shortening keeps the allocation; the whole of it is zeroized on drop.
+    bytes.truncate(filled);
     while matches!(bytes.last(), Some(b'\n' | b'\r')) {
         bytes.pop();
     }
@@ -175,6 +199,24 @@ mod tests {
         ] {
             assert!(!is_placeholder(value), "{value}");
         }
+    }
+
+    #[test]
+    fn read_value_trims_line_ends_refuses_oversize_and_never_reallocates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.txt");
+        fs::write(&path, b"value\r\n").unwrap();
+        let value = read_value(&path).unwrap();
+        assert_eq!(&**value, b"value");
+        // Preallocated for the largest value: reading one never grew (reallocated) it.
+        assert_eq!(value.capacity(), MAX_SECRET_BYTES + 1);
+        fs::write(&path, vec![b'a'; MAX_SECRET_BYTES]).unwrap();
+        let value = read_value(&path).unwrap();
+        assert_eq!(value.len(), MAX_SECRET_BYTES);
+        assert_eq!(value.capacity(), MAX_SECRET_BYTES + 1);
+        fs::write(&path, vec![b'a'; MAX_SECRET_BYTES + 1]).unwrap();
+        let err = format!("{:#}", read_value(&path).unwrap_err());
+        assert!(err.contains("larger than 4096 bytes"), "{err}");
     }
 
     #[test]

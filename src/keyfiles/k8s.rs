@@ -26,13 +26,30 @@ pub fn is_dns_subdomain(name: &str) -> bool {
     name.len() <= 253 && name.split('.').all(is_dns_label)
 }
 
+/// The exact length of the rendered manifest, so its buffer is allocated once: growing it
+/// by reallocation would free un-zeroized copies of the values.
+fn rendered_len(
+    name: &str,
+    namespace: Option<&str>,
+    values: &[(&str, Zeroizing<Vec<u8>>)],
+) -> usize {
+    const HEAD: &str = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: \n";
+    const TYPE: &str = "type: Opaque\ndata:\n";
+    let namespace = namespace.map_or(0, |ns| "  namespace: \n".len() + ns.len());
+    let data: usize = values
+        .iter()
+        .map(|(key, value)| "  : \n".len() + key.len() + value.len().div_ceil(3) * 4)
+        .sum();
+    HEAD.len() + name.len() + namespace + TYPE.len() + data
+}
+
 /// Renders the manifest. `values` pairs each key with its value bytes.
 pub fn render(
     name: &str,
     namespace: Option<&str>,
     values: &[(&str, Zeroizing<Vec<u8>>)],
 ) -> Zeroizing<String> {
-    let mut out = Zeroizing::new(String::with_capacity(256 + values.len() * 128));
+    let mut out = Zeroizing::new(String::with_capacity(rendered_len(name, namespace, values)));
     out.push_str("apiVersion: v1\nkind: Secret\nmetadata:\n  name: ");
     out.push_str(name);
     out.push('\n');
@@ -46,7 +63,7 @@ pub fn render(
         out.push_str("  ");
         out.push_str(key);
         out.push_str(": ");
-        // `out` has room reserved, and `encode_string` appends in place.
+        // `out` has exactly the room needed, and `encode_string` appends in place.
         STANDARD.encode_string(&**value, &mut out);
         out.push('\n');
     }
@@ -92,5 +109,23 @@ mod tests {
              type: Opaque\ndata:\n  postgres_password: cDogdyInCiM=\n  redis_password: cg==\n"
         );
         assert!(!render("app", None, &values).contains("namespace"));
+    }
+
+    #[test]
+    fn manifest_buffer_is_allocated_once_even_for_the_largest_values() {
+        let big = crate::secret::MAX_SECRET_BYTES;
+        let keys = ["a", "bb", "ccc", "dddd"];
+        let values: Vec<_> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, key)| (*key, Zeroizing::new(vec![b'x'; big - i])))
+            .collect();
+        for namespace in [None, Some("prod")] {
+            let text = render("app-secrets", namespace, &values);
+            let expected = rendered_len("app-secrets", namespace, &values);
+            // Growing would have doubled the capacity: it is still exactly what was reserved.
+            assert_eq!(text.len(), expected);
+            assert_eq!(text.capacity(), expected);
+        }
     }
 }

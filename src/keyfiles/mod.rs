@@ -20,12 +20,12 @@ mod oidc;
 mod random;
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use clap::Args;
 use clap::builder::BoolishValueParser;
-use clap::{ArgGroup, Args};
 use nix::fcntl::{Flock, FlockArg};
 use zeroize::Zeroizing;
 
@@ -36,12 +36,11 @@ use catalog::{ENTRIES, Entry, Kind};
 /// Options of `generate`.
 ///
 /// Without a mode flag, creates the missing secret files and keeps existing ones.
-#[derive(Debug, Args)]
-#[command(group(
-    ArgGroup::new("mode")
-        .args(["backup_only", "verify", "list", "list_backups", "restore"])
-        .multiple(false)
-))]
+///
+/// Every option has an environment variable. The conflicts between options are checked by
+/// `effective`, not by clap, because clap counts a variable set to `false` or to an empty
+/// value as a given option: `PG_PASSWORD_SYNC_VERIFY=false` must not conflict with `--force`.
+#[derive(Debug, Clone, Args)]
 pub struct GenerateArgs {
     /// Secrets directory: files go to DIR/keys, backups to DIR/backups, and the OIDC client
     /// secrets are read from DIR/user-provided.env.
@@ -55,7 +54,7 @@ pub struct GenerateArgs {
 
     /// Regenerate every random secret and re-read the three OIDC values from their source
     /// (a complete backup of the current set is taken first unless --no-backup).
-    #[arg(long)]
+    #[arg(long, env = "PG_PASSWORD_SYNC_FORCE", value_parser = BoolishValueParser::new())]
     pub force: bool,
 
     /// Do not back up the current set before --force overwrites it (--restore always backs
@@ -64,30 +63,31 @@ pub struct GenerateArgs {
     pub no_backup: bool,
 
     /// Only back up the current set to DIR/backups/backup-YYYYMMDD-HHMMSS; generate nothing.
-    #[arg(long, conflicts_with = "force")]
+    #[arg(long, env = "PG_PASSWORD_SYNC_BACKUP_ONLY", value_parser = BoolishValueParser::new())]
     pub backup_only: bool,
 
     /// Check every file: present, mode 0600, long enough, not a placeholder; exit 7 listing
     /// every problem.
-    #[arg(long, conflicts_with = "force")]
+    #[arg(long, env = "PG_PASSWORD_SYNC_VERIFY", value_parser = BoolishValueParser::new())]
     pub verify: bool,
 
     /// List the secret files with size, mode and modification time (never their content).
-    #[arg(long, conflicts_with = "force")]
+    #[arg(long, env = "PG_PASSWORD_SYNC_LIST", value_parser = BoolishValueParser::new())]
     pub list: bool,
 
     /// List the backups, oldest first.
-    #[arg(long, conflicts_with = "force")]
+    #[arg(long, env = "PG_PASSWORD_SYNC_LIST_BACKUPS", value_parser = BoolishValueParser::new())]
     pub list_backups: bool,
 
     /// Restore the secret files from BACKUP (a name under DIR/backups or a path; the newest
-    /// by default). The current set is backed up first. Asks on a terminal unless --yes or --non-interactive.
-    #[arg(long, value_name = "BACKUP", conflicts_with = "force")]
+    /// by default, or with the name `newest`). The current set is backed up first. Asks on a
+    /// terminal unless --yes or --non-interactive. An empty variable counts as unset.
+    #[arg(long, value_name = "BACKUP", env = "PG_PASSWORD_SYNC_RESTORE")]
     #[allow(clippy::option_option)]
     pub restore: Option<Option<String>>,
 
     /// Do not ask for confirmation before --restore.
-    #[arg(long, short = 'y')]
+    #[arg(long, short = 'y', env = "PG_PASSWORD_SYNC_YES", value_parser = BoolishValueParser::new())]
     pub yes: bool,
 
     /// After a successful run, delete the oldest backups so that at most N remain.
@@ -107,21 +107,25 @@ pub struct GenerateArgs {
     pub non_interactive: bool,
 
     /// Also write a Kubernetes Secret manifest named NAME holding every value (keys without
-    /// `.txt`), to stdout or --output, ready for `kubectl apply -f -`.
-    #[arg(long, value_name = "NAME", conflicts_with_all = ["backup_only", "verify", "list", "list_backups", "restore"])]
+    /// `.txt`) to --output, or to stdout when that is a pipe (`| kubectl apply -f -`); it
+    /// is refused when stdout is a terminal.
+    #[arg(long, value_name = "NAME", env = "PG_PASSWORD_SYNC_K8S_SECRET")]
     pub k8s_secret: Option<String>,
 
     /// Namespace of the --k8s-secret manifest.
-    #[arg(long, value_name = "NS", requires = "k8s_secret")]
+    #[arg(long, value_name = "NS", env = "PG_PASSWORD_SYNC_K8S_NAMESPACE")]
     pub namespace: Option<String>,
 
     /// Write the --k8s-secret manifest to FILE (created 0600) instead of stdout.
-    #[arg(long, value_name = "FILE", requires = "k8s_secret")]
+    #[arg(long, value_name = "FILE", env = "PG_PASSWORD_SYNC_OUTPUT",
+          value_parser = clap::builder::TypedValueParser::map(
+              clap::builder::OsStringValueParser::new(), PathBuf::from))]
     pub output: Option<PathBuf>,
 }
 
 /// Runs `generate`.
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
+    let args = &effective(args)?;
     let paths = Paths::new(&args.dir);
     if args.verify {
         return verify(&paths);
@@ -134,7 +138,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     }
     // The write modes return their lock so that pruning happens while it is still held.
     let _lock = if let Some(name) = &args.restore {
-        restore(args, &paths, name.as_deref().filter(|n| !n.is_empty()))?
+        restore(args, &paths, name.as_deref())?
     } else if args.backup_only {
         backup_only(&paths)?
     } else {
@@ -146,6 +150,70 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The options as given, with empty values (an exported but empty variable) counting as
+/// unset, `--restore newest` as `--restore`, and the conflicts between options checked.
+fn effective(args: &GenerateArgs) -> anyhow::Result<GenerateArgs> {
+    let mut args = args.clone();
+    let empty = |v: &Option<String>| v.as_deref().is_some_and(str::is_empty);
+    if empty(&args.k8s_secret) {
+        args.k8s_secret = None;
+    }
+    if empty(&args.namespace) {
+        args.namespace = None;
+    }
+    if args
+        .output
+        .as_ref()
+        .is_some_and(|p| p.as_os_str().is_empty())
+    {
+        args.output = None;
+    }
+    args.restore = match args.restore.take() {
+        Some(Some(name)) if name.is_empty() => None,
+        Some(Some(name)) if name == "newest" => Some(None),
+        other => other,
+    };
+    let modes: Vec<&str> = [
+        ("--backup-only", args.backup_only),
+        ("--verify", args.verify),
+        ("--list", args.list),
+        ("--list-backups", args.list_backups),
+        ("--restore", args.restore.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(flag, on)| on.then_some(flag))
+    .collect();
+    let conflict = |a: &str, b: &str| {
+        Err(anyhow::anyhow!(
+            "{a} cannot be used with {b} (set by the option or its PG_PASSWORD_SYNC_ variable)"
+        ))
+        .context(Failure::Config)
+    };
+    if let [first, second, ..] = modes[..] {
+        return conflict(first, second);
+    }
+    if let Some(mode) = modes.first() {
+        if args.force {
+            return conflict("--force", mode);
+        }
+        if args.k8s_secret.is_some() {
+            return conflict("--k8s-secret", mode);
+        }
+    }
+    if args.k8s_secret.is_none() {
+        for (flag, given) in [
+            ("--namespace", args.namespace.is_some()),
+            ("--output", args.output.is_some()),
+        ] {
+            if given {
+                return Err(anyhow::anyhow!("{flag} needs --k8s-secret NAME"))
+                    .context(Failure::Config);
+            }
+        }
+    }
+    Ok(args)
 }
 
 /// The directories of one secrets directory.
@@ -197,31 +265,45 @@ enum Action {
     Keep,
 }
 
-/// Creates missing files (or, with `--force`, replaces all), backing up first.
-fn generate(args: &GenerateArgs, paths: &Paths) -> anyhow::Result<Flock<File>> {
-    // Everything that can be refused is checked before the first write.
-    if let Some(name) = &args.k8s_secret {
-        check_k8s_names(name, args.namespace.as_deref())?;
-    }
-    let plan: Vec<(Entry, Action)> = ENTRIES
+/// The action for each catalog file given which files exist now.
+fn plan(paths: &Paths, force: bool) -> Vec<(Entry, Action)> {
+    ENTRIES
         .iter()
         .map(|entry| {
-            let action = match (paths.keys.join(entry.file).exists(), args.force) {
+            let action = match (paths.keys.join(entry.file).exists(), force) {
                 (false, _) => Action::Create,
                 (true, true) => Action::Replace,
                 (true, false) => Action::Keep,
             };
             (*entry, action)
         })
-        .collect();
-    let oidc_vars: Vec<&'static str> = plan
+        .collect()
+}
+
+/// Creates missing files (or, with `--force`, replaces all), backing up first.
+fn generate(args: &GenerateArgs, paths: &Paths) -> anyhow::Result<Flock<File>> {
+    // Everything that can be refused is checked before the first write.
+    if let Some(name) = &args.k8s_secret {
+        check_k8s_names(name, args.namespace.as_deref())?;
+        if args.output.is_none() && std::io::stdout().is_terminal() {
+            return Err(anyhow::anyhow!(
+                "--k8s-secret without --output would print every secret to the terminal: \
+                 use --output FILE, or pipe it (`| kubectl apply -f -`)"
+            ))
+            .context(Failure::Config);
+        }
+    }
+    // The OIDC values are gathered (perhaps prompted for) before the lock, from a first
+    // look at which files exist; what is written and what is backed up is decided again
+    // under the lock, since another run may have created files in the meantime.
+    let oidc_vars: Vec<&'static str> = plan(paths, args.force)
         .iter()
         .filter_map(|(entry, action)| match (entry.kind, action) {
             (Kind::Oidc(var), Action::Create | Action::Replace) => Some(var),
             _ => None,
         })
         .collect();
-    let mut oidc_values = if oidc_vars.is_empty() {
+    let oidc_values: Vec<(&'static str, Secret)> = if oidc_vars.is_empty() {
         Vec::new()
     } else {
         let (env_path, explicit) = match &args.user_secrets_file {
@@ -229,20 +311,20 @@ fn generate(args: &GenerateArgs, paths: &Paths) -> anyhow::Result<Flock<File>> {
             None => (paths.root.join("user-provided.env"), false),
         };
         let file = oidc::load_env_file(&env_path, explicit)?;
-        oidc::collect(
+        let values = oidc::collect(
             &oidc_vars,
             file.as_ref(),
             &env_path,
             oidc::interactive(args.non_interactive),
-        )?
-    }
-    .into_iter();
+        )?;
+        oidc_vars.iter().copied().zip(values).collect()
+    };
 
     let lock = lock_and_prepare(paths)?;
     // New values, made before anything is written; `None` keeps the current file.
     let mut writes: Vec<(Entry, Action, Secret)> = Vec::new();
     let mut kept = Vec::new();
-    for (entry, action) in plan {
+    for (entry, action) in plan(paths, args.force) {
         let value = match (action, entry.kind) {
             (Action::Keep, _) => {
                 kept.push(entry);
@@ -251,12 +333,23 @@ fn generate(args: &GenerateArgs, paths: &Paths) -> anyhow::Result<Flock<File>> {
             (_, Kind::Password) => random::password()?,
             (_, Kind::Signing) => random::signing_secret()?,
             (_, Kind::Oidc(var)) => oidc_values
-                .next()
-                .with_context(|| format!("no value gathered for {var}"))?,
+                .iter()
+                .find(|(v, _)| *v == var)
+                .map(|(_, value)| value.clone())
+                .with_context(|| {
+                    format!(
+                        "{} disappeared while {var} was being gathered; run again",
+                        paths.shown(entry.file)
+                    )
+                })?,
         };
         if action == Action::Replace {
-            let current = check::read_value(&paths.keys.join(entry.file))?;
-            if *current == value.expose().as_bytes() {
+            // An unchanged value is kept. A file that cannot be read as a value (one over
+            // 4096 bytes, say) is simply replaced: that is what --force is for, and the
+            // backup before the first overwrite still copies it.
+            let unchanged = check::read_value(&paths.keys.join(entry.file))
+                .is_ok_and(|current| *current == value.expose().as_bytes());
+            if unchanged {
                 kept.push(entry);
                 continue;
             }
@@ -479,4 +572,60 @@ fn list_backups(paths: &Paths) -> anyhow::Result<()> {
         println!("{}  {count} files{mark}", b.name);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::FromArgMatches;
+
+    fn command() -> clap::Command {
+        GenerateArgs::augment_args(clap::Command::new("generate").no_binary_name(true))
+    }
+
+    #[test]
+    fn every_option_has_an_environment_variable() {
+        let cmd = command();
+        let mut seen = 0;
+        for arg in cmd.get_arguments() {
+            if arg.get_id() == "help" || arg.get_id() == "version" {
+                continue;
+            }
+            let env = arg
+                .get_env()
+                .and_then(|e| e.to_str())
+                .unwrap_or_else(|| panic!("--{} has no environment variable", arg.get_id()));
+            assert!(env.starts_with("PG_PASSWORD_SYNC_"), "{env}");
+            seen += 1;
+        }
+        assert!(seen >= 15, "only {seen} options");
+    }
+
+    /// `generate ARGS` as `run` sees it. Variables are tested on the binary, since
+    /// clap reads them from this process's environment.
+    fn parse(argv: &[&str]) -> anyhow::Result<GenerateArgs> {
+        let matches = command().try_get_matches_from(argv)?;
+        effective(&GenerateArgs::from_arg_matches(&matches)?)
+    }
+
+    #[test]
+    fn modes_conflict_only_when_switched_on() {
+        assert!(parse(&["--force", "--k8s-secret", "app"]).is_ok());
+        let err = parse(&["--force", "--verify"]).unwrap_err();
+        assert_eq!(Failure::of(&err), Some(Failure::Config));
+        assert!(format!("{err:#}").contains("--force cannot be used with --verify"));
+        assert!(parse(&["--list", "--list-backups"]).is_err());
+        assert!(parse(&["--k8s-secret", "app", "--list"]).is_err());
+        assert!(parse(&["--namespace", "prod"]).is_err());
+        // Empty values count as unset; `newest` is the newest backup.
+        let args = parse(&["--k8s-secret=", "--namespace=", "--output=", "--restore="]).unwrap();
+        assert!(args.k8s_secret.is_none() && args.namespace.is_none());
+        assert!(args.output.is_none() && args.restore.is_none());
+        assert_eq!(parse(&["--restore=newest"]).unwrap().restore, Some(None));
+        assert_eq!(parse(&["--restore"]).unwrap().restore, Some(None));
+        assert_eq!(
+            parse(&["--restore", "backup-x"]).unwrap().restore,
+            Some(Some("backup-x".to_owned()))
+        );
+    }
 }

@@ -7,7 +7,7 @@
 //! the variables, raised while `keys/` is still untouched. Values are only ever held as
 //! `Secret`s; messages name variables, never values.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, IsTerminal, Read, Write};
 use std::os::fd::AsFd;
 use std::path::Path;
 
@@ -130,12 +130,23 @@ fn prompt_hidden(var: &str) -> anyhow::Result<Secret> {
     let restore = RestoreTerminal(original);
     eprint!("{var} (input hidden): ");
     let _ = std::io::stderr().flush();
-    let mut line = Zeroizing::new(String::new());
+    // Room for the largest value and its line end, allocated once: a longer line is cut
+    // at the limit (and refused below) rather than growing, so no reallocation ever frees
+    // an un-zeroized copy of what was typed.
+    let limit = MAX_SECRET_BYTES + 2;
+    let mut line = Zeroizing::new(String::with_capacity(limit));
     stdin
         .lock()
+        .take(limit as u64)
         .read_line(&mut line)
         .with_context(|| format!("reading {var} from the terminal"))?;
     drop(restore);
+    if line.len() >= limit && !line.ends_with('\n') {
+        return Err(anyhow::anyhow!(
+            "the value entered for {var} is longer than {MAX_SECRET_BYTES} bytes"
+        ))
+        .context(Failure::Config);
+    }
     while line.ends_with(['\n', '\r']) {
         line.pop();
     }

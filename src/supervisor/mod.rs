@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::cli::RunArgs;
 use crate::config::{Config, Host};
+use crate::error::Failure;
 use crate::postmaster::{self, PidFile};
 use crate::state::{Snapshot, StateFile};
 use crate::sync::{Options, Syncer};
@@ -57,7 +58,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         .build()
         .context("starting the async runtime")?;
     let command = spawn::command_or_default(&args.cmd);
-    let child = match spawn::spawn(&command) {
+    let withheld = withheld_env(&args.config.pgdata);
+    let child = match spawn::spawn(&command, withheld) {
         Ok(pid) => pid,
         Err(failure) => {
             tracing::error!("{}", failure.message);
@@ -69,6 +71,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     // child is gone and PID 1 must exit promptly.
     runtime.shutdown_background();
     result
+}
+
+/// Variables the child does not get. The official entrypoint turns
+/// `POSTGRES_PASSWORD_FILE` into an exported `POSTGRES_PASSWORD` on every start and then
+/// `exec`s postgres, so the superuser's plaintext would sit in the environment of the
+/// postmaster and every backend. It only needs it to initialise an empty data directory:
+/// once `PG_VERSION` exists, neither variable is passed on. (For the first start, the
+/// image ships an init script that unsets it before the entrypoint's final `exec`.)
+fn withheld_env(pgdata: &std::path::Path) -> &'static [&'static str] {
+    if pgdata.join("PG_VERSION").exists() {
+        &["POSTGRES_PASSWORD", "POSTGRES_PASSWORD_FILE"]
+    } else {
+        &[]
+    }
 }
 
 /// Everything after the spawn.
@@ -212,6 +228,7 @@ async fn work(
         &state,
         &mut resync,
         args.exit_on_sync_failure,
+        !args.no_watch,
         ready_at,
     )
     .await?;
@@ -222,12 +239,18 @@ async fn work(
         {
             tracing::error!(
                 "watching the secret files stopped: {err:#}; \
-                 re-syncing on SIGHUP only"
+                 re-syncing on SIGHUP and every --resync-interval only"
             );
         }
     }
-    // --no-watch (or the watch gave up): SIGHUP still re-syncs.
-    while resync.recv().await.is_some() {
+    // --no-watch: SIGHUP still re-syncs. A watch that gave up (no inotify instance left,
+    // say) keeps the periodic resync too.
+    let period = Some(args.watch.resync_interval).filter(|p| !args.no_watch && !p.is_zero());
+    loop {
+        tokio::select! {
+            message = resync.recv() => if message.is_none() { break },
+            () = tokio::time::sleep(period.unwrap_or_default()), if period.is_some() => {}
+        }
         let _ = sync_once(&mut syncer, &state).await;
     }
     Ok(())
@@ -252,12 +275,15 @@ fn target_server(mut config: Config, pidfile: &PidFile) -> Config {
 
 /// The first sync after readiness, retried with backoff (1 s doubling to 30 s) while
 /// postgres keeps serving; SIGHUP retries at once. With `exit_on_failure` the first
-/// failure is returned instead.
+/// failure is returned instead. With `watching`, invalid secret files end this loop
+/// early: the watcher applies them as soon as they are fixed, instead of at the next
+/// backoff tick.
 async fn first_sync(
     syncer: &mut Syncer,
     state: &StateFile,
     resync: &mut mpsc::UnboundedReceiver<()>,
     exit_on_failure: bool,
+    watching: bool,
     ready_at: Instant,
 ) -> anyhow::Result<()> {
     let mut attempt = 0u32;
@@ -273,6 +299,10 @@ async fn first_sync(
                 return Ok(());
             }
             Err(err) if exit_on_failure => return Err(err),
+            Err(err) if watching && Failure::of(&err) == Some(Failure::Config) => {
+                tracing::info!("waiting for valid secret files");
+                return Ok(());
+            }
             Err(_) => {
                 let delay = backoff(attempt);
                 attempt = attempt.saturating_add(1);

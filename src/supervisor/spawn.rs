@@ -39,7 +39,7 @@ pub struct SpawnFailure {
 
 /// Spawns `cmd` (searched in `PATH` when it has no `/`) with our environment and returns
 /// its pid.
-pub fn spawn(cmd: &[String]) -> Result<Pid, SpawnFailure> {
+pub fn spawn(cmd: &[String], withheld: &[&str]) -> Result<Pid, SpawnFailure> {
     let Some(program) = cmd.first() else {
         return Err(SpawnFailure {
             code: exit::NOT_FOUND,
@@ -62,6 +62,7 @@ pub fn spawn(cmd: &[String]) -> Result<Pid, SpawnFailure> {
         })?;
     // The environment cannot contain NUL bytes (it came through execve), so none is lost.
     let envp: Vec<CString> = std::env::vars_os()
+        .filter(|(key, _)| !withheld.iter().any(|w| key.as_bytes() == w.as_bytes()))
         .filter_map(|(key, value)| {
             let mut entry = key.as_bytes().to_vec();
             entry.push(b'=');
@@ -163,9 +164,9 @@ mod tests {
         assert_eq!(code_for(Errno::ENOENT), 127);
         assert_eq!(code_for(Errno::EACCES), 126);
         assert_eq!(code_for(Errno::ENOEXEC), 126);
-        let err = spawn(&["/nonexistent/pg-password-sync-test".into()]).unwrap_err();
+        let err = spawn(&["/nonexistent/pg-password-sync-test".into()], &[]).unwrap_err();
         assert_eq!(err.code, 127);
         assert!(err.message.contains("/nonexistent"), "{}", err.message);
-        assert_eq!(spawn(&[]).unwrap_err().code, 127);
+        assert_eq!(spawn(&[], &[]).unwrap_err().code, 127);
     }
 }

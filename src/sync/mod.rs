@@ -219,6 +219,10 @@ async fn transaction(
     // `Client::transaction` needs `&mut`; the explicit BEGIN keeps `Client` shareable.
     // Any early return drops the connection's transaction state with ROLLBACK below.
     client
+        .batch_execute(sql::QUIET_SESSION)
+        .await
+        .context("suppressing transaction sampling")?;
+    client
         .batch_execute("BEGIN")
         .await
         .context("starting the transaction")?;
@@ -230,14 +234,12 @@ async fn transaction(
             )
             .await
             .context("taking the sync lock")?;
-        for setting in sql::QUIET_SETTINGS {
-            // One message per statement: a setting only applies to statements received
-            // after it, so batching them with ALTER ROLE would log the batch.
-            client
-                .batch_execute(setting)
-                .await
-                .context("suppressing statement logging")?;
-        }
+        // A message of their own: a setting only applies to statements received after
+        // it, so sending it in one batch with ALTER ROLE would log the batch.
+        client
+            .batch_execute(&sql::QUIET_SETTINGS.join("; "))
+            .await
+            .context("suppressing statement logging")?;
         let rows = client
             .query(
                 "SELECT rolname::text, rolpassword FROM pg_authid WHERE rolname = ANY($1::text[])",

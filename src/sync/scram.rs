@@ -28,7 +28,7 @@ pub fn make_verifier(password: &Secret) -> String {
 }
 
 /// The parts of a stored `SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>` verifier.
-#[derive(Debug, PartialEq, Eq)]
+/// No `Debug`: the keys are password-equivalent for an offline guessing attack.
 pub struct Verifier {
     pub iterations: u32,
     pub salt: Vec<u8>,
@@ -75,19 +75,21 @@ pub fn verifies(stored: &str, password: &Secret) -> bool {
         verifier.iterations,
         &mut *salted,
     );
-    let client_key = hmac(&*salted, b"Client Key");
+    let (Some(client_key), Some(server_key)) =
+        (hmac(&*salted, b"Client Key"), hmac(&*salted, b"Server Key"))
+    else {
+        return false;
+    };
     let stored_key = Sha256::digest(&*client_key);
-    let server_key = hmac(&*salted, b"Server Key");
     // Not secret-dependent timing that matters here: both sides are our own values.
     stored_key.as_slice() == verifier.stored_key && server_key[..] == verifier.server_key[..]
 }
 
-fn hmac(key: &[u8], message: &[u8]) -> Zeroizing<Vec<u8>> {
-    // HMAC accepts keys of any length, so this cannot fail for our 32-byte key.
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key)
-        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+/// HMAC-SHA-256; `None` only if the library refused the key (it takes any length).
+fn hmac(key: &[u8], message: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key).ok()?;
     mac.update(message);
-    Zeroizing::new(mac.finalize().into_bytes().to_vec())
+    Some(Zeroizing::new(mac.finalize().into_bytes().to_vec()))
 }
 
 #[cfg(test)]

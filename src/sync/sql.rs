@@ -11,15 +11,28 @@ use postgres_protocol::escape::{escape_identifier, escape_literal};
 /// (`run`'s watcher and a `docker exec … sync` racing on the same roles).
 pub const ADVISORY_LOCK_KEY: i64 = 0x7067_7077_7379_6e63; // "pgpwsync"
 
-/// Statements run first in the sync transaction, one per message, so each takes effect
-/// before the next statement is received. They keep the statements that follow out of the
-/// server log: `log_statement` would print them, `log_min_error_statement` would print
-/// a failing one in full, `log_min_duration_statement` a slow one.
-pub const QUIET_SETTINGS: [&str; 3] = [
+/// Settings made first in the sync transaction, in a message of their own, so they are in
+/// force before the `ALTER ROLE` statements are received. They keep those statements (which
+/// carry verifiers, never plaintext) out of the server log and statistics:
+/// `log_statement` would print them, `log_min_error_statement` a failing one in full,
+/// `log_min_duration_statement` / `log_min_duration_sample` a slow one, the `debug_print_*`
+/// settings their parse trees, and `pg_stat_statements` would keep their text.
+/// Setting a `pg_stat_statements.*` name is harmless when the module is not loaded.
+pub const QUIET_SETTINGS: [&str; 8] = [
     "SET LOCAL log_statement = 'none'",
     "SET LOCAL log_min_error_statement = 'panic'",
     "SET LOCAL log_min_duration_statement = -1",
+    "SET LOCAL log_min_duration_sample = -1",
+    "SET LOCAL debug_print_parse = off",
+    "SET LOCAL debug_print_rewritten = off",
+    "SET LOCAL debug_print_plan = off",
+    "SET LOCAL pg_stat_statements.track_utility = off",
 ];
+
+/// Sent before `BEGIN`: whether a whole transaction is sampled for logging is decided when
+/// it starts, so this one cannot be a `SET LOCAL` inside it. The connection is the sync's
+/// own and closed after it.
+pub const QUIET_SESSION: &str = "SET log_transaction_sample_rate = 0";
 
 /// `ALTER ROLE "name" PASSWORD 'SCRAM-SHA-256$…'`.
 pub fn alter_role_password(role: &str, verifier: &str) -> String {

@@ -73,6 +73,9 @@ async fn sidecar(mut syncer: Syncer, options: WatchOptionsArgs) -> anyhow::Resul
     let mut hup = signal(SignalKind::hangup()).context("handling SIGHUP")?;
     let (resync_tx, mut resync_rx) = mpsc::unbounded_channel();
     let state = StateFile::new(&options.state_dir);
+    // A fresh state at once: a restarted sidecar must not inherit its predecessor's
+    // "ready, synced" from a state directory that outlived it.
+    state.record_ready(false);
 
     let work = async {
         first_sync(&mut syncer, &state).await;

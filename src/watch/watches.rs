@@ -83,6 +83,14 @@ pub struct Watches {
     failed: HashSet<PathBuf>,
 }
 
+/// True when every configured secret resolves to an existing file.
+fn all_resolve(config: &Config) -> bool {
+    config
+        .roles
+        .iter()
+        .all(|role| config.resolve(&role.secret).is_ok())
+}
+
 impl Watches {
     /// Starts an inotify watcher whose events go to `events` (from notify's own thread).
     pub fn new(events: UnboundedSender<notify::Result<Event>>) -> anyhow::Result<Watches> {
@@ -123,11 +131,22 @@ impl Watches {
             }
             let Some(id) = identity(&path) else {
                 if kind == Kind::Dir && self.missing.insert(path.clone()) {
-                    tracing::warn!(
-                        "secret directory {} does not exist; its secrets will be picked up \
-                         when it appears (checking every second)",
-                        path.display()
-                    );
+                    // A missing directory is only worth a warning when some secret cannot
+                    // be found without it: an absent `/run/secrets` beside a complete
+                    // KEYS_DIR is the normal case.
+                    if all_resolve(config) {
+                        tracing::info!(
+                            "secret directory {} does not exist (every secret was found \
+                             elsewhere); watching for it to appear",
+                            path.display()
+                        );
+                    } else {
+                        tracing::warn!(
+                            "secret directory {} does not exist; its secrets will be picked \
+                             up when it appears (checking every second)",
+                            path.display()
+                        );
+                    }
                 }
                 continue;
             };
