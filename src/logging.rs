@@ -8,7 +8,7 @@
 use std::fmt;
 
 use tracing::{Event, Subscriber};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
@@ -18,11 +18,10 @@ use crate::cli::LogFormat;
 /// The prefix of every text log line.
 pub const PREFIX: &str = "[pg-password-sync]";
 
-/// Installs the global subscriber. `RUST_LOG` (default `info`) filters events.
+/// Installs the global subscriber. `RUST_LOG` (default `info`) sets the level.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(level(std::env::var("RUST_LOG").ok().as_deref()))
         .with_writer(std::io::stderr)
         // Container logs are files, not terminals: no colour escapes in field names.
         .with_ansi(false);
@@ -31,6 +30,20 @@ pub fn init(format: LogFormat) {
         LogFormat::Text => builder.event_format(Prefixed).try_init(),
         LogFormat::Json => builder.json().with_current_span(false).try_init(),
     };
+}
+
+/// The level named by `RUST_LOG`: `debug`, or the most verbose level of directives such as
+/// `warn,pg_password_sync=debug`. Every event is ours (the libraries log through `log`, which
+/// is not bridged), so a per-target filter and its regex engine would buy nothing.
+fn level(rust_log: Option<&str>) -> LevelFilter {
+    rust_log
+        .and_then(|value| {
+            value
+                .split(',')
+                .filter_map(|directive| directive.rsplit('=').next()?.trim().parse().ok())
+                .max()
+        })
+        .unwrap_or(LevelFilter::INFO)
 }
 
 /// `[pg-password-sync] LEVEL message key=value…`: one line per event, no timestamp (the
@@ -51,5 +64,22 @@ where
         write!(writer, "{PREFIX} {} ", event.metadata().level())?;
         ctx.field_format().format_fields(writer.by_ref(), event)?;
         writeln!(writer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rust_log_levels() {
+        assert_eq!(level(None), LevelFilter::INFO);
+        assert_eq!(level(Some("debug")), LevelFilter::DEBUG);
+        assert_eq!(
+            level(Some("warn,pg_password_sync=trace")),
+            LevelFilter::TRACE
+        );
+        assert_eq!(level(Some("pg_password_sync=error")), LevelFilter::ERROR);
+        assert_eq!(level(Some("nonsense")), LevelFilter::INFO);
     }
 }

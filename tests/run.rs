@@ -969,6 +969,8 @@ fn rotation_while_running(mode: Mode) {
     let out = sup.finish(Duration::from_secs(10));
     out.expect_ok(None);
     assert!(out.stderr.contains("passwords rotated"), "{}", out.stderr);
+    // Each rotation reports like any sync, ending with the line operators grep for.
+    assert!(out.stderr.matches(COMPLETE).count() >= 2, "{}", out.stderr);
     let mut secrets = pg.secrets();
     secrets.extend(rotated.iter().map(String::as_str));
     assert_no_leak(&secrets, None, &[&out]);

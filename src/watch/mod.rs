@@ -431,6 +431,11 @@ async fn reconcile(
             if report.standby {
                 tracing::info!("server is a standby (in recovery): sync skipped");
             } else if !changed.is_empty() {
+                // The same per-role report and completion line as every other sync:
+                // operators grep for `Password synchronization complete.`.
+                for line in report.lines() {
+                    tracing::info!("{line}");
+                }
                 tracing::info!(
                     "passwords rotated: {} changed, {elapsed} ms from first event to commit \
                      (trigger: {})",
