@@ -277,20 +277,21 @@ roles_ours() {
   KEYS_DIR=$ROLES_KEYS SECRETS_SOURCE_DIR=$WORK/no-such-dir PGHOST=$SOCK PGPORT=$PORT PGDATA=$DATA \
     PG_PASSWORD_SYNC_ROLES=$ROLE_MAP interruptible "${HARNESS[@]}" time --label ours -- "$BIN" sync \
     >>"$RES/roles.jsonl" || echo "    ours: sync failed" >&2
-  tail -n 1 "$RES/roles.jsonl" | sed 's/^/    /'
-  "${HARNESS[@]}" login --port "$PORT" --user "bench_r$(printf %04d $((NROLES / 2)))" \
-    --password-file "$ROLES_KEYS/bench_r$(printf %04d $((NROLES / 2)))" ||
-    echo "    WARNING: a role synced by ours does not log in with its new password" >&2
+  roles_check "$ROLES_KEYS/bench_r$(printf %04d $((NROLES / 2)))" "synced by ours"
 }
 roles_psql() {
   new_role_secrets
   interruptible "${HARNESS[@]}" time --label psql_batch -- timeout 600 psql -X -q -v ON_ERROR_STOP=1 \
     -h "$SOCK" -p "$PORT" -U postgres -d postgres -f "$LOGDIR/batch.sql" \
     >>"$RES/roles.jsonl" || echo "    psql batch failed" >&2
+  roles_check "$LOGDIR/check_psql" "set by the psql batch"
+}
+# roles_check PASSWORD_FILE WHO: show the last timing, then log in as the middle role.
+roles_check() {
   tail -n 1 "$RES/roles.jsonl" | sed 's/^/    /'
   "${HARNESS[@]}" login --port "$PORT" --user "bench_r$(printf %04d $((NROLES / 2)))" \
-    --password-file "$LOGDIR/check_psql" ||
-    echo "    WARNING: a role set by the psql batch does not log in with its new password" >&2
+    --password-file "$1" ||
+    echo "    WARNING: a role $2 does not log in with its new password" >&2
 }
 roles_1000() {
   step "1,000 login roles: one \`pg-password-sync sync\` against one psql batch of plaintext ALTER ROLEs, $ROLES_REPS runs each"
