@@ -261,7 +261,13 @@ async fn transaction(
             ))
             .context(Failure::MissingRole);
         }
-        let steps = plan(secrets, &current, options.dry_run);
+        // PBKDF2 costs milliseconds per role: off the runtime's thread, so that in `run`
+        // signals keep being forwarded and children reaped while a large set is planned.
+        let owned = secrets.to_vec();
+        let dry_run = options.dry_run;
+        let steps = tokio::task::spawn_blocking(move || plan(&owned, &current, dry_run))
+            .await
+            .context("planning the password changes")?;
         for ((spec, _), step) in secrets.iter().zip(steps) {
             let status = match step {
                 Step::Keep(status) => status,
