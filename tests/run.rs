@@ -1025,3 +1025,69 @@ fn secret_files_fixed_after_start_are_applied_by_the_watcher() {
     assert!(!out.stderr.contains("retrying the sync"), "{}", out.stderr);
     assert_no_leak(&pg.secrets(), None, &[&out]);
 }
+
+/// A standby (hot standby of a harness primary): `run` treats `standby` as ready, skips the
+/// sync and says so, keeps supervising, and stops it cleanly.
+#[test]
+fn a_standby_is_supervised_and_its_sync_skipped() {
+    let primary = Cluster::start_default();
+    let root = server_dir("pps-standby-");
+    let data = root.path().join("data");
+    let sock = root.path().join("sock");
+    let out = as_server_user(pg_bin("pg_basebackup"))
+        .arg("-D")
+        .arg(&data)
+        .args(["-R", "-X", "stream", "-U", "postgres", "-h"])
+        .arg(&primary.sock)
+        .args(["-p", &primary.port.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pg_basebackup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        as_server_user("mkdir")
+            .arg(&sock)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let port = free_port().to_string();
+    let keys = Keys::new();
+    for (_, file) in DEFAULT_ROLES {
+        keys.write(file, &unique("standby"));
+    }
+    let state = tempfile::tempdir().unwrap();
+    let mut cmd = binary(Mode::Subreaper);
+    cmd.arg("run")
+        .arg("--keys-dir")
+        .arg(keys.path())
+        .arg("--pgdata")
+        .arg(&data)
+        .arg("--pghost")
+        .arg(&sock)
+        .args(["--pgport", &port])
+        .arg("--state-dir")
+        .arg(state.path())
+        .arg("--");
+    let postgres = as_server_user(pg_bin("postgres"));
+    cmd.arg(postgres.get_program()).args(postgres.get_args());
+    cmd.arg("-D")
+        .arg(&data)
+        .args(["-p", &port, "-c", "listen_addresses="])
+        .arg("-k")
+        .arg(&sock);
+    let sup = Sup::spawn(Mode::Subreaper, cmd);
+    sup.wait_stderr(
+        Duration::from_secs(60),
+        "standby (in recovery): sync skipped",
+    );
+    let mut sup = sup;
+    assert!(sup.is_running(), "run keeps supervising the standby");
+    sup.signal(Signal::SIGINT);
+    let out = sup.finish(Duration::from_secs(10));
+    out.expect_ok(None);
+    assert!(!out.stderr.contains(" ERROR "), "{}", out.stderr);
+}

@@ -171,6 +171,7 @@ impl Cluster {
         }
         let hba = options.hba.clone().unwrap_or_else(|| {
             "local all postgres peer map=harness\n\
+             local replication postgres peer map=harness\n\
              local all all scram-sha-256\n\
              host all all 127.0.0.1/32 scram-sha-256\n"
                 .to_owned()
