@@ -28,6 +28,41 @@ fn setup(cluster: &Cluster, keys: &Keys) -> Vec<String> {
         .collect()
 }
 
+/// Neither an `ALTER ROLE … PASSWORD` statement nor a verifier is in the server log.
+fn assert_no_password_statement(log: &str) {
+    assert!(
+        !log.contains("ALTER ROLE"),
+        "a password statement reached the server log"
+    );
+    assert!(
+        !log.contains("SCRAM-SHA-256$"),
+        "a verifier reached the server log"
+    );
+}
+
+/// `sub` (sync, verify) against the cluster and keys, with extra arguments.
+fn run_with(sub: &str, cluster: &Cluster, keys: &Keys, extra: &[&str]) -> Run {
+    let mut cmd = bin_for(sub, cluster, keys);
+    cmd.args(extra);
+    run(cmd)
+}
+
+/// A started cluster with the default roles on old passwords, and keys with new ones.
+fn started() -> (Cluster, Keys, Vec<String>) {
+    let cluster = Cluster::start_default();
+    let keys = Keys::new();
+    let secrets = setup(&cluster, &keys);
+    (cluster, keys, secrets)
+}
+
+/// `pg_authid.rolpassword` of the default roles, in DEFAULT_ROLES order.
+fn stored_verifiers(cluster: &Cluster) -> Vec<Option<String>> {
+    DEFAULT_ROLES
+        .iter()
+        .map(|(role, _)| cluster.rolpassword(role))
+        .collect()
+}
+
 fn secrets_ref(secrets: &[String]) -> Vec<&str> {
     secrets.iter().map(String::as_str).collect()
 }
@@ -44,11 +79,7 @@ fn four_roles_move_to_new_passwords_and_old_ones_stop_working() {
     let out = run(bin_for("sync", &cluster, &keys));
     out.expect_ok(Some(&cluster));
     for (role, _) in DEFAULT_ROLES {
-        assert!(
-            out.stdout.contains(&format!("role {role:?}: changed")),
-            "{}",
-            out.describe(Some(&cluster))
-        );
+        out.expect_stdout(&format!("role {role:?}: changed"));
     }
     assert_eq!(
         out.stdout.lines().last(),
@@ -67,45 +98,26 @@ fn four_roles_move_to_new_passwords_and_old_ones_stop_working() {
 
 #[test]
 fn second_run_reports_unchanged_and_leaves_verifiers_byte_identical() {
-    let cluster = Cluster::start_default();
-    let keys = Keys::new();
-    let secrets = setup(&cluster, &keys);
+    let (cluster, keys, secrets) = started();
     run(bin_for("sync", &cluster, &keys)).expect_ok(Some(&cluster));
-    let before: Vec<_> = DEFAULT_ROLES
-        .iter()
-        .map(|(r, _)| cluster.rolpassword(r))
-        .collect();
+    let before = stored_verifiers(&cluster);
 
     let out = run(bin_for("sync", &cluster, &keys));
     out.expect_ok(Some(&cluster));
     for (role, _) in DEFAULT_ROLES {
-        assert!(
-            out.stdout.contains(&format!("role {role:?}: unchanged")),
-            "{}",
-            out.describe(None)
-        );
+        out.expect_stdout(&format!("role {role:?}: unchanged"));
     }
-    let after: Vec<_> = DEFAULT_ROLES
-        .iter()
-        .map(|(r, _)| cluster.rolpassword(r))
-        .collect();
+    let after = stored_verifiers(&cluster);
     assert_eq!(before, after);
     assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
 }
 
 #[test]
 fn json_report_and_dry_run_changes_nothing() {
-    let cluster = Cluster::start_default();
-    let keys = Keys::new();
-    let secrets = setup(&cluster, &keys);
-    let before: Vec<_> = DEFAULT_ROLES
-        .iter()
-        .map(|(r, _)| cluster.rolpassword(r))
-        .collect();
+    let (cluster, keys, secrets) = started();
+    let before = stored_verifiers(&cluster);
 
-    let mut cmd = bin_for("sync", &cluster, &keys);
-    cmd.args(["--dry-run", "--format", "json"]);
-    let out = run(cmd);
+    let out = run_with("sync", &cluster, &keys, &["--dry-run", "--format", "json"]);
     out.expect_ok(Some(&cluster));
     let report: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
     assert_eq!(report["dry_run"], true);
@@ -116,10 +128,7 @@ fn json_report_and_dry_run_changes_nothing() {
         .map(|r| r["status"].as_str().unwrap())
         .collect();
     assert_eq!(statuses, ["would_change"; 4]);
-    let after: Vec<_> = DEFAULT_ROLES
-        .iter()
-        .map(|(r, _)| cluster.rolpassword(r))
-        .collect();
+    let after = stored_verifiers(&cluster);
     assert_eq!(before, after);
     cluster.assert_no_login("appuser", &secrets[1]);
     assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
@@ -147,11 +156,7 @@ fn a_failing_statement_rolls_back_everything_and_leaks_nothing() {
         .args(["--role", "appuser=app", "--role", "pg_monitor=monitor"]);
     let out = run(cmd);
     out.expect_code(5, Some(&cluster));
-    assert!(
-        out.stderr.contains("pg_monitor"),
-        "{}",
-        out.describe(Some(&cluster))
-    );
+    out.expect_stderr("pg_monitor");
     cluster.assert_login("appuser", &old);
     cluster.assert_no_login("appuser", &new_app);
     let log = cluster.log_text();
@@ -160,14 +165,7 @@ fn a_failing_statement_rolls_back_everything_and_leaks_nothing() {
         "the statement did fail on the server:\n{}",
         cluster.log_tail(20)
     );
-    assert!(
-        !log.contains("ALTER ROLE"),
-        "a password statement reached the server log"
-    );
-    assert!(
-        !log.contains("SCRAM-SHA-256$"),
-        "a verifier reached the server log"
-    );
+    assert_no_password_statement(&log);
     assert_no_leak(&[&new_app, &monitor], Some(&cluster), &[&out]);
 }
 
@@ -202,22 +200,13 @@ fn only_verifiers_are_sent_and_no_logging_setting_shows_them() {
     }
     let log = cluster.log_text();
     assert!(log.contains("duration:"), "the noisy settings are in force");
-    assert!(
-        !log.contains("ALTER ROLE"),
-        "a password statement reached the server log"
-    );
-    assert!(
-        !log.contains("SCRAM-SHA-256$"),
-        "a verifier reached the server log"
-    );
+    assert_no_password_statement(&log);
     assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
 }
 
 #[test]
 fn twenty_concurrent_syncs_all_succeed() {
-    let cluster = Cluster::start_default();
-    let keys = Keys::new();
-    let secrets = setup(&cluster, &keys);
+    let (cluster, keys, secrets) = started();
     let handles: Vec<_> = (0..20)
         .map(|_| {
             let cmd = bin_for("sync", &cluster, &keys);
@@ -241,14 +230,10 @@ fn twenty_concurrent_syncs_all_succeed() {
 
 #[test]
 fn verify_passes_after_sync_and_names_the_role_changed_behind_its_back() {
-    let cluster = Cluster::start_default();
-    let keys = Keys::new();
-    let secrets = setup(&cluster, &keys);
+    let (cluster, keys, secrets) = started();
     run(bin_for("sync", &cluster, &keys)).expect_ok(Some(&cluster));
 
-    let mut cmd = bin_for("verify", &cluster, &keys);
-    cmd.args(["--host", "127.0.0.1"]);
-    let out = run(cmd);
+    let out = run_with("verify", &cluster, &keys, &["--host", "127.0.0.1"]);
     out.expect_ok(Some(&cluster));
     assert_eq!(
         out.stdout.matches(": ok").count(),
@@ -260,25 +245,15 @@ fn verify_passes_after_sync_and_names_the_role_changed_behind_its_back() {
     cluster.psql("ALTER ROLE backupuser PASSWORD 'changed-behind-its-back'");
     let out2 = run(bin_for("verify", &cluster, &keys));
     out2.expect_code(7, Some(&cluster));
-    assert!(
-        out2.stdout.contains("role \"backupuser\": FAILED"),
-        "{}",
-        out2.describe(None)
-    );
-    assert!(
-        out2.stderr.contains("backupuser"),
-        "{}",
-        out2.describe(None)
-    );
+    out2.expect_stdout("role \"backupuser\": FAILED");
+    out2.expect_stderr("backupuser");
     assert_eq!(out2.stdout.matches(": ok").count(), 3);
     assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out, &out2]);
 }
 
 #[test]
 fn verify_checks_that_the_owner_refuses_login() {
-    let cluster = Cluster::start_default();
-    let keys = Keys::new();
-    let secrets = setup(&cluster, &keys);
+    let (cluster, keys, secrets) = started();
     let owner_pw = unique("owner");
     cluster.psql(&format!(
         "CREATE ROLE appowner NOLOGIN PASSWORD {}",
@@ -287,20 +262,12 @@ fn verify_checks_that_the_owner_refuses_login() {
     keys.write("postgres_app_owner_pw", &owner_pw);
     cluster.clear_log();
     run(bin_for("sync", &cluster, &keys)).expect_ok(Some(&cluster));
-    let mut cmd = bin_for("verify", &cluster, &keys);
-    cmd.args(["--owner", "appowner"]);
-    let out = run(cmd);
+    let out = run_with("verify", &cluster, &keys, &["--owner", "appowner"]);
     out.expect_ok(Some(&cluster));
-    assert!(
-        out.stdout.contains("role \"appowner\": ok (refuses login"),
-        "{}",
-        out.describe(None)
-    );
+    out.expect_stdout("role \"appowner\": ok (refuses login");
 
     cluster.psql("ALTER ROLE appowner LOGIN");
-    let mut cmd = bin_for("verify", &cluster, &keys);
-    cmd.args(["--owner", "appowner"]);
-    let out2 = run(cmd);
+    let out2 = run_with("verify", &cluster, &keys, &["--owner", "appowner"]);
     out2.expect_code(7, Some(&cluster));
     let mut all = secrets_ref(&secrets);
     all.push(&owner_pw);
@@ -326,20 +293,19 @@ fn as_root_with_only_peer_for_postgres_and_root_only_secret_files() {
     }
     // The superuser's password file is wrong, so only peer authentication can work.
     keys.write("postgres_password", &secrets[0]);
-    let mut cmd = bin_for("sync", &cluster, &keys);
-    cmd.args([
-        "--role",
-        "appuser=postgres_app_user_pw",
-        "--postgres-password-file",
-        "/nonexistent",
-    ]);
-    let out = run(cmd);
-    out.expect_ok(Some(&cluster));
-    assert!(
-        out.stdout.contains("role \"appuser\": changed"),
-        "{}",
-        out.describe(None)
+    let out = run_with(
+        "sync",
+        &cluster,
+        &keys,
+        &[
+            "--role",
+            "appuser=postgres_app_user_pw",
+            "--postgres-password-file",
+            "/nonexistent",
+        ],
     );
+    out.expect_ok(Some(&cluster));
+    out.expect_stdout("role \"appuser\": changed");
     cluster.assert_login("appuser", &secrets[1]);
     assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
 }
@@ -434,39 +400,39 @@ fn odd_role_names_and_passwords_work_exactly() {
 
 #[test]
 fn missing_role_is_a_warning_or_an_error_under_strict() {
-    let cluster = Cluster::start_default();
-    let keys = Keys::new();
-    let secrets = setup(&cluster, &keys);
+    let (cluster, keys, secrets) = started();
     keys.write("ghost_pw", &unique("ghost"));
-    let mut cmd = bin_for("sync", &cluster, &keys);
-    cmd.args([
-        "--role",
-        "appuser=postgres_app_user_pw",
-        "--role",
-        "ghost=ghost_pw",
-    ]);
-    let out = run(cmd);
-    out.expect_ok(Some(&cluster));
-    assert!(
-        out.stdout.contains("role \"ghost\": missing"),
-        "{}",
-        out.describe(None)
+    let out = run_with(
+        "sync",
+        &cluster,
+        &keys,
+        &[
+            "--role",
+            "appuser=postgres_app_user_pw",
+            "--role",
+            "ghost=ghost_pw",
+        ],
     );
-    assert!(out.stderr.contains("WARN"), "{}", out.describe(None));
+    out.expect_ok(Some(&cluster));
+    out.expect_stdout("role \"ghost\": missing");
+    out.expect_stderr("WARN");
     cluster.assert_login("appuser", &secrets[1]);
 
     cluster.psql("ALTER ROLE appuser PASSWORD 'reset-behind-its-back'");
-    let mut cmd = bin_for("sync", &cluster, &keys);
-    cmd.args([
-        "--strict",
-        "--role",
-        "appuser=postgres_app_user_pw",
-        "--role",
-        "ghost=ghost_pw",
-    ]);
-    let out2 = run(cmd);
+    let out2 = run_with(
+        "sync",
+        &cluster,
+        &keys,
+        &[
+            "--strict",
+            "--role",
+            "appuser=postgres_app_user_pw",
+            "--role",
+            "ghost=ghost_pw",
+        ],
+    );
     out2.expect_code(6, Some(&cluster));
-    assert!(out2.stderr.contains("ghost"), "{}", out2.describe(None));
+    out2.expect_stderr("ghost");
     // Nothing applied under --strict.
     cluster.assert_no_login("appuser", &secrets[1]);
     assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out, &out2]);
@@ -475,9 +441,7 @@ fn missing_role_is_a_warning_or_an_error_under_strict() {
 /// Every bad secret file: exit 3, one line naming the file, nothing applied.
 #[test]
 fn bad_secret_files_apply_nothing_and_name_the_file() {
-    let cluster = Cluster::start_default();
-    let keys = Keys::new();
-    let secrets = setup(&cluster, &keys);
+    let (cluster, keys, secrets) = started();
     run(bin_for("sync", &cluster, &keys)).expect_ok(Some(&cluster));
     let good_backup = unique("good-new");
     type Breaker = Box<dyn Fn(&Keys)>;
@@ -575,12 +539,8 @@ fn unreadable_secret_file_is_a_config_error() {
         .args(["--role", "r=x"]);
     let out = run(cmd);
     out.expect_code(3, None);
-    assert!(out.stderr.contains("x.txt"), "{}", out.describe(None));
-    assert!(
-        out.stderr.contains("ermission denied"),
-        "{}",
-        out.describe(None)
-    );
+    out.expect_stderr("x.txt");
+    out.expect_stderr("ermission denied");
 }
 
 #[test]
@@ -637,10 +597,6 @@ fn server_down_or_wrong_port_is_a_connect_error_without_hanging() {
             "took {:?}",
             out.elapsed
         );
-        assert!(
-            out.stderr.contains("cannot connect"),
-            "{}",
-            out.describe(None)
-        );
+        out.expect_stderr("cannot connect");
     }
 }

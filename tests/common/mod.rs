@@ -550,6 +550,26 @@ impl Run {
     pub fn expect_ok(&self, cluster: Option<&Cluster>) -> &Run {
         self.expect_code(0, cluster)
     }
+
+    /// Asserts that stdout contains `needle`, showing the whole record otherwise.
+    pub fn expect_stdout(&self, needle: &str) -> &Run {
+        assert!(
+            self.stdout.contains(needle),
+            "no {needle:?} on stdout\n{}",
+            self.describe(None)
+        );
+        self
+    }
+
+    /// Asserts that stderr contains `needle`, showing the whole record otherwise.
+    pub fn expect_stderr(&self, needle: &str) -> &Run {
+        assert!(
+            self.stderr.contains(needle),
+            "no {needle:?} on stderr\n{}",
+            self.describe(None)
+        );
+        self
+    }
 }
 
 /// Runs a command to completion (see `Running::finish`), with a generous liveness bound.
