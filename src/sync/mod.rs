@@ -107,12 +107,13 @@ pub struct Options {
     pub dry_run: bool,
 }
 
-/// A sync that remembers, in memory only, the last superuser password it applied, so a
-/// long-running process can still authenticate after rotating the superuser.
+/// A sync that remembers, in memory only, the last set of secrets it applied: the watcher
+/// compares new files against it, and its superuser password lets a long-running process
+/// still authenticate after rotating the superuser.
 pub struct Syncer {
     pub config: Config,
     pub options: Options,
-    remembered_superuser: Option<Secret>,
+    last_applied: Option<Vec<(RoleSpec, Secret)>>,
 }
 
 impl Syncer {
@@ -120,7 +121,7 @@ impl Syncer {
         Syncer {
             config,
             options,
-            remembered_superuser: None,
+            last_applied: None,
         }
     }
 
@@ -138,16 +139,16 @@ impl Syncer {
     ) -> anyhow::Result<Report> {
         let client = self.connect_superuser(secrets).await?;
         let report = apply(&client, secrets, self.options).await?;
-        if !report.standby
-            && !self.options.dry_run
-            && let Some((_, secret)) = secrets
-                .iter()
-                .find(|(r, _)| r.name == self.config.superuser)
-        {
-            // Replacing the old value drops (and so zeroizes) it.
-            self.remembered_superuser = Some(secret.clone());
+        if !self.options.dry_run {
+            // Replacing the old set drops (and so zeroizes) it.
+            self.last_applied = Some(secrets.to_vec());
         }
         Ok(report)
+    }
+
+    /// The set the last successful apply used (`None` before the first one).
+    pub fn last_applied(&self) -> Option<&[(RoleSpec, Secret)]> {
+        self.last_applied.as_deref()
     }
 
     /// Connects as the superuser: OS identity, then the password from its file, then the
@@ -169,7 +170,11 @@ impl Syncer {
         if let Some(secret) = &from_file {
             methods.push(Auth::Password(secret, "superuser password file"));
         }
-        if let Some(secret) = &self.remembered_superuser
+        let remembered = self
+            .last_applied()
+            .and_then(|set| set.iter().find(|(r, _)| r.name == self.config.superuser))
+            .map(|(_, secret)| secret);
+        if let Some(secret) = remembered
             && Some(secret) != from_file.as_ref()
         {
             methods.push(Auth::Password(secret, "last applied superuser password"));

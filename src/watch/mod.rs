@@ -27,9 +27,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 
 use crate::cli::{WatchArgs, WatchOptionsArgs};
-use crate::config::{Config, RoleSpec};
+use crate::config::Config;
 use crate::error::Failure;
-use crate::secret::Secret;
 use crate::state::{Snapshot, StateFile};
 use crate::sync::{Options, Syncer, connect};
 use timing::{Backoff, Debouncer, changed_roles, set_changed};
@@ -211,10 +210,8 @@ struct Retry {
     since: Instant,
 }
 
-/// What the loop remembers between syncs.
+/// What the loop remembers between syncs (the last applied set is the Syncer's).
 struct LoopState {
-    /// The set last applied successfully (zeroized when replaced or dropped).
-    last_applied: Option<Vec<(RoleSpec, Secret)>>,
     retry: Option<Retry>,
     backoff: Backoff,
 }
@@ -246,7 +243,6 @@ pub async fn watch_loop(
 
     let mut debouncer = Debouncer::new(options.debounce);
     let mut loop_state = LoopState {
-        last_applied: None,
         retry: None,
         backoff: Backoff::new(RETRY_MIN, RETRY_MAX),
     };
@@ -399,8 +395,8 @@ async fn reconcile(
             return;
         }
     };
-    let changed_files = changed_roles(loop_state.last_applied.as_deref(), &secrets);
-    if !trigger.full() && !set_changed(loop_state.last_applied.as_deref(), &secrets) {
+    let changed_files = changed_roles(syncer.last_applied(), &secrets);
+    if !trigger.full() && !set_changed(syncer.last_applied(), &secrets) {
         tracing::debug!(
             trigger = trigger.describe(),
             "secret files unchanged; nothing to do"
@@ -448,7 +444,6 @@ async fn reconcile(
                     "all passwords already in force"
                 );
             }
-            loop_state.last_applied = Some(secrets);
             loop_state.retry = None;
             loop_state.backoff.reset();
             state.record_sync_of(snapshot, true);
