@@ -644,10 +644,7 @@ struct IdleClient {
 
 impl IdleClient {
     fn connect(pg: &Pg) -> IdleClient {
-        let mut child = as_server_user(pg_bin("psql"))
-            .args(["-X", "-q", "-U", "postgres", "-d", "postgres", "-h"])
-            .arg(&pg.sock)
-            .args(["-p", &pg.port.to_string()])
+        let mut child = psql_superuser(&pg.sock, pg.port)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -252,22 +252,8 @@ impl Cluster {
 
     pub fn psql_output(&self, sql: &str) -> std::process::Output {
         // The SQL goes through stdin, not argv: tests pass role setup through here.
-        let mut child = as_server_user(pg_bin("psql"))
-            .args([
-                "-X",
-                "-q",
-                "-A",
-                "-t",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-h",
-            ])
-            .arg(&self.sock)
-            .args(["-p", &self.port.to_string()])
+        let mut child = psql_superuser(&self.sock, self.port)
+            .args(["-A", "-t", "-v", "ON_ERROR_STOP=1"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -374,6 +360,16 @@ impl Drop for Cluster {
                 .output();
         }
     }
+}
+
+/// psql as the superuser over the socket in `sock` (peer authentication as the server's
+/// OS user), without reading any psqlrc.
+pub fn psql_superuser(sock: &Path, port: u16) -> Command {
+    let mut cmd = as_server_user(pg_bin("psql"));
+    cmd.args(["-X", "-q", "-U", "postgres", "-d", "postgres", "-h"])
+        .arg(sock)
+        .args(["-p", &port.to_string()]);
+    cmd
 }
 
 fn write_as_server(path: &Path, text: &str) {
