@@ -55,9 +55,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 if ! python3 -c 'import pg8000' 2>/dev/null; then
   step "installing pg8000 (Python PostgreSQL driver for the login pollers)"
-  if ! python3 -m pip --version >/dev/null 2>&1; then apt_install python3-pip; fi
-  python3 -m pip install --quiet pg8000 2>/dev/null ||
-    python3 -m pip install --quiet --break-system-packages pg8000
+  pip_install pg8000
 fi
 
 if [ -n "${BENCH_BIN:-}" ]; then

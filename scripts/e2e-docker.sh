@@ -24,6 +24,9 @@ readonly SUITE="bookworm"
 readonly BASE_PACKAGES="postgresql-15,gosu,procps"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly REPO_ROOT
+# apt_install
+# shellcheck source=scripts/lib.sh
+. "$REPO_ROOT/scripts/lib.sh"
 
 log() { printf '[e2e-docker] %s\n' "$*" >&2; }
 die() { printf '[e2e-docker] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -94,8 +97,7 @@ ensure_base_image() {
     [[ $(id -u) -eq 0 ]] || die "building the base image needs root (debootstrap)"
     if ! command -v debootstrap >/dev/null 2>&1; then
         log "installing debootstrap"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+        apt_install debootstrap
     fi
     local mirror
     mirror="$(debian_mirror)" || die "no Debian '$SUITE' archive found in apt's sources"

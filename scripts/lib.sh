@@ -23,6 +23,16 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
+# pip_install PKG...: install PyPI tools with python3's pip (installing python3/pip first).
+pip_install() {
+  command -v python3 >/dev/null || apt_install python3
+  python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
+  # Debian's system Python refuses a plain install (PEP 668); these are tool installs.
+  python3 -m pip install --quiet --disable-pip-version-check "$@" 2>/dev/null ||
+    python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "$@"
+  hash -r
+}
+
 # ensure_postgres: PostgreSQL 15 server binaries, the `postgres` OS user, setpriv/unshare,
 # python3 (free_port).
 ensure_postgres() {

@@ -20,32 +20,9 @@ die() {
     exit 1
 }
 
-APT_UPDATED=0
-apt_install() {
-    [[ $(id -u) -eq 0 ]] || die "'$*' missing and not root: install it (apt-get install $*)"
-    command -v apt-get >/dev/null 2>&1 || die "'$*' missing and no apt-get to install it"
-    if ((APT_UPDATED == 0)); then
-        apt-get update -qq
-        APT_UPDATED=1
-    fi
-    log "apt-get install $*"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
-}
-
-PYTHON=""
-pip_install() {
-    if [[ -z "$PYTHON" ]]; then
-        PYTHON="$(command -v python3 || true)"
-        [[ -n "$PYTHON" ]] || apt_install python3
-        PYTHON="$(command -v python3)"
-    fi
-    "$PYTHON" -m pip --version >/dev/null 2>&1 || apt_install python3-pip
-    log "pip install $*"
-    # Debian's system Python refuses a plain install (PEP 668); this is a tool install.
-    "$PYTHON" -m pip install --quiet --disable-pip-version-check "$@" 2>/dev/null ||
-        "$PYTHON" -m pip install --quiet --disable-pip-version-check --break-system-packages "$@"
-    hash -r
-}
+# apt_install, pip_install
+# shellcheck source=scripts/lib.sh
+. "$REPO_ROOT/scripts/lib.sh"
 
 # Finds TOOL in PATH or in the Python scripts directory (pip's --user/system locations).
 find_tool() {
