@@ -24,12 +24,17 @@ use common::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-const ENTRYPOINT: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/docker/test/docker-entrypoint.sh"
-);
+/// The stand-in entrypoint (re-executed as `postgres`, so a copy every user can read).
+fn entrypoint() -> PathBuf {
+    shared_copy(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docker/test/docker-entrypoint.sh"
+    ))
+}
 /// Its init scripts: the roles appuser, backupuser, temporaluser (placeholder passwords).
-const INITDB_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docker/test/initdb.d");
+fn initdb_dir() -> PathBuf {
+    shared_copy(concat!(env!("CARGO_MANIFEST_DIR"), "/docker/test/initdb.d"))
+}
 /// The stand-in's pg_hba.conf for these tests (`env` may replace it): trust on the socket,
 /// so that the suite also runs as a non-root user (the server then runs as that user,
 /// which peer would not map to `postgres`); SCRAM over TCP.
@@ -493,7 +498,7 @@ impl Pg {
         cmd.env("PGDATA", &self.data)
             .env("PGHOST", &self.sock)
             .env("PGPORT", self.port.to_string())
-            .env("INITDB_DIR", INITDB_DIR)
+            .env("INITDB_DIR", initdb_dir())
             .env("POSTGRES_INITDB_ARGS", "--no-sync")
             .env("PG_HBA", TEST_HBA)
             .env(
@@ -512,13 +517,9 @@ impl Pg {
             .arg("--state-dir")
             .arg(self.state.path())
             .args(flags)
-            .args([
-                "--",
-                ENTRYPOINT,
-                "postgres",
-                "-c",
-                "listen_addresses=127.0.0.1",
-            ])
+            .arg("--")
+            .arg(entrypoint())
+            .args(["postgres", "-c", "listen_addresses=127.0.0.1"])
             .args(pg);
         cmd
     }

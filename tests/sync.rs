@@ -520,15 +520,10 @@ fn unreadable_secret_file_is_a_config_error() {
     // Root reads any file whatever its mode: run the binary as `nobody` then.
     let mut cmd = if is_root() {
         let mut cmd = std::process::Command::new("setpriv");
-        cmd.args([
-            "--reuid=nobody",
-            "--regid=nogroup",
-            "--clear-groups",
-            "--",
-            BIN,
-        ])
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        cmd.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+            .arg(shared_copy(BIN))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default());
         cmd
     } else {
         bin()

@@ -114,6 +114,40 @@ fn template() -> &'static Path {
     path
 }
 
+/// A copy of `path` (a file or a directory tree) that every user can read and run, in a
+/// directory kept for the whole test binary. Processes that drop to `postgres` or
+/// `nobody` cannot always reach the checkout itself: a clone under a 0700 directory (as
+/// `mktemp -d` makes) is closed to them.
+pub fn shared_copy(path: &str) -> PathBuf {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("pps-shared-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        dir
+    });
+    let source = Path::new(path);
+    let target = dir.path().join(source.file_name().unwrap());
+    if !target.exists() {
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(source)
+            .arg(&target)
+            .status()
+            .unwrap();
+        assert!(status.success(), "copying {path}");
+        let status = Command::new("chmod")
+            .args(["-R", "a+rX"])
+            .arg(&target)
+            .status()
+            .unwrap();
+        assert!(status.success(), "opening {path} to every user");
+    }
+    target
+}
+
 /// A free TCP port on the loopback (bound and released; the server binds it next).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
