@@ -263,6 +263,11 @@ def cmd_life(a):
             time.sleep(0.1)
         result["rss_kib"] = int(statistics.median(samples))
         result["status"] = proc_status(pid1)
+        # Where that RSS lives, mapping by mapping (binary, libc, heap, stacks), for whoever
+        # works on the number: kept beside the PID 1 log.
+        with open(f"/proc/{pid1}/smaps", encoding="utf-8") as src, \
+                open(a.log + ".smaps", "w", encoding="utf-8") as dst:
+            dst.write(src.read())
 
         if a.rotations:
             (result["rotation_ms"], result["rotation_sync_logged_ms"],

@@ -63,14 +63,13 @@ if [ -n "${BENCH_BIN:-}" ]; then
   step "using BENCH_BIN=$BENCH_BIN (not building)"
   BIN=$(realpath "$BENCH_BIN")
 else
-  step "building pg-password-sync (release)"
+  step "building pg-password-sync (release, as shipped: scripts/build-release.sh)"
   mkdir -p target/bench
   OUT_BUILD_LOG=$PWD/target/bench/build.log
-  if ! cargo build --release --quiet >"$OUT_BUILD_LOG" 2>&1; then
+  if ! BIN=$(scripts/build-release.sh --quiet 2>"$OUT_BUILD_LOG"); then
     cat "$OUT_BUILD_LOG" >&2
     exit 1
   fi
-  BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/pg-password-sync
 fi
 [ -x "$BIN" ] || { echo "no binary at $BIN" >&2; exit 1; }
 
@@ -189,6 +188,7 @@ life() {
   fi
   tail -n 1 "$outfile" | sed 's/^/    /'
   cp "$LOGDIR/pid1.log" "$OUT/logs/${LOGDIR##*/}.log" 2>/dev/null || true
+  cp "$LOGDIR/pid1.log.smaps" "$OUT/logs/${LOGDIR##*/}.smaps" 2>/dev/null || true
 }
 
 # --------------------------------------------------------------------------- startup, RSS, stop

@@ -11,9 +11,8 @@ cd "$(dirname "$0")/.."
 
 ensure_postgres
 
-step "building pg-password-sync (release)"
-cargo build --release --quiet
-BIN=$PWD/target/release/pg-password-sync
+step "building pg-password-sync (release, as shipped: scripts/build-release.sh)"
+BIN=$(scripts/build-release.sh --quiet)
 
 WORK=$(mktemp -d /tmp/pps-demo-XXXXXX)
 chmod 755 "$WORK"

@@ -10,7 +10,7 @@
 #   --base-only   only make sure the base image exists (build it when missing), then exit
 #
 # Environment:
-#   PG_PASSWORD_SYNC_BIN   path of an already built binary (default: cargo build --release)
+#   PG_PASSWORD_SYNC_BIN   path of an already built binary (default: scripts/build-release.sh)
 #   E2E_BASE_IMAGE         base image tag (default pg-password-sync-base:bookworm)
 #   E2E_KEEP=1             keep containers, network, volume and temp dir for inspection
 #
@@ -358,16 +358,15 @@ build_binary() {
         return 0
     fi
     command -v cargo >/dev/null 2>&1 || die "cargo not found; build the binary or set PG_PASSWORD_SYNC_BIN"
-    log "cargo build --release"
+    log "scripts/build-release.sh --locked (the binary as shipped)"
     local build_log
     build_log="$(mktemp /tmp/pg-password-sync-e2e-cargo.XXXXXX)"
-    if ! (cd "$REPO_ROOT" && cargo build --release --locked) >"$build_log" 2>&1; then
+    if ! BIN="$("$REPO_ROOT/scripts/build-release.sh" --locked 2>"$build_log")"; then
         tail -n 40 "$build_log" >&2
         rm -f "$build_log"
         die "cargo build failed"
     fi
     rm -f "$build_log"
-    BIN="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/pg-password-sync"
     [[ -x "$BIN" ]] || die "built binary not found at $BIN"
 }
 

@@ -77,7 +77,7 @@ repo_files() {
 lint_shell() {
     local shellcheck files=()
     shellcheck="$(find_tool shellcheck)" || { apt_install shellcheck && shellcheck="$(find_tool shellcheck)"; }
-    mapfile -d '' files < <(repo_files '*.sh')
+    mapfile -d '' files < <(repo_files '*.sh' 'build/hot-first-link')
     ((${#files[@]} > 0)) || { log "no shell scripts"; return 0; }
     log "shellcheck ($("$shellcheck" --version | sed -n 's/^version: //p')): ${#files[@]} files"
     "$shellcheck" --external-sources "${files[@]}"
