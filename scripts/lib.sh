@@ -34,14 +34,15 @@ pip_install() {
 }
 
 # ensure_postgres: PostgreSQL 15 server binaries, the `postgres` OS user, setpriv/unshare,
-# python3 (free_port).
+# python3 (free_port, and Debian's /usr/bin/python3 for a test run as `postgres`).
 ensure_postgres() {
   local missing=()
   [ -x "$PG_BINDIR/initdb" ] || missing+=(postgresql-15)
   command -v psql >/dev/null || missing+=(postgresql-client-15)
   command -v setpriv >/dev/null || missing+=(util-linux)
   command -v unshare >/dev/null || missing+=(util-linux)
-  command -v python3 >/dev/null || missing+=(python3)
+  # Debian's own, which the `postgres` user can run too (tests/run.rs).
+  [ -x /usr/bin/python3 ] || missing+=(python3)
   if [ "${#missing[@]}" -gt 0 ]; then
     step "installing ${missing[*]}"
     apt_install "${missing[@]}"

@@ -1024,6 +1024,172 @@ fn secret_files_fixed_after_start_are_applied_by_the_watcher() {
     assert_no_leak(&pg.secrets(), None, &[&out]);
 }
 
+/// The watcher starting right after the first sync only looks for files changed in between:
+/// no second full pass over the server, so a role that does not exist is warned about by the
+/// first sync and then by each full resync (here one SIGHUP), not once more at the start.
+#[test]
+fn watching_starts_without_a_second_full_sync() {
+    let pg = Pg::new();
+    let sup = Sup::spawn(
+        Mode::Subreaper,
+        pg.command(
+            Mode::Subreaper,
+            &[("RUST_LOG", "debug")],
+            &["--app-db-user", "ghost", "--resync-interval", "0"],
+            &[],
+        ),
+    );
+    sup.wait_stderr(Duration::from_secs(120), COMPLETE);
+    sup.wait_stderr(Duration::from_secs(10), "trigger=\"start of watching\"");
+    sup.signal(Signal::SIGHUP);
+    // The resync's own outcome line: everything before it has been logged.
+    sup.wait_stderr(
+        Duration::from_secs(10),
+        "all passwords already in force trigger=\"resync request\"",
+    );
+    sup.signal(Signal::SIGINT);
+    let out = sup.finish(Duration::from_secs(10));
+    out.expect_ok(None);
+    let warnings = out.stderr.matches("role does not exist; skipped").count();
+    assert_eq!(
+        warnings, 2,
+        "one warning from the first sync, one from the SIGHUP resync:\n{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr
+            .contains("secret files unchanged; nothing to do trigger=\"start of watching\""),
+        "{}",
+        out.stderr
+    );
+    assert_no_leak(&pg.secrets(), None, &[&out]);
+}
+
+/// Debian's Python, which `postgres` can run (a python3 first in root's PATH may live under
+/// /root); scripts/lib.sh's ensure_postgres installs it.
+const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
+/// Takes every inotify instance the OS user `postgres` may have (`fs.inotify.
+/// max_user_instances`), until dropped. Only this test runs our binary as `postgres`; the
+/// servers themselves use no inotify.
+struct InotifyHog(std::process::Child);
+
+impl InotifyHog {
+    fn take_all() -> InotifyHog {
+        const HOG: &str = r#"
+import ctypes, resource, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+libc = ctypes.CDLL(None, use_errno=True)
+fds = []
+while libc.inotify_init() >= 0:
+    fds.append(1)
+print(len(fds), ctypes.get_errno(), flush=True)
+sys.stdin.read()
+"#;
+        let mut child = as_server_user(SYSTEM_PYTHON)
+            .args(["-c", HOG])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let hog = InotifyHog(child);
+        // EMFILE from the per-user limit, not from the hog's own descriptor limit: a
+        // fresh process of the same user must fail too.
+        let probe = as_server_user(SYSTEM_PYTHON)
+            .args([
+                "-c",
+                "import ctypes; print(ctypes.CDLL(None).inotify_init() < 0)",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&probe.stdout).trim(),
+            "True",
+            "could not exhaust the inotify instances of user postgres (hog: {line})"
+        );
+        hog
+    }
+}
+
+impl Drop for InotifyHog {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// When inotify cannot be had at all, `run` keeps supervising and still re-syncs: on SIGHUP
+/// and every `--resync-interval`. Runs as the OS user `postgres` (a non-root container).
+#[test]
+fn without_inotify_run_resyncs_on_sighup_and_on_the_interval() {
+    if !is_root() {
+        skip("without_inotify_run_resyncs_on_sighup_and_on_the_interval: needs root");
+        return;
+    }
+    let pg = Pg::new();
+    let chown_to_postgres = |path: &Path| {
+        let status = Command::new("chown")
+            .args(["-R", "postgres:"])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "chown {}", path.display());
+    };
+    chown_to_postgres(pg.keys.path());
+    chown_to_postgres(pg.state.path());
+    let rotate = |value: &str| {
+        pg.keys.write("postgres_app_user_pw", value);
+        chown_to_postgres(&pg.keys.path().join("postgres_app_user_pw.txt"));
+    };
+
+    let inner = pg.command(Mode::Subreaper, &[], &["--resync-interval", "2s"], &[]);
+    let mut cmd = as_server_user(shared_copy(BIN));
+    cmd.env_clear().args(inner.get_args());
+    for (key, value) in inner.get_envs() {
+        if let Some(value) = value {
+            cmd.env(key, value);
+        }
+    }
+    let hog = InotifyHog::take_all();
+    let sup = Sup::spawn(Mode::Subreaper, cmd);
+    sup.wait_stderr(Duration::from_secs(120), COMPLETE);
+    sup.wait_stderr(
+        Duration::from_secs(10),
+        "re-syncing on SIGHUP and every --resync-interval only",
+    );
+    pg.assert_new_passwords();
+
+    let by_sighup = unique("sighup pw");
+    rotate(&by_sighup);
+    sup.signal(Signal::SIGHUP);
+    wait_until(
+        Duration::from_secs(10),
+        "SIGHUP to apply the rotation",
+        || login_tcp(pg.port, "appuser", &by_sighup).is_ok(),
+    );
+    let by_interval = unique("interval pw");
+    rotate(&by_interval);
+    wait_until(
+        Duration::from_secs(15),
+        "the periodic resync to apply the rotation",
+        || login_tcp(pg.port, "appuser", &by_interval).is_ok(),
+    );
+    drop(hog);
+
+    sup.signal(Signal::SIGINT);
+    let out = sup.finish(Duration::from_secs(10));
+    out.expect_ok(None);
+    assert_eq!(pg.cluster_state(), "shut down", "{}", out.describe(None));
+    let mut secrets = pg.secrets();
+    secrets.extend([by_sighup.as_str(), by_interval.as_str()]);
+    assert_no_leak(&secrets, None, &[&out]);
+}
+
 /// A standby (hot standby of a harness primary): `run` treats `standby` as ready, skips the
 /// sync and says so, keeps supervising, and stops it cleanly.
 #[test]

@@ -166,7 +166,8 @@ async fn first_sync(syncer: &mut Syncer, state: &StateFile) {
 /// Why a sync is being made (for the log, and whether it must apply without a change).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Trigger {
-    /// The loop started: closes the gap between the caller's first sync and the watches.
+    /// The loop started: closes the gap between the caller's first sync and the watches
+    /// (applies only what changed in that gap).
     Start,
     /// A debounced burst of file events.
     Files,
@@ -184,9 +185,12 @@ impl Trigger {
     /// Whether to apply even when the content equals the last applied set.
     fn full(self) -> bool {
         match self {
-            Trigger::Files => false,
+            // Start: the caller's first sync has just applied the set (or failed, and then
+            // there is no last applied set and the comparison applies it anyway); only a
+            // change in between needs a connection, not a second full pass.
+            Trigger::Start | Trigger::Files => false,
             Trigger::Retry { full } => full,
-            Trigger::Start | Trigger::Overflow | Trigger::Periodic | Trigger::Requested => true,
+            Trigger::Overflow | Trigger::Periodic | Trigger::Requested => true,
         }
     }
 
@@ -257,7 +261,8 @@ pub async fn watch_loop(
     let mut resync_open = true;
 
     // Anything that changed between the caller's first sync and the watches being armed
-    // would otherwise go unnoticed until the next event.
+    // would otherwise go unnoticed until the next event. Files only: the first sync has
+    // just checked the server, so an unchanged set needs no second connection.
     reconcile(
         syncer,
         state,
@@ -527,11 +532,11 @@ mod tests {
     }
 
     #[test]
-    fn only_file_bursts_skip_an_unchanged_set() {
+    fn file_bursts_and_the_start_skip_an_unchanged_set() {
         assert!(!Trigger::Files.full());
+        assert!(!Trigger::Start.full());
         assert!(!Trigger::Retry { full: false }.full());
         for t in [
-            Trigger::Start,
             Trigger::Overflow,
             Trigger::Periodic,
             Trigger::Requested,

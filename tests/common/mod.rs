@@ -16,7 +16,7 @@ use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The binary under test.
@@ -128,22 +128,32 @@ pub fn shared_copy(path: &str) -> PathBuf {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         dir
     });
+    // Tests run in parallel threads: one copies, the others wait for it (and never see
+    // a half-made copy).
+    static COPYING: Mutex<()> = Mutex::new(());
+    let _copying = COPYING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let source = Path::new(path);
     let target = dir.path().join(source.file_name().unwrap());
     if !target.exists() {
+        let partial = dir.path().join(".partial");
+        let _ = std::fs::remove_dir_all(&partial);
+        let _ = std::fs::remove_file(&partial);
         let status = Command::new("cp")
             .arg("-a")
             .arg(source)
-            .arg(&target)
+            .arg(&partial)
             .status()
             .unwrap();
         assert!(status.success(), "copying {path}");
         let status = Command::new("chmod")
             .args(["-R", "a+rX"])
-            .arg(&target)
+            .arg(&partial)
             .status()
             .unwrap();
         assert!(status.success(), "opening {path} to every user");
+        std::fs::rename(&partial, &target).unwrap();
     }
     target
 }
