@@ -547,6 +547,48 @@ fn sighup_restores_a_password_changed_behind_its_back_and_sigterm_exits_0() {
     assert_no_leak(&refs(&[secrets]), Some(&cluster), &[&run]);
 }
 
+/// A file change applies the roles whose file changed and leaves the others alone (no
+/// check of their stored verifiers on the way to the new password): a password changed
+/// behind our back stays until a full resync (here SIGHUP) restores it.
+#[test]
+fn a_file_change_applies_only_the_roles_whose_file_changed() {
+    let cluster = Cluster::start_default();
+    create_app_roles(&cluster);
+    let keys = Keys::new();
+    let secrets = fresh("only");
+    write_all(keys.path(), &secrets);
+    let watcher = Watcher::start(
+        &cluster,
+        keys.path(),
+        &["--resync-interval", "0", "--debounce", "20ms"],
+    );
+    wait_all(&cluster, &secrets);
+
+    let intruder = unique("intruder");
+    cluster.psql(&format!(
+        "ALTER ROLE backupuser PASSWORD {}",
+        quote_literal(&intruder)
+    ));
+    cluster.clear_log();
+    let rotated = unique("only-rotated");
+    write_file(keys.path(), "postgres_app_user_pw.txt", &rotated);
+    wait_login(&cluster, "appuser", &rotated);
+    watcher.wait_stderr("the rotation report", "passwords rotated: appuser changed,");
+    cluster
+        .login("backupuser", &intruder)
+        .expect("a file change does not touch the roles whose file did not change");
+
+    watcher.signal(Signal::SIGHUP);
+    wait_login(&cluster, "backupuser", &secrets[2]);
+    let run = watcher.stop(&cluster);
+    assert!(
+        run.stderr.contains("passwords rotated: backupuser changed"),
+        "the SIGHUP resync restored it: {}",
+        run.stderr
+    );
+    assert_no_leak(&refs(&[secrets, vec![rotated]]), Some(&cluster), &[&run]);
+}
+
 #[test]
 fn the_periodic_resync_restores_a_password_changed_behind_its_back() {
     let cluster = Cluster::start_default();

@@ -132,18 +132,48 @@ impl Syncer {
         self.apply_secrets(&secrets).await
     }
 
-    /// Applies an already validated set of secrets.
+    /// Applies an already validated set of secrets: every role, each checked against its
+    /// stored verifier.
     pub async fn apply_secrets(
         &mut self,
         secrets: &[(RoleSpec, Secret)],
     ) -> anyhow::Result<Report> {
         let client = self.connect_superuser(secrets).await?;
-        let report = apply(&client, secrets, self.options).await?;
+        let report = apply(&client, secrets, self.options, Check::Stored).await?;
+        self.applied(secrets);
+        Ok(report)
+    }
+
+    /// Applies only the roles whose secret differs from the last applied set (all of them
+    /// before the first apply). What a file change needs: the other roles' files did not
+    /// change, and the changed ones are known to differ from what was last set, so their
+    /// stored verifiers are not checked first. That keeps PBKDF2 (4096 rounds per check)
+    /// off the path from a rotation to the new password being in force; a password changed
+    /// behind our back is the periodic and SIGHUP resyncs' business (`apply_secrets`).
+    pub async fn apply_changed(
+        &mut self,
+        secrets: &[(RoleSpec, Secret)],
+    ) -> anyhow::Result<Report> {
+        let Some(last) = self.last_applied() else {
+            return self.apply_secrets(secrets).await;
+        };
+        let changed: Vec<(RoleSpec, Secret)> = secrets
+            .iter()
+            .filter(|(spec, secret)| !last.iter().any(|(s, v)| s == spec && v == secret))
+            .cloned()
+            .collect();
+        // The whole set still offers the superuser's (possibly new) password to log in.
+        let client = self.connect_superuser(secrets).await?;
+        let report = apply(&client, &changed, self.options, Check::KnownChanged).await?;
+        self.applied(secrets);
+        Ok(report)
+    }
+
+    fn applied(&mut self, secrets: &[(RoleSpec, Secret)]) {
         if !self.options.dry_run {
             // Replacing the old set drops (and so zeroizes) it.
             self.last_applied = Some(secrets.to_vec());
         }
-        Ok(report)
     }
 
     /// The set the last successful apply used (`None` before the first one).
@@ -183,11 +213,21 @@ impl Syncer {
     }
 }
 
+/// Whether a role's stored verifier is checked before a new one is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Check {
+    /// Check it: a role already holding its secret keeps its verifier byte for byte.
+    Stored,
+    /// The secret is known to differ from what we last set: make a new verifier at once.
+    KnownChanged,
+}
+
 /// The sync transaction itself.
-pub async fn apply(
+async fn apply(
     client: &Client,
     secrets: &[(RoleSpec, Secret)],
     options: Options,
+    check: Check,
 ) -> anyhow::Result<Report> {
     let mut report = Report {
         dry_run: options.dry_run,
@@ -205,7 +245,7 @@ pub async fn apply(
         return Ok(report);
     }
     let names: Vec<String> = secrets.iter().map(|(r, _)| r.name.clone()).collect();
-    transaction(client, secrets, &names, options, &mut report)
+    transaction(client, secrets, &names, options, check, &mut report)
         .await
         .map_err(|err| match Failure::of(&err) {
             Some(_) => err,
@@ -219,6 +259,7 @@ async fn transaction(
     secrets: &[(RoleSpec, Secret)],
     names: &[String],
     options: Options,
+    check: Check,
     report: &mut Report,
 ) -> anyhow::Result<()> {
     // `Client::transaction` needs `&mut`; the explicit BEGIN keeps `Client` shareable.
@@ -270,7 +311,7 @@ async fn transaction(
         // signals keep being forwarded and children reaped while a large set is planned.
         let owned = secrets.to_vec();
         let dry_run = options.dry_run;
-        let steps = tokio::task::spawn_blocking(move || plan(&owned, &current, dry_run))
+        let steps = tokio::task::spawn_blocking(move || plan(&owned, &current, dry_run, check))
             .await
             .context("planning the password changes")?;
         for ((spec, _), step) in secrets.iter().zip(steps) {
@@ -329,10 +370,13 @@ fn plan(
     secrets: &[(RoleSpec, Secret)],
     current: &HashMap<String, Option<String>>,
     dry_run: bool,
+    check: Check,
 ) -> Vec<Step> {
     parallel_map(secrets, |(spec, secret)| match current.get(&spec.name) {
         None => Step::Keep(Status::Missing),
-        Some(Some(stored)) if scram::verifies(stored, secret) => Step::Keep(Status::Unchanged),
+        Some(Some(stored)) if check == Check::Stored && scram::verifies(stored, secret) => {
+            Step::Keep(Status::Unchanged)
+        }
         Some(_) if dry_run => Step::Keep(Status::WouldChange),
         Some(_) => Step::Set(scram::make_verifier(secret)),
     })
@@ -439,12 +483,17 @@ mod tests {
             .iter()
             .map(|n| (spec(n), secret.clone()))
             .collect();
-        let steps = plan(&secrets, &current, false);
+        let steps = plan(&secrets, &current, false, Check::Stored);
         assert!(matches!(steps[0], Step::Keep(Status::Unchanged)));
         assert!(matches!(&steps[1], Step::Set(v) if scram::verifies(v, &secret)));
         assert!(matches!(steps[2], Step::Set(_)));
         assert!(matches!(steps[3], Step::Keep(Status::Missing)));
-        let dry = plan(&secrets, &current, true);
+        let dry = plan(&secrets, &current, true, Check::Stored);
         assert!(matches!(dry[1], Step::Keep(Status::WouldChange)));
+        // Known to have changed: a new verifier even where the stored one still matches;
+        // a missing role stays missing.
+        let known = plan(&secrets, &current, false, Check::KnownChanged);
+        assert!(matches!(&known[0], Step::Set(v) if scram::verifies(v, &secret)));
+        assert!(matches!(known[3], Step::Keep(Status::Missing)));
     }
 }

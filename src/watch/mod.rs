@@ -182,7 +182,8 @@ enum Trigger {
 }
 
 impl Trigger {
-    /// Whether to apply even when the content equals the last applied set.
+    /// Whether to apply even when the content equals the last applied set, checking every
+    /// role against the server (otherwise only the roles whose file changed are applied).
     fn full(self) -> bool {
         match self {
             // Start: the caller's first sync has just applied the set (or failed, and then
@@ -421,7 +422,13 @@ async fn reconcile(
         "applying the secret set"
     );
     let applying = Instant::now();
-    match syncer.apply_secrets(&secrets).await {
+    // A file change applies what changed; a full resync checks every role on the server.
+    let applied = if trigger.full() {
+        syncer.apply_secrets(&secrets).await
+    } else {
+        syncer.apply_changed(&secrets).await
+    };
+    match applied {
         Ok(report) => {
             let elapsed = since.elapsed().as_millis();
             tracing::debug!(
