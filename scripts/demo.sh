@@ -162,7 +162,8 @@ wait "$RUN_PID" || status=$?
 RUN_PID=
 echo "run exited with status $status"
 [ "$status" -eq 0 ]
-as_pg "$PG_BINDIR/pg_controldata" "$PGDATA" | grep 'Database cluster state'
+# From /: postgres may not enter the caller's directory (a 0700 checkout).
+(cd / && as_pg "$PG_BINDIR/pg_controldata" "$PGDATA") | grep 'Database cluster state'
 if grep -F -f <(for f in "$KEYS"/*.txt "$SECRETS"/backups/*/keys/*.txt; do cat "$f"; echo; done) \
   "$LOG" "$WORK/server.log" >/dev/null; then
   echo "LEAK: a password is in a log" >&2
