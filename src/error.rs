@@ -22,6 +22,8 @@ pub enum Failure {
     Verify,
     /// `health` found the server not ready or the last sync not current.
     Unhealthy,
+    /// Interrupted (Ctrl-C, …) at an interactive prompt; nothing was written.
+    Interrupted,
 }
 
 impl Failure {
@@ -34,6 +36,8 @@ impl Failure {
             Failure::MissingRole => 6,
             Failure::Verify => 7,
             Failure::Unhealthy => 8,
+            // 128 + SIGINT, what a shell reports for a command ended by Ctrl-C.
+            Failure::Interrupted => 130,
         }
     }
 
@@ -52,6 +56,7 @@ impl fmt::Display for Failure {
             Failure::MissingRole => "missing role",
             Failure::Verify => "verification failed",
             Failure::Unhealthy => "not healthy",
+            Failure::Interrupted => "interrupted",
         })
     }
 }
@@ -91,6 +96,7 @@ mod tests {
             Failure::MissingRole,
             Failure::Verify,
             Failure::Unhealthy,
+            Failure::Interrupted,
         ];
         let mut codes: Vec<u8> = all.iter().map(|f| f.exit_code()).collect();
         codes.push(EXIT_UNEXPECTED);

@@ -955,6 +955,13 @@ impl Terminal {
         self.input.flush().unwrap();
     }
 
+    /// Types bytes as they are (control characters included), without a line end.
+    fn type_raw(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        self.input.write_all(bytes).unwrap();
+        self.input.flush().unwrap();
+    }
+
     /// Waits for the end of the session; returns generate's exit code and the transcript.
     fn finish(mut self) -> (i32, String) {
         self.expect("generate-exit=");
@@ -1021,6 +1028,31 @@ fn on_a_terminal_missing_oidc_values_are_prompted_without_echo() {
             "{transcript}"
         );
     }
+    let stty = transcript.split("generate-exit=").nth(1).unwrap();
+    assert!(echo_is_on(stty), "echo was not restored:\n{transcript}");
+}
+
+/// Ctrl-C in the middle of typing a hidden value: exit 130, nothing written, echo back on
+/// (left to SIGINT's default action the process would die with echo off).
+#[test]
+fn on_a_terminal_ctrl_c_at_the_hidden_prompt_restores_echo_and_writes_nothing() {
+    let fx = Fixture::new();
+    let Some(mut term) = Terminal::start(&fx.dir, &[]) else {
+        return;
+    };
+    term.expect(&format!("{} (input hidden): ", OIDC[0].1));
+    term.type_raw(b"Half-Typed-Secret-9901\x03");
+    let (code, transcript) = term.finish();
+    assert_eq!(code, 130, "{transcript}");
+    assert!(
+        transcript.contains("interrupted (SIGINT)"),
+        "the reason is given:\n{transcript}"
+    );
+    assert!(
+        !transcript.contains("Half-Typed-Secret-9901"),
+        "typed secret was echoed:\n{transcript}"
+    );
+    assert!(!fx.keys().exists(), "nothing is written:\n{transcript}");
     let stty = transcript.split("generate-exit=").nth(1).unwrap();
     assert!(echo_is_on(stty), "echo was not restored:\n{transcript}");
 }

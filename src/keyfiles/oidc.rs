@@ -12,6 +12,9 @@ use std::os::fd::AsFd;
 use std::path::Path;
 
 use anyhow::Context;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::termios::{LocalFlags, SetArg, Termios, tcgetattr, tcsetattr};
 use zeroize::Zeroizing;
 
@@ -116,9 +119,88 @@ impl Drop for RestoreTerminal {
     }
 }
 
+/// The signals that would end the process while a hidden prompt waits: Ctrl-C, Ctrl-\\, a
+/// closed terminal, `kill`. Left to their default action they would leave the terminal
+/// with echo off.
+const PROMPT_SIGNALS: [Signal; 4] = [
+    Signal::SIGINT,
+    Signal::SIGQUIT,
+    Signal::SIGHUP,
+    Signal::SIGTERM,
+];
+
+/// Keeps `PROMPT_SIGNALS` blocked (queued, so none is lost) while it lives, and puts the
+/// previous signal mask back when dropped.
+struct HeldSignals {
+    previous: SigSet,
+    fd: SignalFd,
+}
+
+impl HeldSignals {
+    fn hold() -> anyhow::Result<HeldSignals> {
+        let mut set = SigSet::empty();
+        for signal in PROMPT_SIGNALS {
+            set.add(signal);
+        }
+        let mut previous = SigSet::empty();
+        pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut previous))
+            .context("holding back interrupt signals during the prompt")?;
+        let held = |fd| HeldSignals { previous, fd };
+        match SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC) {
+            Ok(fd) => Ok(held(fd)),
+            Err(err) => {
+                let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&previous), None);
+                Err(err).context("opening a signalfd for the prompt")
+            }
+        }
+    }
+
+    /// Waits until a line can be read from stdin (`Ok`), or one of the signals arrives
+    /// (an `Interrupted` error naming it; the caller's guards then restore the terminal).
+    fn wait_for_line(&self, var: &str) -> anyhow::Result<()> {
+        let stdin = std::io::stdin();
+        loop {
+            let mut fds = [
+                PollFd::new(stdin.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.fd.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(err) => return Err(err).context("waiting for input at the prompt"),
+            }
+            if fds[1].any().unwrap_or(false) {
+                let name = match self.fd.read_signal() {
+                    Ok(Some(info)) => Signal::try_from(info.ssi_signo as i32)
+                        .map_or_else(|_| "a signal".to_owned(), |s| s.as_str().to_owned()),
+                    _ => "a signal".to_owned(),
+                };
+                return Err(anyhow::anyhow!(
+                    "interrupted ({name}) while asking for {var}; nothing was written"
+                ))
+                .context(Failure::Interrupted);
+            }
+            // Readable, at end of input or hung up: the read reports which.
+            if fds[0].revents().is_some_and(|r| !r.is_empty()) {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl Drop for HeldSignals {
+    fn drop(&mut self) {
+        // Anything that arrived was consumed through the signalfd; nothing is pending.
+        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&self.previous), None);
+    }
+}
+
 /// Asks for `var` on stderr and reads one line from the terminal with echo switched off.
 fn prompt_hidden(var: &str) -> anyhow::Result<Secret> {
     let stdin = std::io::stdin();
+    // Held before echo goes off and released after it is back on (drop order: `restore`
+    // is declared later, so it is dropped first).
+    let held = HeldSignals::hold()?;
     let original = tcgetattr(stdin.as_fd()).context("reading the terminal settings")?;
     let mut silent = original.clone();
     // No echo of the typed characters; ECHONL still shows the final newline.
@@ -135,12 +217,14 @@ fn prompt_hidden(var: &str) -> anyhow::Result<Secret> {
     // an un-zeroized copy of what was typed.
     let limit = MAX_SECRET_BYTES + 2;
     let mut line = Zeroizing::new(String::with_capacity(limit));
+    held.wait_for_line(var)?;
     stdin
         .lock()
         .take(limit as u64)
         .read_line(&mut line)
         .with_context(|| format!("reading {var} from the terminal"))?;
     drop(restore);
+    drop(held);
     if line.len() >= limit && !line.ends_with('\n') {
         return Err(anyhow::anyhow!(
             "the value entered for {var} is longer than {MAX_SECRET_BYTES} bytes"
