@@ -13,6 +13,11 @@
 # (binutils). `crt-static` needs an explicit --target, so that build scripts and proc-macros
 # (which run on the host) stay dynamic; the host triple is used.
 set -euo pipefail
+# A relative CARGO_TARGET_DIR means the caller's directory, and the path printed is absolute.
+if [ -n "${CARGO_TARGET_DIR:-}" ]; then
+  CARGO_TARGET_DIR=$(realpath -m -- "$CARGO_TARGET_DIR")
+  export CARGO_TARGET_DIR
+fi
 cd "$(dirname "$0")/.."
 host=$(rustc -vV | sed -n 's/^host: //p')
 case $host in
@@ -29,6 +34,9 @@ built=$target_dir/$host/release/pg-password-sync
 mkdir -p "$target_dir/dist"
 # Strip into a temp file and rename, so a running copy of the previous build is never
 # overwritten in place.
-strip --strip-all -o "$target_dir/dist/.pg-password-sync.tmp" "$built"
-mv -f "$target_dir/dist/.pg-password-sync.tmp" "$target_dir/dist/pg-password-sync"
+tmp=$(mktemp "$target_dir/dist/.pg-password-sync.XXXXXX")
+trap 'rm -f "$tmp"' EXIT
+strip --strip-all -o "$tmp" "$built"
+chmod 755 "$tmp"
+mv -f "$tmp" "$target_dir/dist/pg-password-sync"
 echo "$target_dir/dist/pg-password-sync"

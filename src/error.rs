@@ -7,6 +7,8 @@
 
 use std::fmt;
 
+use nix::sys::signal::Signal;
+
 /// The classes of failure with distinct exit codes (documented in `--help` and README).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
@@ -22,8 +24,9 @@ pub enum Failure {
     Verify,
     /// `health` found the server not ready or the last sync not current.
     Unhealthy,
-    /// Interrupted (Ctrl-C, …) at an interactive prompt; nothing was written.
-    Interrupted,
+    /// Interrupted by this signal (Ctrl-C, …) at an interactive prompt; nothing was
+    /// written. `main` then ends the process by the signal itself, as a shell expects.
+    Interrupted(Signal),
 }
 
 impl Failure {
@@ -36,8 +39,8 @@ impl Failure {
             Failure::MissingRole => 6,
             Failure::Verify => 7,
             Failure::Unhealthy => 8,
-            // 128 + SIGINT, what a shell reports for a command ended by Ctrl-C.
-            Failure::Interrupted => 130,
+            // 128 + N, what a shell reports for a command ended by signal N (130: Ctrl-C).
+            Failure::Interrupted(signal) => 128 + signal as u8,
         }
     }
 
@@ -56,7 +59,7 @@ impl fmt::Display for Failure {
             Failure::MissingRole => "missing role",
             Failure::Verify => "verification failed",
             Failure::Unhealthy => "not healthy",
-            Failure::Interrupted => "interrupted",
+            Failure::Interrupted(_) => "interrupted",
         })
     }
 }
@@ -96,7 +99,7 @@ mod tests {
             Failure::MissingRole,
             Failure::Verify,
             Failure::Unhealthy,
-            Failure::Interrupted,
+            Failure::Interrupted(Signal::SIGINT),
         ];
         let mut codes: Vec<u8> = all.iter().map(|f| f.exit_code()).collect();
         codes.push(EXIT_UNEXPECTED);

@@ -34,7 +34,14 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             tracing::error!("{err:#}");
-            ExitCode::from(Failure::of(&err).map_or(EXIT_UNEXPECTED, Failure::exit_code))
+            let failure = Failure::of(&err);
+            if let Some(Failure::Interrupted(signal)) = failure {
+                // Die of the signal (its default action; the terminal is restored by now),
+                // so a calling shell or script sees Ctrl-C and stops too, instead of going
+                // on after an ordinary failure. The exit code below is the fallback.
+                let _ = nix::sys::signal::raise(signal);
+            }
+            ExitCode::from(failure.map_or(EXIT_UNEXPECTED, Failure::exit_code))
         }
     }
 }

@@ -881,7 +881,8 @@ impl Terminal {
     fn start(dir: &Path, args: &[&str]) -> Option<Terminal> {
         use std::io::Read;
         let line = format!(
-            "{BIN} generate --dir {} {}; echo \"generate-exit=$?\"; stty -a",
+            // `trap`: a Ctrl-C reaches the shell too; it must live on to report.
+            "trap : INT; {BIN} generate --dir {} {}; echo \"generate-exit=$?\"; stty -a",
             dir.display(),
             args.join(" ")
         );
@@ -1032,8 +1033,10 @@ fn on_a_terminal_missing_oidc_values_are_prompted_without_echo() {
     assert!(echo_is_on(stty), "echo was not restored:\n{transcript}");
 }
 
-/// Ctrl-C in the middle of typing a hidden value: exit 130, nothing written, echo back on
-/// (left to SIGINT's default action the process would die with echo off).
+/// Ctrl-C in the middle of typing a hidden value: the terminal is restored (echo back on,
+/// the half-typed line dropped), nothing is written, and then the process dies of SIGINT
+/// (status 130) like any program stopped by Ctrl-C. Left to SIGINT's default action at the
+/// prompt it would die with echo off.
 #[test]
 fn on_a_terminal_ctrl_c_at_the_hidden_prompt_restores_echo_and_writes_nothing() {
     let fx = Fixture::new();

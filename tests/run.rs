@@ -1075,7 +1075,8 @@ const SYSTEM_PYTHON: &str = "/usr/bin/python3";
 struct InotifyHog(std::process::Child);
 
 impl InotifyHog {
-    fn take_all() -> InotifyHog {
+    /// `None` (the test is skipped; under CI it fails) when the limit cannot be reached.
+    fn take_all() -> Option<InotifyHog> {
         const HOG: &str = r#"
 import ctypes, resource, sys
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -1107,12 +1108,13 @@ sys.stdin.read()
             ])
             .output()
             .unwrap();
-        assert_eq!(
-            String::from_utf8_lossy(&probe.stdout).trim(),
-            "True",
-            "could not exhaust the inotify instances of user postgres (hog: {line})"
-        );
-        hog
+        if String::from_utf8_lossy(&probe.stdout).trim() != "True" {
+            skip(&format!(
+                "could not use up the inotify instances of user postgres (hog: {line})"
+            ));
+            return None;
+        }
+        Some(hog)
     }
 }
 
@@ -1147,23 +1149,38 @@ fn without_inotify_run_resyncs_on_sighup_and_on_the_interval() {
         chown_to_postgres(&pg.keys.path().join("postgres_app_user_pw.txt"));
     };
 
-    let inner = pg.command(Mode::Subreaper, &[], &["--resync-interval", "2s"], &[]);
-    let mut cmd = as_server_user(shared_copy(BIN));
-    cmd.env_clear().args(inner.get_args());
-    for (key, value) in inner.get_envs() {
-        if let Some(value) = value {
-            cmd.env(key, value);
+    // `run` as postgres, in degraded mode: watching fails at start for want of inotify.
+    let start = |interval: &str| {
+        let inner = pg.command(Mode::Subreaper, &[], &["--resync-interval", interval], &[]);
+        let mut cmd = as_server_user(shared_copy(BIN));
+        cmd.env_clear().args(inner.get_args());
+        for (key, value) in inner.get_envs() {
+            if let Some(value) = value {
+                cmd.env(key, value);
+            }
         }
-    }
-    let hog = InotifyHog::take_all();
-    let sup = Sup::spawn(Mode::Subreaper, cmd);
-    sup.wait_stderr(Duration::from_secs(120), COMPLETE);
-    sup.wait_stderr(
-        Duration::from_secs(10),
-        "re-syncing on SIGHUP and every --resync-interval only",
-    );
-    pg.assert_new_passwords();
+        let sup = Sup::spawn(Mode::Subreaper, cmd);
+        sup.wait_stderr(Duration::from_secs(120), COMPLETE);
+        sup.wait_stderr(
+            Duration::from_secs(10),
+            "re-syncing on SIGHUP and every --resync-interval only",
+        );
+        sup
+    };
+    let stop = |sup: Sup| {
+        sup.signal(Signal::SIGINT);
+        let out = sup.finish(Duration::from_secs(10));
+        out.expect_ok(None);
+        assert_eq!(pg.cluster_state(), "shut down", "{}", out.describe(None));
+        out
+    };
+    let Some(hog) = InotifyHog::take_all() else {
+        return;
+    };
 
+    // No periodic resync: only the SIGHUP can apply this rotation.
+    let sup = start("0");
+    pg.assert_new_passwords();
     let by_sighup = unique("sighup pw");
     rotate(&by_sighup);
     sup.signal(Signal::SIGHUP);
@@ -1172,6 +1189,10 @@ fn without_inotify_run_resyncs_on_sighup_and_on_the_interval() {
         "SIGHUP to apply the rotation",
         || login_tcp(pg.port, "appuser", &by_sighup).is_ok(),
     );
+    let first = stop(sup);
+
+    // No SIGHUP: the periodic resync applies it.
+    let sup = start("1s");
     let by_interval = unique("interval pw");
     rotate(&by_interval);
     wait_until(
@@ -1179,15 +1200,12 @@ fn without_inotify_run_resyncs_on_sighup_and_on_the_interval() {
         "the periodic resync to apply the rotation",
         || login_tcp(pg.port, "appuser", &by_interval).is_ok(),
     );
+    let second = stop(sup);
     drop(hog);
 
-    sup.signal(Signal::SIGINT);
-    let out = sup.finish(Duration::from_secs(10));
-    out.expect_ok(None);
-    assert_eq!(pg.cluster_state(), "shut down", "{}", out.describe(None));
     let mut secrets = pg.secrets();
     secrets.extend([by_sighup.as_str(), by_interval.as_str()]);
-    assert_no_leak(&secrets, None, &[&out]);
+    assert_no_leak(&secrets, None, &[&first, &second]);
 }
 
 /// A standby (hot standby of a harness primary): `run` treats `standby` as ready, skips the

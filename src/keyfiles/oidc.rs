@@ -115,7 +115,9 @@ struct RestoreTerminal(Termios);
 
 impl Drop for RestoreTerminal {
     fn drop(&mut self) {
-        let _ = tcsetattr(std::io::stdin().as_fd(), SetArg::TCSANOW, &self.0);
+        // TCSAFLUSH: input not read yet (a line half-typed when a signal came) is dropped,
+        // so it never reaches the shell, which would show it with echo on.
+        let _ = tcsetattr(std::io::stdin().as_fd(), SetArg::TCSAFLUSH, &self.0);
     }
 }
 
@@ -138,9 +140,17 @@ struct HeldSignals {
 
 impl HeldSignals {
     fn hold() -> anyhow::Result<HeldSignals> {
+        // A signal ignored by whoever started us (`nohup`, `trap '' INT`) stays ignored:
+        // blocked, it would be queued and end the prompt after all.
+        let ignored = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|status| signal_mask(&status, "SigIgn"))
+            .unwrap_or(0);
         let mut set = SigSet::empty();
         for signal in PROMPT_SIGNALS {
-            set.add(signal);
+            if ignored & (1 << (signal as i32 - 1)) == 0 {
+                set.add(signal);
+            }
         }
         let mut previous = SigSet::empty();
         pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut previous))
@@ -170,15 +180,18 @@ impl HeldSignals {
                 Err(err) => return Err(err).context("waiting for input at the prompt"),
             }
             if fds[1].any().unwrap_or(false) {
-                let name = match self.fd.read_signal() {
-                    Ok(Some(info)) => Signal::try_from(info.ssi_signo as i32)
-                        .map_or_else(|_| "a signal".to_owned(), |s| s.as_str().to_owned()),
-                    _ => "a signal".to_owned(),
-                };
+                let signal = match self.fd.read_signal() {
+                    Ok(Some(info)) => i32::try_from(info.ssi_signo)
+                        .ok()
+                        .and_then(|n| Signal::try_from(n).ok()),
+                    _ => None,
+                }
+                .unwrap_or(Signal::SIGINT);
                 return Err(anyhow::anyhow!(
-                    "interrupted ({name}) while asking for {var}; nothing was written"
+                    "interrupted ({}) while asking for {var}; nothing was written",
+                    signal.as_str()
                 ))
-                .context(Failure::Interrupted);
+                .context(Failure::Interrupted(signal));
             }
             // Readable, at end of input or hung up: the read reports which.
             if fds[0].revents().is_some_and(|r| !r.is_empty()) {
@@ -190,9 +203,19 @@ impl HeldSignals {
 
 impl Drop for HeldSignals {
     fn drop(&mut self) {
-        // Anything that arrived was consumed through the signalfd; nothing is pending.
+        // A signal that came after the line was read is still pending: unblocked, it takes
+        // its default action now, with the terminal already restored (dropped first).
         let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&self.previous), None);
     }
+}
+
+/// The signal set `field` (`SigIgn`, `SigBlk`, …) of a `/proc/PID/status` text, as a bit
+/// mask (bit N-1 = signal N).
+fn signal_mask(status: &str, field: &str) -> Option<u64> {
+    status.lines().find_map(|line| {
+        let value = line.strip_prefix(field)?.strip_prefix(':')?;
+        u64::from_str_radix(value.trim(), 16).ok()
+    })
 }
 
 /// Asks for `var` on stderr and reads one line from the terminal with echo switched off.
@@ -258,6 +281,15 @@ pub fn confirm(question: &str) -> anyhow::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signal_masks_from_proc_status() {
+        let status = "Name:\tx\nSigBlk:\t0000000000000000\nSigIgn:\t0000000000000006\n";
+        assert_eq!(signal_mask(status, "SigIgn"), Some(0b110)); // SIGINT, SIGQUIT
+        assert_eq!(signal_mask(status, "SigBlk"), Some(0));
+        assert_eq!(signal_mask(status, "SigCgt"), None);
+        assert_eq!(signal_mask("SigIgn:\tnothex\n", "SigIgn"), None);
+    }
 
     #[test]
     fn value_problems() {

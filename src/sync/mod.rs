@@ -169,6 +169,9 @@ impl Syncer {
         Ok(report)
     }
 
+    /// Remembers `secrets` as applied. A role the server did not have counts as applied
+    /// too: it is tried again by the next full resync (periodic, SIGHUP) or when its own
+    /// file changes, not on every other file change (each would warn about it again).
     fn applied(&mut self, secrets: &[(RoleSpec, Secret)]) {
         if !self.options.dry_run {
             // Replacing the old set drops (and so zeroizes) it.

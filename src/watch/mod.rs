@@ -456,8 +456,12 @@ async fn reconcile(
                     "all passwords already in force"
                 );
             }
-            loop_state.retry = None;
-            loop_state.backoff.reset();
+            // A partial apply (the changed roles only) does not stand in for a full resync
+            // that failed earlier: that retry stays scheduled.
+            if trigger.full() || !loop_state.retry.as_ref().is_some_and(|r| r.full) {
+                loop_state.retry = None;
+                loop_state.backoff.reset();
+            }
             state.record_sync_of(snapshot, true);
         }
         Err(err) => {
