@@ -157,11 +157,8 @@ impl Syncer {
         let Some(last) = self.last_applied() else {
             return self.apply_secrets(secrets).await;
         };
-        let changed: Vec<(RoleSpec, Secret)> = secrets
-            .iter()
-            .filter(|(spec, secret)| !last.iter().any(|(s, v)| s == spec && v == secret))
-            .cloned()
-            .collect();
+        let changed: Vec<(RoleSpec, Secret)> =
+            changed_since(Some(last), secrets).cloned().collect();
         // The whole set still offers the superuser's (possibly new) password to log in.
         let client = self.connect_superuser(secrets).await?;
         let report = apply(&client, &changed, self.options, Check::KnownChanged).await?;
@@ -214,6 +211,18 @@ impl Syncer {
         }
         connect::connect_any(&self.config, &self.config.superuser, &methods).await
     }
+}
+
+/// The entries of `new` whose secret differs from the one `last` had for that role (all of
+/// them when nothing was applied yet; a role new in the set counts as different). Compares
+/// values for equality only.
+pub fn changed_since<'a>(
+    last: Option<&[(RoleSpec, Secret)]>,
+    new: &'a [(RoleSpec, Secret)],
+) -> impl Iterator<Item = &'a (RoleSpec, Secret)> {
+    new.iter().filter(move |(spec, secret)| {
+        !last.is_some_and(|last| last.iter().any(|(s, v)| s == spec && v == secret))
+    })
 }
 
 /// Whether a role's stored verifier is checked before a new one is made.

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::RoleSpec;
 use crate::secret::Secret;
+use crate::sync::changed_since;
 
 /// A burst of file events that has not been acted on yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,17 +112,14 @@ impl Backoff {
     }
 }
 
-/// The roles whose secret differs between the last applied set and a new one (a role that
-/// is new in the set counts as different). Used both to decide whether to apply and to say
-/// in the debug log what moved; never looks at more than equality of values.
+/// The names of the roles whose secret differs between the last applied set and a new one
+/// (`sync::changed_since`, the same comparison `Syncer::apply_changed` applies by). Used
+/// both to decide whether to apply and to say in the debug log what moved.
 pub fn changed_roles<'a>(
     last: Option<&[(RoleSpec, Secret)]>,
     new: &'a [(RoleSpec, Secret)],
 ) -> Vec<&'a str> {
-    new.iter()
-        .filter(|(spec, secret)| {
-            !last.is_some_and(|last| last.iter().any(|(s, v)| s == spec && v == secret))
-        })
+    changed_since(last, new)
         .map(|(spec, _)| spec.name.as_str())
         .collect()
 }
