@@ -45,14 +45,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 ensure_postgres
-missing=()
-command -v tini >/dev/null || missing+=(tini)
-command -v strip >/dev/null || missing+=(binutils)
-command -v python3 >/dev/null || missing+=(python3 python3-pip)
-if [ "${#missing[@]}" -gt 0 ]; then
-  step "installing ${missing[*]}"
-  apt_install "${missing[@]}"
-fi
+ensure_commands tini:tini strip:binutils python3:python3,python3-pip
 if ! python3 -c 'import pg8000' 2>/dev/null; then
   step "installing pg8000 (Python PostgreSQL driver for the login pollers)"
   pip_install pg8000

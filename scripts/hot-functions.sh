@@ -29,15 +29,7 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 ensure_postgres
-missing=()
-command -v valgrind >/dev/null || missing+=(valgrind)
-command -v nm >/dev/null || missing+=(binutils)
-command -v losetup >/dev/null || missing+=(mount)
-command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
-if [ "${#missing[@]}" -gt 0 ]; then
-  step "installing ${missing[*]}"
-  apt_install "${missing[@]}"
-fi
+ensure_commands valgrind:valgrind nm:binutils losetup:mount mkfs.ext4:e2fsprogs
 
 REPO=$PWD
 step "building the release binary (scripts/build-release.sh)"

@@ -33,20 +33,29 @@ pip_install() {
   hash -r
 }
 
-# ensure_postgres: PostgreSQL 15 server binaries, the `postgres` OS user, setpriv/unshare,
-# python3 (free_port, and Debian's /usr/bin/python3 for a test run as `postgres`).
-ensure_postgres() {
-  local missing=()
-  [ -x "$PG_BINDIR/initdb" ] || missing+=(postgresql-15)
-  command -v psql >/dev/null || missing+=(postgresql-client-15)
-  command -v setpriv >/dev/null || missing+=(util-linux)
-  command -v unshare >/dev/null || missing+=(util-linux)
-  # Debian's own, which the `postgres` user can run too (tests/run.rs).
-  [ -x /usr/bin/python3 ] || missing+=(python3)
+# ensure_commands CMD:PKG[,PKG…]…: install the Debian packages of every CMD (a name on
+# PATH or an absolute path) that cannot be run, each package once.
+ensure_commands() {
+  local spec pkg pkgs missing=()
+  for spec in "$@"; do
+    command -v "${spec%%:*}" >/dev/null && continue
+    IFS=, read -r -a pkgs <<<"${spec#*:}"
+    for pkg in "${pkgs[@]}"; do
+      [[ " ${missing[*]} " == *" $pkg "* ]] || missing+=("$pkg")
+    done
+  done
   if [ "${#missing[@]}" -gt 0 ]; then
     step "installing ${missing[*]}"
     apt_install "${missing[@]}"
   fi
+}
+
+# ensure_postgres: PostgreSQL 15 server binaries, the `postgres` OS user, setpriv/unshare,
+# python3 (free_port, and Debian's /usr/bin/python3 for a test run as `postgres`).
+ensure_postgres() {
+  # /usr/bin/python3: Debian's own, which the `postgres` user can run too (tests/run.rs).
+  ensure_commands "$PG_BINDIR/initdb:postgresql-15" psql:postgresql-client-15 \
+    setpriv:util-linux unshare:util-linux /usr/bin/python3:python3
   if ! id postgres >/dev/null 2>&1; then
     step "creating the postgres OS user"
     useradd --system --user-group --home-dir /var/lib/postgresql --shell /bin/bash postgres
