@@ -176,6 +176,43 @@ fn wait_all(cluster: &Cluster, secrets: &[String]) {
     }
 }
 
+/// A cluster with the app roles, a keys directory holding a fresh set tagged `tag`, and a
+/// watcher (started with `extra`) that has applied it.
+struct Synced {
+    cluster: Cluster,
+    keys: Keys,
+    secrets: Vec<String>,
+    watcher: Watcher,
+}
+
+fn synced(tag: &str, extra: &[&str]) -> Synced {
+    let cluster = Cluster::start_default();
+    create_app_roles(&cluster);
+    let keys = Keys::new();
+    let secrets = fresh(tag);
+    write_all(keys.path(), &secrets);
+    let watcher = Watcher::start(&cluster, keys.path(), extra);
+    wait_all(&cluster, &secrets);
+    Synced {
+        cluster,
+        keys,
+        secrets,
+        watcher,
+    }
+}
+
+/// Sets a new password on `role` behind the watcher's back (plaintext through psql, then
+/// the log is emptied so the leak checks see only what the watcher caused); returns it.
+fn change_behind_its_back(cluster: &Cluster, role: &str) -> String {
+    let intruder = unique("intruder");
+    cluster.psql(&format!(
+        "ALTER ROLE {role} PASSWORD {}",
+        quote_literal(&intruder)
+    ));
+    cluster.clear_log();
+    intruder
+}
+
 fn refs(all: &[Vec<String>]) -> Vec<&str> {
     all.iter().flatten().map(String::as_str).collect()
 }
@@ -254,13 +291,12 @@ fn a_kubernetes_swap_is_applied_without_waiting_for_the_debounce() {
 
 #[test]
 fn a_file_renamed_in_and_an_in_place_rewrite_are_each_applied() {
-    let cluster = Cluster::start_default();
-    create_app_roles(&cluster);
-    let keys = Keys::new();
-    let first = fresh("first");
-    write_all(keys.path(), &first);
-    let watcher = Watcher::start(&cluster, keys.path(), &[]);
-    wait_all(&cluster, &first);
+    let Synced {
+        cluster,
+        keys,
+        secrets: first,
+        watcher,
+    } = synced("first", &[]);
 
     // A new name renamed into the directory: `NAME` wins over `NAME.txt` from now on.
     let renamed = unique("renamed-in");
@@ -391,13 +427,12 @@ fn the_superuser_is_rotated_twice_when_only_password_auth_works() {
 
 #[test]
 fn an_empty_file_is_refused_and_the_next_valid_one_applied() {
-    let cluster = Cluster::start_default();
-    create_app_roles(&cluster);
-    let keys = Keys::new();
-    let first = fresh("empty0");
-    write_all(keys.path(), &first);
-    let mut watcher = Watcher::start(&cluster, keys.path(), &[]);
-    wait_all(&cluster, &first);
+    let Synced {
+        cluster,
+        keys,
+        secrets: first,
+        mut watcher,
+    } = synced("empty0", &[]);
 
     keys.write_raw("postgres_app_user_pw.txt", b"");
     watcher.wait_stderr("the empty file to be reported", "is empty");
@@ -517,21 +552,16 @@ fn a_removed_and_recreated_secrets_directory_is_picked_up() {
 
 #[test]
 fn sighup_restores_a_password_changed_behind_its_back_and_sigterm_exits_0() {
-    let cluster = Cluster::start_default();
-    create_app_roles(&cluster);
-    let keys = Keys::new();
-    let secrets = fresh("hup");
-    write_all(keys.path(), &secrets);
     // No periodic resync: only the SIGHUP can restore the password.
-    let watcher = Watcher::start(&cluster, keys.path(), &["--resync-interval", "0"]);
-    wait_all(&cluster, &secrets);
+    let Synced {
+        cluster,
+        secrets,
+        watcher,
+        // Kept alive: unbound, the keys directory would be deleted at once.
+        keys: _keys,
+    } = synced("hup", &["--resync-interval", "0"]);
 
-    let intruder = unique("intruder");
-    cluster.psql(&format!(
-        "ALTER ROLE appuser PASSWORD {}",
-        quote_literal(&intruder)
-    ));
-    cluster.clear_log();
+    let intruder = change_behind_its_back(&cluster, "appuser");
     cluster.assert_no_login("appuser", &secrets[1]);
 
     watcher.signal(Signal::SIGHUP);
@@ -552,24 +582,14 @@ fn sighup_restores_a_password_changed_behind_its_back_and_sigterm_exits_0() {
 /// behind our back stays until a full resync (here SIGHUP) restores it.
 #[test]
 fn a_file_change_applies_only_the_roles_whose_file_changed() {
-    let cluster = Cluster::start_default();
-    create_app_roles(&cluster);
-    let keys = Keys::new();
-    let secrets = fresh("only");
-    write_all(keys.path(), &secrets);
-    let watcher = Watcher::start(
-        &cluster,
-        keys.path(),
-        &["--resync-interval", "0", "--debounce", "20ms"],
-    );
-    wait_all(&cluster, &secrets);
+    let Synced {
+        cluster,
+        keys,
+        secrets,
+        watcher,
+    } = synced("only", &["--resync-interval", "0", "--debounce", "20ms"]);
 
-    let intruder = unique("intruder");
-    cluster.psql(&format!(
-        "ALTER ROLE backupuser PASSWORD {}",
-        quote_literal(&intruder)
-    ));
-    cluster.clear_log();
+    let intruder = change_behind_its_back(&cluster, "backupuser");
     let rotated = unique("only-rotated");
     write_file(keys.path(), "postgres_app_user_pw.txt", &rotated);
     wait_login(&cluster, "appuser", &rotated);
@@ -591,20 +611,15 @@ fn a_file_change_applies_only_the_roles_whose_file_changed() {
 
 #[test]
 fn the_periodic_resync_restores_a_password_changed_behind_its_back() {
-    let cluster = Cluster::start_default();
-    create_app_roles(&cluster);
-    let keys = Keys::new();
-    let secrets = fresh("periodic");
-    write_all(keys.path(), &secrets);
-    let watcher = Watcher::start(&cluster, keys.path(), &["--resync-interval", "1s"]);
-    wait_all(&cluster, &secrets);
+    let Synced {
+        cluster,
+        secrets,
+        watcher,
+        // Kept alive: unbound, the keys directory would be deleted at once.
+        keys: _keys,
+    } = synced("periodic", &["--resync-interval", "1s"]);
 
-    let intruder = unique("intruder");
-    cluster.psql(&format!(
-        "ALTER ROLE backupuser PASSWORD {}",
-        quote_literal(&intruder)
-    ));
-    cluster.clear_log();
+    change_behind_its_back(&cluster, "backupuser");
     wait_login(&cluster, "backupuser", &secrets[2]);
     let run = watcher.stop(&cluster);
     assert!(
