@@ -3,6 +3,10 @@
 //! clap's derive API turns the doc comments below into `--help`, so they are written for
 //! operators. Every flag has an environment variable (flags win), matching the variables
 //! the replaced shell scripts read, so the binary is a drop-in for their container setup.
+//!
+//! This is the only module that knows clap: each subcommand's arguments are turned here
+//! (the `From` impls at the end) into the plain settings struct its module owns, so the
+//! domain modules never depend on the command line.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,7 +14,13 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::keyfiles::GenerateArgs;
+use crate::config::ConfigSettings;
+use crate::health::HealthSettings;
+use crate::keyfiles::GenerateSettings;
+use crate::run::RunSettings;
+use crate::sync::{Options, SyncSettings};
+use crate::verify::VerifySettings;
+use crate::watch::{WatchOptions, WatchSettings};
 
 /// Keeps PostgreSQL role passwords in step with the secret files mounted into the container.
 ///
@@ -185,8 +195,8 @@ pub struct RunArgs {
     /// Do not sync at all: only supervise CMD (a plain init).
     #[arg(long, env = "PG_PASSWORD_SYNC_NO_SYNC", value_parser = BoolishValueParser::new())]
     pub no_sync: bool,
-    /// On a failed first sync stop postgres (SIGINT) and exit non-zero, like the old wrapper,
-    /// instead of retrying with backoff while postgres keeps serving.
+    /// On a failed first sync stop postgres (SIGINT) and exit non-zero instead of retrying
+    /// with backoff while postgres keeps serving.
     #[arg(long, env = "PG_PASSWORD_SYNC_EXIT_ON_FAILURE", value_parser = BoolishValueParser::new())]
     pub exit_on_sync_failure: bool,
     /// The command to supervise.
@@ -232,6 +242,224 @@ pub struct HealthArgs {
     pub state_dir: PathBuf,
 }
 
+/// Options of `generate`.
+///
+/// Without a mode flag, creates the missing secret files and keeps existing ones.
+///
+/// Every option has an environment variable. The conflicts between options are checked by
+/// `effective`, not by clap, because clap counts a variable set to `false` or to an empty
+/// value as a given option: `PG_PASSWORD_SYNC_VERIFY=false` must not conflict with `--force`.
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    /// Secrets directory: files go to DIR/keys, backups to DIR/backups, and the OIDC client
+    /// secrets are read from DIR/user-provided.env.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "PG_PASSWORD_SYNC_SECRETS_DIR",
+        default_value = "infra/secrets"
+    )]
+    pub dir: PathBuf,
+
+    /// Regenerate every random secret and re-read the three OIDC values from their source
+    /// (a complete backup of the current set is taken first unless --no-backup).
+    #[arg(long, env = "PG_PASSWORD_SYNC_FORCE", value_parser = BoolishValueParser::new())]
+    pub force: bool,
+
+    /// Do not back up the current set before --force overwrites it (--restore always backs
+    /// up). The variable takes true/false, 1/0, yes/no or on/off.
+    #[arg(long, env = "PG_PASSWORD_SYNC_NO_BACKUP", value_parser = BoolishValueParser::new())]
+    pub no_backup: bool,
+
+    /// Only back up the current set to DIR/backups/backup-YYYYMMDD-HHMMSS; generate nothing.
+    #[arg(long, env = "PG_PASSWORD_SYNC_BACKUP_ONLY", value_parser = BoolishValueParser::new())]
+    pub backup_only: bool,
+
+    /// Check every file: present, mode 0600, long enough, not a placeholder; exit 7 listing
+    /// every problem.
+    #[arg(long, env = "PG_PASSWORD_SYNC_VERIFY", value_parser = BoolishValueParser::new())]
+    pub verify: bool,
+
+    /// List the secret files with size, mode and modification time (never their content).
+    #[arg(long, env = "PG_PASSWORD_SYNC_LIST", value_parser = BoolishValueParser::new())]
+    pub list: bool,
+
+    /// List the backups, oldest first.
+    #[arg(long, env = "PG_PASSWORD_SYNC_LIST_BACKUPS", value_parser = BoolishValueParser::new())]
+    pub list_backups: bool,
+
+    /// Restore the secret files from BACKUP (a name under DIR/backups or a path; the newest
+    /// by default, or with the name `newest`). The current set is backed up first. Asks on a
+    /// terminal unless --yes or --non-interactive. An empty variable counts as unset.
+    #[arg(long, value_name = "BACKUP", env = "PG_PASSWORD_SYNC_RESTORE")]
+    #[allow(clippy::option_option)]
+    pub restore: Option<Option<String>>,
+
+    /// Do not ask for confirmation before --restore.
+    #[arg(long, short = 'y', env = "PG_PASSWORD_SYNC_YES", value_parser = BoolishValueParser::new())]
+    pub yes: bool,
+
+    /// After a successful run, delete the oldest backups so that at most N remain.
+    #[arg(long, value_name = "N", env = "PG_PASSWORD_SYNC_KEEP_BACKUPS",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_backups: Option<u32>,
+
+    /// File holding OIDC_GOOGLE_CLIENT_SECRET, OIDC_MICROSOFT_CLIENT_SECRET and
+    /// OIDC_KEYCLOAK_CLIENT_SECRET as KEY=VALUE lines (parsed, never executed). Values missing
+    /// there are taken from the environment. Default: DIR/user-provided.env, if present.
+    #[arg(long, value_name = "FILE", env = "PG_PASSWORD_SYNC_USER_SECRETS_FILE")]
+    pub user_secrets_file: Option<PathBuf>,
+
+    /// Never prompt: a missing OIDC value is an error (the default when stdin is not a
+    /// terminal), and --restore does not ask.
+    #[arg(long, env = "PG_PASSWORD_SYNC_NON_INTERACTIVE", value_parser = BoolishValueParser::new())]
+    pub non_interactive: bool,
+
+    /// Also write a Kubernetes Secret manifest named NAME holding every value (keys without
+    /// `.txt`) to --output, or to stdout when that is a pipe (`| kubectl apply -f -`); it
+    /// is refused when stdout is a terminal.
+    #[arg(long, value_name = "NAME", env = "PG_PASSWORD_SYNC_K8S_SECRET")]
+    pub k8s_secret: Option<String>,
+
+    /// Namespace of the --k8s-secret manifest.
+    #[arg(long, value_name = "NS", env = "PG_PASSWORD_SYNC_K8S_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// Write the --k8s-secret manifest to FILE (created 0600) instead of stdout.
+    #[arg(long, value_name = "FILE", env = "PG_PASSWORD_SYNC_OUTPUT",
+          value_parser = clap::builder::TypedValueParser::map(
+              clap::builder::OsStringValueParser::new(), PathBuf::from))]
+    pub output: Option<PathBuf>,
+}
+
+impl From<LogFormat> for crate::logging::Format {
+    fn from(format: LogFormat) -> Self {
+        match format {
+            LogFormat::Text => crate::logging::Format::Text,
+            LogFormat::Json => crate::logging::Format::Json,
+        }
+    }
+}
+
+impl From<ReportFormat> for crate::sync::ReportFormat {
+    fn from(format: ReportFormat) -> Self {
+        match format {
+            ReportFormat::Text => crate::sync::ReportFormat::Text,
+            ReportFormat::Json => crate::sync::ReportFormat::Json,
+        }
+    }
+}
+
+impl From<ConfigArgs> for ConfigSettings {
+    fn from(args: ConfigArgs) -> Self {
+        ConfigSettings {
+            keys_dir: args.keys_dir,
+            secrets_source_dir: args.secrets_source_dir,
+            postgres_user: args.postgres_user,
+            postgres_password_file: args.postgres_password_file,
+            app_db_user: args.app_db_user,
+            app_db_ro_user: args.app_db_ro_user,
+            temporal_db_user: args.temporal_db_user,
+            roles: args.roles,
+            pghost: args.pghost,
+            pgport: args.pgport,
+            pgdata: args.pgdata,
+            dbname: args.dbname,
+            sync_user: args.sync_user,
+            connect_timeout: args.connect_timeout,
+        }
+    }
+}
+
+impl From<WatchOptionsArgs> for WatchOptions {
+    fn from(args: WatchOptionsArgs) -> Self {
+        WatchOptions {
+            debounce: args.debounce,
+            resync_interval: args.resync_interval,
+            state_dir: args.state_dir,
+        }
+    }
+}
+
+impl From<RunArgs> for RunSettings {
+    fn from(args: RunArgs) -> Self {
+        RunSettings {
+            config: args.config.into(),
+            strict: args.options.strict,
+            watch: args.watch.into(),
+            no_watch: args.no_watch,
+            no_sync: args.no_sync,
+            exit_on_sync_failure: args.exit_on_sync_failure,
+            cmd: args.cmd,
+        }
+    }
+}
+
+impl From<SyncArgs> for SyncSettings {
+    fn from(args: SyncArgs) -> Self {
+        SyncSettings {
+            config: args.config.into(),
+            options: Options {
+                strict: args.options.strict,
+                dry_run: args.dry_run,
+            },
+            format: args.format.into(),
+        }
+    }
+}
+
+impl From<WatchArgs> for WatchSettings {
+    fn from(args: WatchArgs) -> Self {
+        WatchSettings {
+            config: args.config.into(),
+            strict: args.options.strict,
+            watch: args.watch.into(),
+        }
+    }
+}
+
+impl From<VerifyArgs> for VerifySettings {
+    fn from(args: VerifyArgs) -> Self {
+        VerifySettings {
+            config: args.config.into(),
+            host: args.host,
+            owner: args.owner,
+            format: args.format.into(),
+        }
+    }
+}
+
+impl From<HealthArgs> for HealthSettings {
+    fn from(args: HealthArgs) -> Self {
+        HealthSettings {
+            config: args.config.into(),
+            state_dir: args.state_dir,
+        }
+    }
+}
+
+impl From<GenerateArgs> for GenerateSettings {
+    fn from(args: GenerateArgs) -> Self {
+        GenerateSettings {
+            dir: args.dir,
+            force: args.force,
+            no_backup: args.no_backup,
+            backup_only: args.backup_only,
+            verify: args.verify,
+            list: args.list,
+            list_backups: args.list_backups,
+            restore: args.restore,
+            yes: args.yes,
+            keep_backups: args.keep_backups,
+            user_secrets_file: args.user_secrets_file,
+            non_interactive: args.non_interactive,
+            k8s_secret: args.k8s_secret,
+            namespace: args.namespace,
+            output: args.output,
+        }
+    }
+}
+
 /// Parses `250ms`, `5s`, `5m`, `1h` or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -260,7 +488,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
+    use clap::{CommandFactory, FromArgMatches};
 
     #[test]
     fn cli_is_consistent() {
@@ -284,6 +512,41 @@ mod tests {
             }
         }
         assert!(missing.is_empty(), "flags without an env var: {missing:?}");
+    }
+
+    fn generate(argv: &[&str]) -> GenerateSettings {
+        let cmd = GenerateArgs::augment_args(clap::Command::new("generate").no_binary_name(true));
+        let matches = cmd.try_get_matches_from(argv).unwrap();
+        GenerateArgs::from_arg_matches(&matches).unwrap().into()
+    }
+
+    #[test]
+    fn every_generate_option_has_a_prefixed_environment_variable() {
+        let cmd = GenerateArgs::augment_args(clap::Command::new("generate"));
+        let mut seen = 0;
+        for arg in cmd.get_arguments() {
+            if arg.get_id() == "help" || arg.get_id() == "version" {
+                continue;
+            }
+            let env = arg
+                .get_env()
+                .and_then(|e| e.to_str())
+                .unwrap_or_else(|| panic!("--{} has no environment variable", arg.get_id()));
+            assert!(env.starts_with("PG_PASSWORD_SYNC_"), "{env}");
+            seen += 1;
+        }
+        assert!(seen >= 15, "only {seen} options");
+    }
+
+    #[test]
+    fn restore_takes_an_optional_value() {
+        assert_eq!(generate(&["--restore"]).restore, Some(None));
+        assert_eq!(
+            generate(&["--restore", "backup-x"]).restore,
+            Some(Some("backup-x".to_owned()))
+        );
+        assert_eq!(generate(&["--restore="]).restore, Some(Some(String::new())));
+        assert_eq!(generate(&[]).dir, PathBuf::from("infra/secrets"));
     }
 
     #[test]

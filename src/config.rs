@@ -1,9 +1,10 @@
 //! Validated configuration: which roles get which secret, and how to reach the server.
 //!
-//! Built once from the command line and environment (`ConfigArgs`) so that every mode
-//! (`sync`, `run`, `watch`, `verify`, `health`) agrees on the role map and the secret
-//! lookup rules of DESIGN.md, and so that configuration mistakes (a malformed `--role`, a
-//! role name PostgreSQL would silently truncate) fail before anything touches the server.
+//! Built once from the settings the command line and environment gave (`ConfigSettings`,
+//! filled in by `cli.rs`) so that every mode (`sync`, `run`, `watch`, `verify`, `health`)
+//! agrees on the role map and the secret lookup rules (ARCHITECTURE.md, "Secret files"), and
+//! so that configuration mistakes (a malformed `--role`, a role name PostgreSQL would
+//! silently truncate) fail before anything touches the server.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,7 +12,6 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use nix::unistd::{Gid, Uid, User};
 
-use crate::cli::ConfigArgs;
 use crate::error::Failure;
 use crate::secret::{self, Secret};
 
@@ -51,6 +51,27 @@ pub struct OsIdentity {
     pub gid: Gid,
 }
 
+/// The configuration as given, before validation: one field per option of `ConfigArgs`
+/// in `cli.rs` (see there for what each means and its default).
+#[derive(Debug, Clone)]
+pub struct ConfigSettings {
+    pub keys_dir: PathBuf,
+    pub secrets_source_dir: PathBuf,
+    pub postgres_user: String,
+    pub postgres_password_file: Option<PathBuf>,
+    pub app_db_user: String,
+    pub app_db_ro_user: String,
+    pub temporal_db_user: Option<String>,
+    /// `NAME=FILE` entries; when any is given they replace the default roles.
+    pub roles: Vec<String>,
+    pub pghost: String,
+    pub pgport: u16,
+    pub pgdata: PathBuf,
+    pub dbname: String,
+    pub sync_user: Option<String>,
+    pub connect_timeout: Duration,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub roles: Vec<RoleSpec>,
@@ -67,12 +88,12 @@ pub struct Config {
 }
 
 impl Config {
-    /// Validates the arguments. Errors are `Failure::Config`.
-    pub fn from_args(args: &ConfigArgs) -> anyhow::Result<Config> {
+    /// Validates the settings. Errors are `Failure::Config`.
+    pub fn from_settings(args: &ConfigSettings) -> anyhow::Result<Config> {
         Self::build(args).context(Failure::Config)
     }
 
-    fn build(args: &ConfigArgs) -> anyhow::Result<Config> {
+    fn build(args: &ConfigSettings) -> anyhow::Result<Config> {
         let superuser_default = match &args.postgres_password_file {
             Some(path) => SecretRef::Path(path.clone()),
             None => SecretRef::Name("postgres_password".into()),
@@ -253,21 +274,41 @@ fn sync_identity(requested: Option<&str>) -> anyhow::Result<Option<OsIdentity>> 
     }
 }
 
+/// The command line's defaults with `--sync-user root` (no identity switch), for tests
+/// that need a `Config` without a command line.
+#[cfg(test)]
+pub fn test_settings() -> ConfigSettings {
+    ConfigSettings {
+        keys_dir: "/app/keys".into(),
+        secrets_source_dir: "/run/secrets".into(),
+        postgres_user: "postgres".into(),
+        postgres_password_file: None,
+        app_db_user: "appuser".into(),
+        app_db_ro_user: "backupuser".into(),
+        temporal_db_user: None,
+        roles: Vec::new(),
+        pghost: "/var/run/postgresql".into(),
+        pgport: 5432,
+        pgdata: "/var/lib/postgresql/data".into(),
+        dbname: "postgres".into(),
+        sync_user: Some("root".into()),
+        connect_timeout: Duration::from_secs(5),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
 
-    #[derive(Parser)]
-    struct Wrapper {
-        #[command(flatten)]
-        config: ConfigArgs,
+    fn config(change: impl FnOnce(&mut ConfigSettings)) -> anyhow::Result<Config> {
+        let mut settings = test_settings();
+        change(&mut settings);
+        Config::from_settings(&settings)
     }
 
-    fn config(args: &[&str]) -> anyhow::Result<Config> {
-        let mut argv = vec!["x", "--sync-user", "root"];
-        argv.extend_from_slice(args);
-        Config::from_args(&Wrapper::try_parse_from(argv)?.config)
+    fn roles(specs: &[&str]) -> impl FnOnce(&mut ConfigSettings) {
+        let specs: Vec<String> = specs.iter().map(|s| (*s).to_owned()).collect();
+        move |s| s.roles = specs
     }
 
     fn names(config: &Config) -> Vec<&str> {
@@ -276,9 +317,13 @@ mod tests {
 
     #[test]
     fn default_roles_and_optional_temporal() {
-        let c = config(&[]).unwrap();
+        let c = config(|_| {}).unwrap();
         assert_eq!(names(&c), ["postgres", "appuser", "backupuser"]);
-        let c = config(&["--temporal-db-user", "temporaluser", "--app-db-user", "app"]).unwrap();
+        let c = config(|s| {
+            s.temporal_db_user = Some("temporaluser".into());
+            s.app_db_user = "app".into();
+        })
+        .unwrap();
         assert_eq!(names(&c), ["postgres", "app", "backupuser", "temporaluser"]);
         assert_eq!(
             c.roles[3].secret,
@@ -288,7 +333,7 @@ mod tests {
 
     #[test]
     fn password_file_is_the_superuser_source() {
-        let c = config(&["--postgres-password-file", "/run/secrets/pw"]).unwrap();
+        let c = config(|s| s.postgres_password_file = Some("/run/secrets/pw".into())).unwrap();
         assert_eq!(c.roles[0].secret, SecretRef::Path("/run/secrets/pw".into()));
         assert_eq!(
             c.superuser_secret,
@@ -299,7 +344,7 @@ mod tests {
 
     #[test]
     fn explicit_role_map_replaces_defaults() {
-        let c = config(&["--role", "My Role=my_pw", "--role", "x=/etc/k/x.txt"]).unwrap();
+        let c = config(roles(&["My Role=my_pw", "x=/etc/k/x.txt"])).unwrap();
         assert_eq!(names(&c), ["My Role", "x"]);
         assert_eq!(c.roles[1].secret, SecretRef::Path("/etc/k/x.txt".into()));
         assert_eq!(
@@ -316,24 +361,24 @@ mod tests {
             "name=",
             &format!("{}=f", "r".repeat(64)),
         ] {
-            let err = config(&["--role", bad]).unwrap_err();
+            let err = config(roles(&[bad])).unwrap_err();
             assert_eq!(Failure::of(&err), Some(Failure::Config), "{bad}");
         }
-        assert!(config(&["--role", &format!("{}=f", "r".repeat(63))]).is_ok());
-        assert!(config(&["--role", "a=x", "--role", "a=y"]).is_err());
+        assert!(config(roles(&[&format!("{}=f", "r".repeat(63))])).is_ok());
+        assert!(config(roles(&["a=x", "a=y"])).is_err());
     }
 
     #[test]
     fn unusable_connection_settings_are_config_errors() {
-        assert!(config(&["--connect-timeout", "0"]).is_err());
-        assert!(config(&["--pghost", "a,b"]).is_err());
+        assert!(config(|s| s.connect_timeout = Duration::ZERO).is_err());
+        assert!(config(|s| s.pghost = "a,b".into()).is_err());
     }
 
     #[test]
     fn host_kind() {
-        assert!(matches!(config(&[]).unwrap().host, Host::Socket(_)));
+        assert!(matches!(config(|_| {}).unwrap().host, Host::Socket(_)));
         assert_eq!(
-            config(&["--pghost", "db"]).unwrap().host,
+            config(|s| s.pghost = "db".into()).unwrap().host,
             Host::Tcp("db".into())
         );
     }

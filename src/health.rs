@@ -9,17 +9,26 @@
 //! has not been synced. Process checks use pids as seen in the writer's pid namespace, so
 //! the probe must run in the container (as `docker exec` and `HEALTHCHECK` do).
 
+use std::path::PathBuf;
+
 use anyhow::anyhow;
 
-use crate::cli::HealthArgs;
-use crate::config::Config;
+use crate::config::{Config, ConfigSettings};
 use crate::error::Failure;
 use crate::postmaster;
 use crate::state::{Snapshot, StatStamp, State, StateFile};
 
+/// What `health` was asked to check.
+#[derive(Debug, Clone)]
+pub struct HealthSettings {
+    pub config: ConfigSettings,
+    /// Directory holding the state file written by `run`/`watch`.
+    pub state_dir: PathBuf,
+}
+
 /// `pg-password-sync health`.
-pub fn command(args: HealthArgs) -> anyhow::Result<u8> {
-    match evaluate(&args) {
+pub fn command(settings: HealthSettings) -> anyhow::Result<u8> {
+    match evaluate(&settings) {
         Ok(summary) => {
             println!("healthy: {summary}");
             Ok(0)
@@ -29,7 +38,7 @@ pub fn command(args: HealthArgs) -> anyhow::Result<u8> {
 }
 
 /// The verdict: a summary when healthy, the reason otherwise.
-fn evaluate(args: &HealthArgs) -> Result<String, String> {
+fn evaluate(args: &HealthSettings) -> Result<String, String> {
     let Some(path) = StateFile::locate(&args.state_dir) else {
         return Err(format!(
             "no state file under {} (or its fallbacks): `run`/`watch` has not started",
@@ -62,7 +71,7 @@ fn evaluate(args: &HealthArgs) -> Result<String, String> {
     }
     // The lookup is redone: a new `NAME` beside `NAME.txt`, or a file appearing in
     // SECRETS_SOURCE_DIR, changes the secret in force without touching the recorded file.
-    if let Ok(config) = Config::from_args(&args.config) {
+    if let Ok(config) = Config::from_settings(&args.config) {
         lookup_verdict(&state, &Snapshot::take(&config))?;
     }
     sync_verdict(&state)

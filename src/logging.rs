@@ -13,13 +13,18 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::cli::LogFormat;
+/// The log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
 
 /// The prefix of every text log line.
 pub const PREFIX: &str = "[pg-password-sync]";
 
 /// Installs the global subscriber. `RUST_LOG` (default `info`) sets the level.
-pub fn init(format: LogFormat) {
+pub fn init(format: Format) {
     let builder = tracing_subscriber::fmt()
         .with_max_level(level(std::env::var("RUST_LOG").ok().as_deref()))
         .with_writer(std::io::stderr)
@@ -27,8 +32,8 @@ pub fn init(format: LogFormat) {
         .with_ansi(false);
     // A second init (only possible in tests) keeps the first subscriber.
     let _ = match format {
-        LogFormat::Text => builder.event_format(Prefixed).try_init(),
-        LogFormat::Json => builder.json().with_current_span(false).try_init(),
+        Format::Text => builder.event_format(Prefixed).try_init(),
+        Format::Json => builder.json().with_current_span(false).try_init(),
     };
 }
 

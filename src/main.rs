@@ -1,8 +1,10 @@
 //! Entry point: parse the command line, start logging, dispatch, map errors to exit codes.
 //!
-//! Everything with behaviour lives in the modules named after the architecture in
-//! DESIGN.md; this file only wires them together, so a reader sees every mode at a glance.
+//! Everything with behaviour lives in the modules ARCHITECTURE.md maps; this file only wires
+//! them together, so a reader sees every mode at a glance. Each subcommand's module has the
+//! same entry, `command(settings) -> anyhow::Result<u8>`, fed by `cli.rs`'s conversion.
 
+mod backoff;
 mod cli;
 mod config;
 mod error;
@@ -10,6 +12,8 @@ mod health;
 mod keyfiles;
 mod logging;
 mod postmaster;
+mod run;
+mod runtime;
 mod secret;
 mod state;
 mod supervisor;
@@ -29,7 +33,7 @@ fn main() -> ExitCode {
     // (Reset by exec, so the supervised postgres is unaffected.) Failing is not fatal.
     let _ = nix::sys::prctl::set_dumpable(false);
     let cli = Cli::parse();
-    logging::init(cli.log_format);
+    logging::init(cli.log_format.into());
     match dispatch(cli.command) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
@@ -49,21 +53,11 @@ fn main() -> ExitCode {
 /// Runs one subcommand; `Ok` carries the exit code (non-zero for `run`'s child status).
 fn dispatch(command: Command) -> anyhow::Result<u8> {
     match command {
-        Command::Run(args) => supervisor::run(args),
-        Command::Sync(args) => block_on(sync::command(args)),
-        Command::Watch(args) => watch::command(args),
-        Command::Verify(args) => block_on(verify::command(args)),
-        Command::Health(args) => health::command(args),
-        Command::Generate(args) => keyfiles::run(&args).map(|()| 0),
+        Command::Run(args) => run::command(args.into()),
+        Command::Sync(args) => sync::command(args.into()),
+        Command::Watch(args) => watch::command(args.into()),
+        Command::Verify(args) => verify::command(args.into()),
+        Command::Health(args) => health::command(args.into()),
+        Command::Generate(args) => keyfiles::command(args.into()),
     }
-}
-
-/// One-shot commands need only a single-threaded runtime: the work is sequential I/O.
-fn block_on<F: std::future::Future<Output = anyhow::Result<u8>>>(future: F) -> anyhow::Result<u8> {
-    use anyhow::Context;
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?
-        .block_on(future)
 }

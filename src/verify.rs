@@ -8,10 +8,10 @@
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::cli::{ReportFormat, VerifyArgs};
-use crate::config::{Config, Host, SecretRef};
+use crate::config::{Config, ConfigSettings, Host, SecretRef};
 use crate::error::Failure;
 use crate::secret;
+use crate::sync::ReportFormat;
 use crate::sync::connect::{self, Auth};
 
 #[derive(Debug, Serialize)]
@@ -21,9 +21,24 @@ struct RoleCheck {
     detail: String,
 }
 
+/// What `verify` was asked to check.
+#[derive(Debug, Clone)]
+pub struct VerifySettings {
+    pub config: ConfigSettings,
+    /// Host to log in over TCP.
+    pub host: String,
+    /// A NOLOGIN owner role that must refuse login.
+    pub owner: Option<String>,
+    pub format: ReportFormat,
+}
+
 /// `pg-password-sync verify`.
-pub async fn command(args: VerifyArgs) -> anyhow::Result<u8> {
-    let mut config = Config::from_args(&args.config)?;
+pub fn command(settings: VerifySettings) -> anyhow::Result<u8> {
+    crate::runtime::block_on(verify(settings))
+}
+
+async fn verify(args: VerifySettings) -> anyhow::Result<u8> {
+    let mut config = Config::from_settings(&args.config)?;
     config.host = Host::Tcp(args.host.clone());
     let secrets = config.load_secrets()?;
     let mut checks = Vec::new();

@@ -6,8 +6,8 @@
 //! modulo bias (`random`), files are replaced atomically and durably (`atomic`), a complete
 //! durable backup exists before the first overwrite (`backup`), the user secrets file is
 //! parsed instead of sourced (`envfile`), and no value is ever printed: reports name files
-//! and actions only. This file holds the command line and the flow of each mode; the
-//! submodules hold the pieces, each with its own tests.
+//! and actions only. This file holds the flow of each mode (its options are parsed in
+//! `cli.rs`); the submodules hold the pieces, each with its own tests.
 
 mod atomic;
 mod backup;
@@ -24,8 +24,6 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use clap::Args;
-use clap::builder::BoolishValueParser;
 use nix::fcntl::{Flock, FlockArg};
 use zeroize::Zeroizing;
 
@@ -33,98 +31,36 @@ use crate::error::Failure;
 use crate::secret::Secret;
 use catalog::{ENTRIES, Entry, Kind};
 
-/// Options of `generate`.
-///
-/// Without a mode flag, creates the missing secret files and keeps existing ones.
-///
-/// Every option has an environment variable. The conflicts between options are checked by
-/// `effective`, not by clap, because clap counts a variable set to `false` or to an empty
-/// value as a given option: `PG_PASSWORD_SYNC_VERIFY=false` must not conflict with `--force`.
-#[derive(Debug, Clone, Args)]
-pub struct GenerateArgs {
-    /// Secrets directory: files go to DIR/keys, backups to DIR/backups, and the OIDC client
-    /// secrets are read from DIR/user-provided.env.
-    #[arg(
-        long,
-        value_name = "DIR",
-        env = "PG_PASSWORD_SYNC_SECRETS_DIR",
-        default_value = "infra/secrets"
-    )]
+/// What `generate` was asked to do: one field per option of `GenerateSettings` in `cli.rs`
+/// (see there for what each means). Conflicts between them are checked by `effective`.
+#[derive(Debug, Clone, Default)]
+pub struct GenerateSettings {
     pub dir: PathBuf,
-
-    /// Regenerate every random secret and re-read the three OIDC values from their source
-    /// (a complete backup of the current set is taken first unless --no-backup).
-    #[arg(long, env = "PG_PASSWORD_SYNC_FORCE", value_parser = BoolishValueParser::new())]
     pub force: bool,
-
-    /// Do not back up the current set before --force overwrites it (--restore always backs
-    /// up). The variable takes true/false, 1/0, yes/no or on/off.
-    #[arg(long, env = "PG_PASSWORD_SYNC_NO_BACKUP", value_parser = BoolishValueParser::new())]
     pub no_backup: bool,
-
-    /// Only back up the current set to DIR/backups/backup-YYYYMMDD-HHMMSS; generate nothing.
-    #[arg(long, env = "PG_PASSWORD_SYNC_BACKUP_ONLY", value_parser = BoolishValueParser::new())]
     pub backup_only: bool,
-
-    /// Check every file: present, mode 0600, long enough, not a placeholder; exit 7 listing
-    /// every problem.
-    #[arg(long, env = "PG_PASSWORD_SYNC_VERIFY", value_parser = BoolishValueParser::new())]
     pub verify: bool,
-
-    /// List the secret files with size, mode and modification time (never their content).
-    #[arg(long, env = "PG_PASSWORD_SYNC_LIST", value_parser = BoolishValueParser::new())]
     pub list: bool,
-
-    /// List the backups, oldest first.
-    #[arg(long, env = "PG_PASSWORD_SYNC_LIST_BACKUPS", value_parser = BoolishValueParser::new())]
     pub list_backups: bool,
-
-    /// Restore the secret files from BACKUP (a name under DIR/backups or a path; the newest
-    /// by default, or with the name `newest`). The current set is backed up first. Asks on a
-    /// terminal unless --yes or --non-interactive. An empty variable counts as unset.
-    #[arg(long, value_name = "BACKUP", env = "PG_PASSWORD_SYNC_RESTORE")]
+    /// `Some(None)`: the newest backup; `Some(Some(name))`: that one.
     #[allow(clippy::option_option)]
     pub restore: Option<Option<String>>,
-
-    /// Do not ask for confirmation before --restore.
-    #[arg(long, short = 'y', env = "PG_PASSWORD_SYNC_YES", value_parser = BoolishValueParser::new())]
     pub yes: bool,
-
-    /// After a successful run, delete the oldest backups so that at most N remain.
-    #[arg(long, value_name = "N", env = "PG_PASSWORD_SYNC_KEEP_BACKUPS",
-          value_parser = clap::value_parser!(u32).range(1..))]
     pub keep_backups: Option<u32>,
-
-    /// File holding OIDC_GOOGLE_CLIENT_SECRET, OIDC_MICROSOFT_CLIENT_SECRET and
-    /// OIDC_KEYCLOAK_CLIENT_SECRET as KEY=VALUE lines (parsed, never executed). Values missing
-    /// there are taken from the environment. Default: DIR/user-provided.env, if present.
-    #[arg(long, value_name = "FILE", env = "PG_PASSWORD_SYNC_USER_SECRETS_FILE")]
     pub user_secrets_file: Option<PathBuf>,
-
-    /// Never prompt: a missing OIDC value is an error (the default when stdin is not a
-    /// terminal), and --restore does not ask.
-    #[arg(long, env = "PG_PASSWORD_SYNC_NON_INTERACTIVE", value_parser = BoolishValueParser::new())]
     pub non_interactive: bool,
-
-    /// Also write a Kubernetes Secret manifest named NAME holding every value (keys without
-    /// `.txt`) to --output, or to stdout when that is a pipe (`| kubectl apply -f -`); it
-    /// is refused when stdout is a terminal.
-    #[arg(long, value_name = "NAME", env = "PG_PASSWORD_SYNC_K8S_SECRET")]
     pub k8s_secret: Option<String>,
-
-    /// Namespace of the --k8s-secret manifest.
-    #[arg(long, value_name = "NS", env = "PG_PASSWORD_SYNC_K8S_NAMESPACE")]
     pub namespace: Option<String>,
-
-    /// Write the --k8s-secret manifest to FILE (created 0600) instead of stdout.
-    #[arg(long, value_name = "FILE", env = "PG_PASSWORD_SYNC_OUTPUT",
-          value_parser = clap::builder::TypedValueParser::map(
-              clap::builder::OsStringValueParser::new(), PathBuf::from))]
     pub output: Option<PathBuf>,
 }
 
-/// Runs `generate`.
-pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
+/// `pg-password-sync generate`.
+pub fn command(settings: GenerateSettings) -> anyhow::Result<u8> {
+    generate_files(&settings).map(|()| 0)
+}
+
+/// Runs the mode the settings select.
+fn generate_files(args: &GenerateSettings) -> anyhow::Result<()> {
     let args = &effective(args)?;
     let paths = Paths::new(&args.dir);
     if args.verify {
@@ -154,7 +90,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
 
 /// The options as given, with empty values (an exported but empty variable) counting as
 /// unset, `--restore newest` as `--restore`, and the conflicts between options checked.
-fn effective(args: &GenerateArgs) -> anyhow::Result<GenerateArgs> {
+fn effective(args: &GenerateSettings) -> anyhow::Result<GenerateSettings> {
     let mut args = args.clone();
     let empty = |v: &Option<String>| v.as_deref().is_some_and(str::is_empty);
     if empty(&args.k8s_secret) {
@@ -281,7 +217,7 @@ fn plan(paths: &Paths, force: bool) -> Vec<(Entry, Action)> {
 }
 
 /// Creates missing files (or, with `--force`, replaces all), backing up first.
-fn generate(args: &GenerateArgs, paths: &Paths) -> anyhow::Result<Flock<File>> {
+fn generate(args: &GenerateSettings, paths: &Paths) -> anyhow::Result<Flock<File>> {
     // Everything that can be refused is checked before the first write.
     if let Some(name) = &args.k8s_secret {
         check_k8s_names(name, args.namespace.as_deref())?;
@@ -403,7 +339,7 @@ fn fix_mode(path: &Path) -> anyhow::Result<bool> {
 }
 
 /// Reports an action. The manifest may own stdout, so reports then go to stderr.
-fn report(args: &GenerateArgs, line: &str) {
+fn report(args: &GenerateSettings, line: &str) {
     if args.k8s_secret.is_some() && args.output.is_none() {
         eprintln!("{line}");
     } else {
@@ -429,7 +365,7 @@ fn check_k8s_names(name: &str, namespace: Option<&str>) -> anyhow::Result<()> {
 }
 
 /// Writes the Kubernetes Secret manifest of the current set to stdout or `--output`.
-fn write_manifest(args: &GenerateArgs, paths: &Paths, name: &str) -> anyhow::Result<()> {
+fn write_manifest(args: &GenerateSettings, paths: &Paths, name: &str) -> anyhow::Result<()> {
     let mut values = Vec::with_capacity(ENTRIES.len());
     for entry in &ENTRIES {
         values.push((
@@ -476,7 +412,11 @@ fn backup_only(paths: &Paths) -> anyhow::Result<Flock<File>> {
 }
 
 /// `--restore [BACKUP]`.
-fn restore(args: &GenerateArgs, paths: &Paths, name: Option<&str>) -> anyhow::Result<Flock<File>> {
+fn restore(
+    args: &GenerateSettings,
+    paths: &Paths,
+    name: Option<&str>,
+) -> anyhow::Result<Flock<File>> {
     let source = backup::resolve(&paths.root, name).context(Failure::Config)?;
     let files = backup::present_files(&source.keys());
     if files.is_empty() {
@@ -577,55 +517,64 @@ fn list_backups(paths: &Paths) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::FromArgMatches;
 
-    fn command() -> clap::Command {
-        GenerateArgs::augment_args(clap::Command::new("generate").no_binary_name(true))
-    }
-
-    #[test]
-    fn every_option_has_an_environment_variable() {
-        let cmd = command();
-        let mut seen = 0;
-        for arg in cmd.get_arguments() {
-            if arg.get_id() == "help" || arg.get_id() == "version" {
-                continue;
-            }
-            let env = arg
-                .get_env()
-                .and_then(|e| e.to_str())
-                .unwrap_or_else(|| panic!("--{} has no environment variable", arg.get_id()));
-            assert!(env.starts_with("PG_PASSWORD_SYNC_"), "{env}");
-            seen += 1;
-        }
-        assert!(seen >= 15, "only {seen} options");
-    }
-
-    /// `generate ARGS` as `run` sees it. Variables are tested on the binary, since
-    /// clap reads them from this process's environment.
-    fn parse(argv: &[&str]) -> anyhow::Result<GenerateArgs> {
-        let matches = command().try_get_matches_from(argv)?;
-        effective(&GenerateArgs::from_arg_matches(&matches)?)
+    fn settings(change: impl FnOnce(&mut GenerateSettings)) -> anyhow::Result<GenerateSettings> {
+        let mut settings = GenerateSettings {
+            dir: "infra/secrets".into(),
+            ..GenerateSettings::default()
+        };
+        change(&mut settings);
+        effective(&settings)
     }
 
     #[test]
     fn modes_conflict_only_when_switched_on() {
-        assert!(parse(&["--force", "--k8s-secret", "app"]).is_ok());
-        let err = parse(&["--force", "--verify"]).unwrap_err();
+        assert!(
+            settings(|s| {
+                s.force = true;
+                s.k8s_secret = Some("app".into());
+            })
+            .is_ok()
+        );
+        let err = settings(|s| {
+            s.force = true;
+            s.verify = true;
+        })
+        .unwrap_err();
         assert_eq!(Failure::of(&err), Some(Failure::Config));
         assert!(format!("{err:#}").contains("--force cannot be used with --verify"));
-        assert!(parse(&["--list", "--list-backups"]).is_err());
-        assert!(parse(&["--k8s-secret", "app", "--list"]).is_err());
-        assert!(parse(&["--namespace", "prod"]).is_err());
+        assert!(
+            settings(|s| {
+                s.list = true;
+                s.list_backups = true;
+            })
+            .is_err()
+        );
+        assert!(
+            settings(|s| {
+                s.k8s_secret = Some("app".into());
+                s.list = true;
+            })
+            .is_err()
+        );
+        assert!(settings(|s| s.namespace = Some("prod".into())).is_err());
         // Empty values count as unset; `newest` is the newest backup.
-        let args = parse(&["--k8s-secret=", "--namespace=", "--output=", "--restore="]).unwrap();
+        let args = settings(|s| {
+            s.k8s_secret = Some(String::new());
+            s.namespace = Some(String::new());
+            s.output = Some(PathBuf::new());
+            s.restore = Some(Some(String::new()));
+        })
+        .unwrap();
         assert!(args.k8s_secret.is_none() && args.namespace.is_none());
         assert!(args.output.is_none() && args.restore.is_none());
-        assert_eq!(parse(&["--restore=newest"]).unwrap().restore, Some(None));
-        assert_eq!(parse(&["--restore"]).unwrap().restore, Some(None));
-        assert_eq!(
-            parse(&["--restore", "backup-x"]).unwrap().restore,
-            Some(Some("backup-x".to_owned()))
-        );
+        let restore = |value: Option<&str>| {
+            settings(|s| s.restore = Some(value.map(str::to_owned)))
+                .unwrap()
+                .restore
+        };
+        assert_eq!(restore(Some("newest")), Some(None));
+        assert_eq!(restore(None), Some(None));
+        assert_eq!(restore(Some("backup-x")), Some(Some("backup-x".to_owned())));
     }
 }

@@ -4,7 +4,7 @@
 //! thread exists (threads inherit the mask), and consumed through a `signalfd` polled by
 //! tokio. Blocked signals are queued, never "ignored", even for a namespace init with no
 //! handler: that is what makes a PID 1 without handlers receive SIGTERM/SIGINT at all
-//! (the bash-as-PID-1 pitfall in DESIGN.md). No async-signal-safety concerns either: the
+//! (a bash PID 1 without traps never sees `docker stop`'s SIGTERM). No async-signal-safety concerns either: the
 //! signal arrives as data on a file descriptor.
 //!
 //! Left unblocked on purpose: the synchronous fault signals (SIGSEGV, SIGBUS, SIGFPE,
@@ -97,8 +97,9 @@ pub enum Action {
     Reap,
     /// Forward unchanged to the child.
     Forward(Signal),
-    /// SIGHUP: forward (postgres reloads its configuration) and re-sync the passwords.
-    ForwardAndResync,
+    /// SIGHUP: forward (postgres reloads its configuration) and report it to the caller's
+    /// work as an event (what it means there is the caller's business).
+    ForwardAndReport,
     /// A real-time signal: it has no `Signal` value to forward with, and postgres uses
     /// none; logged and dropped.
     Drop,
@@ -108,7 +109,7 @@ pub enum Action {
 pub fn action(signo: i32) -> Action {
     match Signal::try_from(signo) {
         Ok(Signal::SIGCHLD) => Action::Reap,
-        Ok(Signal::SIGHUP) => Action::ForwardAndResync,
+        Ok(Signal::SIGHUP) => Action::ForwardAndReport,
         // Everything else goes to the child as is, like tini: SIGTERM/SIGINT/SIGQUIT are
         // postgres' smart/fast/immediate shutdown, SIGUSR1/2 and SIGWINCH are the child's
         // business, and SIGTSTP/SIGTTIN/SIGTTOU/SIGCONT stop and resume the workload (PID 1
@@ -125,7 +126,7 @@ mod tests {
     #[test]
     fn actions() {
         assert_eq!(action(Signal::SIGCHLD as i32), Action::Reap);
-        assert_eq!(action(Signal::SIGHUP as i32), Action::ForwardAndResync);
+        assert_eq!(action(Signal::SIGHUP as i32), Action::ForwardAndReport);
         for signal in [
             Signal::SIGTERM,
             Signal::SIGINT,

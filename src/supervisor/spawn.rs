@@ -1,4 +1,4 @@
-//! Starting CMD: the one child `run` supervises.
+//! Starting CMD: the one child the supervisor runs.
 //!
 //! The child must start in a clean state even though PID 1 blocks every signal for its
 //! signalfd: a blocked mask is inherited across fork and exec, and a postgres started with
@@ -25,10 +25,6 @@ use nix::unistd::Pid;
 use nix::unistd::{AccessFlags, access};
 
 use super::exit;
-
-/// The default CMD, as in the official image (`ENTRYPOINT ["docker-entrypoint.sh"]`,
-/// `CMD ["postgres"]`).
-pub const DEFAULT_CMD: [&str; 2] = ["docker-entrypoint.sh", "postgres"];
 
 /// Why CMD did not start, with the exit code `run` reports for it.
 #[derive(Debug)]
@@ -129,27 +125,9 @@ fn code_for(errno: Errno) -> u8 {
     exit::spawn_failure_code(std::io::Error::from(errno).kind())
 }
 
-/// The command to run: the user's, or the image default.
-pub fn command_or_default(cmd: &[String]) -> Vec<String> {
-    if cmd.is_empty() {
-        DEFAULT_CMD.iter().map(|s| (*s).to_owned()).collect()
-    } else {
-        cmd.to_vec()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn default_command() {
-        assert_eq!(
-            command_or_default(&[]),
-            ["docker-entrypoint.sh", "postgres"]
-        );
-        assert_eq!(command_or_default(&["x".into()]), ["x"]);
-    }
 
     #[test]
     fn path_search_like_a_shell() {

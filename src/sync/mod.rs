@@ -1,6 +1,6 @@
 //! The password sync: plan which roles need a new password, apply them in one transaction.
 //!
-//! One implementation serves `sync`, `run` and `watch`. The recipe is DESIGN.md's: every
+//! One implementation serves `sync`, `run` and `watch` (ARCHITECTURE.md, "A rotation"): every
 //! secret is read and validated before connecting (an invalid file applies nothing); one
 //! transaction takes an advisory lock (concurrent syncs queue instead of interleaving),
 //! switches statement logging off for itself, reads the stored verifiers, and sends
@@ -8,6 +8,7 @@
 //! not already match. A failure rolls the whole set back, so the old passwords keep working.
 
 pub mod connect;
+mod recorded;
 pub mod scram;
 pub mod sql;
 
@@ -18,11 +19,11 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::cli::{ReportFormat, SyncArgs};
-use crate::config::{Config, RoleSpec};
+use crate::config::{Config, ConfigSettings, RoleSpec};
 use crate::error::Failure;
 use crate::secret::Secret;
 use connect::Auth;
+pub use recorded::{log_report, sync_and_record};
 
 /// The line operators grep for after a sync.
 pub const COMPLETE_LINE: &str = "Password synchronization complete.";
@@ -107,6 +108,36 @@ pub struct Options {
     pub dry_run: bool,
 }
 
+/// Which roles a sync sends to the server, and whether it checks their stored verifiers
+/// first. Every mode speaks of this choice with this one type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every role, each checked against its stored verifier: a role already holding its
+    /// secret keeps its verifier byte for byte, and a password changed behind our back is
+    /// restored. The first sync, `sync`, the periodic and SIGHUP resyncs.
+    CheckAll,
+    /// Only the roles whose secret differs from the last applied set (every role before the
+    /// first apply), without checking their stored verifiers: they are known to differ from
+    /// what was last set. What a file change needs; it keeps PBKDF2 (4096 rounds per check)
+    /// off the path from a rotation to the new password being in force.
+    ChangedOnly,
+}
+
+/// How a command prints its report on stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportFormat {
+    Text,
+    Json,
+}
+
+/// What `sync` was asked to do.
+#[derive(Debug, Clone)]
+pub struct SyncSettings {
+    pub config: ConfigSettings,
+    pub options: Options,
+    pub format: ReportFormat,
+}
+
 /// A sync that remembers, in memory only, the last set of secrets it applied: the watcher
 /// compares new files against it, and its superuser password lets a long-running process
 /// still authenticate after rotating the superuser.
@@ -125,43 +156,38 @@ impl Syncer {
         }
     }
 
-    /// Reads every secret (all must be valid), connects, applies. Nothing is applied on any
-    /// error.
+    /// Reads every secret (all must be valid), connects, applies every role
+    /// (`Scope::CheckAll`). Nothing is applied on any error.
     pub async fn sync(&mut self) -> anyhow::Result<Report> {
         let secrets = self.config.load_secrets()?;
-        self.apply_secrets(&secrets).await
+        self.apply(&secrets, Scope::CheckAll).await
     }
 
-    /// Applies an already validated set of secrets: every role, each checked against its
-    /// stored verifier.
-    pub async fn apply_secrets(
+    /// Applies an already validated set of secrets in one transaction, to the roles `scope`
+    /// says, and remembers the set as applied.
+    pub async fn apply(
         &mut self,
         secrets: &[(RoleSpec, Secret)],
+        scope: Scope,
     ) -> anyhow::Result<Report> {
-        let client = self.connect_superuser(secrets).await?;
-        let report = apply(&client, secrets, self.options, Check::Stored).await?;
-        self.applied(secrets);
-        Ok(report)
-    }
-
-    /// Applies only the roles whose secret differs from the last applied set (all of them
-    /// before the first apply). What a file change needs: the other roles' files did not
-    /// change, and the changed ones are known to differ from what was last set, so their
-    /// stored verifiers are not checked first. That keeps PBKDF2 (4096 rounds per check)
-    /// off the path from a rotation to the new password being in force; a password changed
-    /// behind our back is the periodic and SIGHUP resyncs' business (`apply_secrets`).
-    pub async fn apply_changed(
-        &mut self,
-        secrets: &[(RoleSpec, Secret)],
-    ) -> anyhow::Result<Report> {
-        let Some(last) = self.last_applied() else {
-            return self.apply_secrets(secrets).await;
+        // Before the first apply there is nothing to compare with: every role is checked.
+        let scope = match self.last_applied() {
+            None => Scope::CheckAll,
+            Some(_) => scope,
         };
-        let changed: Vec<(RoleSpec, Secret)> =
-            changed_since(Some(last), secrets).cloned().collect();
+        let changed: Vec<(RoleSpec, Secret)>;
+        let roles = match scope {
+            Scope::CheckAll => secrets,
+            Scope::ChangedOnly => {
+                changed = changed_since(self.last_applied(), secrets)
+                    .cloned()
+                    .collect();
+                &changed
+            }
+        };
         // The whole set still offers the superuser's (possibly new) password to log in.
         let client = self.connect_superuser(secrets).await?;
-        let report = apply(&client, &changed, self.options, Check::KnownChanged).await?;
+        let report = apply(&client, roles, self.options, scope).await?;
         self.applied(secrets);
         Ok(report)
     }
@@ -225,13 +251,13 @@ pub fn changed_since<'a>(
     })
 }
 
-/// Whether a role's stored verifier is checked before a new one is made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Check {
-    /// Check it: a role already holding its secret keeps its verifier byte for byte.
-    Stored,
-    /// The secret is known to differ from what we last set: make a new verifier at once.
-    KnownChanged,
+/// Whether a new set must be applied at all: it differs from the last applied one (in a
+/// value, in a role, or in the set of roles).
+pub fn set_changed(last: Option<&[(RoleSpec, Secret)]>, new: &[(RoleSpec, Secret)]) -> bool {
+    match last {
+        None => true,
+        Some(last) => last.len() != new.len() || changed_since(Some(last), new).next().is_some(),
+    }
 }
 
 /// The sync transaction itself.
@@ -239,7 +265,7 @@ async fn apply(
     client: &Client,
     secrets: &[(RoleSpec, Secret)],
     options: Options,
-    check: Check,
+    scope: Scope,
 ) -> anyhow::Result<Report> {
     let mut report = Report {
         dry_run: options.dry_run,
@@ -257,7 +283,7 @@ async fn apply(
         return Ok(report);
     }
     let names: Vec<String> = secrets.iter().map(|(r, _)| r.name.clone()).collect();
-    transaction(client, secrets, &names, options, check, &mut report)
+    transaction(client, secrets, &names, options, scope, &mut report)
         .await
         .map_err(|err| match Failure::of(&err) {
             Some(_) => err,
@@ -271,7 +297,7 @@ async fn transaction(
     secrets: &[(RoleSpec, Secret)],
     names: &[String],
     options: Options,
-    check: Check,
+    scope: Scope,
     report: &mut Report,
 ) -> anyhow::Result<()> {
     // `Client::transaction` needs `&mut`; the explicit BEGIN keeps `Client` shareable.
@@ -323,7 +349,7 @@ async fn transaction(
         // signals keep being forwarded and children reaped while a large set is planned.
         let owned = secrets.to_vec();
         let dry_run = options.dry_run;
-        let steps = tokio::task::spawn_blocking(move || plan(&owned, &current, dry_run, check))
+        let steps = tokio::task::spawn_blocking(move || plan(&owned, &current, dry_run, scope))
             .await
             .context("planning the password changes")?;
         for ((spec, _), step) in secrets.iter().zip(steps) {
@@ -382,11 +408,11 @@ fn plan(
     secrets: &[(RoleSpec, Secret)],
     current: &HashMap<String, Option<String>>,
     dry_run: bool,
-    check: Check,
+    scope: Scope,
 ) -> Vec<Step> {
     parallel_map(secrets, |(spec, secret)| match current.get(&spec.name) {
         None => Step::Keep(Status::Missing),
-        Some(Some(stored)) if check == Check::Stored && scram::verifies(stored, secret) => {
+        Some(Some(stored)) if scope == Scope::CheckAll && scram::verifies(stored, secret) => {
             Step::Keep(Status::Unchanged)
         }
         Some(_) if dry_run => Step::Keep(Status::WouldChange),
@@ -431,16 +457,12 @@ impl fmt::Display for DryRun {
 
 impl std::error::Error for DryRun {}
 
-/// `pg-password-sync sync`.
-pub async fn command(args: SyncArgs) -> anyhow::Result<u8> {
-    let config = Config::from_args(&args.config)?;
-    let options = Options {
-        strict: args.options.strict,
-        dry_run: args.dry_run,
-    };
-    let mut syncer = Syncer::new(config, options);
-    let report = syncer.sync().await?;
-    print_report(&report, args.format)?;
+/// `pg-password-sync sync`: one sync against the running server, report on stdout.
+pub fn command(settings: SyncSettings) -> anyhow::Result<u8> {
+    let config = Config::from_settings(&settings.config)?;
+    let mut syncer = Syncer::new(config, settings.options);
+    let report = crate::runtime::block_on(syncer.sync())?;
+    print_report(&report, settings.format)?;
     Ok(0)
 }
 
@@ -465,6 +487,50 @@ pub fn print_report(report: &Report, format: ReportFormat) -> anyhow::Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn set(values: &[(&str, &str)]) -> Vec<(RoleSpec, Secret)> {
+        values
+            .iter()
+            .map(|(role, value)| {
+                (
+                    RoleSpec {
+                        name: (*role).to_owned(),
+                        secret: crate::config::SecretRef::Name(format!("{role}_pw")),
+                    },
+                    Secret::new((*value).to_owned()),
+                )
+            })
+            .collect()
+    }
+
+    fn changed_roles<'a>(
+        last: Option<&[(RoleSpec, Secret)]>,
+        new: &'a [(RoleSpec, Secret)],
+    ) -> Vec<&'a str> {
+        changed_since(last, new)
+            .map(|(spec, _)| spec.name.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn set_changes_are_detected_per_role() {
+        let old = set(&[("postgres", "a"), ("appuser", "b")]);
+        assert!(set_changed(None, &old), "nothing applied yet");
+        assert!(!set_changed(
+            Some(&old),
+            &set(&[("postgres", "a"), ("appuser", "b")])
+        ));
+        let new = set(&[("postgres", "a"), ("appuser", "c")]);
+        assert!(set_changed(Some(&old), &new));
+        assert_eq!(changed_roles(Some(&old), &new), ["appuser"]);
+        // A role dropped from the set is a change too (nothing else differs).
+        assert!(set_changed(Some(&old), &set(&[("postgres", "a")])));
+        // So is a role whose secret moved to another file with the same value.
+        let mut moved = old.clone();
+        moved[1].0.secret = crate::config::SecretRef::Path("/elsewhere".into());
+        assert_eq!(changed_roles(Some(&old), &moved), ["appuser"]);
+        assert_eq!(changed_roles(None, &old), ["postgres", "appuser"]);
+    }
 
     #[test]
     fn parallel_map_keeps_order_for_small_and_large_inputs() {
@@ -495,16 +561,16 @@ mod tests {
             .iter()
             .map(|n| (spec(n), secret.clone()))
             .collect();
-        let steps = plan(&secrets, &current, false, Check::Stored);
+        let steps = plan(&secrets, &current, false, Scope::CheckAll);
         assert!(matches!(steps[0], Step::Keep(Status::Unchanged)));
         assert!(matches!(&steps[1], Step::Set(v) if scram::verifies(v, &secret)));
         assert!(matches!(steps[2], Step::Set(_)));
         assert!(matches!(steps[3], Step::Keep(Status::Missing)));
-        let dry = plan(&secrets, &current, true, Check::Stored);
+        let dry = plan(&secrets, &current, true, Scope::CheckAll);
         assert!(matches!(dry[1], Step::Keep(Status::WouldChange)));
         // Known to have changed: a new verifier even where the stored one still matches;
         // a missing role stays missing.
-        let known = plan(&secrets, &current, false, Check::KnownChanged);
+        let known = plan(&secrets, &current, false, Scope::ChangedOnly);
         assert!(matches!(&known[0], Step::Set(v) if scram::verifies(v, &secret)));
         assert!(matches!(known[3], Step::Keep(Status::Missing)));
     }

@@ -1,7 +1,7 @@
 //! Keeping passwords in step with the secret files while the server runs: the `watch`
 //! sidecar command, and `watch_loop`, which `run` also uses after its first sync.
 //!
-//! The loop (DESIGN.md, "Watch") treats any inotify event on a secret directory or file as a
+//! The loop (ARCHITECTURE.md, "A rotation") treats any inotify event on a secret directory or file as a
 //! trigger, waits for a quiet period (`--debounce`) so that a rotation touching several files
 //! is read once, re-reads *every* secret, and applies only when the whole set is valid and
 //! some value differs from what it last applied. An invalid set (a half-written or empty
@@ -10,14 +10,17 @@
 //! its new `..data` symlink into place, which by design completes a consistent set, so a
 //! Secret update is applied milliseconds after the kubelet swaps it. A periodic full resync
 //! (`--resync-interval`), a watcher overflow and a message on the `resync` channel (SIGHUP)
-//! apply even without a content change, which restores a password changed behind our back.
+//! check every role (`Scope::CheckAll`) even without a content change, which restores a
+//! password changed behind our back; a file change applies only the roles whose secret
+//! changed (`Scope::ChangedOnly`).
 //! A failed apply (server restarting, auth refused) is retried with backoff; nothing
 //! transient ends the loop.
 
-mod timing;
+mod debounce;
 mod watches;
 
 use std::ffi::OsStr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -26,12 +29,12 @@ use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 
-use crate::cli::{WatchArgs, WatchOptionsArgs};
-use crate::config::Config;
+use crate::backoff::Backoff;
+use crate::config::{Config, ConfigSettings};
 use crate::error::Failure;
-use crate::state::{Snapshot, StateFile};
-use crate::sync::{Options, Syncer, connect};
-use timing::{Backoff, Debouncer, changed_roles, set_changed};
+use crate::state::StateFile;
+use crate::sync::{Options, Scope, Syncer, connect, log_report, sync_and_record};
+use debounce::Debouncer;
 use watches::Watches;
 
 /// How often the watched paths are checked for having appeared, vanished or been replaced
@@ -49,23 +52,38 @@ const WAIT_MIN: Duration = Duration::from_millis(100);
 const WAIT_MAX: Duration = Duration::from_secs(5);
 const WAIT_PROGRESS: Duration = Duration::from_secs(10);
 
-/// `pg-password-sync watch` (sidecar): wait for the server, sync, then watch and re-sync
-/// until SIGTERM or SIGINT (exit 0). SIGHUP forces a full resync.
-pub fn command(args: WatchArgs) -> anyhow::Result<u8> {
-    let config = Config::from_args(&args.config)?;
-    let options = Options {
-        strict: args.options.strict,
-        dry_run: false,
-    };
-    // One thread is plenty: the work is a few file reads and one connection per rotation.
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?
-        .block_on(sidecar(Syncer::new(config, options), args.watch))
+/// How the secret files are watched (shared by `run` and `watch`).
+#[derive(Debug, Clone)]
+pub struct WatchOptions {
+    /// Quiet period after a file event before re-reading the secrets.
+    pub debounce: Duration,
+    /// Period of the resync that checks every role (`ZERO` = off).
+    pub resync_interval: Duration,
+    /// Directory for the health state file.
+    pub state_dir: PathBuf,
 }
 
-async fn sidecar(mut syncer: Syncer, options: WatchOptionsArgs) -> anyhow::Result<u8> {
+/// What `watch` was asked to do.
+#[derive(Debug, Clone)]
+pub struct WatchSettings {
+    pub config: ConfigSettings,
+    /// `--strict`; a watcher never dry-runs.
+    pub strict: bool,
+    pub watch: WatchOptions,
+}
+
+/// `pg-password-sync watch` (sidecar): wait for the server, sync, then watch and re-sync
+/// until SIGTERM or SIGINT (exit 0). SIGHUP checks every role.
+pub fn command(settings: WatchSettings) -> anyhow::Result<u8> {
+    let config = Config::from_settings(&settings.config)?;
+    let options = Options {
+        strict: settings.strict,
+        dry_run: false,
+    };
+    crate::runtime::new()?.block_on(sidecar(Syncer::new(config, options), settings.watch))
+}
+
+async fn sidecar(mut syncer: Syncer, options: WatchOptions) -> anyhow::Result<u8> {
     // Installed before anything else, so a stop during the server wait is clean too.
     let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
@@ -77,7 +95,7 @@ async fn sidecar(mut syncer: Syncer, options: WatchOptionsArgs) -> anyhow::Resul
     state.record_ready(false);
 
     let work = async {
-        first_sync(&mut syncer, &state).await;
+        wait_for_server_and_sync(&mut syncer, &state).await;
         watch_loop(&mut syncer, &options, &state, &mut resync_rx).await
     };
     tokio::pin!(work);
@@ -105,25 +123,25 @@ async fn sidecar(mut syncer: Syncer, options: WatchOptionsArgs) -> anyhow::Resul
     }
 }
 
-/// Waits until the server answers, with backoff and a progress line every 10 s, and makes
-/// the first sync. Invalid or missing secret files do not hold the loop back: the server is
-/// then only probed, and the watch loop reports the files and applies them when they
-/// become valid.
-async fn first_sync(syncer: &mut Syncer, state: &StateFile) {
+/// The sidecar's start: waits until the server answers (backoff, a progress line every
+/// 10 s, never giving up), then makes the first sync, which checks every role. Only a
+/// connection failure is waited out here; every other outcome hands over to the watch loop
+/// at once: invalid or missing secret files (the server is then only probed, and the loop
+/// reports the files and applies them when they become valid) or a failed apply (the loop
+/// retries it with its own backoff). Contrast `run`'s first sync, which retries a failed
+/// sync itself because postgres is its child and may still be starting.
+async fn wait_for_server_and_sync(syncer: &mut Syncer, state: &StateFile) {
     let started = Instant::now();
     let mut backoff = Backoff::new(WAIT_MIN, WAIT_MAX);
     let mut progress_at = started + WAIT_PROGRESS;
     let mut announced = false;
     loop {
-        // Taken before the read, so `health` can tell whether a file changed after it.
-        let snapshot = Snapshot::take(&syncer.config);
-        let error = match syncer.sync().await {
+        let error = match sync_and_record(syncer, state, Scope::CheckAll).await {
             Ok(report) => {
-                for line in report.lines() {
-                    tracing::info!("{line}");
+                if let Some(report) = &report {
+                    log_report(report);
                 }
                 state.record_ready(true);
-                state.record_sync_of(snapshot, true);
                 return;
             }
             Err(err) if Failure::of(&err) == Some(Failure::Config) => {
@@ -142,7 +160,6 @@ async fn first_sync(syncer: &mut Syncer, state: &StateFile) {
                 // the loop retries the sync with its own backoff.
                 tracing::warn!("first sync failed: {err:#}");
                 state.record_ready(true);
-                state.record_sync_of(snapshot, false);
                 return;
             }
         };
@@ -177,21 +194,21 @@ enum Trigger {
     Periodic,
     /// A message on the `resync` channel (SIGHUP).
     Requested,
-    /// A retry after a failed apply (keeps the original trigger's `full`).
-    Retry { full: bool },
+    /// A retry after a failed apply (keeps the original trigger's scope).
+    Retry(Scope),
 }
 
 impl Trigger {
-    /// Whether to apply even when the content equals the last applied set, checking every
-    /// role against the server (otherwise only the roles whose file changed are applied).
-    fn full(self) -> bool {
+    /// Which roles the sync covers. `ChangedOnly` also means an unchanged set needs no
+    /// connection at all.
+    fn scope(self) -> Scope {
         match self {
             // Start: the caller's first sync has just applied the set (or failed, and then
             // there is no last applied set and the comparison applies it anyway); only a
-            // change in between needs a connection, not a second full pass.
-            Trigger::Start | Trigger::Files => false,
-            Trigger::Retry { full } => full,
-            Trigger::Overflow | Trigger::Periodic | Trigger::Requested => true,
+            // change in between needs a connection, not a second pass over every role.
+            Trigger::Start | Trigger::Files => Scope::ChangedOnly,
+            Trigger::Retry(scope) => scope,
+            Trigger::Overflow | Trigger::Periodic | Trigger::Requested => Scope::CheckAll,
         }
     }
 
@@ -202,7 +219,7 @@ impl Trigger {
             Trigger::Overflow => "watcher overflow",
             Trigger::Periodic => "periodic resync",
             Trigger::Requested => "resync request",
-            Trigger::Retry { .. } => "retry",
+            Trigger::Retry(_) => "retry",
         }
     }
 }
@@ -210,15 +227,25 @@ impl Trigger {
 /// A scheduled retry of a failed apply.
 struct Retry {
     at: Instant,
-    full: bool,
+    scope: Scope,
     /// When the rotation being retried was first seen (latency is reported from there).
     since: Instant,
 }
 
-/// What the loop remembers between syncs (the last applied set is the Syncer's).
-struct LoopState {
-    retry: Option<Retry>,
+/// The retry schedule of failed applies: the one pending retry, if any, and the backoff
+/// that spaces them (the last applied set is the Syncer's).
+struct RetrySchedule {
+    pending: Option<Retry>,
     backoff: Backoff,
+}
+
+impl RetrySchedule {
+    /// Whether the pending retry checks every role.
+    fn pending_checks_all(&self) -> bool {
+        self.pending
+            .as_ref()
+            .is_some_and(|r| r.scope == Scope::CheckAll)
+    }
 }
 
 /// Watches the secret directories and re-syncs on change, on the periodic timer and on
@@ -226,7 +253,7 @@ struct LoopState {
 /// unrecoverable error; the caller drops it to stop (e.g. when the child exits).
 pub async fn watch_loop(
     syncer: &mut Syncer,
-    options: &WatchOptionsArgs,
+    options: &WatchOptions,
     state: &StateFile,
     resync: &mut UnboundedReceiver<()>,
 ) -> anyhow::Result<()> {
@@ -247,8 +274,8 @@ pub async fn watch_loop(
     );
 
     let mut debouncer = Debouncer::new(options.debounce);
-    let mut loop_state = LoopState {
-        retry: None,
+    let mut retries = RetrySchedule {
+        pending: None,
         backoff: Backoff::new(RETRY_MIN, RETRY_MAX),
     };
     let mut periodic = (!options.resync_interval.is_zero()).then(|| {
@@ -262,13 +289,13 @@ pub async fn watch_loop(
     let mut resync_open = true;
 
     // Anything that changed between the caller's first sync and the watches being armed
-    // would otherwise go unnoticed until the next event. Files only: the first sync has
-    // just checked the server, so an unchanged set needs no second connection.
+    // would otherwise go unnoticed until the next event. Changed roles only: the first sync
+    // has just checked the server, so an unchanged set needs no second connection.
     reconcile(
         syncer,
         state,
         &mut watches,
-        &mut loop_state,
+        &mut retries,
         Trigger::Start,
         Instant::now(),
     )
@@ -276,7 +303,7 @@ pub async fn watch_loop(
 
     loop {
         let debounce_at = debouncer.deadline();
-        let retry_at = loop_state.retry.as_ref().map(|r| r.at);
+        let retry_at = retries.pending.as_ref().map(|r| r.at);
         tokio::select! {
             event = events.recv() => {
                 let event = event.context("the file watcher stopped")?;
@@ -286,7 +313,7 @@ pub async fn watch_loop(
                     EventClass::Change => debouncer.event(now, false),
                     EventClass::Complete => {
                         let since = debouncer.take().map_or(now, |b| b.first);
-                        reconcile(syncer, state, &mut watches, &mut loop_state, Trigger::Files, since).await;
+                        reconcile(syncer, state, &mut watches, &mut retries, Trigger::Files, since).await;
                     }
                     EventClass::Overflow => {
                         tracing::warn!("file watcher overflowed or failed ({}); full resync", describe_event(&event));
@@ -296,28 +323,28 @@ pub async fn watch_loop(
             }
             _ = sleep_until(debounce_at) => {
                 if let Some(burst) = debouncer.take_due(Instant::now()) {
-                    let trigger = if burst.full { Trigger::Overflow } else { Trigger::Files };
-                    reconcile(syncer, state, &mut watches, &mut loop_state, trigger, burst.first).await;
+                    let trigger = if burst.overflowed { Trigger::Overflow } else { Trigger::Files };
+                    reconcile(syncer, state, &mut watches, &mut retries, trigger, burst.first).await;
                 }
             }
             _ = sleep_until(retry_at) => {
-                if let Some(retry) = loop_state.retry.take() {
+                if let Some(retry) = retries.pending.take() {
                     // A pending burst is covered: the retry re-reads every file.
                     let since = debouncer.take().map_or(retry.since, |b| b.first.min(retry.since));
-                    reconcile(syncer, state, &mut watches, &mut loop_state, Trigger::Retry { full: retry.full }, since).await;
+                    reconcile(syncer, state, &mut watches, &mut retries, Trigger::Retry(retry.scope), since).await;
                 }
             }
             message = resync.recv(), if resync_open => match message {
                 Some(()) => {
                     let since = debouncer.take().map_or_else(Instant::now, |b| b.first);
-                    reconcile(syncer, state, &mut watches, &mut loop_state, Trigger::Requested, since).await;
+                    reconcile(syncer, state, &mut watches, &mut retries, Trigger::Requested, since).await;
                 }
                 // The sender is gone (the caller will drop us soon); stop polling it.
                 None => resync_open = false,
             },
             _ = tick(periodic.as_mut()) => {
                 let since = debouncer.take().map_or_else(Instant::now, |b| b.first);
-                reconcile(syncer, state, &mut watches, &mut loop_state, Trigger::Periodic, since).await;
+                reconcile(syncer, state, &mut watches, &mut retries, Trigger::Periodic, since).await;
             }
             _ = drift_check.tick() => {
                 // A pending burst re-arms anyway; feeding it would only stretch its quiet
@@ -381,58 +408,32 @@ async fn reconcile(
     syncer: &mut Syncer,
     state: &StateFile,
     watches: &mut Watches,
-    loop_state: &mut LoopState,
+    retries: &mut RetrySchedule,
     trigger: Trigger,
     since: Instant,
 ) {
     // First re-arm, then read: a change after the read is then sure to raise an event.
     watches.arm(&syncer.config);
-    // Taken before the read, so `health` can tell whether a file changed after it.
-    let snapshot = Snapshot::take(&syncer.config);
-    let secrets = match syncer.config.load_secrets() {
-        Ok(secrets) => secrets,
-        Err(err) => {
-            // The message names the file and the problem, never the value.
-            tracing::warn!(
-                "secret files are not valid, nothing applied (the previous passwords stay in \
-                 force until the files are fixed): {err:#}"
-            );
-            state.record_sync_of(snapshot, false);
-            return;
-        }
-    };
-    let changed_files = changed_roles(syncer.last_applied(), &secrets);
-    if !trigger.full() && !set_changed(syncer.last_applied(), &secrets) {
-        tracing::debug!(
-            trigger = trigger.describe(),
-            "secret files unchanged; nothing to do"
-        );
-        // A retry of a failed *full* resync stays scheduled: the server may still hold a
-        // password changed behind our back. A retry of a file change is moot now.
-        if loop_state.retry.as_ref().is_some_and(|r| !r.full) {
-            loop_state.retry = None;
-        }
-        state.record_sync_of(snapshot, true);
-        return;
-    }
-    tracing::debug!(
-        trigger = trigger.describe(),
-        roles = %changed_files.join(", "),
-        since_first_event_ms = since.elapsed().as_millis(),
-        "applying the secret set"
-    );
+    let scope = trigger.scope();
     let applying = Instant::now();
-    // A file change applies what changed; a full resync checks every role on the server.
-    let applied = if trigger.full() {
-        syncer.apply_secrets(&secrets).await
-    } else {
-        syncer.apply_changed(&secrets).await
-    };
-    match applied {
-        Ok(report) => {
+    match sync_and_record(syncer, state, scope).await {
+        Ok(None) => {
+            tracing::debug!(
+                trigger = trigger.describe(),
+                "secret files unchanged; nothing to do"
+            );
+            // A retry of a failed resync of every role stays scheduled: the server may still
+            // hold a password changed behind our back. A retry of a file change is moot now.
+            if retries.pending.is_some() && !retries.pending_checks_all() {
+                retries.pending = None;
+            }
+        }
+        Ok(Some(report)) => {
             let elapsed = since.elapsed().as_millis();
             tracing::debug!(
+                trigger = trigger.describe(),
                 apply_ms = applying.elapsed().as_millis(),
+                since_first_event_ms = elapsed,
                 "sync transaction done"
             );
             let changed = report.changed();
@@ -441,9 +442,7 @@ async fn reconcile(
             } else if !changed.is_empty() {
                 // The same per-role report and completion line as every other sync:
                 // operators grep for `Password synchronization complete.`.
-                for line in report.lines() {
-                    tracing::info!("{line}");
-                }
+                log_report(&report);
                 tracing::info!(
                     "passwords rotated: {} changed, {elapsed} ms from first event to commit \
                      (trigger: {})",
@@ -456,27 +455,32 @@ async fn reconcile(
                     "all passwords already in force"
                 );
             }
-            // A partial apply (the changed roles only) does not stand in for a full resync
-            // that failed earlier: that retry stays scheduled.
-            if trigger.full() || !loop_state.retry.as_ref().is_some_and(|r| r.full) {
-                loop_state.retry = None;
-                loop_state.backoff.reset();
+            // An apply of the changed roles only does not stand in for a resync of every
+            // role that failed earlier: that retry stays scheduled.
+            if scope == Scope::CheckAll || !retries.pending_checks_all() {
+                retries.pending = None;
+                retries.backoff.reset();
             }
-            state.record_sync_of(snapshot, true);
+        }
+        Err(err) if Failure::of(&err) == Some(Failure::Config) => {
+            // The message names the file and the problem, never the value.
+            tracing::warn!(
+                "secret files are not valid, nothing applied (the previous passwords stay in \
+                 force until the files are fixed): {err:#}"
+            );
         }
         Err(err) => {
-            let delay = loop_state.backoff.next_delay();
+            let delay = retries.backoff.next_delay();
             tracing::warn!(
                 "applying the secret files failed (trigger: {}); retrying in {} ms: {err:#}",
                 trigger.describe(),
                 delay.as_millis()
             );
-            loop_state.retry = Some(Retry {
+            retries.pending = Some(Retry {
                 at: Instant::now() + delay,
-                full: trigger.full(),
+                scope,
                 since,
             });
-            state.record_sync_of(snapshot, false);
         }
     }
 }
@@ -543,17 +547,20 @@ mod tests {
     }
 
     #[test]
-    fn file_bursts_and_the_start_skip_an_unchanged_set() {
-        assert!(!Trigger::Files.full());
-        assert!(!Trigger::Start.full());
-        assert!(!Trigger::Retry { full: false }.full());
+    fn file_bursts_and_the_start_apply_only_what_changed() {
+        assert_eq!(Trigger::Files.scope(), Scope::ChangedOnly);
+        assert_eq!(Trigger::Start.scope(), Scope::ChangedOnly);
+        assert_eq!(
+            Trigger::Retry(Scope::ChangedOnly).scope(),
+            Scope::ChangedOnly
+        );
         for t in [
             Trigger::Overflow,
             Trigger::Periodic,
             Trigger::Requested,
-            Trigger::Retry { full: true },
+            Trigger::Retry(Scope::CheckAll),
         ] {
-            assert!(t.full(), "{t:?}");
+            assert_eq!(t.scope(), Scope::CheckAll, "{t:?}");
         }
     }
 }

@@ -1,0 +1,334 @@
+//! `run`: the container's story on top of the PID-1 mechanics of `supervisor`. Start CMD
+//! (default `docker-entrypoint.sh postgres`), wait for the *final* server to be ready (its
+//! `postmaster.pid`), make the first sync (retried with backoff), then watch the secret
+//! files and re-sync; when CMD ends, stop a temporary server it left behind and exit with
+//! CMD's status (ARCHITECTURE.md, "The life of `run`").
+//!
+//! Everything here is a caller of `supervisor`: the work future (readiness → sync → watch)
+//! and what happens after the child's exit. Nothing here blocks signals, waits for a child
+//! or forwards a signal; it only asks the supervisor to stop the child when a failed first
+//! sync must end the container (`--exit-on-sync-failure`).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::sync::mpsc;
+
+use crate::backoff::Backoff;
+use crate::config::{Config, ConfigSettings, Host};
+use crate::error::Failure;
+use crate::postmaster::{self, PidFile};
+use crate::state::StateFile;
+use crate::supervisor::{Child, Hangups, Supervisor};
+use crate::sync::{Options, Scope, Syncer, log_report, sync_and_record};
+use crate::watch::{WatchOptions, watch_loop};
+
+/// The default CMD, as in the official image (`ENTRYPOINT ["docker-entrypoint.sh"]`,
+/// `CMD ["postgres"]`).
+pub const DEFAULT_CMD: [&str; 2] = ["docker-entrypoint.sh", "postgres"];
+
+/// Retry delays of a failed first sync: 1 s doubling to 30 s.
+const FIRST_SYNC_RETRY_MIN: Duration = Duration::from_secs(1);
+const FIRST_SYNC_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// How long to wait for a leftover temporary server after SIGINT (fast shutdown).
+const LEFTOVER_STOP_LIMIT: Duration = Duration::from_secs(60);
+
+/// What `run` was asked to do.
+#[derive(Debug, Clone)]
+pub struct RunSettings {
+    pub config: ConfigSettings,
+    /// `--strict`.
+    pub strict: bool,
+    pub watch: WatchOptions,
+    /// Do not watch the secret files after the first sync (SIGHUP still re-syncs).
+    pub no_watch: bool,
+    /// Do not sync at all: only supervise CMD.
+    pub no_sync: bool,
+    /// On a failed first sync stop postgres and exit non-zero instead of retrying.
+    pub exit_on_sync_failure: bool,
+    /// The command to supervise (empty: `DEFAULT_CMD`).
+    pub cmd: Vec<String>,
+}
+
+/// `pg-password-sync run`.
+pub fn command(settings: RunSettings) -> anyhow::Result<u8> {
+    // First, before any thread exists: every later thread inherits the mask.
+    let supervisor = Supervisor::take_signals()?;
+    let config = if settings.no_sync {
+        None
+    } else {
+        Some(Config::from_settings(&settings.config)?)
+    };
+    let command = command_or_default(&settings.cmd);
+    let withheld = withheld_env(&settings.config.pgdata);
+    // The state file belongs to the sync: with --no-sync there is nothing to report.
+    let state = config
+        .as_ref()
+        .map(|_| StateFile::new(&settings.watch.state_dir));
+    if let Some(state) = &state {
+        tracing::debug!(path = %state.path.display(), "state file");
+        state.record_ready(false);
+    }
+    let pgdata = settings.config.pgdata.clone();
+    let after_state = state.clone();
+    supervisor.run(
+        &command,
+        withheld,
+        |child, hangups| work(child, hangups, settings, config, state),
+        |child| async move {
+            if let Some(state) = &after_state {
+                state.record_ready(false);
+            }
+            stop_leftover_server(&pgdata, child).await;
+        },
+    )
+}
+
+/// The command to run: the user's, or the image default.
+fn command_or_default(cmd: &[String]) -> Vec<String> {
+    if cmd.is_empty() {
+        DEFAULT_CMD.iter().map(|s| (*s).to_owned()).collect()
+    } else {
+        cmd.to_vec()
+    }
+}
+
+/// Variables the child does not get. The official entrypoint turns
+/// `POSTGRES_PASSWORD_FILE` into an exported `POSTGRES_PASSWORD` on every start and then
+/// `exec`s postgres, so the superuser's plaintext would sit in the environment of the
+/// postmaster and every backend. It only needs it to initialise an empty data directory:
+/// once `PG_VERSION` exists, neither variable is passed on. (For the first start, the
+/// image ships an init script that unsets it before the entrypoint's final `exec`.)
+fn withheld_env(pgdata: &Path) -> &'static [&'static str] {
+    if pgdata.join("PG_VERSION").exists() {
+        &["POSTGRES_PASSWORD", "POSTGRES_PASSWORD_FILE"]
+    } else {
+        &[]
+    }
+}
+
+/// Readiness → first sync (retried) → watch. Returns only for `--no-sync`, when watching
+/// stops for good, or with an error under `--exit-on-sync-failure` (after asking the child
+/// to stop).
+async fn work(
+    child: Child,
+    hangups: Hangups,
+    settings: RunSettings,
+    config: Option<Config>,
+    state: Option<StateFile>,
+) -> anyhow::Result<()> {
+    let (Some(config), Some(state)) = (config, state) else {
+        tracing::info!("--no-sync: supervising only");
+        return Ok(());
+    };
+    let mut resync = resync_requests(hangups);
+    let pidfile = postmaster::wait_ready(&config.pgdata, child.pid.as_raw()).await;
+    let ready_at = Instant::now();
+    state.record_ready_pid(pidfile.pid);
+    let config = target_server(config, &pidfile);
+    let options = Options {
+        strict: settings.strict,
+        dry_run: false,
+    };
+    let mut syncer = Syncer::new(config, options);
+    let watching = !settings.no_watch;
+    let first = first_sync_with_retry(
+        &mut syncer,
+        &state,
+        &mut resync,
+        settings.exit_on_sync_failure,
+        watching,
+        ready_at,
+    )
+    .await;
+    if let Err(err) = first {
+        // --exit-on-sync-failure: stop postgres the fast way; the supervisor returns the
+        // failure's code once it is down.
+        tracing::error!("stopping PostgreSQL after the failed sync (--exit-on-sync-failure)");
+        child.signal(Signal::SIGINT);
+        return Err(err);
+    }
+    if watching {
+        tracing::info!("watching the secret files");
+        if let Err(err) = watch_loop(&mut syncer, &settings.watch, &state, &mut resync).await {
+            tracing::error!(
+                "watching the secret files stopped: {err:#}; \
+                 re-syncing on SIGHUP and every --resync-interval only"
+            );
+        }
+    }
+    // --no-watch: SIGHUP still re-syncs. A watch that gave up (no inotify instance left,
+    // say) keeps the periodic resync too.
+    let period = Some(settings.watch.resync_interval).filter(|p| watching && !p.is_zero());
+    loop {
+        tokio::select! {
+            message = resync.recv() => if message.is_none() { break },
+            () = tokio::time::sleep(period.unwrap_or_default()), if period.is_some() => {}
+        }
+        let _ = sync_logged(&mut syncer, &state).await;
+    }
+    Ok(())
+}
+
+/// Turns the supervisor's SIGHUP events into re-sync requests, saying so in the log when
+/// the signal arrives (not when a busy sync gets round to it).
+fn resync_requests(mut hangups: Hangups) -> mpsc::UnboundedReceiver<()> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP: forwarding and re-syncing");
+            if tx.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The server to connect to: the socket directory and port the final postmaster wrote,
+/// when we connect over a socket at all (a TCP `PGHOST` is the operator's explicit choice).
+fn target_server(mut config: Config, pidfile: &PidFile) -> Config {
+    if let (Host::Socket(dir), Some(socket_dir), Some(port)) =
+        (&config.host, &pidfile.socket_dir, pidfile.port)
+        && (dir != socket_dir || config.port != port)
+    {
+        tracing::info!(
+            "postmaster.pid says the server listens on {}/.s.PGSQL.{port}; using that",
+            socket_dir.display()
+        );
+        config.host = Host::Socket(socket_dir.clone());
+        config.port = port;
+    }
+    config
+}
+
+/// `run`'s first sync after readiness, retried with backoff (1 s doubling to 30 s) while
+/// postgres keeps serving; SIGHUP retries at once. With `exit_on_failure` the first
+/// failure is returned instead. With `watching`, invalid secret files end this loop early:
+/// the watcher applies them as soon as they are fixed, instead of at the next backoff tick.
+/// (The `watch` sidecar's start differs: it waits for a server it does not own, and hands
+/// every other failure to the watch loop.)
+async fn first_sync_with_retry(
+    syncer: &mut Syncer,
+    state: &StateFile,
+    resync: &mut mpsc::UnboundedReceiver<()>,
+    exit_on_failure: bool,
+    watching: bool,
+    ready_at: Instant,
+) -> anyhow::Result<()> {
+    let mut backoff = Backoff::new(FIRST_SYNC_RETRY_MIN, FIRST_SYNC_RETRY_MAX);
+    loop {
+        // A SIGHUP that arrived while waiting is answered by this very attempt.
+        while resync.try_recv().is_ok() {}
+        match sync_logged(syncer, state).await {
+            Ok(()) => {
+                tracing::info!(
+                    after_ready_ms = ready_at.elapsed().as_millis() as u64,
+                    "first sync done"
+                );
+                return Ok(());
+            }
+            Err(err) if exit_on_failure => return Err(err),
+            Err(err) if watching && Failure::of(&err) == Some(Failure::Config) => {
+                tracing::info!("waiting for valid secret files");
+                return Ok(());
+            }
+            Err(_) => {
+                let delay = backoff.next_delay();
+                tracing::info!(retry_in_s = delay.as_secs(), "retrying the sync");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    Some(()) = resync.recv() => backoff.reset(),
+                }
+            }
+        }
+    }
+}
+
+/// One sync of every role, recorded and logged (the report, or the failure).
+async fn sync_logged(syncer: &mut Syncer, state: &StateFile) -> anyhow::Result<()> {
+    let started = Instant::now();
+    match sync_and_record(syncer, state, Scope::CheckAll).await {
+        Ok(report) => {
+            if let Some(report) = &report {
+                log_report(report);
+            }
+            tracing::debug!(took_ms = started.elapsed().as_millis() as u64, "sync");
+            Ok(())
+        }
+        Err(err) => {
+            tracing::error!("sync failed: {err:#}");
+            Err(err)
+        }
+    }
+}
+
+/// After the child is gone: if `postmaster.pid` names another live postgres (the
+/// entrypoint's temporary init server, when the entrypoint died mid-init), stop it with
+/// SIGINT (fast shutdown) and wait for it, bounded, so the data directory is left cleanly
+/// shut down. As its (sub)reaper the supervisor reaps it; `is_alive` treats a zombie as gone.
+async fn stop_leftover_server(pgdata: &Path, child: Pid) {
+    let Some(file) = postmaster::read(pgdata) else {
+        return;
+    };
+    if file.pid == child.as_raw() || !postmaster::is_alive(file.pid) {
+        return;
+    }
+    if !postmaster::is_postgres(file.pid) {
+        tracing::debug!(pid = file.pid, "stale postmaster.pid names another program");
+        return;
+    }
+    tracing::warn!(
+        pid = file.pid,
+        "a temporary PostgreSQL server is still running; stopping it (SIGINT)"
+    );
+    if let Err(err) = kill(Pid::from_raw(file.pid), Signal::SIGINT) {
+        tracing::warn!(pid = file.pid, "cannot stop it: {err}");
+        return;
+    }
+    let started = Instant::now();
+    while postmaster::is_alive(file.pid) {
+        if started.elapsed() > LEFTOVER_STOP_LIMIT {
+            tracing::warn!(
+                pid = file.pid,
+                "still running after {LEFTOVER_STOP_LIMIT:?}; giving up"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tracing::info!(
+        pid = file.pid,
+        took_ms = started.elapsed().as_millis() as u64,
+        "temporary server stopped"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_command() {
+        assert_eq!(
+            command_or_default(&[]),
+            ["docker-entrypoint.sh", "postgres"]
+        );
+        assert_eq!(command_or_default(&["x".into()]), ["x"]);
+    }
+
+    #[test]
+    fn target_server_follows_the_pid_file_for_sockets_only() {
+        let config = Config::from_settings(&crate::config::test_settings()).unwrap();
+        let file = postmaster::parse("7\n/d\n1\n6543\n/tmp/s\n\n0 0\nready\n").unwrap();
+        let moved = target_server(config.clone(), &file);
+        assert_eq!(moved.host, Host::Socket("/tmp/s".into()));
+        assert_eq!(moved.port, 6543);
+        let mut tcp = config;
+        tcp.host = Host::Tcp("db".into());
+        assert_eq!(target_server(tcp, &file).host, Host::Tcp("db".into()));
+    }
+}
