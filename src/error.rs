@@ -20,7 +20,9 @@ pub enum Failure {
     Sql,
     /// A configured role does not exist and `--strict` was given.
     MissingRole,
-    /// `verify` found a role that cannot log in with its secret.
+    /// A check of the secrets failed: `verify` found a role that cannot log in with its
+    /// secret (or a NOLOGIN owner that can), or `generate --verify` found secret files that
+    /// are missing, too short, loosely permitted or placeholders.
     Verify,
     /// `health` found the server not ready or the last sync not current.
     Unhealthy,

@@ -19,7 +19,8 @@ use nix::unistd::Pid;
 /// The file name inside the data directory.
 pub const PID_FILE: &str = "postmaster.pid";
 
-/// How often the readiness wait re-reads `postmaster.pid` (DESIGN: ≤ 10 ms).
+/// How often the readiness wait re-reads `postmaster.pid`: the first sync should follow
+/// readiness within about 10 ms, and one small read is cheap.
 pub const POLL: Duration = Duration::from_millis(10);
 
 /// How often the readiness wait says it is still waiting.

@@ -2,7 +2,7 @@
 //!
 //! A `Secret` can only be seen through `expose()`; its `Debug` and `Display` print
 //! `[redacted]`, and its memory is zeroized on drop, so a stray `{:?}`, a panic message or
-//! a log line cannot leak a password. The file rules are the contract in DESIGN.md: the
+//! a log line cannot leak a password. The file rules (ARCHITECTURE.md, "Secret files"): the
 //! value is the file's bytes minus trailing `\r`/`\n`, and anything that cannot be a
 //! password (empty, whitespace only, NUL, not UTF-8, over 4 KiB) is an error that names
 //! the file and never quotes it.

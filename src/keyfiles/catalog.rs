@@ -1,9 +1,10 @@
 //! The catalog of secret files `generate` manages: their names, how each value is made and
 //! the minimum length `--verify` accepts.
 //!
-//! DESIGN.md fixes these eleven names (the `run` side looks them up without `.txt`), so the
-//! list lives in one table that every operation (generate, backup, verify, list, restore,
-//! Kubernetes manifest) walks in the same order.
+//! These eleven names are the contract with the `run` side (which looks them up without
+//! `.txt`; ARCHITECTURE.md, "Secret files"), so the list lives in one table that every
+//! operation (generate, backup, verify, list, restore, Kubernetes manifest) walks in the
+//! same order.
 
 /// How the value of one secret file comes about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

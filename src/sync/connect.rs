@@ -1,4 +1,4 @@
-//! Connecting to the server as the superuser, in the order DESIGN.md prescribes.
+//! Connecting to the server as the superuser, in this order (the first that works wins):
 //!
 //! 1. The Unix socket with the process's OS identity (peer or trust). Started as root, the
 //!    socket is connected with the effective uid/gid of the sync user (default `postgres`),
