@@ -27,7 +27,7 @@ use crate::watch::{WatchOptions, watch_loop};
 
 /// The default CMD, as in the official image (`ENTRYPOINT ["docker-entrypoint.sh"]`,
 /// `CMD ["postgres"]`).
-pub const DEFAULT_CMD: [&str; 2] = ["docker-entrypoint.sh", "postgres"];
+const DEFAULT_CMD: [&str; 2] = ["docker-entrypoint.sh", "postgres"];
 
 /// Retry delays of a failed first sync: 1 s doubling to 30 s.
 const FIRST_SYNC_RETRY_MIN: Duration = Duration::from_secs(1);
