@@ -169,9 +169,9 @@ check_major() {
   printf '127.0.0.1:%s:postgres:smoke:wrong-%s\n' "$port" "$(cat "$work/pw")" >"$work/pgpass-wrong"
   chmod 600 "$work/pgpass" "$work/pgpass-wrong"
   out=$(PGPASSFILE=$work/pgpass "$bin/psql" -X -A -t -w -h 127.0.0.1 -p "$port" -U smoke -d postgres \
-    -c 'SELECT current_user, (SELECT auth_method FROM pg_hba_file_rules WHERE type = $$host$$ LIMIT 1)')
+    -c 'SELECT current_user')
   echo "  SCRAM login over TCP with the wheel's psql: $out"
-  [ "$out" = "smoke|scram-sha-256" ] || die "unexpected login result: $out"
+  [ "$out" = smoke ] || die "unexpected login result: $out"
   if PGPASSFILE=$work/pgpass-wrong "$bin/psql" -X -w -h 127.0.0.1 -p "$port" -U smoke -d postgres \
     -c 'SELECT 1' >/dev/null 2>&1; then
     die "a wrong password logged in"
