@@ -217,6 +217,11 @@ cmd=${1:-}
 case $cmd in
   install)
     [ $# -gt 0 ] || set -- "${MAJORS_DEFAULT[@]}"
+    [ "$(id -u)" -eq 0 ] || die "install writes $PREFIX: run as root"
+    mkdir -p "$PREFIX"
+    # One installer at a time (two test runs starting together share the prefix).
+    exec 9>"$PREFIX/.lock"
+    flock 9
     for major in "$@"; do install_major "$major"; done
     ;;
   bindir)
