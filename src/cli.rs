@@ -155,6 +155,8 @@ pub struct SyncArgs {
     pub config: ConfigArgs,
     #[command(flatten)]
     pub options: SyncOptionsArgs,
+    #[command(flatten)]
+    pub values: SecretValueArgs,
     /// Report what would change; change nothing.
     #[arg(long, env = "PG_PASSWORD_SYNC_DRY_RUN", value_parser = BoolishValueParser::new())]
     pub dry_run: bool,
@@ -181,6 +183,33 @@ pub struct WatchOptionsArgs {
     pub state_dir: PathBuf,
 }
 
+// ---- Rules for the values of secret files (`run`, `watch`, `sync`) ----------------------
+
+/// What a secret file's value must be before it is applied.
+#[derive(Debug, Clone, Args)]
+pub struct SecretValueArgs {
+    /// Refuse (apply nothing, name the file) a role password shorter than N characters,
+    /// e.g. what a writer that died after one byte leaves behind. `0` turns it off;
+    /// `generate` writes 32.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "PG_PASSWORD_SYNC_MIN_PASSWORD_LENGTH",
+        default_value_t = crate::config::DEFAULT_MIN_PASSWORD_LENGTH
+    )]
+    pub min_password_length: usize,
+}
+
+impl SecretValueArgs {
+    /// The configuration with these rules applied.
+    fn apply(&self, mut config: ConfigSettings) -> ConfigSettings {
+        config.min_password_length = self.min_password_length;
+        config
+    }
+}
+
+// ---- end of the secret value rules --------------------------------------------------------
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     #[command(flatten)]
@@ -189,6 +218,8 @@ pub struct RunArgs {
     pub options: SyncOptionsArgs,
     #[command(flatten)]
     pub watch: WatchOptionsArgs,
+    #[command(flatten)]
+    pub values: SecretValueArgs,
     /// Do not watch the secret files after the first sync.
     #[arg(long, env = "PG_PASSWORD_SYNC_NO_WATCH", value_parser = BoolishValueParser::new())]
     pub no_watch: bool,
@@ -212,6 +243,8 @@ pub struct WatchArgs {
     pub options: SyncOptionsArgs,
     #[command(flatten)]
     pub watch: WatchOptionsArgs,
+    #[command(flatten)]
+    pub values: SecretValueArgs,
 }
 
 #[derive(Debug, Args)]
@@ -367,6 +400,9 @@ impl From<ConfigArgs> for ConfigSettings {
             dbname: args.dbname,
             sync_user: args.sync_user,
             connect_timeout: args.connect_timeout,
+            // `verify` and `health` check what is there; the commands that apply passwords
+            // set their own minimum (`SecretValueArgs`).
+            min_password_length: 0,
         }
     }
 }
@@ -384,7 +420,7 @@ impl From<WatchOptionsArgs> for WatchOptions {
 impl From<RunArgs> for RunSettings {
     fn from(args: RunArgs) -> Self {
         RunSettings {
-            config: args.config.into(),
+            config: args.values.apply(args.config.into()),
             strict: args.options.strict,
             watch: args.watch.into(),
             no_watch: args.no_watch,
@@ -398,7 +434,7 @@ impl From<RunArgs> for RunSettings {
 impl From<SyncArgs> for SyncSettings {
     fn from(args: SyncArgs) -> Self {
         SyncSettings {
-            config: args.config.into(),
+            config: args.values.apply(args.config.into()),
             options: Options {
                 strict: args.options.strict,
                 dry_run: args.dry_run,
@@ -411,7 +447,7 @@ impl From<SyncArgs> for SyncSettings {
 impl From<WatchArgs> for WatchSettings {
     fn from(args: WatchArgs) -> Self {
         WatchSettings {
-            config: args.config.into(),
+            config: args.values.apply(args.config.into()),
             strict: args.options.strict,
             watch: args.watch.into(),
         }

@@ -70,7 +70,13 @@ pub struct ConfigSettings {
     pub dbname: String,
     pub sync_user: Option<String>,
     pub connect_timeout: Duration,
+    /// Shortest role password accepted, in characters (`0` = no minimum).
+    pub min_password_length: usize,
 }
+
+/// The default of `--min-password-length`: far below the 32 characters `generate` writes,
+/// far above what a writer that died after a byte or two leaves behind.
+pub const DEFAULT_MIN_PASSWORD_LENGTH: usize = 12;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -85,6 +91,8 @@ pub struct Config {
     pub dbname: String,
     pub sync_identity: Option<OsIdentity>,
     pub connect_timeout: Duration,
+    /// Shortest role password accepted, in characters (`0` = no minimum).
+    pub min_password_length: usize,
 }
 
 impl Config {
@@ -153,6 +161,7 @@ impl Config {
             dbname: args.dbname.clone(),
             sync_identity: sync_identity(args.sync_user.as_deref())?,
             connect_timeout: args.connect_timeout,
+            min_password_length: args.min_password_length,
         })
     }
 
@@ -173,13 +182,22 @@ impl Config {
     }
 
     /// Reads and validates every role's secret; the first problem fails the whole set.
+    /// Besides the file rules of `secret.rs`, a role password must be at least
+    /// `min_password_length` characters: a writer that died after a byte must not leave a
+    /// one-character password in force.
     pub fn load_secrets(&self) -> anyhow::Result<Vec<(RoleSpec, Secret)>> {
         self.roles
             .iter()
             .map(|spec| {
                 let secret = self
                     .resolve(&spec.secret)
-                    .and_then(|path| secret::read_file(&path))
+                    .and_then(|path| {
+                        let secret = secret::read_file(&path)?;
+                        check_length(&secret, self.min_password_length).with_context(|| {
+                            format!("secret file {}", path.display())
+                        })?;
+                        Ok(secret)
+                    })
                     .with_context(|| format!("secret for role {:?}", spec.name))?;
                 Ok((spec.clone(), secret))
             })
@@ -211,6 +229,18 @@ impl Config {
         }
         dirs
     }
+}
+
+/// Refuses a value shorter than `min` characters. The message gives lengths, never the value.
+pub fn check_length(secret: &Secret, min: usize) -> anyhow::Result<()> {
+    let length = secret.expose().chars().count();
+    if length < min {
+        bail!(
+            "is {length} character(s) long, shorter than the minimum of {min} \
+             (--min-password-length); a half-written or truncated file?"
+        );
+    }
+    Ok(())
 }
 
 fn role(name: &str, secret: &str) -> RoleSpec {
@@ -293,6 +323,7 @@ pub fn test_settings() -> ConfigSettings {
         dbname: "postgres".into(),
         sync_user: Some("root".into()),
         connect_timeout: Duration::from_secs(5),
+        min_password_length: DEFAULT_MIN_PASSWORD_LENGTH,
     }
 }
 
@@ -372,6 +403,35 @@ mod tests {
     fn unusable_connection_settings_are_config_errors() {
         assert!(config(|s| s.connect_timeout = Duration::ZERO).is_err());
         assert!(config(|s| s.pghost = "a,b".into()).is_err());
+    }
+
+    #[test]
+    fn short_values_are_refused_by_length_in_characters() {
+        let secret = |v: &str| Secret::new(v.to_owned());
+        assert!(check_length(&secret("123456789012"), 12).is_ok());
+        // Characters, not bytes: twelve two-byte characters are long enough.
+        assert!(check_length(&secret(&"ü".repeat(12)), 12).is_ok());
+        let msg = format!("{:#}", check_length(&secret("F"), 12).unwrap_err());
+        assert!(msg.contains("1 character(s)") && msg.contains("12"), "{msg}");
+        assert!(check_length(&secret("F"), 0).is_ok(), "0 turns the check off");
+    }
+
+    #[test]
+    fn load_secrets_names_the_short_file_and_never_its_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config(|s| {
+            s.keys_dir = dir.path().to_path_buf();
+            s.roles = vec!["appuser=app_pw".into()];
+        })
+        .unwrap();
+        std::fs::write(dir.path().join("app_pw.txt"), "Fx\n").unwrap();
+        let err = c.load_secrets().unwrap_err();
+        let msg = format!("{err:#}");
+        assert_eq!(Failure::of(&err), Some(Failure::Config));
+        assert!(msg.contains("app_pw.txt") && msg.contains("minimum"), "{msg}");
+        assert!(!msg.contains("Fx"), "{msg}");
+        std::fs::write(dir.path().join("app_pw.txt"), "long enough value\n").unwrap();
+        assert_eq!(c.load_secrets().unwrap()[0].1.expose(), "long enough value");
     }
 
     #[test]

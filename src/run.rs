@@ -14,16 +14,16 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use tokio::sync::mpsc;
+use tokio::sync::mpsc::Receiver;
 
 use crate::backoff::Backoff;
 use crate::config::{Config, ConfigSettings, Host};
 use crate::error::Failure;
-use crate::postmaster::{self, PidFile};
+use crate::postmaster::{self, PidFile, PmStatus};
 use crate::state::StateFile;
 use crate::supervisor::{Child, Hangups, Supervisor};
 use crate::sync::{Options, Scope, Syncer, log_report, sync_and_record};
-use crate::watch::{WatchOptions, watch_loop};
+use crate::watch::{Requested, WatchOptions, request_resync, resync_channel, watch_loop};
 
 /// The default CMD, as in the official image (`ENTRYPOINT ["docker-entrypoint.sh"]`,
 /// `CMD ["postgres"]`).
@@ -135,7 +135,7 @@ async fn work(
     };
     let mut syncer = Syncer::new(config, options);
     let watching = !settings.no_watch;
-    let first = first_sync_with_retry(
+    let standby = first_sync_with_retry(
         &mut syncer,
         &state,
         &mut resync,
@@ -144,16 +144,20 @@ async fn work(
         ready_at,
     )
     .await;
-    if let Err(err) = first {
-        // --exit-on-sync-failure: stop postgres the fast way; the supervisor returns the
-        // failure's code once it is down.
-        tracing::error!("stopping PostgreSQL after the failed sync (--exit-on-sync-failure)");
-        child.signal(Signal::SIGINT);
-        return Err(err);
-    }
+    let standby = match standby {
+        Ok(standby) => standby,
+        Err(err) => {
+            // --exit-on-sync-failure: stop postgres the fast way; the supervisor returns
+            // the failure's code once it is down.
+            tracing::error!("stopping PostgreSQL after the failed sync (--exit-on-sync-failure)");
+            child.signal(Signal::SIGINT);
+            return Err(err);
+        }
+    };
     if watching {
         tracing::info!("watching the secret files");
-        if let Err(err) = watch_loop(&mut syncer, &settings.watch, &state, &mut resync).await {
+        let watched = watch_loop(&mut syncer, &settings.watch, &state, &mut resync, standby);
+        if let Err(err) = watched.await {
             tracing::error!(
                 "watching the secret files stopped: {err:#}; \
                  re-syncing on SIGHUP and every --resync-interval only"
@@ -174,14 +178,19 @@ async fn work(
 }
 
 /// Turns the supervisor's SIGHUP events into re-sync requests, saying so in the log when
-/// the signal arrives (not when a busy sync gets round to it).
-fn resync_requests(mut hangups: Hangups) -> mpsc::UnboundedReceiver<()> {
-    let (tx, rx) = mpsc::unbounded_channel();
+/// the signal arrives (not when a busy sync gets round to it). Requests merge: a SIGHUP
+/// while one resync waits is answered by that one (`resync_channel`), so a storm of
+/// signals costs at most two resyncs in a row, never a queue of them.
+fn resync_requests(mut hangups: Hangups) -> Receiver<()> {
+    let (tx, rx) = resync_channel();
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
-            tracing::info!("SIGHUP: forwarding and re-syncing");
-            if tx.send(()).is_err() {
-                break;
+            match request_resync(&tx) {
+                Requested::Queued => tracing::info!("SIGHUP: forwarding and re-syncing"),
+                Requested::Merged => {
+                    tracing::debug!("SIGHUP: forwarding; a resync is already pending");
+                }
+                Requested::Closed => break,
             }
         }
     });
@@ -210,31 +219,33 @@ fn target_server(mut config: Config, pidfile: &PidFile) -> Config {
 /// failure is returned instead. With `watching`, invalid secret files end this loop early:
 /// the watcher applies them as soon as they are fixed, instead of at the next backoff tick.
 /// (The `watch` sidecar's start differs: it waits for a server it does not own, and hands
-/// every other failure to the watch loop.)
+/// every other failure to the watch loop.) Returns whether the server is a standby.
 async fn first_sync_with_retry(
     syncer: &mut Syncer,
     state: &StateFile,
-    resync: &mut mpsc::UnboundedReceiver<()>,
+    resync: &mut Receiver<()>,
     exit_on_failure: bool,
     watching: bool,
     ready_at: Instant,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let mut backoff = Backoff::new(FIRST_SYNC_RETRY_MIN, FIRST_SYNC_RETRY_MAX);
     loop {
         // A SIGHUP that arrived while waiting is answered by this very attempt.
         while resync.try_recv().is_ok() {}
         match sync_logged(syncer, state).await {
-            Ok(()) => {
+            Ok(standby) => {
                 tracing::info!(
                     after_ready_ms = ready_at.elapsed().as_millis() as u64,
                     "first sync done"
                 );
-                return Ok(());
+                return Ok(standby);
             }
             Err(err) if exit_on_failure => return Err(err),
             Err(err) if watching && Failure::of(&err) == Some(Failure::Config) => {
                 tracing::info!("waiting for valid secret files");
-                return Ok(());
+                // The pid file says whether it is a standby, for the promotion watch.
+                let file = postmaster::read(&syncer.config.pgdata);
+                return Ok(file.is_some_and(|f| f.status == Some(PmStatus::Standby)));
             }
             Err(_) => {
                 let delay = backoff.next_delay();
@@ -248,8 +259,9 @@ async fn first_sync_with_retry(
     }
 }
 
-/// One sync of every role, recorded and logged (the report, or the failure).
-async fn sync_logged(syncer: &mut Syncer, state: &StateFile) -> anyhow::Result<()> {
+/// One sync of every role, recorded and logged (the report, or the failure). Returns
+/// whether the server is a standby (the sync was skipped).
+async fn sync_logged(syncer: &mut Syncer, state: &StateFile) -> anyhow::Result<bool> {
     let started = Instant::now();
     match sync_and_record(syncer, state, Scope::CheckAll).await {
         Ok(report) => {
@@ -257,7 +269,7 @@ async fn sync_logged(syncer: &mut Syncer, state: &StateFile) -> anyhow::Result<(
                 log_report(report);
             }
             tracing::debug!(took_ms = started.elapsed().as_millis() as u64, "sync");
-            Ok(())
+            Ok(report.is_some_and(|r| r.standby))
         }
         Err(err) => {
             tracing::error!("sync failed: {err:#}");

@@ -1,20 +1,28 @@
 //! Keeping passwords in step with the secret files while the server runs: the `watch`
 //! sidecar command, and `watch_loop`, which `run` also uses after its first sync.
 //!
-//! The loop (ARCHITECTURE.md, "A rotation") treats any inotify event on a secret directory or file as a
-//! trigger, waits for a quiet period (`--debounce`) so that a rotation touching several files
-//! is read once, re-reads *every* secret, and applies only when the whole set is valid and
-//! some value differs from what it last applied. An invalid set (a half-written or empty
-//! file) is logged and left alone: the previous passwords stay in force until the next event
-//! brings a valid set. One event skips the quiet period: a Kubernetes AtomicWriter renaming
-//! its new `..data` symlink into place, which by design completes a consistent set, so a
-//! Secret update is applied milliseconds after the kubelet swaps it. A periodic full resync
-//! (`--resync-interval`), a watcher overflow and a message on the `resync` channel (SIGHUP)
-//! check every role (`Scope::CheckAll`) even without a content change, which restores a
-//! password changed behind our back; a file change applies only the roles whose secret
-//! changed (`Scope::ChangedOnly`).
-//! A failed apply (server restarting, auth refused) is retried with backoff; nothing
-//! transient ends the loop.
+//! The loop (ARCHITECTURE.md, "The life of a rotation") re-reads *every* secret when the
+//! files have changed and applies only when the whole set is valid and some value differs
+//! from what it last applied. When a file's value is taken (ARCHITECTURE.md, "When a file's
+//! value is taken"):
+//! - a file renamed into place (`IN_MOVED_TO`, a Compose directory mount, a generator) or a
+//!   Kubernetes `..data` swap is complete on arrival: the set is read and applied at once,
+//!   and again if more events follow;
+//! - a file modified in place is taken only after its writer closed it (`IN_CLOSE_WRITE`)
+//!   and its size and mtime stood still for the quiet period (`--debounce`); the maximum
+//!   wait never overrides a writer that still holds it open.
+//!
+//! An invalid set (an empty, too short or unreadable file) is logged and left alone: the
+//! previous passwords stay in force until the next event brings a valid set. A periodic
+//! full resync (`--resync-interval`), a watcher overflow, a request on the `resync` channel
+//! (SIGHUP) and the promotion of a standby check every role (`Scope::CheckAll`), which
+//! restores a password changed behind our back; while files are mid-change such a resync
+//! re-applies the last applied set instead of reading them. Requests merge: one resync
+//! runs at a time and at most one waits (`resync_channel`). On a standby the sync is
+//! skipped; the loop then watches for its promotion (the status line of `postmaster.pid`,
+//! or `pg_is_in_recovery()` for a sidecar without the data directory) and syncs every role
+//! as soon as it is a primary. A failed apply is retried with backoff; nothing transient
+//! ends the loop.
 
 mod debounce;
 mod watches;
@@ -25,16 +33,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use notify::Event;
-use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::mpsc::{self, UnboundedReceiver};
+use tokio::sync::mpsc::{self, Receiver, Sender};
+use tokio_postgres::Client;
 
 use crate::backoff::Backoff;
 use crate::config::{Config, ConfigSettings};
 use crate::error::Failure;
-use crate::state::StateFile;
-use crate::sync::{Options, Scope, Syncer, connect, log_report, sync_and_record};
-use debounce::Debouncer;
+use crate::postmaster::{self, PmStatus};
+use crate::state::{Snapshot, StateFile};
+use crate::sync::{Options, Report, Scope, Syncer, connect, log_report, sync_and_record};
+use debounce::{Debouncer, Due};
 use watches::Watches;
 
 /// How often the watched paths are checked for having appeared, vanished or been replaced
@@ -51,6 +61,12 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 const WAIT_MIN: Duration = Duration::from_millis(100);
 const WAIT_MAX: Duration = Duration::from_secs(5);
 const WAIT_PROGRESS: Duration = Duration::from_secs(10);
+
+/// How often a standby is checked for promotion: reading `postmaster.pid` is one small
+/// read; without the data directory, one `SELECT pg_is_in_recovery()` on a kept
+/// connection. Both well inside the promise of a sync within a second of promotion.
+const PROMOTION_POLL_FILE: Duration = Duration::from_millis(100);
+const PROMOTION_POLL_QUERY: Duration = Duration::from_millis(400);
 
 /// How the secret files are watched (shared by `run` and `watch`).
 #[derive(Debug, Clone)]
@@ -72,6 +88,33 @@ pub struct WatchSettings {
     pub watch: WatchOptions,
 }
 
+/// The channel of full-resync requests (SIGHUP): room for one. A request made while one
+/// is already waiting merges with it, so a storm of signals costs one resync in progress
+/// and at most one more, never a queue.
+pub fn resync_channel() -> (Sender<()>, Receiver<()>) {
+    mpsc::channel(1)
+}
+
+/// What became of a resync request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requested {
+    /// It waits for its turn.
+    Queued,
+    /// One was already waiting: this one is answered by it.
+    Merged,
+    /// Nobody listens any more (the loop is gone).
+    Closed,
+}
+
+/// Asks for a full resync without ever blocking (the caller may be a signal handler task).
+pub fn request_resync(tx: &Sender<()>) -> Requested {
+    match tx.try_send(()) {
+        Ok(()) => Requested::Queued,
+        Err(mpsc::error::TrySendError::Full(())) => Requested::Merged,
+        Err(mpsc::error::TrySendError::Closed(())) => Requested::Closed,
+    }
+}
+
 /// `pg-password-sync watch` (sidecar): wait for the server, sync, then watch and re-sync
 /// until SIGTERM or SIGINT (exit 0). SIGHUP checks every role.
 pub fn command(settings: WatchSettings) -> anyhow::Result<u8> {
@@ -88,15 +131,15 @@ async fn sidecar(mut syncer: Syncer, options: WatchOptions) -> anyhow::Result<u8
     let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
     let mut hup = signal(SignalKind::hangup()).context("handling SIGHUP")?;
-    let (resync_tx, mut resync_rx) = mpsc::unbounded_channel();
+    let (resync_tx, mut resync_rx) = resync_channel();
     let state = StateFile::new(&options.state_dir);
     // A fresh state at once: a restarted sidecar must not inherit its predecessor's
     // "ready, synced" from a state directory that outlived it.
     state.record_ready(false);
 
     let work = async {
-        wait_for_server_and_sync(&mut syncer, &state).await;
-        watch_loop(&mut syncer, &options, &state, &mut resync_rx).await
+        let standby = wait_for_server_and_sync(&mut syncer, &state).await;
+        watch_loop(&mut syncer, &options, &state, &mut resync_rx, standby).await
     };
     tokio::pin!(work);
     loop {
@@ -109,11 +152,12 @@ async fn sidecar(mut syncer: Syncer, options: WatchOptions) -> anyhow::Result<u8
                 tracing::info!("SIGINT received; stopping");
                 return Ok(0);
             }
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP received; full resync");
-                // Queued if the loop has not started yet; it then resyncs right away.
-                let _ = resync_tx.send(());
-            }
+            _ = hup.recv() => match request_resync(&resync_tx) {
+                // Waits if the loop has not started yet; it then resyncs right away.
+                Requested::Queued => tracing::info!("SIGHUP received; full resync"),
+                Requested::Merged => tracing::debug!("SIGHUP received; a full resync is already pending"),
+                Requested::Closed => {}
+            },
             result = &mut work => {
                 // The loop only returns on an error it cannot recover from.
                 result?;
@@ -129,8 +173,9 @@ async fn sidecar(mut syncer: Syncer, options: WatchOptions) -> anyhow::Result<u8
 /// at once: invalid or missing secret files (the server is then only probed, and the loop
 /// reports the files and applies them when they become valid) or a failed apply (the loop
 /// retries it with its own backoff). Contrast `run`'s first sync, which retries a failed
-/// sync itself because postgres is its child and may still be starting.
-async fn wait_for_server_and_sync(syncer: &mut Syncer, state: &StateFile) {
+/// sync itself because postgres is its child and may still be starting. Returns whether
+/// the server said it is a standby.
+async fn wait_for_server_and_sync(syncer: &mut Syncer, state: &StateFile) -> bool {
     let started = Instant::now();
     let mut backoff = Backoff::new(WAIT_MIN, WAIT_MAX);
     let mut progress_at = started + WAIT_PROGRESS;
@@ -142,14 +187,16 @@ async fn wait_for_server_and_sync(syncer: &mut Syncer, state: &StateFile) {
                     log_report(report);
                 }
                 state.record_ready(true);
-                return;
+                return report.is_some_and(|r| r.standby);
             }
             Err(err) if Failure::of(&err) == Some(Failure::Config) => {
                 // The secrets cannot be read yet; is the server at least up?
                 match syncer.connect_superuser(&[]).await {
-                    Ok(_client) => {
+                    Ok(client) => {
                         state.record_ready(true);
-                        return;
+                        return in_recovery(&client, syncer.config.connect_timeout)
+                            .await
+                            .unwrap_or(false);
                     }
                     Err(probe) => probe,
                 }
@@ -160,7 +207,7 @@ async fn wait_for_server_and_sync(syncer: &mut Syncer, state: &StateFile) {
                 // the loop retries the sync with its own backoff.
                 tracing::warn!("first sync failed: {err:#}");
                 state.record_ready(true);
-                return;
+                return false;
             }
         };
         if !announced {
@@ -180,13 +227,22 @@ async fn wait_for_server_and_sync(syncer: &mut Syncer, state: &StateFile) {
     }
 }
 
+/// `SELECT pg_is_in_recovery()`, bounded by `limit`.
+async fn in_recovery(client: &Client, limit: Duration) -> anyhow::Result<bool> {
+    let row = tokio::time::timeout(limit, client.query_one("SELECT pg_is_in_recovery()", &[]))
+        .await
+        .context("asking whether the server is a standby: no answer in time")?
+        .context("asking whether the server is a standby")?;
+    Ok(row.get(0))
+}
+
 /// Why a sync is being made (for the log, and whether it must apply without a change).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Trigger {
     /// The loop started: closes the gap between the caller's first sync and the watches
     /// (applies only what changed in that gap).
     Start,
-    /// A debounced burst of file events.
+    /// File events: a file arrived by rename, or a burst settled.
     Files,
     /// The watcher overflowed or failed: events may have been lost.
     Overflow,
@@ -194,6 +250,8 @@ enum Trigger {
     Periodic,
     /// A message on the `resync` channel (SIGHUP).
     Requested,
+    /// The standby we were skipping became a primary.
+    Promoted,
     /// A retry after a failed apply (keeps the original trigger's scope).
     Retry(Scope),
 }
@@ -208,7 +266,11 @@ impl Trigger {
             // change in between needs a connection, not a second pass over every role.
             Trigger::Start | Trigger::Files => Scope::ChangedOnly,
             Trigger::Retry(scope) => scope,
-            Trigger::Overflow | Trigger::Periodic | Trigger::Requested => Scope::CheckAll,
+            // Promoted: what a standby skipped was still remembered as applied, so only
+            // checking every role catches up with it.
+            Trigger::Overflow | Trigger::Periodic | Trigger::Requested | Trigger::Promoted => {
+                Scope::CheckAll
+            }
         }
     }
 
@@ -219,6 +281,7 @@ impl Trigger {
             Trigger::Overflow => "watcher overflow",
             Trigger::Periodic => "periodic resync",
             Trigger::Requested => "resync request",
+            Trigger::Promoted => "promotion",
             Trigger::Retry(_) => "retry",
         }
     }
@@ -248,14 +311,71 @@ impl RetrySchedule {
     }
 }
 
-/// Watches the secret directories and re-syncs on change, on the periodic timer and on
-/// every message on `resync` (SIGHUP), recording each outcome in `state`. Runs until an
+/// A standby being watched for its promotion.
+struct Standby {
+    next_check: Instant,
+    /// The kept connection of the `pg_is_in_recovery()` check (no data directory).
+    client: Option<Client>,
+}
+
+impl Standby {
+    fn new() -> Standby {
+        Standby {
+            next_check: Instant::now(),
+            client: None,
+        }
+    }
+
+    /// Whether the server is a primary now. `postmaster.pid` answers when we can read it
+    /// (`run`, or a sidecar sharing the data directory): its status line turns from
+    /// `standby` to `ready` at promotion. Otherwise the server is asked, on a connection
+    /// kept for the purpose; every wait is bounded by the connect timeout. Any doubt
+    /// (server restarting, no answer) counts as still a standby: checked again soon.
+    async fn promoted(&mut self, syncer: &Syncer) -> bool {
+        if let Some(status) = postmaster::read(&syncer.config.pgdata).and_then(|f| f.status) {
+            self.next_check = Instant::now() + PROMOTION_POLL_FILE;
+            return status == PmStatus::Ready;
+        }
+        self.next_check = Instant::now() + PROMOTION_POLL_QUERY;
+        let limit = syncer.config.connect_timeout;
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            let set = syncer.last_applied().map(<[_]>::to_vec).unwrap_or_default();
+            match tokio::time::timeout(limit, syncer.connect_superuser(&set)).await {
+                Ok(Ok(client)) => self.client = Some(client),
+                Ok(Err(err)) => {
+                    tracing::debug!("standby check: {err:#}");
+                    return false;
+                }
+                Err(_) => {
+                    tracing::debug!("standby check: connecting took too long");
+                    return false;
+                }
+            }
+        }
+        let Some(client) = &self.client else {
+            return false;
+        };
+        match in_recovery(client, limit).await {
+            Ok(recovering) => !recovering,
+            Err(err) => {
+                tracing::debug!("standby check: {err:#}");
+                self.client = None;
+                false
+            }
+        }
+    }
+}
+
+/// Watches the secret directories and re-syncs on change, on the periodic timer, on every
+/// request on `resync` (SIGHUP) and when a standby is promoted, recording each outcome in
+/// `state`. `standby`: the caller's first sync found a standby. Runs until an
 /// unrecoverable error; the caller drops it to stop (e.g. when the child exits).
 pub async fn watch_loop(
     syncer: &mut Syncer,
     options: &WatchOptions,
     state: &StateFile,
-    resync: &mut UnboundedReceiver<()>,
+    resync: &mut Receiver<()>,
+    standby: bool,
 ) -> anyhow::Result<()> {
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let mut watches = Watches::new(events_tx)?;
@@ -273,11 +393,21 @@ pub async fn watch_loop(
         }
     );
 
-    let mut debouncer = Debouncer::new(options.debounce);
-    let mut retries = RetrySchedule {
-        pending: None,
-        backoff: Backoff::new(RETRY_MIN, RETRY_MAX),
+    let mut work = Loop {
+        syncer,
+        state,
+        watches,
+        debouncer: Debouncer::new(options.debounce),
+        stamps: None,
+        retries: RetrySchedule {
+            pending: None,
+            backoff: Backoff::new(RETRY_MIN, RETRY_MAX),
+        },
+        standby: None,
     };
+    if standby {
+        work.became_standby();
+    }
     let mut periodic = (!options.resync_interval.is_zero()).then(|| {
         let period = options.resync_interval;
         let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -291,67 +421,37 @@ pub async fn watch_loop(
     // Anything that changed between the caller's first sync and the watches being armed
     // would otherwise go unnoticed until the next event. Changed roles only: the first sync
     // has just checked the server, so an unchanged set needs no second connection.
-    reconcile(
-        syncer,
-        state,
-        &mut watches,
-        &mut retries,
-        Trigger::Start,
-        Instant::now(),
-    )
-    .await;
+    work.reconcile(Trigger::Start, Instant::now()).await;
 
     loop {
-        let debounce_at = debouncer.deadline();
-        let retry_at = retries.pending.as_ref().map(|r| r.at);
+        work.prune_writers();
+        let debounce_at = work.debouncer.deadline();
+        let retry_at = work.retries.pending.as_ref().map(|r| r.at);
+        let promotion_at = work.standby.as_ref().map(|s| s.next_check);
         tokio::select! {
             event = events.recv() => {
                 let event = event.context("the file watcher stopped")?;
-                let now = Instant::now();
-                match classify(&event) {
-                    EventClass::Noise => {}
-                    EventClass::Change => debouncer.event(now, false),
-                    EventClass::Complete => {
-                        let since = debouncer.take().map_or(now, |b| b.first);
-                        reconcile(syncer, state, &mut watches, &mut retries, Trigger::Files, since).await;
-                    }
-                    EventClass::Overflow => {
-                        tracing::warn!("file watcher overflowed or failed ({}); full resync", describe_event(&event));
-                        debouncer.event(now, true);
-                    }
-                }
+                work.on_event(&event).await;
             }
-            _ = sleep_until(debounce_at) => {
-                if let Some(burst) = debouncer.take_due(Instant::now()) {
-                    let trigger = if burst.overflowed { Trigger::Overflow } else { Trigger::Files };
-                    reconcile(syncer, state, &mut watches, &mut retries, trigger, burst.first).await;
-                }
-            }
+            _ = sleep_until(debounce_at) => work.on_due().await,
             _ = sleep_until(retry_at) => {
-                if let Some(retry) = retries.pending.take() {
-                    // A pending burst is covered: the retry re-reads every file.
-                    let since = debouncer.take().map_or(retry.since, |b| b.first.min(retry.since));
-                    reconcile(syncer, state, &mut watches, &mut retries, Trigger::Retry(retry.scope), since).await;
+                if let Some(retry) = work.retries.pending.take() {
+                    work.on_retry(retry).await;
                 }
             }
             message = resync.recv(), if resync_open => match message {
-                Some(()) => {
-                    let since = debouncer.take().map_or_else(Instant::now, |b| b.first);
-                    reconcile(syncer, state, &mut watches, &mut retries, Trigger::Requested, since).await;
-                }
+                Some(()) => work.full_resync(Trigger::Requested).await,
                 // The sender is gone (the caller will drop us soon); stop polling it.
                 None => resync_open = false,
             },
-            _ = tick(periodic.as_mut()) => {
-                let since = debouncer.take().map_or_else(Instant::now, |b| b.first);
-                reconcile(syncer, state, &mut watches, &mut retries, Trigger::Periodic, since).await;
-            }
+            _ = tick(periodic.as_mut()) => work.full_resync(Trigger::Periodic).await,
+            _ = sleep_until(promotion_at) => work.check_promotion().await,
             _ = drift_check.tick() => {
                 // A pending burst re-arms anyway; feeding it would only stretch its quiet
                 // period (after a Kubernetes swap every file's inode has changed).
-                if debouncer.deadline().is_none() && watches.drifted(&syncer.config) {
+                if !work.debouncer.pending() && work.watches.drifted(&work.syncer.config) {
                     tracing::debug!("a watched path appeared, vanished or was replaced");
-                    debouncer.event(Instant::now(), false);
+                    work.debouncer.event(Instant::now(), false);
                 }
             }
         }
@@ -361,40 +461,42 @@ pub async fn watch_loop(
 /// How the loop treats one notify event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum EventClass {
-    /// Opening or reading a file (our own reads cause these): not a change.
+    /// Opening or reading a file (our own reads cause these), and the second report of a
+    /// rename (notify sends `To`, then `Both` for the same rename): not a change.
     Noise,
+    /// Something changed (created, deleted, renamed away, metadata): read after the quiet
+    /// period.
     Change,
-    /// A Kubernetes AtomicWriter finished a swap: the new `..data` symlink was renamed into
-    /// place. The writer guarantees the whole set is complete at that moment, so there is
-    /// nothing to wait for: apply at once instead of after the quiet period.
-    Complete,
+    /// `IN_MODIFY`: the file is being written in place, and is incomplete until its writer
+    /// closes it.
+    Modified,
+    /// `IN_CLOSE_WRITE`: a writer is done with the file.
+    Closed,
+    /// `IN_MOVED_TO`: a file was renamed into place (a generator's or Compose host's
+    /// atomic replace, or a Kubernetes AtomicWriter's new `..data` symlink). A rename
+    /// moves a finished file, so it is complete on arrival: read and apply at once.
+    Arrived,
     /// Events were lost (inotify queue overflow) or the watcher reported an error.
     Overflow,
 }
-
-/// The symlink a Kubernetes AtomicWriter renames into place as the last step of a swap.
-const DATA_LINK: &str = "..data";
 
 fn classify(event: &notify::Result<Event>) -> EventClass {
     match event {
         Err(_) => EventClass::Overflow,
         Ok(event) if event.need_rescan() => EventClass::Overflow,
         Ok(event) => match event.kind {
-            // A write ends with close-after-write; that one is a change.
-            EventKind::Access(AccessKind::Close(AccessMode::Write)) => EventClass::Change,
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => EventClass::Closed,
             EventKind::Access(_) => EventClass::Noise,
-            EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(_))
-                if event
-                    .paths
-                    .iter()
-                    .any(|p| p.file_name() == Some(OsStr::new(DATA_LINK))) =>
-            {
-                EventClass::Complete
-            }
+            EventKind::Modify(ModifyKind::Data(_)) => EventClass::Modified,
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)) => EventClass::Arrived,
+            EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => EventClass::Noise,
             _ => EventClass::Change,
         },
     }
 }
+
+/// The symlink a Kubernetes AtomicWriter renames into place as the last step of a swap.
+const DATA_LINK: &str = "..data";
 
 fn describe_event(event: &notify::Result<Event>) -> String {
     match event {
@@ -403,84 +505,289 @@ fn describe_event(event: &notify::Result<Event>) -> String {
     }
 }
 
-/// Re-arms the watches, re-reads every secret, and applies when needed; records the outcome.
-async fn reconcile(
-    syncer: &mut Syncer,
-    state: &StateFile,
-    watches: &mut Watches,
-    retries: &mut RetrySchedule,
-    trigger: Trigger,
-    since: Instant,
-) {
-    // First re-arm, then read: a change after the read is then sure to raise an event.
-    watches.arm(&syncer.config);
-    let scope = trigger.scope();
-    let applying = Instant::now();
-    match sync_and_record(syncer, state, scope).await {
-        Ok(None) => {
-            tracing::debug!(
-                trigger = trigger.describe(),
-                "secret files unchanged; nothing to do"
-            );
-            // A retry of a failed resync of every role stays scheduled: the server may still
-            // hold a password changed behind our back. A retry of a file change is moot now.
-            if retries.pending.is_some() && !retries.pending_checks_all() {
-                retries.pending = None;
+fn show(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The loop's state between events.
+struct Loop<'a> {
+    syncer: &'a mut Syncer,
+    state: &'a StateFile,
+    watches: Watches,
+    debouncer: Debouncer,
+    /// The secret files' versions at the last in-place write: a burst of in-place writes
+    /// is only read when they are unchanged at its end (size and mtime stood still).
+    stamps: Option<Snapshot>,
+    retries: RetrySchedule,
+    /// Set while the server is a standby: then its promotion is watched for.
+    standby: Option<Standby>,
+}
+
+impl Loop<'_> {
+    async fn on_event(&mut self, event: &notify::Result<Event>) {
+        let now = Instant::now();
+        let class = classify(event);
+        let paths: &[PathBuf] = event.as_ref().map_or(&[], |e| e.paths.as_slice());
+        match class {
+            EventClass::Noise => {}
+            EventClass::Change => self.debouncer.event(now, false),
+            EventClass::Overflow => {
+                tracing::warn!(
+                    "file watcher overflowed or failed ({}); full resync",
+                    describe_event(event)
+                );
+                self.debouncer.event(now, true);
+            }
+            EventClass::Modified | EventClass::Closed => {
+                // Only secret files: a temporary file written beside them before its
+                // rename, or a stranger's file, is no part of the set.
+                let secret: Vec<&PathBuf> = paths
+                    .iter()
+                    .filter(|p| watches::is_secret_file(&self.syncer.config, p))
+                    .collect();
+                if secret.is_empty() {
+                    return;
+                }
+                for path in secret {
+                    if class == EventClass::Modified {
+                        let id = watches::identity(path);
+                        self.debouncer.modified(now, path.clone(), id);
+                    } else {
+                        self.debouncer.closed(now, path);
+                    }
+                }
+                self.stamps = Some(Snapshot::take(&self.syncer.config));
+            }
+            EventClass::Arrived => {
+                if self.debouncer.in_place() {
+                    // Another secret file is being written in place: the set is not
+                    // complete until that one settles; the burst applies both.
+                    tracing::debug!("a file arrived while another is written in place");
+                    self.debouncer.event(now, false);
+                    return;
+                }
+                let (trigger, since) = match self.debouncer.take_settled() {
+                    Some(b) if b.overflowed => (Trigger::Overflow, b.first),
+                    Some(b) => (Trigger::Files, b.first),
+                    None => (Trigger::Files, now),
+                };
+                let swap = paths
+                    .iter()
+                    .any(|p| p.file_name() == Some(OsStr::new(DATA_LINK)));
+                tracing::debug!(swap, "a file arrived by rename; applying at once");
+                self.reconcile(trigger, since).await;
             }
         }
-        Ok(Some(report)) => {
-            let elapsed = since.elapsed().as_millis();
+    }
+
+    /// Drops writers whose file has since been replaced (renamed over, swapped, deleted):
+    /// whatever they still write goes to a file that is no longer the secret.
+    fn prune_writers(&mut self) {
+        if self.debouncer.in_place() {
+            self.debouncer
+                .retain_writers(|path, id| id.is_some() && watches::identity(path) == id);
+        }
+    }
+
+    /// The pending burst's deadline passed: apply it, or keep waiting for an open writer
+    /// or for files that still change.
+    async fn on_due(&mut self) {
+        let now = Instant::now();
+        if self.debouncer.in_place() && self.debouncer.deadline().is_some_and(|d| d <= now) {
+            let current = Snapshot::take(&self.syncer.config);
+            if self.stamps.as_ref() != Some(&current) {
+                // Written without an event we saw (another mount, a lost event): the quiet
+                // period starts again from now.
+                tracing::debug!("secret files changed during the quiet period; waiting");
+                self.stamps = Some(current);
+                self.debouncer.written(now);
+                return;
+            }
+        }
+        match self.debouncer.take_due(now) {
+            Due::NotYet => {}
+            Due::HeldOpen(paths) => tracing::warn!(
+                "secret file(s) {} modified in place and still open for writing; their \
+                 value is taken once the writer closes them (the previous passwords stay \
+                 in force)",
+                show(&paths)
+            ),
+            Due::Burst(burst) => {
+                self.stamps = None;
+                let trigger = if burst.overflowed {
+                    Trigger::Overflow
+                } else {
+                    Trigger::Files
+                };
+                self.reconcile(trigger, burst.first).await;
+            }
+        }
+    }
+
+    async fn on_retry(&mut self, retry: Retry) {
+        match retry.scope {
+            Scope::CheckAll => self.full_resync(Trigger::Retry(Scope::CheckAll)).await,
+            // The pending burst re-reads the changed files anyway once they settle.
+            Scope::ChangedOnly if self.debouncer.pending() => {}
+            Scope::ChangedOnly => {
+                let since = self
+                    .debouncer
+                    .take_settled()
+                    .map_or(retry.since, |b| b.first.min(retry.since));
+                self.reconcile(Trigger::Retry(Scope::ChangedOnly), since)
+                    .await;
+            }
+        }
+    }
+
+    /// A resync of every role. With no file change pending it reads the files; while
+    /// files are mid-change it must not (it could take half a value), so it re-applies the
+    /// last applied set, which still restores a password changed behind our back; the
+    /// pending change is applied when it settles.
+    async fn full_resync(&mut self, trigger: Trigger) {
+        if !self.debouncer.pending() {
+            self.reconcile(trigger, Instant::now()).await;
+            return;
+        }
+        let Some(set) = self.syncer.last_applied().map(<[_]>::to_vec) else {
             tracing::debug!(
                 trigger = trigger.describe(),
-                apply_ms = applying.elapsed().as_millis(),
-                since_first_event_ms = elapsed,
-                "sync transaction done"
+                "secret files are changing and nothing was applied yet; the change is read \
+                 when it settles"
             );
-            let changed = report.changed();
-            if report.standby {
-                tracing::info!("server is a standby (in recovery): sync skipped");
-            } else if !changed.is_empty() {
-                // The same per-role report and completion line as every other sync:
-                // operators grep for `Password synchronization complete.`.
-                log_report(&report);
-                tracing::info!(
-                    "passwords rotated: {} changed, {elapsed} ms from first event to commit \
-                     (trigger: {})",
-                    changed.join(", "),
-                    trigger.describe()
-                );
-            } else {
+            return;
+        };
+        tracing::info!(
+            "secret files are changing; the {} re-applies the last applied set instead of \
+             reading them",
+            trigger.describe()
+        );
+        let applying = Instant::now();
+        let result = self.syncer.apply(&set, Scope::CheckAll).await;
+        if result.is_err() {
+            // The files were not read: only a failure is worth recording for `health`.
+            self.state
+                .record_sync_of(Snapshot::take(&self.syncer.config), false);
+        }
+        self.outcome(result.map(Some), trigger, Scope::CheckAll, applying, applying);
+    }
+
+    async fn check_promotion(&mut self) {
+        let Some(standby) = &mut self.standby else {
+            return;
+        };
+        if standby.promoted(self.syncer).await {
+            self.standby = None;
+            tracing::info!("the server is no longer a standby (promoted): syncing every role");
+            self.full_resync(Trigger::Promoted).await;
+        }
+    }
+
+    fn became_standby(&mut self) {
+        if self.standby.is_none() {
+            tracing::info!("watching the standby for its promotion");
+            self.standby = Some(Standby::new());
+        }
+    }
+
+    /// Re-arms the watches, re-reads every secret, and applies when needed; records the
+    /// outcome.
+    async fn reconcile(&mut self, trigger: Trigger, since: Instant) {
+        // First re-arm, then read: a change after the read is then sure to raise an event.
+        self.watches.arm(&self.syncer.config);
+        let scope = trigger.scope();
+        let applying = Instant::now();
+        let result = sync_and_record(self.syncer, self.state, scope).await;
+        self.outcome(result, trigger, scope, since, applying);
+    }
+
+    /// Logs a sync's outcome and schedules what follows from it (a retry, watching a
+    /// standby).
+    fn outcome(
+        &mut self,
+        result: anyhow::Result<Option<Report>>,
+        trigger: Trigger,
+        scope: Scope,
+        since: Instant,
+        applying: Instant,
+    ) {
+        match result {
+            Ok(None) => {
                 tracing::debug!(
                     trigger = trigger.describe(),
-                    "all passwords already in force"
+                    "secret files unchanged; nothing to do"
+                );
+                // A retry of a failed resync of every role stays scheduled: the server may
+                // still hold a password changed behind our back. A retry of a file change
+                // is moot now.
+                if self.retries.pending.is_some() && !self.retries.pending_checks_all() {
+                    self.retries.pending = None;
+                }
+            }
+            Ok(Some(report)) => {
+                let elapsed = since.elapsed().as_millis();
+                tracing::debug!(
+                    trigger = trigger.describe(),
+                    apply_ms = applying.elapsed().as_millis(),
+                    since_first_event_ms = elapsed,
+                    "sync transaction done"
+                );
+                let changed = report.changed();
+                if report.standby {
+                    tracing::info!("server is a standby (in recovery): sync skipped");
+                } else if !changed.is_empty() {
+                    // The same per-role report and completion line as every other sync:
+                    // operators grep for `Password synchronization complete.`.
+                    log_report(&report);
+                    tracing::info!(
+                        "passwords rotated: {} changed, {elapsed} ms from first event to \
+                         commit (trigger: {})",
+                        changed.join(", "),
+                        trigger.describe()
+                    );
+                } else {
+                    tracing::debug!(
+                        trigger = trigger.describe(),
+                        "all passwords already in force"
+                    );
+                }
+                if report.standby {
+                    self.became_standby();
+                } else {
+                    self.standby = None;
+                }
+                // An apply of the changed roles only does not stand in for a resync of
+                // every role that failed earlier: that retry stays scheduled.
+                if scope == Scope::CheckAll || !self.retries.pending_checks_all() {
+                    self.retries.pending = None;
+                    self.retries.backoff.reset();
+                }
+            }
+            Err(err) if Failure::of(&err) == Some(Failure::Config) => {
+                // The message names the file and the problem, never the value.
+                tracing::warn!(
+                    "secret files are not valid, nothing applied (the previous passwords \
+                     stay in force until the files are fixed): {err:#}"
                 );
             }
-            // An apply of the changed roles only does not stand in for a resync of every
-            // role that failed earlier: that retry stays scheduled.
-            if scope == Scope::CheckAll || !retries.pending_checks_all() {
-                retries.pending = None;
-                retries.backoff.reset();
+            Err(err) => {
+                let delay = self.retries.backoff.next_delay();
+                tracing::warn!(
+                    "applying the secret files failed (trigger: {}); retrying in {} ms: \
+                     {err:#}",
+                    trigger.describe(),
+                    delay.as_millis()
+                );
+                self.retries.pending = Some(Retry {
+                    at: Instant::now() + delay,
+                    scope,
+                    since,
+                });
             }
-        }
-        Err(err) if Failure::of(&err) == Some(Failure::Config) => {
-            // The message names the file and the problem, never the value.
-            tracing::warn!(
-                "secret files are not valid, nothing applied (the previous passwords stay in \
-                 force until the files are fixed): {err:#}"
-            );
-        }
-        Err(err) => {
-            let delay = retries.backoff.next_delay();
-            tracing::warn!(
-                "applying the secret files failed (trigger: {}); retrying in {} ms: {err:#}",
-                trigger.describe(),
-                delay.as_millis()
-            );
-            retries.pending = Some(Retry {
-                at: Instant::now() + delay,
-                scope,
-                since,
-            });
         }
     }
 }
@@ -506,38 +813,80 @@ async fn tick(timer: Option<&mut tokio::time::Interval>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use notify::event::{CreateKind, RenameMode};
+    use notify::event::{CreateKind, DataChange, MetadataKind, RemoveKind};
+
+    fn ev(kind: EventKind, path: &str) -> notify::Result<Event> {
+        Ok(Event::new(kind).add_path(path.into()))
+    }
 
     #[test]
-    fn our_own_reads_are_not_changes_but_writes_and_renames_are() {
-        let ev = |kind| Ok(Event::new(kind));
+    fn our_own_reads_are_noise() {
+        for kind in [
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+        ] {
+            assert_eq!(classify(&ev(kind, "/k/pw.txt")), EventClass::Noise, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn in_place_writes_are_modified_until_closed() {
         assert_eq!(
-            classify(&ev(EventKind::Access(AccessKind::Open(AccessMode::Any)))),
-            EventClass::Noise
+            classify(&ev(
+                EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+                "/k/pw.txt"
+            )),
+            EventClass::Modified
         );
         assert_eq!(
-            classify(&ev(EventKind::Access(AccessKind::Close(AccessMode::Read)))),
-            EventClass::Noise
+            classify(&ev(
+                EventKind::Access(AccessKind::Close(AccessMode::Write)),
+                "/k/pw.txt"
+            )),
+            EventClass::Closed
         );
+    }
+
+    #[test]
+    fn a_rename_into_place_arrives_complete_and_its_second_report_is_noise() {
+        // A plain rename into the keys directory (Compose directory mount, a generator).
         assert_eq!(
-            classify(&ev(EventKind::Access(AccessKind::Close(AccessMode::Write)))),
-            EventClass::Change
+            classify(&ev(
+                EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+                "/k/postgres_password.txt"
+            )),
+            EventClass::Arrived
         );
+        // A Kubernetes AtomicWriter's last step.
         assert_eq!(
-            classify(&ev(EventKind::Modify(ModifyKind::Name(RenameMode::To)))),
-            EventClass::Change
+            classify(&ev(
+                EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+                "/k/..data"
+            )),
+            EventClass::Arrived
         );
-        assert_eq!(
-            classify(&ev(EventKind::Create(CreateKind::File))),
-            EventClass::Change
-        );
-        let swap = Event::new(EventKind::Modify(ModifyKind::Name(RenameMode::Both)))
-            .add_path("/keys/..data_tmp".into())
-            .add_path("/keys/..data".into());
-        assert_eq!(classify(&Ok(swap)), EventClass::Complete);
-        let other_rename = Event::new(EventKind::Modify(ModifyKind::Name(RenameMode::To)))
-            .add_path("/keys/postgres_password.txt".into());
-        assert_eq!(classify(&Ok(other_rename)), EventClass::Change);
+        // notify reports the same rename again with both names: already handled.
+        let both = Event::new(EventKind::Modify(ModifyKind::Name(RenameMode::Both)))
+            .add_path("/k/..data_tmp".into())
+            .add_path("/k/..data".into());
+        assert_eq!(classify(&Ok(both)), EventClass::Noise);
+    }
+
+    #[test]
+    fn other_changes_wait_for_the_quiet_period() {
+        for kind in [
+            EventKind::Create(CreateKind::File),
+            EventKind::Remove(RemoveKind::File),
+            EventKind::Modify(ModifyKind::Name(RenameMode::From)),
+            EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any)),
+            EventKind::Other,
+        ] {
+            assert_eq!(classify(&ev(kind, "/k/pw.txt")), EventClass::Change, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn lost_events_are_an_overflow() {
         let overflow = Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan);
         assert_eq!(classify(&Ok(overflow)), EventClass::Overflow);
         assert_eq!(
@@ -547,7 +896,7 @@ mod tests {
     }
 
     #[test]
-    fn file_bursts_and_the_start_apply_only_what_changed() {
+    fn file_events_and_the_start_apply_only_what_changed() {
         assert_eq!(Trigger::Files.scope(), Scope::ChangedOnly);
         assert_eq!(Trigger::Start.scope(), Scope::ChangedOnly);
         assert_eq!(
@@ -558,9 +907,24 @@ mod tests {
             Trigger::Overflow,
             Trigger::Periodic,
             Trigger::Requested,
+            Trigger::Promoted,
             Trigger::Retry(Scope::CheckAll),
         ] {
             assert_eq!(t.scope(), Scope::CheckAll, "{t:?}");
         }
+    }
+
+    #[test]
+    fn resync_requests_merge_while_one_is_pending() {
+        let (tx, mut rx) = resync_channel();
+        assert_eq!(request_resync(&tx), Requested::Queued);
+        for _ in 0..1_000 {
+            assert_eq!(request_resync(&tx), Requested::Merged);
+        }
+        assert!(rx.try_recv().is_ok());
+        assert!(rx.try_recv().is_err(), "one request for the whole storm");
+        assert_eq!(request_resync(&tx), Requested::Queued);
+        drop(rx);
+        assert_eq!(request_resync(&tx), Requested::Closed);
     }
 }

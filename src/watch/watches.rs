@@ -24,16 +24,16 @@ use anyhow::Context;
 use notify::{Event, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::config::Config;
+use crate::config::{Config, SecretRef};
 
 /// What a path points at (following symlinks), so a replaced inode is noticed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileId {
+pub struct FileId {
     dev: u64,
     ino: u64,
 }
 
-fn identity(path: &Path) -> Option<FileId> {
+pub fn identity(path: &Path) -> Option<FileId> {
     std::fs::metadata(path).ok().map(|m| FileId {
         dev: m.dev(),
         ino: m.ino(),
@@ -46,6 +46,38 @@ enum Kind {
     File,
 }
 
+/// Every file of the secret set, as configured (not yet resolved). The one list the watch
+/// loop uses to tell a secret file from a stranger in the same directory: watches, the
+/// in-place-write tracking and the stability check all follow it, so a file added to the
+/// set is covered by the same rules.
+fn secret_refs(config: &Config) -> impl Iterator<Item = &SecretRef> {
+    config
+        .roles
+        .iter()
+        .map(|r| &r.secret)
+        .chain(std::iter::once(&config.superuser_secret))
+}
+
+/// Whether `path` is, or could become by the lookup rules, a file of the secret set:
+/// `NAME` or `NAME.txt` in a secret directory, or an explicit path. Pure (no I/O), so a
+/// file that appears beside the one in use (`NAME` next to `NAME.txt`) is recognised from
+/// its first write on.
+pub fn is_secret_file(config: &Config, path: &Path) -> bool {
+    secret_refs(config).any(|secret| match secret {
+        SecretRef::Path(p) => p == path,
+        SecretRef::Name(name) => {
+            let in_dir = path
+                .parent()
+                .is_some_and(|dir| config.secret_dirs.iter().any(|d| d == dir));
+            let file = path.file_name().and_then(|f| f.to_str());
+            in_dir
+                && file.is_some_and(|f| {
+                    f == name || f.strip_suffix(".txt").is_some_and(|stem| stem == name)
+                })
+        }
+    })
+}
+
 /// Every path to watch right now: the secret directories, then each resolvable secret file.
 fn targets(config: &Config) -> Vec<(PathBuf, Kind)> {
     let mut targets: Vec<(PathBuf, Kind)> = Vec::new();
@@ -55,12 +87,7 @@ fn targets(config: &Config) -> Vec<(PathBuf, Kind)> {
             targets.push((dir, Kind::Dir));
         }
     }
-    let refs = config
-        .roles
-        .iter()
-        .map(|r| &r.secret)
-        .chain(std::iter::once(&config.superuser_secret));
-    for secret in refs {
+    for secret in secret_refs(config) {
         // An unresolvable secret is reported by the read; its directory watch (or the
         // once-a-second check) notices when it appears.
         if let Ok(path) = config.resolve(secret)
@@ -198,7 +225,7 @@ impl Watches {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Host, RoleSpec, SecretRef};
+    use crate::config::{Host, RoleSpec};
     use std::time::Duration;
 
     fn config(dir: &Path) -> Config {
@@ -222,6 +249,7 @@ mod tests {
             dbname: "postgres".into(),
             sync_identity: None,
             connect_timeout: Duration::from_secs(1),
+            min_password_length: 0,
         }
     }
 
@@ -241,6 +269,30 @@ mod tests {
                 (dir.path().join("sub/x_pw"), Kind::File),
             ]
         );
+    }
+
+    #[test]
+    fn secret_files_are_the_lookup_names_in_secret_dirs_and_explicit_paths() {
+        let dir = Path::new("/k");
+        let c = config(dir);
+        for yes in [
+            "/k/postgres_password",
+            "/k/postgres_password.txt",
+            "/k/missing/postgres_password.txt",
+            "/k/sub/x_pw",
+        ] {
+            assert!(is_secret_file(&c, Path::new(yes)), "{yes}");
+        }
+        for no in [
+            "/k/.postgres_password.txt.tmp",
+            "/k/postgres_password.txt.swp",
+            "/k/other/postgres_password",
+            "/k/sub/x_pw.txt",
+            "/k/..data",
+            "/k",
+        ] {
+            assert!(!is_secret_file(&c, Path::new(no)), "{no}");
+        }
     }
 
     #[test]
