@@ -193,9 +193,8 @@ impl Config {
                     .resolve(&spec.secret)
                     .and_then(|path| {
                         let secret = secret::read_file(&path)?;
-                        check_length(&secret, self.min_password_length).with_context(|| {
-                            format!("secret file {}", path.display())
-                        })?;
+                        check_length(&secret, self.min_password_length)
+                            .with_context(|| format!("secret file {}", path.display()))?;
                         Ok(secret)
                     })
                     .with_context(|| format!("secret for role {:?}", spec.name))?;
@@ -412,8 +411,14 @@ mod tests {
         // Characters, not bytes: twelve two-byte characters are long enough.
         assert!(check_length(&secret(&"ü".repeat(12)), 12).is_ok());
         let msg = format!("{:#}", check_length(&secret("F"), 12).unwrap_err());
-        assert!(msg.contains("1 character(s)") && msg.contains("12"), "{msg}");
-        assert!(check_length(&secret("F"), 0).is_ok(), "0 turns the check off");
+        assert!(
+            msg.contains("1 character(s)") && msg.contains("12"),
+            "{msg}"
+        );
+        assert!(
+            check_length(&secret("F"), 0).is_ok(),
+            "0 turns the check off"
+        );
     }
 
     #[test]
@@ -428,7 +433,10 @@ mod tests {
         let err = c.load_secrets().unwrap_err();
         let msg = format!("{err:#}");
         assert_eq!(Failure::of(&err), Some(Failure::Config));
-        assert!(msg.contains("app_pw.txt") && msg.contains("minimum"), "{msg}");
+        assert!(
+            msg.contains("app_pw.txt") && msg.contains("minimum"),
+            "{msg}"
+        );
         assert!(!msg.contains("Fx"), "{msg}");
         std::fs::write(dir.path().join("app_pw.txt"), "long enough value\n").unwrap();
         assert_eq!(c.load_secrets().unwrap()[0].1.expose(), "long enough value");

@@ -6,7 +6,8 @@
 //! `run`/`watch` (is its writer alive, was the server ready, did the last sync succeed,
 //! which file versions did it read), `postmaster.pid` (is the postmaster alive and
 //! `ready`), and a fresh `stat` of each recorded secret file, which catches a rotation that
-//! has not been synced. Process checks use pids as seen in the writer's pid namespace, so
+//! has not been synced. On a standby (`standby.signal` in the data directory) it says so.
+//! Process checks use pids as seen in the writer's pid namespace, so
 //! the probe must run in the container (as `docker exec` and `HEALTHCHECK` do).
 
 use std::path::PathBuf;
@@ -57,6 +58,7 @@ fn evaluate(args: &HealthSettings) -> Result<String, String> {
         return Err("PostgreSQL is not ready yet".into());
     }
     let pgdata = &args.config.pgdata;
+    let mut standby = false;
     match (postmaster::read(pgdata), state.postmaster_pid) {
         // A `watch` sidecar usually cannot see the server's data directory: the successful
         // connection of its last sync is then the evidence that the server is up.
@@ -67,14 +69,30 @@ fn evaluate(args: &HealthSettings) -> Result<String, String> {
                 pgdata.join(postmaster::PID_FILE).display()
             ));
         }
-        (Some(pidfile), expected) => check_postmaster(&pidfile, expected)?,
+        (Some(pidfile), expected) => {
+            check_postmaster(&pidfile, expected)?;
+            standby = postmaster::is_standby(pgdata, Some(&pidfile));
+        }
     }
     // The lookup is redone: a new `NAME` beside `NAME.txt`, or a file appearing in
     // SECRETS_SOURCE_DIR, changes the secret in force without touching the recorded file.
     if let Ok(config) = Config::from_settings(&args.config) {
         lookup_verdict(&state, &Snapshot::take(&config))?;
     }
-    sync_verdict(&state)
+    sync_verdict(&state).map(|summary| on_standby(summary, standby))
+}
+
+/// A standby is healthy but says so: its passwords arrive by replication, the sync is
+/// skipped, and the sync runs when it is promoted.
+fn on_standby(summary: String, standby: bool) -> String {
+    if standby {
+        format!(
+            "PostgreSQL is a standby (in recovery): passwords arrive by replication and are \
+             synced when it is promoted; {summary}"
+        )
+    } else {
+        summary
+    }
 }
 
 /// Fails when a role's secret now resolves to another existing file than the last sync
@@ -168,6 +186,14 @@ mod tests {
             }),
             ..State::default()
         }
+    }
+
+    #[test]
+    fn a_standby_says_so() {
+        let summary = on_standby("the last sync is current".into(), true);
+        assert!(summary.starts_with("PostgreSQL is a standby"), "{summary}");
+        assert!(summary.ends_with("the last sync is current"), "{summary}");
+        assert_eq!(on_standby("x".into(), false), "x");
     }
 
     #[test]

@@ -48,7 +48,9 @@ impl PmStatus {
         }
     }
 
-    /// Accepting connections: `ready` (primary) or `standby` (hot standby).
+    /// Up: `ready` (a primary, or a hot standby: the server writes `ready` for both) or
+    /// `standby` (in recovery and not accepting connections, as a warm standby; a sync then
+    /// fails to connect and is retried).
     pub fn accepts_connections(&self) -> bool {
         matches!(self, PmStatus::Ready | PmStatus::Standby)
     }
@@ -92,6 +94,18 @@ pub fn parse(text: &str) -> Option<PidFile> {
         socket_dir,
         status,
     })
+}
+
+/// The file that keeps a server in standby mode (PostgreSQL 12 and later). The server
+/// removes it when it is promoted.
+pub const STANDBY_SIGNAL: &str = "standby.signal";
+
+/// Whether the data directory says its server is a standby: `standby.signal` is there, or
+/// the status line is `standby`. The status line alone cannot tell: a hot standby that
+/// accepts connections writes `ready`, exactly like a primary. One `stat`, no connection.
+pub fn is_standby(pgdata: &Path, file: Option<&PidFile>) -> bool {
+    file.is_some_and(|f| f.status == Some(PmStatus::Standby))
+        || pgdata.join(STANDBY_SIGNAL).exists()
 }
 
 /// Reads and parses `<pgdata>/postmaster.pid`; `None` when absent, unreadable or partial.
@@ -271,6 +285,20 @@ mod tests {
             check(Some(&starting), 4242),
             Readiness::Waiting(_)
         ));
+    }
+
+    #[test]
+    fn a_standby_is_told_by_its_signal_file_or_its_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let ready = parse(READY).unwrap();
+        assert!(!is_standby(dir.path(), Some(&ready)));
+        assert!(!is_standby(dir.path(), None));
+        let warm = parse(&READY.replace("ready   ", "standby ")).unwrap();
+        assert!(is_standby(dir.path(), Some(&warm)));
+        // A hot standby writes `ready`: only the signal file tells.
+        std::fs::write(dir.path().join(STANDBY_SIGNAL), "").unwrap();
+        assert!(is_standby(dir.path(), Some(&ready)));
+        assert!(is_standby(dir.path(), None));
     }
 
     #[test]

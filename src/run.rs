@@ -19,11 +19,13 @@ use tokio::sync::mpsc::Receiver;
 use crate::backoff::Backoff;
 use crate::config::{Config, ConfigSettings, Host};
 use crate::error::Failure;
-use crate::postmaster::{self, PidFile, PmStatus};
+use crate::postmaster::{self, PidFile};
 use crate::state::StateFile;
 use crate::supervisor::{Child, Hangups, Supervisor};
 use crate::sync::{Options, Scope, Syncer, log_report, sync_and_record};
-use crate::watch::{Requested, WatchOptions, request_resync, resync_channel, watch_loop};
+use crate::watch::{
+    RESYNC_SPACING, Requested, WatchOptions, request_resync, resync_channel, watch_loop,
+};
 
 /// The default CMD, as in the official image (`ENTRYPOINT ["docker-entrypoint.sh"]`,
 /// `CMD ["postgres"]`).
@@ -172,7 +174,10 @@ async fn work(
             message = resync.recv() => if message.is_none() { break },
             () = tokio::time::sleep(period.unwrap_or_default()), if period.is_some() => {}
         }
+        let started = Instant::now();
         let _ = sync_logged(&mut syncer, &state).await;
+        // At most one resync a second, as in the watch loop; requests meanwhile merge.
+        tokio::time::sleep_until((started + RESYNC_SPACING).into()).await;
     }
     Ok(())
 }
@@ -243,9 +248,12 @@ async fn first_sync_with_retry(
             Err(err) if exit_on_failure => return Err(err),
             Err(err) if watching && Failure::of(&err) == Some(Failure::Config) => {
                 tracing::info!("waiting for valid secret files");
-                // The pid file says whether it is a standby, for the promotion watch.
-                let file = postmaster::read(&syncer.config.pgdata);
-                return Ok(file.is_some_and(|f| f.status == Some(PmStatus::Standby)));
+                // The data directory says whether it is a standby, for the promotion watch.
+                let pgdata = &syncer.config.pgdata;
+                return Ok(postmaster::is_standby(
+                    pgdata,
+                    postmaster::read(pgdata).as_ref(),
+                ));
             }
             Err(_) => {
                 let delay = backoff.next_delay();

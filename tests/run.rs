@@ -1273,3 +1273,207 @@ fn a_standby_is_supervised_and_its_sync_skipped() {
     out.expect_ok(None);
     assert!(!out.stderr.contains(" ERROR "), "{}", out.stderr);
 }
+
+// ------------------------------------------------------- SIGHUP storms and failover
+
+/// A SIGHUP storm: every signal is forwarded, but the resyncs merge (one running, at most
+/// one waiting), so 1,000 SIGHUPs cost a handful of resyncs, not a queue of them.
+#[test]
+fn a_storm_of_a_thousand_sighups_costs_a_handful_of_resyncs() {
+    let pg = Pg::new();
+    let sup = Sup::spawn(
+        Mode::Subreaper,
+        pg.command(
+            Mode::Subreaper,
+            &[("RUST_LOG", "debug")],
+            &["--resync-interval", "0"],
+            &[],
+        ),
+    );
+    sup.wait_stderr(Duration::from_secs(120), COMPLETE);
+    sup.wait_stderr(Duration::from_secs(10), "watching 1 secret directory");
+    let resyncs = |stderr: &str| {
+        stderr
+            .lines()
+            .filter(|l| l.contains("sync transaction done") && l.contains("resync request"))
+            .count()
+    };
+    // Paced, so that each signal is received on its own (back-to-back signals would
+    // merge in the kernel already): about a second and a half of SIGHUPs.
+    for _ in 0..1_000 {
+        sup.signal(Signal::SIGHUP);
+        std::thread::sleep(Duration::from_micros(1_500));
+    }
+    // Until the resyncs stop coming: at least one, then none for a second.
+    let mut last = (0, Instant::now());
+    wait_until(Duration::from_secs(60), "the resyncs to end", || {
+        let count = resyncs(&sup.stderr());
+        if count != last.0 {
+            last = (count, Instant::now());
+        }
+        count > 0 && last.1.elapsed() > Duration::from_secs(1)
+    });
+    let count = resyncs(&sup.stderr());
+    eprintln!("1,000 SIGHUPs cost {count} full resyncs");
+    assert!(
+        (1..=5).contains(&count),
+        "1,000 SIGHUPs cost {count} full resyncs"
+    );
+    pg.assert_new_passwords();
+    sup.signal(Signal::SIGINT);
+    let out = sup.finish(Duration::from_secs(10));
+    out.expect_ok(None);
+    assert_no_leak(&pg.secrets(), None, &[&out]);
+}
+
+/// Failover: `run` supervises a hot standby of a harness primary (sync skipped, `health`
+/// says standby); a rotation is written while it is a standby; the standby is promoted
+/// (`pg_ctl promote`) and the new password logs in soon after, with the sync logged after
+/// the promotion. The periodic resync is off: only the promotion can apply it.
+#[test]
+fn a_rotation_made_on_a_standby_is_applied_when_it_is_promoted() {
+    let primary = Cluster::start_default();
+    let olds = [unique("primary app"), unique("primary ro")];
+    primary.create_roles(&[("appuser", &olds[0]), ("backupuser", &olds[1])]);
+    primary.clear_log();
+    let root = server_dir("pps-promote-");
+    let data = root.path().join("data");
+    let sock = root.path().join("sock");
+    let out = as_server_user(pg_bin("pg_basebackup"))
+        .arg("-D")
+        .arg(&data)
+        .args(["-R", "-X", "stream", "-U", "postgres", "-h"])
+        .arg(&primary.sock)
+        .args(["-p", &primary.port.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pg_basebackup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        as_server_user("mkdir")
+            .arg(&sock)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let port = free_port();
+    let keys = Keys::new();
+    let secrets: Vec<String> = DEFAULT_ROLES[..3]
+        .iter()
+        .map(|(_, file)| {
+            let secret = unique("standby");
+            keys.write(file, &secret);
+            secret
+        })
+        .collect();
+    let state = tempfile::tempdir().unwrap();
+    let mut cmd = binary(Mode::Subreaper);
+    cmd.arg("run")
+        .arg("--keys-dir")
+        .arg(keys.path())
+        .arg("--pgdata")
+        .arg(&data)
+        .arg("--pghost")
+        .arg(&sock)
+        .args(["--pgport", &port.to_string()])
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["--debounce", "20ms", "--resync-interval", "0"])
+        .arg("--");
+    let postgres = as_server_user(pg_bin("postgres"));
+    cmd.arg(postgres.get_program()).args(postgres.get_args());
+    cmd.arg("-D")
+        .arg(&data)
+        .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
+        .arg("-k")
+        .arg(&sock);
+    let health = || {
+        let mut cmd = bin();
+        cmd.arg("health")
+            .arg("--pgdata")
+            .arg(&data)
+            .arg("--keys-dir")
+            .arg(keys.path())
+            .arg("--state-dir")
+            .arg(state.path());
+        run(cmd)
+    };
+    let mut sup = Sup::spawn(Mode::Subreaper, cmd);
+    sup.wait_stderr(
+        Duration::from_secs(60),
+        "standby (in recovery): sync skipped",
+    );
+    sup.wait_stderr(Duration::from_secs(10), "watching the secret files");
+    let on_standby = health();
+
+    // The rotation arrives while it is a standby: seen, skipped.
+    let rotated = unique("rotated on the standby");
+    keys.write("postgres_app_user_pw", &rotated);
+    wait_until(Duration::from_secs(10), "the rotation to be seen", || {
+        sup.stderr().matches("sync skipped").count() >= 2
+    });
+    login_tcp(port, "appuser", &rotated).expect_err("a standby keeps the primary's passwords");
+    login_tcp(port, "appuser", &olds[0]).expect("the primary's password works on the standby");
+    let before_promotion = sup.stderr().len();
+
+    let out = as_server_user(pg_bin("pg_ctl"))
+        .arg("-D")
+        .arg(&data)
+        .args(["-w", "-t", "60", "promote"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pg_ctl promote: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the rotation to be in force after the promotion",
+        || login_tcp(port, "appuser", &rotated).is_ok(),
+    );
+    login_tcp(port, "appuser", &olds[0]).expect_err("the old password is gone");
+    for ((role, _), secret) in DEFAULT_ROLES[1..3].iter().zip(&secrets[1..]) {
+        let secret = if *role == "appuser" { &rotated } else { secret };
+        login_tcp(port, role, secret).unwrap_or_else(|e| panic!("{role}: {e}"));
+    }
+    let stderr = sup.stderr();
+    let (standby_part, promoted_part) = stderr.split_at(before_promotion);
+    assert!(
+        !standby_part.contains("appuser\": changed"),
+        "nothing was applied while it was a standby:\n{stderr}"
+    );
+    let promoted_at = promoted_part
+        .find("no longer a standby")
+        .unwrap_or_else(|| panic!("the promotion is logged:\n{stderr}"));
+    let changed_at = promoted_part
+        .find("appuser\": changed")
+        .unwrap_or_else(|| panic!("the sync is logged:\n{stderr}"));
+    assert!(
+        promoted_at < changed_at,
+        "the sync follows the promotion:\n{stderr}"
+    );
+
+    // `health` said standby before, and is healthy (no longer a standby) after.
+    on_standby.expect_ok(None).expect_stdout("standby");
+    wait_until(
+        Duration::from_secs(10),
+        "health after the promotion",
+        || {
+            let h = health();
+            h.code() == Some(0) && !h.stdout.contains("standby")
+        },
+    );
+
+    assert!(sup.is_running());
+    sup.signal(Signal::SIGINT);
+    let out = sup.finish(Duration::from_secs(10));
+    out.expect_ok(None);
+    assert!(!out.stderr.contains(" ERROR "), "{}", out.stderr);
+    let mut all: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    all.push(&rotated);
+    assert_no_leak(&all, Some(&primary), &[&out, &on_standby]);
+}

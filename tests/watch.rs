@@ -691,3 +691,247 @@ fn a_sidecar_without_the_data_directory_reports_health_from_its_syncs() {
     let run = watcher.stop(&cluster);
     assert_no_leak(&refs(&[first]), Some(&cluster), &[&run, &out]);
 }
+
+// ------------------------------------------------ when a file's value is taken, and storms
+
+/// Opens `path` for an in-place rewrite: same inode, truncated, one descriptor.
+fn open_in_place(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .unwrap()
+}
+
+/// Lines of `stderr` that report a rotation (one per applied change).
+fn rotations(stderr: &str) -> usize {
+    stderr.matches("passwords rotated").count()
+}
+
+/// Polls, for `duration`, that `role` never logs in with `password` (the watcher must not
+/// have applied it), with a short pause between attempts.
+fn never_logs_in(cluster: &Cluster, role: &str, password: &str, duration: Duration) {
+    let started = std::time::Instant::now();
+    while started.elapsed() < duration {
+        assert!(
+            cluster.login(role, password).is_err(),
+            "{role} logged in with a half-written value after {:?}",
+            started.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_file_rewritten_in_place_in_two_chunks_is_never_applied_half() {
+    let Synced {
+        cluster,
+        keys,
+        secrets,
+        mut watcher,
+    } = synced("chunks", &[]);
+    let path = keys.path().join("postgres_app_user_pw.txt");
+    // The first chunk alone is long enough to pass every value rule: only the rule for
+    // when a value is taken can keep it out.
+    let first_half = unique("FirstHalf-long-enough");
+    let second_half = unique("-SecondHalf");
+    let whole = format!("{first_half}{second_half}");
+    let before = rotations(&watcher.stderr());
+
+    let mut file = open_in_place(&path);
+    file.write_all(first_half.as_bytes()).unwrap();
+    file.flush().unwrap();
+    // One second between the chunks, through the same open descriptor: far longer than
+    // the 50 ms quiet period and the old one-second maximum wait.
+    never_logs_in(
+        &cluster,
+        "appuser",
+        &first_half,
+        Duration::from_millis(1_200),
+    );
+    cluster.assert_login("appuser", &secrets[1]);
+    writeln!(file, "{second_half}").unwrap();
+    drop(file);
+
+    wait_login(&cluster, "appuser", &whole);
+    cluster.assert_no_login("appuser", &first_half);
+    let stderr = watcher.stderr();
+    assert_eq!(
+        rotations(&stderr) - before,
+        1,
+        "one rotation, of the whole value:\n{stderr}"
+    );
+    watcher.assert_alive();
+    let run = watcher.stop(&cluster);
+    let groups = [secrets];
+    let mut all = refs(&groups);
+    all.extend([first_half.as_str(), whole.as_str()]);
+    assert_no_leak(&all, Some(&cluster), &[&run]);
+}
+
+#[test]
+fn a_slow_writer_past_the_old_maximum_wait_is_applied_only_when_it_closes() {
+    // The default quiet period (250 ms), whose maximum wait used to be 2.5 s.
+    let Synced {
+        cluster,
+        keys,
+        secrets,
+        watcher,
+    } = synced("slow", &["--debounce", "250ms"]);
+    let path = keys.path().join("postgres_app_user_pw.txt");
+    let chunks: Vec<String> = (0..8).map(|i| format!("chunk{i}-{}", unique(""))).collect();
+    let whole = chunks.concat();
+    let before = rotations(&watcher.stderr());
+
+    let mut file = open_in_place(&path);
+    let mut written = String::new();
+    for chunk in &chunks {
+        file.write_all(chunk.as_bytes()).unwrap();
+        file.flush().unwrap();
+        written.push_str(chunk);
+        // 8 × 450 ms: the writer holds the file for 3.6 s, past the old maximum wait.
+        never_logs_in(&cluster, "appuser", &written, Duration::from_millis(450));
+    }
+    // Still open: the old password is in force, nothing was rotated.
+    cluster.assert_login("appuser", &secrets[1]);
+    assert_eq!(rotations(&watcher.stderr()), before, "{}", watcher.stderr());
+    writeln!(file).unwrap();
+    drop(file);
+
+    wait_login(&cluster, "appuser", &whole);
+    let stderr = watcher.stderr();
+    assert_eq!(rotations(&stderr) - before, 1, "{stderr}");
+    let run = watcher.stop(&cluster);
+    let groups = [secrets, chunks];
+    let mut all = refs(&groups);
+    all.push(&whole);
+    assert_no_leak(&all, Some(&cluster), &[&run]);
+}
+
+#[test]
+fn a_writer_killed_after_one_byte_is_refused_by_the_minimum_length() {
+    let Synced {
+        cluster,
+        keys,
+        secrets,
+        watcher,
+    } = synced("killed", &[]);
+    let path = keys.path().join("postgres_app_user_pw.txt");
+    let before = rotations(&watcher.stderr());
+    // A shell that truncates the file, writes one byte and is killed with the descriptor
+    // still open (the kernel closes it).
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"exec 3>"$1"; printf F >&3; kill -KILL $$"#)
+        .arg("sh")
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "the writer was killed"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), b"F");
+    watcher.wait_stderr("the one-byte file to be refused", "minimum of 12");
+    let stderr = watcher.stderr();
+    let refusal = stderr
+        .lines()
+        .find(|l| l.contains("minimum of 12"))
+        .unwrap();
+    assert!(
+        refusal.contains("postgres_app_user_pw.txt") && refusal.contains(" WARN "),
+        "the refusal names the file: {refusal}"
+    );
+    cluster.assert_login("appuser", &secrets[1]);
+    cluster.assert_no_login("appuser", "F");
+    assert_eq!(rotations(&stderr), before, "{stderr}");
+
+    // The next valid value is applied.
+    let fixed = unique("fixed");
+    write_file(keys.path(), "postgres_app_user_pw.txt", &fixed);
+    wait_login(&cluster, "appuser", &fixed);
+    let run = watcher.stop(&cluster);
+    let groups = [secrets];
+    let mut all = refs(&groups);
+    all.push(&fixed);
+    assert_no_leak(&all, Some(&cluster), &[&run]);
+}
+
+#[test]
+fn a_plain_rename_is_applied_without_waiting_for_the_debounce() {
+    // With a ten-minute quiet period only the rename itself (complete on arrival) can get
+    // the new password in force within the liveness bound; a second rename right after
+    // is applied too.
+    let Synced {
+        cluster,
+        keys,
+        secrets,
+        watcher,
+    } = synced("rename", &["--debounce", "10m", "--resync-interval", "0"]);
+    let first = unique("renamed-once");
+    write_file(keys.path(), "postgres_app_user_pw.txt", &first);
+    let second = unique("renamed-twice");
+    write_file(keys.path(), "postgres_app_ro_pw.txt", &second);
+    wait_login(&cluster, "appuser", &first);
+    wait_login(&cluster, "backupuser", &second);
+    let run = watcher.stop(&cluster);
+    assert!(problems(&run.stderr).is_empty(), "{}", run.stderr);
+    let groups = [secrets];
+    let mut all = refs(&groups);
+    all.extend([first.as_str(), second.as_str()]);
+    assert_no_leak(&all, Some(&cluster), &[&run]);
+}
+
+/// The resyncs of every role a watcher's debug log shows for SIGHUP.
+fn requested_resyncs(stderr: &str) -> usize {
+    stderr
+        .lines()
+        .filter(|l| l.contains("sync transaction done") && l.contains("resync request"))
+        .count()
+}
+
+#[test]
+fn a_storm_of_a_thousand_sighups_costs_a_handful_of_resyncs() {
+    let cluster = Cluster::start_default();
+    create_app_roles(&cluster);
+    let keys = Keys::new();
+    let secrets = fresh("storm");
+    write_all(keys.path(), &secrets);
+    let mut cmd = bin();
+    cmd.env("RUST_LOG", "debug");
+    let watcher = Watcher::start_wrapped(cmd, cluster.conn_args(), keys.path(), &[]);
+    wait_all(&cluster, &secrets);
+    watcher.wait_stderr("the watch loop", "watching 1 secret directory");
+
+    // Paced, so that each signal is received on its own (back-to-back signals would
+    // merge in the kernel already): about a second and a half of SIGHUPs.
+    for _ in 0..1_000 {
+        watcher.signal(Signal::SIGHUP);
+        std::thread::sleep(Duration::from_micros(1_500));
+    }
+    // Wait until the resyncs stop coming (at least one, then none for a second).
+    let mut last = (0, std::time::Instant::now());
+    wait_until(Duration::from_secs(60), "the resyncs to end", || {
+        let count = requested_resyncs(&watcher.stderr());
+        if count != last.0 {
+            last = (count, std::time::Instant::now());
+        }
+        count > 0 && last.1.elapsed() > Duration::from_secs(1)
+    });
+    let resyncs = requested_resyncs(&watcher.stderr());
+    eprintln!("1,000 SIGHUPs cost {resyncs} full resyncs");
+    assert!(
+        (1..=5).contains(&resyncs),
+        "1,000 SIGHUPs cost {resyncs} full resyncs"
+    );
+    // Still answering: a password changed behind its back is restored by the next one.
+    let intruder = change_behind_its_back(&cluster, "appuser");
+    watcher.signal(Signal::SIGHUP);
+    wait_login(&cluster, "appuser", &secrets[1]);
+    let run = watcher.stop(&cluster);
+    let groups = [secrets];
+    let mut all = refs(&groups);
+    all.push(&intruder);
+    assert_no_leak(&all, Some(&cluster), &[&run]);
+}

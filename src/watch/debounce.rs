@@ -156,7 +156,9 @@ impl Debouncer {
         if self.writers.is_empty() {
             // Other events cannot postpone the burst past the maximum wait, but a file
             // written in place always gets its quiet period after the last write.
-            let earliest = burst.last_write.map_or(max_end, |w| max_end.max(w + self.quiet));
+            let earliest = burst
+                .last_write
+                .map_or(max_end, |w| max_end.max(w + self.quiet));
             Some(quiet_end.min(earliest))
         } else if !self.reported {
             // Only to report the open writer once; the burst waits for its close.
@@ -241,7 +243,10 @@ mod tests {
         let mut d = Debouncer::new(Duration::ZERO);
         d.event(t0, true);
         d.event(t0, false);
-        assert!(burst(d.take_due(t0)).overflowed, "one overflow marks the whole burst");
+        assert!(
+            burst(d.take_due(t0)).overflowed,
+            "one overflow marks the whole burst"
+        );
         d.event(t0, false);
         assert!(d.take_settled().is_some());
         assert!(d.take_settled().is_none());
@@ -256,9 +261,15 @@ mod tests {
         assert!(d.pending() && d.in_place());
         // One chunk, then a long pause: the quiet period passes, the writer is still open.
         assert_eq!(d.take_due(t0 + ms(1_000)), Due::NotYet);
-        assert!(d.take_settled().is_none(), "a resync must not take it either");
+        assert!(
+            d.take_settled().is_none(),
+            "a resync must not take it either"
+        );
         // At the maximum wait it is reported once, not taken.
-        assert_eq!(d.take_due(t0 + ms(2_500)), Due::HeldOpen(vec![path.clone()]));
+        assert_eq!(
+            d.take_due(t0 + ms(2_500)),
+            Due::HeldOpen(vec![path.clone()])
+        );
         assert_eq!(d.deadline(), None, "nothing to do until the next event");
         d.modified(t0 + ms(4_000), path.clone(), None);
         assert_eq!(d.take_due(t0 + ms(5_000)), Due::NotYet);
@@ -289,7 +300,10 @@ mod tests {
         let mut d = Debouncer::new(ms(50));
         d.modified(t0, PathBuf::from("/k/a"), None);
         d.modified(t0, PathBuf::from("/k/b"), None);
-        assert_eq!(d.open_writers(), [PathBuf::from("/k/a"), PathBuf::from("/k/b")]);
+        assert_eq!(
+            d.open_writers(),
+            [PathBuf::from("/k/a"), PathBuf::from("/k/b")]
+        );
         d.retain_writers(|p, _| p != Path::new("/k/a"));
         assert_eq!(d.open_writers(), [PathBuf::from("/k/b")]);
         d.closed(t0 + ms(10), Path::new("/k/b"));

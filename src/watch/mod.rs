@@ -18,10 +18,11 @@
 //! (SIGHUP) and the promotion of a standby check every role (`Scope::CheckAll`), which
 //! restores a password changed behind our back; while files are mid-change such a resync
 //! re-applies the last applied set instead of reading them. Requests merge: one resync
-//! runs at a time and at most one waits (`resync_channel`). On a standby the sync is
-//! skipped; the loop then watches for its promotion (the status line of `postmaster.pid`,
-//! or `pg_is_in_recovery()` for a sidecar without the data directory) and syncs every role
-//! as soon as it is a primary. A failed apply is retried with backoff; nothing transient
+//! runs at a time, at most one waits (`resync_channel`), and requests start at most one
+//! resync a second (`RESYNC_SPACING`). On a standby the sync is
+//! skipped; the loop then watches for its promotion (`standby.signal` leaving the data
+//! directory, confirmed by `pg_is_in_recovery()`, which alone serves a sidecar without the
+//! data directory) and syncs every role as soon as it is a primary. A failed apply is retried with backoff; nothing transient
 //! ends the loop.
 
 mod debounce;
@@ -41,7 +42,7 @@ use tokio_postgres::Client;
 use crate::backoff::Backoff;
 use crate::config::{Config, ConfigSettings};
 use crate::error::Failure;
-use crate::postmaster::{self, PmStatus};
+use crate::postmaster;
 use crate::state::{Snapshot, StateFile};
 use crate::sync::{Options, Report, Scope, Syncer, connect, log_report, sync_and_record};
 use debounce::{Debouncer, Due};
@@ -62,11 +63,16 @@ const WAIT_MIN: Duration = Duration::from_millis(100);
 const WAIT_MAX: Duration = Duration::from_secs(5);
 const WAIT_PROGRESS: Duration = Duration::from_secs(10);
 
-/// How often a standby is checked for promotion: reading `postmaster.pid` is one small
-/// read; without the data directory, one `SELECT pg_is_in_recovery()` on a kept
+/// How often a standby is checked for promotion: while its data directory says standby,
+/// a `stat` and one small read; otherwise one `SELECT pg_is_in_recovery()` on a kept
 /// connection. Both well inside the promise of a sync within a second of promotion.
 const PROMOTION_POLL_FILE: Duration = Duration::from_millis(100);
-const PROMOTION_POLL_QUERY: Duration = Duration::from_millis(400);
+const PROMOTION_POLL_QUERY: Duration = Duration::from_millis(250);
+
+/// The shortest time between two resyncs on request (SIGHUP): a request sooner than this
+/// after the last one started waits for the rest of it, merged with any other. Together
+/// with the one-slot channel, a storm of signals costs about one resync a second.
+pub const RESYNC_SPACING: Duration = Duration::from_secs(1);
 
 /// How the secret files are watched (shared by `run` and `watch`).
 #[derive(Debug, Clone)]
@@ -326,15 +332,18 @@ impl Standby {
         }
     }
 
-    /// Whether the server is a primary now. `postmaster.pid` answers when we can read it
-    /// (`run`, or a sidecar sharing the data directory): its status line turns from
-    /// `standby` to `ready` at promotion. Otherwise the server is asked, on a connection
-    /// kept for the purpose; every wait is bounded by the connect timeout. Any doubt
-    /// (server restarting, no answer) counts as still a standby: checked again soon.
+    /// Whether the server is a primary now. While the data directory says it is a standby
+    /// (`standby.signal`, which the server removes when promoted) nothing else is asked.
+    /// Otherwise, or without the data directory (a sidecar), the server is asked on a
+    /// connection kept for the purpose: the status line of `postmaster.pid` cannot tell, a
+    /// hot standby writes `ready` like a primary. Every wait is bounded by the connect
+    /// timeout; any doubt (server restarting, no answer) counts as still a standby and is
+    /// checked again soon.
     async fn promoted(&mut self, syncer: &Syncer) -> bool {
-        if let Some(status) = postmaster::read(&syncer.config.pgdata).and_then(|f| f.status) {
+        let pgdata = &syncer.config.pgdata;
+        if postmaster::is_standby(pgdata, postmaster::read(pgdata).as_ref()) {
             self.next_check = Instant::now() + PROMOTION_POLL_FILE;
-            return status == PmStatus::Ready;
+            return false;
         }
         self.next_check = Instant::now() + PROMOTION_POLL_QUERY;
         let limit = syncer.config.connect_timeout;
@@ -404,6 +413,8 @@ pub async fn watch_loop(
             backoff: Backoff::new(RETRY_MIN, RETRY_MAX),
         },
         standby: None,
+        last_requested: None,
+        deferred_request: None,
     };
     if standby {
         work.became_standby();
@@ -428,6 +439,7 @@ pub async fn watch_loop(
         let debounce_at = work.debouncer.deadline();
         let retry_at = work.retries.pending.as_ref().map(|r| r.at);
         let promotion_at = work.standby.as_ref().map(|s| s.next_check);
+        let deferred_at = work.deferred_request;
         tokio::select! {
             event = events.recv() => {
                 let event = event.context("the file watcher stopped")?;
@@ -440,10 +452,14 @@ pub async fn watch_loop(
                 }
             }
             message = resync.recv(), if resync_open => match message {
-                Some(()) => work.full_resync(Trigger::Requested).await,
+                Some(()) => work.requested().await,
                 // The sender is gone (the caller will drop us soon); stop polling it.
                 None => resync_open = false,
             },
+            _ = sleep_until(deferred_at) => {
+                work.deferred_request = None;
+                work.requested().await;
+            }
             _ = tick(periodic.as_mut()) => work.full_resync(Trigger::Periodic).await,
             _ = sleep_until(promotion_at) => work.check_promotion().await,
             _ = drift_check.tick() => {
@@ -525,6 +541,10 @@ struct Loop<'a> {
     retries: RetrySchedule,
     /// Set while the server is a standby: then its promotion is watched for.
     standby: Option<Standby>,
+    /// When the last resync on request started (`RESYNC_SPACING` from there).
+    last_requested: Option<Instant>,
+    /// A request that came too soon after the last one: answered at this instant.
+    deferred_request: Option<Instant>,
 }
 
 impl Loop<'_> {
@@ -628,6 +648,27 @@ impl Loop<'_> {
         }
     }
 
+    /// A resync request (SIGHUP): at once, or at the end of `RESYNC_SPACING` after the
+    /// last one, merged with every request until then.
+    async fn requested(&mut self) {
+        let now = Instant::now();
+        if let Some(at) = self.deferred_request {
+            tracing::debug!(
+                in_ms = (at - now.min(at)).as_millis(),
+                "resync request merged"
+            );
+            return;
+        }
+        if let Some(last) = self.last_requested
+            && now < last + RESYNC_SPACING
+        {
+            self.deferred_request = Some(last + RESYNC_SPACING);
+            return;
+        }
+        self.last_requested = Some(now);
+        self.full_resync(Trigger::Requested).await;
+    }
+
     async fn on_retry(&mut self, retry: Retry) {
         match retry.scope {
             Scope::CheckAll => self.full_resync(Trigger::Retry(Scope::CheckAll)).await,
@@ -673,7 +714,13 @@ impl Loop<'_> {
             self.state
                 .record_sync_of(Snapshot::take(&self.syncer.config), false);
         }
-        self.outcome(result.map(Some), trigger, Scope::CheckAll, applying, applying);
+        self.outcome(
+            result.map(Some),
+            trigger,
+            Scope::CheckAll,
+            applying,
+            applying,
+        );
     }
 
     async fn check_promotion(&mut self) {
@@ -825,7 +872,11 @@ mod tests {
             EventKind::Access(AccessKind::Open(AccessMode::Any)),
             EventKind::Access(AccessKind::Close(AccessMode::Read)),
         ] {
-            assert_eq!(classify(&ev(kind, "/k/pw.txt")), EventClass::Noise, "{kind:?}");
+            assert_eq!(
+                classify(&ev(kind, "/k/pw.txt")),
+                EventClass::Noise,
+                "{kind:?}"
+            );
         }
     }
 
@@ -881,7 +932,11 @@ mod tests {
             EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any)),
             EventKind::Other,
         ] {
-            assert_eq!(classify(&ev(kind, "/k/pw.txt")), EventClass::Change, "{kind:?}");
+            assert_eq!(
+                classify(&ev(kind, "/k/pw.txt")),
+                EventClass::Change,
+                "{kind:?}"
+            );
         }
     }
 
