@@ -1,6 +1,6 @@
 //! The inotify watches behind the watch loop: which paths are watched, and re-arming them.
 //!
-//! Two kinds of target, both non-recursive (ARCHITECTURE.md, "A rotation"):
+//! Two kinds of target, both non-recursive (ARCHITECTURE.md, "The life of a rotation"):
 //! - every directory that can hold a secret: Kubernetes swaps its `..data` symlink, editors
 //!   and generators rename files into it, so only a directory watch sees those;
 //! - every secret file as currently resolved: a Compose single-file bind mount keeps its
