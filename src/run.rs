@@ -24,7 +24,8 @@ use crate::state::StateFile;
 use crate::supervisor::{Child, Hangups, Supervisor};
 use crate::sync::{Options, Scope, Syncer, log_report, sync_and_record};
 use crate::watch::{
-    RESYNC_SPACING, Requested, WatchOptions, request_resync, resync_channel, watch_loop,
+    PromotionWatch, RESYNC_SPACING, Requested, WatchOptions, request_resync, resync_channel,
+    watch_loop,
 };
 
 /// The default CMD, as in the official image (`ENTRYPOINT ["docker-entrypoint.sh"]`,
@@ -166,20 +167,37 @@ async fn work(
             );
         }
     }
-    // --no-watch: SIGHUP still re-syncs. A watch that gave up (no inotify instance left,
-    // say) keeps the periodic resync too.
+    // --no-watch: SIGHUP still re-syncs, and a standby's promotion. A watch that gave up
+    // (no inotify instance left, say) keeps the periodic resync too.
     let period = Some(settings.watch.resync_interval).filter(|p| watching && !p.is_zero());
+    let mut promotion = standby.then(PromotionWatch::new);
     loop {
         tokio::select! {
             message = resync.recv() => if message.is_none() { break },
             () = tokio::time::sleep(period.unwrap_or_default()), if period.is_some() => {}
+            () = wait_promoted(promotion.as_mut(), &syncer) => {
+                tracing::info!("the server is no longer a standby (promoted): syncing every role");
+            }
         }
         let started = Instant::now();
-        let _ = sync_logged(&mut syncer, &state).await;
+        let standby = sync_logged(&mut syncer, &state).await.unwrap_or(false);
+        promotion = match promotion {
+            Some(watch) if standby => Some(watch),
+            None if standby => Some(PromotionWatch::new()),
+            _ => None,
+        };
         // At most one resync a second, as in the watch loop; requests meanwhile merge.
         tokio::time::sleep_until((started + RESYNC_SPACING).into()).await;
     }
     Ok(())
+}
+
+/// Returns when the watched standby is promoted; never when there is none.
+async fn wait_promoted(watch: Option<&mut PromotionWatch>, syncer: &Syncer) {
+    match watch {
+        Some(watch) => watch.wait(syncer).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Turns the supervisor's SIGHUP events into re-sync requests, saying so in the log when

@@ -1329,9 +1329,9 @@ fn a_storm_of_a_thousand_sighups_costs_a_handful_of_resyncs() {
 /// Failover: `run` supervises a hot standby of a harness primary (sync skipped, `health`
 /// says standby); a rotation is written while it is a standby; the standby is promoted
 /// (`pg_ctl promote`) and the new password logs in soon after, with the sync logged after
-/// the promotion. The periodic resync is off: only the promotion can apply it.
-#[test]
-fn a_rotation_made_on_a_standby_is_applied_when_it_is_promoted() {
+/// the promotion. The periodic resync is off: only the promotion can apply it. With
+/// `watching` off (`--no-watch`) the promotion is still watched for.
+fn rotation_on_a_standby_then_promotion(watching: bool) {
     let primary = Cluster::start_default();
     let olds = [unique("primary app"), unique("primary ro")];
     primary.create_roles(&[("appuser", &olds[0]), ("backupuser", &olds[1])]);
@@ -1382,6 +1382,11 @@ fn a_rotation_made_on_a_standby_is_applied_when_it_is_promoted() {
         .arg("--state-dir")
         .arg(state.path())
         .args(["--debounce", "20ms", "--resync-interval", "0"])
+        .args(if watching {
+            &[][..]
+        } else {
+            &["--no-watch"][..]
+        })
         .arg("--");
     let postgres = as_server_user(pg_bin("postgres"));
     cmd.arg(postgres.get_program()).args(postgres.get_args());
@@ -1406,15 +1411,19 @@ fn a_rotation_made_on_a_standby_is_applied_when_it_is_promoted() {
         Duration::from_secs(60),
         "standby (in recovery): sync skipped",
     );
-    sup.wait_stderr(Duration::from_secs(10), "watching the secret files");
+    if watching {
+        sup.wait_stderr(Duration::from_secs(10), "watching the secret files");
+    }
     let on_standby = health();
 
-    // The rotation arrives while it is a standby: seen, skipped.
+    // The rotation arrives while it is a standby: seen (when watching), skipped.
     let rotated = unique("rotated on the standby");
     keys.write("postgres_app_user_pw", &rotated);
-    wait_until(Duration::from_secs(10), "the rotation to be seen", || {
-        sup.stderr().matches("sync skipped").count() >= 2
-    });
+    if watching {
+        wait_until(Duration::from_secs(10), "the rotation to be seen", || {
+            sup.stderr().matches("sync skipped").count() >= 2
+        });
+    }
     login_tcp(port, "appuser", &rotated).expect_err("a standby keeps the primary's passwords");
     login_tcp(port, "appuser", &olds[0]).expect("the primary's password works on the standby");
     let before_promotion = sup.stderr().len();
@@ -1476,4 +1485,14 @@ fn a_rotation_made_on_a_standby_is_applied_when_it_is_promoted() {
     let mut all: Vec<&str> = secrets.iter().map(String::as_str).collect();
     all.push(&rotated);
     assert_no_leak(&all, Some(&primary), &[&out, &on_standby]);
+}
+
+#[test]
+fn a_rotation_made_on_a_standby_is_applied_when_it_is_promoted() {
+    rotation_on_a_standby_then_promotion(true);
+}
+
+#[test]
+fn a_rotation_made_on_a_standby_is_applied_when_it_is_promoted_without_watching() {
+    rotation_on_a_standby_then_promotion(false);
 }

@@ -317,16 +317,17 @@ impl RetrySchedule {
     }
 }
 
-/// A standby being watched for its promotion.
-struct Standby {
+/// A standby being watched for its promotion (the watch loop, and `run` when it does not
+/// watch the files).
+pub struct PromotionWatch {
     next_check: Instant,
     /// The kept connection of the `pg_is_in_recovery()` check (no data directory).
     client: Option<Client>,
 }
 
-impl Standby {
-    fn new() -> Standby {
-        Standby {
+impl PromotionWatch {
+    pub fn new() -> PromotionWatch {
+        PromotionWatch {
             next_check: Instant::now(),
             client: None,
         }
@@ -370,6 +371,16 @@ impl Standby {
                 tracing::debug!("standby check: {err:#}");
                 self.client = None;
                 false
+            }
+        }
+    }
+
+    /// Returns once the server is a primary (checks as `promoted`, at its pace).
+    pub async fn wait(&mut self, syncer: &Syncer) {
+        loop {
+            sleep_until(Some(self.next_check)).await;
+            if self.promoted(syncer).await {
+                return;
             }
         }
     }
@@ -540,7 +551,7 @@ struct Loop<'a> {
     stamps: Option<Snapshot>,
     retries: RetrySchedule,
     /// Set while the server is a standby: then its promotion is watched for.
-    standby: Option<Standby>,
+    standby: Option<PromotionWatch>,
     /// When the last resync on request started (`RESYNC_SPACING` from there).
     last_requested: Option<Instant>,
     /// A request that came too soon after the last one: answered at this instant.
@@ -737,7 +748,7 @@ impl Loop<'_> {
     fn became_standby(&mut self) {
         if self.standby.is_none() {
             tracing::info!("watching the standby for its promotion");
-            self.standby = Some(Standby::new());
+            self.standby = Some(PromotionWatch::new());
         }
     }
 
