@@ -1300,10 +1300,14 @@ fn a_storm_of_a_thousand_sighups_costs_a_handful_of_resyncs() {
     };
     // Paced, so that each signal is received on its own (back-to-back signals would
     // merge in the kernel already): about a second and a half of SIGHUPs.
+    let storm = std::time::Instant::now();
     for _ in 0..1_000 {
         sup.signal(Signal::SIGHUP);
         std::thread::sleep(Duration::from_micros(1_500));
     }
+    // One resync at once, then at most one a second while the storm lasts, and one for
+    // the requests of its last second.
+    let allowed = 2 + storm.elapsed().as_secs() as usize;
     // Until the resyncs stop coming: at least one, then none for a second.
     let mut last = (0, Instant::now());
     wait_until(Duration::from_secs(60), "the resyncs to end", || {
@@ -1314,10 +1318,9 @@ fn a_storm_of_a_thousand_sighups_costs_a_handful_of_resyncs() {
         count > 0 && last.1.elapsed() > Duration::from_secs(1)
     });
     let count = resyncs(&sup.stderr());
-    eprintln!("1,000 SIGHUPs cost {count} full resyncs");
     assert!(
-        (1..=5).contains(&count),
-        "1,000 SIGHUPs cost {count} full resyncs"
+        (1..=allowed).contains(&count),
+        "1,000 SIGHUPs cost {count} full resyncs (at most {allowed})"
     );
     pg.assert_new_passwords();
     sup.signal(Signal::SIGINT);
