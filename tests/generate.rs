@@ -933,9 +933,9 @@ fn a_second_concurrent_run_is_refused_while_the_directory_is_locked() {
     run(with_oidc_env(generate(&fx.dir, &["--force"]))).expect_ok();
 }
 
-/// The review's race: the files to create were decided before the lock was taken, so a file
-/// another run created in between (here: while this run waits at the OIDC prompt) was
-/// overwritten as "new", without a backup. Under the lock the plan is made again.
+/// A race: were the files to create decided before the lock is taken, a file another run
+/// created in between (here: while this run waits at the OIDC prompt) would be overwritten
+/// as "new", without a backup. Under the lock the plan is made again.
 #[test]
 fn a_file_created_while_waiting_at_the_prompt_is_kept_not_overwritten() {
     let (fx, snap) = Fixture::new().generated();
