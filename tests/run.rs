@@ -518,9 +518,8 @@ fn postgres_failing_to_start(mode: Mode) {
         mode,
         pg.command(mode, &[], &[], &["-c", "no_such_setting_pps=1"]),
     );
-    let out = sup.finish(Duration::from_secs(120));
     // postgres exits 1 on a configuration error.
-    let out = out.expect_code(1);
+    let out = sup.finish(Duration::from_secs(120)).expect_code(1);
     assert!(out.stderr.contains("no_such_setting_pps"), "{}", out.stderr);
     assert!(
         !out.stderr.contains("role \""),
