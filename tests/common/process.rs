@@ -102,11 +102,7 @@ macro_rules! both_modes {
     ($body:ident => $pid1:ident, $subreaper:ident) => {
         #[test]
         fn $pid1() {
-            $crate::common::process::in_mode(
-                $crate::common::Mode::Pid1,
-                stringify!($pid1),
-                $body,
-            );
+            $crate::common::process::in_mode($crate::common::Mode::Pid1, stringify!($pid1), $body);
         }
 
         #[test]
