@@ -1,4 +1,6 @@
-//! `sync` and `verify` against real PostgreSQL 15 clusters (issue: foundation).
+//! `sync` and `verify` against real PostgreSQL clusters (from `PG_BINDIR`): passwords
+//! change in one transaction, only SCRAM verifiers reach the server, nothing leaks, and
+//! every kind of bad input exits with its documented code.
 
 mod common;
 
@@ -44,7 +46,7 @@ fn assert_no_password_statement(log: &str) {
 fn run_with(sub: &str, cluster: &Cluster, keys: &Keys, extra: &[&str]) -> Run {
     let mut cmd = bin_for(sub, cluster, keys);
     cmd.args(extra);
-    run(cmd)
+    cluster.run(cmd)
 }
 
 /// A started cluster with the default roles on old passwords, and keys with new ones.
@@ -76,8 +78,7 @@ fn four_roles_move_to_new_passwords_and_old_ones_stop_working() {
     let secrets = setup(&cluster, &keys);
     cluster.assert_no_login("appuser", &secrets[1]);
 
-    let out = run(bin_for("sync", &cluster, &keys));
-    out.expect_ok(Some(&cluster));
+    let out = cluster.run(bin_for("sync", &cluster, &keys)).expect_ok();
     for (role, _) in DEFAULT_ROLES {
         out.expect_stdout(&format!("role {role:?}: changed"));
     }
@@ -99,11 +100,10 @@ fn four_roles_move_to_new_passwords_and_old_ones_stop_working() {
 #[test]
 fn second_run_reports_unchanged_and_leaves_verifiers_byte_identical() {
     let (cluster, keys, secrets) = started();
-    run(bin_for("sync", &cluster, &keys)).expect_ok(Some(&cluster));
+    cluster.run(bin_for("sync", &cluster, &keys)).expect_ok();
     let before = stored_verifiers(&cluster);
 
-    let out = run(bin_for("sync", &cluster, &keys));
-    out.expect_ok(Some(&cluster));
+    let out = cluster.run(bin_for("sync", &cluster, &keys)).expect_ok();
     for (role, _) in DEFAULT_ROLES {
         out.expect_stdout(&format!("role {role:?}: unchanged"));
     }
@@ -117,8 +117,7 @@ fn json_report_and_dry_run_changes_nothing() {
     let (cluster, keys, secrets) = started();
     let before = stored_verifiers(&cluster);
 
-    let out = run_with("sync", &cluster, &keys, &["--dry-run", "--format", "json"]);
-    out.expect_ok(Some(&cluster));
+    let out = run_with("sync", &cluster, &keys, &["--dry-run", "--format", "json"]).expect_ok();
     let report: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
     assert_eq!(report["dry_run"], true);
     let statuses: Vec<&str> = report["roles"]
@@ -154,8 +153,7 @@ fn a_failing_statement_rolls_back_everything_and_leaks_nothing() {
         .arg("--keys-dir")
         .arg(keys.path())
         .args(["--role", "appuser=app", "--role", "pg_monitor=monitor"]);
-    let out = run(cmd);
-    out.expect_code(5, Some(&cluster));
+    let out = cluster.run(cmd).expect_code(5);
     out.expect_stderr("pg_monitor");
     cluster.assert_login("appuser", &old);
     cluster.assert_no_login("appuser", &new_app);
@@ -189,8 +187,7 @@ fn only_verifiers_are_sent_and_no_logging_setting_shows_them() {
     });
     let keys = Keys::new();
     let secrets = setup(&cluster, &keys);
-    let out = run(bin_for("sync", &cluster, &keys));
-    out.expect_ok(Some(&cluster));
+    let out = cluster.run(bin_for("sync", &cluster, &keys)).expect_ok();
     for (role, _) in DEFAULT_ROLES {
         let stored = cluster.rolpassword(role).unwrap();
         assert!(
@@ -213,10 +210,12 @@ fn twenty_concurrent_syncs_all_succeed() {
             std::thread::spawn(move || run(cmd))
         })
         .collect();
-    let runs: Vec<Run> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let runs: Vec<Run> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap().with_server_log(&cluster.log).expect_ok())
+        .collect();
     let mut changed = 0;
     for out in &runs {
-        out.expect_ok(Some(&cluster));
         changed += out.stdout.matches(": changed").count();
     }
     // Serialised by the advisory lock: each role is changed by exactly one run.
@@ -231,20 +230,15 @@ fn twenty_concurrent_syncs_all_succeed() {
 #[test]
 fn verify_passes_after_sync_and_names_the_role_changed_behind_its_back() {
     let (cluster, keys, secrets) = started();
-    run(bin_for("sync", &cluster, &keys)).expect_ok(Some(&cluster));
+    cluster.run(bin_for("sync", &cluster, &keys)).expect_ok();
 
-    let out = run_with("verify", &cluster, &keys, &["--host", "127.0.0.1"]);
-    out.expect_ok(Some(&cluster));
-    assert_eq!(
-        out.stdout.matches(": ok").count(),
-        4,
-        "{}",
-        out.describe(None)
-    );
+    let out = run_with("verify", &cluster, &keys, &["--host", "127.0.0.1"]).expect_ok();
+    assert_eq!(out.stdout.matches(": ok").count(), 4, "{}", out.describe());
 
     cluster.psql("ALTER ROLE backupuser PASSWORD 'changed-behind-its-back'");
-    let out2 = run(bin_for("verify", &cluster, &keys));
-    out2.expect_code(7, Some(&cluster));
+    let out2 = cluster
+        .run(bin_for("verify", &cluster, &keys))
+        .expect_code(7);
     out2.expect_stdout("role \"backupuser\": FAILED");
     out2.expect_stderr("backupuser");
     assert_eq!(out2.stdout.matches(": ok").count(), 3);
@@ -261,14 +255,12 @@ fn verify_checks_that_the_owner_refuses_login() {
     ));
     keys.write("postgres_app_owner_pw", &owner_pw);
     cluster.clear_log();
-    run(bin_for("sync", &cluster, &keys)).expect_ok(Some(&cluster));
-    let out = run_with("verify", &cluster, &keys, &["--owner", "appowner"]);
-    out.expect_ok(Some(&cluster));
+    cluster.run(bin_for("sync", &cluster, &keys)).expect_ok();
+    let out = run_with("verify", &cluster, &keys, &["--owner", "appowner"]).expect_ok();
     out.expect_stdout("role \"appowner\": ok (refuses login");
 
     cluster.psql("ALTER ROLE appowner LOGIN");
-    let out2 = run_with("verify", &cluster, &keys, &["--owner", "appowner"]);
-    out2.expect_code(7, Some(&cluster));
+    let out2 = run_with("verify", &cluster, &keys, &["--owner", "appowner"]).expect_code(7);
     let mut all = secrets_ref(&secrets);
     all.push(&owner_pw);
     assert_no_leak(&all, Some(&cluster), &[&out, &out2]);
@@ -303,8 +295,8 @@ fn as_root_with_only_peer_for_postgres_and_root_only_secret_files() {
             "--postgres-password-file",
             "/nonexistent",
         ],
-    );
-    out.expect_ok(Some(&cluster));
+    )
+    .expect_ok();
     out.expect_stdout("role \"appuser\": changed");
     cluster.assert_login("appuser", &secrets[1]);
     assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
@@ -348,8 +340,7 @@ fn falls_back_to_the_superuser_password_file() {
         .arg("--keys-dir")
         .arg(keys.path())
         .args(["--role", "appuser=postgres_app_user_pw"]);
-    let out = run(cmd);
-    out.expect_ok(Some(&cluster));
+    let out = cluster.run(cmd).expect_ok();
     cluster.assert_login("appuser", &new_app);
     assert_no_leak(&[&old_super, &new_app], Some(&cluster), &[&out]);
 }
@@ -385,8 +376,7 @@ fn odd_role_names_and_passwords_work_exactly() {
         keys.write_raw(&format!("r{i}"), format!("{password}\r\n").as_bytes());
         cmd.arg("--role").arg(format!("{name}=r{i}"));
     }
-    let out = run(cmd);
-    out.expect_ok(Some(&cluster));
+    let out = cluster.run(cmd).expect_ok();
     for (name, password) in names.iter().zip(&passwords) {
         cluster.assert_login(name, password);
         // Only the trailing CR/LF was stripped: a trimmed variant must not log in.
@@ -412,8 +402,8 @@ fn missing_role_is_a_warning_or_an_error_under_strict() {
             "--role",
             "ghost=ghost_pw",
         ],
-    );
-    out.expect_ok(Some(&cluster));
+    )
+    .expect_ok();
     out.expect_stdout("role \"ghost\": missing");
     out.expect_stderr("WARN");
     cluster.assert_login("appuser", &secrets[1]);
@@ -430,8 +420,8 @@ fn missing_role_is_a_warning_or_an_error_under_strict() {
             "--role",
             "ghost=ghost_pw",
         ],
-    );
-    out2.expect_code(6, Some(&cluster));
+    )
+    .expect_code(6);
     out2.expect_stderr("ghost");
     // Nothing applied under --strict.
     cluster.assert_no_login("appuser", &secrets[1]);
@@ -442,7 +432,7 @@ fn missing_role_is_a_warning_or_an_error_under_strict() {
 #[test]
 fn bad_secret_files_apply_nothing_and_name_the_file() {
     let (cluster, keys, secrets) = started();
-    run(bin_for("sync", &cluster, &keys)).expect_ok(Some(&cluster));
+    cluster.run(bin_for("sync", &cluster, &keys)).expect_ok();
     let good_backup = unique("good-new");
     type Breaker = Box<dyn Fn(&Keys)>;
     let cases: Vec<(&str, Breaker)> = vec![
@@ -484,16 +474,15 @@ fn bad_secret_files_apply_nothing_and_name_the_file() {
         // A valid change to another role that must NOT be applied.
         keys.write("postgres_app_user_pw", &good_backup);
         break_it(&keys);
-        let out = run(bin_for("sync", &cluster, &keys));
-        out.expect_code(3, Some(&cluster));
+        let out = cluster.run(bin_for("sync", &cluster, &keys)).expect_code(3);
         let errors: Vec<&str> = out.stderr.lines().filter(|l| l.contains("ERROR")).collect();
-        assert_eq!(errors.len(), 1, "{what}: {}", out.describe(None));
+        assert_eq!(errors.len(), 1, "{what}: {}", out.describe());
         assert!(
             errors[0].contains("postgres_app_ro_pw"),
             "{what}: {}",
-            out.describe(None)
+            out.describe()
         );
-        assert!(out.stdout.is_empty(), "{what}: {}", out.describe(None));
+        assert!(out.stdout.is_empty(), "{what}: {}", out.describe());
         cluster.assert_no_login("appuser", &good_backup);
         cluster.assert_login("appuser", &secrets[1]);
         assert_no_leak(&[&good_backup, &secrets[1]], Some(&cluster), &[&out]);
@@ -532,8 +521,7 @@ fn unreadable_secret_file_is_a_config_error() {
         .arg("--keys-dir")
         .arg(keys.path())
         .args(["--role", "r=x"]);
-    let out = run(cmd);
-    out.expect_code(3, None);
+    let out = run(cmd).expect_code(3);
     out.expect_stderr("x.txt");
     out.expect_stderr("ermission denied");
 }
@@ -556,13 +544,12 @@ fn configuration_errors_exit_3_before_connecting() {
             .arg(keys.path())
             .args(&bad)
             .args(["--pghost", "/nonexistent"]);
-        let out = run(cmd);
-        out.expect_code(3, None);
+        let out = run(cmd).expect_code(3);
         assert_eq!(
             out.stderr.lines().count(),
             1,
             "one line: {}",
-            out.describe(None)
+            out.describe()
         );
     }
 }
@@ -585,8 +572,7 @@ fn server_down_or_wrong_port_is_a_connect_error_without_hanging() {
             "--connect-timeout",
             "3s",
         ]);
-        let out = run(cmd);
-        out.expect_code(4, None);
+        let out = run(cmd).expect_code(4);
         assert!(
             out.elapsed < Duration::from_secs(30),
             "took {:?}",
