@@ -581,3 +581,15 @@ fn server_down_or_wrong_port_is_a_connect_error_without_hanging() {
         out.expect_stderr("cannot connect");
     }
 }
+
+#[test]
+fn the_server_under_test_is_the_major_pg_bindir_names() {
+    // The major-version matrix runs this suite with PG_BINDIR pointing at each major: make
+    // sure the cluster really is that server, not a default one found elsewhere.
+    let cluster = Cluster::start_default();
+    let num: u32 = cluster
+        .psql("SHOW server_version_num")
+        .parse()
+        .expect("server_version_num is a number");
+    assert_eq!(num / 10_000, pg_major(), "PG_BINDIR={:?}", pg_bindir());
+}

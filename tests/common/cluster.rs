@@ -35,6 +35,25 @@ pub fn pg_bin(name: &str) -> PathBuf {
     pg_bindir().join(name)
 }
 
+/// The major version of the server under test (from `postgres --version`), for the tests
+/// of what differs between majors (`scram_iterations` exists from 16 on, say).
+pub fn pg_major() -> u32 {
+    static MAJOR: OnceLock<u32> = OnceLock::new();
+    *MAJOR.get_or_init(|| {
+        let out = Command::new(pg_bin("postgres"))
+            .arg("--version")
+            .output()
+            .expect("running postgres --version");
+        // "postgres (PostgreSQL) 16.2", Debian's with " (Debian …)" after it.
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .nth(2)
+            .and_then(|v| v.split('.').next())
+            .and_then(|m| m.parse().ok())
+            .unwrap_or_else(|| panic!("no major version in {text:?}"))
+    })
+}
+
 /// The template cluster (initdb once per test binary; it needs no socket).
 fn template() -> &'static Path {
     static TEMPLATE: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
