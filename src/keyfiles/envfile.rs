@@ -7,11 +7,16 @@
 //! `` \` `` escapes; `$` is never expanded), `=` inside values, trailing ` # comments` and
 //! CRLF line ends. A line it cannot read is an error with its line number and never its
 //! content, since the line may be a secret.
+//!
+//! Where the shell would read a value differently, this parser keeps it simple and says so
+//! rather than guessing: an unquoted value is taken literally up to a trailing comment, so
+//! `a\ b` keeps its backslash, `$'…'` / `$"…"` are not interpreted, quotes inside an
+//! unquoted word are kept and `$` is never expanded; each of these draws a warning naming
+//! the line (`EnvFile::notes`). Adjacent quoted parts (`'a'"b"`, which the shell joins)
+//! are an error. Single-quote a value that holds any of `\ $ ' "` to get it verbatim.
 
 use std::fmt;
-use std::path::Path;
 
-use anyhow::Context;
 use zeroize::Zeroizing;
 
 use crate::secret::Secret;
@@ -20,6 +25,7 @@ use crate::secret::Secret;
 #[derive(Debug, Default)]
 pub struct EnvFile {
     vars: Vec<(String, Secret)>,
+    notes: Vec<(usize, &'static str)>,
 }
 
 /// Why a line could not be parsed; displays the line number and the problem only.
@@ -47,12 +53,9 @@ impl EnvFile {
             .map(|(_, v)| v)
     }
 
-    /// Reads and parses a file. Errors name the file and the line, never the content.
-    pub fn read(path: &Path) -> anyhow::Result<EnvFile> {
-        let bytes = Zeroizing::new(
-            std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
-        );
-        parse(&bytes).with_context(|| format!("parsing {}", path.display()))
+    /// Lines whose value the shell would read differently: (line number, how).
+    pub fn notes(&self) -> &[(usize, &'static str)] {
+        &self.notes
     }
 }
 
@@ -65,19 +68,23 @@ pub fn parse(bytes: &[u8]) -> Result<EnvFile, ParseError> {
             line,
             problem: "is not valid UTF-8",
         })?;
-        if let Some((key, mut value)) =
+        if let Some((key, mut value, note)) =
             parse_line(text).map_err(|problem| ParseError { line, problem })?
         {
             // Move the String out of its `Zeroizing` wrapper without copying it.
             file.vars
                 .push((key, Secret::new(std::mem::take(&mut *value))));
+            file.notes.extend(note.map(|note| (line, note)));
         }
     }
     Ok(file)
 }
 
+/// One assignment: the name, the value and how the shell would differ, if it would.
+type Assignment = (String, Zeroizing<String>, Option<&'static str>);
+
 /// Parses one line (without its `\n`): `None` for blank and comment lines.
-fn parse_line(line: &str) -> Result<Option<(String, Zeroizing<String>)>, &'static str> {
+fn parse_line(line: &str) -> Result<Option<Assignment>, &'static str> {
     let line = line.strip_suffix('\r').unwrap_or(line);
     let text = line.trim_start();
     if text.is_empty() || text.starts_with('#') {
@@ -92,7 +99,29 @@ fn parse_line(line: &str) -> Result<Option<(String, Zeroizing<String>)>, &'stati
     if !is_name(key) {
         return Err("invalid variable name");
     }
-    Ok(Some((key.to_owned(), parse_value(raw.trim_start())?)))
+    let raw = raw.trim_start();
+    let value = parse_value(raw)?;
+    let note = if raw.starts_with(['\'', '"']) {
+        None
+    } else {
+        unquoted_note(&value)
+    };
+    Ok(Some((key.to_owned(), value, note)))
+}
+
+/// How the shell would read an unquoted value differently from this parser, if it would.
+fn unquoted_note(value: &str) -> Option<&'static str> {
+    if value.starts_with("$'") || value.starts_with("$\"") {
+        Some("`$'…'` and `$\"…\"` are not interpreted: the value is taken literally")
+    } else if value.contains(['\'', '"']) {
+        Some("quotes inside an unquoted value are kept (the shell would remove them)")
+    } else if value.contains('\\') {
+        Some("a backslash in an unquoted value is kept (the shell would drop it)")
+    } else if value.contains('$') {
+        Some("`$` is not expanded (the shell would expand it)")
+    } else {
+        None
+    }
 }
 
 /// Whether `key` is a shell variable name.
