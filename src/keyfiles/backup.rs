@@ -111,8 +111,12 @@ pub fn present_files(keys: &Dir) -> anyhow::Result<Vec<&'static str>> {
             Kind::Missing => {}
             Kind::File => files.push(entry.file),
             kind => {
-                return Err(anyhow::anyhow!("{} {}", keys.shown(entry.file), kind.problem()))
-                    .context(Failure::Config);
+                return Err(anyhow::anyhow!(
+                    "{} {}",
+                    keys.shown(entry.file),
+                    kind.problem()
+                ))
+                .context(Failure::Config);
             }
         }
     }
@@ -212,9 +216,9 @@ pub fn resolve(backups: Option<&Dir>, name: Option<&str>) -> anyhow::Result<(Bac
         }
         Some(name) => {
             let backups = backups.with_context(|| format!("no backup named {name}"))?;
-            let dir = backups
-                .subdir(name)?
-                .with_context(|| format!("no backup named {name} in {}", backups.path().display()))?;
+            let dir = backups.subdir(name)?.with_context(|| {
+                format!("no backup named {name} in {}", backups.path().display())
+            })?;
             let backup = Backup {
                 name: name.to_owned(),
                 path: dir.path().to_owned(),

@@ -9,8 +9,8 @@ use anyhow::Context;
 use zeroize::Zeroizing;
 
 use super::catalog::{ENTRIES, Entry};
-use super::dirfd::{Dir, Kind};
 use super::clock::Utc;
+use super::dirfd::{Dir, Kind};
 use crate::secret::MAX_SECRET_BYTES;
 
 /// Values that template files ship with and that must never reach production (compared

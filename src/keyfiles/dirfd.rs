@@ -87,7 +87,19 @@ impl Dir {
     /// Opens the directory `path` names; `None` if it does not exist. Its last component
     /// must be a directory, not a link to one.
     pub fn open_path(path: &Path) -> anyhow::Result<Option<Dir>> {
-        let (parent, name) = split(path)?;
+        let Some((parent, name)) = split(path) else {
+            // `.`, `..` or `/`: no entry of its own that could be a link.
+            return match open_dir_fd(path) {
+                Ok(fd) => Ok(Some(Dir {
+                    fd,
+                    path: path.to_owned(),
+                })),
+                Err(Errno::ENOENT) => Ok(None),
+                Err(err) => {
+                    Err(err).with_context(|| format!("opening directory {}", path.display()))
+                }
+            };
+        };
         let parent = match open_dir_fd(parent) {
             Ok(fd) => Dir {
                 fd,
@@ -110,8 +122,8 @@ impl Dir {
     /// directory, a backup named by its path).
     pub fn open_followed(path: &Path) -> anyhow::Result<Dir> {
         let path = or_dot(path);
-        let fd = open_dir_fd(path)
-            .with_context(|| format!("opening directory {}", path.display()))?;
+        let fd =
+            open_dir_fd(path).with_context(|| format!("opening directory {}", path.display()))?;
         Ok(Dir {
             fd,
             path: path.to_owned(),
@@ -124,7 +136,11 @@ impl Dir {
         if let Some(dir) = Dir::open_path(path)? {
             return Ok(dir);
         }
-        let (parent, name) = split(path)?;
+        let Some((parent, name)) = split(path) else {
+            std::fs::create_dir_all(path)
+                .with_context(|| format!("creating directory {}", path.display()))?;
+            return Dir::open_followed(path);
+        };
         std::fs::create_dir_all(or_dot(parent))
             .with_context(|| format!("creating directory {}", or_dot(parent).display()))?;
         let parent = Dir::open_followed(parent)?;
@@ -279,11 +295,8 @@ impl Dir {
         between_steps: impl Fn(),
     ) -> anyhow::Result<()> {
         let shown = self.shown(name);
-        let flags = base_flags()
-            | OFlag::O_WRONLY
-            | OFlag::O_CREAT
-            | OFlag::O_EXCL
-            | OFlag::O_NOFOLLOW;
+        let flags =
+            base_flags() | OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW;
         let fd = openat(&self.fd, name, flags, Mode::from_bits_truncate(mode))
             .with_context(|| format!("creating {shown}"))?;
         // `mode` above is filtered by the umask; make it exact.
@@ -325,14 +338,27 @@ impl Dir {
     /// Removes `name` and, if it is a real directory, everything under it; links are
     /// removed themselves and never followed.
     pub fn remove_tree(&self, name: &str) -> anyhow::Result<()> {
+        self.remove_tree_below(name, 0)
+    }
+
+    /// `remove_tree` at `depth` levels below its start. Ours are two levels deep (a backup,
+    /// its `keys/`, the files); a planted tree much deeper is refused rather than recursed.
+    fn remove_tree_below(&self, name: &str, depth: usize) -> anyhow::Result<()> {
+        const MAX_DEPTH: usize = 8;
         if self.kind(name)? != Kind::Dir {
             return self.remove_file(name);
+        }
+        if depth >= MAX_DEPTH {
+            return Err(refused(format!(
+                "{} is nested deeper than any directory of ours: remove it by hand",
+                self.shown(name)
+            )));
         }
         let Some(sub) = self.subdir(name)? else {
             return Ok(());
         };
         for (entry, _) in sub.entries()? {
-            sub.remove_tree(&entry)?;
+            sub.remove_tree_below(&entry, depth + 1)?;
         }
         unlinkat(&self.fd, name, UnlinkatFlags::RemoveDir)
             .with_context(|| format!("removing {}", self.shown(name)))
@@ -400,16 +426,11 @@ fn refused(text: String) -> anyhow::Error {
 }
 
 /// Splits a command-line path into its parent and last component (`--dir infra/secrets`:
-/// `infra`, `secrets`). A path ending in `..` or `/` only is resolved first, since its last
-/// component would name no entry of its own.
-fn split(path: &Path) -> anyhow::Result<(&Path, &str)> {
-    let name = path.file_name().and_then(OsStr::to_str).with_context(|| {
-        format!(
-            "{} does not end in a directory name (give it as …/NAME)",
-            path.display()
-        )
-    })?;
-    Ok((path.parent().unwrap_or(Path::new("")), name))
+/// `infra`, `secrets`); `None` for a path ending in `.`, `..` or `/` alone, whose last
+/// component is no entry of its own.
+fn split(path: &Path) -> Option<(&Path, &str)> {
+    let name = path.file_name()?.to_str()?;
+    Some((path.parent().unwrap_or(Path::new("")), name))
 }
 
 /// Opens an operator-named file for reading (following links in its path, as the operator
@@ -524,7 +545,10 @@ mod tests {
         let err = format!("{:#}", root.read_file("f", 4).unwrap_err());
         assert!(err.contains("larger than 4 bytes"), "{err}");
         assert!(root.read_file("missing", 4).unwrap().is_none());
-        let err = format!("{:#}", read_followed_file(Path::new("/dev/zero"), 10).unwrap_err());
+        let err = format!(
+            "{:#}",
+            read_followed_file(Path::new("/dev/zero"), 10).unwrap_err()
+        );
         assert!(err.contains("not a regular file"), "{err}");
         nix::unistd::mkfifo(&tmp.path().join("s/fifo"), Mode::from_bits_truncate(0o600)).unwrap();
         let err = format!("{:#}", root.read_file("fifo", 10).unwrap_err());
@@ -540,10 +564,31 @@ mod tests {
         deeper.create_synced("x", 0o600, b"x", || {}).unwrap();
         assert!(root.rename_new("a", "b").unwrap());
         root.private_subdir("c", 0o700).unwrap();
-        root.subdir("c").unwrap().unwrap().create_synced("y", 0o600, b"", || {}).unwrap();
+        root.subdir("c")
+            .unwrap()
+            .unwrap()
+            .create_synced("y", 0o600, b"", || {})
+            .unwrap();
         assert!(!root.rename_new("b", "c").unwrap());
         root.remove_tree("b").unwrap();
-        let names: Vec<String> = root.entries().unwrap().into_iter().map(|(n, _)| n).collect();
+        let names: Vec<String> = root
+            .entries()
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
         assert_eq!(names, ["c"]);
+    }
+
+    #[test]
+    fn dot_dirs_open_and_planted_deep_trees_are_refused() {
+        assert!(Dir::open_path(Path::new(".")).unwrap().is_some());
+        assert!(Dir::open_path(Path::new("/")).unwrap().is_some());
+        let tmp = tempfile::tempdir().unwrap();
+        assert!(Dir::open_path(&tmp.path().join("a/b")).unwrap().is_none());
+        let root = Dir::create_path(&tmp.path().join("s"), 0o700).unwrap();
+        std::fs::create_dir_all(tmp.path().join("s/deep").join("d/".repeat(12))).unwrap();
+        let err = format!("{:#}", root.remove_tree("deep").unwrap_err());
+        assert!(err.contains("nested deeper"), "{err}");
     }
 }

@@ -253,4 +253,133 @@ mod tests {
             assert!(!err.to_string().contains("secretvalue"));
         }
     }
+
+    #[test]
+    fn quoting_the_shell_reads_differently_draws_a_note_on_its_line() {
+        let text = "A=plain\nB=a\\ b\nC=$'x\\ty'\nD=it's\nE=$HOME\nF='a\\ b'\nG=\"$x\"\n";
+        let file = parse(text.as_bytes()).unwrap();
+        let lines: Vec<usize> = file.notes().iter().map(|(line, _)| *line).collect();
+        assert_eq!(lines, [2, 3, 4, 5]);
+        // The values are still taken literally.
+        assert_eq!(file.get("B").unwrap().expose(), "a\\ b");
+        assert_eq!(file.get("C").unwrap().expose(), "$'x\\ty'");
+        assert!(file.notes()[1].1.contains("not interpreted"));
+        // Adjacent quoted parts, which the shell would join, are refused.
+        assert_eq!(
+            parse(b"A='a'\"b\"\n").unwrap_err().problem,
+            "unexpected text after the closing quote"
+        );
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn name() -> impl Strategy<Value = String> {
+            "[A-Za-z_][A-Za-z0-9_]{0,20}"
+        }
+
+        /// A line end: LF or CRLF.
+        fn eol() -> impl Strategy<Value = &'static str> {
+            prop_oneof![Just("\n"), Just("\r\n")]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Any bytes: no panic, and an error names a line of the input and a fixed
+            /// phrase, never any of the input's text.
+            #[test]
+            fn arbitrary_bytes_never_panic_and_errors_name_only_a_line(
+                bytes in proptest::collection::vec(any::<u8>(), 0..512)
+            ) {
+                if let Err(err) = parse(&bytes) {
+                    let lines = bytes.split(|&b| b == b'\n').count();
+                    prop_assert!((1..=lines).contains(&err.line));
+                    prop_assert_eq!(err.to_string(), format!("line {}: {}", err.line, err.problem));
+                }
+            }
+
+            /// Lines made of shell-ish characters: the same, exercising quotes and escapes.
+            #[test]
+            fn shellish_text_never_panics(text in "[A-Z_=' \"\\\\$#a-z\t\r\n]{0,200}") {
+                if let Err(err) = parse(text.as_bytes()) {
+                    prop_assert!(err.line >= 1 && err.line <= text.split('\n').count());
+                }
+            }
+
+            /// A single-quoted value comes back verbatim, `export` and a trailing comment
+            /// or not, with no note.
+            #[test]
+            fn single_quoted_values_round_trip(
+                key in name(),
+                value in "[^'\n\r]{0,60}",
+                export in any::<bool>(),
+                comment in any::<bool>(),
+                end in eol(),
+            ) {
+                let text = format!(
+                    "{}{key}='{value}'{}{end}",
+                    if export { "export " } else { "" },
+                    if comment { "  # note" } else { "" },
+                );
+                let file = parse(text.as_bytes()).unwrap();
+                prop_assert_eq!(file.get(&key).map(Secret::expose), Some(value.as_str()));
+                prop_assert!(file.notes().is_empty());
+            }
+
+            /// A double-quoted value with `\`, `"`, `$` and a backtick escaped comes back
+            /// verbatim.
+            #[test]
+            fn double_quoted_values_round_trip(
+                key in name(),
+                value in "[^\n\r]{0,60}",
+                end in eol(),
+            ) {
+                let mut quoted = String::new();
+                for c in value.chars() {
+                    if matches!(c, '\\' | '"' | '$' | '`') {
+                        quoted.push('\\');
+                    }
+                    quoted.push(c);
+                }
+                let file = parse(format!("{key}=\"{quoted}\"{end}").as_bytes()).unwrap();
+                prop_assert_eq!(file.get(&key).map(Secret::expose), Some(value.as_str()));
+            }
+
+            /// A plain unquoted word comes back verbatim, with no note.
+            #[test]
+            fn plain_unquoted_values_round_trip(
+                key in name(),
+                value in "[A-Za-z0-9_.:/+=@%,~-]{0,40}",
+                end in eol(),
+            ) {
+                let file = parse(format!("{key}={value}{end}").as_bytes()).unwrap();
+                prop_assert_eq!(file.get(&key).map(Secret::expose), Some(value.as_str()));
+                prop_assert!(file.notes().is_empty());
+            }
+
+            /// In a file of many assignments, the last one of each name wins.
+            #[test]
+            fn the_last_assignment_wins(
+                assignments in proptest::collection::vec(
+                    (prop_oneof![Just("A"), Just("B"), Just("C")], "[^'\n\r]{0,20}"),
+                    1..20,
+                ),
+            ) {
+                let text: String = assignments
+                    .iter()
+                    .map(|(key, value)| format!("{key}='{value}'\n# comment\n\n"))
+                    .collect();
+                let file = parse(text.as_bytes()).unwrap();
+                for key in ["A", "B", "C"] {
+                    let last = assignments.iter().rev().find(|(k, _)| *k == key);
+                    prop_assert_eq!(
+                        file.get(key).map(Secret::expose),
+                        last.map(|(_, v)| v.as_str())
+                    );
+                }
+            }
+        }
+    }
 }

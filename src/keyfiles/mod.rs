@@ -270,7 +270,12 @@ impl Locked {
 fn lock_and_prepare(dir: &Path) -> anyhow::Result<Locked> {
     let root = Dir::create_path(dir, atomic::DIR_MODE)?;
     let lock = Flock::lock(root.try_clone_fd()?, FlockArg::LockExclusiveNonblock).map_err(
-        |(_, errno)| anyhow::anyhow!("another `generate` is running on {} ({errno})", dir.display()),
+        |(_, errno)| {
+            anyhow::anyhow!(
+                "another `generate` is running on {} ({errno})",
+                dir.display()
+            )
+        },
     )?;
     let keys = root.private_subdir("keys", atomic::DIR_MODE)?;
     let backups = root.subdir(backup::DIR)?;
@@ -520,7 +525,10 @@ fn write_manifest(
         Some(output) => {
             atomic::write_atomic(&output.dir, &output.file, manifest.as_bytes())
                 .with_context(|| format!("writing the manifest to {}", output.path.display()))?;
-            println!("wrote Kubernetes Secret {name} to {}", output.path.display());
+            println!(
+                "wrote Kubernetes Secret {name} to {}",
+                output.path.display()
+            );
         }
         None => {
             let mut out = std::io::stdout().lock();
@@ -556,7 +564,10 @@ fn backup_only(dir: &Path) -> anyhow::Result<Locked> {
     }
     let mut locked = lock_and_prepare(dir)?;
     if back_up_current(&mut locked)? == 0 {
-        println!("no secret files in {} to back up", locked.keys.path().display());
+        println!(
+            "no secret files in {} to back up",
+            locked.keys.path().display()
+        );
     }
     Ok(locked)
 }
