@@ -15,6 +15,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -54,8 +55,8 @@ impl Kind {
             Kind::File => "is a file, not a directory",
             Kind::Dir => "is a directory, not a file",
             Kind::Symlink => {
-                "is a symbolic link (links are not followed under the secrets directory; \
-                 put the file or directory itself there)"
+                "is a symbolic link, which `generate` does not follow (put the file or \
+                 directory itself there, or name its real path)"
             }
             Kind::Other => "is not a regular file (a FIFO, socket or device)",
         }
@@ -137,11 +138,19 @@ impl Dir {
             return Ok(dir);
         }
         let Some((parent, name)) = split(path) else {
-            std::fs::create_dir_all(path)
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode)
+                .create(path)
                 .with_context(|| format!("creating directory {}", path.display()))?;
             return Dir::open_followed(path);
         };
-        std::fs::create_dir_all(or_dot(parent))
+        // Missing parents are private too (with umask 000 they would be world-writable,
+        // letting anyone swap the secrets directory).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(mode)
+            .create(or_dot(parent))
             .with_context(|| format!("creating directory {}", or_dot(parent).display()))?;
         let parent = Dir::open_followed(parent)?;
         Ok(Dir {

@@ -252,18 +252,6 @@ struct Locked {
     backups: Option<Dir>,
 }
 
-impl Locked {
-    /// `backups/`, created (0700) on first use.
-    fn backups(&mut self) -> anyhow::Result<&Dir> {
-        if self.backups.is_none() {
-            self.backups = Some(self.root.private_subdir(backup::DIR, atomic::DIR_MODE)?);
-        }
-        self.backups
-            .as_ref()
-            .context("opening the backups directory")
-    }
-}
-
 /// Holds an exclusive `flock` on the secrets directory for the whole run, so two runs
 /// cannot interleave their writes or remove each other's temp files as leftovers. The
 /// lock is on the directory's own handle (opened without following a link), not a file.
@@ -443,21 +431,7 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<Locked> {
         .iter()
         .any(|(_, action, _)| *action == Action::Replace);
     if overwrites && !args.no_backup {
-        let files = backup::present_files(&locked.keys)?;
-        let keys = &locked.keys;
-        let made = match &locked.backups {
-            Some(backups) => backup::create(backups, keys, &files)?,
-            None => {
-                let backups = locked.root.private_subdir(backup::DIR, atomic::DIR_MODE)?;
-                let made = backup::create(&backups, keys, &files)?;
-                locked.backups = Some(backups);
-                made
-            }
-        };
-        report(
-            args,
-            &format!("backed up {} files to {}", files.len(), made.path.display()),
-        );
+        back_up_current(&mut locked, |line| report(args, line))?;
     }
     let keys = &locked.keys;
     for (entry, action, value) in &writes {
@@ -540,19 +514,23 @@ fn write_manifest(
     Ok(())
 }
 
-/// Backs up the catalog files now in `keys` (if any) and reports it; returns the count.
-fn back_up_current(locked: &mut Locked) -> anyhow::Result<usize> {
+/// Backs up the catalog files now in `keys/` (if any; `backups/` is created on first use)
+/// and reports it with `say`; returns how many files were backed up.
+fn back_up_current(locked: &mut Locked, say: impl Fn(&str)) -> anyhow::Result<usize> {
     let files = backup::present_files(&locked.keys)?;
     if files.is_empty() {
         return Ok(0);
     }
-    locked.backups()?;
-    let backups = locked
-        .backups
-        .as_ref()
-        .context("opening the backups directory")?;
+    let backups = match &mut locked.backups {
+        Some(backups) => backups,
+        none => none.insert(locked.root.private_subdir(backup::DIR, atomic::DIR_MODE)?),
+    };
     let made = backup::create(backups, &locked.keys, &files)?;
-    println!("backed up {} files to {}", files.len(), made.path.display());
+    say(&format!(
+        "backed up {} files to {}",
+        files.len(),
+        made.path.display()
+    ));
     Ok(files.len())
 }
 
@@ -563,7 +541,7 @@ fn backup_only(dir: &Path) -> anyhow::Result<Locked> {
         backup::present_files(&keys)?;
     }
     let mut locked = lock_and_prepare(dir)?;
-    if back_up_current(&mut locked)? == 0 {
+    if back_up_current(&mut locked, |line| println!("{line}"))? == 0 {
         println!(
             "no secret files in {} to back up",
             locked.keys.path().display()
@@ -603,7 +581,7 @@ fn restore(args: &GenerateArgs, name: Option<&str>) -> anyhow::Result<Locked> {
     }
     drop(existing);
     let mut locked = lock_and_prepare(&args.dir)?;
-    back_up_current(&mut locked)?;
+    back_up_current(&mut locked, |line| println!("{line}"))?;
     for file in &files {
         let value = source_keys
             .read_file(file, backup::MAX_COPY_BYTES)
