@@ -7,8 +7,9 @@
 //! durable backup exists before the first overwrite (`backup`), the user secrets file is
 //! parsed instead of sourced (`envfile`), and no value is ever printed: reports name files
 //! and actions only. Nothing under the directory is reached through a link (`dirfd`), and
-//! every input that can be refused is checked before the first write. This file holds the command line and the flow of each mode; the
-//! submodules hold the pieces, each with its own tests.
+//! every input that can be refused is checked before the first write. This file holds the
+//! command line and the flow of each mode; the submodules hold the pieces, each with its
+//! own tests.
 
 mod atomic;
 mod backup;
