@@ -57,12 +57,17 @@ pub fn load_env_file(
     path: &Path,
     explicit: bool,
 ) -> anyhow::Result<Option<EnvFile>> {
+    // A configuration error, said once (a refusal of the file is one already).
+    let config = |err: anyhow::Error| match Failure::of(&err) {
+        Some(_) => err,
+        None => err.context(Failure::Config),
+    };
     let bytes = if explicit {
-        read_followed_file(path, MAX_ENV_BYTES).context(Failure::Config)?
+        read_followed_file(path, MAX_ENV_BYTES).map_err(config)?
     } else {
         match root.map(|root| root.read_file(ENV_FILE, MAX_ENV_BYTES)) {
             None => return Ok(None),
-            Some(read) => match read.context(Failure::Config)? {
+            Some(read) => match read.map_err(config)? {
                 Some(bytes) => bytes,
                 None => return Ok(None),
             },
