@@ -1108,3 +1108,353 @@ fn every_option_works_from_its_environment_variable() {
     out.assert_output_free_of(values(&[&unbacked, &forced]).iter().map(Vec::as_slice));
     assert_eq!(snapshot(&fx.keys()), unbacked, "{out}");
 }
+
+// --- Links and special files planted in DIR, and inputs refused before the first write ---
+//
+// A cloned repository can carry symbolic links anywhere under DIR. `generate` never follows
+// one there: it refuses, names the path and the problem, and leaves the link's target as it
+// was (content and mode).
+
+/// A file outside DIR that planted links point at, with content that must never be copied
+/// anywhere and a mode that must never change.
+const TARGET_CONTENT: &str = "outside-target-content-0123456789";
+
+fn outside_target(fx: &Fixture, name: &str) -> PathBuf {
+    let path = fx.dir.parent().unwrap().join(name);
+    fs::write(&path, TARGET_CONTENT).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    path
+}
+
+/// Asserts that `target` still has its content and mode 0644.
+fn untouched(target: &Path, out: &Run) {
+    assert_eq!(fs::read_to_string(target).unwrap(), TARGET_CONTENT, "{out}");
+    assert_eq!(mode(target), 0o644, "the link's target was chmod'ed\n{out}");
+}
+
+/// Asserts that the target's content (raw or base64) appears in no output and no manifest.
+fn target_not_revealed(out: &Run, manifest: Option<&Path>) {
+    let encoded = base64::engine::general_purpose::STANDARD.encode(TARGET_CONTENT);
+    for text in [TARGET_CONTENT, encoded.as_str()] {
+        assert!(
+            !out.stdout.contains(text) && !out.stderr.contains(text),
+            "{out}"
+        );
+        if let Some(manifest) = manifest {
+            let written = fs::read_to_string(manifest).unwrap_or_default();
+            assert!(!written.contains(text), "the target reached the manifest");
+        }
+    }
+}
+
+/// Replaces `keys/FILE` by a symbolic link to `target`.
+fn plant_link(fx: &Fixture, file: &str, target: &Path) {
+    let link = fx.keys().join(file);
+    fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(target, &link).unwrap();
+}
+
+fn is_link(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
+}
+
+#[test]
+fn a_kept_key_file_that_is_a_symlink_is_refused_and_its_target_not_chmoded() {
+    let (fx, snap) = Fixture::new().generated();
+    let target = outside_target(&fx, "target.txt");
+    plant_link(&fx, "redis_password.txt", &target);
+    let out = run(with_oidc_env(generate(&fx.dir, &[]))).expect_code(3);
+    untouched(&target, &out);
+    target_not_revealed(&out, None);
+    out.assert_output_free_of(values(&[&snap]).iter().map(Vec::as_slice));
+    assert!(out.stderr.contains("redis_password.txt"), "{out}");
+    assert!(out.stderr.contains("symbolic link"), "{out}");
+    assert!(is_link(&fx.keys().join("redis_password.txt")), "{out}");
+}
+
+#[test]
+fn k8s_secret_with_a_symlinked_key_is_refused_and_the_target_never_reaches_the_manifest() {
+    let (fx, snap) = Fixture::new().generated();
+    let target = outside_target(&fx, "target.txt");
+    plant_link(&fx, "session_signing_secret.txt", &target);
+    let manifest = fx.dir.parent().unwrap().join("m.yaml");
+    let out = run(generate(
+        &fx.dir,
+        &[
+            "--k8s-secret",
+            "app",
+            "--output",
+            manifest.to_str().unwrap(),
+        ],
+    ))
+    .expect_code(3);
+    untouched(&target, &out);
+    target_not_revealed(&out, Some(&manifest));
+    out.assert_output_free_of(values(&[&snap]).iter().map(Vec::as_slice));
+    assert!(!manifest.exists(), "{out}");
+    assert!(out.stderr.contains("session_signing_secret.txt"), "{out}");
+    // To stdout (a pipe) as well.
+    let out = run(generate(&fx.dir, &["--k8s-secret", "app"])).expect_code(3);
+    target_not_revealed(&out, None);
+    assert!(!out.stdout.contains("data:"), "{out}");
+}
+
+/// A directory outside DIR that a planted link points at, holding a foreign file named
+/// like one of our temp files and a foreign `backup-…` directory.
+fn outside_dir(fx: &Fixture) -> PathBuf {
+    let elsewhere = fx.dir.parent().unwrap().join("elsewhere");
+    fs::create_dir_all(elsewhere.join("backup-20200101-000000/keys")).unwrap();
+    fs::write(
+        elsewhere.join("backup-20200101-000000/keys/redis_password.txt"),
+        TARGET_CONTENT,
+    )
+    .unwrap();
+    fs::write(elsewhere.join(".foreign.tmp-1-abcdef"), TARGET_CONTENT).unwrap();
+    fs::set_permissions(&elsewhere, fs::Permissions::from_mode(0o755)).unwrap();
+    elsewhere
+}
+
+/// Asserts that `elsewhere` (from `outside_dir`) is exactly as it was made.
+fn outside_dir_untouched(elsewhere: &Path, out: &Run) {
+    assert_eq!(mode(elsewhere), 0o755, "{out}");
+    let mut names: Vec<String> = fs::read_dir(elsewhere)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [".foreign.tmp-1-abcdef", "backup-20200101-000000"],
+        "{out}"
+    );
+    assert!(
+        elsewhere
+            .join("backup-20200101-000000/keys/redis_password.txt")
+            .exists(),
+        "{out}"
+    );
+}
+
+#[test]
+fn keys_as_a_symlink_to_another_directory_is_refused_and_that_directory_untouched() {
+    let fx = Fixture::new();
+    fs::create_dir_all(&fx.dir).unwrap();
+    let elsewhere = outside_dir(&fx);
+    std::os::unix::fs::symlink(&elsewhere, fx.keys()).unwrap();
+    for args in [
+        &[][..],
+        &["--force"],
+        &["--backup-only"],
+        &["--verify"],
+        &["--list"],
+    ] {
+        let out = run(with_oidc_env(generate(&fx.dir, args)));
+        assert_ne!(out.status.code(), Some(0), "{out}");
+        assert!(out.stderr.contains("keys"), "{out}");
+        assert!(out.stderr.contains("symbolic link"), "{out}");
+        outside_dir_untouched(&elsewhere, &out);
+    }
+}
+
+#[test]
+fn backups_as_a_symlink_is_refused_and_foreign_backups_are_never_pruned() {
+    let (fx, snap) = Fixture::new().generated();
+    let elsewhere = outside_dir(&fx);
+    std::os::unix::fs::symlink(&elsewhere, fx.dir.join("backups")).unwrap();
+    for args in [
+        &["--keep-backups", "1"][..],
+        &["--backup-only", "--keep-backups", "1"],
+        &["--force", "--keep-backups", "1"],
+        &["--restore", "backup-20200101-000000", "--yes"],
+        &["--list-backups"],
+    ] {
+        let out = run(with_oidc_env(generate(&fx.dir, args))).expect_code(3);
+        assert!(out.stderr.contains("backups"), "{out}");
+        assert!(out.stderr.contains("symbolic link"), "{out}");
+        outside_dir_untouched(&elsewhere, &out);
+        target_not_revealed(&out, None);
+        assert_eq!(snapshot(&fx.keys()), snap, "{out}");
+    }
+}
+
+#[test]
+fn force_backup_never_copies_a_symlink_target_and_leaves_the_link_alone() {
+    let (fx, snap) = Fixture::new().generated();
+    let target = outside_target(&fx, "target.txt");
+    plant_link(&fx, "postgres_password.txt", &target);
+    for args in [
+        &["--force"][..],
+        &["--backup-only"],
+        &["--restore", "--yes"],
+    ] {
+        let out = run(with_oidc_env(generate(&fx.dir, args))).expect_code(3);
+        untouched(&target, &out);
+        target_not_revealed(&out, None);
+        assert!(out.stderr.contains("postgres_password.txt"), "{out}");
+        assert!(fx.backups().is_empty(), "a backup was taken\n{out}");
+        assert!(is_link(&fx.keys().join("postgres_password.txt")), "{out}");
+        let now = snapshot(&fx.keys());
+        for (file, value) in &snap {
+            if file != "postgres_password.txt" {
+                assert_eq!(&now[file], value, "{file} changed\n{out}");
+            }
+        }
+    }
+}
+
+#[test]
+fn force_with_an_output_in_a_missing_directory_is_refused_before_any_write() {
+    let (fx, snap) = Fixture::new().generated();
+    let manifest = fx.dir.parent().unwrap().join("missing-dir/secret.yaml");
+    let out = run(with_oidc_env(generate(
+        &fx.dir,
+        &[
+            "--force",
+            "--k8s-secret",
+            "app",
+            "--output",
+            manifest.to_str().unwrap(),
+        ],
+    )))
+    .expect_code(3);
+    out.assert_output_free_of(values(&[&snap]).iter().map(Vec::as_slice));
+    assert!(out.stderr.contains("missing-dir"), "{out}");
+    assert_eq!(snapshot(&fx.keys()), snap, "keys changed\n{out}");
+    assert!(fx.backups().is_empty(), "a backup was taken\n{out}");
+    assert!(!manifest.parent().unwrap().exists());
+
+    // An output that names a directory is refused up front as well.
+    let out = run(with_oidc_env(generate(
+        &fx.dir,
+        &[
+            "--force",
+            "--k8s-secret",
+            "app",
+            "--output",
+            fx.keys().to_str().unwrap(),
+        ],
+    )))
+    .expect_code(3);
+    assert_eq!(snapshot(&fx.keys()), snap, "keys changed\n{out}");
+    assert!(fx.backups().is_empty(), "a backup was taken\n{out}");
+}
+
+/// Runs `cmd` under a 512 MiB address-space limit and a 20 s watchdog; a run that is
+/// still going then is killed and fails the test (it was blocked or reading forever).
+fn run_bounded(cmd: Command) -> Run {
+    let mut limited = Command::new("prlimit");
+    limited.arg("--as=536870912").arg(cmd.get_program());
+    limited.args(cmd.get_args());
+    for (var, value) in cmd.get_envs() {
+        match value {
+            Some(value) => limited.env(var, value),
+            None => limited.env_remove(var),
+        };
+    }
+    Running::spawn(limited).finish(Duration::from_secs(20))
+}
+
+#[test]
+fn an_env_file_that_is_a_symlink_to_dev_zero_is_refused_quickly() {
+    // The default file under DIR: a link there is refused without being opened.
+    let fx = Fixture::new();
+    fs::create_dir_all(&fx.dir).unwrap();
+    let env = fx.dir.join("user-provided.env");
+    std::os::unix::fs::symlink("/dev/zero", &env).unwrap();
+    let out = run_bounded(with_oidc_env(generate(&fx.dir, &[]))).expect_code(3);
+    assert!(out.stderr.contains("user-provided.env"), "{out}");
+    assert!(!fx.keys().exists(), "{out}");
+
+    // A file named with --user-secrets-file may be a link (the operator chose the path),
+    // but what it opens must be a regular file of bounded size.
+    let fx = Fixture::new();
+    let link = fx.dir.parent().unwrap().join("zero.env");
+    std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+    for file in [link.as_path(), Path::new("/dev/zero")] {
+        let args = ["--user-secrets-file", file.to_str().unwrap()];
+        let out = run_bounded(with_oidc_env(generate(&fx.dir, &args))).expect_code(3);
+        assert!(out.stderr.contains("not a regular file"), "{out}");
+        assert!(out.stderr.contains(file.to_str().unwrap()), "{out}");
+        assert!(!fx.keys().exists(), "{out}");
+    }
+
+    // A regular file far larger than any env file is refused before it is read.
+    let big = fx.dir.parent().unwrap().join("big.env");
+    let file = fs::File::create(&big).unwrap();
+    file.set_len(8 << 30).unwrap(); // sparse: 8 GiB of apparent size
+    let args = ["--user-secrets-file", big.to_str().unwrap()];
+    let out = run_bounded(with_oidc_env(generate(&fx.dir, &args))).expect_code(3);
+    assert!(out.stderr.contains("larger than"), "{out}");
+    assert!(!fx.keys().exists(), "{out}");
+}
+
+#[test]
+fn an_env_file_that_is_a_fifo_is_refused_and_never_blocks() {
+    let fx = Fixture::new();
+    fs::create_dir_all(&fx.dir).unwrap();
+    let fifo = fx.dir.join("user-provided.env");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let out = run_bounded(with_oidc_env(generate(&fx.dir, &[]))).expect_code(3);
+    assert!(out.stderr.contains("user-provided.env"), "{out}");
+    assert!(out.stderr.contains("not a regular file"), "{out}");
+    assert!(!fx.keys().exists(), "{out}");
+    let args = ["--user-secrets-file", fifo.to_str().unwrap()];
+    let out = run_bounded(with_oidc_env(generate(&fx.dir, &args))).expect_code(3);
+    assert!(out.stderr.contains("not a regular file"), "{out}");
+}
+
+#[test]
+fn dir_itself_as_a_symlink_is_refused() {
+    let (fx, snap) = Fixture::new().generated();
+    let link = fx.dir.parent().unwrap().join("link-to-secrets");
+    std::os::unix::fs::symlink(&fx.dir, &link).unwrap();
+    let out = run(with_oidc_env(generate(&link, &["--force"]))).expect_code(3);
+    assert!(out.stderr.contains("link-to-secrets"), "{out}");
+    assert!(out.stderr.contains("symbolic link"), "{out}");
+    assert_eq!(snapshot(&fx.keys()), snap, "{out}");
+    assert!(fx.backups().is_empty(), "{out}");
+}
+
+#[test]
+fn verify_and_list_report_a_symlinked_key_file_without_following_it() {
+    let (fx, _snap) = Fixture::new().generated();
+    let target = outside_target(&fx, "target.txt");
+    plant_link(&fx, "csrf_signing_secret.txt", &target);
+    let out = run(generate(&fx.dir, &["--verify"])).expect_code(7);
+    assert!(
+        out.stdout
+            .contains("csrf_signing_secret.txt: is a symbolic link"),
+        "{out}"
+    );
+    let out = run(generate(&fx.dir, &["--list"])).expect_ok();
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("csrf_signing_secret.txt"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains("symbolic link"), "{out}");
+    // The target's size (33) and mode (0644) are not shown as the file's.
+    assert!(!line.contains("0644") && !line.contains(" 33 "), "{out}");
+    untouched(&target, &out);
+}
+
+#[test]
+fn a_symlinked_backup_is_neither_listed_restored_nor_pruned() {
+    let (fx, snap) = Fixture::new().generated();
+    let elsewhere = outside_dir(&fx);
+    run(generate(&fx.dir, &["--backup-only"])).expect_ok();
+    let planted = fx.dir.join("backups/backup-20000101-000000");
+    std::os::unix::fs::symlink(elsewhere.join("backup-20200101-000000"), &planted).unwrap();
+    let out = run(generate(&fx.dir, &["--list-backups"])).expect_ok();
+    assert!(!out.stdout.contains("backup-20000101-000000"), "{out}");
+    let out = run(generate(
+        &fx.dir,
+        &["--restore", "backup-20000101-000000", "--yes"],
+    ))
+    .expect_code(3);
+    assert!(out.stderr.contains("symbolic link"), "{out}");
+    assert_eq!(snapshot(&fx.keys()), snap, "{out}");
+    let out = run(generate(&fx.dir, &["--backup-only", "--keep-backups", "1"])).expect_ok();
+    assert!(is_link(&planted), "{out}");
+    outside_dir_untouched(&elsewhere, &out);
+}
