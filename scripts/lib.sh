@@ -78,7 +78,7 @@ release_bin() {
     local target_dir host
     target_dir="$(cargo metadata --format-version 1 --no-deps --offline |
         sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
-    host="$(rustc -vV | sed -n 's/^host: //p')"
+    host="$(rustc --print host-tuple)"
     [[ -n "$target_dir" && -n "$host" ]] || {
         echo "release_bin: cannot tell cargo's target dir or the host triple" >&2
         return 1
