@@ -10,7 +10,7 @@
 #   --base-only   only make sure the base image exists (build it when missing), then exit
 #
 # Environment:
-#   PG_PASSWORD_SYNC_BIN   path of an already built binary (default: scripts/build-release.sh)
+#   PG_PASSWORD_SYNC_BIN   path of an already built binary (default: cargo build --release)
 #   E2E_BASE_IMAGE         base image tag (default pg-password-sync-base:bookworm)
 #   E2E_KEEP=1             keep containers, network, volume and temp dir for inspection
 #
@@ -358,10 +358,10 @@ build_binary() {
         return 0
     fi
     command -v cargo >/dev/null 2>&1 || die "cargo not found; build the binary or set PG_PASSWORD_SYNC_BIN"
-    log "scripts/build-release.sh --locked (the binary as shipped)"
+    log "cargo build --release --locked (the binary as shipped)"
     local build_log
     build_log="$(mktemp /tmp/pg-password-sync-e2e-cargo.XXXXXX)"
-    if ! BIN="$("$REPO_ROOT/scripts/build-release.sh" --locked 2>"$build_log")"; then
+    if ! BIN="$(cd "$REPO_ROOT" && build_release --locked 2>"$build_log")"; then
         tail -n 40 "$build_log" >&2
         rm -f "$build_log"
         die "cargo build failed"
