@@ -221,6 +221,7 @@ async fn work(
     let options = Options {
         strict: args.options.strict,
         dry_run: false,
+        blockers: args.options.blockers.policy(),
     };
     let mut syncer = Syncer::new(config, options);
     first_sync(

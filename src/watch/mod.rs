@@ -56,6 +56,7 @@ pub fn command(args: WatchArgs) -> anyhow::Result<u8> {
     let options = Options {
         strict: args.options.strict,
         dry_run: false,
+        blockers: args.options.blockers.policy(),
     };
     // One thread is plenty: the work is a few file reads and one connection per rotation.
     tokio::runtime::Builder::new_current_thread()
