@@ -149,9 +149,10 @@ pub struct Watchdog<'a> {
     /// The sync's backend, whose waits are watched (set per attempt: a retry may use the
     /// same connection, but the pid is read again rather than assumed).
     backend_pid: i32,
-    /// When the sync started; the termination and give-up clocks run from here across
-    /// attempts, so a chain of blockers cannot restart them.
-    started: Instant,
+    /// When the first statement the watchdog found blocked began to wait. The termination
+    /// and give-up clocks run from here across statements and attempts, so a chain of
+    /// blockers cannot restart them (and the sync's own work does not count).
+    blocked_since: Option<Instant>,
     monitor: Option<Client>,
     monitor_failed: bool,
     /// The blockers last named in the log (a new line only when the set changes).
@@ -168,7 +169,7 @@ impl<'a> Watchdog<'a> {
             policy,
             connect,
             backend_pid: 0,
-            started: Instant::now(),
+            blocked_since: None,
             monitor: None,
             monitor_failed: false,
             reported: Vec::new(),
@@ -183,9 +184,13 @@ impl<'a> Watchdog<'a> {
 
     /// Time left before the sync gives up waiting (zero when it is over).
     pub fn time_left(&self) -> Duration {
-        self.policy
-            .total_wait()
-            .saturating_sub(self.started.elapsed())
+        self.policy.total_wait().saturating_sub(self.waited())
+    }
+
+    /// How long the sync has been held up so far.
+    fn waited(&self) -> Duration {
+        self.blocked_since
+            .map_or(Duration::ZERO, |since| since.elapsed())
     }
 
     /// Runs one statement that may wait for a lock, watching the wait. `what` says what the
@@ -197,12 +202,13 @@ impl<'a> Watchdog<'a> {
     ) -> anyhow::Result<T> {
         let statement = std::pin::pin!(statement);
         let mut statement = statement;
+        let started = Instant::now();
         let mut next_look = tokio::time::Instant::now() + FIRST_LOOK;
         loop {
             tokio::select! {
-                result = &mut statement => return self.outcome(what, result),
+                result = &mut statement => return self.outcome(what, started, result),
                 () = tokio::time::sleep_until(next_look) => {
-                    self.look().await;
+                    self.look(started).await;
                     next_look = tokio::time::Instant::now() + POLL;
                 }
             }
@@ -210,7 +216,12 @@ impl<'a> Watchdog<'a> {
     }
 
     /// The statement's result; a wait that ran out becomes an error naming the blockers.
-    fn outcome<T>(&self, what: &str, result: Result<T, Error>) -> anyhow::Result<T> {
+    fn outcome<T>(
+        &self,
+        what: &str,
+        started: Instant,
+        result: Result<T, Error>,
+    ) -> anyhow::Result<T> {
         let err = match result {
             Ok(value) => return Ok(value),
             Err(err) => err,
@@ -222,7 +233,7 @@ impl<'a> Watchdog<'a> {
         if !(timed_out || self.gave_up) {
             return Err(err).context(what.to_owned());
         }
-        let waited = self.started.elapsed().as_secs_f64();
+        let waited = self.waited().max(started.elapsed()).as_secs_f64();
         let held_by = if self.last_seen.is_empty() {
             "another session (no second connection could be opened to name it)".to_owned()
         } else {
@@ -235,16 +246,23 @@ impl<'a> Watchdog<'a> {
         } else {
             "the blocking sessions could not be ended"
         };
+        // When the watchdog cancelled the statement, the server's "canceling statement due
+        // to user request" would only confuse; its own timeouts say what they are.
+        let server = match (self.gave_up, err.as_db_error()) {
+            (false, Some(db)) => format!(" (server: {})", db.message()),
+            _ => String::new(),
+        };
         Err(anyhow!(
             "gave up after waiting {waited:.1}s for locks held by {held_by} ({why}); \
-             nothing was changed: {err}"
+             nothing was changed{server}"
         ))
         .context(what.to_owned())
     }
 
-    /// One look at who blocks the sync; names them, ends the ones that may be ended once
-    /// their time is up, and cancels the sync's own statement when the total wait is over.
-    async fn look(&mut self) {
+    /// One look at who blocks the sync (whose waiting statement began at `statement_started`);
+    /// names them, ends the ones that may be ended once their time is up, and cancels the
+    /// sync's own statement when the total wait is over.
+    async fn look(&mut self, statement_started: Instant) {
         let blockers = match self.blockers().await {
             Ok(blockers) => blockers,
             Err(err) => {
@@ -261,7 +279,8 @@ impl<'a> Watchdog<'a> {
         if blockers.is_empty() {
             return;
         }
-        let waited = self.started.elapsed();
+        let since = *self.blocked_since.get_or_insert(statement_started);
+        let waited = since.elapsed();
         let pids: Vec<i32> = blockers.iter().map(|b| b.pid).collect();
         if pids != self.reported {
             let action = match self.policy.terminate_after {
@@ -343,7 +362,7 @@ impl<'a> Watchdog<'a> {
         }
         if !ended.is_empty() {
             tracing::warn!(
-                waited = format_args!("{:.1}s", self.started.elapsed().as_secs_f64()),
+                waited = format_args!("{:.1}s", self.waited().as_secs_f64()),
                 "ended blocking non-superuser sessions: {}",
                 describe(&ended)
             );
