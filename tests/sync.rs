@@ -6,6 +6,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use common::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 /// Creates the four default roles with old passwords and writes new ones to `keys`.
 /// Returns the new secrets in DEFAULT_ROLES order.
@@ -996,4 +998,47 @@ fn verifiers_follow_the_servers_scram_iterations() {
         Some(&cluster),
         &[&out, &again, &upgrade],
     );
+}
+
+#[test]
+fn a_watcher_rotation_held_up_by_the_leaked_login_is_applied_and_the_log_says_why() {
+    let (cluster, keys, secrets) = started();
+    let state = tempfile::tempdir().unwrap();
+    let mut cmd = bin_for("watch", &cluster, &keys);
+    cmd.args(["--debounce", "50ms", "--state-dir"])
+        .arg(state.path())
+        .env("PG_PASSWORD_SYNC_TERMINATE_BLOCKERS_AFTER", "2s");
+    let watcher = Running::spawn(cmd);
+    wait_until(Duration::from_secs(30), "the first sync", || {
+        cluster.login("appuser", &secrets[1]).is_ok()
+    });
+    // The attacker knows the password in force and keeps its pg_authid row locked.
+    let hostile = Session::connect(cluster.port, "appuser", &secrets[1]);
+    hostile.exec("BEGIN").unwrap();
+    hostile
+        .exec(&format!(
+            "ALTER ROLE appuser PASSWORD {}",
+            quote_literal(&unique("hostile-other"))
+        ))
+        .unwrap();
+    let rotated = unique("rotated pw");
+    keys.write("postgres_app_user_pw", &rotated);
+    wait_until(
+        Duration::from_secs(30),
+        "the rotation to be in force",
+        || cluster.login("appuser", &rotated).is_ok(),
+    );
+    cluster.assert_no_login("appuser", &secrets[1]);
+    assert!(!hostile.alive(), "the blocking session was ended");
+    kill(Pid::from_raw(watcher.pid()), Signal::SIGTERM).unwrap();
+    let out = watcher.finish(Duration::from_secs(30));
+    out.expect_stderr(&format!(
+        "the sync is blocked by other sessions: pid {} (role \"appuser\"",
+        hostile.pid
+    ))
+    .expect_stderr("ended blocking non-superuser sessions: ");
+    assert_no_verifier_in_log(&cluster);
+    let mut all = secrets_ref(&secrets);
+    all.push(&rotated);
+    assert_no_leak(&all, Some(&cluster), &[&out]);
 }
