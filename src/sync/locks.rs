@@ -161,6 +161,8 @@ pub struct Watchdog<'a> {
     last_seen: Vec<Blocker>,
     /// Set when the watchdog cancelled the sync's statement itself.
     gave_up: bool,
+    /// Sessions already ended (a dying session may still show up on the next look).
+    ended: Vec<i32>,
 }
 
 impl<'a> Watchdog<'a> {
@@ -175,6 +177,7 @@ impl<'a> Watchdog<'a> {
             reported: Vec::new(),
             last_seen: Vec::new(),
             gave_up: false,
+            ended: Vec::new(),
         }
     }
 
@@ -200,8 +203,7 @@ impl<'a> Watchdog<'a> {
         what: &str,
         statement: impl Future<Output = Result<T, Error>>,
     ) -> anyhow::Result<T> {
-        let statement = std::pin::pin!(statement);
-        let mut statement = statement;
+        let mut statement = std::pin::pin!(statement);
         let started = Instant::now();
         let mut next_look = tokio::time::Instant::now() + FIRST_LOOK;
         loop {
@@ -346,7 +348,11 @@ impl<'a> Watchdog<'a> {
             return;
         };
         let mut ended = Vec::new();
-        for blocker in self.last_seen.iter().filter(|b| b.may_be_ended()) {
+        for blocker in self
+            .last_seen
+            .iter()
+            .filter(|b| b.may_be_ended() && !self.ended.contains(&b.pid))
+        {
             // pg_terminate_backend rolls back the session's transaction and closes it,
             // which releases its locks (advisory ones included) at once.
             match monitor
@@ -360,6 +366,7 @@ impl<'a> Watchdog<'a> {
                 }
             }
         }
+        self.ended.extend(ended.iter().map(|b| b.pid));
         if !ended.is_empty() {
             tracing::warn!(
                 waited = format_args!("{:.1}s", self.waited().as_secs_f64()),
