@@ -40,8 +40,8 @@ const LEFTOVER_STOP_LIMIT: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone)]
 pub struct RunSettings {
     pub config: ConfigSettings,
-    /// `--strict`.
-    pub strict: bool,
+    /// How the sync applies (`--strict`, blocking sessions); `run` never dry-runs.
+    pub options: Options,
     pub watch: WatchOptions,
     /// Do not watch the secret files after the first sync (SIGHUP still re-syncs).
     pub no_watch: bool,
@@ -129,11 +129,7 @@ async fn work(
     let ready_at = Instant::now();
     state.record_ready_pid(pidfile.pid);
     let config = target_server(config, &pidfile);
-    let options = Options {
-        strict: settings.strict,
-        dry_run: false,
-    };
-    let mut syncer = Syncer::new(config, options);
+    let mut syncer = Syncer::new(config, settings.options);
     let watching = !settings.no_watch;
     let first = first_sync_with_retry(
         &mut syncer,
