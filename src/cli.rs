@@ -20,7 +20,7 @@ use crate::keyfiles::GenerateArgs;
 ///
 /// Exit codes: 0 ok; 1 unexpected error; 2 bad command line; 3 bad configuration or secret
 /// file; 4 cannot connect or authenticate; 5 SQL failure; 6 missing role under --strict;
-/// 7 verify failed (or not verifiable); 8 not healthy; 130 interrupted at a `generate` prompt. `run` exits with
+/// 7 verify failed; 8 not healthy; 130 interrupted at a `generate` prompt. `run` exits with
 /// its child's status (128+N when the child was killed by signal N, 127 when CMD is not
 /// found, 126 when it cannot be executed).
 #[derive(Debug, Parser)]
