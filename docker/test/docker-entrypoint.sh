@@ -173,7 +173,7 @@ process_init_files() {
             *.sql.gz) log "running $f"; gzip -dc "$f" | sql --dbname "$POSTGRES_DB" ;;
             *.sql.xz) log "running $f"; xz -dc "$f" | sql --dbname "$POSTGRES_DB" ;;
             *.sql.zst) log "running $f"; zstd -dc "$f" | sql --dbname "$POSTGRES_DB" ;;
-            *) [[ -e "$f" ]] && log "ignoring $f" ;;
+            *) if [[ -e "$f" ]]; then log "ignoring $f"; fi ;;
         esac
     done
 }
@@ -197,15 +197,18 @@ initialise() {
         exit 1
     fi
     log "initializing the database cluster in $PGDATA (PostgreSQL $PG_MAJOR layout)"
-    local pwopt=() extra=()
-    if [[ -n "${POSTGRES_PASSWORD:-}" ]]; then
-        # Through a pipe, never argv. The trailing newline: initdb rejects an empty file.
-        pwopt=(--pwfile=<(printf '%s\n' "$POSTGRES_PASSWORD"))
-    fi
+    local args=() extra=()
     read -r -a extra <<<"${POSTGRES_INITDB_ARGS:-}"
     # No -A/--auth: initdb's own defaults (trust) stay in pg_hba.conf, as in the image.
-    initdb --username="$POSTGRES_USER" "${pwopt[@]}" --encoding=UTF8 --locale=C.UTF-8 \
-        "${extra[@]}" >/dev/null
+    args=(--username="$POSTGRES_USER" --encoding=UTF8 --locale=C.UTF-8 "${extra[@]}")
+    if [[ -n "${POSTGRES_PASSWORD:-}" ]]; then
+        # Through a pipe, never argv (printf is a builtin). The process substitution
+        # lives only as long as this one command. The newline: initdb rejects an
+        # empty file.
+        initdb --pwfile=<(printf '%s\n' "$POSTGRES_PASSWORD") "${args[@]}" >/dev/null
+    else
+        initdb "${args[@]}" >/dev/null
+    fi
     {
         echo "listen_addresses = '*'"
         echo "port = $PGPORT"
