@@ -111,6 +111,17 @@ lint_k8s() {
     "$kv" --strict --quiet --kubernetes-version "$K8S_VERSION" "${files[@]}"
 }
 
+# Data directory and volume where the image's PostgreSQL major wants them (18+:
+# PGDATA /var/lib/postgresql/<major>/docker, volume /var/lib/postgresql), which no
+# schema checks. Needs PyYAML (a dependency of kubernetes-validate, installed above).
+lint_pg_layout() {
+    local files=()
+    mapfile -d '' files < <(repo_files 'docker/k8s/*.yaml' 'docker/compose.yaml')
+    ((${#files[@]} > 0)) || return 0
+    log "docker/check-layout.py: ${#files[@]} files"
+    "${PYTHON:-python3}" "$REPO_ROOT/docker/check-layout.py" "${files[@]}"
+}
+
 lint_compose() {
     local files=() f compose=()
     mapfile -d '' files < <(repo_files 'docker/compose.yaml' 'docker/compose*.yaml' 'compose.yaml' 'docker-compose.yml')
@@ -144,6 +155,7 @@ main() {
     check "shellcheck" lint_shell
     check "hadolint" lint_docker
     check "kubernetes-validate" lint_k8s
+    check "PostgreSQL data layout" lint_pg_layout
     check "compose config" lint_compose
     echo "lint: ${#PASSED[@]} passed, ${#FAILED[@]} failed"
     ((${#FAILED[@]} == 0))

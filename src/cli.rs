@@ -221,8 +221,9 @@ pub struct VerifyArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Host to log in over TCP (verify always uses TCP + SCRAM, like the application).
-    #[arg(long, env = "PG_VERIFY_HOST", default_value = "127.0.0.1")]
-    pub host: String,
+    /// Without it: 127.0.0.1, or this machine's own addresses when 127.0.0.1 is trusted.
+    #[arg(long, env = "PG_VERIFY_HOST")]
+    pub host: Option<String>,
     /// Also check that this NOLOGIN owner role refuses login (with `postgres_app_owner_pw`).
     #[arg(long, env = "APP_DB_OWNER")]
     pub owner: Option<String>,
