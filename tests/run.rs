@@ -1062,3 +1062,125 @@ fn a_standby_is_supervised_and_its_sync_skipped() {
     let out = sup.finish(Duration::from_secs(10)).expect_ok();
     assert!(!out.stderr.contains(" ERROR "), "{}", out.stderr);
 }
+
+/// `run` and its child, started with `run`'s stderr a pipe whose reader is gone; both are
+/// killed if the test ends early.
+struct ClosedStderr {
+    outer: std::process::Child,
+    /// The host pid of `run` (unshare's child in `Mode::Pid1`).
+    pid: u32,
+}
+
+impl ClosedStderr {
+    fn spawn(mode: Mode, mut cmd: Command) -> ClosedStderr {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let outer = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(writer)
+            .spawn()
+            .unwrap();
+        // Our copy of the write end goes with `cmd`.
+        drop(cmd);
+        let mut started = ClosedStderr {
+            pid: outer.id(),
+            outer,
+        };
+        if mode == Mode::Pid1 {
+            let outer = started.pid;
+            wait_until(Duration::from_secs(10), "unshare's child", || {
+                first_child(outer).is_some()
+            });
+            started.pid = first_child(outer).unwrap();
+        }
+        started
+    }
+}
+
+impl Drop for ClosedStderr {
+    fn drop(&mut self) {
+        if self.outer.try_wait().is_ok_and(|s| s.is_none()) {
+            let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+            let _ = self.outer.kill();
+            let _ = self.outer.wait();
+        }
+    }
+}
+
+/// A container whose log reader went away: every line `run` writes fails with EPIPE and
+/// raises a SIGPIPE at `run` itself. That SIGPIPE is ours, not the child's (it is not
+/// forwarded, while a SIGPIPE sent with `kill` is), and neither it nor the lost lines end
+/// `run` while the child runs: it still exits with the child's code.
+fn closed_stderr(mode: Mode) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("signals.log");
+    let script = dir.path().join("child.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/bash\nf=\"$1\"\nnote() { echo \"$1\" >>\"$f\"; }\n\
+         trap 'note USR1' USR1\ntrap 'note USR2' USR2\ntrap 'note PIPE' PIPE\nnote ready\n\
+         while [ ! -e \"$f.stop\" ]; do sleep 0.05 & wait \"$!\"; done\nexit 7\n",
+    )
+    .unwrap();
+    let lines = || -> Vec<String> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    let mut cmd = mode.bin();
+    cmd.env("RUST_LOG", "debug")
+        .args(["run", "--no-sync", "--", "bash"])
+        .arg(&script)
+        .arg(&log);
+    let mut run = ClosedStderr::spawn(mode, cmd);
+    wait_until(Duration::from_secs(10), "the child's traps", || {
+        lines().first().map(String::as_str) == Some("ready")
+    });
+    // Each signal is logged ("forwarding"), and each of those lines raises our SIGPIPE
+    // before the signal is forwarded; so when the child has USR2, the SIGPIPE of USR1's
+    // line has long been handled.
+    for (n, signal) in [Signal::SIGUSR1, Signal::SIGUSR2].into_iter().enumerate() {
+        kill(Pid::from_raw(run.pid as i32), signal).unwrap();
+        wait_until(Duration::from_secs(10), "the child's note", || {
+            lines().len() > n + 1 || run.outer.try_wait().unwrap().is_some()
+        });
+        assert!(
+            run.outer.try_wait().unwrap().is_none(),
+            "run ended on a closed stderr: {:?}",
+            lines()
+        );
+    }
+    assert_eq!(
+        lines(),
+        ["ready", "USR1", "USR2"],
+        "our SIGPIPE is not the child's"
+    );
+    // A SIGPIPE sent to `run` is still forwarded.
+    kill(Pid::from_raw(run.pid as i32), Signal::SIGPIPE).unwrap();
+    wait_until(Duration::from_secs(10), "the forwarded SIGPIPE", || {
+        lines().len() > 3
+    });
+    std::fs::write(dir.path().join("signals.log.stop"), "").unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = run.outer.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "run did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(status.code(), Some(7), "the child's code");
+    assert_eq!(lines(), ["ready", "USR1", "USR2", "PIPE"]);
+}
+
+both_modes!(
+    closed_stderr =>
+    a_closed_stderr_neither_ends_run_nor_sends_the_child_a_sigpipe_as_pid1,
+    a_closed_stderr_neither_ends_run_nor_sends_the_child_a_sigpipe_as_subreaper
+);
