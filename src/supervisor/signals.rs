@@ -191,6 +191,69 @@ mod tests {
         assert_eq!(action(pipe, OTHER, OTHER), Action::OwnBrokenPipe);
     }
 
+    /// Set in the re-executed test binary that runs `overflow_with_every_signal_blocked`.
+    const FAULT_CHILD: &str = "PG_PASSWORD_SYNC_TEST_FAULT_CHILD";
+
+    /// A real fault of ours is not held by the mask: the process still dies of it, with
+    /// its default action (std's stack-overflow handler does not even run: that would end
+    /// in SIGABRT). The one fault safe code can raise is a stack overflow (SIGSEGV on the
+    /// guard page), raised in a child: this test binary again, running only the helper
+    /// below; as a plain process and, where possible, as a pid namespace's init, whose
+    /// signals with a default action the kernel otherwise drops.
+    #[test]
+    fn a_real_fault_still_kills_with_every_signal_blocked() {
+        use std::os::unix::process::ExitStatusExt;
+        let exe = std::env::current_exe().unwrap();
+        let helper = [
+            "--exact",
+            "supervisor::signals::tests::overflow_with_every_signal_blocked",
+            "--test-threads=1",
+        ];
+        let mut plain = std::process::Command::new(&exe);
+        plain.args(helper);
+        let mut init = std::process::Command::new("unshare");
+        init.args(["--pid", "--fork", "--mount-proc"])
+            .arg(&exe)
+            .args(helper);
+        let can_unshare = std::process::Command::new("unshare")
+            .args(["--pid", "--fork", "--mount-proc", "true"])
+            .output()
+            .is_ok_and(|out| out.status.success());
+        for (what, mut cmd) in [("plain", plain), ("init", init)] {
+            if what == "init" && !can_unshare {
+                continue;
+            }
+            let out = cmd.env(FAULT_CHILD, "1").output().unwrap();
+            // unshare ends itself with its child's signal.
+            assert_eq!(
+                out.status.signal(),
+                Some(Signal::SIGSEGV as i32),
+                "{what}: {:?}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    /// Not a test of its own: the child of the one above (returns at once otherwise).
+    #[test]
+    fn overflow_with_every_signal_blocked() {
+        if std::env::var_os(FAULT_CHILD).is_none() {
+            return;
+        }
+        let _signalfd = block().unwrap();
+        std::process::exit(recurse(0) as i32);
+    }
+
+    /// Unbounded recursion in practice (the frame is kept by `black_box`).
+    fn recurse(depth: u64) -> u64 {
+        let frame = std::hint::black_box([depth; 256]);
+        if frame[0] == u64::MAX {
+            return 0;
+        }
+        recurse(frame[1] + 1).wrapping_add(frame[2])
+    }
+
     #[test]
     fn every_signal_is_taken_faults_and_sigpipe_included() {
         let set = taken();
