@@ -648,8 +648,10 @@ fn health_follows_the_sync(mode: Mode) {
         stale.describe()
     );
 
-    // SIGHUP re-syncs (and reloads postgres): healthy again.
+    // SIGHUP re-syncs (and reloads postgres): healthy again; the log says both.
     sup.signal(Signal::SIGHUP);
+    sup.wait_stderr(Duration::from_secs(10), "forwarding signal=SIGHUP");
+    sup.wait_stderr(Duration::from_secs(10), "SIGHUP: re-syncing every role");
     wait_until(Duration::from_secs(30), "a resync", || {
         sup.stderr_so_far().matches(COMPLETE).count() == 2
     });

@@ -3,9 +3,9 @@
 //! it knows nothing of what the child is or of what the caller does meanwhile.
 //!
 //! The order is the reason this module exists (ARCHITECTURE.md, "Rules that hold
-//! everywhere"): `Supervisor::take_signals` blocks every signal and opens the
-//! signalfd before the runtime or any thread exists and before the child is spawned, so no
-//! signal meets a default disposition; it also sets the subreaper flag, so the child's
+//! everywhere"): `Supervisor::take_signals` blocks every signal and opens the signalfd
+//! before the runtime or any thread exists and before the child is spawned, so no signal
+//! meets a default disposition; it also sets the subreaper flag, so the child's
 //! orphans come to us. `Supervisor::run` then spawns the child and lets one task own the
 //! signalfd and the reaper (the only `waitpid` in the process), while the caller's work
 //! future runs beside it. SIGHUP is forwarded like every other signal and also reported to
@@ -205,6 +205,9 @@ async fn signal_loop(
 }
 
 /// Sends `signal` to the child. ESRCH (already gone, not yet reaped) is expected.
+/// To its pid, not its process group (tini's default too): postgres relays each signal to
+/// its own processes the way it means it (a smart shutdown lets the backends finish their
+/// sessions), and each of them is in a session of its own (`setsid`) anyway.
 fn forward(child: Pid, signal: Signal) {
     if let Err(err) = kill(child, signal) {
         tracing::debug!(signal = %signal, "not forwarded: {err}");
