@@ -1,11 +1,11 @@
 //! Signals: which ones PID 1 takes over, how they are received, and what each one does.
 //!
-//! Every catchable signal is blocked in the main thread before the runtime or any other
-//! thread exists (threads inherit the mask), and consumed through a `signalfd` polled by
-//! tokio. Blocked signals are queued, never "ignored", even for a namespace init with no
-//! handler: that is what makes a PID 1 without handlers receive SIGTERM/SIGINT at all
-//! (a bash PID 1 without traps never sees `docker stop`'s SIGTERM). No async-signal-safety concerns either: the
-//! signal arrives as data on a file descriptor.
+//! Every signal is blocked in the main thread before the runtime or any other thread
+//! exists (threads inherit the mask), and consumed through a `signalfd` polled by tokio.
+//! Blocked signals are queued, never "ignored", even for a namespace init with no handler:
+//! that is what makes a PID 1 without handlers receive SIGTERM/SIGINT at all (a bash PID 1
+//! without traps never sees `docker stop`'s SIGTERM). No async-signal-safety concerns
+//! either: the signal arrives as data on a file descriptor.
 //!
 //! Every signal means every one, SIGPIPE and the fault signals included, because a signal
 //! that is not blocked is not queued for the signalfd:
@@ -24,11 +24,12 @@
 //!   one is queued and forwarded. A real fault of ours still kills us at once: the kernel
 //!   delivers a fault it raises itself (`force_sig_fault`, and seccomp's SIGSYS) even when
 //!   blocked, by unblocking it and resetting its action to the default, and it clears the
-//!   unkillable flag of a namespace's init for it. What is lost is std's "has overflowed
-//!   its stack" message: a stack overflow now dies of SIGSEGV instead of SIGABRT.
-//!   `abort()` unblocks SIGABRT itself before raising it, so a panic that aborts still
-//!   aborts (and as PID 1, where the kernel drops our own SIGABRT, glibc falls back to a
-//!   forced fault).
+//!   unkillable flag of a namespace's init for it (checked for SIGSEGV, SIGBUS, SIGILL,
+//!   SIGTRAP, SIGFPE and SIGABRT, as a plain process and as PID 1; the test below keeps
+//!   checking a stack overflow). What is lost is std's "has overflowed its stack"
+//!   message: a stack overflow now dies of SIGSEGV instead of SIGABRT. `abort()` unblocks
+//!   SIGABRT itself before raising it, so an abort still aborts (and as PID 1, where the
+//!   kernel drops our own SIGABRT, glibc falls back to a forced fault).
 //!
 //! Not forwarded: SIGKILL and SIGSTOP (they cannot be blocked or caught: they act on `run`
 //! itself, and a namespace's init only takes them from outside the namespace), SIGCHLD
@@ -50,7 +51,8 @@ pub fn taken() -> SigSet {
 
 /// Blocks the taken signals in the calling (main) thread and opens the signalfd for them.
 /// Must run before any thread is created and before the child is spawned, so that no
-/// signal can hit a default disposition in between (std clears the mask in the child).
+/// signal can hit a default disposition in between (the child gets a clean mask and
+/// default actions from `posix_spawn`, see `spawn`).
 pub fn block() -> anyhow::Result<SignalFd> {
     let set = taken();
     // Blocking, not a handler: a blocked signal is queued even when its action is to
