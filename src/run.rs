@@ -170,15 +170,17 @@ async fn work(
 }
 
 /// Turns the supervisor's SIGHUP events into re-sync requests, saying so in the log when
-/// the signal arrives (not when a busy sync gets round to it).
+/// the signal arrives (not when a busy sync gets round to it). The supervisor has logged
+/// the forwarding; this line is only written once the request is taken, so it never
+/// claims a re-sync nobody will make (`--no-sync`, or after the work has ended).
 fn resync_requests(mut hangups: Hangups) -> mpsc::UnboundedReceiver<()> {
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
-            tracing::info!("SIGHUP: forwarding and re-syncing");
             if tx.send(()).is_err() {
                 break;
             }
+            tracing::info!("SIGHUP: re-syncing every role");
         }
     });
     rx

@@ -172,23 +172,34 @@ fn an_initialised_data_directory_keeps_the_superuser_password_out_of_the_childs_
     );
 }
 
-const FORWARDED: [(Signal, &str); 7] = [
-    (Signal::SIGHUP, "HUP"),
-    (Signal::SIGINT, "INT"),
-    (Signal::SIGQUIT, "QUIT"),
-    (Signal::SIGTERM, "TERM"),
-    (Signal::SIGUSR1, "USR1"),
-    (Signal::SIGUSR2, "USR2"),
-    (Signal::SIGWINCH, "WINCH"),
-];
+/// Every standard signal `run` can receive, in number order: 1–31 except SIGKILL and
+/// SIGSTOP (which no process can catch or block: they act on `run` itself) and SIGCHLD
+/// (which is about `run`'s own children: it reaps, and never forwards it).
+fn forwardable_signals() -> Vec<Signal> {
+    (1..=31)
+        .map(|n| Signal::try_from(n).unwrap())
+        .filter(|s| ![Signal::SIGKILL, Signal::SIGSTOP, Signal::SIGCHLD].contains(s))
+        .collect()
+}
 
+/// The table test: each signal is sent to `run` and must reach the child exactly once,
+/// with `run` alive afterwards. The child is a bash script that traps every one of them
+/// and appends its number to a file. Trapping also gives the job-control signals
+/// (SIGTSTP, SIGTTIN, SIGTTOU) a handler, so they are recorded instead of stopping it, and
+/// SIGCONT resumes nothing but is still recorded. This covers what tini's and dumb-init's
+/// suites send: SIGPIPE (Rust starts with it ignored) and the fault signals sent with
+/// `kill` (SIGSEGV and SIGBUS meet std's stack-overflow handler, the others kill a process
+/// that does not block them), which all used to be lost or fatal to `run`.
 fn signals_reach_the_child(mode: Mode) {
+    let table = forwardable_signals();
+    assert_eq!(table.len(), 28);
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("signals.log");
     let script = dir.path().join("child.sh");
     let mut text = String::from("#!/bin/bash\nf=\"$1\"\nnote() { echo \"$1\" >>\"$f\"; }\n");
-    for (_, name) in FORWARDED {
-        text.push_str(&format!("trap 'note {name}' {name}\n"));
+    for signal in &table {
+        let n = *signal as i32;
+        text.push_str(&format!("trap 'note {n}' {n}\n"));
     }
     text.push_str(
         "note ready\nwhile [ ! -e \"$f.stop\" ]; do sleep 0.05 & wait \"$!\"; done\nexit 0\n",
@@ -209,19 +220,45 @@ fn signals_reach_the_child(mode: Mode) {
     wait_until(Duration::from_secs(10), "the child's traps", || {
         lines().first().map(String::as_str) == Some("ready")
     });
-    for (i, (signal, name)) in FORWARDED.iter().enumerate() {
+    for (i, signal) in table.iter().enumerate() {
         sup.signal(*signal);
-        wait_until(Duration::from_secs(10), name, || lines().len() > i + 1);
-        assert_eq!(lines()[i + 1], *name, "{:?}", lines());
+        let what = format!(
+            "{signal} to reach the child (received so far: {:?})",
+            lines()
+        );
+        wait_until(Duration::from_secs(10), &what, || {
+            lines().len() > i + 1 || !sup.is_running()
+        });
+        assert!(
+            sup.is_running(),
+            "{signal} ended `run`\n--- stderr\n{}",
+            sup.stderr_so_far()
+        );
+        assert_eq!(
+            lines()[i + 1],
+            (*signal as i32).to_string(),
+            "{:?}",
+            lines()
+        );
     }
+    // SIGHUP is forwarded and, with --no-sync, nothing else: the log says only that.
+    sup.wait_stderr(Duration::from_secs(10), "forwarding signal=SIGPIPE");
+    let stderr = sup.stderr_so_far();
+    let hangup = stderr
+        .lines()
+        .filter(|l| l.contains("SIGHUP"))
+        .collect::<Vec<_>>();
+    assert_eq!(hangup.len(), 1, "{stderr}");
+    assert!(hangup[0].contains("forwarding"), "{stderr}");
     assert!(
-        sup.is_running(),
-        "PID 1 must survive every forwarded signal"
+        !stderr.contains("re-sync"),
+        "--no-sync never re-syncs:\n{stderr}"
     );
+
     std::fs::write(dir.path().join("signals.log.stop"), "").unwrap();
     sup.finish(Duration::from_secs(10)).expect_ok();
     let mut expected = vec!["ready".to_owned()];
-    expected.extend(FORWARDED.iter().map(|(_, n)| (*n).to_owned()));
+    expected.extend(table.iter().map(|s| (*s as i32).to_string()));
     assert_eq!(lines(), expected, "each signal arrived exactly once");
 }
 
@@ -611,8 +648,10 @@ fn health_follows_the_sync(mode: Mode) {
         stale.describe()
     );
 
-    // SIGHUP re-syncs (and reloads postgres): healthy again.
+    // SIGHUP re-syncs (and reloads postgres): healthy again; the log says both.
     sup.signal(Signal::SIGHUP);
+    sup.wait_stderr(Duration::from_secs(10), "forwarding signal=SIGHUP");
+    sup.wait_stderr(Duration::from_secs(10), "SIGHUP: re-syncing every role");
     wait_until(Duration::from_secs(30), "a resync", || {
         sup.stderr_so_far().matches(COMPLETE).count() == 2
     });
@@ -1025,3 +1064,125 @@ fn a_standby_is_supervised_and_its_sync_skipped() {
     let out = sup.finish(Duration::from_secs(10)).expect_ok();
     assert!(!out.stderr.contains(" ERROR "), "{}", out.stderr);
 }
+
+/// `run` and its child, started with `run`'s stderr a pipe whose reader is gone; both are
+/// killed if the test ends early.
+struct ClosedStderr {
+    outer: std::process::Child,
+    /// The host pid of `run` (unshare's child in `Mode::Pid1`).
+    pid: u32,
+}
+
+impl ClosedStderr {
+    fn spawn(mode: Mode, mut cmd: Command) -> ClosedStderr {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let outer = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(writer)
+            .spawn()
+            .unwrap();
+        // Our copy of the write end goes with `cmd`.
+        drop(cmd);
+        let mut started = ClosedStderr {
+            pid: outer.id(),
+            outer,
+        };
+        if mode == Mode::Pid1 {
+            let outer = started.pid;
+            wait_until(Duration::from_secs(10), "unshare's child", || {
+                first_child(outer).is_some()
+            });
+            started.pid = first_child(outer).unwrap();
+        }
+        started
+    }
+}
+
+impl Drop for ClosedStderr {
+    fn drop(&mut self) {
+        if self.outer.try_wait().is_ok_and(|s| s.is_none()) {
+            let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+            let _ = self.outer.kill();
+            let _ = self.outer.wait();
+        }
+    }
+}
+
+/// A container whose log reader went away: every line `run` writes fails with EPIPE and
+/// raises a SIGPIPE at `run` itself. That SIGPIPE is ours, not the child's (it is not
+/// forwarded, while a SIGPIPE sent with `kill` is), and neither it nor the lost lines end
+/// `run` while the child runs: it still exits with the child's code.
+fn closed_stderr(mode: Mode) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("signals.log");
+    let script = dir.path().join("child.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/bash\nf=\"$1\"\nnote() { echo \"$1\" >>\"$f\"; }\n\
+         trap 'note USR1' USR1\ntrap 'note USR2' USR2\ntrap 'note PIPE' PIPE\nnote ready\n\
+         while [ ! -e \"$f.stop\" ]; do sleep 0.05 & wait \"$!\"; done\nexit 7\n",
+    )
+    .unwrap();
+    let lines = || -> Vec<String> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    let mut cmd = mode.bin();
+    cmd.env("RUST_LOG", "debug")
+        .args(["run", "--no-sync", "--", "bash"])
+        .arg(&script)
+        .arg(&log);
+    let mut run = ClosedStderr::spawn(mode, cmd);
+    wait_until(Duration::from_secs(10), "the child's traps", || {
+        lines().first().map(String::as_str) == Some("ready")
+    });
+    // Each signal is logged ("forwarding"), and each of those lines raises our SIGPIPE
+    // before the signal is forwarded; so when the child has USR2, the SIGPIPE of USR1's
+    // line has long been handled.
+    for (n, signal) in [Signal::SIGUSR1, Signal::SIGUSR2].into_iter().enumerate() {
+        kill(Pid::from_raw(run.pid as i32), signal).unwrap();
+        wait_until(Duration::from_secs(10), "the child's note", || {
+            lines().len() > n + 1 || run.outer.try_wait().unwrap().is_some()
+        });
+        assert!(
+            run.outer.try_wait().unwrap().is_none(),
+            "run ended on a closed stderr: {:?}",
+            lines()
+        );
+    }
+    assert_eq!(
+        lines(),
+        ["ready", "USR1", "USR2"],
+        "our SIGPIPE is not the child's"
+    );
+    // A SIGPIPE sent to `run` is still forwarded.
+    kill(Pid::from_raw(run.pid as i32), Signal::SIGPIPE).unwrap();
+    wait_until(Duration::from_secs(10), "the forwarded SIGPIPE", || {
+        lines().len() > 3
+    });
+    std::fs::write(dir.path().join("signals.log.stop"), "").unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = run.outer.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "run did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(status.code(), Some(7), "the child's code");
+    assert_eq!(lines(), ["ready", "USR1", "USR2", "PIPE"]);
+}
+
+both_modes!(
+    closed_stderr =>
+    a_closed_stderr_neither_ends_run_nor_sends_the_child_a_sigpipe_as_pid1,
+    a_closed_stderr_neither_ends_run_nor_sends_the_child_a_sigpipe_as_subreaper
+);
