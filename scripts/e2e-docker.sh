@@ -4,19 +4,24 @@
 # Needs no registry: the base image is a debootstrap'ed Debian root filesystem
 # (postgresql-15 + gosu) imported with `docker import`, and the test image is built
 # FROM it with the locally built binary and a stand-in for the official postgres
-# image's docker-entrypoint.sh (docker/test/docker-entrypoint.sh).
+# image's docker-entrypoint.sh (docker/test/docker-entrypoint.sh). The server is
+# PostgreSQL 15 (Debian bookworm's), run with the official images' pg_hba.conf (initdb's
+# trust lines for loopback, then `host all all all scram-sha-256`) and the PostgreSQL 18
+# layout (PG_MAJOR=18: the volume at /var/lib/postgresql, PGDATA /var/lib/postgresql/18/docker).
 #
 # Usage: scripts/e2e-docker.sh [--base-only]
 #   --base-only   only make sure the base image exists (build it when missing), then exit
 #
 # Environment:
-#   PG_PASSWORD_SYNC_BIN   path of an already built binary (default: scripts/build-release.sh)
+#   PG_PASSWORD_SYNC_BIN   path of an already built binary (default: cargo build --release)
+#   E2E_PG_MAJOR           the layout's major version (default 18; 17 and older: the
+#                          volume at /var/lib/postgresql/data)
 #   E2E_BASE_IMAGE         base image tag (default pg-password-sync-base:bookworm)
 #   E2E_KEEP=1             keep containers, network, volume and temp dir for inspection
 #
 # Prints `SKIP: …` and exits 0 when no Docker engine answers. The last line is a summary
-# such as `e2e-docker: 7 passed, 0 failed in 30 s (rotation live 466 ms after the rename,
-# docker stop 246 ms)`.
+# such as `e2e-docker: 11 passed, 0 failed in 114 s (layout of PostgreSQL 18, server 15;
+# rotation live 594 ms after the rename, docker stop 404 ms)`.
 set -euo pipefail
 
 readonly BASE_IMAGE="${E2E_BASE_IMAGE:-pg-password-sync-base:bookworm}"
@@ -126,6 +131,14 @@ ensure_base_image() {
 # ---------------------------------------------------------------------------------------
 
 readonly TEST_IMAGE="${E2E_TEST_IMAGE:-pg-password-sync-e2e:test}"
+readonly PG_MAJOR="${E2E_PG_MAJOR:-18}"
+[[ "$PG_MAJOR" =~ ^[0-9]+$ ]] || { echo "E2E_PG_MAJOR must be a number" >&2; exit 2; }
+# The official images' layout for that major: where the volume goes and PGDATA inside it.
+if ((PG_MAJOR >= 18)); then
+    readonly DATA_VOLUME=/var/lib/postgresql PGDATA_IN_IMAGE="/var/lib/postgresql/$PG_MAJOR/docker"
+else
+    readonly DATA_VOLUME=/var/lib/postgresql/data PGDATA_IN_IMAGE=/var/lib/postgresql/data
+fi
 readonly ROTATE_DEADLINE_MS="${E2E_ROTATE_DEADLINE_MS:-2000}"
 readonly STOP_DEADLINE_MS="${E2E_STOP_DEADLINE_MS:-2000}"
 PREFIX="ppse2e-$$-${RANDOM}"
@@ -170,7 +183,11 @@ cleanup() {
         docker rm -f -v $ids >/dev/null 2>&1 || true
     fi
     docker network rm "$NET" >/dev/null 2>&1 || true
-    docker volume rm "$VOLUME" >/dev/null 2>&1 || true
+    ids="$(docker volume ls -q --filter "label=$LABEL" 2>/dev/null || true)"
+    if [[ -n "$ids" ]]; then
+        # shellcheck disable=SC2086 # one name per word
+        docker volume rm $ids >/dev/null 2>&1 || true
+    fi
     [[ -n "$WORK" ]] && rm -rf "$WORK"
     return "$rc"
 }
@@ -358,10 +375,10 @@ build_binary() {
         return 0
     fi
     command -v cargo >/dev/null 2>&1 || die "cargo not found; build the binary or set PG_PASSWORD_SYNC_BIN"
-    log "scripts/build-release.sh --locked (the binary as shipped)"
+    log "cargo build --release --locked (the binary as shipped)"
     local build_log
     build_log="$(mktemp /tmp/pg-password-sync-e2e-cargo.XXXXXX)"
-    if ! BIN="$("$REPO_ROOT/scripts/build-release.sh" --locked 2>"$build_log")"; then
+    if ! BIN="$(cd "$REPO_ROOT" && build_release --locked 2>"$build_log")"; then
         tail -n 40 "$build_log" >&2
         rm -f "$build_log"
         die "cargo build failed"
@@ -378,11 +395,13 @@ build_test_image() {
     # The production image's init script that unsets the exported password (see below).
     cp "$REPO_ROOT/docker/initdb/zz-unset-password.sh" "$ctx/initdb.d/"
     cp "$BIN" "$ctx/pg-password-sync"
-    log "building $TEST_IMAGE FROM $BASE_IMAGE (local images only)"
+    log "building $TEST_IMAGE FROM $BASE_IMAGE (local images only; layout of PostgreSQL $PG_MAJOR)"
     local started=$SECONDS
     # The legacy builder: no buildx needed, and it never contacts a registry for a FROM
     # image that exists locally.
     if ! DOCKER_BUILDKIT=0 docker build --pull=false --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+        --build-arg "PG_MAJOR=$PG_MAJOR" --build-arg "PGDATA=$PGDATA_IN_IMAGE" \
+        --build-arg "DATA_VOLUME=$DATA_VOLUME" \
         -t "$TEST_IMAGE" "$ctx" >"$WORK/build.log" 2>&1; then
         tail -n 30 "$WORK/build.log" >&2
         die "docker build of the test image failed"
@@ -420,7 +439,7 @@ start_db() {
     # processes of another uid and of our non-dumpable PID 1 (test-only; not in the image).
     docker run -d --name "$DB" --label "$LABEL" --network "$NET" --network-alias db \
         --cap-add SYS_PTRACE \
-        -v "$VOLUME:/var/lib/postgresql/data" \
+        -v "$VOLUME:$DATA_VOLUME" \
         -v "$WORK/keys:/app/keys:ro" \
         -e KEYS_DIR=/app/keys \
         -e POSTGRES_PASSWORD_FILE=/app/keys/postgres_password.txt \
@@ -589,6 +608,86 @@ test_no_secret_leaks() {
     log "  $(wc -l <"$WORK/secrets.patterns") secrets (initial and rotated): none in any argv, environment or the log"
 }
 
+test_data_layout() {
+    require_running || return 1
+    local pgdata mounted pidfile_dir
+    pgdata="$(docker exec "$DB" sh -c 'printf %s "$PGDATA"')"
+    [[ "$pgdata" == "$PGDATA_IN_IMAGE" ]] || { fail "PGDATA is '$pgdata', expected $PGDATA_IN_IMAGE"; return 1; }
+    mounted="$(docker inspect -f "{{range .Mounts}}{{if eq .Name \"$VOLUME\"}}{{.Destination}}{{end}}{{end}}" "$DB")"
+    [[ "$mounted" == "$DATA_VOLUME" ]] || { fail "the data volume is mounted at '$mounted', expected $DATA_VOLUME"; return 1; }
+    docker exec "$DB" test -s "$PGDATA_IN_IMAGE/PG_VERSION" ||
+        { fail "no cluster (PG_VERSION) in $PGDATA_IN_IMAGE"; return 1; }
+    # The running server's data directory, as it wrote it into postmaster.pid.
+    pidfile_dir="$(docker exec "$DB" sed -n 2p "$PGDATA_IN_IMAGE/postmaster.pid")"
+    [[ "$pidfile_dir" == "$PGDATA_IN_IMAGE" ]] || { fail "the server runs in '$pidfile_dir'"; return 1; }
+    log "  PostgreSQL $PG_MAJOR layout: the server (15) runs in $pidfile_dir on the volume at $mounted"
+}
+
+# count_lines TEXT NEEDLE : how many lines of TEXT contain NEEDLE.
+count_lines() { grep -cF -- "$2" <<<"$1" || true; }
+
+test_verify_not_fooled_by_trust() {
+    require_running || return 1
+    local hba out code=0 chosen
+    # What the official entrypoint leaves: initdb's trust lines, then its appended line.
+    hba="$(docker exec "$DB" sh -c 'grep -Ev "^[[:space:]]*(#|$)" "$PGDATA/pg_hba.conf"' | tr -s ' \t' ' ')"
+    printf '%s\n' "$hba" | sed 's/^/    pg_hba> /' >&2
+    grep -Fx 'host all all 127.0.0.1/32 trust' <<<"$hba" >/dev/null ||
+        { fail "pg_hba.conf has no trust line for 127.0.0.1 (not the official image's)"; return 1; }
+    [[ "$(tail -n 1 <<<"$hba")" == 'host all all all scram-sha-256' ]] ||
+        { fail "pg_hba.conf does not end with 'host all all all scram-sha-256'"; return 1; }
+
+    # Over trusted loopback a login proves nothing: every role is not verifiable, exit 7.
+    out="$(docker exec "$DB" pg-password-sync verify --host 127.0.0.1 2>&1)" || code=$?
+    printf '%s\n' "$out" | sed 's/^/    verify 127.0.0.1> /' >&2
+    ((code == 7)) || { fail "verify --host 127.0.0.1 exited $code (expected 7)"; return 1; }
+    (($(count_lines "$out" 'not verifiable (the server trusts this connection: pg_hba.conf') == ${#ROLES[@]})) ||
+        { fail "not every role is 'not verifiable' over trusted loopback"; return 1; }
+
+    # Without --host (what rotate.sh runs): the container's own address, a real check.
+    out="$(docker exec "$DB" pg-password-sync verify 2>&1)" || { fail "verify failed: $out"; return 1; }
+    (($(count_lines "$out" ': ok (logs in; a wrong password is refused)') == ${#ROLES[@]})) ||
+        { fail "verify did not check every role: $out"; return 1; }
+    chosen="$(sed -n 's/.*verifying at \([^:]*\):.*/\1/p' <<<"$out" | head -n 1)"
+    [[ -n "$chosen" && "$chosen" != 127.* ]] || { fail "verify did not move off loopback: $out"; return 1; }
+    log "  verify found the checked address $chosen on its own"
+
+    # Wrong passwords for every role must fail there (the old verify passed them).
+    docker exec "$DB" sh -c 'umask 077; mkdir -p /tmp/wrong-keys && for f in "$@"; do
+        od -An -tx1 -N16 /dev/urandom | tr -d " \n" >"/tmp/wrong-keys/$f"; done' _ "${ALL_KEY_FILES[@]}" ||
+        { fail "cannot write wrong keys"; return 1; }
+    code=0
+    out="$(docker exec -e KEYS_DIR=/tmp/wrong-keys \
+        -e POSTGRES_PASSWORD_FILE=/tmp/wrong-keys/postgres_password.txt \
+        "$DB" pg-password-sync verify 2>&1)" || code=$?
+    docker exec "$DB" rm -rf /tmp/wrong-keys
+    printf '%s\n' "$out" | sed 's/^/    verify wrong keys> /' >&2
+    ((code == 7)) || { fail "verify with wrong passwords exited $code (expected 7)"; return 1; }
+    (($(count_lines "$out" ': FAILED') == ${#ROLES[@]})) ||
+        { fail "not every wrong password FAILED"; return 1; }
+    (($(count_lines "$out" 'not verifiable') == 0)) || { fail "a role was 'not verifiable' at $chosen"; return 1; }
+}
+
+# The official 18+ image refuses to initialise beside a volume mounted the pre-18 way.
+test_refuses_old_mount() {
+    local vol="$PREFIX-old" out code=0 found
+    docker volume create --label "$LABEL" "$vol" >/dev/null
+    out="$(timeout 120 docker run --rm --label "$LABEL" --name "$PREFIX-old" \
+        -v "$vol:/var/lib/postgresql/data" \
+        -v "$WORK/keys:/app/keys:ro" \
+        -e KEYS_DIR=/app/keys \
+        -e POSTGRES_PASSWORD_FILE=/app/keys/postgres_password.txt \
+        "$TEST_IMAGE" 2>&1)" || code=$?
+    printf '%s\n' "$out" | grep -F 'docker-entrypoint' | sed 's/^/    | /' >&2
+    ((code == 1)) || { printf '[e2e-docker]   FAIL: exit %s (expected 1)\n' "$code" >&2; return 1; }
+    grep -F "/var/lib/postgresql/data (a mount that PostgreSQL $PG_MAJOR does not use)" <<<"$out" >/dev/null ||
+        { printf '[e2e-docker]   FAIL: no refusal naming the /var/lib/postgresql/data mount\n' >&2; return 1; }
+    found="$(docker run --rm --label "$LABEL" --entrypoint find -v "$vol:/check" "$TEST_IMAGE" \
+        /check -name PG_VERSION)"
+    [[ -z "$found" ]] || { printf '[e2e-docker]   FAIL: a cluster was initialised anyway: %s\n' "$found" >&2; return 1; }
+    log "  refused with exit 1, nothing initialised"
+}
+
 main() {
     local base_only=0 script_started=$SECONDS
     while (($# > 0)); do
@@ -620,17 +719,23 @@ main() {
     # entrypoint exports the superuser password on both paths.
     run_test "no secret in argv or environment after the first start" test_no_secret_leaks
     run_test "second sync unchanged, verify passes" test_sync_unchanged_and_verify
+    run_test "PostgreSQL $PG_MAJOR layout: PGDATA $PGDATA_IN_IMAGE, volume at $DATA_VOLUME" test_data_layout
+    run_test "official pg_hba.conf: verify refuses trusted loopback, checks the container's address" \
+        test_verify_not_fooled_by_trust
     run_test "healthy, no zombies" test_healthy_no_zombies
     run_test "live rotation without restart" test_live_rotation
     run_test "SIGHUP reloads postgres" test_sighup_reload
     run_test "docker stop is clean, restart without recovery" test_clean_stop_and_restart
     run_test "no secret in argv, environment or log after the restart" test_no_secret_leaks
+    if ((PG_MAJOR >= 18)); then
+        run_test "a volume at /var/lib/postgresql/data is refused (18+)" test_refuses_old_mount
+    fi
 
     local name
     for name in "${FAILED[@]}"; do
         log "failed: $name"
     done
-    echo "e2e-docker: ${#PASSED[@]} passed, ${#FAILED[@]} failed in $((SECONDS - script_started)) s (rotation live ${ROTATE_MS:-?} ms after the rename, docker stop ${STOP_MS:-?} ms)"
+    echo "e2e-docker: ${#PASSED[@]} passed, ${#FAILED[@]} failed in $((SECONDS - script_started)) s (layout of PostgreSQL $PG_MAJOR, server 15; rotation live ${ROTATE_MS:-?} ms after the rename, docker stop ${STOP_MS:-?} ms)"
     ((${#FAILED[@]} == 0))
 }
 

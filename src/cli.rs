@@ -141,6 +141,8 @@ pub struct SyncOptionsArgs {
     /// A role that does not exist is an error (exit 6) instead of a warning.
     #[arg(long, env = "PG_PASSWORD_SYNC_STRICT", value_parser = BoolishValueParser::new())]
     pub strict: bool,
+    #[command(flatten)]
+    pub blockers: BlockerArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -252,8 +254,9 @@ pub struct VerifyArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Host to log in over TCP (verify always uses TCP + SCRAM, like the application).
-    #[arg(long, env = "PG_VERIFY_HOST", default_value = "127.0.0.1")]
-    pub host: String,
+    /// Without it: 127.0.0.1, or this machine's own addresses when 127.0.0.1 is trusted.
+    #[arg(long, env = "PG_VERIFY_HOST")]
+    pub host: Option<String>,
     /// Also check that this NOLOGIN owner role refuses login (with `postgres_app_owner_pw`).
     #[arg(long, env = "APP_DB_OWNER")]
     pub owner: Option<String>,
@@ -374,6 +377,63 @@ impl From<LogFormat> for crate::logging::Format {
     }
 }
 
+// ---- Sessions that block the sync (sync, run, watch) ---------------------------------
+
+/// What the sync does about other sessions holding the locks it needs: the advisory lock
+/// that serialises syncs, and the `pg_authid` row of a role being changed.
+#[derive(Debug, Clone, Args)]
+pub struct BlockerArgs {
+    /// End (pg_terminate_backend) sessions of non-superuser roles that have held up the
+    /// sync this long, then apply: a leaked login cannot postpone its own rotation. `0` or
+    /// `off`: never end a session. Superuser sessions are never ended, only waited for.
+    /// Blocking sessions are named in the log (pid, role, state, for how long) after 1s.
+    #[arg(
+        long,
+        env = "PG_PASSWORD_SYNC_TERMINATE_BLOCKERS_AFTER",
+        value_name = "DURATION|off",
+        default_value = "10s",
+        value_parser = parse_terminate_after
+    )]
+    pub terminate_blockers_after: TerminateAfter,
+
+    /// Give up (exit 5; `run`/`watch` retry later) when the sync has waited this long in
+    /// total for locks held by sessions it does not end. Raised to
+    /// --terminate-blockers-after + 2s when lower, so that ending a blocker comes first.
+    #[arg(
+        long,
+        env = "PG_PASSWORD_SYNC_LOCK_WAIT_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "30s",
+        value_parser = parse_positive_duration
+    )]
+    pub lock_wait_timeout: Duration,
+}
+
+/// `--terminate-blockers-after`: a duration, or `None` for never.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TerminateAfter(pub Option<Duration>);
+
+impl SyncOptionsArgs {
+    /// The sync's options; only the one-shot `sync` may dry-run.
+    fn sync_options(&self, dry_run: bool) -> Options {
+        Options {
+            strict: self.strict,
+            dry_run,
+            blockers: self.blockers.policy(),
+        }
+    }
+}
+
+impl BlockerArgs {
+    /// The sync's policy for blocking sessions.
+    pub fn policy(&self) -> crate::sync::locks::Blockers {
+        crate::sync::locks::Blockers {
+            lock_wait: self.lock_wait_timeout,
+            terminate_after: self.terminate_blockers_after.0,
+        }
+    }
+}
+
 impl From<ReportFormat> for crate::sync::ReportFormat {
     fn from(format: ReportFormat) -> Self {
         match format {
@@ -421,7 +481,7 @@ impl From<RunArgs> for RunSettings {
     fn from(args: RunArgs) -> Self {
         RunSettings {
             config: args.values.apply(args.config.into()),
-            strict: args.options.strict,
+            options: args.options.sync_options(false),
             watch: args.watch.into(),
             no_watch: args.no_watch,
             no_sync: args.no_sync,
@@ -435,10 +495,7 @@ impl From<SyncArgs> for SyncSettings {
     fn from(args: SyncArgs) -> Self {
         SyncSettings {
             config: args.values.apply(args.config.into()),
-            options: Options {
-                strict: args.options.strict,
-                dry_run: args.dry_run,
-            },
+            options: args.options.sync_options(args.dry_run),
             format: args.format.into(),
         }
     }
@@ -448,7 +505,7 @@ impl From<WatchArgs> for WatchSettings {
     fn from(args: WatchArgs) -> Self {
         WatchSettings {
             config: args.values.apply(args.config.into()),
-            strict: args.options.strict,
+            options: args.options.sync_options(false),
             watch: args.watch.into(),
         }
     }
@@ -495,6 +552,20 @@ impl From<GenerateArgs> for GenerateSettings {
         }
     }
 }
+
+fn parse_terminate_after(text: &str) -> Result<TerminateAfter, String> {
+    crate::sync::locks::Blockers::parse_terminate_after(text).map(TerminateAfter)
+}
+
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    let duration = parse_duration(text)?;
+    if duration.is_zero() {
+        return Err(format!("`{text}` must be more than 0"));
+    }
+    Ok(duration)
+}
+
+// ---- end of the blocking-sessions block -----------------------------------------------
 
 /// Parses `250ms`, `5s`, `5m`, `1h` or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -595,5 +666,39 @@ mod tests {
         assert!(parse_duration("5 weeks").is_err());
         assert!(parse_duration("8761h").is_err());
         assert!(parse_duration("99999999999999999999").is_err());
+    }
+
+    #[test]
+    fn blocker_flags() {
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["pg-password-sync", "sync"];
+            argv.extend_from_slice(args);
+            match Cli::try_parse_from(argv).map(|cli| cli.command) {
+                Ok(Command::Sync(sync)) => Ok(sync.options.blockers.policy()),
+                Ok(_) => unreachable!(),
+                Err(err) => Err(err),
+            }
+        };
+        let default = parse(&[]).unwrap();
+        assert_eq!(default, crate::sync::locks::Blockers::default());
+        let off = parse(&["--terminate-blockers-after", "off"]).unwrap();
+        assert_eq!(off.terminate_after, None);
+        let zero = parse(&["--terminate-blockers-after", "0"]).unwrap();
+        assert_eq!(zero.terminate_after, None);
+        let set = parse(&[
+            "--terminate-blockers-after",
+            "3s",
+            "--lock-wait-timeout",
+            "1m",
+        ]);
+        assert_eq!(
+            set.unwrap(),
+            crate::sync::locks::Blockers {
+                lock_wait: Duration::from_secs(60),
+                terminate_after: Some(Duration::from_secs(3)),
+            }
+        );
+        assert!(parse(&["--lock-wait-timeout", "0"]).is_err());
+        assert!(parse(&["--terminate-blockers-after", "later"]).is_err());
     }
 }

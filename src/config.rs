@@ -268,13 +268,23 @@ pub fn parse_role_spec(spec: &str) -> anyhow::Result<RoleSpec> {
     })
 }
 
-/// Rejects names the server would refuse or silently truncate.
+/// Rejects names the server would refuse or silently truncate, and names with control
+/// characters: PostgreSQL would accept `appuser\n` as a distinct role, so a value that
+/// kept a trailing newline (a Kubernetes value can) would sync nothing for the real role
+/// while every report looked fine, and the raw character would break log lines. Names are
+/// shown with `{:?}`, which escapes such characters, never raw.
 pub fn check_role_name(name: &str) -> anyhow::Result<()> {
     if name.is_empty() {
         bail!("a role name is empty");
     }
     if name.contains('\0') {
         bail!("role name {name:?} contains a NUL byte");
+    }
+    if name.chars().any(char::is_control) {
+        bail!(
+            "role name {name:?} contains a control character (a newline, tab, escape, …); \
+             check the value for a stray trailing newline"
+        );
     }
     if name.len() > MAX_ROLE_BYTES {
         bail!(
@@ -396,6 +406,35 @@ mod tests {
         }
         assert!(config(roles(&[&format!("{}=f", "r".repeat(63))])).is_ok());
         assert!(config(roles(&["a=x", "a=y"])).is_err());
+    }
+
+    #[test]
+    fn control_characters_in_role_names_are_refused_and_shown_escaped() {
+        for bad in [
+            "appuser\n",
+            "app\tuser",
+            "app\x1b[31muser",
+            "app\u{85}user",
+            "\r",
+        ] {
+            let settings: [fn(&mut ConfigSettings, &str); 3] = [
+                |s, bad| s.app_db_user = bad.into(),
+                |s, bad| s.postgres_user = bad.into(),
+                |s, bad| s.temporal_db_user = Some(bad.into()),
+            ];
+            for set in settings {
+                let err = config(|s| set(s, bad)).unwrap_err();
+                assert_eq!(Failure::of(&err), Some(Failure::Config), "{bad:?}");
+                let text = format!("{err:#}");
+                assert!(text.contains("control character"), "{text}");
+                assert!(text.contains(&format!("{bad:?}")), "{text}");
+                assert!(!text.chars().any(char::is_control), "raw: {text:?}");
+            }
+            let spec = format!("{bad}=f");
+            assert!(config(roles(&[&spec])).is_err(), "{bad:?}");
+        }
+        // Printable Unicode, spaces and quotes stay allowed.
+        assert!(config(roles(&["Rôle \"x\" y=f"])).is_ok());
     }
 
     #[test]

@@ -29,7 +29,11 @@ pub fn init(format: Format) {
         .with_max_level(level(std::env::var("RUST_LOG").ok().as_deref()))
         .with_writer(std::io::stderr)
         // Container logs are files, not terminals: no colour escapes in field names.
-        .with_ansi(false);
+        .with_ansi(false)
+        // A line that cannot be written (stderr a closed pipe: EPIPE) is lost, and that is
+        // all: by default the subscriber reports it with `eprintln!`, which panics on the
+        // same closed stderr, and a panicking PID 1 takes postgres down with it.
+        .log_internal_errors(false);
     // A second init (only possible in tests) keeps the first subscriber.
     let _ = match format {
         Format::Text => builder.event_format(Prefixed).try_init(),

@@ -43,8 +43,8 @@ const LEFTOVER_STOP_LIMIT: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone)]
 pub struct RunSettings {
     pub config: ConfigSettings,
-    /// `--strict`.
-    pub strict: bool,
+    /// How the sync applies (`--strict`, blocking sessions); `run` never dry-runs.
+    pub options: Options,
     pub watch: WatchOptions,
     /// Do not watch the secret files after the first sync (SIGHUP still re-syncs).
     pub no_watch: bool,
@@ -132,11 +132,7 @@ async fn work(
     let ready_at = Instant::now();
     state.record_ready_pid(pidfile.pid);
     let config = target_server(config, &pidfile);
-    let options = Options {
-        strict: settings.strict,
-        dry_run: false,
-    };
-    let mut syncer = Syncer::new(config, options);
+    let mut syncer = Syncer::new(config, settings.options);
     let watching = !settings.no_watch;
     let standby = first_sync_with_retry(
         &mut syncer,
@@ -201,17 +197,19 @@ async fn wait_promoted(watch: Option<&mut PromotionWatch>, syncer: &Syncer) {
 }
 
 /// Turns the supervisor's SIGHUP events into re-sync requests, saying so in the log when
-/// the signal arrives (not when a busy sync gets round to it). Requests merge: a SIGHUP
-/// while one resync waits is answered by that one (`resync_channel`), so a storm of
-/// signals costs at most two resyncs in a row, never a queue of them.
+/// the signal arrives (not when a busy sync gets round to it). The supervisor has logged
+/// the forwarding; this line is only written once the request is taken, so it never
+/// claims a re-sync nobody will make (`--no-sync`, or after the work has ended). Requests
+/// merge: a SIGHUP while one resync waits is answered by that one (`resync_channel`), so a
+/// storm of signals never queues resyncs.
 fn resync_requests(mut hangups: Hangups) -> Receiver<()> {
     let (tx, rx) = resync_channel();
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
             match request_resync(&tx) {
-                Requested::Queued => tracing::info!("SIGHUP: forwarding and re-syncing"),
+                Requested::Queued => tracing::info!("SIGHUP: re-syncing every role"),
                 Requested::Merged => {
-                    tracing::debug!("SIGHUP: forwarding; a resync is already pending");
+                    tracing::debug!("SIGHUP: a resync is already pending");
                 }
                 Requested::Closed => break,
             }

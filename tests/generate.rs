@@ -2,20 +2,22 @@
 //! directories and check files, modes, backups and output, never the internals.
 //!
 //! Every command's stdout and stderr is also checked for every secret value the test has
-//! seen (old and new), since the generator must never print one. Helpers live here (not in
-//! a shared harness) because none of them needs PostgreSQL.
+//! seen (old and new), since the generator must never print one. Commands run through the
+//! shared harness (`common`); the fixtures here are generate's own (keys directory
+//! snapshots, backups, value formats), and none of them needs PostgreSQL.
+
+mod common;
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-
-const BIN: &str = env!("CARGO_BIN_EXE_pg-password-sync");
+use common::terminal::{Session, Terminal, echo_is_on};
+use common::*;
 
 const RANDOM_FILES: [&str; 8] = [
     "postgres_password.txt",
@@ -55,81 +57,16 @@ fn all_files() -> Vec<&'static str> {
         .collect()
 }
 
-/// A finished command with everything needed to explain a failure.
-struct Run {
-    command: String,
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl fmt::Display for Run {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "command: {}\nstatus: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.command, self.status, self.stdout, self.stderr
-        )
-    }
-}
-
-impl Run {
-    fn from_output(command: String, output: Output) -> Run {
-        Run {
-            command,
-            status: output.status,
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        }
-    }
-
-    fn success(self) -> Run {
-        assert!(self.status.success(), "expected success\n{self}");
-        self
-    }
-
-    fn code(self, code: i32) -> Run {
-        assert_eq!(
-            self.status.code(),
-            Some(code),
-            "expected exit {code}\n{self}"
-        );
-        self
-    }
-
-    /// Asserts that none of `values` occurs in stdout or stderr (empty values, which tests
-    /// catch separately, are skipped: every string contains them).
-    fn no_values<'a>(&self, values: impl IntoIterator<Item = &'a [u8]>) {
-        for value in values.into_iter().filter(|v| !v.is_empty()) {
-            let text = String::from_utf8_lossy(value);
-            assert!(
-                !self.stdout.contains(&*text) && !self.stderr.contains(&*text),
-                "a secret value appears in the output\n{self}"
-            );
-        }
-    }
-}
-
-/// `pg-password-sync generate --dir DIR ARGS…` with a clean environment and no stdin.
+/// `pg-password-sync generate --dir DIR ARGS…` with a clean environment (no OIDC or
+/// `PG_PASSWORD_SYNC_*` variable, no RUST_LOG).
 fn generate(dir: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.arg("generate").arg("--dir").arg(dir).args(args);
-    for (_, var) in OIDC {
-        cmd.env_remove(var);
-    }
-    clean_env(&mut cmd);
-    cmd.stdin(Stdio::null());
+    let mut cmd = bin();
+    cmd.env_remove("RUST_LOG")
+        .arg("generate")
+        .arg("--dir")
+        .arg(dir)
+        .args(args);
     cmd
-}
-
-/// Removes every variable that could change what `generate` does (each option has one).
-fn clean_env(cmd: &mut Command) {
-    for (var, _) in std::env::vars_os() {
-        if var.to_string_lossy().starts_with("PG_PASSWORD_SYNC_") {
-            cmd.env_remove(var);
-        }
-    }
-    cmd.env_remove("RUST_LOG");
 }
 
 /// Adds the test OIDC values to the environment of `cmd`.
@@ -138,23 +75,6 @@ fn with_oidc_env(mut cmd: Command) -> Command {
         cmd.env(var, value);
     }
     cmd
-}
-
-fn describe(cmd: &Command) -> String {
-    let mut text = format!("{}", cmd.get_program().to_string_lossy());
-    for arg in cmd.get_args() {
-        text.push(' ');
-        text.push_str(&arg.to_string_lossy());
-    }
-    text
-}
-
-fn run(mut cmd: Command) -> Run {
-    let command = describe(&cmd);
-    let output = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("spawning {command}: {e}"));
-    Run::from_output(command, output)
 }
 
 /// The file contents of a keys directory, by file name (catalog files only).
@@ -223,9 +143,9 @@ impl Fixture {
 
     /// A complete set generated from the environment's OIDC values.
     fn generated(self) -> (Fixture, Snapshot) {
-        let out = run(with_oidc_env(generate(&self.dir, &[]))).success();
+        let out = run(with_oidc_env(generate(&self.dir, &[]))).expect_ok();
         let snap = snapshot(&self.keys());
-        out.no_values(values(&[&snap]).iter().map(Vec::as_slice));
+        out.assert_output_free_of(values(&[&snap]).iter().map(Vec::as_slice));
         assert_eq!(snap.len(), 11, "{out}");
         (self, snap)
     }
@@ -302,8 +222,8 @@ fn second_run_without_force_changes_nothing() {
     };
     let inodes = stat(&fx);
     // Without OIDC values in the environment: nothing is needed, so nothing is asked for.
-    let out = run(generate(&fx.dir, &[])).success();
-    out.no_values(values(&[&before]).iter().map(Vec::as_slice));
+    let out = run(generate(&fx.dir, &[])).expect_ok();
+    out.assert_output_free_of(values(&[&before]).iter().map(Vec::as_slice));
     assert!(out.stdout.contains("kept"), "{out}");
     assert_eq!(snapshot(&fx.keys()), before);
     assert_eq!(stat(&fx), inodes, "files were rewritten\n{out}");
@@ -316,9 +236,9 @@ fn second_run_without_force_changes_nothing() {
 #[test]
 fn force_regenerates_random_secrets_keeps_oidc_and_backs_up_the_old_set() {
     let (fx, old) = Fixture::new().generated();
-    let out = run(with_oidc_env(generate(&fx.dir, &["--force"]))).success();
+    let out = run(with_oidc_env(generate(&fx.dir, &["--force"]))).expect_ok();
     let new = snapshot(&fx.keys());
-    out.no_values(values(&[&old, &new]).iter().map(Vec::as_slice));
+    out.assert_output_free_of(values(&[&old, &new]).iter().map(Vec::as_slice));
     for file in RANDOM_FILES {
         assert_ne!(old[file], new[file], "{file} was not regenerated\n{out}");
         assert!(well_formed(file, &new[file]), "{file}");
@@ -356,9 +276,9 @@ fn force_reads_oidc_values_afresh_from_their_source() {
     )
     .unwrap();
     // Keycloak is not in the file: it comes from the environment.
-    let out = run(with_oidc_env(generate(&fx.dir, &["--force"]))).success();
+    let out = run(with_oidc_env(generate(&fx.dir, &["--force"]))).expect_ok();
     let new = snapshot(&fx.keys());
-    out.no_values(values(&[&old, &new]).iter().map(Vec::as_slice));
+    out.assert_output_free_of(values(&[&old, &new]).iter().map(Vec::as_slice));
     assert_eq!(
         new["oidc_google_client_secret.txt"],
         b"rotated-google-secret-value"
@@ -381,8 +301,8 @@ fn force_with_no_backup_takes_none() {
         &fx.dir,
         &["--force", "--no-backup"],
     )))
-    .success();
-    out.no_values(
+    .expect_ok();
+    out.assert_output_free_of(
         values(&[&old, &snapshot(&fx.keys())])
             .iter()
             .map(Vec::as_slice),
@@ -397,24 +317,22 @@ fn force_with_no_backup_takes_none() {
 /// random moments fall throughout it.
 #[test]
 fn sigkill_at_random_moments_never_leaves_a_torn_file_or_an_unbacked_change() {
-    use nix::sys::signal::{Signal, kill};
-    use nix::unistd::Pid;
+    use nix::sys::signal::Signal;
 
     const DELAY_US: &str = "300";
     let (fx, mut old) = Fixture::new().generated();
     let force = || {
         let mut cmd = with_oidc_env(generate(&fx.dir, &["--force"]));
         cmd.env("PG_PASSWORD_SYNC_TEST_DELAY_US", DELAY_US);
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         cmd
     };
     // Calibrate: how long one complete run takes on this machine.
     let started = Instant::now();
-    let calibration = run(force()).success();
+    let calibration = run(force()).expect_ok();
     let full = started.elapsed();
     old = {
         let new = snapshot(&fx.keys());
-        calibration.no_values(values(&[&old, &new]).iter().map(Vec::as_slice));
+        calibration.assert_output_free_of(values(&[&old, &new]).iter().map(Vec::as_slice));
         new
     };
     let window = full.mul_f64(1.3).as_micros() as u64;
@@ -427,20 +345,18 @@ fn sigkill_at_random_moments_never_leaves_a_torn_file_or_an_unbacked_change() {
             began.elapsed() < Duration::from_secs(150),
             "too slow: {round} rounds in 150 s"
         );
-        let mut cmd = force();
-        let command = describe(&cmd);
-        let child = cmd.spawn().expect("spawning generate");
+        let running = Running::spawn(force());
         let mut random = [0u8; 8];
         getrandom::fill(&mut random).unwrap();
         let at = u64::from_le_bytes(random) % window.max(1);
         // The random kill moment (not a synchronisation: the outcome is checked after the
         // child has been reaped, whatever it managed to do).
         std::thread::sleep(Duration::from_micros(at));
-        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
-        let out = Run::from_output(command, child.wait_with_output().unwrap());
+        running.signal(Signal::SIGKILL);
+        let out = running.finish(Duration::from_secs(20));
 
         let new = snapshot(&fx.keys());
-        out.no_values(values(&[&old, &new]).iter().map(Vec::as_slice));
+        out.assert_output_free_of(values(&[&old, &new]).iter().map(Vec::as_slice));
         assert_eq!(new.len(), 11, "round {round}: a file is missing\n{out}");
         let mut changed = 0;
         for (file, value) in &new {
@@ -487,8 +403,8 @@ fn sigkill_at_random_moments_never_leaves_a_torn_file_or_an_unbacked_change() {
             backup.display()
         );
     }
-    run(generate(&fx.dir, &["--verify"])).success();
-    run(generate(&fx.dir, &[])).success();
+    run(generate(&fx.dir, &["--verify"])).expect_ok();
+    run(generate(&fx.dir, &[])).expect_ok();
     for dir in [fx.keys(), fx.dir.join("backups")] {
         let leftovers: Vec<_> = fs::read_dir(&dir)
             .unwrap()
@@ -502,13 +418,13 @@ fn sigkill_at_random_moments_never_leaves_a_torn_file_or_an_unbacked_change() {
 #[test]
 fn restore_round_trip() {
     let (fx, first) = Fixture::new().generated();
-    run(with_oidc_env(generate(&fx.dir, &["--force"]))).success();
+    run(with_oidc_env(generate(&fx.dir, &["--force"]))).expect_ok();
     let second = snapshot(&fx.keys());
     assert_ne!(first, second);
 
     // Newest backup (the first set); stdin is not a terminal, so no question is asked.
-    let out = run(generate(&fx.dir, &["--restore"])).success();
-    out.no_values(values(&[&first, &second]).iter().map(Vec::as_slice));
+    let out = run(generate(&fx.dir, &["--restore"])).expect_ok();
+    out.assert_output_free_of(values(&[&first, &second]).iter().map(Vec::as_slice));
     assert_eq!(snapshot(&fx.keys()), first, "{out}");
     for file in all_files() {
         assert_eq!(mode(&fx.keys().join(file)), 0o600);
@@ -524,18 +440,18 @@ fn restore_round_trip() {
         .to_str()
         .unwrap()
         .to_owned();
-    let out = run(generate(&fx.dir, &["--restore", &name, "--yes"])).success();
-    out.no_values(values(&[&first, &second]).iter().map(Vec::as_slice));
+    let out = run(generate(&fx.dir, &["--restore", &name, "--yes"])).expect_ok();
+    out.assert_output_free_of(values(&[&first, &second]).iter().map(Vec::as_slice));
     assert_eq!(snapshot(&fx.keys()), second, "{out}");
 
-    let out = run(generate(&fx.dir, &["--restore", "backup-19700101-000000"])).code(3);
+    let out = run(generate(&fx.dir, &["--restore", "backup-19700101-000000"])).expect_code(3);
     assert_eq!(snapshot(&fx.keys()), second, "{out}");
 }
 
 #[test]
 fn restore_without_backups_fails_and_changes_nothing() {
     let (fx, snap) = Fixture::new().generated();
-    let out = run(generate(&fx.dir, &["--restore"])).code(3);
+    let out = run(generate(&fx.dir, &["--restore"])).expect_code(3);
     assert!(out.stderr.contains("no backups"), "{out}");
     assert_eq!(snapshot(&fx.keys()), snap);
 }
@@ -543,8 +459,8 @@ fn restore_without_backups_fails_and_changes_nothing() {
 #[test]
 fn verify_passes_on_a_fresh_set() {
     let (fx, snap) = Fixture::new().generated();
-    let out = run(generate(&fx.dir, &["--verify"])).success();
-    out.no_values(values(&[&snap]).iter().map(Vec::as_slice));
+    let out = run(generate(&fx.dir, &["--verify"])).expect_ok();
+    out.assert_output_free_of(values(&[&snap]).iter().map(Vec::as_slice));
 }
 
 #[test]
@@ -564,10 +480,10 @@ fn verify_reports_every_problem_and_exits_7() {
     .unwrap();
     fs::remove_file(keys.join("csrf_signing_secret.txt")).unwrap();
     fs::write(keys.join("oidc_keycloak_client_secret.txt"), "\n").unwrap();
-    let out = run(generate(&fx.dir, &["--verify"])).code(7);
+    let out = run(generate(&fx.dir, &["--verify"])).expect_code(7);
     let mut seen = values(&[&snap]);
     seen.push(b"Short1234".to_vec());
-    out.no_values(seen.iter().map(Vec::as_slice));
+    out.assert_output_free_of(seen.iter().map(Vec::as_slice));
     let problems: Vec<&str> = out
         .stdout
         .lines()
@@ -592,30 +508,30 @@ fn an_oversized_file_is_a_verify_problem_and_force_replaces_it() {
     let (fx, snap) = Fixture::new().generated();
     let big = vec![b'A'; 5000];
     fs::write(fx.keys().join("redis_password.txt"), &big).unwrap();
-    let out = run(generate(&fx.dir, &["--verify"])).code(7);
-    out.no_values(values(&[&snap]).iter().map(Vec::as_slice));
+    let out = run(generate(&fx.dir, &["--verify"])).expect_code(7);
+    out.assert_output_free_of(values(&[&snap]).iter().map(Vec::as_slice));
     assert!(
         out.stdout
             .contains("problem: redis_password.txt: is larger than 4096 bytes"),
         "{out}"
     );
-    let out = run(with_oidc_env(generate(&fx.dir, &["--force"]))).success();
+    let out = run(with_oidc_env(generate(&fx.dir, &["--force"]))).expect_ok();
     let now = snapshot(&fx.keys());
-    out.no_values(values(&[&snap, &now]).iter().map(Vec::as_slice));
+    out.assert_output_free_of(values(&[&snap, &now]).iter().map(Vec::as_slice));
     assert!(is_password(&now["redis_password.txt"]), "{out}");
     assert_eq!(
         fs::read(fx.newest_backup().join("keys/redis_password.txt")).unwrap(),
         big,
         "the oversized file was not backed up\n{out}"
     );
-    run(generate(&fx.dir, &["--verify"])).success();
+    run(generate(&fx.dir, &["--verify"])).expect_ok();
 }
 
 #[test]
 fn list_shows_names_sizes_modes_and_times_but_no_value() {
     let (fx, snap) = Fixture::new().generated();
-    let out = run(generate(&fx.dir, &["--list"])).success();
-    out.no_values(values(&[&snap]).iter().map(Vec::as_slice));
+    let out = run(generate(&fx.dir, &["--list"])).expect_ok();
+    out.assert_output_free_of(values(&[&snap]).iter().map(Vec::as_slice));
     for file in all_files() {
         let line = out
             .stdout
@@ -628,7 +544,7 @@ fn list_shows_names_sizes_modes_and_times_but_no_value() {
         assert!(line.contains(':'), "no time in {line}");
     }
     fs::remove_file(fx.keys().join("redis_password.txt")).unwrap();
-    let out = run(generate(&fx.dir, &["--list"])).success();
+    let out = run(generate(&fx.dir, &["--list"])).expect_ok();
     assert!(
         out.stdout
             .lines()
@@ -641,8 +557,8 @@ fn list_shows_names_sizes_modes_and_times_but_no_value() {
 fn backup_only_list_backups_and_keep_backups() {
     let (fx, snap) = Fixture::new().generated();
     for _ in 0..3 {
-        let out = run(generate(&fx.dir, &["--backup-only"])).success();
-        out.no_values(values(&[&snap]).iter().map(Vec::as_slice));
+        let out = run(generate(&fx.dir, &["--backup-only"])).expect_ok();
+        out.assert_output_free_of(values(&[&snap]).iter().map(Vec::as_slice));
     }
     let backups = fx.backups();
     assert_eq!(backups.len(), 3);
@@ -650,19 +566,19 @@ fn backup_only_list_backups_and_keep_backups() {
         assert_eq!(snapshot(&backup.join("keys")), snap);
     }
     assert_eq!(snapshot(&fx.keys()), snap, "--backup-only changes no file");
-    let out = run(generate(&fx.dir, &["--list-backups"])).success();
+    let out = run(generate(&fx.dir, &["--list-backups"])).expect_ok();
     for backup in &backups {
         let name = backup.file_name().unwrap().to_str().unwrap();
         assert!(out.stdout.contains(name), "{out}");
     }
-    let out = run(generate(&fx.dir, &["--backup-only", "--keep-backups", "2"])).success();
+    let out = run(generate(&fx.dir, &["--backup-only", "--keep-backups", "2"])).expect_ok();
     let left = fx.backups();
     assert_eq!(left.len(), 2, "{out}");
     assert!(
         !left.contains(&backups[0]) && !left.contains(&backups[1]),
         "the oldest go\n{out}"
     );
-    run(generate(&fx.dir, &["--keep-backups", "0"])).code(2);
+    run(generate(&fx.dir, &["--keep-backups", "0"])).expect_code(2);
 }
 
 #[test]
@@ -681,9 +597,9 @@ fn user_secrets_file_is_parsed_not_executed() {
     );
     fs::write(fx.dir.join("user-provided.env"), text).unwrap();
     // The environment also has values: the file wins.
-    let out = run(with_oidc_env(generate(&fx.dir, &[]))).success();
+    let out = run(with_oidc_env(generate(&fx.dir, &[]))).expect_ok();
     let snap = snapshot(&fx.keys());
-    out.no_values(values(&[&snap]).iter().map(Vec::as_slice));
+    out.assert_output_free_of(values(&[&snap]).iter().map(Vec::as_slice));
     assert_eq!(
         snap["oidc_google_client_secret.txt"],
         format!("g00gle secret # $(touch {})", marker.display()).as_bytes()
@@ -707,9 +623,9 @@ fn explicit_user_secrets_file_and_environment_fallback() {
     let mut cmd = generate(&fx.dir, &["--user-secrets-file", tmp.to_str().unwrap()]);
     cmd.env("OIDC_MICROSOFT_CLIENT_SECRET", "ms-from-environment-123");
     cmd.env("OIDC_KEYCLOAK_CLIENT_SECRET", "kc-from-environment-123");
-    let out = run(cmd).success();
+    let out = run(cmd).expect_ok();
     let snap = snapshot(&fx.keys());
-    out.no_values(values(&[&snap]).iter().map(Vec::as_slice));
+    out.assert_output_free_of(values(&[&snap]).iter().map(Vec::as_slice));
     assert_eq!(
         snap["oidc_google_client_secret.txt"],
         b"from-explicit-file-123"
@@ -723,7 +639,7 @@ fn explicit_user_secrets_file_and_environment_fallback() {
     let fx = Fixture::new();
     let missing = fx.dir.parent().unwrap().join("missing.env");
     let cmd = generate(&fx.dir, &["--user-secrets-file", missing.to_str().unwrap()]);
-    run(with_oidc_env(cmd)).code(3);
+    run(with_oidc_env(cmd)).expect_code(3);
     assert!(!fx.keys().exists());
 }
 
@@ -736,7 +652,7 @@ fn unparseable_env_file_line_is_an_error_with_its_number_not_its_content() {
         "OIDC_GOOGLE_CLIENT_SECRET=fine-value-1234567\nOIDC_MICROSOFT_CLIENT_SECRET='TopSecretUnterminated\n",
     )
     .unwrap();
-    let out = run(with_oidc_env(generate(&fx.dir, &[]))).code(3);
+    let out = run(with_oidc_env(generate(&fx.dir, &[]))).expect_code(3);
     assert!(out.stderr.contains("line 2"), "{out}");
     assert!(out.stderr.contains("user-provided.env"), "{out}");
     assert!(
@@ -753,7 +669,7 @@ fn missing_oidc_value_non_interactive_fails_before_writing() {
     let fx = Fixture::new();
     let mut cmd = generate(&fx.dir, &["--non-interactive"]);
     cmd.env("OIDC_GOOGLE_CLIENT_SECRET", "only-google-is-set-123");
-    let out = run(cmd).code(3);
+    let out = run(cmd).expect_code(3);
     assert!(out.stderr.contains("OIDC_MICROSOFT_CLIENT_SECRET"), "{out}");
     assert!(out.stderr.contains("OIDC_KEYCLOAK_CLIENT_SECRET"), "{out}");
     assert!(!out.stderr.contains("OIDC_GOOGLE_CLIENT_SECRET"), "{out}");
@@ -765,8 +681,8 @@ fn missing_oidc_value_non_interactive_fails_before_writing() {
     let mut cmd = generate(&fx.dir, &["--force"]); // stdin is not a TTY: non-interactive
     cmd.env("OIDC_GOOGLE_CLIENT_SECRET", OIDC_ENV_VALUES[0]);
     cmd.env("OIDC_MICROSOFT_CLIENT_SECRET", OIDC_ENV_VALUES[1]);
-    let out = run(cmd).code(3);
-    out.no_values(values(&[&snap]).iter().map(Vec::as_slice));
+    let out = run(cmd).expect_code(3);
+    out.assert_output_free_of(values(&[&snap]).iter().map(Vec::as_slice));
     assert!(out.stderr.contains("OIDC_KEYCLOAK_CLIENT_SECRET"), "{out}");
     assert_eq!(snapshot(&fx.keys()), snap);
     assert!(fx.backups().is_empty(), "{out}");
@@ -779,9 +695,9 @@ fn k8s_secret_manifest_holds_every_key_base64_encoded() {
         &fx.dir,
         &["--k8s-secret", "app-secrets", "--namespace", "prod"],
     ))
-    .success();
+    .expect_ok();
     // The manifest carries values base64-encoded (by design); raw values appear nowhere.
-    out.no_values(values(&[&snap]).iter().map(Vec::as_slice));
+    out.assert_output_free_of(values(&[&snap]).iter().map(Vec::as_slice));
     assert!(
         out.stdout.starts_with("apiVersion: v1\nkind: Secret\n"),
         "{out}"
@@ -818,8 +734,8 @@ fn k8s_secret_manifest_holds_every_key_base64_encoded() {
             manifest.to_str().unwrap(),
         ],
     ))
-    .success();
-    out.no_values(values(&[&snap]).iter().map(Vec::as_slice));
+    .expect_ok();
+    out.assert_output_free_of(values(&[&snap]).iter().map(Vec::as_slice));
     assert!(!out.stdout.contains("data:"), "{out}");
     assert_eq!(mode(&manifest), 0o600);
     assert!(
@@ -829,14 +745,14 @@ fn k8s_secret_manifest_holds_every_key_base64_encoded() {
     );
 
     // With the manifest on stdout, every report goes to stderr: stdout stays pure YAML.
-    run(generate(&fx.dir, &["--backup-only"])).success();
+    run(generate(&fx.dir, &["--backup-only"])).expect_ok();
     let out = run(with_oidc_env(generate(
         &fx.dir,
         &["--force", "--k8s-secret", "app", "--keep-backups", "1"],
     )))
-    .success();
+    .expect_ok();
     let new = snapshot(&fx.keys());
-    out.no_values(values(&[&snap, &new]).iter().map(Vec::as_slice));
+    out.assert_output_free_of(values(&[&snap, &new]).iter().map(Vec::as_slice));
     assert!(out.stdout.starts_with("apiVersion: v1\n"), "{out}");
     assert_eq!(
         out.stdout.lines().count(),
@@ -847,12 +763,12 @@ fn k8s_secret_manifest_holds_every_key_base64_encoded() {
     assert!(out.stderr.contains("removed old backup"), "{out}");
     assert_eq!(fx.backups().len(), 1, "{out}");
 
-    run(generate(&fx.dir, &["--k8s-secret", "Bad_Name"])).code(3);
+    run(generate(&fx.dir, &["--k8s-secret", "Bad_Name"])).expect_code(3);
     run(generate(
         &fx.dir,
         &["--k8s-secret", "ok", "--namespace", "a.b"],
     ))
-    .code(3);
+    .expect_code(3);
 }
 
 #[test]
@@ -860,141 +776,14 @@ fn leftover_temp_files_of_a_killed_run_are_removed() {
     let (fx, snap) = Fixture::new().generated();
     let leftover = fx.keys().join(".redis_password.txt.tmp-1-abcdef");
     fs::write(&leftover, "half").unwrap();
-    run(generate(&fx.dir, &[])).success();
+    run(generate(&fx.dir, &[])).expect_ok();
     assert!(!leftover.exists());
     assert_eq!(snapshot(&fx.keys()), snap);
 }
 
-/// A terminal session: `generate ARGS` run on a pseudo-terminal by util-linux `script`,
-/// followed by `stty -a` so the test can see that echo was switched back on.
-struct Terminal {
-    child: std::process::Child,
-    input: std::process::ChildStdin,
-    chunks: std::sync::mpsc::Receiver<Vec<u8>>,
-    transcript: String,
-    seen: usize,
-    command: String,
-}
-
-impl Terminal {
-    /// Starts the session; `None` (the test is skipped) when `script` is not installed.
-    fn start(dir: &Path, args: &[&str]) -> Option<Terminal> {
-        use std::io::Read;
-        let line = format!(
-            // `trap`: a Ctrl-C reaches the shell too; it must live on to report.
-            "trap : INT; {BIN} generate --dir {} {}; echo \"generate-exit=$?\"; stty -a",
-            dir.display(),
-            args.join(" ")
-        );
-        // The line goes through a shell unquoted: paths and arguments must be plain words.
-        let plain =
-            |s: &str| !s.contains(|c: char| c.is_whitespace() || "'\"\\$`;&|<>()".contains(c));
-        assert!(plain(BIN) && plain(&dir.display().to_string()) && args.iter().all(|a| plain(a)));
-        let mut cmd = Command::new("script");
-        cmd.args(["-qec", &line, "/dev/null"]);
-        for (_, var) in OIDC {
-            cmd.env_remove(var);
-        }
-        clean_env(&mut cmd);
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = match cmd.spawn() {
-            Ok(child) => child,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                eprintln!("skipped: util-linux `script` is not installed");
-                return None;
-            }
-            Err(err) => panic!("spawning script: {err}"),
-        };
-        let input = child.stdin.take().unwrap();
-        let mut output = child.stdout.take().unwrap();
-        let (tx, chunks) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = output.read(&mut buf) {
-                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                    break;
-                }
-            }
-        });
-        Some(Terminal {
-            child,
-            input,
-            chunks,
-            transcript: String::new(),
-            seen: 0,
-            command: line,
-        })
-    }
-
-    /// Waits until `text` appears after what was already consumed, then consumes it.
-    fn expect(&mut self, text: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(at) = self.transcript[self.seen..].find(text) {
-                self.seen += at + text.len();
-                return;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.chunks.recv_timeout(left) {
-                Ok(chunk) => self.transcript.push_str(&String::from_utf8_lossy(&chunk)),
-                Err(_) => panic!(
-                    "waiting for {text:?} on the terminal\ncommand: {}\ntranscript:\n{}",
-                    self.command, self.transcript
-                ),
-            }
-        }
-    }
-
-    /// Types a line.
-    fn type_line(&mut self, text: &str) {
-        use std::io::Write;
-        self.input
-            .write_all(format!("{text}\n").as_bytes())
-            .unwrap();
-        self.input.flush().unwrap();
-    }
-
-    /// Types bytes as they are (control characters included), without a line end.
-    fn type_raw(&mut self, bytes: &[u8]) {
-        use std::io::Write;
-        self.input.write_all(bytes).unwrap();
-        self.input.flush().unwrap();
-    }
-
-    /// Waits for the end of the session; returns generate's exit code and the transcript.
-    fn finish(mut self) -> (i32, String) {
-        self.expect("generate-exit=");
-        let code_at = self.seen;
-        // Read to the end of the session (the reader thread ends at EOF).
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while let Ok(chunk) = self
-            .chunks
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            self.transcript.push_str(&String::from_utf8_lossy(&chunk));
-        }
-        drop(self.input);
-        let status = self.child.wait().unwrap();
-        let code: i32 = self.transcript[code_at..]
-            .split(|c: char| !c.is_ascii_digit())
-            .next()
-            .and_then(|d| d.parse().ok())
-            .unwrap_or_else(|| panic!("no exit code in:\n{}", self.transcript));
-        assert!(
-            status.success(),
-            "script failed: {status}\n{}",
-            self.transcript
-        );
-        (code, self.transcript)
-    }
-}
-
-/// Whether `stty -a` output shows echo on (`echo`, not `-echo`).
-fn echo_is_on(stty: &str) -> bool {
-    stty.split(|c: char| c.is_whitespace() || c == ';')
-        .any(|word| word == "echo")
+/// `generate --dir DIR ARGS…` on a terminal (`None`: skipped, `script` is missing).
+fn terminal(dir: &Path, args: &[&str]) -> Option<Terminal> {
+    Terminal::start(&generate(dir, args))
 }
 
 #[test]
@@ -1005,14 +794,14 @@ fn on_a_terminal_missing_oidc_values_are_prompted_without_echo() {
         "Typed-Microsoft-Secret-7782",
         "Typed-Keycloak-Secret-7783",
     ];
-    let Some(mut term) = Terminal::start(&fx.dir, &[]) else {
+    let Some(mut term) = terminal(&fx.dir, &[]) else {
         return;
     };
     for ((_, var), value) in OIDC.iter().zip(typed) {
         term.expect(&format!("{var} (input hidden): "));
         term.type_line(value);
     }
-    let (code, transcript) = term.finish();
+    let Session { code, transcript } = term.finish();
     assert_eq!(code, 0, "{transcript}");
     let snap = snapshot(&fx.keys());
     assert_eq!(snap.len(), 11, "{transcript}");
@@ -1029,8 +818,10 @@ fn on_a_terminal_missing_oidc_values_are_prompted_without_echo() {
             "{transcript}"
         );
     }
-    let stty = transcript.split("generate-exit=").nth(1).unwrap();
-    assert!(echo_is_on(stty), "echo was not restored:\n{transcript}");
+    assert!(
+        echo_is_on(&transcript),
+        "echo was not restored:\n{transcript}"
+    );
 }
 
 /// Ctrl-C in the middle of typing a hidden value: the terminal is restored (echo back on,
@@ -1040,12 +831,12 @@ fn on_a_terminal_missing_oidc_values_are_prompted_without_echo() {
 #[test]
 fn on_a_terminal_ctrl_c_at_the_hidden_prompt_restores_echo_and_writes_nothing() {
     let fx = Fixture::new();
-    let Some(mut term) = Terminal::start(&fx.dir, &[]) else {
+    let Some(mut term) = terminal(&fx.dir, &[]) else {
         return;
     };
     term.expect(&format!("{} (input hidden): ", OIDC[0].1));
     term.type_raw(b"Half-Typed-Secret-9901\x03");
-    let (code, transcript) = term.finish();
+    let Session { code, transcript } = term.finish();
     assert_eq!(code, 130, "{transcript}");
     assert!(
         transcript.contains("interrupted (SIGINT)"),
@@ -1056,17 +847,19 @@ fn on_a_terminal_ctrl_c_at_the_hidden_prompt_restores_echo_and_writes_nothing() 
         "typed secret was echoed:\n{transcript}"
     );
     assert!(!fx.keys().exists(), "nothing is written:\n{transcript}");
-    let stty = transcript.split("generate-exit=").nth(1).unwrap();
-    assert!(echo_is_on(stty), "echo was not restored:\n{transcript}");
+    assert!(
+        echo_is_on(&transcript),
+        "echo was not restored:\n{transcript}"
+    );
 }
 
 #[test]
 fn on_a_terminal_non_interactive_still_refuses_to_prompt() {
     let fx = Fixture::new();
-    let Some(term) = Terminal::start(&fx.dir, &["--non-interactive"]) else {
+    let Some(term) = terminal(&fx.dir, &["--non-interactive"]) else {
         return;
     };
-    let (code, transcript) = term.finish();
+    let Session { code, transcript } = term.finish();
     assert_eq!(code, 3, "{transcript}");
     assert!(
         transcript.contains("OIDC_GOOGLE_CLIENT_SECRET"),
@@ -1079,15 +872,15 @@ fn on_a_terminal_non_interactive_still_refuses_to_prompt() {
 #[test]
 fn on_a_terminal_restore_asks_for_confirmation() {
     let (fx, first) = Fixture::new().generated();
-    run(with_oidc_env(generate(&fx.dir, &["--force"]))).success();
+    run(with_oidc_env(generate(&fx.dir, &["--force"]))).expect_ok();
     let second = snapshot(&fx.keys());
 
-    let Some(mut term) = Terminal::start(&fx.dir, &["--restore"]) else {
+    let Some(mut term) = terminal(&fx.dir, &["--restore"]) else {
         return;
     };
     term.expect("[y/N] ");
     term.type_line("n");
-    let (code, transcript) = term.finish();
+    let Session { code, transcript } = term.finish();
     assert_eq!(code, 1, "{transcript}");
     assert!(transcript.contains("cancelled"), "{transcript}");
     assert_eq!(
@@ -1097,12 +890,12 @@ fn on_a_terminal_restore_asks_for_confirmation() {
     );
     assert_eq!(fx.backups().len(), 1, "declined restore took a backup");
 
-    let Some(mut term) = Terminal::start(&fx.dir, &["--restore"]) else {
+    let Some(mut term) = terminal(&fx.dir, &["--restore"]) else {
         return;
     };
     term.expect("[y/N] ");
     term.type_line("y");
-    let (code, transcript) = term.finish();
+    let Session { code, transcript } = term.finish();
     assert_eq!(code, 0, "{transcript}");
     assert_eq!(snapshot(&fx.keys()), first);
     for value in values(&[&first, &second]) {
@@ -1113,10 +906,10 @@ fn on_a_terminal_restore_asks_for_confirmation() {
     }
 
     // --yes skips the question.
-    let Some(term) = Terminal::start(&fx.dir, &["--restore", "--yes"]) else {
+    let Some(term) = terminal(&fx.dir, &["--restore", "--yes"]) else {
         return;
     };
-    let (code, transcript) = term.finish();
+    let Session { code, transcript } = term.finish();
     assert_eq!(code, 0, "{transcript}");
     assert!(!transcript.contains("[y/N]"), "{transcript}");
     assert_eq!(snapshot(&fx.keys()), second);
@@ -1129,7 +922,7 @@ fn a_second_concurrent_run_is_refused_while_the_directory_is_locked() {
     let held = Flock::lock(fs::File::open(&fx.dir).unwrap(), FlockArg::LockExclusive)
         .map_err(|(_, e)| e)
         .unwrap();
-    let out = run(with_oidc_env(generate(&fx.dir, &["--force"]))).code(1);
+    let out = run(with_oidc_env(generate(&fx.dir, &["--force"]))).expect_code(1);
     assert!(
         out.stderr.contains("another `generate` is running"),
         "{out}"
@@ -1137,18 +930,18 @@ fn a_second_concurrent_run_is_refused_while_the_directory_is_locked() {
     assert_eq!(snapshot(&fx.keys()), snap);
     assert!(fx.backups().is_empty());
     drop(held);
-    run(with_oidc_env(generate(&fx.dir, &["--force"]))).success();
+    run(with_oidc_env(generate(&fx.dir, &["--force"]))).expect_ok();
 }
 
-/// The review's race: the files to create were decided before the lock was taken, so a file
-/// another run created in between (here: while this run waits at the OIDC prompt) was
-/// overwritten as "new", without a backup. Under the lock the plan is made again.
+/// A race: were the files to create decided before the lock is taken, a file another run
+/// created in between (here: while this run waits at the OIDC prompt) would be overwritten
+/// as "new", without a backup. Under the lock the plan is made again.
 #[test]
 fn a_file_created_while_waiting_at_the_prompt_is_kept_not_overwritten() {
     let (fx, snap) = Fixture::new().generated();
     fs::remove_file(fx.keys().join("redis_password.txt")).unwrap();
     fs::remove_file(fx.keys().join(OIDC[0].0)).unwrap();
-    let Some(mut term) = Terminal::start(&fx.dir, &[]) else {
+    let Some(mut term) = terminal(&fx.dir, &[]) else {
         return;
     };
     term.expect(&format!("{} (input hidden): ", OIDC[0].1));
@@ -1157,7 +950,7 @@ fn a_file_created_while_waiting_at_the_prompt_is_kept_not_overwritten() {
     fs::write(fx.keys().join("redis_password.txt"), concurrent).unwrap();
     let typed = "Typed-Google-Secret-4242";
     term.type_line(typed);
-    let (code, transcript) = term.finish();
+    let Session { code, transcript } = term.finish();
     assert_eq!(code, 0, "{transcript}");
     let now = snapshot(&fx.keys());
     assert_eq!(
@@ -1183,10 +976,10 @@ fn a_file_created_while_waiting_at_the_prompt_is_kept_not_overwritten() {
 #[test]
 fn k8s_secret_to_a_terminal_is_refused_but_piping_and_output_work() {
     let (fx, snap) = Fixture::new().generated();
-    let Some(term) = Terminal::start(&fx.dir, &["--k8s-secret", "app"]) else {
+    let Some(term) = terminal(&fx.dir, &["--k8s-secret", "app"]) else {
         return;
     };
-    let (code, transcript) = term.finish();
+    let Session { code, transcript } = term.finish();
     assert_eq!(code, 3, "{transcript}");
     assert!(transcript.contains("--output FILE"), "{transcript}");
     assert!(!transcript.contains("data:"), "{transcript}");
@@ -1197,10 +990,10 @@ fn k8s_secret_to_a_terminal_is_refused_but_piping_and_output_work() {
     assert_eq!(snapshot(&fx.keys()), snap);
 
     // With --force, the refusal comes before any write or backup.
-    let Some(term) = Terminal::start(&fx.dir, &["--k8s-secret=app", "--force"]) else {
+    let Some(term) = terminal(&fx.dir, &["--k8s-secret=app", "--force"]) else {
         return;
     };
-    let (code, transcript) = term.finish();
+    let Session { code, transcript } = term.finish();
     assert_eq!(code, 3, "{transcript}");
     assert_eq!(snapshot(&fx.keys()), snap, "refused run changed files");
     assert!(fx.backups().is_empty(), "refused run took a backup");
@@ -1208,10 +1001,10 @@ fn k8s_secret_to_a_terminal_is_refused_but_piping_and_output_work() {
     // To a file, on the same terminal, it works.
     let manifest = fx.dir.parent().unwrap().join("m.yaml");
     let output = format!("--output={}", manifest.display());
-    let Some(term) = Terminal::start(&fx.dir, &["--k8s-secret=app", &output]) else {
+    let Some(term) = terminal(&fx.dir, &["--k8s-secret=app", &output]) else {
         return;
     };
-    let (code, transcript) = term.finish();
+    let Session { code, transcript } = term.finish();
     assert_eq!(code, 0, "{transcript}");
     assert!(fs::read_to_string(&manifest).unwrap().contains("data:\n"));
     assert!(!transcript.contains("data:"), "{transcript}");
@@ -1240,9 +1033,9 @@ fn every_option_works_from_its_environment_variable() {
         ("PG_PASSWORD_SYNC_NO_BACKUP", "yes"),
     ];
     vars.extend(&oidc);
-    let out = with(&vars, &["--force"]).success();
+    let out = with(&vars, &["--force"]).expect_ok();
     let unbacked = snapshot(&fx.keys());
-    out.no_values(values(&[&snap, &unbacked]).iter().map(Vec::as_slice));
+    out.assert_output_free_of(values(&[&snap, &unbacked]).iter().map(Vec::as_slice));
     assert_ne!(unbacked["redis_password.txt"], snap["redis_password.txt"]);
     assert!(fx.backups().is_empty(), "{out}");
 
@@ -1251,22 +1044,22 @@ fn every_option_works_from_its_environment_variable() {
         ("PG_PASSWORD_SYNC_VERIFY", "off"),
     ];
     vars.extend(&oidc);
-    let out = with(&vars, &[]).success();
+    let out = with(&vars, &[]).expect_ok();
     let forced = snapshot(&fx.keys());
-    out.no_values(values(&[&unbacked, &forced]).iter().map(Vec::as_slice));
+    out.assert_output_free_of(values(&[&unbacked, &forced]).iter().map(Vec::as_slice));
     assert_ne!(
         forced["redis_password.txt"], unbacked["redis_password.txt"],
         "{out}"
     );
     assert_eq!(fx.backups().len(), 1, "{out}");
 
-    let out = with(&[("PG_PASSWORD_SYNC_LIST", "1")], &[]).success();
+    let out = with(&[("PG_PASSWORD_SYNC_LIST", "1")], &[]).expect_ok();
     assert!(out.stdout.contains("MODIFIED (UTC)"), "{out}");
-    let out = with(&[("PG_PASSWORD_SYNC_VERIFY", "yes")], &[]).success();
+    let out = with(&[("PG_PASSWORD_SYNC_VERIFY", "yes")], &[]).expect_ok();
     assert!(out.stdout.contains("pass"), "{out}");
-    let out = with(&[("PG_PASSWORD_SYNC_LIST_BACKUPS", "on")], &[]).success();
+    let out = with(&[("PG_PASSWORD_SYNC_LIST_BACKUPS", "on")], &[]).expect_ok();
     assert!(out.stdout.contains("(newest)"), "{out}");
-    let out = with(&[("PG_PASSWORD_SYNC_BACKUP_ONLY", "true")], &[]).success();
+    let out = with(&[("PG_PASSWORD_SYNC_BACKUP_ONLY", "true")], &[]).expect_ok();
     assert!(out.stdout.contains("backed up 11 files"), "{out}");
     assert_eq!(fx.backups().len(), 2, "{out}");
     // Two modes switched on by their variables conflict.
@@ -1277,7 +1070,7 @@ fn every_option_works_from_its_environment_variable() {
         ],
         &[],
     )
-    .code(3);
+    .expect_code(3);
     assert!(out.stderr.contains("cannot be used with"), "{out}");
 
     let manifest = fx.dir.parent().unwrap().join("env.yaml");
@@ -1289,8 +1082,8 @@ fn every_option_works_from_its_environment_variable() {
         ],
         &[],
     )
-    .success();
-    out.no_values(values(&[&forced]).iter().map(Vec::as_slice));
+    .expect_ok();
+    out.assert_output_free_of(values(&[&forced]).iter().map(Vec::as_slice));
     let text = fs::read_to_string(&manifest).unwrap();
     assert!(
         text.contains("  name: app-secrets\n  namespace: prod\n"),
@@ -1311,7 +1104,357 @@ fn every_option_works_from_its_environment_variable() {
         ],
         &[],
     )
-    .success();
-    out.no_values(values(&[&unbacked, &forced]).iter().map(Vec::as_slice));
+    .expect_ok();
+    out.assert_output_free_of(values(&[&unbacked, &forced]).iter().map(Vec::as_slice));
     assert_eq!(snapshot(&fx.keys()), unbacked, "{out}");
+}
+
+// --- Links and special files planted in DIR, and inputs refused before the first write ---
+//
+// A cloned repository can carry symbolic links anywhere under DIR. `generate` never follows
+// one there: it refuses, names the path and the problem, and leaves the link's target as it
+// was (content and mode).
+
+/// A file outside DIR that planted links point at, with content that must never be copied
+/// anywhere and a mode that must never change.
+const TARGET_CONTENT: &str = "outside-target-content-0123456789";
+
+fn outside_target(fx: &Fixture, name: &str) -> PathBuf {
+    let path = fx.dir.parent().unwrap().join(name);
+    fs::write(&path, TARGET_CONTENT).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    path
+}
+
+/// Asserts that `target` still has its content and mode 0644.
+fn untouched(target: &Path, out: &Run) {
+    assert_eq!(fs::read_to_string(target).unwrap(), TARGET_CONTENT, "{out}");
+    assert_eq!(mode(target), 0o644, "the link's target was chmod'ed\n{out}");
+}
+
+/// Asserts that the target's content (raw or base64) appears in no output and no manifest.
+fn target_not_revealed(out: &Run, manifest: Option<&Path>) {
+    let encoded = base64::engine::general_purpose::STANDARD.encode(TARGET_CONTENT);
+    for text in [TARGET_CONTENT, encoded.as_str()] {
+        assert!(
+            !out.stdout.contains(text) && !out.stderr.contains(text),
+            "{out}"
+        );
+        if let Some(manifest) = manifest {
+            let written = fs::read_to_string(manifest).unwrap_or_default();
+            assert!(!written.contains(text), "the target reached the manifest");
+        }
+    }
+}
+
+/// Replaces `keys/FILE` by a symbolic link to `target`.
+fn plant_link(fx: &Fixture, file: &str, target: &Path) {
+    let link = fx.keys().join(file);
+    fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(target, &link).unwrap();
+}
+
+fn is_link(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
+}
+
+#[test]
+fn a_kept_key_file_that_is_a_symlink_is_refused_and_its_target_not_chmoded() {
+    let (fx, snap) = Fixture::new().generated();
+    let target = outside_target(&fx, "target.txt");
+    plant_link(&fx, "redis_password.txt", &target);
+    let out = run(with_oidc_env(generate(&fx.dir, &[]))).expect_code(3);
+    untouched(&target, &out);
+    target_not_revealed(&out, None);
+    out.assert_output_free_of(values(&[&snap]).iter().map(Vec::as_slice));
+    assert!(out.stderr.contains("redis_password.txt"), "{out}");
+    assert!(out.stderr.contains("symbolic link"), "{out}");
+    assert!(is_link(&fx.keys().join("redis_password.txt")), "{out}");
+}
+
+#[test]
+fn k8s_secret_with_a_symlinked_key_is_refused_and_the_target_never_reaches_the_manifest() {
+    let (fx, snap) = Fixture::new().generated();
+    let target = outside_target(&fx, "target.txt");
+    plant_link(&fx, "session_signing_secret.txt", &target);
+    let manifest = fx.dir.parent().unwrap().join("m.yaml");
+    let out = run(generate(
+        &fx.dir,
+        &[
+            "--k8s-secret",
+            "app",
+            "--output",
+            manifest.to_str().unwrap(),
+        ],
+    ))
+    .expect_code(3);
+    untouched(&target, &out);
+    target_not_revealed(&out, Some(&manifest));
+    out.assert_output_free_of(values(&[&snap]).iter().map(Vec::as_slice));
+    assert!(!manifest.exists(), "{out}");
+    assert!(out.stderr.contains("session_signing_secret.txt"), "{out}");
+    // To stdout (a pipe) as well.
+    let out = run(generate(&fx.dir, &["--k8s-secret", "app"])).expect_code(3);
+    target_not_revealed(&out, None);
+    assert!(!out.stdout.contains("data:"), "{out}");
+}
+
+/// A directory outside DIR that a planted link points at, holding a foreign file named
+/// like one of our temp files and a foreign `backup-…` directory.
+fn outside_dir(fx: &Fixture) -> PathBuf {
+    let elsewhere = fx.dir.parent().unwrap().join("elsewhere");
+    fs::create_dir_all(elsewhere.join("backup-20200101-000000/keys")).unwrap();
+    fs::write(
+        elsewhere.join("backup-20200101-000000/keys/redis_password.txt"),
+        TARGET_CONTENT,
+    )
+    .unwrap();
+    fs::write(elsewhere.join(".foreign.tmp-1-abcdef"), TARGET_CONTENT).unwrap();
+    fs::set_permissions(&elsewhere, fs::Permissions::from_mode(0o755)).unwrap();
+    elsewhere
+}
+
+/// Asserts that `elsewhere` (from `outside_dir`) is exactly as it was made.
+fn outside_dir_untouched(elsewhere: &Path, out: &Run) {
+    assert_eq!(mode(elsewhere), 0o755, "{out}");
+    let mut names: Vec<String> = fs::read_dir(elsewhere)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [".foreign.tmp-1-abcdef", "backup-20200101-000000"],
+        "{out}"
+    );
+    assert!(
+        elsewhere
+            .join("backup-20200101-000000/keys/redis_password.txt")
+            .exists(),
+        "{out}"
+    );
+}
+
+#[test]
+fn keys_as_a_symlink_to_another_directory_is_refused_and_that_directory_untouched() {
+    let fx = Fixture::new();
+    fs::create_dir_all(&fx.dir).unwrap();
+    let elsewhere = outside_dir(&fx);
+    std::os::unix::fs::symlink(&elsewhere, fx.keys()).unwrap();
+    for args in [
+        &[][..],
+        &["--force"],
+        &["--backup-only"],
+        &["--verify"],
+        &["--list"],
+    ] {
+        let out = run(with_oidc_env(generate(&fx.dir, args)));
+        assert_ne!(out.status.code(), Some(0), "{out}");
+        assert!(out.stderr.contains("keys"), "{out}");
+        assert!(out.stderr.contains("symbolic link"), "{out}");
+        outside_dir_untouched(&elsewhere, &out);
+    }
+}
+
+#[test]
+fn backups_as_a_symlink_is_refused_and_foreign_backups_are_never_pruned() {
+    let (fx, snap) = Fixture::new().generated();
+    let elsewhere = outside_dir(&fx);
+    std::os::unix::fs::symlink(&elsewhere, fx.dir.join("backups")).unwrap();
+    for args in [
+        &["--keep-backups", "1"][..],
+        &["--backup-only", "--keep-backups", "1"],
+        &["--force", "--keep-backups", "1"],
+        &["--restore", "backup-20200101-000000", "--yes"],
+        &["--list-backups"],
+    ] {
+        let out = run(with_oidc_env(generate(&fx.dir, args))).expect_code(3);
+        assert!(out.stderr.contains("backups"), "{out}");
+        assert!(out.stderr.contains("symbolic link"), "{out}");
+        outside_dir_untouched(&elsewhere, &out);
+        target_not_revealed(&out, None);
+        assert_eq!(snapshot(&fx.keys()), snap, "{out}");
+    }
+}
+
+#[test]
+fn force_backup_never_copies_a_symlink_target_and_leaves_the_link_alone() {
+    let (fx, snap) = Fixture::new().generated();
+    let target = outside_target(&fx, "target.txt");
+    plant_link(&fx, "postgres_password.txt", &target);
+    for args in [
+        &["--force"][..],
+        &["--backup-only"],
+        &["--restore", "--yes"],
+    ] {
+        let out = run(with_oidc_env(generate(&fx.dir, args))).expect_code(3);
+        untouched(&target, &out);
+        target_not_revealed(&out, None);
+        assert!(out.stderr.contains("postgres_password.txt"), "{out}");
+        assert!(fx.backups().is_empty(), "a backup was taken\n{out}");
+        assert!(is_link(&fx.keys().join("postgres_password.txt")), "{out}");
+        let now = snapshot(&fx.keys());
+        for (file, value) in &snap {
+            if file != "postgres_password.txt" {
+                assert_eq!(&now[file], value, "{file} changed\n{out}");
+            }
+        }
+    }
+}
+
+#[test]
+fn force_with_an_output_in_a_missing_directory_is_refused_before_any_write() {
+    let (fx, snap) = Fixture::new().generated();
+    let manifest = fx.dir.parent().unwrap().join("missing-dir/secret.yaml");
+    let out = run(with_oidc_env(generate(
+        &fx.dir,
+        &[
+            "--force",
+            "--k8s-secret",
+            "app",
+            "--output",
+            manifest.to_str().unwrap(),
+        ],
+    )))
+    .expect_code(3);
+    out.assert_output_free_of(values(&[&snap]).iter().map(Vec::as_slice));
+    assert!(out.stderr.contains("missing-dir"), "{out}");
+    assert_eq!(snapshot(&fx.keys()), snap, "keys changed\n{out}");
+    assert!(fx.backups().is_empty(), "a backup was taken\n{out}");
+    assert!(!manifest.parent().unwrap().exists());
+
+    // An output that names a directory is refused up front as well.
+    let out = run(with_oidc_env(generate(
+        &fx.dir,
+        &[
+            "--force",
+            "--k8s-secret",
+            "app",
+            "--output",
+            fx.keys().to_str().unwrap(),
+        ],
+    )))
+    .expect_code(3);
+    assert_eq!(snapshot(&fx.keys()), snap, "keys changed\n{out}");
+    assert!(fx.backups().is_empty(), "a backup was taken\n{out}");
+}
+
+/// Runs `cmd` under a 512 MiB address-space limit and a 20 s watchdog; a run that is
+/// still going then is killed and fails the test (it was blocked or reading forever).
+fn run_bounded(cmd: Command) -> Run {
+    let mut limited = Command::new("prlimit");
+    limited.arg("--as=536870912").arg(cmd.get_program());
+    limited.args(cmd.get_args());
+    for (var, value) in cmd.get_envs() {
+        match value {
+            Some(value) => limited.env(var, value),
+            None => limited.env_remove(var),
+        };
+    }
+    Running::spawn(limited).finish(Duration::from_secs(20))
+}
+
+#[test]
+fn an_env_file_that_is_a_symlink_to_dev_zero_is_refused_quickly() {
+    // The default file under DIR: a link there is refused without being opened.
+    let fx = Fixture::new();
+    fs::create_dir_all(&fx.dir).unwrap();
+    let env = fx.dir.join("user-provided.env");
+    std::os::unix::fs::symlink("/dev/zero", &env).unwrap();
+    let out = run_bounded(with_oidc_env(generate(&fx.dir, &[]))).expect_code(3);
+    assert!(out.stderr.contains("user-provided.env"), "{out}");
+    assert!(!fx.keys().exists(), "{out}");
+
+    // A file named with --user-secrets-file may be a link (the operator chose the path),
+    // but what it opens must be a regular file of bounded size.
+    let fx = Fixture::new();
+    let link = fx.dir.parent().unwrap().join("zero.env");
+    std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+    for file in [link.as_path(), Path::new("/dev/zero")] {
+        let args = ["--user-secrets-file", file.to_str().unwrap()];
+        let out = run_bounded(with_oidc_env(generate(&fx.dir, &args))).expect_code(3);
+        assert!(out.stderr.contains("not a regular file"), "{out}");
+        assert!(out.stderr.contains(file.to_str().unwrap()), "{out}");
+        assert!(!fx.keys().exists(), "{out}");
+    }
+
+    // A regular file far larger than any env file is refused before it is read.
+    let big = fx.dir.parent().unwrap().join("big.env");
+    let file = fs::File::create(&big).unwrap();
+    file.set_len(8 << 30).unwrap(); // sparse: 8 GiB of apparent size
+    let args = ["--user-secrets-file", big.to_str().unwrap()];
+    let out = run_bounded(with_oidc_env(generate(&fx.dir, &args))).expect_code(3);
+    assert!(out.stderr.contains("larger than"), "{out}");
+    assert!(!fx.keys().exists(), "{out}");
+}
+
+#[test]
+fn an_env_file_that_is_a_fifo_is_refused_and_never_blocks() {
+    let fx = Fixture::new();
+    fs::create_dir_all(&fx.dir).unwrap();
+    let fifo = fx.dir.join("user-provided.env");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let out = run_bounded(with_oidc_env(generate(&fx.dir, &[]))).expect_code(3);
+    assert!(out.stderr.contains("user-provided.env"), "{out}");
+    assert!(out.stderr.contains("not a regular file"), "{out}");
+    assert!(!fx.keys().exists(), "{out}");
+    let args = ["--user-secrets-file", fifo.to_str().unwrap()];
+    let out = run_bounded(with_oidc_env(generate(&fx.dir, &args))).expect_code(3);
+    assert!(out.stderr.contains("not a regular file"), "{out}");
+}
+
+#[test]
+fn dir_itself_as_a_symlink_is_refused() {
+    let (fx, snap) = Fixture::new().generated();
+    let link = fx.dir.parent().unwrap().join("link-to-secrets");
+    std::os::unix::fs::symlink(&fx.dir, &link).unwrap();
+    let out = run(with_oidc_env(generate(&link, &["--force"]))).expect_code(3);
+    assert!(out.stderr.contains("link-to-secrets"), "{out}");
+    assert!(out.stderr.contains("symbolic link"), "{out}");
+    assert_eq!(snapshot(&fx.keys()), snap, "{out}");
+    assert!(fx.backups().is_empty(), "{out}");
+}
+
+#[test]
+fn verify_and_list_report_a_symlinked_key_file_without_following_it() {
+    let (fx, _snap) = Fixture::new().generated();
+    let target = outside_target(&fx, "target.txt");
+    plant_link(&fx, "csrf_signing_secret.txt", &target);
+    let out = run(generate(&fx.dir, &["--verify"])).expect_code(7);
+    assert!(
+        out.stdout
+            .contains("csrf_signing_secret.txt: is a symbolic link"),
+        "{out}"
+    );
+    let out = run(generate(&fx.dir, &["--list"])).expect_ok();
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("csrf_signing_secret.txt"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains("symbolic link"), "{out}");
+    // The target's size (33) and mode (0644) are not shown as the file's.
+    assert!(!line.contains("0644") && !line.contains(" 33 "), "{out}");
+    untouched(&target, &out);
+}
+
+#[test]
+fn a_symlinked_backup_is_neither_listed_restored_nor_pruned() {
+    let (fx, snap) = Fixture::new().generated();
+    let elsewhere = outside_dir(&fx);
+    run(generate(&fx.dir, &["--backup-only"])).expect_ok();
+    let planted = fx.dir.join("backups/backup-20000101-000000");
+    std::os::unix::fs::symlink(elsewhere.join("backup-20200101-000000"), &planted).unwrap();
+    let out = run(generate(&fx.dir, &["--list-backups"])).expect_ok();
+    assert!(!out.stdout.contains("backup-20000101-000000"), "{out}");
+    let out = run(generate(
+        &fx.dir,
+        &["--restore", "backup-20000101-000000", "--yes"],
+    ))
+    .expect_code(3);
+    assert!(out.stderr.contains("symbolic link"), "{out}");
+    assert_eq!(snapshot(&fx.keys()), snap, "{out}");
+    let out = run(generate(&fx.dir, &["--backup-only", "--keep-backups", "1"])).expect_ok();
+    assert!(is_link(&planted), "{out}");
+    outside_dir_untouched(&elsewhere, &out);
 }

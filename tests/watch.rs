@@ -1,4 +1,4 @@
-//! `watch` (the sidecar) against real PostgreSQL 15 clusters (issue 4): Kubernetes
+//! `watch` (the sidecar) against real PostgreSQL clusters (from `PG_BINDIR`): Kubernetes
 //! AtomicWriter swaps, renames and in-place rewrites, superuser rotation by password only,
 //! invalid files, rapid swaps, a secrets directory missing or remounted, SIGHUP, SIGTERM,
 //! and no plaintext anywhere.
@@ -15,8 +15,7 @@ use std::time::Duration;
 
 use common::k8s::SecretVolume;
 use common::*;
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
 /// Liveness bound for a rotation to be in force (debounce is 50 ms in these tests).
 const LIMIT: Duration = Duration::from_secs(10);
@@ -78,7 +77,7 @@ impl Watcher {
     }
 
     fn signal(&self, signal: Signal) {
-        kill(Pid::from_raw(self.running.pid()), signal).unwrap();
+        self.running.signal(signal);
     }
 
     fn stderr(&self) -> String {
@@ -90,22 +89,21 @@ impl Watcher {
     }
 
     fn assert_alive(&mut self) {
-        assert!(
-            self.running.child.try_wait().unwrap().is_none(),
-            "the watcher exited:\n{}",
-            self.stderr()
-        );
+        self.running.assert_alive();
     }
 
     /// SIGTERM, then the exit must be 0 and prompt. The record includes the watcher's
     /// argv and environment as seen just before, for the leak checks.
     fn stop(mut self, cluster: &Cluster) -> Run {
         self.assert_alive();
-        let seen = proc_strings(self.running.pid() as u32);
+        let seen = proc_strings(self.running.pid());
         assert!(!seen.is_empty(), "/proc of the watcher is readable");
         self.signal(Signal::SIGTERM);
-        let mut run = self.running.finish(LIMIT);
-        run.expect_ok(Some(cluster));
+        let mut run = self
+            .running
+            .finish(LIMIT)
+            .with_server_log(&cluster.log)
+            .expect_ok();
         run.proc_seen.extend(seen);
         run
     }
@@ -681,12 +679,11 @@ fn a_sidecar_without_the_data_directory_reports_health_from_its_syncs() {
         health().code() == Some(0)
     });
     write_file(keys.path(), "postgres_app_user_pw.txt", &unique("side1"));
-    let out = health();
-    out.expect_code(8, Some(&cluster));
+    let out = health().with_server_log(&cluster.log).expect_code(8);
     assert!(
         out.stderr.contains("changed since the last sync"),
         "{}",
-        out.describe(None)
+        out.describe()
     );
     let run = watcher.stop(&cluster);
     assert_no_leak(&refs(&[first]), Some(&cluster), &[&run, &out]);

@@ -5,20 +5,19 @@
 //! fsynced. A crash at any moment therefore leaves either the complete old or the complete
 //! new file under the name (the replaced script's `>` redirection could leave it empty or
 //! torn). Temp files start with `.` and contain `.tmp-`, so a later run can recognise and
-//! remove the leftovers of a killed one.
+//! remove the leftovers of a killed one. Every step goes through a `Dir` handle, so a link
+//! planted at a name is replaced, never written through.
 //!
 //! `PG_PASSWORD_SYNC_TEST_DELAY_US` is a test-only hook: when set, the write path sleeps
 //! that many microseconds between its steps, so the crash test can SIGKILL the process at
 //! moments spread across the whole sequence. Nothing else reads it; operators never set it.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::Context;
+
+use super::dirfd::Dir;
 
 /// Mode of every secret file and of the manifest written with `--output`.
 pub const FILE_MODE: u32 = 0o600;
@@ -63,127 +62,59 @@ pub fn is_temp_name(name: &str) -> bool {
     name.starts_with('.') && name.contains(TEMP_MARKER)
 }
 
-/// Fsyncs a directory, making the creations, renames and removals in it durable: a rename
-/// is only an entry in the directory, and without this a crash can forget it even though
-/// the file's data was synced.
-pub fn sync_dir(dir: &Path) -> anyhow::Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing directory {}", dir.display()))
-}
-
-/// Creates `dir` (and missing parents) with mode 0700, or tightens an existing one to 0700.
-pub fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
-    match fs::metadata(dir) {
-        Ok(meta) if meta.is_dir() => {
-            if meta.permissions().mode() & 0o7777 != DIR_MODE {
-                fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))
-                    .with_context(|| format!("setting mode 0700 on {}", dir.display()))?;
-            }
-            Ok(())
-        }
-        Ok(_) => anyhow::bail!("{} exists and is not a directory", dir.display()),
-        Err(_) => {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(DIR_MODE)
-                .create(dir)
-                .with_context(|| format!("creating directory {}", dir.display()))?;
-            // The umask may have removed bits; set the exact mode.
-            fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))
-                .with_context(|| format!("setting mode 0700 on {}", dir.display()))?;
-            if let Some(parent) = dir.parent() {
-                // Make the new directory entry itself durable.
-                sync_dir(if parent.as_os_str().is_empty() {
-                    Path::new(".")
-                } else {
-                    parent
-                })?;
-            }
-            Ok(())
-        }
-    }
-}
-
-/// Creates a new file (failing if it exists) with mode 0600, writes `contents` and fsyncs it.
-pub fn create_synced(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
-    let shown = path.display();
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(FILE_MODE)
-        .open(path)
-        .with_context(|| format!("creating {shown}"))?;
-    // `mode` above is filtered by the umask; make it exactly 0600.
-    file.set_permissions(fs::Permissions::from_mode(FILE_MODE))
-        .with_context(|| format!("setting mode 0600 on {shown}"))?;
-    file.write_all(contents)
-        .with_context(|| format!("writing {shown}"))?;
-    test_delay();
-    // The data must be on disk before any name can point at it (see `write_atomic`).
-    file.sync_all().with_context(|| format!("syncing {shown}"))
+/// Creates the new file `dir/name` (failing if it exists) with mode 0600, writes
+/// `contents` and fsyncs it.
+pub fn create_synced(dir: &Dir, name: &str, contents: &[u8]) -> anyhow::Result<()> {
+    dir.create_synced(name, FILE_MODE, contents, test_delay)
 }
 
 /// Removes a temp file when a write fails before its rename.
-struct TempGuard<'a>(Option<&'a Path>);
+struct TempGuard<'a>(Option<(&'a Dir, &'a str)>);
 
 impl Drop for TempGuard<'_> {
     fn drop(&mut self) {
-        if let Some(path) = self.0 {
-            let _ = fs::remove_file(path);
+        if let Some((dir, name)) = self.0 {
+            let _ = dir.remove_file(name);
         }
     }
 }
 
-/// Replaces `dir/name` with `contents` atomically and durably (mode 0600). The directory
-/// itself is not synced here; call `sync_dir` once after a batch (or use `write_atomic`).
-pub fn replace_file(dir: &Path, name: &str, contents: &[u8]) -> anyhow::Result<()> {
-    let temp = dir.join(temp_name(name));
-    let mut guard = TempGuard(Some(&temp));
-    create_synced(&temp, contents)?;
+/// Replaces `dir/name` with `contents` atomically and durably (mode 0600); a link at
+/// `name` is replaced, never written through. The directory itself is not synced here;
+/// call `Dir::sync` once after a batch (or use `write_atomic`).
+pub fn replace_file(dir: &Dir, name: &str, contents: &[u8]) -> anyhow::Result<()> {
+    let temp = temp_name(name);
+    let mut guard = TempGuard(Some((dir, &temp)));
+    create_synced(dir, &temp, contents)?;
     test_delay();
-    let target = dir.join(name);
     // rename(2) swaps the name in one step: readers and a crash see the old or the new file.
-    fs::rename(&temp, &target).with_context(|| format!("renaming into {}", target.display()))?;
+    dir.rename(&temp, name)?;
     guard.0 = None;
     test_delay();
     Ok(())
 }
 
 /// `replace_file` followed by an fsync of the directory, so the rename survives a crash.
-pub fn write_atomic(dir: &Path, name: &str, contents: &[u8]) -> anyhow::Result<()> {
+pub fn write_atomic(dir: &Dir, name: &str, contents: &[u8]) -> anyhow::Result<()> {
     replace_file(dir, name, contents)?;
-    sync_dir(dir)?;
+    dir.sync()?;
     test_delay();
     Ok(())
 }
 
-/// Removes temp files and staging directories left in `dir` by a killed run.
-pub fn remove_leftovers(dir: &Path) -> anyhow::Result<usize> {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(err) => return Err(err).with_context(|| format!("listing {}", dir.display())),
-    };
+/// Removes temp files and staging directories left in `dir` by a killed run (a link is
+/// removed itself, never followed).
+pub fn remove_leftovers(dir: &Dir) -> anyhow::Result<usize> {
     let mut removed = 0;
-    for entry in entries {
-        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if !is_temp_name(name) {
-            continue;
+    for (name, _) in dir.entries()? {
+        if is_temp_name(&name) {
+            dir.remove_tree(&name)
+                .with_context(|| format!("removing leftover {}", dir.shown(&name)))?;
+            removed += 1;
         }
-        let path = entry.path();
-        let result = if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            fs::remove_dir_all(&path)
-        } else {
-            fs::remove_file(&path)
-        };
-        result.with_context(|| format!("removing leftover {}", path.display()))?;
-        removed += 1;
     }
     if removed > 0 {
-        sync_dir(dir)?;
+        dir.sync()?;
     }
     Ok(removed)
 }
@@ -191,6 +122,9 @@ pub fn remove_leftovers(dir: &Path) -> anyhow::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
 
     #[test]
     fn temp_names_are_recognised() {
@@ -203,29 +137,33 @@ mod tests {
 
     #[test]
     fn write_atomic_replaces_with_mode_0600_and_no_leftovers() {
-        let dir = tempfile::tempdir().unwrap();
-        let keys = dir.path().join("keys");
-        ensure_private_dir(&keys).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Dir::create_path(tmp.path(), DIR_MODE).unwrap();
+        let keys = root.private_subdir("keys", DIR_MODE).unwrap();
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
-        assert_eq!(mode(&keys), 0o700);
+        let path = tmp.path().join("keys");
+        assert_eq!(mode(&path), 0o700);
         write_atomic(&keys, "a.txt", b"one").unwrap();
         write_atomic(&keys, "a.txt", b"two").unwrap();
-        assert_eq!(fs::read(keys.join("a.txt")).unwrap(), b"two");
-        assert_eq!(mode(&keys.join("a.txt")), 0o600);
-        assert_eq!(fs::read_dir(&keys).unwrap().count(), 1);
-        fs::write(keys.join(temp_name("a.txt")), "x").unwrap();
-        fs::create_dir(keys.join(temp_name("staging"))).unwrap();
+        assert_eq!(fs::read(path.join("a.txt")).unwrap(), b"two");
+        assert_eq!(mode(&path.join("a.txt")), 0o600);
+        assert_eq!(fs::read_dir(&path).unwrap().count(), 1);
+        fs::write(path.join(temp_name("a.txt")), "x").unwrap();
+        let staging = path.join(temp_name("staging"));
+        fs::create_dir(&staging).unwrap();
+        fs::write(staging.join("f"), "x").unwrap();
         assert_eq!(remove_leftovers(&keys).unwrap(), 2);
-        assert_eq!(fs::read_dir(&keys).unwrap().count(), 1);
+        assert_eq!(fs::read_dir(&path).unwrap().count(), 1);
     }
 
     #[test]
-    fn ensure_private_dir_tightens_an_existing_dir() {
-        let dir = tempfile::tempdir().unwrap();
-        let sub = dir.path().join("keys");
+    fn a_private_subdir_tightens_an_existing_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sub = tmp.path().join("keys");
         fs::create_dir(&sub).unwrap();
         fs::set_permissions(&sub, fs::Permissions::from_mode(0o755)).unwrap();
-        ensure_private_dir(&sub).unwrap();
+        let root = Dir::create_path(tmp.path(), DIR_MODE).unwrap();
+        root.private_subdir("keys", DIR_MODE).unwrap();
         assert_eq!(
             fs::metadata(&sub).unwrap().permissions().mode() & 0o7777,
             0o700

@@ -5,23 +5,25 @@
 //! fsynced. So a backup that carries a `backup-…` name is always complete and durable, even
 //! if the process is killed while copying; callers take it before their first overwrite.
 //! Names use UTC; a second backup within the same second gets a `-1`, `-2`, … suffix, and
-//! ordering parses the suffix numerically so `-10` sorts after `-9`.
+//! ordering parses the suffix numerically so `-10` sorts after `-9`. Everything goes through
+//! `Dir` handles: a link where a backup, `backups/` or a copied file belongs is never
+//! followed, so no foreign directory is pruned and no link target is copied.
 
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
-use zeroize::Zeroizing;
 
-use super::atomic::{self, create_synced, ensure_private_dir, sync_dir, test_delay};
+use super::atomic::{self, create_synced, test_delay};
 use super::catalog;
 use super::clock::Utc;
+use super::dirfd::{Dir, Kind};
+use crate::error::Failure;
 
 /// Prefix of every backup directory name.
 pub const PREFIX: &str = "backup-";
 
 /// The sort key of a backup directory name: its timestamp and collision suffix.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct BackupKey {
     stamp: String,
     suffix: u32,
@@ -59,159 +61,180 @@ pub fn name_for(time: &Utc, attempt: u32) -> String {
     }
 }
 
-/// `<dir>/backups`.
-pub fn backups_dir(root: &Path) -> PathBuf {
-    root.join("backups")
-}
+/// The name of the backups directory under the secrets directory.
+pub const DIR: &str = "backups";
+
+/// The largest file a backup copies: a file in `keys/` can be over the 4096-byte limit of
+/// a value (`--force` exists to replace such a file, and backs it up first), but not a
+/// disk's worth.
+pub const MAX_COPY_BYTES: usize = 1 << 20;
 
 /// A backup on disk.
 #[derive(Debug, Clone)]
 pub struct Backup {
     pub name: String,
+    /// Where it is, for messages.
     pub path: PathBuf,
     key: BackupKey,
 }
 
-impl Backup {
-    /// The directory holding the backed-up files.
-    pub fn keys(&self) -> PathBuf {
-        self.path.join("keys")
-    }
-}
-
-/// Every backup under `<dir>/backups`, oldest first. Staging leftovers are not listed.
-pub fn list(root: &Path) -> anyhow::Result<Vec<Backup>> {
-    let dir = backups_dir(root);
-    let entries = match fs::read_dir(&dir) {
-        Ok(entries) => entries,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(err) => return Err(err).with_context(|| format!("listing {}", dir.display())),
+/// Every backup in `backups` (none if it does not exist), oldest first. Staging leftovers
+/// and links (even with a backup's name) are not listed, so never pruned or restored.
+pub fn list(backups: Option<&Dir>) -> anyhow::Result<Vec<Backup>> {
+    let Some(backups) = backups else {
+        return Ok(Vec::new());
     };
-    let mut backups = Vec::new();
-    for entry in entries {
-        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
-        let Ok(name) = entry.file_name().into_string() else {
-            continue;
-        };
+    let mut found = Vec::new();
+    for (name, kind) in backups.entries()? {
         let Some(key) = parse_name(&name) else {
             continue;
         };
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            backups.push(Backup {
-                path: entry.path(),
+        if kind == Kind::Dir {
+            found.push(Backup {
+                path: backups.path().join(&name),
                 name,
                 key,
             });
         }
     }
-    backups.sort_by(|a, b| a.key.cmp(&b.key));
-    Ok(backups)
+    found.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(found)
 }
 
-/// The catalog files present in a keys directory, in catalog order.
-pub fn present_files(keys: &Path) -> Vec<&'static str> {
-    catalog::ENTRIES
-        .iter()
-        .map(|entry| entry.file)
-        .filter(|file| keys.join(file).is_file())
-        .collect()
+/// The catalog files present in a keys directory, in catalog order. Anything but a
+/// regular file under a catalog name (a link, say) is refused: it can be neither copied
+/// nor replaced without touching what it points at.
+pub fn present_files(keys: &Dir) -> anyhow::Result<Vec<&'static str>> {
+    let mut files = Vec::new();
+    for entry in &catalog::ENTRIES {
+        match keys.kind(entry.file)? {
+            Kind::Missing => {}
+            Kind::File => files.push(entry.file),
+            kind => {
+                return Err(anyhow::anyhow!(
+                    "{} {}",
+                    keys.shown(entry.file),
+                    kind.problem()
+                ))
+                .context(Failure::Config);
+            }
+        }
+    }
+    Ok(files)
 }
 
-/// Copies `files` from `keys` into a new complete, durable backup and returns it.
-pub fn create(root: &Path, keys: &Path, files: &[&str]) -> anyhow::Result<Backup> {
-    let backups = backups_dir(root);
-    ensure_private_dir(&backups)?;
-    let staging = backups.join(atomic::temp_name("backup"));
-    let staged_keys = staging.join("keys");
-    ensure_private_dir(&staged_keys)
-        .with_context(|| format!("creating backup staging directory {}", staging.display()))?;
+/// Copies `files` from `keys` into a new complete, durable backup in `backups` and
+/// returns it.
+pub fn create(backups: &Dir, keys: &Dir, files: &[&str]) -> anyhow::Result<Backup> {
+    let staging_name = atomic::temp_name("backup");
+    let staging = backups
+        .private_subdir(&staging_name, atomic::DIR_MODE)
+        .context("creating the backup staging directory")?;
+    let staged_keys = staging.private_subdir("keys", atomic::DIR_MODE)?;
     for file in files {
-        let source = keys.join(file);
-        let bytes = Zeroizing::new(
-            fs::read(&source)
-                .with_context(|| format!("reading {} for the backup", source.display()))?,
-        );
-        create_synced(&staged_keys.join(file), &bytes)?;
+        let bytes = keys
+            .read_file(file, MAX_COPY_BYTES)
+            .with_context(|| format!("reading {} for the backup", keys.shown(file)))?
+            .with_context(|| format!("{} disappeared during the backup", keys.shown(file)))?;
+        create_synced(&staged_keys, file, &bytes)?;
         test_delay();
     }
     // The copies are synced; now their directory entries, then the staging dir's `keys`.
-    sync_dir(&staged_keys)?;
-    sync_dir(&staging)?;
+    staged_keys.sync()?;
+    staging.sync()?;
     test_delay();
 
     let now = Utc::now();
     let mut attempt = 0;
-    let (name, path) = loop {
+    let name = loop {
         let name = name_for(&now, attempt);
-        let path = backups.join(&name);
-        // Runs are serialised by the lock in `mod.rs`, so check-then-rename cannot race;
-        // and rename(2) refuses to replace a non-empty directory anyway.
-        if !path.exists() {
-            fs::rename(&staging, &path)
-                .with_context(|| format!("renaming the backup into {}", path.display()))?;
-            break (name, path);
+        // RENAME_NOREPLACE: an existing entry of that name (even a link) is never replaced.
+        if backups.rename_new(&staging_name, &name)? {
+            break name;
         }
         attempt += 1;
     };
     // The backup exists under its name only once this rename is durable.
-    sync_dir(&backups)?;
+    backups.sync()?;
     test_delay();
     let key = parse_name(&name).with_context(|| format!("backup name {name} does not parse"))?;
-    Ok(Backup { name, path, key })
+    Ok(Backup {
+        path: backups.path().join(&name),
+        name,
+        key,
+    })
 }
 
 /// Removes the oldest backups so that at most `keep` remain; returns the removed names.
-pub fn prune(root: &Path, keep: usize) -> anyhow::Result<Vec<String>> {
-    let backups = list(root)?;
-    let excess = backups.len().saturating_sub(keep);
+pub fn prune(backups: Option<&Dir>, keep: usize) -> anyhow::Result<Vec<String>> {
+    let Some(dir) = backups else {
+        return Ok(Vec::new());
+    };
+    let found = list(backups)?;
+    let excess = found.len().saturating_sub(keep);
     let mut removed = Vec::new();
-    for backup in backups.into_iter().take(excess) {
-        fs::remove_dir_all(&backup.path)
+    for backup in found.into_iter().take(excess) {
+        dir.remove_tree(&backup.name)
             .with_context(|| format!("removing old backup {}", backup.path.display()))?;
         removed.push(backup.name);
     }
     if !removed.is_empty() {
-        sync_dir(&backups_dir(root))?;
+        dir.sync()?;
     }
     Ok(removed)
 }
 
-/// Finds the backup `--restore` names: the newest when `name` is `None`; a path when it
-/// contains `/`; otherwise a directory name under `<dir>/backups`.
-pub fn resolve(root: &Path, name: Option<&str>) -> anyhow::Result<Backup> {
-    let backup = match name {
-        None => list(root)?
-            .pop()
-            .with_context(|| format!("no backups in {}", backups_dir(root).display()))?,
-        Some(name) => {
-            let path = if name.contains('/') {
-                PathBuf::from(name)
-            } else {
-                backups_dir(root).join(name)
-            };
+/// The backup `--restore` names, with its `keys/` opened: the newest when `name` is
+/// `None`; a path when it contains `/`; otherwise a directory name in `backups`.
+pub fn resolve(backups: Option<&Dir>, name: Option<&str>) -> anyhow::Result<(Backup, Dir)> {
+    let (backup, dir) = match name {
+        None => {
+            let newest = list(backups)?.pop().with_context(|| {
+                format!(
+                    "no backups in {}",
+                    backups.map_or_else(|| DIR.to_owned(), |b| b.path().display().to_string())
+                )
+            })?;
+            let dir = backups.and_then(|b| b.subdir(&newest.name).transpose());
+            (newest, dir)
+        }
+        Some(name) if name.contains('/') => {
+            let path = PathBuf::from(name);
             let base = path
                 .file_name()
                 .and_then(|n| n.to_str())
                 .unwrap_or_default()
                 .to_owned();
-            let key = parse_name(&base).unwrap_or(BackupKey {
-                stamp: String::new(),
-                suffix: 0,
-            });
-            Backup {
+            let key = parse_name(&base).unwrap_or_default();
+            let dir = Some(Dir::open_followed(&path));
+            let backup = Backup {
                 name: base,
                 path,
                 key,
-            }
+            };
+            (backup, dir)
+        }
+        Some(name) => {
+            let backups = backups.with_context(|| format!("no backup named {name}"))?;
+            let dir = backups.subdir(name)?.with_context(|| {
+                format!("no backup named {name} in {}", backups.path().display())
+            })?;
+            let backup = Backup {
+                name: name.to_owned(),
+                path: dir.path().to_owned(),
+                key: parse_name(name).unwrap_or_default(),
+            };
+            (backup, Some(Ok(dir)))
         }
     };
-    if !backup.keys().is_dir() {
-        anyhow::bail!(
+    let dir = dir.with_context(|| format!("{} disappeared", backup.path.display()))??;
+    let keys = dir.subdir("keys")?.with_context(|| {
+        format!(
             "{} is not a backup (it has no keys/ directory)",
             backup.path.display()
-        );
-    }
-    Ok(backup)
+        )
+    })?;
+    Ok((backup, keys))
 }
 
 #[cfg(test)]
@@ -262,35 +285,40 @@ mod tests {
 
     #[test]
     fn create_list_resolve_prune() {
+        use std::fs;
         use std::os::unix::fs::PermissionsExt;
-        let root = tempfile::tempdir().unwrap();
-        let keys = root.path().join("keys");
-        fs::create_dir(&keys).unwrap();
-        fs::write(keys.join("redis_password.txt"), "one").unwrap();
-        let first = create(root.path(), &keys, &["redis_password.txt"]).unwrap();
-        fs::write(keys.join("redis_password.txt"), "two").unwrap();
-        let second = create(root.path(), &keys, &["redis_password.txt"]).unwrap();
+        use std::path::Path;
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Dir::create_path(tmp.path(), 0o700).unwrap();
+        let keys = root.private_subdir("keys", 0o700).unwrap();
+        let backups = root.private_subdir(DIR, 0o700).unwrap();
+        let file = tmp.path().join("keys/redis_password.txt");
+        fs::write(&file, "one").unwrap();
+        let first = create(&backups, &keys, &["redis_password.txt"]).unwrap();
+        fs::write(&file, "two").unwrap();
+        let second = create(&backups, &keys, &["redis_password.txt"]).unwrap();
         assert_ne!(first.name, second.name);
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode(&second.path), 0o700);
-        assert_eq!(mode(&second.keys()), 0o700);
-        assert_eq!(mode(&second.keys().join("redis_password.txt")), 0o600);
-        let names: Vec<_> = list(root.path())
+        assert_eq!(mode(&second.path.join("keys")), 0o700);
+        assert_eq!(mode(&second.path.join("keys/redis_password.txt")), 0o600);
+        let names: Vec<_> = list(Some(&backups))
             .unwrap()
             .into_iter()
             .map(|b| b.name)
             .collect();
         assert_eq!(names, [first.name.clone(), second.name.clone()]);
-        assert_eq!(resolve(root.path(), None).unwrap().name, second.name);
-        let older = resolve(root.path(), Some(&first.name)).unwrap();
+        assert_eq!(resolve(Some(&backups), None).unwrap().0.name, second.name);
+        let (_, older) = resolve(Some(&backups), Some(&first.name)).unwrap();
         assert_eq!(
-            fs::read(older.keys().join("redis_password.txt")).unwrap(),
+            &**older.read_file("redis_password.txt", 10).unwrap().unwrap(),
             b"one"
         );
-        assert!(resolve(root.path(), Some("backup-19990101-000000")).is_err());
-        assert_eq!(prune(root.path(), 1).unwrap(), [first.name]);
-        assert_eq!(list(root.path()).unwrap().len(), 1);
+        assert!(resolve(Some(&backups), Some("backup-19990101-000000")).is_err());
+        assert!(resolve(None, None).is_err());
+        assert_eq!(prune(Some(&backups), 1).unwrap(), [first.name]);
+        assert_eq!(list(Some(&backups)).unwrap().len(), 1);
         // No staging directory is left behind.
-        assert_eq!(fs::read_dir(backups_dir(root.path())).unwrap().count(), 1);
+        assert_eq!(fs::read_dir(tmp.path().join(DIR)).unwrap().count(), 1);
     }
 }

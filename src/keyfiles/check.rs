@@ -5,16 +5,12 @@
 //! one run tells the operator everything to fix. The checks on a value are pure functions,
 //! tested here; problems are described by file name and kind only.
 
-use std::fs;
-use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
-
 use anyhow::Context;
 use zeroize::Zeroizing;
 
 use super::catalog::{ENTRIES, Entry};
 use super::clock::Utc;
+use super::dirfd::{Dir, Kind};
 use crate::secret::MAX_SECRET_BYTES;
 
 /// Values that template files ship with and that must never reach production (compared
@@ -62,38 +58,41 @@ pub fn value_problems(entry: &Entry, value: &[u8]) -> Vec<String> {
     problems
 }
 
-/// Every problem with the secret set in `keys`, one line each, naming the file.
-pub fn verify(keys: &Path) -> anyhow::Result<Vec<String>> {
+/// Every problem with the secret set in `keys`, one line each, naming the file. Nothing is
+/// followed: a link where a key file belongs is a problem, not a way to its target.
+pub fn verify(keys: Option<&Dir>) -> anyhow::Result<Vec<String>> {
     let mut problems = Vec::new();
     for entry in &ENTRIES {
-        let path = keys.join(entry.file);
-        let meta = match fs::metadata(&path) {
-            Ok(meta) => meta,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                problems.push(format!("{}: missing", entry.file));
+        let (Some(keys), Some(stat)) = (keys, stat(keys, entry.file)?) else {
+            problems.push(format!("{}: missing", entry.file));
+            continue;
+        };
+        match Kind::of(&stat) {
+            Kind::File => {}
+            Kind::Symlink => {
+                problems.push(format!("{}: is a symbolic link", entry.file));
                 continue;
             }
-            Err(err) => return Err(err).with_context(|| format!("inspecting {}", path.display())),
-        };
-        if !meta.is_file() {
-            problems.push(format!("{}: is not a regular file", entry.file));
-            continue;
+            _ => {
+                problems.push(format!("{}: is not a regular file", entry.file));
+                continue;
+            }
         }
-        let mode = meta.permissions().mode() & 0o7777;
+        let mode = stat.st_mode & 0o7777;
         if mode != 0o600 {
             problems.push(format!(
                 "{}: has mode {mode:04o}, expected 0600",
                 entry.file
             ));
         }
-        if meta.len() > MAX_SECRET_BYTES as u64 {
+        if stat.st_size > MAX_SECRET_BYTES as i64 {
             problems.push(format!(
                 "{}: is larger than {MAX_SECRET_BYTES} bytes",
                 entry.file
             ));
             continue;
         }
-        let value = read_value(&path)?;
+        let value = read_value(keys, entry.file)?;
         problems.extend(
             value_problems(entry, &value)
                 .into_iter()
@@ -103,60 +102,47 @@ pub fn verify(keys: &Path) -> anyhow::Result<Vec<String>> {
     Ok(problems)
 }
 
-/// Reads a secret file's value: its bytes minus trailing `\r`/`\n`. A file larger than
-/// `MAX_SECRET_BYTES` is an error (as it is for `run`), named without its content.
-///
-/// The buffer is allocated once, one byte larger than the largest value, and filled in
-/// place, so no reallocation ever leaves an un-zeroized copy of the value behind.
-pub fn read_value(path: &Path) -> anyhow::Result<Zeroizing<Vec<u8>>> {
-    let mut bytes = Zeroizing::new(vec![0u8; MAX_SECRET_BYTES + 1]);
-    let mut filled = 0;
-    let mut file = fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
-    while filled < bytes.len() {
-        match file.read(&mut bytes[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
-        }
-    }
-    if filled > MAX_SECRET_BYTES {
-        anyhow::bail!("{} is larger than {MAX_SECRET_BYTES} bytes", path.display());
-    }
-    // Shortening keeps the allocation; the whole of it is zeroized on drop.
-    bytes.truncate(filled);
+/// `lstat` of `keys/file`; `None` if it (or `keys/`) is missing.
+fn stat(keys: Option<&Dir>, file: &str) -> anyhow::Result<Option<nix::sys::stat::FileStat>> {
+    keys.map_or(Ok(None), |keys| keys.stat(file))
+}
+
+/// Reads the secret file `keys/file`: its bytes minus trailing `\r`/`\n`. A missing file,
+/// a link, a special file or one larger than `MAX_SECRET_BYTES` is an error (as it is for
+/// `run`), named without its content.
+pub fn read_value(keys: &Dir, file: &str) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    let mut bytes = keys
+        .read_file(file, MAX_SECRET_BYTES)?
+        .with_context(|| format!("{} is missing", keys.shown(file)))?;
     while matches!(bytes.last(), Some(b'\n' | b'\r')) {
         bytes.pop();
     }
     Ok(bytes)
 }
 
-/// One `--list` line per catalog file: name, size, mode and modification time (UTC).
-pub fn list(keys: &Path) -> anyhow::Result<Vec<String>> {
+/// One `--list` line per catalog file: name, size, mode and modification time (UTC), from
+/// the entry itself: a link is listed as one, not as its target.
+pub fn list(keys: Option<&Dir>) -> anyhow::Result<Vec<String>> {
     let width = ENTRIES.iter().map(|e| e.file.len()).max().unwrap_or(0);
     let mut lines = vec![format!(
         "{:width$}  {:>5}  {:4}  {}",
         "FILE", "BYTES", "MODE", "MODIFIED (UTC)"
     )];
     for entry in &ENTRIES {
-        let path = keys.join(entry.file);
-        let line = match fs::metadata(&path) {
-            Ok(meta) => {
-                let modified = meta
-                    .modified()
-                    .map(Utc::from_system)
-                    .map_or_else(|_| "-".to_owned(), |t| t.readable());
-                format!(
-                    "{:width$}  {:>5}  {:04o}  {modified}",
-                    entry.file,
-                    meta.len(),
-                    meta.permissions().mode() & 0o7777
-                )
+        let stat = stat(keys, entry.file)?;
+        let line = match (stat.as_ref().map(Kind::of), stat) {
+            (Some(Kind::File), Some(stat)) => format!(
+                "{:width$}  {:>5}  {:04o}  {}",
+                entry.file,
+                stat.st_size,
+                stat.st_mode & 0o7777,
+                Utc::from_unix(stat.st_mtime).readable()
+            ),
+            (None, _) => format!("{:width$}  missing", entry.file),
+            (Some(Kind::Symlink), _) => {
+                format!("{:width$}  symbolic link (not followed)", entry.file)
             }
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                format!("{:width$}  missing", entry.file)
-            }
-            Err(err) => return Err(err).with_context(|| format!("inspecting {}", path.display())),
+            _ => format!("{:width$}  not a regular file", entry.file),
         };
         lines.push(line);
     }
@@ -202,21 +188,24 @@ mod tests {
     }
 
     #[test]
-    fn read_value_trims_line_ends_refuses_oversize_and_never_reallocates() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("v.txt");
+    fn read_value_trims_line_ends_and_refuses_oversize() {
+        use std::fs;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::create_path(tmp.path(), 0o700).unwrap();
+        let path = tmp.path().join("v.txt");
         fs::write(&path, b"value\r\n").unwrap();
-        let value = read_value(&path).unwrap();
+        let value = read_value(&dir, "v.txt").unwrap();
         assert_eq!(&**value, b"value");
-        // Preallocated for the largest value: reading one never grew (reallocated) it.
-        assert_eq!(value.capacity(), MAX_SECRET_BYTES + 1);
         fs::write(&path, vec![b'a'; MAX_SECRET_BYTES]).unwrap();
-        let value = read_value(&path).unwrap();
+        let value = read_value(&dir, "v.txt").unwrap();
         assert_eq!(value.len(), MAX_SECRET_BYTES);
+        // Allocated once, for the whole file: reading it never grew (reallocated) it.
         assert_eq!(value.capacity(), MAX_SECRET_BYTES + 1);
         fs::write(&path, vec![b'a'; MAX_SECRET_BYTES + 1]).unwrap();
-        let err = format!("{:#}", read_value(&path).unwrap_err());
+        let err = format!("{:#}", read_value(&dir, "v.txt").unwrap_err());
         assert!(err.contains("larger than 4096 bytes"), "{err}");
+        let err = format!("{:#}", read_value(&dir, "missing.txt").unwrap_err());
+        assert!(err.contains("missing.txt is missing"), "{err}");
     }
 
     #[test]

@@ -7,11 +7,16 @@
 //! `` \` `` escapes; `$` is never expanded), `=` inside values, trailing ` # comments` and
 //! CRLF line ends. A line it cannot read is an error with its line number and never its
 //! content, since the line may be a secret.
+//!
+//! Where the shell would read a value differently, this parser keeps it simple and says so
+//! rather than guessing: an unquoted value is taken literally up to a trailing comment, so
+//! `a\ b` keeps its backslash, `$'…'` / `$"…"` are not interpreted, quotes inside an
+//! unquoted word are kept and `$` is never expanded; each of these draws a warning naming
+//! the line (`EnvFile::notes`). Adjacent quoted parts (`'a'"b"`, which the shell joins)
+//! are an error. Single-quote a value that holds any of `\ $ ' "` to get it verbatim.
 
 use std::fmt;
-use std::path::Path;
 
-use anyhow::Context;
 use zeroize::Zeroizing;
 
 use crate::secret::Secret;
@@ -20,6 +25,7 @@ use crate::secret::Secret;
 #[derive(Debug, Default)]
 pub struct EnvFile {
     vars: Vec<(String, Secret)>,
+    notes: Vec<(usize, &'static str)>,
 }
 
 /// Why a line could not be parsed; displays the line number and the problem only.
@@ -47,12 +53,9 @@ impl EnvFile {
             .map(|(_, v)| v)
     }
 
-    /// Reads and parses a file. Errors name the file and the line, never the content.
-    pub fn read(path: &Path) -> anyhow::Result<EnvFile> {
-        let bytes = Zeroizing::new(
-            std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
-        );
-        parse(&bytes).with_context(|| format!("parsing {}", path.display()))
+    /// Lines whose value the shell would read differently: (line number, how).
+    pub fn notes(&self) -> &[(usize, &'static str)] {
+        &self.notes
     }
 }
 
@@ -65,19 +68,23 @@ pub fn parse(bytes: &[u8]) -> Result<EnvFile, ParseError> {
             line,
             problem: "is not valid UTF-8",
         })?;
-        if let Some((key, mut value)) =
+        if let Some((key, mut value, note)) =
             parse_line(text).map_err(|problem| ParseError { line, problem })?
         {
             // Move the String out of its `Zeroizing` wrapper without copying it.
             file.vars
                 .push((key, Secret::new(std::mem::take(&mut *value))));
+            file.notes.extend(note.map(|note| (line, note)));
         }
     }
     Ok(file)
 }
 
+/// One assignment: the name, the value and how the shell would differ, if it would.
+type Assignment = (String, Zeroizing<String>, Option<&'static str>);
+
 /// Parses one line (without its `\n`): `None` for blank and comment lines.
-fn parse_line(line: &str) -> Result<Option<(String, Zeroizing<String>)>, &'static str> {
+fn parse_line(line: &str) -> Result<Option<Assignment>, &'static str> {
     let line = line.strip_suffix('\r').unwrap_or(line);
     let text = line.trim_start();
     if text.is_empty() || text.starts_with('#') {
@@ -92,7 +99,29 @@ fn parse_line(line: &str) -> Result<Option<(String, Zeroizing<String>)>, &'stati
     if !is_name(key) {
         return Err("invalid variable name");
     }
-    Ok(Some((key.to_owned(), parse_value(raw.trim_start())?)))
+    let raw = raw.trim_start();
+    let value = parse_value(raw)?;
+    let note = if raw.starts_with(['\'', '"']) {
+        None
+    } else {
+        unquoted_note(&value)
+    };
+    Ok(Some((key.to_owned(), value, note)))
+}
+
+/// How the shell would read an unquoted value differently from this parser, if it would.
+fn unquoted_note(value: &str) -> Option<&'static str> {
+    if value.starts_with("$'") || value.starts_with("$\"") {
+        Some("`$'…'` and `$\"…\"` are not interpreted: the value is taken literally")
+    } else if value.contains(['\'', '"']) {
+        Some("quotes inside an unquoted value are kept (the shell would remove them)")
+    } else if value.contains('\\') {
+        Some("a backslash in an unquoted value is kept (the shell would drop it)")
+    } else if value.contains('$') {
+        Some("`$` is not expanded (the shell would expand it)")
+    } else {
+        None
+    }
 }
 
 /// Whether `key` is a shell variable name.
@@ -222,6 +251,135 @@ mod tests {
             let err = parse(text).unwrap_err();
             assert_eq!(err, ParseError { line, problem }, "{text:?}");
             assert!(!err.to_string().contains("secretvalue"));
+        }
+    }
+
+    #[test]
+    fn quoting_the_shell_reads_differently_draws_a_note_on_its_line() {
+        let text = "A=plain\nB=a\\ b\nC=$'x\\ty'\nD=it's\nE=$HOME\nF='a\\ b'\nG=\"$x\"\n";
+        let file = parse(text.as_bytes()).unwrap();
+        let lines: Vec<usize> = file.notes().iter().map(|(line, _)| *line).collect();
+        assert_eq!(lines, [2, 3, 4, 5]);
+        // The values are still taken literally.
+        assert_eq!(file.get("B").unwrap().expose(), "a\\ b");
+        assert_eq!(file.get("C").unwrap().expose(), "$'x\\ty'");
+        assert!(file.notes()[1].1.contains("not interpreted"));
+        // Adjacent quoted parts, which the shell would join, are refused.
+        assert_eq!(
+            parse(b"A='a'\"b\"\n").unwrap_err().problem,
+            "unexpected text after the closing quote"
+        );
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn name() -> impl Strategy<Value = String> {
+            "[A-Za-z_][A-Za-z0-9_]{0,20}"
+        }
+
+        /// A line end: LF or CRLF.
+        fn eol() -> impl Strategy<Value = &'static str> {
+            prop_oneof![Just("\n"), Just("\r\n")]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Any bytes: no panic, and an error names a line of the input and a fixed
+            /// phrase, never any of the input's text.
+            #[test]
+            fn arbitrary_bytes_never_panic_and_errors_name_only_a_line(
+                bytes in proptest::collection::vec(any::<u8>(), 0..512)
+            ) {
+                if let Err(err) = parse(&bytes) {
+                    let lines = bytes.split(|&b| b == b'\n').count();
+                    prop_assert!((1..=lines).contains(&err.line));
+                    prop_assert_eq!(err.to_string(), format!("line {}: {}", err.line, err.problem));
+                }
+            }
+
+            /// Lines made of shell-ish characters: the same, exercising quotes and escapes.
+            #[test]
+            fn shellish_text_never_panics(text in "[A-Z_=' \"\\\\$#a-z\t\r\n]{0,200}") {
+                if let Err(err) = parse(text.as_bytes()) {
+                    prop_assert!(err.line >= 1 && err.line <= text.split('\n').count());
+                }
+            }
+
+            /// A single-quoted value comes back verbatim, `export` and a trailing comment
+            /// or not, with no note.
+            #[test]
+            fn single_quoted_values_round_trip(
+                key in name(),
+                value in "[^'\n\r]{0,60}",
+                export in any::<bool>(),
+                comment in any::<bool>(),
+                end in eol(),
+            ) {
+                let text = format!(
+                    "{}{key}='{value}'{}{end}",
+                    if export { "export " } else { "" },
+                    if comment { "  # note" } else { "" },
+                );
+                let file = parse(text.as_bytes()).unwrap();
+                prop_assert_eq!(file.get(&key).map(Secret::expose), Some(value.as_str()));
+                prop_assert!(file.notes().is_empty());
+            }
+
+            /// A double-quoted value with `\`, `"`, `$` and a backtick escaped comes back
+            /// verbatim.
+            #[test]
+            fn double_quoted_values_round_trip(
+                key in name(),
+                value in "[^\n\r]{0,60}",
+                end in eol(),
+            ) {
+                let mut quoted = String::new();
+                for c in value.chars() {
+                    if matches!(c, '\\' | '"' | '$' | '`') {
+                        quoted.push('\\');
+                    }
+                    quoted.push(c);
+                }
+                let file = parse(format!("{key}=\"{quoted}\"{end}").as_bytes()).unwrap();
+                prop_assert_eq!(file.get(&key).map(Secret::expose), Some(value.as_str()));
+            }
+
+            /// A plain unquoted word comes back verbatim, with no note.
+            #[test]
+            fn plain_unquoted_values_round_trip(
+                key in name(),
+                value in "[A-Za-z0-9_.:/+=@%,~-]{0,40}",
+                end in eol(),
+            ) {
+                let file = parse(format!("{key}={value}{end}").as_bytes()).unwrap();
+                prop_assert_eq!(file.get(&key).map(Secret::expose), Some(value.as_str()));
+                prop_assert!(file.notes().is_empty());
+            }
+
+            /// In a file of many assignments, the last one of each name wins.
+            #[test]
+            fn the_last_assignment_wins(
+                assignments in proptest::collection::vec(
+                    (prop_oneof![Just("A"), Just("B"), Just("C")], "[^'\n\r]{0,20}"),
+                    1..20,
+                ),
+            ) {
+                let text: String = assignments
+                    .iter()
+                    .map(|(key, value)| format!("{key}='{value}'\n# comment\n\n"))
+                    .collect();
+                let file = parse(text.as_bytes()).unwrap();
+                for key in ["A", "B", "C"] {
+                    let last = assignments.iter().rev().find(|(k, _)| *k == key);
+                    prop_assert_eq!(
+                        file.get(key).map(Secret::expose),
+                        last.map(|(_, v)| v.as_str())
+                    );
+                }
+            }
         }
     }
 }

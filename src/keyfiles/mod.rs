@@ -6,30 +6,33 @@
 //! modulo bias (`random`), files are replaced atomically and durably (`atomic`), a complete
 //! durable backup exists before the first overwrite (`backup`), the user secrets file is
 //! parsed instead of sourced (`envfile`), and no value is ever printed: reports name files
-//! and actions only. This file holds the flow of each mode (its options are parsed in
-//! `cli.rs`); the submodules hold the pieces, each with its own tests.
+//! and actions only. Nothing under the directory is reached through a link (`dirfd`), and
+//! every input that can be refused is checked before the first write. This file holds the
+//! flow of each mode (its options are parsed in `cli.rs`); the submodules hold the pieces,
+//! each with its own tests.
 
 mod atomic;
 mod backup;
 mod catalog;
 mod check;
 mod clock;
+mod dirfd;
 mod envfile;
 mod k8s;
 mod oidc;
 mod random;
 
-use std::fs::File;
 use std::io::{IsTerminal, Write};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use nix::fcntl::{Flock, FlockArg};
-use zeroize::Zeroizing;
 
 use crate::error::Failure;
 use crate::secret::Secret;
 use catalog::{ENTRIES, Entry, Kind};
+use dirfd::Dir;
 
 /// What `generate` was asked to do: one field per option of `GenerateSettings` in `cli.rs`
 /// (see there for what each means). Conflicts between them are checked by `effective`.
@@ -62,26 +65,25 @@ pub fn command(settings: GenerateSettings) -> anyhow::Result<u8> {
 /// Runs the mode the settings select.
 fn generate_files(args: &GenerateSettings) -> anyhow::Result<()> {
     let args = &effective(args)?;
-    let paths = Paths::new(&args.dir);
     if args.verify {
-        return verify(&paths);
+        return verify(&args.dir);
     }
     if args.list {
-        return list(&paths);
+        return list(&args.dir);
     }
     if args.list_backups {
-        return list_backups(&paths);
+        return list_backups(&args.dir);
     }
     // The write modes return their lock so that pruning happens while it is still held.
-    let _lock = if let Some(name) = &args.restore {
-        restore(args, &paths, name.as_deref())?
+    let locked = if let Some(name) = &args.restore {
+        restore(args, name.as_deref())?
     } else if args.backup_only {
-        backup_only(&paths)?
+        backup_only(&args.dir)?
     } else {
-        generate(args, &paths)?
+        generate(args)?
     };
     if let Some(keep) = args.keep_backups {
-        for name in backup::prune(&paths.root, keep as usize)? {
+        for name in backup::prune(locked.backups.as_ref(), keep as usize)? {
             report(args, &format!("removed old backup {name}"));
         }
     }
@@ -152,45 +154,67 @@ fn effective(args: &GenerateSettings) -> anyhow::Result<GenerateSettings> {
     Ok(args)
 }
 
-/// The directories of one secrets directory.
-struct Paths {
-    root: PathBuf,
-    keys: PathBuf,
+/// The secrets directory and its `keys/` and `backups/` as they are before the lock,
+/// opened for a look only: a link at any of them is refused here, before anything is
+/// written, and whatever is missing is `None`.
+struct Existing {
+    root: Option<Dir>,
+    keys: Option<Dir>,
+    backups: Option<Dir>,
 }
 
-impl Paths {
-    fn new(root: &Path) -> Paths {
-        Paths {
-            root: root.to_owned(),
-            keys: root.join("keys"),
-        }
+impl Existing {
+    fn open(dir: &Path) -> anyhow::Result<Existing> {
+        let root = Dir::open_path(dir)?;
+        let sub = |name: &str| match &root {
+            Some(root) => root.subdir(name),
+            None => Ok(None),
+        };
+        let keys = sub("keys")?;
+        let backups = sub(backup::DIR)?;
+        Ok(Existing {
+            root,
+            keys,
+            backups,
+        })
     }
+}
 
-    /// `keys/NAME` as shown in reports.
-    fn shown(&self, file: &str) -> String {
-        self.keys.join(file).display().to_string()
-    }
+/// The secrets directory under the run's exclusive lock, with `keys/` (and `backups/` once
+/// it exists) opened through the root's handle.
+struct Locked {
+    _lock: Flock<OwnedFd>,
+    root: Dir,
+    keys: Dir,
+    backups: Option<Dir>,
 }
 
 /// Holds an exclusive `flock` on the secrets directory for the whole run, so two runs
-/// cannot interleave their writes or remove each other's temp files as leftovers.
-fn lock_and_prepare(paths: &Paths) -> anyhow::Result<Flock<File>> {
-    if !paths.root.exists() {
-        atomic::ensure_private_dir(&paths.root)?;
-    }
-    let dir =
-        File::open(&paths.root).with_context(|| format!("opening {}", paths.root.display()))?;
-    let lock = Flock::lock(dir, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
-        anyhow::anyhow!(
-            "another `generate` is running on {} ({errno})",
-            paths.root.display()
-        )
-    })?;
-    atomic::ensure_private_dir(&paths.keys)?;
+/// cannot interleave their writes or remove each other's temp files as leftovers. The
+/// lock is on the directory's own handle (opened without following a link), not a file.
+fn lock_and_prepare(dir: &Path) -> anyhow::Result<Locked> {
+    let root = Dir::create_path(dir, atomic::DIR_MODE)?;
+    let lock = Flock::lock(root.try_clone_fd()?, FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| {
+            anyhow::anyhow!(
+                "another `generate` is running on {} ({errno})",
+                dir.display()
+            )
+        },
+    )?;
+    let keys = root.private_subdir("keys", atomic::DIR_MODE)?;
+    let backups = root.subdir(backup::DIR)?;
     // Temp files of a killed run are incomplete by definition: remove them.
-    atomic::remove_leftovers(&paths.keys)?;
-    atomic::remove_leftovers(&backup::backups_dir(&paths.root))?;
-    Ok(lock)
+    atomic::remove_leftovers(&keys)?;
+    if let Some(backups) = &backups {
+        atomic::remove_leftovers(backups)?;
+    }
+    Ok(Locked {
+        _lock: lock,
+        root,
+        keys,
+        backups,
+    })
 }
 
 /// What a run does to one file.
@@ -201,24 +225,67 @@ enum Action {
     Keep,
 }
 
-/// The action for each catalog file given which files exist now.
-fn plan(paths: &Paths, force: bool) -> Vec<(Entry, Action)> {
-    ENTRIES
+/// The action for each catalog file given which files exist now in `keys` (`None`: no
+/// `keys/` yet). Anything but a regular file under a catalog name (a link, say) is
+/// refused: keeping it would chmod, and backing it up would copy, what it points at.
+fn plan(keys: Option<&Dir>, force: bool) -> anyhow::Result<Vec<(Entry, Action)>> {
+    let present = match keys {
+        Some(keys) => backup::present_files(keys)?,
+        None => Vec::new(),
+    };
+    Ok(ENTRIES
         .iter()
         .map(|entry| {
-            let action = match (paths.keys.join(entry.file).exists(), force) {
+            let action = match (present.contains(&entry.file), force) {
                 (false, _) => Action::Create,
                 (true, true) => Action::Replace,
                 (true, false) => Action::Keep,
             };
             (*entry, action)
         })
-        .collect()
+        .collect())
+}
+
+/// Where `--output` writes the manifest: its directory, opened and checked before anything
+/// is written, and the file name in it.
+struct Output {
+    dir: Dir,
+    file: String,
+    path: PathBuf,
+}
+
+impl Output {
+    /// Refuses an `--output` whose directory is missing or not writable, or that names a
+    /// directory or special file. (A link at the name is replaced, never written through.)
+    fn open(path: &Path) -> anyhow::Result<Output> {
+        let checked = || -> anyhow::Result<Output> {
+            let file = path
+                .file_name()
+                .and_then(|f| f.to_str())
+                .context("it does not name a file")?
+                .to_owned();
+            let dir = Dir::open_followed(path.parent().unwrap_or(Path::new("")))?;
+            dir.check_writable()?;
+            match dir.kind(&file)? {
+                dirfd::Kind::Missing | dirfd::Kind::File | dirfd::Kind::Symlink => {}
+                kind => anyhow::bail!("{} {}", dir.shown(&file), kind.problem()),
+            }
+            Ok(Output {
+                dir,
+                file,
+                path: path.to_owned(),
+            })
+        };
+        checked()
+            .with_context(|| format!("--output {} cannot be written", path.display()))
+            .context(Failure::Config)
+    }
 }
 
 /// Creates missing files (or, with `--force`, replaces all), backing up first.
-fn generate(args: &GenerateSettings, paths: &Paths) -> anyhow::Result<Flock<File>> {
+fn generate(args: &GenerateSettings) -> anyhow::Result<Locked> {
     // Everything that can be refused is checked before the first write.
+    let mut output = None;
     if let Some(name) = &args.k8s_secret {
         check_k8s_names(name, args.namespace.as_deref())?;
         if args.output.is_none() && std::io::stdout().is_terminal() {
@@ -228,11 +295,13 @@ fn generate(args: &GenerateSettings, paths: &Paths) -> anyhow::Result<Flock<File
             ))
             .context(Failure::Config);
         }
+        output = args.output.as_deref().map(Output::open).transpose()?;
     }
+    let existing = Existing::open(&args.dir)?;
     // The OIDC values are gathered (perhaps prompted for) before the lock, from a first
     // look at which files exist; what is written and what is backed up is decided again
     // under the lock, since another run may have created files in the meantime.
-    let oidc_vars: Vec<&'static str> = plan(paths, args.force)
+    let oidc_vars: Vec<&'static str> = plan(existing.keys.as_ref(), args.force)?
         .iter()
         .filter_map(|(entry, action)| match (entry.kind, action) {
             (Kind::Oidc(var), Action::Create | Action::Replace) => Some(var),
@@ -244,9 +313,9 @@ fn generate(args: &GenerateSettings, paths: &Paths) -> anyhow::Result<Flock<File
     } else {
         let (env_path, explicit) = match &args.user_secrets_file {
             Some(path) => (path.clone(), true),
-            None => (paths.root.join("user-provided.env"), false),
+            None => (args.dir.join(oidc::ENV_FILE), false),
         };
-        let file = oidc::load_env_file(&env_path, explicit)?;
+        let file = oidc::load_env_file(existing.root.as_ref(), &env_path, explicit)?;
         let values = oidc::collect(
             &oidc_vars,
             file.as_ref(),
@@ -255,12 +324,14 @@ fn generate(args: &GenerateSettings, paths: &Paths) -> anyhow::Result<Flock<File
         )?;
         oidc_vars.iter().copied().zip(values).collect()
     };
+    drop(existing);
 
-    let lock = lock_and_prepare(paths)?;
+    let mut locked = lock_and_prepare(&args.dir)?;
+    let keys = &locked.keys;
     // New values, made before anything is written; `None` keeps the current file.
     let mut writes: Vec<(Entry, Action, Secret)> = Vec::new();
     let mut kept = Vec::new();
-    for (entry, action) in plan(paths, args.force) {
+    for (entry, action) in plan(Some(keys), args.force)? {
         let value = match (action, entry.kind) {
             (Action::Keep, _) => {
                 kept.push(entry);
@@ -275,7 +346,7 @@ fn generate(args: &GenerateSettings, paths: &Paths) -> anyhow::Result<Flock<File
                 .with_context(|| {
                     format!(
                         "{} disappeared while {var} was being gathered; run again",
-                        paths.shown(entry.file)
+                        keys.shown(entry.file)
                     )
                 })?,
         };
@@ -283,7 +354,7 @@ fn generate(args: &GenerateSettings, paths: &Paths) -> anyhow::Result<Flock<File
             // An unchanged value is kept. A file that cannot be read as a value (one over
             // 4096 bytes, say) is simply replaced: that is what --force is for, and the
             // backup before the first overwrite still copies it.
-            let unchanged = check::read_value(&paths.keys.join(entry.file))
+            let unchanged = check::read_value(keys, entry.file)
                 .is_ok_and(|current| *current == value.expose().as_bytes());
             if unchanged {
                 kept.push(entry);
@@ -297,45 +368,30 @@ fn generate(args: &GenerateSettings, paths: &Paths) -> anyhow::Result<Flock<File
         .iter()
         .any(|(_, action, _)| *action == Action::Replace);
     if overwrites && !args.no_backup {
-        let files = backup::present_files(&paths.keys);
-        let made = backup::create(&paths.root, &paths.keys, &files)?;
-        report(
-            args,
-            &format!("backed up {} files to {}", files.len(), made.path.display()),
-        );
+        back_up_current(&mut locked, |line| report(args, line))?;
     }
+    let keys = &locked.keys;
     for (entry, action, value) in &writes {
-        atomic::write_atomic(&paths.keys, entry.file, value.expose().as_bytes())
-            .with_context(|| format!("writing {}", paths.shown(entry.file)))?;
+        atomic::write_atomic(keys, entry.file, value.expose().as_bytes())
+            .with_context(|| format!("writing {}", keys.shown(entry.file)))?;
         let verb = match (action, entry.is_random()) {
             (Action::Create, _) => "created",
             (_, true) => "regenerated",
             (_, false) => "updated",
         };
-        report(args, &format!("{verb} {}", paths.shown(entry.file)));
+        report(args, &format!("{verb} {}", keys.shown(entry.file)));
     }
     for entry in kept {
-        let fixed = fix_mode(&paths.keys.join(entry.file))?;
+        // By descriptor, on the file itself: never on what a link points at.
+        let fixed = keys.fix_mode(entry.file, atomic::FILE_MODE)?;
         let note = if fixed { " (mode set to 0600)" } else { "" };
-        report(args, &format!("kept {}{note}", paths.shown(entry.file)));
+        report(args, &format!("kept {}{note}", keys.shown(entry.file)));
     }
 
     if let Some(name) = &args.k8s_secret {
-        write_manifest(args, paths, name)?;
+        write_manifest(args, keys, name, output.as_ref())?;
     }
-    Ok(lock)
-}
-
-/// Sets a kept file's mode to 0600 if it differs; returns whether it did.
-fn fix_mode(path: &Path) -> anyhow::Result<bool> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).with_context(|| format!("inspecting {}", path.display()))?;
-    if meta.permissions().mode() & 0o7777 == atomic::FILE_MODE {
-        return Ok(false);
-    }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(atomic::FILE_MODE))
-        .with_context(|| format!("setting mode 0600 on {}", path.display()))?;
-    Ok(true)
+    Ok(locked)
 }
 
 /// Reports an action. The manifest may own stdout, so reports then go to stderr.
@@ -365,28 +421,25 @@ fn check_k8s_names(name: &str, namespace: Option<&str>) -> anyhow::Result<()> {
 }
 
 /// Writes the Kubernetes Secret manifest of the current set to stdout or `--output`.
-fn write_manifest(args: &GenerateSettings, paths: &Paths, name: &str) -> anyhow::Result<()> {
+fn write_manifest(
+    args: &GenerateSettings,
+    keys: &Dir,
+    name: &str,
+    output: Option<&Output>,
+) -> anyhow::Result<()> {
     let mut values = Vec::with_capacity(ENTRIES.len());
     for entry in &ENTRIES {
-        values.push((
-            entry.key(),
-            check::read_value(&paths.keys.join(entry.file))?,
-        ));
+        values.push((entry.key(), check::read_value(keys, entry.file)?));
     }
     let manifest = k8s::render(name, args.namespace.as_deref(), &values);
-    match &args.output {
-        Some(path) => {
-            let dir = match path.parent() {
-                Some(parent) if !parent.as_os_str().is_empty() => parent,
-                _ => Path::new("."),
-            };
-            let file = path
-                .file_name()
-                .and_then(|f| f.to_str())
-                .with_context(|| format!("--output {} does not name a file", path.display()))?;
-            atomic::write_atomic(dir, file, manifest.as_bytes())
-                .with_context(|| format!("writing the manifest to {}", path.display()))?;
-            println!("wrote Kubernetes Secret {name} to {}", path.display());
+    match output {
+        Some(output) => {
+            atomic::write_atomic(&output.dir, &output.file, manifest.as_bytes())
+                .with_context(|| format!("writing the manifest to {}", output.path.display()))?;
+            println!(
+                "wrote Kubernetes Secret {name} to {}",
+                output.path.display()
+            );
         }
         None => {
             let mut out = std::io::stdout().lock();
@@ -398,27 +451,52 @@ fn write_manifest(args: &GenerateSettings, paths: &Paths, name: &str) -> anyhow:
     Ok(())
 }
 
-/// `--backup-only`.
-fn backup_only(paths: &Paths) -> anyhow::Result<Flock<File>> {
-    let lock = lock_and_prepare(paths)?;
-    let files = backup::present_files(&paths.keys);
+/// Backs up the catalog files now in `keys/` (if any; `backups/` is created on first use)
+/// and reports it with `say`; returns how many files were backed up.
+fn back_up_current(locked: &mut Locked, say: impl Fn(&str)) -> anyhow::Result<usize> {
+    let files = backup::present_files(&locked.keys)?;
     if files.is_empty() {
-        println!("no secret files in {} to back up", paths.keys.display());
-        return Ok(lock);
+        return Ok(0);
     }
-    let made = backup::create(&paths.root, &paths.keys, &files)?;
-    println!("backed up {} files to {}", files.len(), made.path.display());
-    Ok(lock)
+    let backups = match &mut locked.backups {
+        Some(backups) => backups,
+        none => none.insert(locked.root.private_subdir(backup::DIR, atomic::DIR_MODE)?),
+    };
+    let made = backup::create(backups, &locked.keys, &files)?;
+    say(&format!(
+        "backed up {} files to {}",
+        files.len(),
+        made.path.display()
+    ));
+    Ok(files.len())
+}
+
+/// `--backup-only`.
+fn backup_only(dir: &Path) -> anyhow::Result<Locked> {
+    // Refuse links in the current set before the lock creates anything.
+    if let Some(keys) = Existing::open(dir)?.keys {
+        backup::present_files(&keys)?;
+    }
+    let mut locked = lock_and_prepare(dir)?;
+    if back_up_current(&mut locked, |line| println!("{line}"))? == 0 {
+        println!(
+            "no secret files in {} to back up",
+            locked.keys.path().display()
+        );
+    }
+    Ok(locked)
 }
 
 /// `--restore [BACKUP]`.
-fn restore(
-    args: &GenerateSettings,
-    paths: &Paths,
-    name: Option<&str>,
-) -> anyhow::Result<Flock<File>> {
-    let source = backup::resolve(&paths.root, name).context(Failure::Config)?;
-    let files = backup::present_files(&source.keys());
+fn restore(args: &GenerateSettings, name: Option<&str>) -> anyhow::Result<Locked> {
+    let existing = Existing::open(&args.dir)?;
+    // The current set is backed up first: refuse links in it before anything else.
+    if let Some(keys) = &existing.keys {
+        backup::present_files(keys)?;
+    }
+    let (source, source_keys) =
+        backup::resolve(existing.backups.as_ref(), name).context(Failure::Config)?;
+    let files = backup::present_files(&source_keys)?;
     if files.is_empty() {
         return Err(anyhow::anyhow!(
             "backup {} holds no secret files",
@@ -426,52 +504,47 @@ fn restore(
         ))
         .context(Failure::Config);
     }
+    let keys_shown = args.dir.join("keys");
     if !args.yes && oidc::interactive(args.non_interactive) {
         let question = format!(
             "Replace {} secret files in {} with those of {}?",
             files.len(),
-            paths.keys.display(),
+            keys_shown.display(),
             source.name
         );
         if !oidc::confirm(&question)? {
             bail!("restore cancelled; nothing was changed");
         }
     }
-    let lock = lock_and_prepare(paths)?;
-    let current = backup::present_files(&paths.keys);
-    if !current.is_empty() {
-        let made = backup::create(&paths.root, &paths.keys, &current)?;
-        println!(
-            "backed up {} files to {}",
-            current.len(),
-            made.path.display()
-        );
-    }
+    drop(existing);
+    let mut locked = lock_and_prepare(&args.dir)?;
+    back_up_current(&mut locked, |line| println!("{line}"))?;
     for file in &files {
-        let value: Zeroizing<Vec<u8>> = Zeroizing::new(
-            std::fs::read(source.keys().join(file))
-                .with_context(|| format!("reading {} from the backup", file))?,
-        );
-        atomic::write_atomic(&paths.keys, file, &value)
-            .with_context(|| format!("restoring {}", paths.shown(file)))?;
-        println!("restored {}", paths.shown(file));
+        let value = source_keys
+            .read_file(file, backup::MAX_COPY_BYTES)
+            .with_context(|| format!("reading {file} from the backup"))?
+            .with_context(|| format!("{file} disappeared from the backup"))?;
+        atomic::write_atomic(&locked.keys, file, &value)
+            .with_context(|| format!("restoring {}", locked.keys.shown(file)))?;
+        println!("restored {}", locked.keys.shown(file));
     }
     println!(
         "restored {} files from {}",
         files.len(),
         source.path.display()
     );
-    Ok(lock)
+    Ok(locked)
 }
 
 /// `--verify`.
-fn verify(paths: &Paths) -> anyhow::Result<()> {
-    let problems = check::verify(&paths.keys)?;
+fn verify(dir: &Path) -> anyhow::Result<()> {
+    let keys_shown = dir.join("keys");
+    let problems = check::verify(Existing::open(dir)?.keys.as_ref())?;
     if problems.is_empty() {
         println!(
             "all {} secret files in {} pass",
             ENTRIES.len(),
-            paths.keys.display()
+            keys_shown.display()
         );
         return Ok(());
     }
@@ -481,33 +554,39 @@ fn verify(paths: &Paths) -> anyhow::Result<()> {
     Err(anyhow::anyhow!(
         "{} problem(s) with the secret files in {}",
         problems.len(),
-        paths.keys.display()
+        keys_shown.display()
     ))
     .context(Failure::Verify)
 }
 
 /// `--list`.
-fn list(paths: &Paths) -> anyhow::Result<()> {
-    println!("{}", paths.keys.display());
-    for line in check::list(&paths.keys)? {
+fn list(dir: &Path) -> anyhow::Result<()> {
+    let keys = Existing::open(dir)?.keys;
+    println!("{}", dir.join("keys").display());
+    for line in check::list(keys.as_ref())? {
         println!("{line}");
     }
     Ok(())
 }
 
 /// `--list-backups`.
-fn list_backups(paths: &Paths) -> anyhow::Result<()> {
-    let backups = backup::list(&paths.root)?;
+fn list_backups(dir: &Path) -> anyhow::Result<()> {
+    let existing = Existing::open(dir)?;
+    let backups = backup::list(existing.backups.as_ref())?;
     if backups.is_empty() {
-        println!(
-            "no backups in {}",
-            backup::backups_dir(&paths.root).display()
-        );
+        println!("no backups in {}", dir.join(backup::DIR).display());
         return Ok(());
     }
     let newest = backups.len() - 1;
     for (index, b) in backups.iter().enumerate() {
-        let count = backup::present_files(&b.keys()).len();
+        // A backup whose files cannot be counted (a link among them) is still listed.
+        let count = existing
+            .backups
+            .as_ref()
+            .and_then(|all| all.subdir(&b.name).ok().flatten())
+            .and_then(|dir| dir.subdir("keys").ok().flatten())
+            .and_then(|keys| backup::present_files(&keys).ok())
+            .map_or_else(|| "?".to_owned(), |files| files.len().to_string());
         let mark = if index == newest { "  (newest)" } else { "" };
         println!("{}  {count} files{mark}", b.name);
     }

@@ -19,7 +19,8 @@ use nix::sys::termios::{LocalFlags, SetArg, Termios, tcgetattr, tcsetattr};
 use zeroize::Zeroizing;
 
 use super::check::is_placeholder;
-use super::envfile::EnvFile;
+use super::dirfd::{Dir, read_followed_file};
+use super::envfile::{self, EnvFile};
 use crate::error::Failure;
 use crate::secret::{MAX_SECRET_BYTES, Secret};
 
@@ -38,13 +39,47 @@ pub fn value_problem(value: &str) -> Option<&'static str> {
     }
 }
 
-/// Reads the user secrets file. A missing default file is fine (`None`); a missing file
-/// the operator named explicitly, or one that does not parse, is a configuration error.
-pub fn load_env_file(path: &Path, explicit: bool) -> anyhow::Result<Option<EnvFile>> {
-    if !explicit && !path.exists() {
-        return Ok(None);
+/// The name of the default user secrets file in the secrets directory.
+pub const ENV_FILE: &str = "user-provided.env";
+
+/// The largest user secrets file read: three values and comments fit many times over, and
+/// the size is checked on the open descriptor before a byte is read.
+const MAX_ENV_BYTES: usize = 64 * 1024;
+
+/// Reads the user secrets file: the one the operator named (`explicit`, found by its path),
+/// else `ENV_FILE` in the secrets directory `root` (opened through its handle, never
+/// through a link). Either is opened without blocking and must be a regular file of at most
+/// `MAX_ENV_BYTES`. A missing default file is fine (`None`); a missing named file, or one
+/// that is refused or does not parse, is a configuration error. Lines the shell would read
+/// differently draw a warning naming the line.
+pub fn load_env_file(
+    root: Option<&Dir>,
+    path: &Path,
+    explicit: bool,
+) -> anyhow::Result<Option<EnvFile>> {
+    // A configuration error, said once (a refusal of the file is one already).
+    let config = |err: anyhow::Error| match Failure::of(&err) {
+        Some(_) => err,
+        None => err.context(Failure::Config),
+    };
+    let bytes = if explicit {
+        read_followed_file(path, MAX_ENV_BYTES).map_err(config)?
+    } else {
+        match root.map(|root| root.read_file(ENV_FILE, MAX_ENV_BYTES)) {
+            None => return Ok(None),
+            Some(read) => match read.map_err(config)? {
+                Some(bytes) => bytes,
+                None => return Ok(None),
+            },
+        }
+    };
+    let file = envfile::parse(&bytes)
+        .with_context(|| format!("parsing {}", path.display()))
+        .context(Failure::Config)?;
+    for (line, note) in file.notes() {
+        tracing::warn!("{} line {line}: {note}", path.display());
     }
-    EnvFile::read(path).context(Failure::Config).map(Some)
+    Ok(Some(file))
 }
 
 /// Whether prompting is allowed: stdin is a terminal and `--non-interactive` is not set.

@@ -3,9 +3,9 @@
 //! it knows nothing of what the child is or of what the caller does meanwhile.
 //!
 //! The order is the reason this module exists (ARCHITECTURE.md, "Rules that hold
-//! everywhere"): `Supervisor::take_signals` blocks every catchable signal and opens the
-//! signalfd before the runtime or any thread exists and before the child is spawned, so no
-//! signal meets a default disposition; it also sets the subreaper flag, so the child's
+//! everywhere"): `Supervisor::take_signals` blocks every signal and opens the signalfd
+//! before the runtime or any thread exists and before the child is spawned, so no signal
+//! meets a default disposition; it also sets the subreaper flag, so the child's
 //! orphans come to us. `Supervisor::run` then spawns the child and lets one task own the
 //! signalfd and the reaper (the only `waitpid` in the process), while the caller's work
 //! future runs beside it. SIGHUP is forwarded like every other signal and also reported to
@@ -169,12 +169,14 @@ async fn signal_loop(
     hangups: mpsc::UnboundedSender<()>,
 ) {
     let mut safety = tokio::time::interval(SAFETY_REAP);
+    // As the signalfd reports senders: in our own pid namespace (1 when we are its init).
+    let own_pid = getpid().as_raw() as u32;
     loop {
         tokio::select! {
             received = signals.recv() => match received {
                 Ok(info) => {
                     let signo = info.ssi_signo as i32;
-                    match signals::action(signo) {
+                    match signals::action(signo, info.ssi_pid, own_pid) {
                         Action::Reap => reaper.reap_all(),
                         Action::Forward(signal) => {
                             tracing::info!(signal = %signal, from_pid = info.ssi_pid, "forwarding");
@@ -187,6 +189,8 @@ async fn signal_loop(
                             let _ = hangups.send(());
                         }
                         Action::Drop => tracing::warn!(signo, "real-time signal not forwarded"),
+                        // Our own EPIPE's signal: nothing to do, not even a log line.
+                        Action::OwnBrokenPipe => {}
                     }
                 }
                 Err(err) => {
@@ -201,6 +205,9 @@ async fn signal_loop(
 }
 
 /// Sends `signal` to the child. ESRCH (already gone, not yet reaped) is expected.
+/// To its pid, not its process group (tini's default too): postgres relays each signal to
+/// its own processes the way it means it (a smart shutdown lets the backends finish their
+/// sessions), and each of them is in a session of its own (`setsid`) anyway.
 fn forward(child: Pid, signal: Signal) {
     if let Err(err) = kill(child, signal) {
         tracing::debug!(signal = %signal, "not forwarded: {err}");

@@ -12,7 +12,10 @@
 //! the way a shell does it (see `resolve`).
 //!
 //! Only the pid is kept and nothing here ever waits: the reaper owns every `waitpid`.
-//! stdin, stdout and stderr are inherited, so postgres' log passes through untouched.
+//! stdin, stdout and stderr are inherited, so postgres' log passes through untouched. So
+//! are the working directory (no `chdir("/")`: CMD runs where the image's `WORKDIR` says)
+//! and the process group: signals are forwarded to the child's pid only, so a group of its
+//! own would buy nothing.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;

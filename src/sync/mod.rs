@@ -8,6 +8,7 @@
 //! not already match. A failure rolls the whole set back, so the old passwords keep working.
 
 pub mod connect;
+pub mod locks;
 mod recorded;
 pub mod scram;
 pub mod sql;
@@ -106,6 +107,8 @@ impl Report {
 pub struct Options {
     pub strict: bool,
     pub dry_run: bool,
+    /// What to do about sessions that hold the locks the sync needs.
+    pub blockers: locks::Blockers,
 }
 
 /// Which roles a sync sends to the server, and whether it checks their stored verifiers
@@ -187,7 +190,7 @@ impl Syncer {
         };
         // The whole set still offers the superuser's (possibly new) password to log in.
         let client = self.connect_superuser(secrets).await?;
-        let report = apply(&client, roles, self.options, scope).await?;
+        let report = apply(self, &client, secrets, roles, scope).await?;
         self.applied(secrets);
         Ok(report)
     }
@@ -260,46 +263,108 @@ pub fn set_changed(last: Option<&[(RoleSpec, Secret)]>, new: &[(RoleSpec, Secret
     }
 }
 
-/// The sync transaction itself.
+/// How many times a sync the server chose as a deadlock's victim is tried again (within
+/// the same total wait).
+const DEADLOCK_ATTEMPTS: u32 = 3;
+
+/// The sync transaction itself, with its waits watched (`locks`). `login` is the set whose
+/// superuser password may open the watchdog's second connection.
 async fn apply(
+    syncer: &Syncer,
     client: &Client,
+    login: &[(RoleSpec, Secret)],
     secrets: &[(RoleSpec, Secret)],
-    options: Options,
     scope: Scope,
 ) -> anyhow::Result<Report> {
-    let mut report = Report {
-        dry_run: options.dry_run,
-        ..Report::default()
-    };
-    // A standby cannot take ALTER ROLE; its passwords arrive through replication.
-    let in_recovery: bool = client
-        .query_one("SELECT pg_is_in_recovery()", &[])
+    let options = syncer.options;
+    // A standby cannot take ALTER ROLE; its passwords arrive through replication. One round
+    // trip also reads the iteration count new verifiers must have (NULL before 16) and the
+    // backend pid whose lock waits the watchdog watches.
+    let row = client
+        .query_one(
+            "SELECT pg_is_in_recovery(), current_setting('scram_iterations', true), \
+             pg_backend_pid()",
+            &[],
+        )
         .await
         .context("checking whether the server is a standby")
-        .context(Failure::Sql)?
-        .get(0);
-    if in_recovery {
-        report.standby = true;
-        return Ok(report);
+        .context(Failure::Sql)?;
+    if row.get::<_, bool>(0) {
+        return Ok(Report {
+            dry_run: options.dry_run,
+            standby: true,
+            ..Report::default()
+        });
     }
+    let iterations = scram::iterations_for(row.get::<_, Option<&str>>(1));
+    let mut watchdog = locks::Watchdog::new(
+        options.blockers,
+        Box::new(move || Box::pin(syncer.connect_superuser(login))),
+    );
+    watchdog.set_backend_pid(row.get(2));
     let names: Vec<String> = secrets.iter().map(|(r, _)| r.name.clone()).collect();
-    transaction(client, secrets, &names, options, scope, &mut report)
-        .await
-        .map_err(|err| match Failure::of(&err) {
-            Some(_) => err,
-            None => err.context(Failure::Sql),
-        })?;
-    Ok(report)
+    let mut attempt = 1;
+    loop {
+        let mut report = Report {
+            dry_run: options.dry_run,
+            ..Report::default()
+        };
+        let plan = Plan {
+            secrets,
+            names: &names,
+            options,
+            scope,
+            iterations,
+        };
+        match transaction(client, &plan, &mut watchdog, &mut report).await {
+            Ok(()) => return Ok(report),
+            // The server rolled the sync back to break a deadlock with another session (it
+            // normally picks the other one: see `sql::bounds`). The other session has its
+            // locks now; the next attempt waits for them under the same watchdog.
+            Err(err)
+                if locks::is_deadlock(&err)
+                    && attempt < DEADLOCK_ATTEMPTS
+                    && !watchdog.time_left().is_zero() =>
+            {
+                tracing::warn!(
+                    attempt,
+                    "the sync was rolled back to break a deadlock; retrying"
+                );
+                attempt += 1;
+            }
+            Err(err) => {
+                return Err(match Failure::of(&err) {
+                    Some(_) => err,
+                    None => err.context(Failure::Sql),
+                });
+            }
+        }
+    }
+}
+
+/// What one transaction applies, and how.
+struct Plan<'a> {
+    secrets: &'a [(RoleSpec, Secret)],
+    names: &'a [String],
+    options: Options,
+    scope: Scope,
+    /// PBKDF2 rounds of new verifiers (the server's `scram_iterations`).
+    iterations: u32,
 }
 
 async fn transaction(
     client: &Client,
-    secrets: &[(RoleSpec, Secret)],
-    names: &[String],
-    options: Options,
-    scope: Scope,
+    plan: &Plan<'_>,
+    watchdog: &mut locks::Watchdog<'_>,
     report: &mut Report,
 ) -> anyhow::Result<()> {
+    let Plan {
+        secrets,
+        names,
+        options,
+        scope,
+        iterations,
+    } = *plan;
     // `Client::transaction` needs `&mut`; the explicit BEGIN keeps `Client` shareable.
     // Any early return drops the connection's transaction state with ROLLBACK below.
     client
@@ -311,19 +376,30 @@ async fn transaction(
         .await
         .context("starting the transaction")?;
     let result = async {
+        // A message of their own, before anything that can wait: a setting only applies to
+        // statements received after it (sending it in one batch with ALTER ROLE would log
+        // the batch), and a lock wait reads the timeouts when it starts. The server-side
+        // bounds sit a little beyond the watchdog's, which gives up first and says why.
+        let settings: Vec<String> = sql::QUIET_SETTINGS
+            .iter()
+            .map(|s| (*s).to_owned())
+            .chain(sql::bounds(
+                options.blockers.total_wait() + std::time::Duration::from_secs(1),
+            ))
+            .collect();
         client
-            .execute(
-                "SELECT pg_advisory_xact_lock($1)",
-                &[&sql::ADVISORY_LOCK_KEY],
+            .batch_execute(&settings.join("; "))
+            .await
+            .context("suppressing statement logging and bounding lock waits")?;
+        watchdog
+            .guard(
+                "taking the sync lock",
+                client.execute(
+                    "SELECT pg_advisory_xact_lock($1)",
+                    &[&sql::ADVISORY_LOCK_KEY],
+                ),
             )
-            .await
-            .context("taking the sync lock")?;
-        // A message of their own: a setting only applies to statements received after
-        // it, so sending it in one batch with ALTER ROLE would log the batch.
-        client
-            .batch_execute(&sql::QUIET_SETTINGS.join("; "))
-            .await
-            .context("suppressing statement logging")?;
+            .await?;
         let rows = client
             .query(
                 "SELECT rolname::text, rolpassword FROM pg_authid WHERE rolname = ANY($1::text[])",
@@ -349,23 +425,27 @@ async fn transaction(
         // signals keep being forwarded and children reaped while a large set is planned.
         let owned = secrets.to_vec();
         let dry_run = options.dry_run;
-        let steps = tokio::task::spawn_blocking(move || plan(&owned, &current, dry_run, scope))
-            .await
-            .context("planning the password changes")?;
+        let steps = tokio::task::spawn_blocking(move || {
+            plan_steps(&owned, &current, dry_run, scope, iterations)
+        })
+        .await
+        .context("planning the password changes")??;
         for ((spec, _), step) in secrets.iter().zip(steps) {
             let status = match step {
                 Step::Keep(status) => status,
                 Step::Set(verifier) => {
                     let statement = sql::alter_role_password(&spec.name, &verifier);
-                    client
-                        .batch_execute(&statement)
-                        .await
-                        .with_context(|| format!("setting the password of role {:?}", spec.name))?;
+                    watchdog
+                        .guard(
+                            &format!("setting the password of role {:?}", spec.name),
+                            client.batch_execute(&statement),
+                        )
+                        .await?;
                     Status::Changed
                 }
             };
             if status == Status::Missing {
-                tracing::warn!(role = %spec.name, "role does not exist; skipped");
+                tracing::warn!(role = ?spec.name, "role does not exist; skipped");
             }
             report.roles.push(RoleOutcome {
                 role: spec.name.clone(),
@@ -401,23 +481,29 @@ enum Step {
     Set(String),
 }
 
-/// Decides every role's step. Checking a stored verifier and making a new one are 4096
-/// PBKDF2 rounds each, the bulk of a large sync's time, so big role sets are spread over
-/// the available cores.
-fn plan(
+/// Decides every role's step. Checking a stored verifier and making a new one are
+/// `iterations` PBKDF2 rounds each, the bulk of a large sync's time, so big role sets are
+/// spread over the available cores. A stored verifier with fewer rounds than the server's
+/// `scram_iterations` counts as changed: it is re-made at the configured strength.
+fn plan_steps(
     secrets: &[(RoleSpec, Secret)],
     current: &HashMap<String, Option<String>>,
     dry_run: bool,
     scope: Scope,
-) -> Vec<Step> {
+    iterations: u32,
+) -> anyhow::Result<Vec<Step>> {
     parallel_map(secrets, |(spec, secret)| match current.get(&spec.name) {
-        None => Step::Keep(Status::Missing),
-        Some(Some(stored)) if scope == Scope::CheckAll && scram::verifies(stored, secret) => {
-            Step::Keep(Status::Unchanged)
+        None => Ok(Step::Keep(Status::Missing)),
+        Some(Some(stored))
+            if scope == Scope::CheckAll && scram::is_current(stored, secret, iterations) =>
+        {
+            Ok(Step::Keep(Status::Unchanged))
         }
-        Some(_) if dry_run => Step::Keep(Status::WouldChange),
-        Some(_) => Step::Set(scram::make_verifier(secret)),
+        Some(_) if dry_run => Ok(Step::Keep(Status::WouldChange)),
+        Some(_) => scram::make_verifier(secret, iterations).map(Step::Set),
     })
+    .into_iter()
+    .collect()
 }
 
 /// `items.iter().map(f)`, on scoped threads (one per core) when there are enough items to
@@ -541,6 +627,10 @@ mod tests {
         }
     }
 
+    fn make(secret: &Secret, iterations: u32) -> String {
+        scram::make_verifier(secret, iterations).unwrap()
+    }
+
     #[test]
     fn plan_checks_existing_verifiers() {
         let secret = Secret::new("pw".into());
@@ -549,10 +639,10 @@ mod tests {
             secret: crate::config::SecretRef::Name("f".into()),
         };
         let current: HashMap<String, Option<String>> = [
-            ("same".to_owned(), Some(scram::make_verifier(&secret))),
+            ("same".to_owned(), Some(make(&secret, 4096))),
             (
                 "other".to_owned(),
-                Some(scram::make_verifier(&Secret::new("old".into()))),
+                Some(make(&Secret::new("old".into()), 4096)),
             ),
             ("null".to_owned(), None),
         ]
@@ -561,17 +651,23 @@ mod tests {
             .iter()
             .map(|n| (spec(n), secret.clone()))
             .collect();
-        let steps = plan(&secrets, &current, false, Scope::CheckAll);
+        let steps = plan_steps(&secrets, &current, false, Scope::CheckAll, 4096).unwrap();
         assert!(matches!(steps[0], Step::Keep(Status::Unchanged)));
         assert!(matches!(&steps[1], Step::Set(v) if scram::verifies(v, &secret)));
         assert!(matches!(steps[2], Step::Set(_)));
         assert!(matches!(steps[3], Step::Keep(Status::Missing)));
-        let dry = plan(&secrets, &current, true, Scope::CheckAll);
+        let dry = plan_steps(&secrets, &current, true, Scope::CheckAll, 4096).unwrap();
         assert!(matches!(dry[1], Step::Keep(Status::WouldChange)));
         // Known to have changed: a new verifier even where the stored one still matches;
         // a missing role stays missing.
-        let known = plan(&secrets, &current, false, Scope::ChangedOnly);
+        let known = plan_steps(&secrets, &current, false, Scope::ChangedOnly, 4096).unwrap();
         assert!(matches!(&known[0], Step::Set(v) if scram::verifies(v, &secret)));
         assert!(matches!(known[3], Step::Keep(Status::Missing)));
+        // The server asks for more rounds than the stored verifier has: re-made with them.
+        let stronger = plan_steps(&secrets, &current, false, Scope::CheckAll, 8192).unwrap();
+        assert!(
+            matches!(&stronger[0], Step::Set(v) if v.starts_with("SCRAM-SHA-256$8192:")
+                && scram::verifies(v, &secret))
+        );
     }
 }

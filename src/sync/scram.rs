@@ -6,7 +6,14 @@
 //! churn, no needless writes). `postgres-protocol` makes verifiers but keeps its checker
 //! private, so the check is recomputed here with the stored salt and iteration count
 //! (RFC 5802 / RFC 7677, as PostgreSQL's `scram_verify_plain_password`).
+//!
+//! Verifiers are made here too, not by `postgres-protocol`, because its maker always uses
+//! 4096 iterations while PostgreSQL 16+ lets the administrator raise `scram_iterations`:
+//! the sync follows the server's setting (`iterations_for`), and a stored verifier with
+//! fewer iterations than that setting counts as changed, so it is re-made at the configured
+//! strength (one with more is kept: it is not weaker, and re-making it would churn salts).
 
+use anyhow::Context;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, KeyInit, Mac};
@@ -22,9 +29,45 @@ const PREFIX: &str = "SCRAM-SHA-256$";
 /// our default) rather than spending minutes of CPU on one comparison.
 const MAX_ITERATIONS: u32 = 1 << 22;
 
-/// A fresh verifier with a random salt and PostgreSQL's default 4096 iterations.
-pub fn make_verifier(password: &Secret) -> String {
-    postgres_protocol::password::scram_sha_256(password.expose().as_bytes())
+/// PostgreSQL's iteration count before 16 made it a setting (and its default since).
+pub const DEFAULT_ITERATIONS: u32 = 4096;
+
+/// Salt length PostgreSQL uses for the verifiers it makes.
+const SALT_LEN: usize = 16;
+
+/// The iteration count for new verifiers, from the server's `scram_iterations` as read with
+/// `current_setting('scram_iterations', true)`: `None` (before 16 the setting does not exist)
+/// or anything unparsable means the fixed 4096 of those servers. The server accepts 1 to
+/// 2^31-1; values above `MAX_ITERATIONS` are capped there, because a verifier we could not
+/// afford to check would be re-made on every resync.
+pub fn iterations_for(setting: Option<&str>) -> u32 {
+    setting
+        .and_then(|text| text.trim().parse::<u32>().ok())
+        .filter(|&n| n > 0)
+        .map_or(DEFAULT_ITERATIONS, |n| n.min(MAX_ITERATIONS))
+}
+
+/// A fresh verifier with a random salt and `iterations` PBKDF2 rounds.
+pub fn make_verifier(password: &Secret, iterations: u32) -> anyhow::Result<String> {
+    let mut salt = [0u8; SALT_LEN];
+    getrandom::fill(&mut salt)
+        .map_err(|err| anyhow::anyhow!("{err}"))
+        .context("drawing a salt from the operating system's random number generator")?;
+    let keys = derive_keys(password, &salt, iterations)
+        .context("computing the SCRAM keys (HMAC refused its key)")?;
+    Ok(format!(
+        "{PREFIX}{iterations}:{}${}:{}",
+        STANDARD.encode(salt),
+        STANDARD.encode(keys.stored_key),
+        STANDARD.encode(&keys.server_key[..])
+    ))
+}
+
+/// True when `stored` verifies `password` with at least `min_iterations` rounds: what the
+/// sync keeps unchanged. A weaker stored verifier is not even checked (no PBKDF2 spent).
+pub fn is_current(stored: &str, password: &Secret, min_iterations: u32) -> bool {
+    parse_verifier(stored).is_some_and(|v| v.iterations >= min_iterations)
+        && verifies(stored, password)
 }
 
 /// The parts of a stored `SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>` verifier.
@@ -61,6 +104,24 @@ pub fn verifies(stored: &str, password: &Secret) -> bool {
     if verifier.iterations > MAX_ITERATIONS {
         return false;
     }
+    let Some(keys) = derive_keys(password, &verifier.salt, verifier.iterations) else {
+        return false;
+    };
+    // Not secret-dependent timing that matters here: both sides are our own values.
+    keys.stored_key.as_slice() == verifier.stored_key
+        && keys.server_key[..] == verifier.server_key[..]
+}
+
+/// The two keys a verifier stores.
+struct Keys {
+    stored_key: Vec<u8>,
+    server_key: Zeroizing<Vec<u8>>,
+}
+
+/// SaltedPassword = PBKDF2(SASLprep(password), salt, iterations); StoredKey =
+/// SHA-256(HMAC(SaltedPassword, "Client Key")); ServerKey = HMAC(SaltedPassword, "Server
+/// Key"). `None` only if the HMAC library refused a key.
+fn derive_keys(password: &Secret, salt: &[u8], iterations: u32) -> Option<Keys> {
     // PostgreSQL normalises with SASLprep and falls back to the raw bytes when the
     // password is not a valid SASLprep string; do the same so the keys agree.
     let normalized: Zeroizing<String> =
@@ -69,20 +130,13 @@ pub fn verifies(stored: &str, password: &Secret) -> bool {
             Err(_) => password.expose().to_owned(),
         });
     let mut salted = Zeroizing::new([0u8; 32]);
-    pbkdf2::pbkdf2_hmac::<Sha256>(
-        normalized.as_bytes(),
-        &verifier.salt,
-        verifier.iterations,
-        &mut *salted,
-    );
-    let (Some(client_key), Some(server_key)) =
-        (hmac(&*salted, b"Client Key"), hmac(&*salted, b"Server Key"))
-    else {
-        return false;
-    };
-    let stored_key = Sha256::digest(&*client_key);
-    // Not secret-dependent timing that matters here: both sides are our own values.
-    stored_key.as_slice() == verifier.stored_key && server_key[..] == verifier.server_key[..]
+    pbkdf2::pbkdf2_hmac::<Sha256>(normalized.as_bytes(), salt, iterations, &mut *salted);
+    let client_key = hmac(&*salted, b"Client Key")?;
+    let server_key = hmac(&*salted, b"Server Key")?;
+    Some(Keys {
+        stored_key: Sha256::digest(&*client_key).to_vec(),
+        server_key,
+    })
 }
 
 /// HMAC-SHA-256; `None` only if the library refused the key (it takes any length).
@@ -108,7 +162,7 @@ mod tests {
             "quo'te\"back\\slash",
             "ünïcødé€",
         ] {
-            let v = make_verifier(&secret(pw));
+            let v = make_verifier(&secret(pw), DEFAULT_ITERATIONS).unwrap();
             assert!(v.starts_with("SCRAM-SHA-256$4096:"), "{v}");
             assert!(verifies(&v, &secret(pw)), "{pw}");
             assert!(!verifies(&v, &secret(&format!("{pw}x"))), "{pw}");
@@ -117,8 +171,8 @@ mod tests {
 
     #[test]
     fn two_verifiers_of_one_password_differ_but_both_verify() {
-        let a = make_verifier(&secret("same"));
-        let b = make_verifier(&secret("same"));
+        let a = make_verifier(&secret("same"), DEFAULT_ITERATIONS).unwrap();
+        let b = make_verifier(&secret("same"), DEFAULT_ITERATIONS).unwrap();
         assert_ne!(a, b);
         assert!(verifies(&a, &secret("same")) && verifies(&b, &secret("same")));
     }
@@ -147,5 +201,45 @@ mod tests {
             assert!(parse_verifier(stored).is_none() || !verifies(stored, &secret("pencil")));
             assert!(!verifies(stored, &secret("pencil")), "{stored}");
         }
+    }
+
+    #[test]
+    fn iterations_follow_the_server_setting() {
+        // Before 16 the setting does not exist: current_setting(…, true) is NULL.
+        assert_eq!(iterations_for(None), 4096);
+        assert_eq!(iterations_for(Some("4096")), 4096);
+        assert_eq!(iterations_for(Some("8192")), 8192);
+        assert_eq!(iterations_for(Some(" 10000 ")), 10000);
+        assert_eq!(iterations_for(Some("1")), 1);
+        assert_eq!(iterations_for(Some("0")), 4096);
+        assert_eq!(iterations_for(Some("-5")), 4096);
+        assert_eq!(iterations_for(Some("lots")), 4096);
+        assert_eq!(iterations_for(Some("2147483647")), MAX_ITERATIONS);
+    }
+
+    #[test]
+    fn verifiers_carry_the_requested_iterations() {
+        let v = make_verifier(&secret("pencil"), 8192).unwrap();
+        assert!(v.starts_with("SCRAM-SHA-256$8192:"), "{v}");
+        assert_eq!(parse_verifier(&v).map(|p| p.salt.len()), Some(SALT_LEN));
+        assert!(verifies(&v, &secret("pencil")));
+    }
+
+    #[test]
+    fn weaker_stored_verifiers_are_not_current() {
+        let pw = secret("pencil");
+        let weak = make_verifier(&pw, 4096).unwrap();
+        let strong = make_verifier(&pw, 8192).unwrap();
+        assert!(is_current(&weak, &pw, 4096));
+        assert!(
+            !is_current(&weak, &pw, 8192),
+            "fewer rounds than configured"
+        );
+        assert!(
+            is_current(&strong, &pw, 4096),
+            "more rounds than configured is kept"
+        );
+        assert!(is_current(&strong, &pw, 8192));
+        assert!(!is_current(&strong, &secret("other"), 4096));
     }
 }

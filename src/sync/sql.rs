@@ -5,6 +5,8 @@
 //! `escape_identifier` (quotes, spaces, upper case and unicode all survive) and the
 //! verifier through `escape_literal`. Only verifiers ever reach this function.
 
+use std::time::Duration;
+
 use postgres_protocol::escape::{escape_identifier, escape_literal};
 
 /// Key of the transaction-scoped advisory lock that serialises concurrent syncs
@@ -18,7 +20,11 @@ pub const ADVISORY_LOCK_KEY: i64 = 0x7067_7077_7379_6e63; // "pgpwsync"
 /// `log_min_duration_statement` / `log_min_duration_sample` a slow one, the `debug_print_*`
 /// settings their parse trees, and `pg_stat_statements` would keep their text.
 /// Setting a `pg_stat_statements.*` name is harmless when the module is not loaded.
-pub const QUIET_SETTINGS: [&str; 8] = [
+/// `track_activities = off` keeps the statement text out of this backend's
+/// `pg_stat_activity` entry, which is where the server's deadlock report takes the
+/// `Process N: <query>` lines it logs for every member of the cycle (no log setting
+/// reaches those), and where other superusers could read it.
+pub const QUIET_SETTINGS: [&str; 9] = [
     "SET LOCAL log_statement = 'none'",
     "SET LOCAL log_min_error_statement = 'panic'",
     "SET LOCAL log_min_duration_statement = -1",
@@ -27,7 +33,24 @@ pub const QUIET_SETTINGS: [&str; 8] = [
     "SET LOCAL debug_print_rewritten = off",
     "SET LOCAL debug_print_plan = off",
     "SET LOCAL pg_stat_statements.track_utility = off",
+    "SET LOCAL track_activities = off",
 ];
+
+/// The server-side bounds of the sync transaction (sent with `QUIET_SETTINGS`, before the
+/// first lock is requested, since a wait reads them when it starts):
+/// `lock_timeout` and `statement_timeout` end any wait the client-side watchdog
+/// (`locks`) could not end itself, for instance when it cannot open its second
+/// connection; a `deadlock_timeout` longer than every wait of ours means that in a
+/// deadlock the *other* session runs the check first and is the one rolled back.
+pub fn bounds(lock_timeout: Duration) -> [String; 3] {
+    let ms = lock_timeout.as_millis();
+    [
+        format!("SET LOCAL lock_timeout = {ms}"),
+        // A little more than the lock wait, so a lock wait reports itself as one.
+        format!("SET LOCAL statement_timeout = {}", ms + 1_000),
+        format!("SET LOCAL deadlock_timeout = {}", ms + 2_000),
+    ]
+}
 
 /// Sent before `BEGIN`: whether a whole transaction is sampled for logging is decided when
 /// it starts, so this one cannot be a `SET LOCAL` inside it. The connection is the sync's
@@ -64,5 +87,10 @@ mod tests {
     #[test]
     fn settings_are_local_to_the_transaction() {
         assert!(QUIET_SETTINGS.iter().all(|s| s.starts_with("SET LOCAL ")));
+        let bounds = bounds(Duration::from_millis(12_500));
+        assert!(bounds.iter().all(|s| s.starts_with("SET LOCAL ")));
+        assert_eq!(bounds[0], "SET LOCAL lock_timeout = 12500");
+        assert_eq!(bounds[1], "SET LOCAL statement_timeout = 13500");
+        assert_eq!(bounds[2], "SET LOCAL deadlock_timeout = 14500");
     }
 }

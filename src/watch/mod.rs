@@ -89,8 +89,8 @@ pub struct WatchOptions {
 #[derive(Debug, Clone)]
 pub struct WatchSettings {
     pub config: ConfigSettings,
-    /// `--strict`; a watcher never dry-runs.
-    pub strict: bool,
+    /// How the sync applies (`--strict`, blocking sessions); a watcher never dry-runs.
+    pub options: Options,
     pub watch: WatchOptions,
 }
 
@@ -125,11 +125,10 @@ pub fn request_resync(tx: &Sender<()>) -> Requested {
 /// until SIGTERM or SIGINT (exit 0). SIGHUP checks every role.
 pub fn command(settings: WatchSettings) -> anyhow::Result<u8> {
     let config = Config::from_settings(&settings.config)?;
-    let options = Options {
-        strict: settings.strict,
-        dry_run: false,
-    };
-    crate::runtime::new()?.block_on(sidecar(Syncer::new(config, options), settings.watch))
+    crate::runtime::new()?.block_on(sidecar(
+        Syncer::new(config, settings.options),
+        settings.watch,
+    ))
 }
 
 async fn sidecar(mut syncer: Syncer, options: WatchOptions) -> anyhow::Result<u8> {

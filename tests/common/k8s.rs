@@ -5,7 +5,8 @@
 //! `..data_tmp` symlink at it and renames that over `..data` (the one atomic step), makes
 //! sure every visible name is a symlink through `..data`, then deletes the old timestamped
 //! directory and visible names no longer in the payload. The visible files' own inodes are
-//! never rewritten: a watch on one of them is lost after the first swap (DESIGN.md).
+//! never rewritten: an inotify watch on one of them watches the old inode, which the
+//! first swap unlinks, so such a watch sees no later update.
 
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,458 @@
+//! Bounded waits for the sync's locks, and what is done about the sessions that hold them.
+//!
+//! The sync needs two kinds of lock that any login can hold against it: the advisory lock
+//! whose key is public (`pg_advisory_lock` is open to every role), and the `pg_authid` row
+//! of a role, which that role locks with an uncommitted `ALTER ROLE … PASSWORD`. A rotation
+//! may be the answer to a leaked credential, so the holder of that credential must not be
+//! able to postpone it. While a statement of the sync waits, a watchdog looks at the
+//! server through a second connection (opened only once a wait has lasted `FIRST_LOOK`):
+//! it names the blocking sessions in one log line (pid, role, state and for how long;
+//! never their query text, which could hold a password), ends the blocking sessions of
+//! non-superuser roles once the sync has been held up for `terminate_after`, and cancels
+//! its own statement when the total wait reaches `lock_wait`, with an error naming the
+//! sessions it waited for. Superuser sessions are never ended: they are the
+//! administrator's, and the wait for them is only bounded.
+
+use std::fmt::{self, Write as _};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, Error};
+
+/// How long a statement waits before the watchdog first looks for blockers: a concurrent
+/// sync (the advisory lock's purpose) usually finishes well before this.
+const FIRST_LOOK: Duration = Duration::from_secs(1);
+
+/// How often it looks again while the wait goes on.
+const POLL: Duration = Duration::from_millis(250);
+
+/// The least total wait: enough for termination to happen before the sync gives up.
+const TERMINATE_GRACE: Duration = Duration::from_secs(2);
+
+/// What the sync does about sessions that hold the locks it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Blockers {
+    /// The longest the sync waits for locks in total before it fails.
+    pub lock_wait: Duration,
+    /// End blocking non-superuser sessions once the sync has waited this long (`None`:
+    /// never end any).
+    pub terminate_after: Option<Duration>,
+}
+
+impl Default for Blockers {
+    fn default() -> Blockers {
+        Blockers {
+            lock_wait: Duration::from_secs(30),
+            terminate_after: Some(Duration::from_secs(10)),
+        }
+    }
+}
+
+impl Blockers {
+    /// The total wait actually allowed: `lock_wait`, raised when needed so that ending a
+    /// blocker after `terminate_after` happens before the sync gives up.
+    pub fn total_wait(&self) -> Duration {
+        match self.terminate_after {
+            Some(after) => self.lock_wait.max(after + TERMINATE_GRACE),
+            None => self.lock_wait,
+        }
+    }
+
+    /// `--terminate-blockers-after` as given: a duration, or `0`/`off` for never.
+    pub fn parse_terminate_after(text: &str) -> Result<Option<Duration>, String> {
+        match text.trim() {
+            "off" | "never" | "no" | "false" => Ok(None),
+            other => crate::cli::parse_duration(other).map(|d| Some(d).filter(|d| !d.is_zero())),
+        }
+    }
+}
+
+/// One session that blocks the sync, as `pg_blocking_pids` and `pg_stat_activity` show it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Blocker {
+    pub pid: i32,
+    /// `None` for a prepared transaction or a background process (no login role).
+    pub role: Option<String>,
+    pub superuser: bool,
+    /// `pg_stat_activity.state` (`active`, `idle in transaction`, …), empty when unknown.
+    pub state: String,
+    /// Since its transaction (or, idle, its last state change) began.
+    pub for_secs: f64,
+    /// A client backend (as opposed to an autovacuum worker, a walsender, …).
+    pub client: bool,
+}
+
+impl Blocker {
+    /// Only sessions of login roles without superuser are ended: background processes are
+    /// the server's own, and superusers' sessions the administrator's.
+    pub fn may_be_ended(&self) -> bool {
+        self.client && self.role.is_some() && !self.superuser && self.pid > 0
+    }
+}
+
+impl fmt::Display for Blocker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.pid == 0 {
+            return f.write_str("a prepared transaction");
+        }
+        write!(f, "pid {} (", self.pid)?;
+        match &self.role {
+            // Debug quoting: a role name is outside input and may hold control characters.
+            Some(role) => write!(f, "role {role:?}")?,
+            None => f.write_str("no role")?,
+        }
+        if self.superuser {
+            f.write_str(", superuser")?;
+        }
+        let state = if self.state.is_empty() {
+            "state unknown"
+        } else {
+            &self.state
+        };
+        write!(f, ", {state:?} for {:.1}s)", self.for_secs)
+    }
+}
+
+/// `a, b, c` for log lines and errors.
+pub fn describe(blockers: &[Blocker]) -> String {
+    let mut text = String::new();
+    for (i, blocker) in blockers.iter().enumerate() {
+        if i > 0 {
+            text.push_str(", ");
+        }
+        let _ = write!(text, "{blocker}");
+    }
+    text
+}
+
+/// Who blocks backend `$1` from a lock. Only identities and states are read, never the
+/// `query` column. A prepared transaction shows up as pid 0, outside `pg_stat_activity`.
+const BLOCKERS_SQL: &str = "\
+    SELECT b.pid, a.usename::text, coalesce(r.rolsuper, false), coalesce(a.state, ''), \
+           coalesce(extract(epoch FROM now() - coalesce(a.xact_start, a.state_change, \
+                                                        a.backend_start))::float8, 0), \
+           coalesce(a.backend_type = 'client backend', false) \
+    FROM unnest(pg_blocking_pids($1)) AS b(pid) \
+    LEFT JOIN pg_stat_activity a ON a.pid = b.pid \
+    LEFT JOIN pg_roles r ON r.oid = a.usesysid \
+    ORDER BY b.pid";
+
+/// Opens the watchdog's second connection (as the superuser, like the sync's own).
+pub type Connector<'a> =
+    Box<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = anyhow::Result<Client>> + 'a>> + 'a>;
+
+/// Watches the waits of one sync (all its attempts) from a second connection.
+pub struct Watchdog<'a> {
+    policy: Blockers,
+    connect: Connector<'a>,
+    /// The sync's backend, whose waits are watched (set per attempt: a retry may use the
+    /// same connection, but the pid is read again rather than assumed).
+    backend_pid: i32,
+    /// When the first statement the watchdog found blocked began to wait. The termination
+    /// and give-up clocks run from here across statements and attempts, so a chain of
+    /// blockers cannot restart them (and the sync's own work does not count).
+    blocked_since: Option<Instant>,
+    monitor: Option<Client>,
+    monitor_failed: bool,
+    /// The blockers last named in the log (a new line only when the set changes).
+    reported: Vec<i32>,
+    /// The blockers last seen, for the error when the sync gives up.
+    last_seen: Vec<Blocker>,
+    /// Set when the watchdog cancelled the sync's statement itself.
+    gave_up: bool,
+    /// Sessions already ended (a dying session may still show up on the next look).
+    ended: Vec<i32>,
+}
+
+impl<'a> Watchdog<'a> {
+    pub fn new(policy: Blockers, connect: Connector<'a>) -> Watchdog<'a> {
+        Watchdog {
+            policy,
+            connect,
+            backend_pid: 0,
+            blocked_since: None,
+            monitor: None,
+            monitor_failed: false,
+            reported: Vec::new(),
+            last_seen: Vec::new(),
+            gave_up: false,
+            ended: Vec::new(),
+        }
+    }
+
+    pub fn set_backend_pid(&mut self, pid: i32) {
+        self.backend_pid = pid;
+    }
+
+    /// Time left before the sync gives up waiting (zero when it is over).
+    pub fn time_left(&self) -> Duration {
+        self.policy.total_wait().saturating_sub(self.waited())
+    }
+
+    /// How long the sync has been held up so far.
+    fn waited(&self) -> Duration {
+        self.blocked_since
+            .map_or(Duration::ZERO, |since| since.elapsed())
+    }
+
+    /// Runs one statement that may wait for a lock, watching the wait. `what` says what the
+    /// statement does, for the error.
+    pub async fn guard<T>(
+        &mut self,
+        what: &str,
+        statement: impl Future<Output = Result<T, Error>>,
+    ) -> anyhow::Result<T> {
+        let mut statement = std::pin::pin!(statement);
+        let started = Instant::now();
+        let mut next_look = tokio::time::Instant::now() + FIRST_LOOK;
+        loop {
+            tokio::select! {
+                result = &mut statement => return self.outcome(what, started, result),
+                () = tokio::time::sleep_until(next_look) => {
+                    self.look(started).await;
+                    next_look = tokio::time::Instant::now() + POLL;
+                }
+            }
+        }
+    }
+
+    /// The statement's result; a wait that ran out becomes an error naming the blockers.
+    fn outcome<T>(
+        &self,
+        what: &str,
+        started: Instant,
+        result: Result<T, Error>,
+    ) -> anyhow::Result<T> {
+        let err = match result {
+            Ok(value) => return Ok(value),
+            Err(err) => err,
+        };
+        let timed_out = matches!(
+            err.code(),
+            Some(&SqlState::LOCK_NOT_AVAILABLE) | Some(&SqlState::QUERY_CANCELED)
+        );
+        if !(timed_out || self.gave_up) {
+            return Err(err).context(what.to_owned());
+        }
+        let waited = self.waited().max(started.elapsed()).as_secs_f64();
+        let held_by = if self.last_seen.is_empty() {
+            "another session (no second connection could be opened to name it)".to_owned()
+        } else {
+            describe(&self.last_seen)
+        };
+        let why = if self.last_seen.iter().any(|b| !b.may_be_ended()) {
+            "superuser and server sessions are never ended"
+        } else if self.policy.terminate_after.is_none() {
+            "--terminate-blockers-after is off"
+        } else {
+            "the blocking sessions could not be ended"
+        };
+        // When the watchdog cancelled the statement, the server's "canceling statement due
+        // to user request" would only confuse; its own timeouts say what they are.
+        let server = match (self.gave_up, err.as_db_error()) {
+            (false, Some(db)) => format!(" (server: {})", db.message()),
+            _ => String::new(),
+        };
+        Err(anyhow!(
+            "gave up after waiting {waited:.1}s for locks held by {held_by} ({why}); \
+             nothing was changed{server}"
+        ))
+        .context(what.to_owned())
+    }
+
+    /// One look at who blocks the sync (whose waiting statement began at `statement_started`);
+    /// names them, ends the ones that may be ended once their time is up, and cancels the
+    /// sync's own statement when the total wait is over.
+    async fn look(&mut self, statement_started: Instant) {
+        let blockers = match self.blockers().await {
+            Ok(blockers) => blockers,
+            Err(err) => {
+                if !self.monitor_failed {
+                    tracing::warn!(
+                        "the sync is waiting for a lock; cannot see who holds it: {err:#}"
+                    );
+                }
+                self.monitor_failed = true;
+                // The server-side lock_timeout still ends the wait.
+                return;
+            }
+        };
+        if blockers.is_empty() {
+            return;
+        }
+        let since = *self.blocked_since.get_or_insert(statement_started);
+        let waited = since.elapsed();
+        let pids: Vec<i32> = blockers.iter().map(|b| b.pid).collect();
+        if pids != self.reported {
+            let action = match self.policy.terminate_after {
+                Some(after) => format!(
+                    "non-superuser sessions are ended after {}s, superuser ones waited for \
+                     up to {}s",
+                    after.as_secs_f64(),
+                    self.policy.total_wait().as_secs_f64()
+                ),
+                None => format!(
+                    "waiting up to {}s (ending sessions is off)",
+                    self.policy.total_wait().as_secs_f64()
+                ),
+            };
+            tracing::warn!(
+                waited = format_args!("{:.1}s", waited.as_secs_f64()),
+                "the sync is blocked by other sessions: {}; {action}",
+                describe(&blockers)
+            );
+            self.reported = pids;
+        }
+        self.last_seen = blockers;
+        if let Some(after) = self.policy.terminate_after
+            && waited >= after
+        {
+            self.terminate().await;
+        }
+        if waited >= self.policy.total_wait() && !self.gave_up {
+            self.gave_up = true;
+            self.cancel_own().await;
+        }
+    }
+
+    async fn blockers(&mut self) -> anyhow::Result<Vec<Blocker>> {
+        if self.monitor.as_ref().is_none_or(Client::is_closed) {
+            self.monitor = Some(
+                (self.connect)()
+                    .await
+                    .context("opening a second connection")?,
+            );
+        }
+        let monitor = self.monitor.as_ref().context("no second connection")?;
+        let rows = monitor
+            .query(BLOCKERS_SQL, &[&self.backend_pid])
+            .await
+            .context("reading who blocks the sync (pg_blocking_pids)")?;
+        Ok(rows
+            .iter()
+            .map(|row| Blocker {
+                pid: row.get(0),
+                role: row.get(1),
+                superuser: row.get(2),
+                state: row.get(3),
+                for_secs: row.get(4),
+                client: row.get(5),
+            })
+            .collect())
+    }
+
+    /// Ends the blockers that may be ended (one log line for all of them).
+    async fn terminate(&mut self) {
+        let Some(monitor) = &self.monitor else {
+            return;
+        };
+        let mut ended = Vec::new();
+        for blocker in self
+            .last_seen
+            .iter()
+            .filter(|b| b.may_be_ended() && !self.ended.contains(&b.pid))
+        {
+            // pg_terminate_backend rolls back the session's transaction and closes it,
+            // which releases its locks (advisory ones included) at once.
+            match monitor
+                .query_one("SELECT pg_terminate_backend($1)", &[&blocker.pid])
+                .await
+            {
+                Ok(row) if row.get::<_, bool>(0) => ended.push(blocker.clone()),
+                Ok(_) => tracing::warn!(pid = blocker.pid, "could not end blocking session"),
+                Err(err) => {
+                    tracing::warn!(pid = blocker.pid, "could not end blocking session: {err}")
+                }
+            }
+        }
+        self.ended.extend(ended.iter().map(|b| b.pid));
+        if !ended.is_empty() {
+            tracing::warn!(
+                waited = format_args!("{:.1}s", self.waited().as_secs_f64()),
+                "ended blocking non-superuser sessions: {}",
+                describe(&ended)
+            );
+        }
+    }
+
+    /// Cancels the sync's own waiting statement (the error then comes back through it).
+    async fn cancel_own(&mut self) {
+        if let Some(monitor) = &self.monitor
+            && let Err(err) = monitor
+                .query_one("SELECT pg_cancel_backend($1)", &[&self.backend_pid])
+                .await
+        {
+            // The server-side lock_timeout, a little longer, ends the wait instead.
+            tracing::debug!("cancelling the sync's own wait: {err}");
+        }
+    }
+}
+
+/// True for the error the server raises when it broke a deadlock by rolling back the sync.
+pub fn is_deadlock(err: &anyhow::Error) -> bool {
+    err.chain()
+        .filter_map(|e| e.downcast_ref::<Error>())
+        .any(|e| e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blocker(pid: i32, role: Option<&str>, superuser: bool, client: bool) -> Blocker {
+        Blocker {
+            pid,
+            role: role.map(str::to_owned),
+            superuser,
+            state: "idle in transaction".into(),
+            for_secs: 12.34,
+            client,
+        }
+    }
+
+    #[test]
+    fn only_non_superuser_logins_may_be_ended() {
+        assert!(blocker(10, Some("appuser"), false, true).may_be_ended());
+        assert!(!blocker(10, Some("postgres"), true, true).may_be_ended());
+        assert!(!blocker(10, None, false, false).may_be_ended());
+        assert!(!blocker(10, Some("appuser"), false, false).may_be_ended());
+        assert!(!blocker(0, None, false, false).may_be_ended());
+    }
+
+    #[test]
+    fn blockers_are_named_with_escaped_roles() {
+        let text = describe(&[
+            blocker(41, Some("app\nuser"), false, true),
+            blocker(42, Some("postgres"), true, true),
+            blocker(0, None, false, false),
+        ]);
+        assert_eq!(
+            text,
+            "pid 41 (role \"app\\nuser\", \"idle in transaction\" for 12.3s), \
+             pid 42 (role \"postgres\", superuser, \"idle in transaction\" for 12.3s), \
+             a prepared transaction"
+        );
+    }
+
+    #[test]
+    fn terminate_after_parses_off_and_zero_as_never() {
+        let parse = Blockers::parse_terminate_after;
+        assert_eq!(parse("10s"), Ok(Some(Duration::from_secs(10))));
+        assert_eq!(parse("off"), Ok(None));
+        assert_eq!(parse("0"), Ok(None));
+        assert!(parse("soon").is_err());
+    }
+
+    #[test]
+    fn total_wait_leaves_room_for_termination() {
+        let policy = |wait, after: Option<u64>| Blockers {
+            lock_wait: Duration::from_secs(wait),
+            terminate_after: after.map(Duration::from_secs),
+        };
+        assert_eq!(policy(30, Some(10)).total_wait(), Duration::from_secs(30));
+        assert_eq!(policy(5, Some(10)).total_wait(), Duration::from_secs(12));
+        assert_eq!(policy(5, None).total_wait(), Duration::from_secs(5));
+        assert_eq!(Blockers::default(), policy(30, Some(10)));
+    }
+}

@@ -1,0 +1,205 @@
+//! `verify` against real PostgreSQL 15 clusters whose pg_hba.conf trusts 127.0.0.1 (as the
+//! official image's does) and asks for SCRAM everywhere else: a login over a trusted
+//! connection proves nothing, so verify must call it `not verifiable` and fail, log in
+//! for real where the password is checked, and find such an address on its own.
+
+mod common;
+
+use common::*;
+
+/// The official image's pg_hba.conf in substance: trust on the socket and on loopback,
+/// then the appended line that checks passwords for every other address.
+const OFFICIAL_HBA: &str = "local all all trust\n\
+                            host all all 127.0.0.1/32 trust\n\
+                            host all all ::1/128 trust\n\
+                            host all all all scram-sha-256\n";
+const NOT_VERIFIABLE: &str = "not verifiable (the server trusts this connection: pg_hba.conf";
+
+/// A started cluster with `OFFICIAL_HBA` (or `hba`), listening on `listen`, the four
+/// default roles with their passwords, and keys holding the same passwords.
+fn official_cluster(listen: &str) -> (Cluster, Keys, Vec<String>) {
+    cluster_with(listen, OFFICIAL_HBA)
+}
+
+fn cluster_with(listen: &str, hba: &str) -> (Cluster, Keys, Vec<String>) {
+    let cluster = Cluster::start_with(&ClusterOptions {
+        extra_conf: vec![format!("listen_addresses = '{listen}'")],
+        hba: Some(hba.into()),
+    });
+    let keys = Keys::new();
+    let mut secrets = Vec::new();
+    let mut roles = Vec::new();
+    for (role, file) in DEFAULT_ROLES {
+        let secret = unique("verify pw'\"\\ ü");
+        keys.write(file, &secret);
+        secrets.push(secret);
+        roles.push(role);
+    }
+    let pairs: Vec<(&str, &str)> = roles
+        .iter()
+        .copied()
+        .zip(secrets.iter().map(String::as_str))
+        .collect();
+    cluster.create_roles(&pairs);
+    // Setup sent the plaintext through psql; the leak checks look at what verify causes.
+    cluster.clear_log();
+    (cluster, keys, secrets)
+}
+
+fn verify(cluster: &Cluster, keys: &Keys, extra: &[&str]) -> Run {
+    let mut cmd = bin_for("verify", cluster, keys);
+    cmd.args(extra);
+    run(cmd)
+}
+
+fn refs(secrets: &[String]) -> Vec<&str> {
+    secrets.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn a_trusted_address_is_not_verifiable_even_with_wrong_passwords() {
+    let (cluster, keys, secrets) = official_cluster("127.0.0.1");
+    let out = verify(&cluster, &keys, &["--host", "127.0.0.1"]);
+    let out = out.expect_code(7);
+    for (role, _) in DEFAULT_ROLES {
+        out.expect_stdout(&format!("role \"{role}\": {NOT_VERIFIABLE}"));
+    }
+    out.expect_stderr("--host");
+
+    // Every file wrong: the old verify said "ok" four times here.
+    for (_, file) in DEFAULT_ROLES {
+        keys.write(file, &unique("wrong"));
+    }
+    let wrong = verify(&cluster, &keys, &["--host", "127.0.0.1"]);
+    let wrong = wrong.expect_code(7);
+    assert_eq!(
+        wrong.stdout.matches(NOT_VERIFIABLE).count(),
+        4,
+        "{}",
+        wrong.describe()
+    );
+    assert!(!wrong.stdout.contains(": ok"), "{}", wrong.describe());
+
+    // Without --host and with nothing but loopback to try, the answer is the same.
+    let auto = verify(&cluster, &keys, &[]);
+    let auto = auto.expect_code(7);
+    assert_eq!(
+        auto.stdout.matches(NOT_VERIFIABLE).count(),
+        4,
+        "{}",
+        auto.describe()
+    );
+    assert_no_leak(&refs(&secrets), Some(&cluster), &[&out, &wrong, &auto]);
+}
+
+#[test]
+fn a_checked_address_is_a_real_check_and_a_wrong_password_still_fails() {
+    // Trust for 127.0.0.1 only; ::1 falls through to the SCRAM line. (Another 127/8
+    // address would not do: the kernel picks 127.0.0.1 as its source address.)
+    let hba = "local all all trust\n\
+               host all all 127.0.0.1/32 trust\n\
+               host all all all scram-sha-256\n";
+    let (cluster, keys, secrets) = cluster_with("127.0.0.1,::1", hba);
+    let out = verify(&cluster, &keys, &["--host", "::1"]);
+    let out = out.expect_ok();
+    assert_eq!(
+        out.stdout
+            .matches(": ok (logs in; a wrong password is refused)")
+            .count(),
+        4,
+        "{}",
+        out.describe()
+    );
+    // The decoy was really refused by the server, once per role.
+    let log = cluster.log_text();
+    assert!(
+        log.matches("password authentication failed").count() >= 4,
+        "{log}"
+    );
+
+    keys.write("postgres_app_ro_pw", &unique("wrong"));
+    let wrong = verify(&cluster, &keys, &["--host", "::1"]);
+    let wrong = wrong.expect_code(7);
+    wrong.expect_stdout("role \"backupuser\": FAILED");
+    assert_eq!(
+        wrong.stdout.matches(": ok").count(),
+        3,
+        "{}",
+        wrong.describe()
+    );
+    assert!(!wrong.stdout.contains("not verifiable"));
+    assert_no_leak(&refs(&secrets), Some(&cluster), &[&out, &wrong]);
+}
+
+/// This machine's non-loopback IPv4 addresses (`hostname -I`), to know whether discovery
+/// has anything to find here.
+fn non_loopback_ipv4() -> Vec<String> {
+    std::process::Command::new("hostname")
+        .arg("-I")
+        .output()
+        .map(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .filter(|a| a.contains('.') && !a.starts_with("127."))
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn without_host_it_finds_its_own_checked_address_when_loopback_is_trusted() {
+    let own = non_loopback_ipv4();
+    if own.is_empty() {
+        skip("no non-loopback IPv4 address on this machine to discover");
+        return;
+    }
+    let (cluster, keys, secrets) = official_cluster("*");
+    let out = verify(&cluster, &keys, &[]);
+    let out = out.expect_ok();
+    assert_eq!(
+        out.stdout
+            .matches(": ok (logs in; a wrong password")
+            .count(),
+        4
+    );
+    out.expect_stderr("127.0.0.1");
+    out.expect_stderr("accepts a wrong password");
+    let chosen = out
+        .stderr
+        .lines()
+        .find_map(|l| l.split("verifying at ").nth(1))
+        .unwrap_or_else(|| panic!("no 'verifying at' line: {}", out.describe()));
+    assert!(!chosen.starts_with("127."), "{chosen}");
+
+    // The discovered address checks passwords: a wrong one fails, not "not verifiable".
+    keys.write("postgres_app_user_pw", &unique("wrong"));
+    let wrong = verify(&cluster, &keys, &[]);
+    let wrong = wrong.expect_code(7);
+    wrong.expect_stdout("role \"appuser\": FAILED");
+    assert!(
+        !wrong.stdout.contains("not verifiable"),
+        "{}",
+        wrong.describe()
+    );
+    assert_no_leak(&refs(&secrets), Some(&cluster), &[&out, &wrong]);
+}
+
+#[test]
+fn json_report_says_not_verifiable() {
+    let (cluster, keys, _) = official_cluster("127.0.0.1");
+    let out = verify(
+        &cluster,
+        &keys,
+        &["--host", "127.0.0.1", "--format", "json"],
+    );
+    let out = out.expect_code(7);
+    let report: serde_json::Value = serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("{e}: {}", out.describe()));
+    let rows = report.as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    for row in rows {
+        assert_eq!(row["status"], "not_verifiable", "{row}");
+        assert_eq!(row["ok"], false, "{row}");
+    }
+}
