@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::config::{Config, ConfigSettings, Host, SecretRef};
 use crate::error::Failure;
+use crate::overlap;
 use crate::secret;
 use crate::sync::ReportFormat;
 use crate::sync::connect::{self, Auth};
@@ -29,6 +30,8 @@ pub struct VerifySettings {
     pub host: String,
     /// A NOLOGIN owner role that must refuse login.
     pub owner: Option<String>,
+    /// Overlap mode: also check the unpublished logins.
+    pub staged: bool,
     pub format: ReportFormat,
 }
 
@@ -40,16 +43,19 @@ pub fn command(settings: VerifySettings) -> anyhow::Result<u8> {
 async fn verify(args: VerifySettings) -> anyhow::Result<u8> {
     let mut config = Config::from_settings(&args.config)?;
     config.host = Host::Tcp(args.host.clone());
+    if args.staged && config.overlap.is_none() {
+        return Err(anyhow::anyhow!("--staged needs --overlap")).context(Failure::Config);
+    }
     let secrets = config.load_secrets()?;
     let mut checks = Vec::new();
-    for (spec, secret) in &secrets {
+    for (spec, secret, what) in overlap::logins_to_verify(&secrets, args.staged) {
         let result =
             connect::connect(&config, &spec.name, &Auth::Password(secret, "secret file")).await;
         checks.push(match result {
             Ok(_) => RoleCheck {
                 role: spec.name.clone(),
                 ok: true,
-                detail: "logs in".into(),
+                detail: format!("logs in{what}"),
             },
             Err(err) => RoleCheck {
                 role: spec.name.clone(),
