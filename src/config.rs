@@ -166,7 +166,11 @@ impl Config {
             bail!("PGHOST lists several hosts; give exactly one socket directory or host");
         }
         let overlap = if args.overlap {
-            Some(overlap_config(&roles, &args.postgres_user, &args.twin_suffix)?)
+            Some(overlap_config(
+                &roles,
+                &args.postgres_user,
+                &args.twin_suffix,
+            )?)
         } else {
             None
         };
@@ -264,7 +268,10 @@ impl Config {
                     .iter()
                     .map(|t| (t.login.clone(), t.secret.clone())),
             );
-            files.push((overlap::SERVICE_FILE.to_owned(), overlap.service_file.clone()));
+            files.push((
+                overlap::SERVICE_FILE.to_owned(),
+                overlap.service_file.clone(),
+            ));
         }
         files
     }
@@ -498,7 +505,14 @@ mod tests {
         let files: Vec<String> = c.secret_files().into_iter().map(|(l, _)| l).collect();
         assert_eq!(
             files,
-            ["postgres", "appuser", "backupuser", "appuser_alt", "backupuser_alt", "pg_service.conf"]
+            [
+                "postgres",
+                "appuser",
+                "backupuser",
+                "appuser_alt",
+                "backupuser_alt",
+                "pg_service.conf"
+            ]
         );
         // A twin name over 63 bytes, or one colliding with a role, is refused.
         let long = format!("{}=f", "r".repeat(60));
@@ -509,11 +523,13 @@ mod tests {
         .unwrap_err();
         assert_eq!(Failure::of(&err), Some(Failure::Config));
         assert!(format!("{err:#}").contains("64 bytes"), "{err:#}");
-        assert!(config(|s| {
-            s.overlap = true;
-            s.roles = vec!["a=x".into(), "a_alt=y".into()];
-        })
-        .is_err());
+        assert!(
+            config(|s| {
+                s.overlap = true;
+                s.roles = vec!["a=x".into(), "a_alt=y".into()];
+            })
+            .is_err()
+        );
         // Off: no twins, and the long name does not matter.
         assert!(config(|s| s.roles = vec![format!("{}=f", "r".repeat(60))]).is_ok());
     }

@@ -92,9 +92,14 @@ impl Twin {
         let login = twin_login(&role.name, suffix)?;
         let secret = match &role.secret {
             SecretRef::Name(name) => SecretRef::Name(twin_secret_name(name, suffix)),
-            SecretRef::Path(path) => SecretRef::Path(twin_secret_path(path, suffix).with_context(
-                || format!("no twin password file can be named after {}", path.display()),
-            )?),
+            SecretRef::Path(path) => {
+                SecretRef::Path(twin_secret_path(path, suffix).with_context(|| {
+                    format!(
+                        "no twin password file can be named after {}",
+                        path.display()
+                    )
+                })?)
+            }
         };
         Ok(Twin {
             role: role.name.clone(),
@@ -144,7 +149,8 @@ pub fn read_service_file(path: &Path) -> anyhow::Result<ServiceFile> {
     if bytes.len() as u64 > MAX_SERVICE_FILE_BYTES {
         bail!("{shown} is larger than {MAX_SERVICE_FILE_BYTES} bytes");
     }
-    let text = std::str::from_utf8(&bytes).map_err(|_| anyhow::anyhow!("{shown} is not valid UTF-8"))?;
+    let text =
+        std::str::from_utf8(&bytes).map_err(|_| anyhow::anyhow!("{shown} is not valid UTF-8"))?;
     service_file::parse(text).with_context(|| format!("reading {shown}"))
 }
 
@@ -286,16 +292,25 @@ mod tests {
         let ok = check("[app]\nuser=app_alt\npassword=two s3cret\n").unwrap();
         assert_eq!(ok[0].login, "app_alt");
         assert_eq!(ok[0].unpublished(), "app");
-        assert_eq!(check("[app]\nuser=app\npassword=one s3cret\n").unwrap()[0].unpublished(), "app_alt");
+        assert_eq!(
+            check("[app]\nuser=app\npassword=one s3cret\n").unwrap()[0].unpublished(),
+            "app_alt"
+        );
         for (text, needle) in [
             ("[other]\nuser=app\n", "no section [app]"),
             ("[app]\npassword=one s3cret\n", "no user="),
             ("[app]\nuser=mallory\npassword=one s3cret\n", "neither"),
             ("[app]\nuser=app\n", "no password="),
-            ("[app]\nuser=app\npassword=two s3cret\n", "differs from its password file (app_pw)"),
+            (
+                "[app]\nuser=app\npassword=two s3cret\n",
+                "differs from its password file (app_pw)",
+            ),
         ] {
             let err = format!("{:#}", check(text).unwrap_err());
-            assert!(err.contains(needle) && err.contains("pg_service.conf"), "{text:?}: {err}");
+            assert!(
+                err.contains(needle) && err.contains("pg_service.conf"),
+                "{text:?}: {err}"
+            );
             assert!(!err.contains("s3cret"), "{err}");
         }
     }

@@ -395,7 +395,11 @@ async fn transaction(
         }
         // Who may log in until when: the same transaction, so a publish switch and the
         // passwords it relies on are in force together, or not at all.
-        let changed: Vec<&str> = report.changed().into_iter().chain(report.roles_with(Status::WouldChange)).collect();
+        let changed: Vec<&str> = report
+            .changed()
+            .into_iter()
+            .chain(report.roles_with(Status::WouldChange))
+            .collect();
         let lines = logins.valid_until(client, &changed, &prepared).await?;
         report.logins.extend(lines);
         if options.dry_run {
@@ -549,7 +553,10 @@ mod tests {
         assert!(set_changed(None, &old_set), "nothing applied yet");
         assert!(!set_changed(Some(&old_set), &old_set.clone()));
         let new = set(&[("postgres", "a"), ("appuser", "c")]);
-        assert!(set_changed(Some(&old_set), &whole(&[("postgres", "a"), ("appuser", "c")])));
+        assert!(set_changed(
+            Some(&old_set),
+            &whole(&[("postgres", "a"), ("appuser", "c")])
+        ));
         assert_eq!(changed_roles(Some(&old), &new), ["appuser"]);
         // A role dropped from the set is a change too (nothing else differs).
         assert!(set_changed(Some(&old_set), &whole(&[("postgres", "a")])));

@@ -115,11 +115,16 @@ impl<'a> Logins<'a> {
                 };
                 exec(
                     client,
-                    &format!("CREATE ROLE {} LOGIN INHERIT{expiry}", escape_identifier(twin)),
+                    &format!(
+                        "CREATE ROLE {} LOGIN INHERIT{expiry}",
+                        escape_identifier(twin)
+                    ),
                     twin,
                 )
                 .await?;
-                lines.push(format!("login {twin:?}: created as the twin of role {role:?}"));
+                lines.push(format!(
+                    "login {twin:?}: created as the twin of role {role:?}"
+                ));
                 prepared.created.push(twin.clone());
                 created = true;
                 state = pair_state(client, role, twin)
@@ -228,7 +233,12 @@ impl<'a> Logins<'a> {
             // login → (never expires, exactly 'infinity')
             let until: BTreeMap<String, (bool, bool)> = rows
                 .iter()
-                .map(|r| (r.get(0), (r.get(1), r.get::<_, Option<bool>>(2) == Some(true))))
+                .map(|r| {
+                    (
+                        r.get(0),
+                        (r.get(1), r.get::<_, Option<bool>>(2) == Some(true)),
+                    )
+                })
                 .collect();
             for pair in self.published {
                 let published = pair.login.as_str();
@@ -238,7 +248,9 @@ impl<'a> Logins<'a> {
                 };
                 if !p.1 {
                     set_valid_until(client, published, "infinity").await?;
-                    lines.push(format!("login {published:?}: published; valid until infinity"));
+                    lines.push(format!(
+                        "login {published:?}: published; valid until infinity"
+                    ));
                 }
                 if prepared.created.iter().any(|c| c == unpublished) {
                     // Created unpublished, already expired: nothing to grace.
@@ -373,7 +385,12 @@ async fn mirror_settings(
             .await?;
         let mut rows: SettingRows = rows
             .iter()
-            .map(|r| (r.get(0), r.get::<_, Option<Vec<String>>>(1).unwrap_or_default()))
+            .map(|r| {
+                (
+                    r.get(0),
+                    r.get::<_, Option<Vec<String>>>(1).unwrap_or_default(),
+                )
+            })
             .collect();
         rows.sort();
         anyhow::Ok(rows)
@@ -454,7 +471,10 @@ mod tests {
 
     #[test]
     fn twin_settings_copy_the_role_and_act_as_it() {
-        assert_eq!(twin_settings("app", Vec::new()), [(0, vec!["role=app".to_owned()])]);
+        assert_eq!(
+            twin_settings("app", Vec::new()),
+            [(0, vec!["role=app".to_owned()])]
+        );
         let role = vec![
             (5, vec!["work_mem=8MB".to_owned()]),
             (

@@ -446,7 +446,11 @@ async fn reconcile(
                 tracing::info!(
                     "passwords rotated: {} changed, {elapsed} ms from first event to commit \
                      (trigger: {})",
-                    if changed.is_empty() { "none".to_owned() } else { changed.join(", ") },
+                    if changed.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        changed.join(", ")
+                    },
                     trigger.describe()
                 );
             } else {
