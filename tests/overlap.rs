@@ -648,3 +648,36 @@ fn turning_overlap_off_ends_the_twins_after_their_grace_and_never_drops_them() {
     );
     s.leaks(&[&off, &later, &quiet]);
 }
+
+#[test]
+fn a_twin_name_held_by_someone_elses_role_or_a_superuser_is_refused() {
+    for (what, setup_sql) in [
+        ("not a twin", "CREATE ROLE appuser_alt LOGIN"),
+        (
+            "superuser",
+            "CREATE ROLE appuser_alt LOGIN SUPERUSER; GRANT appuser TO appuser_alt",
+        ),
+    ] {
+        let s = setup(|role| role.to_owned());
+        s.cluster.psql(setup_sql);
+        s.cluster.clear_log();
+        let out = s.sync(&[]);
+        out.expect_code(5, Some(&s.cluster));
+        out.expect_stderr("appuser_alt");
+        out.expect_stderr(if what == "superuser" {
+            "is a superuser"
+        } else {
+            "is not a twin"
+        });
+        // Nothing applied: the role keeps its old password, the other role's twin was
+        // not created, and the foreign role got no password.
+        assert!(s.login("appuser").is_err(), "{what}");
+        assert!(s.cluster.rolpassword("appuser_alt").is_none(), "{what}");
+        assert_eq!(
+            s.value("SELECT count(*) FROM pg_roles WHERE rolname = 'backupuser_alt'"),
+            "0",
+            "{what}"
+        );
+        s.leaks(&[&out]);
+    }
+}
