@@ -4,7 +4,9 @@
 //! filled in by `cli.rs`) so that every mode (`sync`, `run`, `watch`, `verify`, `health`)
 //! agrees on the role map and the secret lookup rules (ARCHITECTURE.md, "Secret files"), and
 //! so that configuration mistakes (a malformed `--role`, a role name PostgreSQL would
-//! silently truncate) fail before anything touches the server.
+//! silently truncate) fail before anything touches the server. In overlap mode the set
+//! also holds each twin's password and which login `pg_service.conf` publishes, checked
+//! against the password files on every read (`SecretSet`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

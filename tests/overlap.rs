@@ -564,7 +564,7 @@ fn verify_overlap_checks_the_published_credentials_and_staged_the_others() {
     };
     let published = verify(&s, &[]);
     published.expect_ok(Some(&s.cluster));
-    published.expect_stdout("role \"appuser\": ok (logs in (published))");
+    published.expect_stdout("role \"appuser\": ok (logs in, published)");
     published.expect_stdout("role \"backupuser\": ok");
     assert!(
         !published.stdout.contains("_alt"),
@@ -582,7 +582,7 @@ fn verify_overlap_checks_the_published_credentials_and_staged_the_others() {
     s.sync(&[]).expect_ok(Some(&s.cluster));
     let staged_ok = verify(&s, &["--staged"]);
     staged_ok.expect_ok(Some(&s.cluster));
-    staged_ok.expect_stdout("role \"appuser_alt\": ok (logs in (unpublished))");
+    staged_ok.expect_stdout("role \"appuser_alt\": ok (logs in, unpublished)");
 
     // The published credential no longer logs in: verify --overlap fails and says which.
     s.cluster

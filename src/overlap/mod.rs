@@ -223,8 +223,8 @@ pub fn logins_to_verify(
                 .find(|p| p.role == name || p.twin == name);
             match pair {
                 None => Some((spec, secret, "")),
-                Some(p) if p.login == name => Some((spec, secret, " (published)")),
-                Some(_) if staged => Some((spec, secret, " (unpublished)")),
+                Some(p) if p.login == name => Some((spec, secret, ", published")),
+                Some(_) if staged => Some((spec, secret, ", unpublished")),
                 Some(_) => None,
             }
         })

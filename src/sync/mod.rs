@@ -6,6 +6,7 @@
 //! switches statement logging off for itself, reads the stored verifiers, and sends
 //! `ALTER ROLE … PASSWORD '<SCRAM verifier>'` only for roles whose stored verifier does
 //! not already match. A failure rolls the whole set back, so the old passwords keep working.
+//! Overlap mode's twins and `VALID UNTIL` rules (`overlap`) run inside the same transaction.
 
 pub mod connect;
 mod overlap;
