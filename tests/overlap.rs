@@ -166,6 +166,18 @@ impl Setup {
             !log.contains("PASSWORD"),
             "a password statement reached the server log"
         );
+        // The twin statements run under the same suppression as the passwords.
+        for statement in [
+            "CREATE ROLE",
+            "GRANT ",
+            "VALID UNTIL",
+            "INTO pg_db_role_setting",
+        ] {
+            assert!(
+                !log.contains(statement),
+                "{statement} reached the server log"
+            );
+        }
     }
 }
 
