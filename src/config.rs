@@ -236,7 +236,8 @@ impl Config {
             .iter()
             .map(|spec| read(spec, "role"))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let Some(overlap) = &self.overlap else {
+        // With no role to overlap (only the superuser), there is nothing to publish.
+        let Some(overlap) = self.overlap.as_ref().filter(|o| !o.twins.is_empty()) else {
             return Ok(SecretSet {
                 entries,
                 published: Vec::new(),

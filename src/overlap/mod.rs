@@ -314,4 +314,36 @@ mod tests {
             assert!(!err.contains("s3cret"), "{err}");
         }
     }
+
+    #[test]
+    fn verify_checks_the_published_logins_and_with_staged_the_others() {
+        let set = crate::config::SecretSet {
+            entries: vec![
+                entry("postgres", "a"),
+                entry("app", "b"),
+                entry("app_alt", "c"),
+            ],
+            published: vec![Published {
+                role: "app".into(),
+                twin: "app_alt".into(),
+                login: "app_alt".into(),
+            }],
+        };
+        let names = |staged| -> Vec<String> {
+            logins_to_verify(&set, staged)
+                .iter()
+                .map(|(spec, _, note)| format!("{}{note}", spec.name))
+                .collect()
+        };
+        assert_eq!(names(false), ["postgres", "app_alt, published"]);
+        assert_eq!(
+            names(true),
+            ["postgres", "app, unpublished", "app_alt, published"]
+        );
+        let plain = crate::config::SecretSet {
+            entries: set.entries.clone(),
+            published: Vec::new(),
+        };
+        assert_eq!(logins_to_verify(&plain, true).len(), 3);
+    }
 }
