@@ -693,3 +693,35 @@ fn a_twin_name_held_by_someone_elses_role_or_a_superuser_is_refused() {
         s.leaks(&[&out]);
     }
 }
+
+#[test]
+fn health_sees_an_unsynced_change_of_the_published_login() {
+    let s = setup(|role| role.to_owned());
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().to_str().unwrap();
+    // A ten-minute debounce keeps the publish unsynced while health looks at it.
+    let watch = Running::spawn(s.command(
+        "watch",
+        &["--overlap", "--debounce", "10m", "--state-dir", state_dir],
+    ));
+    let health = || run(s.command("health", &["--overlap", "--state-dir", state_dir]));
+    wait_until(LIMIT, "health to report the first sync", || {
+        health().code() == Some(0)
+    });
+    s.publish(&[
+        ("appuser", "appuser_alt".to_owned()),
+        ("backupuser", "backupuser".to_owned()),
+    ]);
+    let out = health();
+    out.expect_code(8, Some(&s.cluster));
+    out.expect_stderr("pg_service.conf");
+    out.expect_stderr("changed since the last sync");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(watch.pid()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let stopped = watch.finish(LIMIT);
+    stopped.expect_ok(Some(&s.cluster));
+    s.leaks(&[&out, &stopped]);
+}
