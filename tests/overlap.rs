@@ -426,6 +426,12 @@ fn publishing_the_twin_starts_the_old_logins_grace_and_the_server_ends_it() {
     });
     assert_eq!(s.valid_until("appuser_alt"), "infinity");
     assert_eq!(s.valid_until("appuser"), "infinity");
+    // Another role's stage arriving in a later event leaves the pending one as it is.
+    s.stage("backupuser_alt");
+    wait_until(LIMIT, "the second staged twin to log in", || {
+        s.login("backupuser_alt").is_ok()
+    });
+    assert_eq!(s.valid_until("appuser_alt"), "infinity");
 
     // Publish: only pg_service.conf changes; no password does.
     s.publish(&[
@@ -724,4 +730,31 @@ fn health_sees_an_unsynced_change_of_the_published_login() {
     let stopped = watch.finish(LIMIT);
     stopped.expect_ok(Some(&s.cluster));
     s.leaks(&[&out, &stopped]);
+}
+
+#[test]
+fn a_stage_rolled_back_to_the_old_password_does_not_live_on() {
+    let mut s = setup(|role| role.to_owned());
+    s.sync(&[]).expect_ok(Some(&s.cluster));
+    let retired = s.pw.get("appuser_alt").to_owned();
+    s.stage("appuser_alt");
+    let staged = s.sync(&["--grace", "1h"]);
+    staged.expect_ok(Some(&s.cluster));
+    staged.expect_stdout("login \"appuser_alt\": staged");
+    assert_eq!(s.valid_until("appuser_alt"), "infinity");
+    // `rotate` restores the file from its backup when the stage times out.
+    s.keys.write("postgres_app_user_alt_pw", &retired);
+    s.pw.set("appuser_alt", retired.clone());
+    let rolled_back = s.sync(&["--grace", "1h"]);
+    rolled_back.expect_ok(Some(&s.cluster));
+    rolled_back.expect_stdout("rolled back");
+    let until = s.valid_until("appuser_alt");
+    assert!(!until.is_empty() && !until.contains("infinity"), "{until}");
+    assert_eq!(
+        s.value("SELECT (rolvaliduntil > now() + interval '50 minutes')::text FROM pg_authid WHERE rolname = 'appuser_alt'"),
+        "true",
+        "the grace is --grace long"
+    );
+    s.assert_login("appuser");
+    s.leaks(&[&staged, &rolled_back]);
 }

@@ -191,7 +191,7 @@ impl Syncer {
         };
         // The whole set still offers the superuser's (possibly new) password to log in.
         let client = self.connect_superuser(secrets).await?;
-        let logins = overlap::Logins::new(&self.config, set);
+        let logins = overlap::Logins::new(&self.config, set, self.last_applied());
         let report = apply(&client, roles, &logins, self.options, scope).await?;
         self.applied(set);
         Ok(report)

@@ -40,6 +40,10 @@ pub struct Logins<'a> {
     leftovers: Vec<(String, String)>,
     /// Every login of the set with its password (a twin created now needs its own).
     entries: &'a [(RoleSpec, Secret)],
+    /// Unpublished logins this process applied last time with the same password and the
+    /// same published login beside them: nothing happened to them since, so their
+    /// `VALID UNTIL` is left as the last sync set it (a pending stage keeps `infinity`).
+    settled: Vec<String>,
     grace: Duration,
 }
 
@@ -65,7 +69,9 @@ struct PairState {
 }
 
 impl<'a> Logins<'a> {
-    pub fn new(config: &Config, set: &'a SecretSet) -> Logins<'a> {
+    /// What the transaction does for `set`; `last` is the set this process applied last
+    /// (`None` after a start: everything is then derived from the server alone).
+    pub fn new(config: &Config, set: &'a SecretSet, last: Option<&SecretSet>) -> Logins<'a> {
         let leftovers = match &config.overlap {
             Some(_) => Vec::new(),
             // A twin name that would not fit cannot have been made by overlap mode.
@@ -84,6 +90,7 @@ impl<'a> Logins<'a> {
             published: &set.published,
             leftovers,
             entries: &set.entries,
+            settled: last.map_or_else(Vec::new, |last| settled(last, set)),
             grace: config.grace,
         }
     }
@@ -201,13 +208,21 @@ impl<'a> Logins<'a> {
     }
 
     /// Sets who may log in until when, after the passwords (`changed`: logins whose
-    /// password this transaction set). Overlap on, per role: the published login never
-    /// expires; the other one never expires when its password was just set (a staged
-    /// login, about to be published), gets `now + grace` when it had no end (it was
-    /// published until now), and is otherwise left alone (grace running or over; a twin
-    /// created unpublished starts expired). Overlap off: a twin that looks like ours gets
-    /// `now + grace` if it had no end, and NOLOGIN once that has passed; never dropped (it
-    /// may own objects, and dropping is the operator's call).
+    /// password this transaction set). Overlap on, per role:
+    /// - the published login never expires;
+    /// - the other one, when its password was just set, never expires if it had expired
+    ///   or had an end before (a stage: a retired login re-keyed, about to be published);
+    ///   if it had no end it gets `now + grace` (a stage rolled back from its backup, or a
+    ///   pending stage changed again: nothing must bring a retired password back for good);
+    /// - when its password was not set, it is left alone if this process applied it last
+    ///   time beside the same published login (`settled`: a pending stage keeps
+    ///   `infinity`), gets `now + grace` when it had no end (it was published until now),
+    ///   and is otherwise left alone (grace running or over; a twin created unpublished
+    ///   starts expired).
+    ///
+    /// Overlap off: a twin that looks like ours gets `now + grace` if it had no end, and
+    /// NOLOGIN once that has passed; never dropped (it may own objects, and dropping is
+    /// the operator's call).
     pub async fn valid_until(
         &self,
         client: &Client,
@@ -254,14 +269,21 @@ impl<'a> Logins<'a> {
                 }
                 if prepared.created.iter().any(|c| c == unpublished) {
                     // Created unpublished, already expired: nothing to grace.
-                } else if changed.contains(&unpublished) {
-                    if !u.1 {
-                        set_valid_until(client, unpublished, "infinity").await?;
-                    }
+                } else if changed.contains(&unpublished) && !u.0 {
+                    set_valid_until(client, unpublished, "infinity").await?;
                     lines.push(format!(
                         "login {unpublished:?}: staged (new password, not published yet); \
                          valid until infinity"
                     ));
+                } else if changed.contains(&unpublished) {
+                    let at = grace_end(client, self.grace, &mut grace_until).await?;
+                    set_valid_until(client, unpublished, &at).await?;
+                    lines.push(format!(
+                        "login {unpublished:?}: new password while it never expired (a stage \
+                         rolled back or changed again); valid until {at}"
+                    ));
+                } else if self.settled.iter().any(|l| l == unpublished) {
+                    // Nothing happened to it since the last sync of this process.
                 } else if u.0 {
                     let at = grace_end(client, self.grace, &mut grace_until).await?;
                     set_valid_until(client, unpublished, &at).await?;
@@ -317,6 +339,24 @@ impl<'a> Logins<'a> {
         }
         Ok(lines)
     }
+}
+
+/// The unpublished logins of `set` that `last` already had, unpublished beside the same
+/// published login and with the same password.
+fn settled(last: &SecretSet, set: &SecretSet) -> Vec<String> {
+    let password = |s: &SecretSet, login: &str| {
+        s.entries
+            .iter()
+            .find(|(spec, _)| spec.name == login)
+            .map(|(_, secret)| secret.clone())
+    };
+    set.published
+        .iter()
+        .filter(|p| last.published.contains(p))
+        .map(Published::unpublished)
+        .filter(|u| password(last, u).is_some() && password(last, u) == password(set, u))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// The role's and twin's catalog rows; `None` when the role does not exist.
@@ -468,6 +508,38 @@ async fn exec(client: &Client, statement: &str, login: &str) -> anyhow::Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::SecretRef;
+
+    fn set(app: &str, app_alt: &str, published: &str) -> SecretSet {
+        let entry = |name: &str, value: &str| {
+            (
+                RoleSpec {
+                    name: name.into(),
+                    secret: SecretRef::Name(format!("{name}_pw")),
+                },
+                Secret::new(value.into()),
+            )
+        };
+        SecretSet {
+            entries: vec![entry("app", app), entry("app_alt", app_alt)],
+            published: vec![Published {
+                role: "app".into(),
+                twin: "app_alt".into(),
+                login: published.into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn an_unpublished_login_is_settled_only_when_nothing_happened_to_it() {
+        let last = set("a", "b", "app");
+        assert_eq!(settled(&last, &set("a", "b", "app")), ["app_alt"]);
+        // Another role's file changed: still settled.
+        assert_eq!(settled(&last, &set("a2", "b", "app")), ["app_alt"]);
+        // Its own password changed, or the published login switched: not settled.
+        assert!(settled(&last, &set("a", "b2", "app")).is_empty());
+        assert!(settled(&last, &set("a", "b", "app_alt")).is_empty());
+    }
 
     #[test]
     fn twin_settings_copy_the_role_and_act_as_it() {
