@@ -6,7 +6,8 @@
 //! Everything here runs in the caller's transaction, after its advisory lock and with its
 //! statement logging off; no statement here carries a password or verifier (the twin's
 //! password is set by the ordinary password step). Every decision is derived from the files
-//! and the server's catalogs, nothing from memory, so a restart changes nothing.
+//! and the server's catalogs, with one exception a restart can only make more cautious: a
+//! long-running process leaves a pending stage alone while other files change (`settled`).
 //!
 //! Why a twin is `CREATE ROLE twin LOGIN INHERIT`, `GRANT role TO twin` and the per-role
 //! setting `role=<role>`: the login runs `SET ROLE role` at session start, so
