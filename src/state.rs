@@ -71,16 +71,16 @@ impl Snapshot {
     pub fn take(config: &Config) -> Snapshot {
         Snapshot(
             config
-                .roles
-                .iter()
-                .map(|spec| match config.resolve(&spec.secret) {
+                .secret_files()
+                .into_iter()
+                .map(|(login, secret)| match config.resolve(&secret) {
                     Ok(path) => FileStamp {
-                        role: spec.name.clone(),
+                        role: login,
                         stat: StatStamp::of(&path),
                         path,
                     },
                     Err(_) => FileStamp {
-                        role: spec.name.clone(),
+                        role: login,
                         path: PathBuf::new(),
                         stat: None,
                     },

@@ -438,14 +438,18 @@ async fn reconcile(
             let changed = report.changed();
             if report.standby {
                 tracing::info!("server is a standby (in recovery): sync skipped");
-            } else if !changed.is_empty() {
+            } else if !changed.is_empty() || !report.logins.is_empty() {
                 // The same per-role report and completion line as every other sync:
                 // operators grep for `Password synchronization complete.`.
                 log_report(&report);
                 tracing::info!(
                     "passwords rotated: {} changed, {elapsed} ms from first event to commit \
                      (trigger: {})",
-                    changed.join(", "),
+                    if changed.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        changed.join(", ")
+                    },
                     trigger.describe()
                 );
             } else {

@@ -55,10 +55,11 @@ fn targets(config: &Config) -> Vec<(PathBuf, Kind)> {
             targets.push((dir, Kind::Dir));
         }
     }
-    let refs = config
-        .roles
+    // Every file a sync reads (in overlap mode the twins' and `pg_service.conf` too).
+    let files = config.secret_files();
+    let refs = files
         .iter()
-        .map(|r| &r.secret)
+        .map(|(_, secret)| secret)
         .chain(std::iter::once(&config.superuser_secret));
     for secret in refs {
         // An unresolvable secret is reported by the read; its directory watch (or the
@@ -86,9 +87,9 @@ pub struct Watches {
 /// True when every configured secret resolves to an existing file.
 fn all_resolve(config: &Config) -> bool {
     config
-        .roles
+        .secret_files()
         .iter()
-        .all(|role| config.resolve(&role.secret).is_ok())
+        .all(|(_, secret)| config.resolve(secret).is_ok())
 }
 
 impl Watches {
@@ -222,6 +223,9 @@ mod tests {
             dbname: "postgres".into(),
             sync_identity: None,
             connect_timeout: Duration::from_secs(1),
+            overlap: None,
+            twin_suffix: "_alt".into(),
+            grace: Duration::from_secs(1),
         }
     }
 
