@@ -3,7 +3,8 @@
 //!
 //! It runs as a short-lived separate process (compose `HEALTHCHECK`, Kubernetes probes),
 //! so it judges from what it can observe without a password: the state file written by
-//! `run`/`watch` (is its writer alive, was the server ready, did the last sync succeed,
+//! `run`/`watch` (trusted only when root or the probe's own user wrote it in a directory
+//! no one else can write, see `state`; is its writer alive, was the server ready, did the last sync succeed,
 //! which file versions did it read), `postmaster.pid` (is the postmaster alive and
 //! `ready`), and a fresh `stat` of each recorded secret file, which catches a rotation that
 //! has not been synced. Process checks use pids as seen in the writer's pid namespace, so
@@ -16,7 +17,7 @@ use anyhow::anyhow;
 use crate::config::{Config, ConfigSettings};
 use crate::error::Failure;
 use crate::postmaster;
-use crate::state::{Snapshot, StatStamp, State, StateFile};
+use crate::state::{self, Snapshot, StatStamp, State};
 
 /// What `health` was asked to check.
 #[derive(Debug, Clone)]
@@ -39,13 +40,9 @@ pub fn command(settings: HealthSettings) -> anyhow::Result<u8> {
 
 /// The verdict: a summary when healthy, the reason otherwise.
 fn evaluate(args: &HealthSettings) -> Result<String, String> {
-    let Some(path) = StateFile::locate(&args.state_dir) else {
-        return Err(format!(
-            "no state file under {} (or its fallbacks): `run`/`watch` has not started",
-            args.state_dir.display()
-        ));
-    };
-    let state = StateFile::read(&path).map_err(|err| format!("{err:#}"))?;
+    // Only a state file of a trusted writer counts (ours or root's, in a directory no
+    // one else can write): anything else is the reason for "unhealthy".
+    let (path, state) = state::load(&args.state_dir)?;
     if !postmaster::is_alive(state.pid as i32) {
         return Err(format!(
             "the process that wrote {} (pid {}) is not running",
