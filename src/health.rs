@@ -3,12 +3,15 @@
 //!
 //! It runs as a short-lived separate process (compose `HEALTHCHECK`, Kubernetes probes),
 //! so it judges from what it can observe without a password: the state file written by
-//! `run`/`watch` (trusted only when root or the probe's own user wrote it in a directory
-//! no one else can write, see `state`; is its writer alive, was the server ready, did the last sync succeed,
+//! `run`/`watch` (is its writer alive, was the server ready, did the last sync succeed,
 //! which file versions did it read), `postmaster.pid` (is the postmaster alive and
 //! `ready`), and a fresh `stat` of each recorded secret file, which catches a rotation that
 //! has not been synced. Process checks use pids as seen in the writer's pid namespace, so
 //! the probe must run in the container (as `docker exec` and `HEALTHCHECK` do).
+//!
+//! It fails closed: a state file is believed only when root or the probe's own user wrote
+//! it in a directory no one else can write (see `state`), and a state file its writer
+//! could not update is gone, so it never speaks for a later failure.
 
 use std::path::PathBuf;
 
