@@ -70,7 +70,8 @@ pub fn locate(name: &str, dirs: &[&Path]) -> Result<PathBuf, Vec<PathBuf>> {
 /// Reads and validates one secret file.
 pub fn read_file(path: &Path) -> anyhow::Result<Secret> {
     let shown = path.display();
-    let (file, size) = open_regular(path).with_context(|| format!("reading secret file {shown}"))?;
+    let (file, size) =
+        open_regular(path).with_context(|| format!("reading secret file {shown}"))?;
     if size > MAX_SECRET_BYTES as u64 {
         return Err(anyhow!("is larger than {MAX_SECRET_BYTES} bytes"))
             .with_context(|| format!("secret file {shown}"));

@@ -555,7 +555,9 @@ mod tests {
         let outside = tempfile::tempdir().unwrap();
         let target = outside.path().join("precious");
         fs::write(&target, "keep me\n").unwrap();
-        let tmp = dir.path().join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
+        let tmp = dir
+            .path()
+            .join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
         std::os::unix::fs::symlink(&target, &tmp).unwrap();
         let state = StateFile::new(dir.path());
         state.record_ready(true);
@@ -572,7 +574,9 @@ mod tests {
         assert!(load(dir.path()).is_ok());
         // A directory where the temp file goes cannot be removed by unlinkat: every
         // write fails from now on, as on a full file system.
-        let tmp = dir.path().join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
+        let tmp = dir
+            .path()
+            .join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
         fs::create_dir(&tmp).unwrap();
         state.record_sync_of(Snapshot::default(), false);
         let why = load(dir.path()).unwrap_err();
@@ -590,7 +594,11 @@ mod tests {
         // The writer: ours, writable by no one else.
         assert_eq!(writer_dir_problem(1000, 0o40755, 1000), None);
         assert_eq!(writer_dir_problem(0, 0o40700, 0), None);
-        assert!(writer_dir_problem(65534, 0o40755, 0).unwrap().contains("uid 65534"));
+        assert!(
+            writer_dir_problem(65534, 0o40755, 0)
+                .unwrap()
+                .contains("uid 65534")
+        );
         assert!(writer_dir_problem(0, 0o41777, 0).unwrap().contains("1777"));
         assert!(writer_dir_problem(0, 0o40775, 0).is_some());
         // The reader: root's or its own, writable by the owner alone.
@@ -617,10 +625,7 @@ mod tests {
         fs::write(&file, "").unwrap();
         let all = candidates(&file);
         assert_eq!(all[0], file);
-        assert_eq!(
-            all.last(),
-            Some(&fallback_dir(Uid::effective().as_raw()))
-        );
+        assert_eq!(all.last(), Some(&fallback_dir(Uid::effective().as_raw())));
     }
 
     #[test]
