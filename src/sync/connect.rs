@@ -148,7 +148,12 @@ async fn connect_socket(
             // A full listen backlog (a stopped or flooded server): a non-blocking connect
             // to a Unix socket says EAGAIN and offers nothing to wait on, so try again.
             Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
-                tracing::debug!("the listen backlog of {shown} is full; retrying");
+                if pause == BACKLOG_PAUSE_MIN {
+                    tracing::warn!(
+                        "the listen backlog of {shown} is full (the server accepts no \
+                         connections); retrying until the connect timeout"
+                    );
+                }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(BACKLOG_PAUSE_MAX);
             }
