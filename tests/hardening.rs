@@ -103,12 +103,23 @@ impl Drop for Background {
     }
 }
 
-/// Removes what a run left under a fallback name, when root made it (another user's
-/// directory is left for its owner; the attacker's is cleaned by its TempDir).
+/// Removes what a run left under a fallback name, when root made it.
 fn remove_roots(path: &Path) {
     if let Ok(meta) = std::fs::symlink_metadata(path)
         && meta.is_dir()
         && meta.uid() == 0
+    {
+        let _ = std::fs::remove_dir_all(path);
+    }
+}
+
+/// Removes a fallback name's directory made by root or by these tests' `nobody` (an
+/// attacker's directory left there would stop the next race before it starts).
+fn remove_leftover(path: &Path) {
+    remove_roots(path);
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && meta.is_dir()
+        && meta.uid() == NOBODY
     {
         let _ = std::fs::remove_dir_all(path);
     }
@@ -130,7 +141,7 @@ fn a_local_user_racing_the_state_dir_fallback_never_gets_root_to_write_through_a
     let _names = fallback_names();
     let old_fallback = PathBuf::from("/tmp/pg-password-sync-0");
     let new_fallback = PathBuf::from("/run/pg-password-sync-0");
-    remove_roots(&old_fallback);
+    remove_leftover(&old_fallback);
     remove_roots(&new_fallback);
     let precious = Precious::new();
     let attacker = nobody_dir("pps-attacker-");
@@ -182,8 +193,15 @@ fn a_local_user_racing_the_state_dir_fallback_never_gets_root_to_write_through_a
         remove_roots(&old_fallback);
         last = Some(out);
     }
+    // The loop ends after a whole swap, with its directory back in its own place.
     std::fs::write(&stop, "").unwrap();
-    drop(swapper);
+    let mut swapper = swapper;
+    wait_until(
+        Duration::from_secs(10),
+        "the attacker's loop to end",
+        || swapper.0.try_wait().unwrap().is_some(),
+    );
+    remove_leftover(&old_fallback);
     let last = last.unwrap().expect_ok();
     last.expect_stderr(&format!("using {}", new_fallback.display()));
     let meta = std::fs::symlink_metadata(new_fallback.join("state.json")).unwrap();
@@ -242,7 +260,7 @@ fn health_does_not_believe_a_state_file_another_user_wrote() {
 
     // The fallback name of old, pre-created by nobody; --state-dir does not exist.
     let old_fallback = Path::new("/tmp/pg-password-sync-0");
-    remove_roots(old_fallback);
+    remove_leftover(old_fallback);
     if std::fs::symlink_metadata(old_fallback).is_err() {
         std::fs::create_dir(old_fallback).unwrap();
         std::fs::set_permissions(old_fallback, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -385,7 +403,9 @@ struct Supervised {
 }
 
 impl Supervised {
-    fn start(mode: Mode, extra: &[&str]) -> Supervised {
+    /// With `refuse_sync`, the server rejects every local login, so each sync fails at
+    /// its connect within milliseconds (after reading every secret): many reads, fast.
+    fn start(mode: Mode, extra: &[&str], refuse_sync: bool) -> Supervised {
         let mut cluster = Cluster::start_default();
         cluster.create_roles(&[
             ("appuser", "placeholder-appuser"),
@@ -394,6 +414,12 @@ impl Supervised {
         ]);
         cluster.stop();
         cluster.clear_log();
+        if refuse_sync {
+            write_as_server(
+                &cluster.data.join("pg_hba.conf"),
+                "local all all reject\nhost all all 127.0.0.1/32 scram-sha-256\n",
+            );
+        }
         let keys = Keys::new();
         let secrets = DEFAULT_ROLES
             .iter()
@@ -428,7 +454,12 @@ impl Supervised {
             .arg(&cluster.data);
         let running = Running::spawn_as(mode, cmd);
         cluster.set_running(true);
-        running.wait_stderr(Duration::from_secs(120), COMPLETE);
+        let started = if refuse_sync {
+            "PostgreSQL is ready"
+        } else {
+            COMPLETE
+        };
+        running.wait_stderr(Duration::from_secs(120), started);
         Supervised {
             cluster,
             keys,
@@ -500,49 +531,22 @@ const SYS_OPENAT: u32 = 56;
 #[cfg(target_arch = "aarch64")]
 const SYS_CONNECT: u32 = 203;
 
-/// While a secret file keeps being exchanged with a FIFO (`renameat2(RENAME_EXCHANGE)`
-/// in a tight loop) and syncs keep reading it, a FIFO may be what a read opens: it must
-/// not wait for a writer. Then SIGTERM is forwarded at once and postgres stops.
+/// While a secret file keeps being exchanged with a FIFO (`renameat2(RENAME_EXCHANGE)` in
+/// a tight loop), SIGHUPs make resyncs that read every secret (and then fail at once at
+/// the connect, which the server rejects: so they are many). A read may meet the FIFO
+/// between looking at the name and opening it: the open must not wait for a writer.
+/// Then SIGTERM is forwarded at once and postgres stops.
 fn fifo_swapped_in(mode: Mode) {
     if !needs_root("fifo_swapped_in") {
         return;
     }
-    let mut sup = Supervised::start(mode, &["--debounce", "5ms"]);
-    let name = sup.keys.path().join("postgres_app_user_pw.txt");
+    // No file watch: its events would flood; SIGHUP makes every read.
+    let mut sup = Supervised::start(mode, &["--no-watch"], true);
+    // The first secret a sync reads: a refused FIFO ends the read of the set at once.
+    let name = sup.keys.path().join("postgres_password.txt");
     let spare = sup.keys.path().join("spare");
     nix::unistd::mkfifo(&spare, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-    let stop = AtomicBool::new(false);
-    std::thread::scope(|scope| {
-        let swapper = scope.spawn(|| {
-            let mut swaps = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                nix::fcntl::renameat2(
-                    nix::fcntl::AT_FDCWD,
-                    &name,
-                    nix::fcntl::AT_FDCWD,
-                    &spare,
-                    nix::fcntl::RenameFlags::RENAME_EXCHANGE,
-                )
-                .unwrap();
-                swaps += 1;
-            }
-            swaps
-        });
-        // Syncs read every secret: on each SIGHUP and after each burst of file events.
-        // Until a read is stuck (today's failure) or for 5 s.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline && !sup.blocked_in(SYS_OPENAT) {
-            sup.running.signal(Signal::SIGHUP);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        stop.store(true, Ordering::Relaxed);
-        let swaps = swapper.join().unwrap();
-        assert!(swaps > 100, "the file was swapped {swaps} times");
-    });
-    // Whatever a stuck open would wait on stays a FIFO without a writer; the name holds
-    // the regular file again.
-    let meta = std::fs::symlink_metadata(&name).unwrap();
-    if !meta.is_file() {
+    let exchange = || {
         nix::fcntl::renameat2(
             nix::fcntl::AT_FDCWD,
             &name,
@@ -551,6 +555,42 @@ fn fifo_swapped_in(mode: Mode) {
             nix::fcntl::RenameFlags::RENAME_EXCHANGE,
         )
         .unwrap();
+    };
+    let stop = AtomicBool::new(false);
+    let mut swaps = 0u64;
+    std::thread::scope(|scope| {
+        let swapper = scope.spawn(|| {
+            let mut swaps = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                exchange();
+                swaps += 1;
+            }
+            swaps
+        });
+        // Until a read is stuck (what a blocking open does) or for 10 s.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && !sup.blocked_in(SYS_OPENAT) {
+            sup.running.signal(Signal::SIGHUP);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        stop.store(true, Ordering::Relaxed);
+        swaps = swapper.join().unwrap();
+    });
+    let met = sup
+        .running
+        .stderr_so_far()
+        .matches("not a regular file")
+        .count();
+    let stuck = sup.blocked_in(SYS_OPENAT);
+    eprintln!("{mode:?}: {swaps} swaps; {met} reads met a FIFO; stuck: {stuck}");
+    assert!(
+        swaps > 1000 && met > 0,
+        "{swaps} swaps, {met} reads met a FIFO"
+    );
+    // The name holds the regular file again; whatever a stuck open waits on is a FIFO
+    // that never gets a writer.
+    if !std::fs::symlink_metadata(&name).unwrap().is_file() {
+        exchange();
     }
     sup.running.assert_alive();
     sup.sigterm_is_forwarded();
@@ -570,7 +610,7 @@ fn full_backlog(mode: Mode) {
     if !needs_root("full_backlog") {
         return;
     }
-    let mut sup = Supervised::start(mode, &[]);
+    let mut sup = Supervised::start(mode, &[], false);
     let postmaster = Pid::from_raw(sup.postmaster() as i32);
     let socket = sup
         .cluster
