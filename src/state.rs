@@ -10,9 +10,12 @@
 //! the directory) so a probe never reads a half-written file.
 //!
 //! Location: `--state-dir` (default `/run/pg-password-sync`); when that is not usable, the
-//! first usable of `$XDG_RUNTIME_DIR/pg-password-sync` and a per-user fallback: for root
-//! `/run/pg-password-sync-0` (only root can create names in `/run`), for anyone else
-//! `/tmp/pg-password-sync-<uid>`. `health` looks in the same places, in the same order.
+//! first usable of `<state-dir>/uid-<uid>` (a private subdirectory of a shared directory,
+//! such as a Kubernetes emptyDir), `$XDG_RUNTIME_DIR/pg-password-sync` and a per-user
+//! fallback: for root `/run/pg-password-sync-0` (only root can create names in `/run`),
+//! for anyone else `/tmp/pg-password-sync-<uid>`. `health` looks in the same places, in
+//! the same order, as its own user (so it must run as the writer's user, or as root
+//! beside a root writer).
 //!
 //! Nobody else may steer these writes or forge what `health` reads. The directory is
 //! opened once, with `O_DIRECTORY|O_NOFOLLOW`, and judged on that descriptor: it must
@@ -339,13 +342,16 @@ fn read_trusted(file: OwnedFd, path: &Path, dir_owner: u32) -> Result<State, Str
 
 /// The directories tried, in order.
 pub fn candidates(dir: &Path) -> Vec<PathBuf> {
-    let mut out = vec![dir.to_path_buf()];
+    let euid = Uid::effective().as_raw();
+    // A directory shared with others (a Kubernetes emptyDir is mode 0777, owned by root)
+    // is not ours to write in, but a private subdirectory of ours inside it is.
+    let mut out = vec![dir.to_path_buf(), dir.join(format!("uid-{euid}"))];
     if let Some(runtime) = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from)
         && runtime.is_absolute()
     {
         out.push(runtime.join("pg-password-sync"));
     }
-    out.push(fallback_dir(Uid::effective().as_raw()));
+    out.push(fallback_dir(euid));
     out
 }
 
@@ -625,7 +631,25 @@ mod tests {
         fs::write(&file, "").unwrap();
         let all = candidates(&file);
         assert_eq!(all[0], file);
+        let euid = Uid::effective().as_raw();
+        assert_eq!(all[1], file.join(format!("uid-{euid}")));
         assert_eq!(all.last(), Some(&fallback_dir(Uid::effective().as_raw())));
+    }
+
+    #[test]
+    fn a_shared_directory_gets_a_private_subdirectory() {
+        let shared = tempfile::tempdir().unwrap();
+        fs::set_permissions(shared.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        let state = StateFile::new(shared.path());
+        let private = shared
+            .path()
+            .join(format!("uid-{}", Uid::effective().as_raw()));
+        assert_eq!(state.path, private.join(FILE_NAME));
+        assert_eq!(fs::metadata(&private).unwrap().mode() & 0o022, 0);
+        state.record_ready(true);
+        let (path, read) = load(shared.path()).unwrap();
+        assert_eq!(path, state.path);
+        assert!(read.ready);
     }
 
     #[test]
