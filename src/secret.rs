@@ -93,7 +93,7 @@ pub fn read_file(path: &Path) -> anyhow::Result<Secret> {
 /// runtime's only thread (and PID 1's signal forwarding with it). `O_NONBLOCK` makes that
 /// open return at once; on a regular file it changes nothing. Links are followed: a
 /// Kubernetes secret volume reaches every file through the `..data` link.
-pub fn open_regular(path: &Path) -> anyhow::Result<(File, u64)> {
+pub fn open_regular(path: &Path) -> std::io::Result<(File, u64)> {
     let fd = open(
         path,
         OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
@@ -101,7 +101,10 @@ pub fn open_regular(path: &Path) -> anyhow::Result<(File, u64)> {
     )?;
     let stat = fstat(&fd)?;
     if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
-        bail!("is not a regular file");
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "is not a regular file",
+        ));
     }
     Ok((File::from(fd), stat.st_size as u64))
 }
