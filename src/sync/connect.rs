@@ -208,7 +208,7 @@ async fn start_connect_as(
             let _ = tx.send(result);
         })
         .context("starting the thread of the peer connection")?;
-    // The thread does two system calls that cannot block, and then ends.
+    // The thread makes four system calls, none of which can block, and ends.
     rx.await
         .context("the thread of the peer connection ended without an answer")
 }
@@ -235,4 +235,29 @@ fn set_thread_identity(identity: OsIdentity) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::unistd::{Gid, Uid};
+
+    #[test]
+    fn the_identity_changes_only_the_connecting_thread() {
+        if !Uid::effective().is_root() {
+            return;
+        }
+        let nobody = OsIdentity {
+            uid: Uid::from_raw(65534),
+            gid: Gid::from_raw(65534),
+        };
+        let seen = std::thread::spawn(move || {
+            set_thread_identity(nobody).unwrap();
+            (Uid::effective().as_raw(), Gid::effective().as_raw())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(seen, (65534, 65534));
+        assert!(Uid::effective().is_root() && Gid::effective().as_raw() == 0);
+    }
 }
