@@ -133,6 +133,18 @@ pub struct ConfigArgs {
     /// Give up connecting after this long (per attempt), e.g. `5s`, `500ms`.
     #[arg(long, env = "PG_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
+
+    /// Overlap mode: every role but the superuser also has a twin login (role name +
+    /// --twin-suffix, password file named like the role's with the suffix before `_pw`),
+    /// and `pg_service.conf` publishes which login applications use now. See README,
+    /// "Rotation without failed logins".
+    #[arg(long, env = "PG_PASSWORD_SYNC_OVERLAP", value_parser = BoolishValueParser::new())]
+    pub overlap: bool,
+
+    /// Suffix of the twin logins in overlap mode (also how a sync without --overlap
+    /// recognises twins an earlier overlap mode left).
+    #[arg(long, env = "PG_PASSWORD_SYNC_TWIN_SUFFIX", default_value = crate::overlap::DEFAULT_TWIN_SUFFIX)]
+    pub twin_suffix: String,
 }
 
 /// How the sync applies passwords.
@@ -143,6 +155,11 @@ pub struct SyncOptionsArgs {
     pub strict: bool,
     #[command(flatten)]
     pub blockers: BlockerArgs,
+    /// How long a login that stopped being published keeps working (its VALID UNTIL is set
+    /// to now + this when the sync sees the switch), e.g. `15m`. Also the time a twin left
+    /// by an earlier overlap mode keeps working after overlap is turned off.
+    #[arg(long, env = "PG_PASSWORD_SYNC_GRACE", default_value = "15m", value_parser = parse_duration)]
+    pub grace: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -260,6 +277,11 @@ pub struct VerifyArgs {
     /// Also check that this NOLOGIN owner role refuses login (with `postgres_app_owner_pw`).
     #[arg(long, env = "APP_DB_OWNER")]
     pub owner: Option<String>,
+    /// With --overlap: also check each role's unpublished login with its password file
+    /// (what `rotate` waits for after staging). Without it only the published credentials
+    /// (`pg_service.conf`) and the superuser are checked.
+    #[arg(long, env = "PG_PASSWORD_SYNC_VERIFY_STAGED", value_parser = BoolishValueParser::new())]
+    pub staged: bool,
     /// Report format on stdout.
     #[arg(long, env = "PG_PASSWORD_SYNC_REPORT_FORMAT", value_enum, default_value_t = ReportFormat::Text)]
     pub format: ReportFormat,
@@ -460,11 +482,22 @@ impl From<ConfigArgs> for ConfigSettings {
             dbname: args.dbname,
             sync_user: args.sync_user,
             connect_timeout: args.connect_timeout,
+            overlap: args.overlap,
+            twin_suffix: args.twin_suffix,
+            // Only the syncing commands take --grace (`with_grace`); unused elsewhere.
+            grace: Duration::from_secs(15 * 60),
             // `verify` and `health` check what is there; the commands that apply passwords
             // set their own minimum (`SecretValueArgs`).
             min_password_length: 0,
         }
     }
+}
+
+/// The configuration of a syncing command (`run`, `watch`, `sync`), with its `--grace`.
+fn with_grace(config: ConfigArgs, options: &SyncOptionsArgs) -> ConfigSettings {
+    let mut settings = ConfigSettings::from(config);
+    settings.grace = options.grace;
+    settings
 }
 
 impl From<WatchOptionsArgs> for WatchOptions {
@@ -480,7 +513,7 @@ impl From<WatchOptionsArgs> for WatchOptions {
 impl From<RunArgs> for RunSettings {
     fn from(args: RunArgs) -> Self {
         RunSettings {
-            config: args.values.apply(args.config.into()),
+            config: args.values.apply(with_grace(args.config, &args.options)),
             options: args.options.sync_options(false),
             watch: args.watch.into(),
             no_watch: args.no_watch,
@@ -494,7 +527,7 @@ impl From<RunArgs> for RunSettings {
 impl From<SyncArgs> for SyncSettings {
     fn from(args: SyncArgs) -> Self {
         SyncSettings {
-            config: args.values.apply(args.config.into()),
+            config: args.values.apply(with_grace(args.config, &args.options)),
             options: args.options.sync_options(args.dry_run),
             format: args.format.into(),
         }
@@ -504,7 +537,7 @@ impl From<SyncArgs> for SyncSettings {
 impl From<WatchArgs> for WatchSettings {
     fn from(args: WatchArgs) -> Self {
         WatchSettings {
-            config: args.values.apply(args.config.into()),
+            config: args.values.apply(with_grace(args.config, &args.options)),
             options: args.options.sync_options(false),
             watch: args.watch.into(),
         }
@@ -517,6 +550,7 @@ impl From<VerifyArgs> for VerifySettings {
             config: args.config.into(),
             host: args.host,
             owner: args.owner,
+            staged: args.staged,
             format: args.format.into(),
         }
     }

@@ -4,7 +4,9 @@
 //! filled in by `cli.rs`) so that every mode (`sync`, `run`, `watch`, `verify`, `health`)
 //! agrees on the role map and the secret lookup rules (ARCHITECTURE.md, "Secret files"), and
 //! so that configuration mistakes (a malformed `--role`, a role name PostgreSQL would
-//! silently truncate) fail before anything touches the server.
+//! silently truncate) fail before anything touches the server. In overlap mode the set
+//! also holds each twin's password and which login `pg_service.conf` publishes, checked
+//! against the password files on every read (`SecretSet`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,6 +15,7 @@ use anyhow::{Context, bail};
 use nix::unistd::{Gid, Uid, User};
 
 use crate::error::Failure;
+use crate::overlap::{self, Published, Twin};
 use crate::secret::{self, Secret};
 
 /// PostgreSQL's identifier limit (NAMEDATALEN - 1); longer names are truncated by the
@@ -70,8 +73,32 @@ pub struct ConfigSettings {
     pub dbname: String,
     pub sync_user: Option<String>,
     pub connect_timeout: Duration,
+    /// Overlap mode: every role but the superuser gets a twin login.
+    pub overlap: bool,
+    pub twin_suffix: String,
+    /// How long a login that stopped being published keeps working.
+    pub grace: Duration,
     /// Shortest role password accepted, in characters (`0` = no minimum).
     pub min_password_length: usize,
+}
+
+/// Overlap mode's part of the configuration: the twins, and where the published
+/// credentials are.
+#[derive(Debug, Clone)]
+pub struct OverlapConfig {
+    /// One per role of the role map except the superuser, in role map order.
+    pub twins: Vec<Twin>,
+    /// `pg_service.conf`, looked up like every secret.
+    pub service_file: SecretRef,
+}
+
+/// One consistent read of every secret file: what a sync applies.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SecretSet {
+    /// Each login and its password: the role map, then (overlap mode) the twins.
+    pub entries: Vec<(RoleSpec, Secret)>,
+    /// Overlap mode: the published login of each overlapped role (empty otherwise).
+    pub published: Vec<Published>,
 }
 
 /// The default of `--min-password-length`: far below the 32 characters `generate` writes,
@@ -91,6 +118,11 @@ pub struct Config {
     pub dbname: String,
     pub sync_identity: Option<OsIdentity>,
     pub connect_timeout: Duration,
+    /// `Some` in overlap mode.
+    pub overlap: Option<OverlapConfig>,
+    /// Also used with overlap off, to find the twins an earlier overlap mode left.
+    pub twin_suffix: String,
+    pub grace: Duration,
     /// Shortest role password accepted, in characters (`0` = no minimum).
     pub min_password_length: usize,
 }
@@ -143,6 +175,15 @@ impl Config {
         if args.pghost.contains(',') {
             bail!("PGHOST lists several hosts; give exactly one socket directory or host");
         }
+        let overlap = if args.overlap {
+            Some(overlap_config(
+                &roles,
+                &args.postgres_user,
+                &args.twin_suffix,
+            )?)
+        } else {
+            None
+        };
         let host = if args.pghost.starts_with('/') {
             Host::Socket(PathBuf::from(&args.pghost))
         } else if args.pghost.is_empty() {
@@ -161,6 +202,9 @@ impl Config {
             dbname: args.dbname.clone(),
             sync_identity: sync_identity(args.sync_user.as_deref())?,
             connect_timeout: args.connect_timeout,
+            overlap,
+            twin_suffix: args.twin_suffix.clone(),
+            grace: args.grace,
             min_password_length: args.min_password_length,
         })
     }
@@ -181,27 +225,75 @@ impl Config {
         }
     }
 
-    /// Reads and validates every role's secret; the first problem fails the whole set.
-    /// Besides the file rules of `secret.rs`, a role password must be at least
-    /// `min_password_length` characters: a writer that died after a byte must not leave a
-    /// one-character password in force.
-    pub fn load_secrets(&self) -> anyhow::Result<Vec<(RoleSpec, Secret)>> {
-        self.roles
+    /// Reads and validates every secret: each role's, and in overlap mode each twin's and
+    /// the published credentials, which must agree with the password files. The first
+    /// problem fails the whole set (`Failure::Config`). Besides the file rules of
+    /// `secret.rs`, every password (role or twin) must be at least `min_password_length`
+    /// characters: a writer that died after a byte must not leave a one-character password
+    /// in force.
+    pub fn load_secrets(&self) -> anyhow::Result<SecretSet> {
+        self.load_set().context(Failure::Config)
+    }
+
+    fn load_set(&self) -> anyhow::Result<SecretSet> {
+        let read = |spec: &RoleSpec, what: &str| -> anyhow::Result<(RoleSpec, Secret)> {
+            let secret = self
+                .resolve(&spec.secret)
+                .and_then(|path| {
+                    let secret = secret::read_file(&path)?;
+                    check_length(&secret, self.min_password_length)
+                        .with_context(|| format!("secret file {}", path.display()))?;
+                    Ok(secret)
+                })
+                .with_context(|| format!("secret for {what} {:?}", spec.name))?;
+            Ok((spec.clone(), secret))
+        };
+        let mut entries = self
+            .roles
             .iter()
-            .map(|spec| {
-                let secret = self
-                    .resolve(&spec.secret)
-                    .and_then(|path| {
-                        let secret = secret::read_file(&path)?;
-                        check_length(&secret, self.min_password_length)
-                            .with_context(|| format!("secret file {}", path.display()))?;
-                        Ok(secret)
-                    })
-                    .with_context(|| format!("secret for role {:?}", spec.name))?;
-                Ok((spec.clone(), secret))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()
-            .context(Failure::Config)
+            .map(|spec| read(spec, "role"))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        // With no role to overlap (only the superuser), there is nothing to publish.
+        let Some(overlap) = self.overlap.as_ref().filter(|o| !o.twins.is_empty()) else {
+            return Ok(SecretSet {
+                entries,
+                published: Vec::new(),
+            });
+        };
+        for twin in &overlap.twins {
+            let spec = RoleSpec {
+                name: twin.login.clone(),
+                secret: twin.secret.clone(),
+            };
+            entries.push(read(&spec, "twin login")?);
+        }
+        let path = self.resolve(&overlap.service_file)?;
+        let file = overlap::read_service_file(&path)?;
+        let published = overlap::check_published(&path, &file, &overlap.twins, &entries)?;
+        Ok(SecretSet { entries, published })
+    }
+
+    /// Every file a sync reads, labelled with the login (or, for the service file, the
+    /// file's name): the role map, then in overlap mode the twins and `pg_service.conf`.
+    pub fn secret_files(&self) -> Vec<(String, SecretRef)> {
+        let mut files: Vec<(String, SecretRef)> = self
+            .roles
+            .iter()
+            .map(|r| (r.name.clone(), r.secret.clone()))
+            .collect();
+        if let Some(overlap) = &self.overlap {
+            files.extend(
+                overlap
+                    .twins
+                    .iter()
+                    .map(|t| (t.login.clone(), t.secret.clone())),
+            );
+            files.push((
+                overlap::SERVICE_FILE.to_owned(),
+                overlap.service_file.clone(),
+            ));
+        }
+        files
     }
 
     /// The superuser's password from its file, if such a file exists.
@@ -213,10 +305,10 @@ impl Config {
     /// Every directory that can hold a configured secret (what `watch` observes).
     pub fn watched_dirs(&self) -> Vec<PathBuf> {
         let mut dirs = self.secret_dirs.clone();
-        for spec in self
-            .roles
+        let files = self.secret_files();
+        for spec in files
             .iter()
-            .map(|r| &r.secret)
+            .map(|(_, secret)| secret)
             .chain(std::iter::once(&self.superuser_secret))
         {
             if let SecretRef::Path(path) = spec
@@ -228,6 +320,32 @@ impl Config {
         }
         dirs
     }
+}
+
+/// The twins of every role but the superuser. A twin named like a configured role (or
+/// another twin) is refused: one login cannot have two password files.
+fn overlap_config(
+    roles: &[RoleSpec],
+    superuser: &str,
+    suffix: &str,
+) -> anyhow::Result<OverlapConfig> {
+    let mut twins: Vec<Twin> = Vec::new();
+    for role in roles.iter().filter(|r| r.name != superuser) {
+        let twin = Twin::of(role, suffix).context("--overlap")?;
+        if roles.iter().any(|r| r.name == twin.login) || twins.iter().any(|t| t.login == twin.login)
+        {
+            bail!(
+                "--overlap: the twin login {:?} of role {:?} is also a configured role",
+                twin.login,
+                role.name
+            );
+        }
+        twins.push(twin);
+    }
+    Ok(OverlapConfig {
+        twins,
+        service_file: SecretRef::Name(overlap::SERVICE_FILE.to_owned()),
+    })
 }
 
 /// Refuses a value shorter than `min` characters. The message gives lengths, never the value.
@@ -332,6 +450,9 @@ pub fn test_settings() -> ConfigSettings {
         dbname: "postgres".into(),
         sync_user: Some("root".into()),
         connect_timeout: Duration::from_secs(5),
+        overlap: false,
+        twin_suffix: overlap::DEFAULT_TWIN_SUFFIX.into(),
+        grace: Duration::from_secs(900),
         min_password_length: DEFAULT_MIN_PASSWORD_LENGTH,
     }
 }
@@ -353,6 +474,44 @@ mod tests {
 
     fn names(config: &Config) -> Vec<&str> {
         config.roles.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    #[test]
+    fn short_values_are_refused_by_length_in_characters() {
+        let secret = |v: &str| Secret::new(v.to_owned());
+        assert!(check_length(&secret("123456789012"), 12).is_ok());
+        // Characters, not bytes: twelve two-byte characters are long enough.
+        assert!(check_length(&secret(&"ü".repeat(12)), 12).is_ok());
+        let msg = format!("{:#}", check_length(&secret("F"), 12).unwrap_err());
+        assert!(
+            msg.contains("1 character(s)") && msg.contains("12"),
+            "{msg}"
+        );
+        assert!(
+            check_length(&secret("F"), 0).is_ok(),
+            "0 turns the check off"
+        );
+    }
+
+    #[test]
+    fn load_secrets_names_the_short_file_and_never_its_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = test_settings();
+        settings.keys_dir = dir.path().to_path_buf();
+        settings.roles = vec!["appuser=app_pw".into()];
+        let c = Config::from_settings(&settings).unwrap();
+        std::fs::write(dir.path().join("app_pw.txt"), "Fx\n").unwrap();
+        let err = c.load_secrets().unwrap_err();
+        let msg = format!("{err:#}");
+        assert_eq!(Failure::of(&err), Some(Failure::Config));
+        assert!(
+            msg.contains("app_pw.txt") && msg.contains("minimum"),
+            "{msg}"
+        );
+        assert!(!msg.contains("Fx"), "{msg}");
+        std::fs::write(dir.path().join("app_pw.txt"), "long enough value\n").unwrap();
+        let set = c.load_secrets().unwrap();
+        assert_eq!(set.entries[0].1.expose(), "long enough value");
     }
 
     #[test]
@@ -444,41 +603,45 @@ mod tests {
     }
 
     #[test]
-    fn short_values_are_refused_by_length_in_characters() {
-        let secret = |v: &str| Secret::new(v.to_owned());
-        assert!(check_length(&secret("123456789012"), 12).is_ok());
-        // Characters, not bytes: twelve two-byte characters are long enough.
-        assert!(check_length(&secret(&"ü".repeat(12)), 12).is_ok());
-        let msg = format!("{:#}", check_length(&secret("F"), 12).unwrap_err());
-        assert!(
-            msg.contains("1 character(s)") && msg.contains("12"),
-            "{msg}"
+    fn overlap_twins_every_role_but_the_superuser() {
+        let c = config(|s| s.overlap = true).unwrap();
+        let twins = &c.overlap.as_ref().unwrap().twins;
+        let logins: Vec<&str> = twins.iter().map(|t| t.login.as_str()).collect();
+        assert_eq!(logins, ["appuser_alt", "backupuser_alt"]);
+        assert_eq!(
+            twins[0].secret,
+            SecretRef::Name("postgres_app_user_alt_pw".into())
         );
-        assert!(
-            check_length(&secret("F"), 0).is_ok(),
-            "0 turns the check off"
+        let files: Vec<String> = c.secret_files().into_iter().map(|(l, _)| l).collect();
+        assert_eq!(
+            files,
+            [
+                "postgres",
+                "appuser",
+                "backupuser",
+                "appuser_alt",
+                "backupuser_alt",
+                "pg_service.conf"
+            ]
         );
-    }
-
-    #[test]
-    fn load_secrets_names_the_short_file_and_never_its_value() {
-        let dir = tempfile::tempdir().unwrap();
-        let c = config(|s| {
-            s.keys_dir = dir.path().to_path_buf();
-            s.roles = vec!["appuser=app_pw".into()];
+        // A twin name over 63 bytes, or one colliding with a role, is refused.
+        let long = format!("{}=f", "r".repeat(60));
+        let err = config(|s| {
+            s.overlap = true;
+            s.roles = vec![long];
         })
-        .unwrap();
-        std::fs::write(dir.path().join("app_pw.txt"), "Fx\n").unwrap();
-        let err = c.load_secrets().unwrap_err();
-        let msg = format!("{err:#}");
+        .unwrap_err();
         assert_eq!(Failure::of(&err), Some(Failure::Config));
+        assert!(format!("{err:#}").contains("64 bytes"), "{err:#}");
         assert!(
-            msg.contains("app_pw.txt") && msg.contains("minimum"),
-            "{msg}"
+            config(|s| {
+                s.overlap = true;
+                s.roles = vec!["a=x".into(), "a_alt=y".into()];
+            })
+            .is_err()
         );
-        assert!(!msg.contains("Fx"), "{msg}");
-        std::fs::write(dir.path().join("app_pw.txt"), "long enough value\n").unwrap();
-        assert_eq!(c.load_secrets().unwrap()[0].1.expose(), "long enough value");
+        // Off: no twins, and the long name does not matter.
+        assert!(config(|s| s.roles = vec![format!("{}=f", "r".repeat(60))]).is_ok());
     }
 
     #[test]

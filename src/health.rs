@@ -9,6 +9,10 @@
 //! has not been synced. On a standby (`standby.signal` in the data directory) it says so.
 //! Process checks use pids as seen in the writer's pid namespace, so
 //! the probe must run in the container (as `docker exec` and `HEALTHCHECK` do).
+//!
+//! It fails closed: a state file is believed only when root or the probe's own user wrote
+//! it in a directory no one else can write (see `state`), and a state file its writer
+//! could not update is gone, so it never speaks for a later failure.
 
 use std::path::PathBuf;
 
@@ -17,7 +21,7 @@ use anyhow::anyhow;
 use crate::config::{Config, ConfigSettings};
 use crate::error::Failure;
 use crate::postmaster;
-use crate::state::{Snapshot, StatStamp, State, StateFile};
+use crate::state::{self, Snapshot, StatStamp, State};
 
 /// What `health` was asked to check.
 #[derive(Debug, Clone)]
@@ -40,13 +44,9 @@ pub fn command(settings: HealthSettings) -> anyhow::Result<u8> {
 
 /// The verdict: a summary when healthy, the reason otherwise.
 fn evaluate(args: &HealthSettings) -> Result<String, String> {
-    let Some(path) = StateFile::locate(&args.state_dir) else {
-        return Err(format!(
-            "no state file under {} (or its fallbacks): `run`/`watch` has not started",
-            args.state_dir.display()
-        ));
-    };
-    let state = StateFile::read(&path).map_err(|err| format!("{err:#}"))?;
+    // Only a state file of a trusted writer counts (ours or root's, in a directory no
+    // one else can write): anything else is the reason for "unhealthy".
+    let (path, state) = state::load(&args.state_dir)?;
     if !postmaster::is_alive(state.pid as i32) {
         return Err(format!(
             "the process that wrote {} (pid {}) is not running",

@@ -11,6 +11,7 @@ mod error;
 mod health;
 mod keyfiles;
 mod logging;
+mod overlap;
 mod postmaster;
 mod run;
 mod runtime;

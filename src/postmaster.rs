@@ -110,10 +110,20 @@ pub fn is_standby(pgdata: &Path, file: Option<&PidFile>) -> bool {
 
 /// Reads and parses `<pgdata>/postmaster.pid`; `None` when absent, unreadable or partial.
 pub fn read(pgdata: &Path) -> Option<PidFile> {
-    std::fs::read_to_string(pgdata.join(PID_FILE))
+    read_text(&pgdata.join(PID_FILE))
         .ok()
         .as_deref()
         .and_then(parse)
+}
+
+/// Reads the file without ever blocking: the data directory belongs to the server's OS
+/// user, and a FIFO put there must not freeze `run` (see `secret::open_regular`).
+fn read_text(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let (file, _) = crate::secret::open_regular(path)?;
+    let mut text = String::new();
+    file.take(64 * 1024).read_to_string(&mut text)?;
+    Ok(text)
 }
 
 /// Whether `pid` names a live (not zombie) process. `kill(pid, 0)` says whether the pid
@@ -182,7 +192,7 @@ pub async fn wait_ready(pgdata: &Path, child: i32) -> PidFile {
     tracing::info!(pgdata = %pgdata.display(), "waiting for PostgreSQL to be ready");
     let path = pgdata.join(PID_FILE);
     loop {
-        let verdict = match std::fs::read_to_string(&path) {
+        let verdict = match read_text(&path) {
             Ok(text) => check(parse(&text).as_ref(), child),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => check(None, child),
             // Not found is normal before the first start; anything else (permissions) would

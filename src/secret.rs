@@ -5,14 +5,18 @@
 //! a log line cannot leak a password. The file rules (ARCHITECTURE.md, "Secret files"): the
 //! value is the file's bytes minus trailing `\r`/`\n`, and anything that cannot be a
 //! password (empty, whitespace only, NUL, not UTF-8, over 4 KiB) is an error that names
-//! the file and never quotes it.
+//! the file and never quotes it. A file is opened without blocking and judged on the
+//! open descriptor (regular file, size) before a byte is read.
 
 use std::fmt;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
+use nix::fcntl::{OFlag, open};
+use nix::libc;
+use nix::sys::stat::{Mode, fstat};
 use zeroize::{Zeroize, Zeroizing};
 
 /// Largest accepted secret file.
@@ -66,19 +70,43 @@ pub fn locate(name: &str, dirs: &[&Path]) -> Result<PathBuf, Vec<PathBuf>> {
 /// Reads and validates one secret file.
 pub fn read_file(path: &Path) -> anyhow::Result<Secret> {
     let shown = path.display();
-    let meta = std::fs::metadata(path).with_context(|| format!("reading secret file {shown}"))?;
-    if !meta.is_file() {
-        bail!("secret file {shown} is not a regular file");
+    let (file, size) =
+        open_regular(path).with_context(|| format!("reading secret file {shown}"))?;
+    if size > MAX_SECRET_BYTES as u64 {
+        return Err(anyhow!("is larger than {MAX_SECRET_BYTES} bytes"))
+            .with_context(|| format!("secret file {shown}"));
     }
-    let file = File::open(path).with_context(|| format!("opening secret file {shown}"))?;
-    // Read one byte past the limit so an over-size file is detected without reading it all.
-    // Sized for the largest accepted file, so reading never reallocates and frees a copy
-    // of the secret without zeroizing it.
+    // Read one byte past the limit so a file that grew since the check is detected
+    // without reading it all. Sized for the largest accepted file, so reading never
+    // reallocates and frees a copy of the secret without zeroizing it.
     let mut bytes = Zeroizing::new(Vec::with_capacity(MAX_SECRET_BYTES + 1));
     file.take(MAX_SECRET_BYTES as u64 + 1)
         .read_to_end(&mut bytes)
         .with_context(|| format!("reading secret file {shown}"))?;
     parse(std::mem::take(&mut *bytes)).with_context(|| format!("secret file {shown}"))
+}
+
+/// Opens a file that must be a regular file, without ever blocking, and returns it with
+/// its size. What is judged is the open descriptor (`fstat`), not a path looked at
+/// earlier: a FIFO or device swapped in between a check and the open would otherwise be
+/// opened, and opening a FIFO for reading waits for a writer, which would freeze the
+/// runtime's only thread (and PID 1's signal forwarding with it). `O_NONBLOCK` makes that
+/// open return at once; on a regular file it changes nothing. Links are followed: a
+/// Kubernetes secret volume reaches every file through the `..data` link.
+pub fn open_regular(path: &Path) -> std::io::Result<(File, u64)> {
+    let fd = open(
+        path,
+        OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let stat = fstat(&fd)?;
+    if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "is not a regular file",
+        ));
+    }
+    Ok((File::from(fd), stat.st_size as u64))
 }
 
 /// Applies the value rules to a file's bytes. Errors describe the problem, never the value.
@@ -189,5 +217,28 @@ mod tests {
             msg.contains("empty") && msg.contains(&*path.to_string_lossy()),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn fifos_and_devices_are_refused_without_blocking_and_size_before_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, Mode::from_bits_truncate(0o600)).unwrap();
+        // No writer ever comes: a blocking open would hang this test.
+        let msg = format!("{:#}", read_file(&fifo).unwrap_err());
+        assert!(msg.contains("is not a regular file"), "{msg}");
+        let msg = format!("{:#}", read_file(Path::new("/dev/zero")).unwrap_err());
+        assert!(msg.contains("is not a regular file"), "{msg}");
+        // A link to a regular file is followed (Kubernetes' `..data`).
+        let real = dir.path().join("real");
+        std::fs::write(&real, "pw\n").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert_eq!(read_file(&link).unwrap().expose(), "pw");
+        // A huge (sparse) file is refused by its size, before any read.
+        let big = dir.path().join("big");
+        File::create(&big).unwrap().set_len(1 << 40).unwrap();
+        let msg = format!("{:#}", read_file(&big).unwrap_err());
+        assert!(msg.contains("is larger than 4096 bytes"), "{msg}");
     }
 }

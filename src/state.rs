@@ -9,20 +9,42 @@
 //! seen without reading any secret. Writes are atomic (temp file, fsync, rename, fsync of
 //! the directory) so a probe never reads a half-written file.
 //!
-//! Location: `--state-dir` (default `/run/pg-password-sync`); when that is not writable
-//! (non-root), the first writable of `$XDG_RUNTIME_DIR/pg-password-sync` and
-//! `/tmp/pg-password-sync-<uid>`. `health` looks in the same places, in the same order,
-//! and takes the first that holds a state file.
+//! Location: `--state-dir` (default `/run/pg-password-sync`); when that is not usable, the
+//! first usable of `<state-dir>/uid-<uid>` (a private subdirectory of a shared directory,
+//! such as a Kubernetes emptyDir), `$XDG_RUNTIME_DIR/pg-password-sync` and a per-user
+//! fallback: for root `/run/pg-password-sync-0` (only root can create names in `/run`),
+//! for anyone else `/tmp/pg-password-sync-<uid>`. `health` looks in the same places, in
+//! the same order, as its own user (so it must run as the writer's user, or as root
+//! beside a root writer).
+//!
+//! Nobody else may steer these writes or forge what `health` reads. The directory is
+//! opened once, with `O_DIRECTORY|O_NOFOLLOW`, and judged on that descriptor: it must
+//! belong to our effective uid and be writable by no one else. Every later name is
+//! resolved relative to the descriptor (`openat`/`renameat`/`unlinkat`), so swapping the
+//! directory's path afterwards changes nothing, and the temp file is created with
+//! `O_CREAT|O_EXCL|O_NOFOLLOW`, so a planted link or file is never written through. The
+//! reader applies the same rules on its own descriptors and trusts a state file only when
+//! it and its directory belong to one uid (root or the reader's own), are writable by that
+//! uid alone, and the file is a regular file.
+//!
+//! Health fails closed: when a write fails (a full or read-only file system), the stale
+//! file is removed (an unlink needs no space) and an empty marker is left, so `health`
+//! reports that the state could not be written instead of the last outcome it recorded.
 
 use std::fs::{self, DirBuilder, File};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, bail};
-use nix::unistd::{AccessFlags, Uid, access};
+use anyhow::{Context, anyhow, bail};
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, open, openat, renameat};
+use nix::libc;
+use nix::sys::stat::{FileStat, Mode, fchmod, fstat, fstatat};
+use nix::unistd::{AccessFlags, Uid, UnlinkatFlags, faccessat, fsync, unlinkat};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
@@ -71,16 +93,16 @@ impl Snapshot {
     pub fn take(config: &Config) -> Snapshot {
         Snapshot(
             config
-                .roles
-                .iter()
-                .map(|spec| match config.resolve(&spec.secret) {
+                .secret_files()
+                .into_iter()
+                .map(|(login, secret)| match config.resolve(&secret) {
                     Ok(path) => FileStamp {
-                        role: spec.name.clone(),
+                        role: login,
                         stat: StatStamp::of(&path),
                         path,
                     },
                     Err(_) => FileStamp {
-                        role: spec.name.clone(),
+                        role: login,
                         path: PathBuf::new(),
                         stat: None,
                     },
@@ -111,40 +133,70 @@ pub struct State {
     pub last_sync: Option<LastSync>,
 }
 
+/// Left empty (it needs no space) beside the state file when a write failed, so that
+/// `health` can say why there is no state file.
+pub const UNWRITABLE_NAME: &str = ".state.json.unwritable";
+
+/// Largest state file `health` reads (a real one is a few hundred bytes per secret).
+const MAX_STATE_BYTES: u64 = 1 << 20;
+
 /// Where the state of this process is recorded.
 #[derive(Debug, Clone)]
 pub struct StateFile {
+    /// The state file's path, for messages only: every access goes through `dir`.
     pub path: PathBuf,
+    /// The checked state directory, opened once; `None` when no candidate was usable
+    /// (logged at start; nothing is written then and `health` reports no state).
+    dir: Option<Arc<OwnedFd>>,
     state: Arc<Mutex<State>>,
 }
 
 impl StateFile {
-    /// The state file in `dir` (falling back to a writable directory when `dir` is not).
+    /// The state file in `dir` (falling back to another directory of ours when `dir` is
+    /// not usable).
     pub fn new(dir: &Path) -> StateFile {
         let candidates = candidates(dir);
-        let chosen = candidates
-            .iter()
-            .find(|c| match prepare_dir(c) {
-                Ok(()) => true,
-                Err(err) => {
-                    tracing::debug!("state dir {} not usable: {err:#}", c.display());
-                    false
+        let mut reasons = Vec::new();
+        let mut chosen = None;
+        for candidate in &candidates {
+            match open_own_dir(candidate) {
+                Ok(fd) => {
+                    chosen = Some((candidate.clone(), fd));
+                    break;
                 }
-            })
-            .unwrap_or(&candidates[0]);
-        if chosen != &candidates[0] {
-            tracing::info!(
-                "state dir {} is not writable; using {}",
-                dir.display(),
-                chosen.display()
-            );
+                Err(err) => reasons.push(format!("{err:#}")),
+            }
         }
-        StateFile {
-            path: chosen.join(FILE_NAME),
-            state: Arc::new(Mutex::new(State {
-                pid: std::process::id(),
-                ..State::default()
-            })),
+        let state = Arc::new(Mutex::new(State {
+            pid: std::process::id(),
+            ..State::default()
+        }));
+        match chosen {
+            Some((path, fd)) => {
+                if path != candidates[0] {
+                    tracing::info!(
+                        "state dir not usable ({}); using {}",
+                        reasons.join("; "),
+                        path.display()
+                    );
+                }
+                StateFile {
+                    path: path.join(FILE_NAME),
+                    dir: Some(Arc::new(fd)),
+                    state,
+                }
+            }
+            None => {
+                tracing::warn!(
+                    "no usable state directory ({}): `health` will report unhealthy",
+                    reasons.join("; ")
+                );
+                StateFile {
+                    path: candidates[0].join(FILE_NAME),
+                    dir: None,
+                    state,
+                }
+            }
         }
     }
 
@@ -186,91 +238,283 @@ impl StateFile {
             change(&mut state);
             state.clone()
         };
-        // Health is advisory: a state file we cannot write is logged, never fatal.
-        if let Err(err) = write_atomic(&self.path, &snapshot) {
-            tracing::warn!("cannot write the state file: {err:#}");
+        // No usable directory: said once at start.
+        let Some(dir) = &self.dir else {
+            return;
+        };
+        // Health is advisory: a state file we cannot write is logged, never fatal; but
+        // the old file must not keep speaking for us.
+        if let Err(err) = write_atomic(dir, &snapshot) {
+            match fail_closed(dir) {
+                Ok(()) => tracing::warn!(
+                    "cannot write the state file {}: {err:#}; removed the old one, so \
+                     `health` reports unhealthy until a write succeeds",
+                    self.path.display()
+                ),
+                Err(also) => tracing::error!(
+                    "cannot write the state file {}: {err:#}; nor remove the old one: {also:#}",
+                    self.path.display()
+                ),
+            }
         }
     }
+}
 
-    /// Finds the state file a writer with `--state-dir dir` would have used.
-    pub fn locate(dir: &Path) -> Option<PathBuf> {
-        candidates(dir)
-            .into_iter()
-            .map(|c| c.join(FILE_NAME))
-            .find(|p| p.is_file())
+/// What `health` found: the state file's path and its content, or why there is none it
+/// can trust.
+pub fn load(dir: &Path) -> Result<(PathBuf, State), String> {
+    let euid = Uid::effective().as_raw();
+    let mut ignored = Vec::new();
+    for candidate in candidates(dir) {
+        let (fd, stat) = match open_dir(&candidate) {
+            Ok(opened) => opened,
+            Err(Errno::ENOENT) => continue,
+            Err(err) => {
+                ignored.push(describe_open_error(&candidate, err));
+                continue;
+            }
+        };
+        // A directory the writer would not have used is skipped as the writer did.
+        if let Some(problem) = reader_dir_problem(stat.st_uid, stat.st_mode, euid) {
+            ignored.push(format!("{} {problem}", candidate.display()));
+            continue;
+        }
+        let path = candidate.join(FILE_NAME);
+        // O_NOFOLLOW: a link is not the writer's file; O_NONBLOCK: a FIFO cannot stall us.
+        let flags = OFlag::O_RDONLY
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NONBLOCK
+            | OFlag::O_NOCTTY
+            | OFlag::O_CLOEXEC;
+        let file = match openat(&fd, FILE_NAME, flags, Mode::empty()) {
+            Ok(file) => file,
+            Err(Errno::ENOENT) => {
+                if fstatat(&fd, UNWRITABLE_NAME, AtFlags::AT_SYMLINK_NOFOLLOW).is_ok() {
+                    return Err(format!(
+                        "the state file {} could not be written (the log of `run`/`watch` \
+                         says why)",
+                        path.display()
+                    ));
+                }
+                continue;
+            }
+            Err(Errno::ELOOP) => {
+                return Err(format!(
+                    "{} is a symbolic link: not trusted",
+                    path.display()
+                ));
+            }
+            Err(err) => return Err(format!("opening {}: {err}", path.display())),
+        };
+        return read_trusted(file, &path, stat.st_uid).map(|state| (path, state));
     }
+    let mut reason = format!(
+        "no state file under {} (or its fallbacks): `run`/`watch` has not started",
+        dir.display()
+    );
+    if !ignored.is_empty() {
+        reason.push_str(&format!("; ignored {}", ignored.join("; ")));
+    }
+    Err(reason)
+}
 
-    /// Reads a state file.
-    pub fn read(path: &Path) -> anyhow::Result<State> {
-        let text = fs::read_to_string(path)
-            .with_context(|| format!("reading the state file {}", path.display()))?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("parsing the state file {}", path.display()))
+/// Reads a state file opened in a trusted directory owned by `dir_owner`, after checking
+/// the open file itself.
+fn read_trusted(file: OwnedFd, path: &Path, dir_owner: u32) -> Result<State, String> {
+    let stat = fstat(&file).map_err(|err| format!("checking {}: {err}", path.display()))?;
+    if let Some(problem) = reader_file_problem(stat.st_uid, stat.st_mode, dir_owner) {
+        return Err(format!("{} {problem}", path.display()));
     }
+    if stat.st_size as u64 > MAX_STATE_BYTES {
+        return Err(format!(
+            "{} is larger than {MAX_STATE_BYTES} bytes",
+            path.display()
+        ));
+    }
+    let mut text = String::new();
+    File::from(file)
+        .take(MAX_STATE_BYTES)
+        .read_to_string(&mut text)
+        .map_err(|err| format!("reading the state file {}: {err}", path.display()))?;
+    serde_json::from_str(&text)
+        .map_err(|err| format!("parsing the state file {}: {err}", path.display()))
 }
 
 /// The directories tried, in order.
 pub fn candidates(dir: &Path) -> Vec<PathBuf> {
-    let mut out = vec![dir.to_path_buf()];
+    let euid = Uid::effective().as_raw();
+    // A directory shared with others (a Kubernetes emptyDir is mode 0777, owned by root)
+    // is not ours to write in, but a private subdirectory of ours inside it is.
+    let mut out = vec![dir.to_path_buf(), dir.join(format!("uid-{euid}"))];
     if let Some(runtime) = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from)
         && runtime.is_absolute()
     {
         out.push(runtime.join("pg-password-sync"));
     }
-    out.push(PathBuf::from(format!(
-        "/tmp/pg-password-sync-{}",
-        Uid::effective()
-    )));
+    out.push(fallback_dir(euid));
     out
 }
 
-/// Creates `dir` if needed and checks that we can write into it. A directory in a shared
-/// place (`/tmp`) must be ours and not a symlink, or another user could redirect our
-/// writes. Mode 0755: the file is not secret, and `health` may run as another user.
-fn prepare_dir(dir: &Path) -> anyhow::Result<()> {
-    match fs::symlink_metadata(dir) {
-        Ok(meta) => {
-            if !meta.is_dir() {
-                bail!("{} is not a directory", dir.display());
-            }
-            if dir.starts_with("/tmp") && meta.uid() != Uid::effective().as_raw() {
-                bail!("{} belongs to another user", dir.display());
-            }
-        }
-        Err(_) => DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)
-            .with_context(|| format!("creating {}", dir.display()))?,
+/// The last resort of user `euid`: never a world-writable place for root, where another
+/// user could pre-create or swap the name (`/run` is root's alone).
+pub fn fallback_dir(euid: u32) -> PathBuf {
+    if euid == 0 {
+        PathBuf::from("/run/pg-password-sync-0")
+    } else {
+        PathBuf::from(format!("/tmp/pg-password-sync-{euid}"))
     }
-    // `access` answers for our effective ids, including read-only mounts.
-    access(dir, AccessFlags::W_OK | AccessFlags::X_OK)
-        .with_context(|| format!("{} is not writable", dir.display()))
 }
 
-/// temp file → fsync → rename → fsync of the directory.
-fn write_atomic(path: &Path, state: &State) -> anyhow::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
+/// Opens a directory without following a link at its last component. Everything after
+/// is done through the descriptor, so the path can be swapped without effect.
+fn open_dir(path: &Path) -> Result<(OwnedFd, FileStat), Errno> {
+    let fd = open(
+        path,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let stat = fstat(&fd)?;
+    Ok((fd, stat))
+}
+
+fn describe_open_error(path: &Path, err: Errno) -> String {
+    match err {
+        // O_NOFOLLOW|O_DIRECTORY report a link as either.
+        Errno::ELOOP | Errno::ENOTDIR => {
+            format!("{} is a symbolic link or not a directory", path.display())
+        }
+        err => format!("opening {}: {err}", path.display()),
+    }
+}
+
+/// Creates `dir` if needed, opens it and checks the opened directory: ours, writable by
+/// no one else, writable by us. Mode 0755 when created: the file is not secret, and
+/// `health` may run as another user.
+fn open_own_dir(dir: &Path) -> anyhow::Result<OwnedFd> {
+    // `mkdir` never follows a link at the last component; whatever is there now is
+    // judged below, on its descriptor, not by this path.
+    let created = DirBuilder::new().recursive(true).mode(0o755).create(dir);
+    let (fd, stat) = match open_dir(dir) {
+        Ok(opened) => opened,
+        Err(err) => {
+            return Err(match created {
+                Err(create) => anyhow!(create).context(format!("creating {}", dir.display())),
+                Ok(()) => anyhow!(describe_open_error(dir, err)),
+            });
+        }
+    };
+    if let Some(problem) = writer_dir_problem(stat.st_uid, stat.st_mode, Uid::effective().as_raw())
+    {
+        bail!("{} {problem}", dir.display());
+    }
+    // AT_EACCESS: answered for our effective ids, as the writes will be; a read-only
+    // mount fails here too.
+    faccessat(
+        &fd,
+        ".",
+        AccessFlags::W_OK | AccessFlags::X_OK,
+        AtFlags::AT_EACCESS,
+    )
+    .with_context(|| format!("{} is not writable", dir.display()))?;
+    Ok(fd)
+}
+
+/// Why a directory owned by `owner` with `mode` may not hold the state of user `euid`.
+fn writer_dir_problem(owner: u32, mode: u32, euid: u32) -> Option<String> {
+    if owner != euid {
+        return Some(format!("belongs to uid {owner}, not to us (uid {euid})"));
+    }
+    writable_by_others(mode)
+}
+
+/// Why `health`, running as `euid`, may not trust a directory owned by `owner`: only
+/// root's or its own, writable by the owner alone.
+fn reader_dir_problem(owner: u32, mode: u32, euid: u32) -> Option<String> {
+    if owner != 0 && owner != euid {
+        return Some(format!(
+            "belongs to uid {owner}, neither root nor the user running `health` (uid {euid})"
+        ));
+    }
+    writable_by_others(mode)
+}
+
+/// Why a state file owned by `owner` with `mode` is not trusted in a directory that
+/// belongs to `dir_owner`.
+fn reader_file_problem(owner: u32, mode: u32, dir_owner: u32) -> Option<String> {
+    if mode & libc::S_IFMT != libc::S_IFREG {
+        return Some("is not a regular file: not trusted".into());
+    }
+    if owner != dir_owner {
+        return Some(format!(
+            "belongs to uid {owner}, not to uid {dir_owner} who writes this directory: not trusted"
+        ));
+    }
+    writable_by_others(mode).map(|problem| format!("{problem}: not trusted"))
+}
+
+fn writable_by_others(mode: u32) -> Option<String> {
+    (mode & 0o022 != 0).then(|| format!("is writable by other users (mode {:o})", mode & 0o7777))
+}
+
+/// temp file → fsync → rename → fsync of the directory, all relative to `dir`.
+fn write_atomic(dir: &OwnedFd, state: &State) -> anyhow::Result<()> {
+    let tmp = format!(".{FILE_NAME}.{}.tmp", std::process::id());
     let mut text = serde_json::to_vec_pretty(state).context("serialising the state")?;
     text.push(b'\n');
     let result = (|| {
-        let mut file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        file.set_permissions(fs::Permissions::from_mode(0o644))
-            .context("setting the state file mode")?;
+        // A temp file left by a crash of an earlier process with our pid (PID 1 is always
+        // 1) would stop O_EXCL below. `unlinkat` removes the name itself, never what a
+        // link points to, and only we can write this directory.
+        match unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => {}
+            Err(err) => return Err(err).with_context(|| format!("removing an old {tmp}")),
+        }
+        // O_EXCL|O_NOFOLLOW: only a file this call creates is written, never an existing
+        // file or the target of a link.
+        let fd = openat(
+            dir,
+            tmp.as_str(),
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o644),
+        )
+        .with_context(|| format!("creating {tmp}"))?;
+        // 0644 whatever the umask: `health` may run as another user; nothing secret here.
+        fchmod(&fd, Mode::from_bits_truncate(0o644)).context("setting the state file mode")?;
+        let mut file = File::from(fd);
         file.write_all(&text)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        file.sync_all()
-            .with_context(|| format!("syncing {}", tmp.display()))?;
-        fs::rename(&tmp, path).with_context(|| format!("renaming onto {}", path.display()))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("syncing {}", dir.display()))
+            .with_context(|| format!("writing {tmp}"))?;
+        file.sync_all().with_context(|| format!("syncing {tmp}"))?;
+        renameat(dir, tmp.as_str(), dir, FILE_NAME)
+            .with_context(|| format!("renaming {tmp} onto {FILE_NAME}"))?;
+        fsync(dir).context("syncing the state directory")
     })();
     if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        let _ = unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+    } else {
+        // A write succeeded again: the marker of an earlier failure is obsolete.
+        let _ = unlinkat(dir, UNWRITABLE_NAME, UnlinkatFlags::NoRemoveDir);
     }
     result
+}
+
+/// After a failed write: removes the stale state file (an unlink needs no free space, so
+/// this works on a full file system) and leaves the empty marker `health` reports.
+fn fail_closed(dir: &OwnedFd) -> anyhow::Result<()> {
+    match unlinkat(dir, FILE_NAME, UnlinkatFlags::NoRemoveDir) {
+        Ok(()) | Err(Errno::ENOENT) => {}
+        Err(err) => return Err(err).context("removing the stale state file"),
+    }
+    // Best effort: an empty file needs an inode but no data block. Without it `health`
+    // still reports unhealthy ("no state file").
+    if let Ok(fd) = openat(
+        dir,
+        UNWRITABLE_NAME,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o644),
+    ) {
+        let _ = fchmod(&fd, Mode::from_bits_truncate(0o644));
+    }
+    Ok(())
 }
 
 fn now_ms() -> u64 {
@@ -283,21 +527,147 @@ fn now_ms() -> u64 {
 mod tests {
     use super::*;
 
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A fresh directory of ours, mode 0755 (tempfile makes 0700).
+    fn own_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        dir
+    }
+
     #[test]
     fn writes_atomically_and_reads_back() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = own_dir();
         let state = StateFile::new(dir.path());
         assert_eq!(state.path, dir.path().join(FILE_NAME));
         state.record_ready_pid(42);
-        let read = StateFile::read(&state.path).unwrap();
+        let (path, read) = load(dir.path()).unwrap();
+        assert_eq!(path, state.path);
         assert!(read.ready);
         assert_eq!(read.postmaster_pid, Some(42));
         assert_eq!(read.pid, std::process::id());
-        assert_eq!(StateFile::locate(dir.path()), Some(state.path.clone()));
         state.record_sync_of(Snapshot::default(), true);
-        assert!(StateFile::read(&state.path).unwrap().last_sync.unwrap().ok);
+        assert!(load(dir.path()).unwrap().1.last_sync.unwrap().ok);
         let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temp file left behind");
+        let mode = fs::metadata(&state.path).unwrap().mode();
+        assert_eq!(mode & 0o777, 0o644);
+    }
+
+    #[test]
+    fn a_planted_temp_link_is_replaced_never_followed() {
+        let dir = own_dir();
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("precious");
+        fs::write(&target, "keep me\n").unwrap();
+        let tmp = dir
+            .path()
+            .join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
+        std::os::unix::fs::symlink(&target, &tmp).unwrap();
+        let state = StateFile::new(dir.path());
+        state.record_ready(true);
+        assert_eq!(fs::read_to_string(&target).unwrap(), "keep me\n");
+        assert!(load(dir.path()).unwrap().1.ready);
+        assert!(!tmp.exists() && fs::symlink_metadata(&tmp).is_err());
+    }
+
+    #[test]
+    fn a_failed_write_removes_the_stale_state_and_leaves_the_marker() {
+        let dir = own_dir();
+        let state = StateFile::new(dir.path());
+        state.record_sync_of(Snapshot::default(), true);
+        assert!(load(dir.path()).is_ok());
+        // A directory where the temp file goes cannot be removed by unlinkat: every
+        // write fails from now on, as on a full file system.
+        let tmp = dir
+            .path()
+            .join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
+        fs::create_dir(&tmp).unwrap();
+        state.record_sync_of(Snapshot::default(), false);
+        let why = load(dir.path()).unwrap_err();
+        assert!(why.contains("could not be written"), "{why}");
+        assert!(!state.path.exists());
+        // Writable again: the marker goes, the state is back.
+        fs::remove_dir(&tmp).unwrap();
+        state.record_sync_of(Snapshot::default(), true);
+        assert!(load(dir.path()).unwrap().1.last_sync.unwrap().ok);
+        assert!(!dir.path().join(UNWRITABLE_NAME).exists());
+    }
+
+    #[test]
+    fn directory_and_file_rules() {
+        // The writer: ours, writable by no one else.
+        assert_eq!(writer_dir_problem(1000, 0o40755, 1000), None);
+        assert_eq!(writer_dir_problem(0, 0o40700, 0), None);
+        assert!(
+            writer_dir_problem(65534, 0o40755, 0)
+                .unwrap()
+                .contains("uid 65534")
+        );
+        assert!(writer_dir_problem(0, 0o41777, 0).unwrap().contains("1777"));
+        assert!(writer_dir_problem(0, 0o40775, 0).is_some());
+        // The reader: root's or its own, writable by the owner alone.
+        assert_eq!(reader_dir_problem(0, 0o40755, 1000), None);
+        assert_eq!(reader_dir_problem(1000, 0o40755, 1000), None);
+        assert!(reader_dir_problem(65534, 0o40755, 0).is_some());
+        assert!(reader_dir_problem(0, 0o40757, 0).is_some());
+        // The file: regular, the directory owner's, writable by no one else.
+        assert_eq!(reader_file_problem(0, 0o100644, 0), None);
+        assert!(reader_file_problem(65534, 0o100644, 0).is_some());
+        assert!(reader_file_problem(0, 0o100666, 0).is_some());
+        assert!(reader_file_problem(0, 0o010644, 0).is_some());
+    }
+
+    #[test]
+    fn root_never_falls_back_to_a_shared_directory() {
+        assert_eq!(fallback_dir(0), PathBuf::from("/run/pg-password-sync-0"));
+        assert_eq!(
+            fallback_dir(1000),
+            PathBuf::from("/tmp/pg-password-sync-1000")
+        );
+        let dir = own_dir();
+        let file = dir.path().join("not-a-dir");
+        fs::write(&file, "").unwrap();
+        let all = candidates(&file);
+        assert_eq!(all[0], file);
+        let euid = Uid::effective().as_raw();
+        assert_eq!(all[1], file.join(format!("uid-{euid}")));
+        assert_eq!(all.last(), Some(&fallback_dir(Uid::effective().as_raw())));
+    }
+
+    #[test]
+    fn a_shared_directory_gets_a_private_subdirectory() {
+        let shared = tempfile::tempdir().unwrap();
+        fs::set_permissions(shared.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        let state = StateFile::new(shared.path());
+        let private = shared
+            .path()
+            .join(format!("uid-{}", Uid::effective().as_raw()));
+        assert_eq!(state.path, private.join(FILE_NAME));
+        assert_eq!(fs::metadata(&private).unwrap().mode() & 0o022, 0);
+        state.record_ready(true);
+        let (path, read) = load(shared.path()).unwrap();
+        assert_eq!(path, state.path);
+        assert!(read.ready);
+    }
+
+    #[test]
+    fn a_foreign_or_open_directory_is_neither_used_nor_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        let err = format!("{:#}", open_own_dir(dir.path()).unwrap_err());
+        assert!(err.contains("writable by other users"), "{err}");
+        // A state file there is not believed either.
+        fs::write(dir.path().join(FILE_NAME), "{\"pid\":1,\"ready\":true}").unwrap();
+        let why = load(dir.path()).unwrap_err();
+        assert!(why.contains("writable by other users"), "{why}");
+        // A symlink to a good directory is not followed.
+        let good = own_dir();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(good.path(), &link).unwrap();
+        let err = format!("{:#}", open_own_dir(&link).unwrap_err());
+        assert!(err.contains("symbolic link"), "{err}");
     }
 
     #[test]
@@ -311,15 +681,5 @@ mod tests {
         fs::rename(dir.path().join("t"), &path).unwrap();
         assert_ne!(StatStamp::of(&path), Some(before));
         assert_eq!(StatStamp::of(&dir.path().join("missing")), None);
-    }
-
-    #[test]
-    fn falls_back_when_the_dir_is_unusable() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("not-a-dir");
-        fs::write(&file, "").unwrap();
-        let state = StateFile::new(&file);
-        assert_ne!(state.path.parent(), Some(file.as_path()));
-        assert!(candidates(&file).len() >= 2);
     }
 }

@@ -24,6 +24,7 @@ use zeroize::Zeroizing;
 
 use crate::config::{Config, ConfigSettings, Host, SecretRef};
 use crate::error::Failure;
+use crate::overlap;
 use crate::secret::{self, Secret};
 use crate::sync::ReportFormat;
 use crate::sync::connect::{self, Auth};
@@ -70,6 +71,8 @@ pub struct VerifySettings {
     pub host: Option<String>,
     /// A NOLOGIN owner role that must refuse login.
     pub owner: Option<String>,
+    /// Overlap mode: also check the unpublished logins.
+    pub staged: bool,
     pub format: ReportFormat,
 }
 
@@ -80,16 +83,21 @@ pub fn command(settings: VerifySettings) -> anyhow::Result<u8> {
 
 async fn verify(args: VerifySettings) -> anyhow::Result<u8> {
     let mut config = Config::from_settings(&args.config)?;
+    if args.staged && config.overlap.is_none() {
+        return Err(anyhow::anyhow!("--staged needs --overlap")).context(Failure::Config);
+    }
     let secrets = config.load_secrets()?;
     let candidates = match &args.host {
         Some(host) => vec![host.clone()],
         None => discovery_candidates(),
     };
-    let probe_role = secrets.first().map(|(spec, _)| spec.name.as_str());
+    let probe_role = secrets.entries.first().map(|(spec, _)| spec.name.as_str());
     config.host = Host::Tcp(choose_host(&config, &candidates, probe_role).await);
     let mut checks = Vec::new();
-    for (spec, secret) in &secrets {
-        checks.push(check_role(&config, &spec.name, secret).await);
+    for (spec, secret, what) in overlap::logins_to_verify(&secrets, args.staged) {
+        let mut check = check_role(&config, &spec.name, secret).await;
+        check.detail.push_str(what);
+        checks.push(check);
     }
     if let Some(owner) = &args.owner {
         checks.push(check_owner(&config, owner).await?);

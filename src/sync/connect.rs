@@ -2,20 +2,26 @@
 //!
 //! 1. The Unix socket with the process's OS identity (peer or trust). Started as root, the
 //!    socket is connected with the effective uid/gid of the sync user (default `postgres`),
-//!    because the server reads the peer's credentials at `connect()` time: that is what
-//!    lets the image's `local all postgres peer` admit us while we stay root for reading
-//!    root-only secret files.
+//!    on a thread of its own, because the server reads the peer's credentials at
+//!    `connect()` time: that is what lets the image's `local all postgres peer` admit us
+//!    while we stay root for reading root-only secret files.
 //! 2. The superuser's password from its secret file.
 //! 3. The last superuser password this process applied (`run`/`watch` only), for a
 //!    rotation of the superuser when peer authentication is not available.
 //!
 //! Passwords are handed to tokio-postgres in memory; nothing goes through argv or env.
+//! No connect blocks the runtime's thread (which forwards `run`'s signals): the socket is
+//! non-blocking, a full listen backlog is retried, and the configured connect timeout
+//! bounds the whole attempt.
 
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream as StdUnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, anyhow};
-use nix::unistd::{Gid, Uid, setegid, seteuid};
+use nix::libc;
+use socket2::{Domain, SockAddr, Socket, Type};
 use tokio_postgres::{Client, NoTls};
 
 use crate::config::{Config, Host, OsIdentity};
@@ -91,7 +97,7 @@ pub async fn connect(config: &Config, user: &str, auth: &Auth<'_>) -> anyhow::Re
                     Auth::Identity => config.sync_identity,
                     Auth::Password(..) => None,
                 };
-                let stream = connect_socket(&socket_path(dir, config.port), identity)?;
+                let stream = connect_socket(&socket_path(dir, config.port), identity).await?;
                 let (client, connection) = pg.connect_raw(stream, NoTls).await?;
                 spawn_connection(connection);
                 client
@@ -123,33 +129,135 @@ where
     });
 }
 
-/// Connects the Unix socket, as `identity` when given (we are root then).
-fn connect_socket(
+/// Connects the Unix socket, as `identity` when given (we are root then), without ever
+/// blocking the runtime's thread: `run`'s signal forwarding and reaping share it. The
+/// caller's connect timeout bounds the whole (this future is dropped when it expires).
+async fn connect_socket(
     path: &Path,
     identity: Option<OsIdentity>,
 ) -> anyhow::Result<tokio::net::UnixStream> {
-    let stream = match identity {
-        None => StdUnixStream::connect(path),
-        Some(id) => with_effective_identity(id, || StdUnixStream::connect(path))?,
-    }
-    .with_context(|| format!("connecting to {}", path.display()))?;
+    let shown = path.display();
+    let mut pause = BACKLOG_PAUSE_MIN;
+    let socket = loop {
+        let attempt = match identity {
+            None => start_connect(path),
+            Some(id) => start_connect_as(id, path.to_path_buf()).await?,
+        };
+        match attempt {
+            Ok(socket) => break socket,
+            // A full listen backlog (a stopped or flooded server): a non-blocking connect
+            // to a Unix socket says EAGAIN and offers nothing to wait on, so try again.
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                if pause == BACKLOG_PAUSE_MIN {
+                    tracing::warn!(
+                        "the listen backlog of {shown} is full (the server accepts no \
+                         connections); retrying until the connect timeout"
+                    );
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(BACKLOG_PAUSE_MAX);
+            }
+            Err(err) => return Err(err).with_context(|| format!("connecting to {shown}")),
+        }
+    };
+    let stream = tokio::net::UnixStream::from_std(StdUnixStream::from(OwnedFd::from(socket)))
+        .context("registering the socket")?;
+    // Not expected for a Unix socket on Linux, but allowed by POSIX: a connect still in
+    // progress completes when the socket turns writable.
     stream
-        .set_nonblocking(true)
-        .context("making the socket non-blocking")?;
-    tokio::net::UnixStream::from_std(stream).context("registering the socket")
+        .writable()
+        .await
+        .with_context(|| format!("connecting to {shown}"))?;
+    if let Some(err) = stream.take_error().context("reading the socket's state")? {
+        return Err(err).with_context(|| format!("connecting to {shown}"));
+    }
+    Ok(stream)
 }
 
-/// Runs `f` with the effective uid/gid switched to `identity`, then switches back to root.
-/// Only the effective ids change (the saved uid stays 0), so switching back is allowed;
-/// glibc applies `seteuid` to every thread, so no thread runs with mixed credentials.
-fn with_effective_identity<T>(identity: OsIdentity, f: impl FnOnce() -> T) -> anyhow::Result<T> {
-    setegid(identity.gid).context("switching the effective gid for the peer connection")?;
-    if let Err(err) = seteuid(identity.uid) {
-        let _ = setegid(Gid::from_raw(0));
-        return Err(err).context("switching the effective uid for the peer connection");
+/// First and last pause between connects refused by a full listen backlog.
+const BACKLOG_PAUSE_MIN: Duration = Duration::from_millis(5);
+const BACKLOG_PAUSE_MAX: Duration = Duration::from_millis(200);
+
+/// A non-blocking socket with its connect started: connected (Unix sockets connect at
+/// once), in progress, or an error (`WouldBlock` for a full backlog).
+fn start_connect(path: &Path) -> std::io::Result<Socket> {
+    let address = SockAddr::unix(path)?;
+    // socket2 sets close-on-exec: the child postgres must not inherit our connection.
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    match socket.connect(&address) {
+        Ok(()) => Ok(socket),
+        Err(err) if err.raw_os_error() == Some(libc::EINPROGRESS) => Ok(socket),
+        Err(err) => Err(err),
     }
-    let result = f();
-    seteuid(Uid::from_raw(0)).context("switching the effective uid back to root")?;
-    setegid(Gid::from_raw(0)).context("switching the effective gid back to root")?;
-    Ok(result)
+}
+
+/// `start_connect` with the effective uid/gid of `identity`, on a thread of its own. The
+/// server reads the peer's credentials at `connect()` time, so only the connect needs
+/// them. They are changed for that one thread, which ends right after: the process's
+/// other threads (PBKDF2, the runtime reading root-only secret files) keep root's.
+async fn start_connect_as(
+    identity: OsIdentity,
+    path: PathBuf,
+) -> anyhow::Result<std::io::Result<Socket>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("peer-connect".into())
+        .spawn(move || {
+            let result = set_thread_identity(identity).and_then(|()| start_connect(&path));
+            let _ = tx.send(result);
+        })
+        .context("starting the thread of the peer connection")?;
+    // The thread makes four system calls, none of which can block, and ends.
+    rx.await
+        .context("the thread of the peer connection ended without an answer")
+}
+
+/// Switches the effective gid, then uid, of the *calling thread only* to `identity`.
+///
+/// Linux keeps credentials per thread; glibc's `setegid`/`seteuid` (and nix's, which call
+/// them) apply a change to every thread of the process, so while one thread connects as
+/// `postgres`, another could fail to read a root-only secret file. The raw system calls
+/// change only this thread; the saved ids stay root's.
+fn set_thread_identity(identity: OsIdentity) -> std::io::Result<()> {
+    const UNCHANGED: libc::c_long = -1;
+    let gid = libc::c_long::from(identity.gid.as_raw());
+    let uid = libc::c_long::from(identity.uid.as_raw());
+    // SAFETY: setresgid/setresuid take three integers and touch no memory; their only
+    // effect is on this thread's credentials, which is the point.
+    let rc = unsafe { libc::syscall(libc::SYS_setresgid, UNCHANGED, gid, UNCHANGED) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    let rc = unsafe { libc::syscall(libc::SYS_setresuid, UNCHANGED, uid, UNCHANGED) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::unistd::{Gid, Uid};
+
+    #[test]
+    fn the_identity_changes_only_the_connecting_thread() {
+        if !Uid::effective().is_root() {
+            return;
+        }
+        let nobody = OsIdentity {
+            uid: Uid::from_raw(65534),
+            gid: Gid::from_raw(65534),
+        };
+        let seen = std::thread::spawn(move || {
+            set_thread_identity(nobody).unwrap();
+            (Uid::effective().as_raw(), Gid::effective().as_raw())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(seen, (65534, 65534));
+        assert!(Uid::effective().is_root() && Gid::effective().as_raw() == 0);
+    }
 }

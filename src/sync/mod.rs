@@ -6,9 +6,11 @@
 //! switches statement logging off for itself, reads the stored verifiers, and sends
 //! `ALTER ROLE … PASSWORD '<SCRAM verifier>'` only for roles whose stored verifier does
 //! not already match. A failure rolls the whole set back, so the old passwords keep working.
+//! Overlap mode's twins and `VALID UNTIL` rules (`overlap`) run inside the same transaction.
 
 pub mod connect;
 pub mod locks;
+mod overlap;
 mod recorded;
 pub mod scram;
 pub mod sql;
@@ -20,7 +22,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::config::{Config, ConfigSettings, RoleSpec};
+use crate::config::{Config, ConfigSettings, RoleSpec, SecretSet};
 use crate::error::Failure;
 use crate::secret::Secret;
 use connect::Auth;
@@ -64,6 +66,10 @@ pub struct RoleOutcome {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
     pub roles: Vec<RoleOutcome>,
+    /// Overlap mode's changes to logins other than passwords (twin created or repaired,
+    /// VALID UNTIL set, NOLOGIN), one line each; never a password or verifier.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub logins: Vec<String>,
     /// The server is a standby (read-only): nothing was attempted.
     pub standby: bool,
     pub dry_run: bool,
@@ -93,6 +99,7 @@ impl Report {
             .iter()
             .map(|r| format!("role {:?}: {}", r.role, r.status))
             .collect();
+        lines.extend(self.logins.iter().cloned());
         lines.push(if self.dry_run {
             "Dry run: nothing was changed.".to_owned()
         } else {
@@ -147,7 +154,7 @@ pub struct SyncSettings {
 pub struct Syncer {
     pub config: Config,
     pub options: Options,
-    last_applied: Option<Vec<(RoleSpec, Secret)>>,
+    last_applied: Option<SecretSet>,
 }
 
 impl Syncer {
@@ -168,21 +175,18 @@ impl Syncer {
 
     /// Applies an already validated set of secrets in one transaction, to the roles `scope`
     /// says, and remembers the set as applied.
-    pub async fn apply(
-        &mut self,
-        secrets: &[(RoleSpec, Secret)],
-        scope: Scope,
-    ) -> anyhow::Result<Report> {
+    pub async fn apply(&mut self, set: &SecretSet, scope: Scope) -> anyhow::Result<Report> {
         // Before the first apply there is nothing to compare with: every role is checked.
         let scope = match self.last_applied() {
             None => Scope::CheckAll,
             Some(_) => scope,
         };
+        let secrets = &set.entries;
         let changed: Vec<(RoleSpec, Secret)>;
         let roles = match scope {
-            Scope::CheckAll => secrets,
+            Scope::CheckAll => secrets.as_slice(),
             Scope::ChangedOnly => {
-                changed = changed_since(self.last_applied(), secrets)
+                changed = changed_since(self.last_entries(), secrets)
                     .cloned()
                     .collect();
                 &changed
@@ -190,24 +194,30 @@ impl Syncer {
         };
         // The whole set still offers the superuser's (possibly new) password to log in.
         let client = self.connect_superuser(secrets).await?;
-        let report = apply(self, &client, secrets, roles, scope).await?;
-        self.applied(secrets);
+        let logins = overlap::Logins::new(&self.config, set, self.last_applied());
+        let report = apply(self, &client, secrets, roles, &logins, scope).await?;
+        self.applied(set);
         Ok(report)
     }
 
     /// Remembers `secrets` as applied. A role the server did not have counts as applied
     /// too: it is tried again by the next full resync (periodic, SIGHUP) or when its own
     /// file changes, not on every other file change (each would warn about it again).
-    fn applied(&mut self, secrets: &[(RoleSpec, Secret)]) {
+    fn applied(&mut self, set: &SecretSet) {
         if !self.options.dry_run {
             // Replacing the old set drops (and so zeroizes) it.
-            self.last_applied = Some(secrets.to_vec());
+            self.last_applied = Some(set.clone());
         }
     }
 
     /// The set the last successful apply used (`None` before the first one).
-    pub fn last_applied(&self) -> Option<&[(RoleSpec, Secret)]> {
-        self.last_applied.as_deref()
+    pub fn last_applied(&self) -> Option<&SecretSet> {
+        self.last_applied.as_ref()
+    }
+
+    /// The logins and passwords of the last applied set.
+    fn last_entries(&self) -> Option<&[(RoleSpec, Secret)]> {
+        self.last_applied().map(|set| set.entries.as_slice())
     }
 
     /// Connects as the superuser: OS identity, then the password from its file, then the
@@ -230,7 +240,7 @@ impl Syncer {
             methods.push(Auth::Password(secret, "superuser password file"));
         }
         let remembered = self
-            .last_applied()
+            .last_entries()
             .and_then(|set| set.iter().find(|(r, _)| r.name == self.config.superuser))
             .map(|(_, secret)| secret);
         if let Some(secret) = remembered
@@ -255,11 +265,17 @@ pub fn changed_since<'a>(
 }
 
 /// Whether a new set must be applied at all: it differs from the last applied one (in a
-/// value, in a role, or in the set of roles).
-pub fn set_changed(last: Option<&[(RoleSpec, Secret)]>, new: &[(RoleSpec, Secret)]) -> bool {
+/// value, in a role, in the set of roles, or in which login is published).
+pub fn set_changed(last: Option<&SecretSet>, new: &SecretSet) -> bool {
     match last {
         None => true,
-        Some(last) => last.len() != new.len() || changed_since(Some(last), new).next().is_some(),
+        Some(last) => {
+            last.entries.len() != new.entries.len()
+                || changed_since(Some(&last.entries), &new.entries)
+                    .next()
+                    .is_some()
+                || last.published != new.published
+        }
     }
 }
 
@@ -274,6 +290,7 @@ async fn apply(
     client: &Client,
     login: &[(RoleSpec, Secret)],
     secrets: &[(RoleSpec, Secret)],
+    logins: &overlap::Logins<'_>,
     scope: Scope,
 ) -> anyhow::Result<Report> {
     let options = syncer.options;
@@ -302,7 +319,6 @@ async fn apply(
         Box::new(move || Box::pin(syncer.connect_superuser(login))),
     );
     watchdog.set_backend_pid(row.get(2));
-    let names: Vec<String> = secrets.iter().map(|(r, _)| r.name.clone()).collect();
     let mut attempt = 1;
     loop {
         let mut report = Report {
@@ -311,7 +327,7 @@ async fn apply(
         };
         let plan = Plan {
             secrets,
-            names: &names,
+            logins,
             options,
             scope,
             iterations,
@@ -345,7 +361,8 @@ async fn apply(
 /// What one transaction applies, and how.
 struct Plan<'a> {
     secrets: &'a [(RoleSpec, Secret)],
-    names: &'a [String],
+    /// Overlap mode's twins and grace (nothing to do without it).
+    logins: &'a overlap::Logins<'a>,
     options: Options,
     scope: Scope,
     /// PBKDF2 rounds of new verifiers (the server's `scram_iterations`).
@@ -360,7 +377,7 @@ async fn transaction(
 ) -> anyhow::Result<()> {
     let Plan {
         secrets,
-        names,
+        logins,
         options,
         scope,
         iterations,
@@ -400,6 +417,12 @@ async fn transaction(
                 ),
             )
             .await?;
+        // Overlap mode: twins created or repaired first, so their passwords are set below
+        // like every other login's; a twin created now gets its password even when only
+        // other files changed.
+        let prepared = logins.prepare(client, &mut report.logins).await?;
+        let secrets = &logins.adjust(secrets, &prepared);
+        let names: Vec<String> = secrets.iter().map(|(r, _)| r.name.clone()).collect();
         let rows = client
             .query(
                 "SELECT rolname::text, rolpassword FROM pg_authid WHERE rolname = ANY($1::text[])",
@@ -452,6 +475,15 @@ async fn transaction(
                 status,
             });
         }
+        // Who may log in until when: the same transaction, so a publish switch and the
+        // passwords it relies on are in force together, or not at all.
+        let changed: Vec<&str> = report
+            .changed()
+            .into_iter()
+            .chain(report.roles_with(Status::WouldChange))
+            .collect();
+        let lines = logins.valid_until(client, &changed, &prepared).await?;
+        report.logins.extend(lines);
         if options.dry_run {
             bail!(DryRun);
         }
@@ -600,17 +632,30 @@ mod tests {
 
     #[test]
     fn set_changes_are_detected_per_role() {
+        let whole = |values: &[(&str, &str)]| SecretSet {
+            entries: set(values),
+            published: Vec::new(),
+        };
         let old = set(&[("postgres", "a"), ("appuser", "b")]);
-        assert!(set_changed(None, &old), "nothing applied yet");
-        assert!(!set_changed(
-            Some(&old),
-            &set(&[("postgres", "a"), ("appuser", "b")])
-        ));
+        let old_set = whole(&[("postgres", "a"), ("appuser", "b")]);
+        assert!(set_changed(None, &old_set), "nothing applied yet");
+        assert!(!set_changed(Some(&old_set), &old_set.clone()));
         let new = set(&[("postgres", "a"), ("appuser", "c")]);
-        assert!(set_changed(Some(&old), &new));
+        assert!(set_changed(
+            Some(&old_set),
+            &whole(&[("postgres", "a"), ("appuser", "c")])
+        ));
         assert_eq!(changed_roles(Some(&old), &new), ["appuser"]);
         // A role dropped from the set is a change too (nothing else differs).
-        assert!(set_changed(Some(&old), &set(&[("postgres", "a")])));
+        assert!(set_changed(Some(&old_set), &whole(&[("postgres", "a")])));
+        // So is another published login with the same passwords.
+        let mut switched = old_set.clone();
+        switched.published.push(crate::overlap::Published {
+            role: "appuser".into(),
+            twin: "appuser_alt".into(),
+            login: "appuser_alt".into(),
+        });
+        assert!(set_changed(Some(&old_set), &switched));
         // So is a role whose secret moved to another file with the same value.
         let mut moved = old.clone();
         moved[1].0.secret = crate::config::SecretRef::Path("/elsewhere".into());

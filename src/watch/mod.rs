@@ -348,7 +348,10 @@ impl PromotionWatch {
         self.next_check = Instant::now() + PROMOTION_POLL_QUERY;
         let limit = syncer.config.connect_timeout;
         if self.client.as_ref().is_none_or(Client::is_closed) {
-            let set = syncer.last_applied().map(<[_]>::to_vec).unwrap_or_default();
+            let set = syncer
+                .last_applied()
+                .map(|set| set.entries.clone())
+                .unwrap_or_default();
             match tokio::time::timeout(limit, syncer.connect_superuser(&set)).await {
                 Ok(Ok(client)) => self.client = Some(client),
                 Ok(Err(err)) => {
@@ -704,7 +707,7 @@ impl Loop<'_> {
             self.reconcile(trigger, Instant::now()).await;
             return;
         }
-        let Some(set) = self.syncer.last_applied().map(<[_]>::to_vec) else {
+        let Some(set) = self.syncer.last_applied().cloned() else {
             tracing::debug!(
                 trigger = trigger.describe(),
                 "secret files are changing and nothing was applied yet; the change is read \
@@ -796,14 +799,18 @@ impl Loop<'_> {
                 let changed = report.changed();
                 if report.standby {
                     tracing::info!("server is a standby (in recovery): sync skipped");
-                } else if !changed.is_empty() {
+                } else if !changed.is_empty() || !report.logins.is_empty() {
                     // The same per-role report and completion line as every other sync:
                     // operators grep for `Password synchronization complete.`.
                     log_report(&report);
                     tracing::info!(
                         "passwords rotated: {} changed, {elapsed} ms from first event to \
                          commit (trigger: {})",
-                        changed.join(", "),
+                        if changed.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            changed.join(", ")
+                        },
                         trigger.describe()
                     );
                 } else {

@@ -50,12 +50,12 @@ enum Kind {
 /// loop uses to tell a secret file from a stranger in the same directory: watches, the
 /// in-place-write tracking and the stability check all follow it, so a file added to the
 /// set is covered by the same rules.
-fn secret_refs(config: &Config) -> impl Iterator<Item = &SecretRef> {
-    config
-        .roles
-        .iter()
-        .map(|r| &r.secret)
-        .chain(std::iter::once(&config.superuser_secret))
+fn secret_refs(config: &Config) -> Vec<SecretRef> {
+    // Every file a sync reads (in overlap mode the twins' and `pg_service.conf` too), and
+    // the superuser's, which the sync may log in with.
+    let mut refs: Vec<SecretRef> = config.secret_files().into_iter().map(|(_, s)| s).collect();
+    refs.push(config.superuser_secret.clone());
+    refs
 }
 
 /// Whether `path` is, or could become by the lookup rules, a file of the secret set:
@@ -63,7 +63,7 @@ fn secret_refs(config: &Config) -> impl Iterator<Item = &SecretRef> {
 /// file that appears beside the one in use (`NAME` next to `NAME.txt`) is recognised from
 /// its first write on.
 pub fn is_secret_file(config: &Config, path: &Path) -> bool {
-    secret_refs(config).any(|secret| match secret {
+    secret_refs(config).iter().any(|secret| match secret {
         SecretRef::Path(p) => p == path,
         SecretRef::Name(name) => {
             let in_dir = path
@@ -87,7 +87,7 @@ fn targets(config: &Config) -> Vec<(PathBuf, Kind)> {
             targets.push((dir, Kind::Dir));
         }
     }
-    for secret in secret_refs(config) {
+    for secret in &secret_refs(config) {
         // An unresolvable secret is reported by the read; its directory watch (or the
         // once-a-second check) notices when it appears.
         if let Ok(path) = config.resolve(secret)
@@ -113,9 +113,9 @@ pub struct Watches {
 /// True when every configured secret resolves to an existing file.
 fn all_resolve(config: &Config) -> bool {
     config
-        .roles
+        .secret_files()
         .iter()
-        .all(|role| config.resolve(&role.secret).is_ok())
+        .all(|(_, secret)| config.resolve(secret).is_ok())
 }
 
 impl Watches {
@@ -249,6 +249,9 @@ mod tests {
             dbname: "postgres".into(),
             sync_identity: None,
             connect_timeout: Duration::from_secs(1),
+            overlap: None,
+            twin_suffix: "_alt".into(),
+            grace: Duration::from_secs(1),
             min_password_length: 0,
         }
     }

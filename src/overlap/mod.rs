@@ -1,0 +1,349 @@
+//! Overlap mode's vocabulary: every application role gets a twin login, and the login that
+//! applications must use right now is published in one `pg_service.conf`.
+//!
+//! PostgreSQL keeps one password per role, so a password change always has a moment when
+//! some client holds the other one. Two logins for one identity remove that moment: a new
+//! password is staged on the login nobody uses, checked, and only then published; the login
+//! that stopped being published keeps working until the server expires it (`VALID UNTIL`).
+//! This module owns the names that follow from a role (the twin login, its password file,
+//! the service file); `service_file` owns the published-credential file itself.
+
+// The writing half (`publish`, `render`) is for `generate` and `rotate`.
+#[allow(dead_code)]
+pub mod service_file;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use zeroize::Zeroizing;
+
+use crate::config::{RoleSpec, SecretRef};
+use crate::secret::Secret;
+use service_file::ServiceFile;
+
+/// Default suffix of a role's twin login (`appuser` → `appuser_alt`).
+pub const DEFAULT_TWIN_SUFFIX: &str = "_alt";
+
+/// The file that publishes, per role, the login and password applications must use now.
+/// Looked up like every secret (`SECRETS_SOURCE_DIR`, then `KEYS_DIR`; `NAME`, then
+/// `NAME.txt`), so Compose, Kubernetes and `generate` deliver it beside the password files.
+pub const SERVICE_FILE: &str = "pg_service.conf";
+
+/// PostgreSQL's identifier limit (NAMEDATALEN - 1); a longer twin name would be truncated
+/// by the server and could collide with another role.
+const MAX_NAME_BYTES: usize = 63;
+
+/// The twin login of `role`. Refused when the server would truncate it, or when the suffix
+/// is empty (the twin would be the role itself) or holds control characters.
+pub fn twin_login(role: &str, suffix: &str) -> anyhow::Result<String> {
+    if suffix.is_empty() {
+        bail!("the twin login suffix is empty");
+    }
+    if suffix.chars().any(char::is_control) {
+        bail!("the twin login suffix {suffix:?} contains control characters");
+    }
+    let twin = format!("{role}{suffix}");
+    if twin.len() > MAX_NAME_BYTES {
+        bail!(
+            "the twin login of role {role:?} would be {} bytes long; PostgreSQL allows at \
+             most {MAX_NAME_BYTES} (use a shorter --twin-suffix or role name)",
+            twin.len()
+        );
+    }
+    Ok(twin)
+}
+
+/// The secret name of a twin's password: the suffix goes before a trailing `_pw`, so the
+/// files sort and read as a pair (`postgres_app_user_pw` → `postgres_app_user_alt_pw`);
+/// names without `_pw` get it appended (`my_secret` → `my_secret_alt`).
+pub fn twin_secret_name(name: &str, suffix: &str) -> String {
+    match name.strip_suffix("_pw") {
+        Some(stem) => format!("{stem}{suffix}_pw"),
+        None => format!("{name}{suffix}"),
+    }
+}
+
+/// The same rule for a secret given as a path: applied to the file name, keeping a `.txt`
+/// extension and the directory (`/k/app_pw.txt` → `/k/app_alt_pw.txt`).
+pub fn twin_secret_path(path: &std::path::Path, suffix: &str) -> Option<PathBuf> {
+    let file = path.file_name()?.to_str()?;
+    let (stem, ext) = match file.strip_suffix(".txt") {
+        Some(stem) => (stem, ".txt"),
+        None => (file, ""),
+    };
+    Some(path.with_file_name(format!("{}{ext}", twin_secret_name(stem, suffix))))
+}
+
+/// The twin of one overlapped role, as configured: its login and where its password is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Twin {
+    /// The role (the identity both logins act as).
+    pub role: String,
+    /// The twin login (`<role><suffix>`).
+    pub login: String,
+    /// The twin's password file (`twin_secret_name` / `twin_secret_path` of the role's).
+    pub secret: SecretRef,
+}
+
+impl Twin {
+    /// The twin of `role` with `suffix`; refused when its name would not fit.
+    pub fn of(role: &RoleSpec, suffix: &str) -> anyhow::Result<Twin> {
+        let login = twin_login(&role.name, suffix)?;
+        let secret = match &role.secret {
+            SecretRef::Name(name) => SecretRef::Name(twin_secret_name(name, suffix)),
+            SecretRef::Path(path) => {
+                SecretRef::Path(twin_secret_path(path, suffix).with_context(|| {
+                    format!(
+                        "no twin password file can be named after {}",
+                        path.display()
+                    )
+                })?)
+            }
+        };
+        Ok(Twin {
+            role: role.name.clone(),
+            login,
+            secret,
+        })
+    }
+}
+
+/// Which login of an overlapped role is published right now (from `pg_service.conf`,
+/// already checked against the password files). Holds no password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub role: String,
+    pub twin: String,
+    /// `role` or `twin`.
+    pub login: String,
+}
+
+impl Published {
+    /// The login applications are not told to use: the one a rotation re-keys next.
+    pub fn unpublished(&self) -> &str {
+        if self.login == self.role {
+            &self.twin
+        } else {
+            &self.role
+        }
+    }
+}
+
+/// Largest accepted service file: far more than one section per role needs, small enough
+/// that a wrong mount (a log, a dump) is refused instead of read.
+const MAX_SERVICE_FILE_BYTES: u64 = 64 * 1024;
+
+/// Reads and parses the service file at `path`. Errors name the file, never its content.
+pub fn read_service_file(path: &Path) -> anyhow::Result<ServiceFile> {
+    let shown = path.display();
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {shown}"))?;
+    if !meta.is_file() {
+        bail!("{shown} is not a regular file");
+    }
+    let file = std::fs::File::open(path).with_context(|| format!("opening {shown}"))?;
+    let mut bytes = Zeroizing::new(Vec::with_capacity(meta.len() as usize + 1));
+    file.take(MAX_SERVICE_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading {shown}"))?;
+    if bytes.len() as u64 > MAX_SERVICE_FILE_BYTES {
+        bail!("{shown} is larger than {MAX_SERVICE_FILE_BYTES} bytes");
+    }
+    let text =
+        std::str::from_utf8(&bytes).map_err(|_| anyhow::anyhow!("{shown} is not valid UTF-8"))?;
+    service_file::parse(text).with_context(|| format!("reading {shown}"))
+}
+
+/// Checks the published credentials against the password files and says, per twin's role,
+/// which login is published. The whole set is refused when a role has no section, the
+/// section names a login other than the role or its twin, or its password differs from
+/// that login's password file: applications would use a credential the server does not
+/// get. Messages name the file, the section and the login, never a password.
+pub fn check_published(
+    path: &Path,
+    file: &ServiceFile,
+    twins: &[Twin],
+    secrets: &[(RoleSpec, Secret)],
+) -> anyhow::Result<Vec<Published>> {
+    let shown = path.display();
+    twins
+        .iter()
+        .map(|twin| {
+            let role = &twin.role;
+            let Some(section) = file.get(role) else {
+                bail!("{shown}: no section [{role}] publishes a login of role {role:?}");
+            };
+            let Some(login) = section.user.as_deref() else {
+                bail!("{shown}: section [{role}] has no user=");
+            };
+            if login != role && login != twin.login {
+                bail!(
+                    "{shown}: section [{role}] publishes login {login:?}, which is neither the \
+                     role nor its twin {:?}",
+                    twin.login
+                );
+            }
+            let Some(password) = &section.password else {
+                bail!("{shown}: section [{role}] has no password=");
+            };
+            let Some((spec, expected)) = secrets.iter().find(|(s, _)| s.name == login) else {
+                bail!("{shown}: section [{role}]: no password file for login {login:?}");
+            };
+            if password != expected {
+                bail!(
+                    "{shown}: section [{role}]: the password for login {login:?} differs from \
+                     its password file ({})",
+                    describe_ref(&spec.secret)
+                );
+            }
+            Ok(Published {
+                role: role.clone(),
+                twin: twin.login.clone(),
+                login: login.to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// What `verify` checks, with a note for its report: without overlap every login of the
+/// set; with it the published login of each overlapped role (its password is the one
+/// `pg_service.conf` holds, checked equal on reading) and every other role (the
+/// superuser), plus with `staged` each unpublished login with its file's password.
+pub fn logins_to_verify(
+    set: &crate::config::SecretSet,
+    staged: bool,
+) -> Vec<(&RoleSpec, &Secret, &'static str)> {
+    set.entries
+        .iter()
+        .filter_map(|(spec, secret)| {
+            let name = spec.name.as_str();
+            let pair = set
+                .published
+                .iter()
+                .find(|p| p.role == name || p.twin == name);
+            match pair {
+                None => Some((spec, secret, "")),
+                Some(p) if p.login == name => Some((spec, secret, ", published")),
+                Some(_) if staged => Some((spec, secret, ", unpublished")),
+                Some(_) => None,
+            }
+        })
+        .collect()
+}
+
+fn describe_ref(secret: &SecretRef) -> String {
+    match secret {
+        SecretRef::Name(name) => name.clone(),
+        SecretRef::Path(path) => path.display().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn twin_names() {
+        assert_eq!(twin_login("appuser", "_alt").unwrap(), "appuser_alt");
+        assert_eq!(twin_login("My Role", "_b").unwrap(), "My Role_b");
+        assert!(twin_login(&"r".repeat(59), "_alt").is_ok());
+        let err = twin_login(&"r".repeat(60), "_alt").unwrap_err();
+        assert!(format!("{err:#}").contains("64 bytes"), "{err:#}");
+        assert!(twin_login("appuser", "").is_err());
+        assert!(twin_login("appuser", "_a\n").is_err());
+    }
+
+    #[test]
+    fn twin_secret_files_pair_with_the_role_file() {
+        assert_eq!(
+            twin_secret_name("postgres_app_user_pw", "_alt"),
+            "postgres_app_user_alt_pw"
+        );
+        assert_eq!(twin_secret_name("my_secret", "_alt"), "my_secret_alt");
+        assert_eq!(
+            twin_secret_path(Path::new("/k/app_pw.txt"), "_alt").unwrap(),
+            Path::new("/k/app_alt_pw.txt")
+        );
+        assert_eq!(
+            twin_secret_path(Path::new("/k/app"), "_2").unwrap(),
+            Path::new("/k/app_2")
+        );
+    }
+
+    fn entry(name: &str, value: &str) -> (RoleSpec, Secret) {
+        (
+            RoleSpec {
+                name: name.into(),
+                secret: SecretRef::Name(format!("{name}_pw")),
+            },
+            Secret::new(value.into()),
+        )
+    }
+
+    #[test]
+    fn published_credentials_must_match_the_password_files() {
+        let twins = [Twin::of(&entry("app", "").0, "_alt").unwrap()];
+        assert_eq!(twins[0].secret, SecretRef::Name("app_alt_pw".into()));
+        let secrets = [entry("app", "one s3cret"), entry("app_alt", "two s3cret")];
+        let path = Path::new("/k/pg_service.conf");
+        let check = |text: &str| {
+            check_published(path, &service_file::parse(text).unwrap(), &twins, &secrets)
+        };
+        let ok = check("[app]\nuser=app_alt\npassword=two s3cret\n").unwrap();
+        assert_eq!(ok[0].login, "app_alt");
+        assert_eq!(ok[0].unpublished(), "app");
+        assert_eq!(
+            check("[app]\nuser=app\npassword=one s3cret\n").unwrap()[0].unpublished(),
+            "app_alt"
+        );
+        for (text, needle) in [
+            ("[other]\nuser=app\n", "no section [app]"),
+            ("[app]\npassword=one s3cret\n", "no user="),
+            ("[app]\nuser=mallory\npassword=one s3cret\n", "neither"),
+            ("[app]\nuser=app\n", "no password="),
+            (
+                "[app]\nuser=app\npassword=two s3cret\n",
+                "differs from its password file (app_pw)",
+            ),
+        ] {
+            let err = format!("{:#}", check(text).unwrap_err());
+            assert!(
+                err.contains(needle) && err.contains("pg_service.conf"),
+                "{text:?}: {err}"
+            );
+            assert!(!err.contains("s3cret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn verify_checks_the_published_logins_and_with_staged_the_others() {
+        let set = crate::config::SecretSet {
+            entries: vec![
+                entry("postgres", "a"),
+                entry("app", "b"),
+                entry("app_alt", "c"),
+            ],
+            published: vec![Published {
+                role: "app".into(),
+                twin: "app_alt".into(),
+                login: "app_alt".into(),
+            }],
+        };
+        let names = |staged| -> Vec<String> {
+            logins_to_verify(&set, staged)
+                .iter()
+                .map(|(spec, _, note)| format!("{}{note}", spec.name))
+                .collect()
+        };
+        assert_eq!(names(false), ["postgres", "app_alt, published"]);
+        assert_eq!(
+            names(true),
+            ["postgres", "app, unpublished", "app_alt, published"]
+        );
+        let plain = crate::config::SecretSet {
+            entries: set.entries.clone(),
+            published: Vec::new(),
+        };
+        assert_eq!(logins_to_verify(&plain, true).len(), 3);
+    }
+}

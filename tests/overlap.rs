@@ -1,0 +1,755 @@
+//! Overlap mode's sync side against real PostgreSQL 15 clusters: twin logins created in the
+//! password transaction, sessions through a twin acting as the role, the published login
+//! switching with the server enforcing the old one's grace, `pg_service.conf` checked
+//! against the password files, `verify --overlap`, and turning overlap off.
+//!
+//! Every wait is a poll for the observable outcome under a generous liveness bound.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+/// The overlapped roles of these tests and their password files (the superuser is not in
+/// the role map: it keeps peer access over the socket and is never overlapped).
+const ROLES: [(&str, &str); 2] = [
+    ("appuser", "postgres_app_user_pw"),
+    ("backupuser", "postgres_app_ro_pw"),
+];
+
+/// Liveness bound for anything the server or a watcher must get to.
+const LIMIT: Duration = Duration::from_secs(15);
+
+fn twin(role: &str) -> String {
+    format!("{role}_alt")
+}
+
+fn twin_file(file: &str) -> String {
+    format!("{}_alt_pw", file.strip_suffix("_pw").unwrap())
+}
+
+/// The current password of every login of the test (role and twin).
+struct Passwords(Vec<(String, String)>);
+
+impl Passwords {
+    fn get(&self, login: &str) -> &str {
+        &self.0.iter().find(|(l, _)| l == login).unwrap().1
+    }
+
+    fn set(&mut self, login: &str, value: String) {
+        self.0.iter_mut().find(|(l, _)| l == login).unwrap().1 = value;
+    }
+
+    fn all(&self) -> Vec<&str> {
+        self.0.iter().map(|(_, p)| p.as_str()).collect()
+    }
+}
+
+/// A cluster with the two roles on throwaway passwords, and keys with new passwords for
+/// every role and twin, `pg_service.conf` publishing `published(role)`.
+struct Setup {
+    cluster: Cluster,
+    keys: Keys,
+    pw: Passwords,
+}
+
+fn setup(published: impl Fn(&str) -> String) -> Setup {
+    let cluster = Cluster::start_default();
+    let olds: Vec<String> = ROLES.iter().map(|_| unique("setup")).collect();
+    let roles: Vec<(&str, &str)> = ROLES
+        .iter()
+        .zip(&olds)
+        .map(|((r, _), p)| (*r, p.as_str()))
+        .collect();
+    cluster.create_roles(&roles);
+    // PostgreSQL 15 no longer lets every role create in `public`.
+    cluster.psql("GRANT CREATE ON SCHEMA public TO appuser");
+    cluster.clear_log();
+    let keys = Keys::new();
+    let mut pw = Passwords(Vec::new());
+    for (role, file) in ROLES {
+        let role_pw = unique(&format!("{role} pw'\"\\ ü"));
+        let twin_pw = unique(&format!("{role} twin#pw"));
+        keys.write(file, &role_pw);
+        keys.write(&twin_file(file), &twin_pw);
+        pw.0.push((role.to_owned(), role_pw));
+        pw.0.push((twin(role), twin_pw));
+    }
+    let setup = Setup { cluster, keys, pw };
+    let logins: Vec<(&str, String)> = ROLES.iter().map(|(r, _)| (*r, published(r))).collect();
+    setup.publish(&logins);
+    setup
+}
+
+impl Setup {
+    /// Writes `pg_service.conf` (atomically) publishing, per role, `login` with its
+    /// current password.
+    fn publish(&self, logins: &[(&str, String)]) {
+        let mut text = String::from("# test\n");
+        for (role, login) in logins {
+            text.push_str(&format!(
+                "\n[{role}]\nuser={login}\npassword={}\nhost=127.0.0.1\n",
+                self.pw.get(login)
+            ));
+        }
+        self.keys.write_raw("pg_service.conf", text.as_bytes());
+    }
+
+    /// A new password for `login`, written to its file (what `rotate` stages).
+    fn stage(&mut self, login: &str) -> String {
+        let value = unique(&format!("{login} staged"));
+        let (role, file) = ROLES
+            .iter()
+            .find(|(r, _)| *r == login || twin(r) == login)
+            .unwrap();
+        let name = if *role == login {
+            (*file).to_owned()
+        } else {
+            twin_file(file)
+        };
+        self.keys.write(&name, &value);
+        self.pw.set(login, value.clone());
+        value
+    }
+
+    fn command(&self, sub: &str, extra: &[&str]) -> std::process::Command {
+        let mut cmd = bin();
+        cmd.arg(sub)
+            .args(self.cluster.conn_args())
+            .arg("--keys-dir")
+            .arg(self.keys.path())
+            .arg("--secrets-source-dir")
+            .arg(self.keys.path().join("no-such-dir"));
+        for (role, file) in ROLES {
+            cmd.arg("--role").arg(format!("{role}={file}"));
+        }
+        cmd.args(extra);
+        cmd
+    }
+
+    fn sync(&self, extra: &[&str]) -> Run {
+        let mut args = vec!["--overlap"];
+        args.extend_from_slice(extra);
+        run(self.command("sync", &args))
+    }
+
+    fn value(&self, sql: &str) -> String {
+        self.cluster.psql(sql)
+    }
+
+    /// `rolvaliduntil` as text ('' for NULL).
+    fn valid_until(&self, login: &str) -> String {
+        self.value(&format!(
+            "SELECT coalesce(rolvaliduntil::text, '') FROM pg_authid WHERE rolname = {}",
+            quote_literal(login)
+        ))
+    }
+
+    fn login(&self, login: &str) -> Result<(), String> {
+        self.cluster.login(login, self.pw.get(login))
+    }
+
+    fn assert_login(&self, login: &str) {
+        self.cluster.assert_login(login, self.pw.get(login));
+    }
+
+    fn leaks(&self, runs: &[&Run]) {
+        assert_no_leak(&self.pw.all(), Some(&self.cluster), runs);
+        let log = self.cluster.log_text();
+        assert!(
+            !log.contains("SCRAM-SHA-256$"),
+            "a verifier reached the server log"
+        );
+        assert!(
+            !log.contains("PASSWORD"),
+            "a password statement reached the server log"
+        );
+        // The twin statements run under the same suppression as the passwords.
+        for statement in [
+            "CREATE ROLE",
+            "GRANT ",
+            "VALID UNTIL",
+            "INTO pg_db_role_setting",
+        ] {
+            assert!(
+                !log.contains(statement),
+                "{statement} reached the server log"
+            );
+        }
+    }
+}
+
+/// Runs `statements` in one session as `login` over TCP; the first column of the first row
+/// of each (empty when none).
+fn session(port: u16, login: &str, password: &str, statements: &[&str]) -> Vec<String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host("127.0.0.1")
+            .port(port)
+            .user(login)
+            .password(password)
+            .dbname("postgres")
+            .connect_timeout(Duration::from_secs(10));
+        let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let mut out = Vec::new();
+        for statement in statements {
+            let messages = client.simple_query(statement).await.unwrap();
+            let first = messages.iter().find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => {
+                    Some(row.get(0).unwrap_or("").to_owned())
+                }
+                _ => None,
+            });
+            out.push(first.unwrap_or_default());
+        }
+        out
+    })
+}
+
+/// `xmin` of the rows a sync may write for the logins (pg_authid, pg_db_role_setting,
+/// pg_auth_members): unchanged means nothing was written.
+fn row_versions(s: &Setup) -> String {
+    s.value(
+        "SELECT string_agg(x, ',' ORDER BY x) FROM ( \
+           SELECT a.rolname || ':' || a.xmin::text AS x FROM pg_authid a \
+             WHERE a.rolname IN ('appuser','appuser_alt','backupuser','backupuser_alt') \
+           UNION ALL SELECT s.setrole::text || ':' || s.xmin::text FROM pg_db_role_setting s \
+           UNION ALL SELECT m.member::text || ':' || m.xmin::text FROM pg_auth_members m) v",
+    )
+}
+
+#[test]
+fn twins_are_created_with_the_passwords_and_a_second_sync_writes_nothing() {
+    let s = setup(|role| role.to_owned());
+    let out = s.sync(&[]);
+    let out = out.expect_ok();
+    for (role, _) in ROLES {
+        out.expect_stdout(&format!("role {role:?}: changed"));
+        out.expect_stdout(&format!("role {:?}: changed", twin(role)));
+        out.expect_stdout(&format!("login {:?}: created as the twin", twin(role)));
+        s.assert_login(role);
+        // Published: never expires. The twin nobody uses yet starts expired.
+        assert_eq!(s.valid_until(role), "infinity");
+        assert_eq!(s.valid_until(&twin(role)), "-infinity");
+        assert!(
+            s.login(&twin(role)).is_err(),
+            "an unpublished new twin logs in"
+        );
+        assert_eq!(
+            s.value(&format!(
+                "SELECT pg_has_role('{}', '{role}', 'MEMBER')::text",
+                twin(role)
+            )),
+            "true"
+        );
+    }
+    let before = (
+        s.cluster.rolpassword("appuser_alt"),
+        s.cluster.rolpassword("backupuser"),
+        row_versions(&s),
+    );
+
+    let again = s.sync(&[]);
+    let again = again.expect_ok();
+    assert_eq!(
+        again.stdout.matches(": unchanged").count(),
+        4,
+        "{}",
+        again.describe()
+    );
+    assert!(!again.stdout.contains("login \""), "{}", again.describe());
+    let after = (
+        s.cluster.rolpassword("appuser_alt"),
+        s.cluster.rolpassword("backupuser"),
+        row_versions(&s),
+    );
+    assert_eq!(before, after, "the second sync wrote something");
+    s.leaks(&[&out, &again]);
+}
+
+#[test]
+fn a_failing_statement_rolls_back_the_twin_creation_too() {
+    // The second role's twin cannot be made (names starting with pg_ are reserved), after
+    // the first role's twin was created and before any password is set.
+    let s = setup(|role| role.to_owned());
+    s.keys.write("monitor_pw", "x-unused-monitor");
+    s.keys.write("monitor_alt_pw", "x-unused-monitor-alt");
+    let mut text = std::fs::read_to_string(s.keys.path().join("pg_service.conf")).unwrap();
+    text.push_str("\n[pg_monitor]\nuser=pg_monitor\npassword=x-unused-monitor\n");
+    s.keys.write_raw("pg_service.conf", text.as_bytes());
+    let out = run(s.command("sync", &["--overlap", "--role", "pg_monitor=monitor_pw"]));
+    let out = out.expect_code(5);
+    out.expect_stderr("pg_monitor_alt");
+    for (role, _) in ROLES {
+        assert_eq!(
+            s.value(&format!(
+                "SELECT count(*) FROM pg_roles WHERE rolname = '{}'",
+                twin(role)
+            )),
+            "0",
+            "the twin of {role} survived the rollback"
+        );
+        assert!(s.login(role).is_err(), "{role}'s new password was applied");
+    }
+    s.leaks(&[&out]);
+}
+
+#[test]
+fn a_session_through_the_twin_acts_as_the_role_with_its_settings() {
+    let s = setup(twin);
+    s.value(
+        "CREATE SCHEMA \"My Schema\" AUTHORIZATION appuser; \
+         CREATE SCHEMA extra AUTHORIZATION appuser; \
+         ALTER ROLE appuser SET search_path = 'My Schema', extra, public; \
+         ALTER ROLE appuser SET statement_timeout = '1234ms'; \
+         ALTER ROLE appuser IN DATABASE postgres SET work_mem = '3MB'; \
+         ALTER ROLE appuser CONNECTION LIMIT 7",
+    );
+    s.cluster.clear_log();
+    let out = s.sync(&[]);
+    let out = out.expect_ok();
+    let port = s.cluster.port;
+    let probe = [
+        "SELECT current_user",
+        "SELECT session_user",
+        "SHOW search_path",
+        "SHOW statement_timeout",
+        "SHOW work_mem",
+    ];
+    let as_role = session(port, "appuser", s.pw.get("appuser"), &probe);
+    let as_twin = session(port, "appuser_alt", s.pw.get("appuser_alt"), &probe);
+    assert_eq!(as_role[0], "appuser");
+    assert_eq!(as_twin[0], "appuser", "current_user of a twin session");
+    assert_eq!(as_twin[1], "appuser_alt");
+    assert_eq!(
+        as_twin[2..],
+        as_role[2..],
+        "settings differ between role and twin"
+    );
+    assert_eq!(as_twin[2], "\"My Schema\", extra, public");
+    assert_eq!(as_twin[3], "1234ms");
+    assert_eq!(as_twin[4], "3MB");
+    let after_resets = session(
+        port,
+        "appuser_alt",
+        s.pw.get("appuser_alt"),
+        &[
+            "CREATE TABLE made_by_twin (x int)",
+            "SELECT current_user",
+            "RESET ROLE",
+            "SELECT current_user",
+            "DISCARD ALL",
+            "SELECT current_user",
+            "RESET ALL",
+            "SELECT current_user",
+        ],
+    );
+    assert_eq!(after_resets[1], "appuser");
+    assert_eq!(after_resets[3], "appuser", "after RESET ROLE");
+    assert_eq!(after_resets[5], "appuser", "after DISCARD ALL");
+    assert_eq!(after_resets[7], "appuser", "after RESET ALL");
+    assert_eq!(
+        s.value(
+            "SELECT schemaname || '.' || tableowner FROM pg_tables WHERE tablename = 'made_by_twin'"
+        ),
+        "My Schema.appuser"
+    );
+    assert_eq!(
+        s.value("SELECT rolconnlimit FROM pg_roles WHERE rolname = 'appuser_alt'"),
+        "7"
+    );
+
+    // A later change of the role's settings reaches the twin at the next sync.
+    s.value(
+        "ALTER ROLE appuser SET statement_timeout = '2s'; ALTER ROLE appuser CONNECTION LIMIT 9",
+    );
+    s.cluster.clear_log();
+    let again = s.sync(&[]);
+    let again = again.expect_ok();
+    again.expect_stdout("brought in line with role \"appuser\"");
+    let now = session(
+        port,
+        "appuser_alt",
+        s.pw.get("appuser_alt"),
+        &["SHOW statement_timeout"],
+    );
+    assert_eq!(now[0], "2s");
+    assert_eq!(
+        s.value("SELECT rolconnlimit FROM pg_roles WHERE rolname = 'appuser_alt'"),
+        "9"
+    );
+    s.leaks(&[&out, &again]);
+}
+
+/// A running `watch --overlap` sidecar.
+fn watcher(s: &Setup, grace: &str) -> (Running, tempfile::TempDir) {
+    let state = tempfile::tempdir().unwrap();
+    let cmd = s.command(
+        "watch",
+        &[
+            "--overlap",
+            "--grace",
+            grace,
+            "--debounce",
+            "50ms",
+            "--state-dir",
+            state.path().to_str().unwrap(),
+        ],
+    );
+    (Running::spawn(cmd), state)
+}
+
+#[test]
+fn publishing_the_twin_starts_the_old_logins_grace_and_the_server_ends_it() {
+    let mut s = setup(|role| role.to_owned());
+    let (watch, _state) = watcher(&s, "3s");
+    wait_until(LIMIT, "the first sync", || {
+        s.login("appuser").is_ok() && s.valid_until("appuser_alt") == "-infinity"
+    });
+
+    // Stage: a new password for the unpublished twin. It may log in, and never expires.
+    s.stage("appuser_alt");
+    wait_until(LIMIT, "the staged twin to log in", || {
+        s.login("appuser_alt").is_ok()
+    });
+    assert_eq!(s.valid_until("appuser_alt"), "infinity");
+    assert_eq!(s.valid_until("appuser"), "infinity");
+    // Another role's stage arriving in a later event leaves the pending one as it is.
+    s.stage("backupuser_alt");
+    wait_until(LIMIT, "the second staged twin to log in", || {
+        s.login("backupuser_alt").is_ok()
+    });
+    assert_eq!(s.valid_until("appuser_alt"), "infinity");
+
+    // Publish: only pg_service.conf changes; no password does.
+    s.publish(&[
+        ("appuser", "appuser_alt".to_owned()),
+        ("backupuser", "backupuser".to_owned()),
+    ]);
+    wait_until(LIMIT, "the old login's grace to start", || {
+        let until = s.valid_until("appuser");
+        !until.is_empty() && until != "infinity"
+    });
+    assert_eq!(s.valid_until("appuser_alt"), "infinity");
+    assert_eq!(
+        s.valid_until("backupuser"),
+        "infinity",
+        "the other role is untouched"
+    );
+    // The server ends the old login after the grace; the published one keeps working.
+    wait_until(LIMIT, "the server to refuse the old login", || {
+        s.login("appuser").is_err()
+    });
+    s.assert_login("appuser_alt");
+    s.assert_login("backupuser");
+    // An object made through the new login still belongs to the role.
+    session(
+        s.cluster.port,
+        "appuser_alt",
+        s.pw.get("appuser_alt"),
+        &["CREATE TABLE after_publish (x int)"],
+    );
+    assert_eq!(
+        s.value("SELECT tableowner FROM pg_tables WHERE tablename = 'after_publish'"),
+        "appuser"
+    );
+    let stderr = watch.stderr_so_far();
+    assert!(stderr.contains("no longer published"), "{stderr}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(watch.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = watch.finish(LIMIT);
+    let out = out.expect_ok();
+    s.leaks(&[&out]);
+}
+
+#[test]
+fn a_service_file_that_disagrees_with_the_password_files_applies_nothing() {
+    let s = setup(|role| role.to_owned());
+    s.sync(&[]).expect_ok();
+    let applied_backup = s.pw.get("backupuser").to_owned();
+    let mut s = s;
+    // A valid change to another role that must not be applied.
+    let pending = s.stage("backupuser");
+    let service = s.keys.path().join("pg_service.conf");
+    let good = std::fs::read(&service).unwrap();
+    let app = s.pw.get("appuser").to_owned();
+    let app_alt = s.pw.get("appuser_alt").to_owned();
+    type Breaker = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Breaker, &str)> = vec![
+        (
+            "wrong password",
+            Box::new(move |p: &Path| {
+                let text = format!("[appuser]\nuser=appuser\npassword={app_alt}\n");
+                std::fs::write(p, text).unwrap();
+            }),
+            "[appuser]",
+        ),
+        (
+            "unknown login",
+            Box::new(move |p: &Path| {
+                let text = format!("[appuser]\nuser=mallory\npassword={app}\n");
+                std::fs::write(p, text).unwrap();
+            }),
+            "[appuser]",
+        ),
+        (
+            "missing section",
+            Box::new(|p: &Path| std::fs::write(p, "[other]\nuser=appuser\n").unwrap()),
+            "[appuser]",
+        ),
+        (
+            "missing file",
+            Box::new(|p: &Path| std::fs::remove_file(p).unwrap()),
+            "pg_service.conf",
+        ),
+    ];
+    let mut runs = Vec::new();
+    for (what, break_it, section) in cases {
+        break_it(&service);
+        let out = s.sync(&[]);
+        let out = out.expect_code(3);
+        out.expect_stderr("pg_service.conf");
+        out.expect_stderr(section);
+        assert!(out.stdout.is_empty(), "{what}: {}", out.describe());
+        s.cluster.assert_login("backupuser", &applied_backup);
+        s.cluster.assert_no_login("backupuser", &pending);
+        runs.push(out);
+        s.keys.write_raw("pg_service.conf", &good);
+    }
+    let refs: Vec<&Run> = runs.iter().collect();
+    let mut secrets = s.pw.all();
+    secrets.push(&applied_backup);
+    assert_no_leak(&secrets, Some(&s.cluster), &refs);
+}
+
+#[test]
+fn a_twin_name_over_63_bytes_is_refused_before_connecting() {
+    let keys = Keys::new();
+    keys.write("long_pw", "value long enough");
+    let role = "r".repeat(60);
+    let mut cmd = bin();
+    cmd.arg("sync")
+        .arg("--keys-dir")
+        .arg(keys.path())
+        .args(["--overlap", "--pghost", "/nonexistent", "--role"])
+        .arg(format!("{role}=long_pw"));
+    let out = run(cmd);
+    let out = out.expect_code(3);
+    out.expect_stderr("64 bytes");
+    // A shorter suffix fits.
+    let mut ok = bin();
+    ok.arg("sync")
+        .arg("--keys-dir")
+        .arg(keys.path())
+        .args([
+            "--overlap",
+            "--twin-suffix",
+            "_b",
+            "--pghost",
+            "/nonexistent",
+            "--role",
+        ])
+        .arg(format!("{role}=long_pw"));
+    let out = run(ok);
+    // Past configuration: the twin's password file is what is missing now.
+    let out = out.expect_code(3);
+    out.expect_stderr("long_b_pw");
+}
+
+#[test]
+fn verify_overlap_checks_the_published_credentials_and_staged_the_others() {
+    let mut s = setup(|role| role.to_owned());
+    s.sync(&[]).expect_ok();
+    let verify = |s: &Setup, extra: &[&str]| {
+        let mut args = vec!["--overlap"];
+        args.extend_from_slice(extra);
+        run(s.command("verify", &args))
+    };
+    let published = verify(&s, &[]);
+    let published = published.expect_ok();
+    published
+        .expect_stdout("role \"appuser\": ok (logs in; a wrong password is refused, published)");
+    published.expect_stdout("role \"backupuser\": ok");
+    assert!(
+        !published.stdout.contains("_alt"),
+        "{}",
+        published.describe()
+    );
+
+    // The unpublished twins were created expired: --staged fails on them.
+    let staged = verify(&s, &["--staged"]);
+    let staged = staged.expect_code(7);
+    staged.expect_stdout("role \"appuser_alt\": FAILED");
+    // Staged and synced: they log in.
+    s.stage("appuser_alt");
+    s.stage("backupuser_alt");
+    s.sync(&[]).expect_ok();
+    let staged_ok = verify(&s, &["--staged"]);
+    let staged_ok = staged_ok.expect_ok();
+    staged_ok.expect_stdout(
+        "role \"appuser_alt\": ok (logs in; a wrong password is refused, unpublished)",
+    );
+
+    // The published credential no longer logs in: verify --overlap fails and says which.
+    s.cluster
+        .psql("ALTER ROLE appuser PASSWORD 'changed-behind-its-back'");
+    s.cluster.clear_log();
+    let broken = verify(&s, &[]);
+    let broken = broken.expect_code(7);
+    broken.expect_stdout("role \"appuser\": FAILED");
+    // --staged without --overlap is a usage error.
+    let mut cmd = s.command("verify", &["--staged"]);
+    cmd.arg("--host").arg("127.0.0.1");
+    run(cmd).expect_code(3);
+    s.leaks(&[&published, &staged, &staged_ok, &broken]);
+}
+
+#[test]
+fn turning_overlap_off_ends_the_twins_after_their_grace_and_never_drops_them() {
+    let s = setup(twin);
+    s.sync(&[]).expect_ok();
+    s.assert_login("appuser_alt");
+    assert_eq!(s.valid_until("appuser_alt"), "infinity");
+    // The twin made something (owned by the role); the twin itself owns nothing.
+    session(
+        s.cluster.port,
+        "appuser_alt",
+        s.pw.get("appuser_alt"),
+        &["CREATE TABLE kept (x int)"],
+    );
+    s.cluster.clear_log();
+
+    let off = run(s.command("sync", &["--grace", "2s"]));
+    let off = off.expect_ok();
+    off.expect_stdout("login \"appuser_alt\": overlap mode is off");
+    let until = s.valid_until("appuser_alt");
+    assert!(!until.is_empty() && until != "infinity", "{until}");
+    // Until the grace is over the twin still works; then the server refuses it.
+    wait_until(LIMIT, "the server to refuse the retired twin", || {
+        s.login("appuser_alt").is_err()
+    });
+    let later = run(s.command("sync", &["--grace", "2s"]));
+    let later = later.expect_ok();
+    later.expect_stdout("NOLOGIN");
+    for (role, _) in ROLES {
+        assert_eq!(
+            s.value(&format!(
+                "SELECT rolcanlogin::text FROM pg_roles WHERE rolname = '{}'",
+                twin(role)
+            )),
+            "false"
+        );
+    }
+    assert_eq!(
+        s.value("SELECT tableowner FROM pg_tables WHERE tablename = 'kept'"),
+        "appuser"
+    );
+    // Nothing more to do afterwards.
+    let quiet = run(s.command("sync", &["--grace", "2s"]));
+    let quiet = quiet.expect_ok();
+    assert!(!quiet.stdout.contains("login \""), "{}", quiet.describe());
+    s.leaks(&[&off, &later, &quiet]);
+}
+
+#[test]
+fn a_twin_name_held_by_someone_elses_role_or_a_superuser_is_refused() {
+    for (what, setup_sql) in [
+        ("not a twin", "CREATE ROLE appuser_alt LOGIN"),
+        (
+            "superuser",
+            "CREATE ROLE appuser_alt LOGIN SUPERUSER; GRANT appuser TO appuser_alt",
+        ),
+    ] {
+        let s = setup(|role| role.to_owned());
+        s.cluster.psql(setup_sql);
+        s.cluster.clear_log();
+        let out = s.sync(&[]);
+        let out = out.expect_code(5);
+        out.expect_stderr("appuser_alt");
+        out.expect_stderr(if what == "superuser" {
+            "is a superuser"
+        } else {
+            "is not a twin"
+        });
+        // Nothing applied: the role keeps its old password, the other role's twin was
+        // not created, and the foreign role got no password.
+        assert!(s.login("appuser").is_err(), "{what}");
+        assert!(s.cluster.rolpassword("appuser_alt").is_none(), "{what}");
+        assert_eq!(
+            s.value("SELECT count(*) FROM pg_roles WHERE rolname = 'backupuser_alt'"),
+            "0",
+            "{what}"
+        );
+        s.leaks(&[&out]);
+    }
+}
+
+#[test]
+fn health_sees_an_unsynced_change_of_the_published_login() {
+    let s = setup(|role| role.to_owned());
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().to_str().unwrap();
+    // A ten-minute debounce keeps the publish unsynced while health looks at it.
+    let watch = Running::spawn(s.command(
+        "watch",
+        &["--overlap", "--debounce", "10m", "--state-dir", state_dir],
+    ));
+    let health = || run(s.command("health", &["--overlap", "--state-dir", state_dir]));
+    wait_until(LIMIT, "health to report the first sync", || {
+        health().code() == Some(0)
+    });
+    s.publish(&[
+        ("appuser", "appuser_alt".to_owned()),
+        ("backupuser", "backupuser".to_owned()),
+    ]);
+    let out = health();
+    let out = out.expect_code(8);
+    out.expect_stderr("pg_service.conf");
+    out.expect_stderr("changed since the last sync");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(watch.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let stopped = watch.finish(LIMIT);
+    let stopped = stopped.expect_ok();
+    s.leaks(&[&out, &stopped]);
+}
+
+#[test]
+fn a_stage_rolled_back_to_the_old_password_does_not_live_on() {
+    let mut s = setup(|role| role.to_owned());
+    s.sync(&[]).expect_ok();
+    let retired = s.pw.get("appuser_alt").to_owned();
+    s.stage("appuser_alt");
+    let staged = s.sync(&["--grace", "1h"]);
+    let staged = staged.expect_ok();
+    staged.expect_stdout("login \"appuser_alt\": staged");
+    assert_eq!(s.valid_until("appuser_alt"), "infinity");
+    // `rotate` restores the file from its backup when the stage times out.
+    s.keys.write("postgres_app_user_alt_pw", &retired);
+    s.pw.set("appuser_alt", retired.clone());
+    let rolled_back = s.sync(&["--grace", "1h"]);
+    let rolled_back = rolled_back.expect_ok();
+    rolled_back.expect_stdout("rolled back");
+    let until = s.valid_until("appuser_alt");
+    assert!(!until.is_empty() && !until.contains("infinity"), "{until}");
+    assert_eq!(
+        s.value("SELECT (rolvaliduntil > now() + interval '50 minutes')::text FROM pg_authid WHERE rolname = 'appuser_alt'"),
+        "true",
+        "the grace is --grace long"
+    );
+    s.assert_login("appuser");
+    s.leaks(&[&staged, &rolled_back]);
+}
