@@ -418,6 +418,8 @@ def cmd_summary(a):
 
     rot_samples = [x for r in ok(rot) for x in r.get("rotation_ms", [])]
     rot_rename_samples = [x for r in ok(rot_rename) for x in r.get("rotation_ms", [])]
+    rot_rename_logged = [x for r in ok(rot_rename)
+                         for x in r.get("rotation_sync_logged_ms", []) if x is not None]
     ours_stop = [r for r in ok(ours) if "stop_ms" in r]
     base_stop = [r for r in ok(base) if "stop_ms" in r]
     roles_ours = [r["ms"] for r in roles if r["label"] == "ours" and r["rc"] == 0]
@@ -462,8 +464,6 @@ def cmd_summary(a):
          else s["roles_1000_ms"]["ours"] <= 1.5 * s["roles_1000_ms"]["psql_batch"]),
     ]
     rot_logged = [x for r in ok(rot) for x in r.get("rotation_sync_logged_ms", []) if x is not None]
-    rot_rename_logged = [x for r in ok(rot_rename)
-                         for x in r.get("rotation_sync_logged_ms", []) if x is not None]
     breakdown = {
         "ours_postgres_ready_logged_ms": med([r.get("pg_ready_logged_ms") for r in ok(ours)]),
         "ours_sync_logged_ms": med([r.get("synced_logged_ms") for r in ok(ours)]),

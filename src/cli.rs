@@ -187,7 +187,9 @@ pub struct SyncArgs {
 /// Watching the secret files (shared by `run` and `watch`).
 #[derive(Debug, Clone, Args)]
 pub struct WatchOptionsArgs {
-    /// Quiet period after a file event before re-reading the secrets, e.g. `250ms`.
+    /// Quiet period before re-reading the secrets after a file is written in place (once its
+    /// writer closed it) or otherwise changed, e.g. `250ms`. A file renamed into place (and a
+    /// Kubernetes `..data` swap) is read at once.
     #[arg(long, env = "PG_PASSWORD_SYNC_DEBOUNCE", default_value = "250ms", value_parser = parse_duration)]
     pub debounce: Duration,
     /// Full resync period even without file events (`0` = off), e.g. `5m`.

@@ -77,7 +77,8 @@ pub const RESYNC_SPACING: Duration = Duration::from_secs(1);
 /// How the secret files are watched (shared by `run` and `watch`).
 #[derive(Debug, Clone)]
 pub struct WatchOptions {
-    /// Quiet period after a file event before re-reading the secrets.
+    /// Quiet period before re-reading the secrets after an in-place write or another change
+    /// (a file renamed into place is read at once).
     pub debounce: Duration,
     /// Period of the resync that checks every role (`ZERO` = off).
     pub resync_interval: Duration,
