@@ -12,6 +12,8 @@ mod health;
 mod keyfiles;
 mod logging;
 mod postmaster;
+#[cfg(test)]
+mod properties;
 mod run;
 mod runtime;
 mod secret;
