@@ -13,6 +13,8 @@ mod keyfiles;
 mod logging;
 mod overlap;
 mod postmaster;
+#[cfg(test)]
+mod properties;
 mod run;
 mod runtime;
 mod secret;
