@@ -1036,3 +1036,94 @@ fn a_watcher_rotation_held_up_by_the_leaked_login_is_applied_and_the_log_says_wh
     all.push(&rotated);
     assert_no_leak(&all, Some(&cluster), &[&out]);
 }
+
+/// SQL run in database `db` as the superuser over the socket (test setup).
+fn psql_in(cluster: &Cluster, db: &str, sql: &str) -> String {
+    use std::io::Write;
+    let mut child = psql_superuser(&cluster.sock, cluster.port)
+        .args(["-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", db])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(sql.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "psql failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A database owned by the application login, which the sync is pointed at (`PGDATABASE`
+/// set to the application's database is common).
+fn app_owned_database(cluster: &Cluster) -> &'static str {
+    cluster.psql("CREATE DATABASE appdb OWNER appuser");
+    "appdb"
+}
+
+#[test]
+fn a_database_owner_cannot_plant_functions_the_superuser_sync_runs() {
+    let (cluster, keys, secrets) = started();
+    known_password(&cluster, "appuser");
+    let db = app_owned_database(&cluster);
+    // Everything below is done as appuser (SET ROLE): what the owner of the database the
+    // sync connects to can do with only its own rights. Each planted function makes its
+    // caller's role, when that is a superuser, grant superuser to appuser, then behaves
+    // like the catalog's function.
+    psql_in(
+        &cluster,
+        db,
+        "SET ROLE appuser;\n\
+         CREATE SCHEMA trap;\n\
+         CREATE FUNCTION trap.escalate() RETURNS void LANGUAGE plpgsql AS $$ BEGIN \
+           IF (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN \
+             EXECUTE 'ALTER ROLE appuser SUPERUSER'; END IF; END $$;\n\
+         CREATE FUNCTION trap.pg_is_in_recovery() RETURNS boolean LANGUAGE plpgsql AS $$ \
+           BEGIN PERFORM trap.escalate(); RETURN pg_catalog.pg_is_in_recovery(); END $$;\n\
+         CREATE FUNCTION trap.pg_advisory_xact_lock(bigint) RETURNS void LANGUAGE plpgsql AS $$ \
+           BEGIN PERFORM trap.escalate(); PERFORM pg_catalog.pg_advisory_xact_lock($1); END $$;\n\
+         CREATE FUNCTION trap.pg_blocking_pids(integer) RETURNS integer[] LANGUAGE plpgsql AS $$ \
+           BEGIN PERFORM trap.escalate(); RETURN pg_catalog.pg_blocking_pids($1); END $$;\n\
+         CREATE VIEW trap.pg_authid AS SELECT a.* FROM pg_catalog.pg_authid a, \
+           LATERAL (SELECT trap.escalate()) e;\n\
+         ALTER DATABASE appdb SET search_path = trap, pg_catalog;",
+    );
+    let out = sync_with_env(&cluster, &keys, &[("PGDATABASE", db)]).expect_ok();
+    assert_eq!(
+        cluster.psql("SELECT rolsuper FROM pg_roles WHERE rolname = 'appuser'"),
+        "f",
+        "the sync ran a function the application planted, as the superuser"
+    );
+    for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&secrets) {
+        cluster.assert_login(role, secret);
+    }
+    assert_no_verifier_in_log(&cluster);
+    assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
+}
+
+#[test]
+fn a_database_owner_cannot_make_the_superuser_sync_run_as_itself() {
+    let (cluster, keys, secrets) = started();
+    known_password(&cluster, "appuser");
+    let db = app_owned_database(&cluster);
+    // `role` set for the database: every session there starts with SET ROLE appuser, and
+    // the superuser is a member of every role, so its sessions would too.
+    psql_in(
+        &cluster,
+        db,
+        "SET ROLE appuser; ALTER DATABASE appdb SET role = 'appuser';",
+    );
+    let out = sync_with_env(&cluster, &keys, &[("PGDATABASE", db)]).expect_ok();
+    for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&secrets) {
+        cluster.assert_login(role, secret);
+    }
+    assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
+}

@@ -211,7 +211,8 @@ impl Syncer {
     }
 
     /// Connects as the superuser: OS identity, then the password from its file, then the
-    /// remembered one.
+    /// remembered one. The session is then pinned to the catalog and the login's own role
+    /// (`sql::PINNED_SESSION`) before anything else runs on it.
     pub async fn connect_superuser(
         &self,
         secrets: &[(RoleSpec, Secret)],
@@ -238,7 +239,13 @@ impl Syncer {
         {
             methods.push(Auth::Password(secret, "last applied superuser password"));
         }
-        connect::connect_any(&self.config, &self.config.superuser, &methods).await
+        let client = connect::connect_any(&self.config, &self.config.superuser, &methods).await?;
+        client
+            .batch_execute(sql::PINNED_SESSION)
+            .await
+            .context("pinning the search path and role of the session (sql::PINNED_SESSION)")
+            .context(Failure::Sql)?;
+        Ok(client)
     }
 }
 

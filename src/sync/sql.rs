@@ -52,6 +52,18 @@ pub fn bounds(lock_timeout: Duration) -> [String; 3] {
     ]
 }
 
+/// Sent first on every connection the sync opens as the superuser, before any other
+/// statement. The database it connects to may be owned by an ordinary login (a
+/// `PGDATABASE` naming the application's database), and a database's owner can attach
+/// settings to it that every session there starts with: a `search_path` naming one of its
+/// schemas before `pg_catalog` would make our unqualified `pg_is_in_recovery()`,
+/// `pg_authid`, `pg_blocking_pids()` … resolve to its functions and views, run with
+/// superuser rights; a `role` would run the whole sync as that login. The search path
+/// is set to the catalog alone (`pg_temp` named last, so no temporary relation comes
+/// first) and `SET ROLE NONE` returns to the login's own role (`RESET ROLE` would return
+/// to the database's setting).
+pub const PINNED_SESSION: &str = "SET search_path = pg_catalog, pg_temp; SET ROLE NONE";
+
 /// Sent before `BEGIN`: whether a whole transaction is sampled for logging is decided when
 /// it starts, so this one cannot be a `SET LOCAL` inside it. The connection is the sync's
 /// own and closed after it.
