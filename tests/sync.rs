@@ -1127,3 +1127,154 @@ fn a_database_owner_cannot_make_the_superuser_sync_run_as_itself() {
     }
     assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
 }
+
+/// A cluster that allows prepared transactions (off by default: `max_prepared_transactions`
+/// is 0, which keeps this attack out), with the default roles set up.
+fn started_with_prepared_transactions() -> (Cluster, Keys, Vec<String>) {
+    let cluster = Cluster::start_with(&ClusterOptions {
+        extra_conf: vec!["max_prepared_transactions = 4".into()],
+        ..ClusterOptions::default()
+    });
+    let keys = Keys::new();
+    let secrets = setup(&cluster, &keys);
+    (cluster, keys, secrets)
+}
+
+/// Runs `sql` as `role` (password login over TCP) in database `db`, and ends the session:
+/// what a leaked login can leave behind with `PREPARE TRANSACTION`.
+fn psql_login(cluster: &Cluster, role: &str, password: &str, db: &str, sql: &str) {
+    let out = as_server_user(pg_bin("psql"))
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+        .args([
+            "-p",
+            &cluster.port.to_string(),
+            "-U",
+            role,
+            "-d",
+            db,
+            "-c",
+            sql,
+        ])
+        .env("PGPASSWORD", password)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "psql as {role} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The global transaction ids still prepared.
+fn prepared_gids(cluster: &Cluster) -> String {
+    cluster.psql("SELECT string_agg(gid, ',' ORDER BY gid) FROM pg_prepared_xacts")
+}
+
+#[test]
+fn a_prepared_transaction_of_a_login_holding_its_own_row_is_rolled_back_and_the_rotation_applies() {
+    let (cluster, keys, secrets) = started_with_prepared_transactions();
+    let own = known_password(&cluster, "appuser");
+    cluster.psql("CREATE DATABASE otherdb");
+    cluster.clear_log();
+    // pg_authid is shared by all databases: the login locks its row from another database,
+    // and the prepared transaction keeps the lock with no session that could be ended.
+    psql_login(
+        &cluster,
+        "appuser",
+        &own,
+        "otherdb",
+        &format!(
+            "BEGIN; ALTER ROLE appuser PASSWORD {}; PREPARE TRANSACTION 'held-row';",
+            quote_literal(&unique("hostile-other"))
+        ),
+    );
+    let out = sync_with_env(
+        &cluster,
+        &keys,
+        &[
+            ("PG_PASSWORD_SYNC_TERMINATE_BLOCKERS_AFTER", "1s"),
+            ("PG_PASSWORD_SYNC_LOCK_WAIT_TIMEOUT", "5s"),
+        ],
+    );
+    let out = out.expect_ok();
+    out.expect_stderr(
+        "prepared transaction \"held-row\" (role \"appuser\", database \"otherdb\", prepared ",
+    )
+    .expect_stderr("rolled back blocking prepared transactions of non-superusers: ");
+    assert_eq!(
+        prepared_gids(&cluster),
+        "",
+        "the prepared transaction is gone"
+    );
+    for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&secrets) {
+        cluster.assert_login(role, secret);
+    }
+    cluster.assert_no_login("appuser", &own);
+    assert_no_verifier_in_log(&cluster);
+    assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
+}
+
+#[test]
+fn a_prepared_transaction_of_a_login_holding_the_sync_lock_is_rolled_back() {
+    let (cluster, keys, secrets) = started_with_prepared_transactions();
+    let own = known_password(&cluster, "appuser");
+    psql_login(
+        &cluster,
+        "appuser",
+        &own,
+        "postgres",
+        &format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({SYNC_LOCK}); PREPARE TRANSACTION 'held-lock';"
+        ),
+    );
+    let out = sync_with_env(
+        &cluster,
+        &keys,
+        &[
+            ("PG_PASSWORD_SYNC_TERMINATE_BLOCKERS_AFTER", "1s"),
+            ("PG_PASSWORD_SYNC_LOCK_WAIT_TIMEOUT", "5s"),
+        ],
+    );
+    let out = out.expect_ok();
+    out.expect_stderr(
+        "prepared transaction \"held-lock\" (role \"appuser\", database \"postgres\"",
+    );
+    assert_eq!(prepared_gids(&cluster), "");
+    for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&secrets) {
+        cluster.assert_login(role, secret);
+    }
+    assert_no_password_statement(&cluster.log_text());
+    assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
+}
+
+#[test]
+fn a_superuser_prepared_transaction_is_named_and_never_rolled_back() {
+    let (cluster, keys, secrets) = started_with_prepared_transactions();
+    let boss = known_password(&cluster, "boss");
+    cluster.psql("ALTER ROLE boss SUPERUSER");
+    psql_login(
+        &cluster,
+        "boss",
+        &boss,
+        "postgres",
+        &format!("BEGIN; SELECT pg_advisory_xact_lock({SYNC_LOCK}); PREPARE TRANSACTION 'admin';"),
+    );
+    let before = stored_verifiers(&cluster);
+    let out = sync_with_env(
+        &cluster,
+        &keys,
+        &[
+            ("PG_PASSWORD_SYNC_TERMINATE_BLOCKERS_AFTER", "1s"),
+            ("PG_PASSWORD_SYNC_LOCK_WAIT_TIMEOUT", "3s"),
+        ],
+    );
+    let out = out.expect_code(5);
+    out.expect_stderr(
+        "prepared transaction \"admin\" (role \"boss\", superuser, database \"postgres\"",
+    )
+    .expect_stderr("gave up after waiting ");
+    assert_eq!(prepared_gids(&cluster), "admin", "never rolled back");
+    assert_eq!(stored_verifiers(&cluster), before, "nothing was applied");
+    cluster.psql("ROLLBACK PREPARED 'admin'");
+    assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
+}

@@ -217,6 +217,17 @@ impl Syncer {
         &self,
         secrets: &[(RoleSpec, Secret)],
     ) -> anyhow::Result<Client> {
+        self.connect_superuser_to(secrets, None).await
+    }
+
+    /// `connect_superuser` to another database of the same server (`None`: the configured
+    /// one), for the watchdog's `ROLLBACK PREPARED`, which works only in the prepared
+    /// transaction's own database.
+    pub async fn connect_superuser_to(
+        &self,
+        secrets: &[(RoleSpec, Secret)],
+        dbname: Option<String>,
+    ) -> anyhow::Result<Client> {
         let from_set = secrets
             .iter()
             .find(|(r, _)| r.name == self.config.superuser)
@@ -239,7 +250,18 @@ impl Syncer {
         {
             methods.push(Auth::Password(secret, "last applied superuser password"));
         }
-        let client = connect::connect_any(&self.config, &self.config.superuser, &methods).await?;
+        let other;
+        let config = match dbname {
+            Some(dbname) => {
+                other = Config {
+                    dbname,
+                    ..self.config.clone()
+                };
+                &other
+            }
+            None => &self.config,
+        };
+        let client = connect::connect_any(config, &self.config.superuser, &methods).await?;
         client
             .batch_execute(sql::PINNED_SESSION)
             .await
@@ -306,7 +328,7 @@ async fn apply(
     let iterations = scram::iterations_for(row.get::<_, Option<&str>>(1));
     let mut watchdog = locks::Watchdog::new(
         options.blockers,
-        Box::new(move || Box::pin(syncer.connect_superuser(login))),
+        Box::new(move |dbname| Box::pin(syncer.connect_superuser_to(login, dbname))),
     );
     watchdog.set_backend_pid(row.get(2));
     let names: Vec<String> = secrets.iter().map(|(r, _)| r.name.clone()).collect();
