@@ -1278,3 +1278,63 @@ fn a_superuser_prepared_transaction_is_named_and_never_rolled_back() {
     cluster.psql("ROLLBACK PREPARED 'admin'");
     assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
 }
+
+#[test]
+fn a_replication_login_holding_the_sync_lock_from_a_walsender_is_ended() {
+    let (cluster, keys, secrets) = started();
+    let own = known_password(&cluster, "appuser");
+    // A REPLICATION login (a change-data-capture user, say) opens a logical replication
+    // connection: a walsender, not a client backend, that still runs plain SQL.
+    cluster.psql("ALTER ROLE appuser REPLICATION");
+    cluster.clear_log();
+    let mut walsender = as_server_user(pg_bin("psql"))
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
+        .arg(format!(
+            "host=127.0.0.1 port={} user=appuser dbname=postgres replication=database",
+            cluster.port
+        ))
+        .env("PGPASSWORD", &own)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let stdin = walsender.stdin.as_mut().unwrap();
+        writeln!(stdin, "SELECT pg_advisory_lock({SYNC_LOCK});").unwrap();
+        stdin.flush().unwrap();
+    }
+    wait_until(
+        Duration::from_secs(20),
+        "the walsender to hold the lock",
+        || {
+            cluster.psql(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+             WHERE l.locktype = 'advisory' AND l.granted AND a.backend_type = 'walsender'",
+            ) == "1"
+        },
+    );
+    let pid = cluster.psql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'walsender'");
+
+    let out = sync_with_env(
+        &cluster,
+        &keys,
+        &[
+            ("PG_PASSWORD_SYNC_TERMINATE_BLOCKERS_AFTER", "1s"),
+            ("PG_PASSWORD_SYNC_LOCK_WAIT_TIMEOUT", "5s"),
+        ],
+    );
+    drop(walsender.stdin.take());
+    let _ = walsender.kill();
+    let _ = walsender.wait();
+    let out = out.expect_ok();
+    out.expect_stderr(&format!(
+        "ended blocking non-superuser sessions: pid {pid} (role \"appuser\""
+    ));
+    for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&secrets) {
+        cluster.assert_login(role, secret);
+    }
+    assert_no_password_statement(&cluster.log_text());
+    assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
+}

@@ -89,7 +89,10 @@ pub struct Blocker {
     pub state: String,
     /// Since its transaction (or, idle, its last state change) began.
     pub for_secs: f64,
-    /// A client backend (as opposed to an autovacuum worker, a walsender, …).
+    /// A session a login opened: a client backend, or a walsender (a logical replication
+    /// connection runs plain SQL too, so a REPLICATION login can hold our locks from one;
+    /// a walsender that only streams never holds them), as opposed to the server's own
+    /// processes (autovacuum workers, background workers, …).
     pub client: bool,
     /// Set for a prepared transaction (pid 0): its global id and database.
     pub prepared: Option<Prepared>,
@@ -173,7 +176,7 @@ const BLOCKERS_SQL: &str = "\
     SELECT b.pid, a.usename::text, coalesce(r.rolsuper, false), coalesce(a.state, ''), \
            coalesce(extract(epoch FROM now() - coalesce(a.xact_start, a.state_change, \
                                                         a.backend_start))::float8, 0), \
-           coalesce(a.backend_type = 'client backend', false) \
+           coalesce(a.backend_type IN ('client backend', 'walsender'), false) \
     FROM unnest(pg_blocking_pids($1)) AS b(pid) \
     LEFT JOIN pg_stat_activity a ON a.pid = b.pid \
     LEFT JOIN pg_roles r ON r.oid = a.usesysid \
