@@ -208,6 +208,16 @@ const PREPARED_SQL: &str = "\
     WHERE w.pid = $1 AND NOT w.granted \
     ORDER BY p.gid";
 
+/// Ends session `$1` only if it is still what `may_be_ended` allows (a non-superuser
+/// login's client backend or walsender) and still blocks backend `$2`: no row otherwise.
+const TERMINATE_SQL: &str = "\
+    SELECT pg_catalog.pg_terminate_backend(a.pid) \
+    FROM pg_catalog.pg_stat_activity a \
+    JOIN pg_catalog.pg_roles r ON r.oid = a.usesysid \
+    WHERE a.pid = $1 AND NOT r.rolsuper \
+      AND a.backend_type IN ('client backend', 'walsender') \
+      AND a.pid = ANY (pg_catalog.pg_blocking_pids($2))";
+
 /// Opens a second connection as the superuser, like the sync's own: to the sync's
 /// database (`None`, the watchdog's) or to the one named (where a prepared transaction
 /// must be rolled back).
@@ -452,16 +462,21 @@ impl<'a> Watchdog<'a> {
         for blocker in self
             .last_seen
             .iter()
-            .filter(|b| b.may_be_ended() && !self.ended.contains(&b.pid))
+            .filter(|b| b.may_be_ended() && b.prepared.is_none() && !self.ended.contains(&b.pid))
         {
             // pg_terminate_backend rolls back the session's transaction and closes it,
-            // which releases its locks (advisory ones included) at once.
+            // which releases its locks (advisory ones included) at once. The conditions are
+            // checked again in the same statement: the session seen a moment ago may have
+            // ended and its pid been reused, or its role been made a superuser since.
             match monitor
-                .query_one("SELECT pg_terminate_backend($1)", &[&blocker.pid])
+                .query_opt(TERMINATE_SQL, &[&blocker.pid, &self.backend_pid])
                 .await
             {
-                Ok(row) if row.get::<_, bool>(0) => ended.push(blocker.clone()),
-                Ok(_) => tracing::warn!(pid = blocker.pid, "could not end blocking session"),
+                Ok(Some(row)) if row.get::<_, bool>(0) => ended.push(blocker.clone()),
+                // No longer a non-superuser session blocking us: nothing to end (the next
+                // look sees it again if it still blocks).
+                Ok(None) => {}
+                Ok(Some(_)) => tracing::warn!(pid = blocker.pid, "could not end blocking session"),
                 Err(err) => {
                     tracing::warn!(pid = blocker.pid, "could not end blocking session: {err}")
                 }
