@@ -1110,17 +1110,22 @@ fn a_database_owner_cannot_plant_functions_the_superuser_sync_runs() {
 }
 
 #[test]
-fn a_database_owner_cannot_make_the_superuser_sync_run_as_itself() {
+fn a_database_owner_cannot_make_the_superuser_sync_run_as_itself_or_fail() {
     let (cluster, keys, secrets) = started();
     known_password(&cluster, "appuser");
     let db = app_owned_database(&cluster);
     // `role` set for the database: every session there starts with SET ROLE appuser, and
-    // the superuser is a member of every role, so its sessions would too.
-    psql_in(
-        &cluster,
-        db,
-        "SET ROLE appuser; ALTER DATABASE appdb SET role = 'appuser';",
-    );
+    // the superuser is a member of every role, so its sessions would too. Read-only
+    // transactions and tiny timeouts would make every sync fail.
+    let mut settings = "SET ROLE appuser; ALTER DATABASE appdb SET role = 'appuser'; \
+         ALTER DATABASE appdb SET default_transaction_read_only = on; \
+         ALTER DATABASE appdb SET idle_in_transaction_session_timeout = '1ms'; \
+         ALTER DATABASE appdb SET lock_timeout = '1ms';"
+        .to_owned();
+    if pg_major() >= 17 {
+        settings.push_str("ALTER DATABASE appdb SET transaction_timeout = '1ms';");
+    }
+    psql_in(&cluster, db, &settings);
     let out = sync_with_env(&cluster, &keys, &[("PGDATABASE", db)]).expect_ok();
     for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&secrets) {
         cluster.assert_login(role, secret);
