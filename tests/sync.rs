@@ -1343,3 +1343,32 @@ fn a_replication_login_holding_the_sync_lock_from_a_walsender_is_ended() {
     assert_no_password_statement(&cluster.log_text());
     assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
 }
+
+#[test]
+fn a_superuser_locking_pg_authid_while_the_sync_waits_cannot_stall_it_past_its_bound() {
+    let (cluster, keys, secrets) = started();
+    let boss = known_password(&cluster, "boss");
+    cluster.psql("ALTER ROLE boss SUPERUSER");
+    cluster.clear_log();
+    let admin = Session::connect(cluster.port, "boss", &boss);
+    admin.exec("BEGIN").unwrap();
+    admin
+        .exec(&format!("SELECT pg_advisory_xact_lock({SYNC_LOCK})"))
+        .unwrap();
+    let mut cmd = bin_for("sync", &cluster, &keys);
+    cmd.env("PG_PASSWORD_SYNC_TERMINATE_BLOCKERS_AFTER", "off")
+        .env("PG_PASSWORD_SYNC_LOCK_WAIT_TIMEOUT", "4s");
+    let sync = Running::spawn(cmd);
+    // Once the watchdog has named the blocker (its second connection is open), the
+    // administrator's transaction also locks pg_authid, which that connection reads.
+    sync.wait_stderr(
+        Duration::from_secs(20),
+        "the sync is blocked by other sessions",
+    );
+    let _locked = admin.send("LOCK TABLE pg_authid IN ACCESS EXCLUSIVE MODE");
+    let out = sync.finish(Duration::from_secs(30));
+    drop(admin);
+    let out = out.expect_code(5);
+    out.expect_stderr("gave up after waiting ");
+    assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
+}

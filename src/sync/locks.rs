@@ -37,6 +37,11 @@ const FIRST_LOOK: Duration = Duration::from_secs(1);
 /// How often it looks again while the wait goes on.
 const POLL: Duration = Duration::from_millis(250);
 
+/// The longest one look may take (its queries are catalog reads that take milliseconds,
+/// but a superuser's `LOCK TABLE pg_authid` makes them wait): the watchdog must never be
+/// what keeps the sync from seeing its own statement end.
+const LOOK_LIMIT: Duration = Duration::from_secs(2);
+
 /// The least total wait: enough for termination to happen before the sync gives up.
 const TERMINATE_GRACE: Duration = Duration::from_secs(2);
 
@@ -297,7 +302,19 @@ impl<'a> Watchdog<'a> {
             tokio::select! {
                 result = &mut statement => return self.outcome(what, started, result),
                 () = tokio::time::sleep_until(next_look) => {
-                    self.look(started).await;
+                    if tokio::time::timeout(LOOK_LIMIT, self.look(started)).await.is_err() {
+                        // Its session is stuck behind a lock (its statement_timeout ends
+                        // that on the server); the next look opens a new one.
+                        self.monitor = None;
+                        if !self.monitor_failed {
+                            tracing::warn!(
+                                "the sync is waiting for a lock; looking for who holds it \
+                                 took over {}s",
+                                LOOK_LIMIT.as_secs_f64()
+                            );
+                        }
+                        self.monitor_failed = true;
+                    }
                     next_look = tokio::time::Instant::now() + POLL;
                 }
             }
@@ -405,11 +422,18 @@ impl<'a> Watchdog<'a> {
 
     async fn blockers(&mut self) -> anyhow::Result<Vec<Blocker>> {
         if self.monitor.as_ref().is_none_or(Client::is_closed) {
-            self.monitor = Some(
-                (self.connect)(None)
-                    .await
-                    .context("opening a second connection")?,
-            );
+            let monitor = (self.connect)(None)
+                .await
+                .context("opening a second connection")?;
+            // The server ends a look stuck behind a lock, as the client stops waiting.
+            monitor
+                .batch_execute(&format!(
+                    "SET statement_timeout = {}",
+                    LOOK_LIMIT.as_millis()
+                ))
+                .await
+                .context("bounding the second connection's statements")?;
+            self.monitor = Some(monitor);
         }
         let monitor = self.monitor.as_ref().context("no second connection")?;
         let rows = monitor
