@@ -22,12 +22,15 @@
 //! through `AuthWatch`, which fails the connection before anything is sent when the
 //! server asks for the password in clear text or as MD5: a password leaves only through
 //! SCRAM, which never reveals it and whose final message proves that the server holds
-//! the role's verifier (tokio-postgres checks that signature), so a stand-in cannot
-//! answer `ok` either.
+//! the role's verifier (tokio-postgres checks that signature). A login counts as `ok` only
+//! when it went through that exchange: a stand-in that refuses each decoy and lets each
+//! real login in without asking for anything proves nothing, and is `not verifiable`.
 
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context as TaskContext, Poll, ready};
 
 use anyhow::Context;
@@ -183,7 +186,7 @@ async fn probe(config: &Config, role: &str) -> Probe {
         Ok(decoy) => decoy,
         Err(err) => return Probe::Failed(err),
     };
-    match login(config, role, &decoy).await {
+    match login(config, role, &decoy).await.map(|(client, _)| client) {
         Ok(_) => Probe::Trusted,
         Err(err) if sqlstate_is(&err, &tokio_postgres::error::SqlState::INVALID_PASSWORD) => {
             Probe::Checked
@@ -264,11 +267,21 @@ async fn check_role(config: &Config, role: &str, secret: &Secret) -> RoleCheck {
         }
     }
     match login(config, role, secret).await {
-        Ok(_) => RoleCheck::new(
+        Ok((_, Checked::Scram)) => RoleCheck::new(
             role,
             Status::Ok,
             &at,
             "logs in; a wrong password is refused".into(),
+        ),
+        Ok((_, Checked::Not)) => RoleCheck::new(
+            role,
+            Status::NotVerifiable,
+            &at,
+            format!(
+                "the server let {role:?} in at {at} without checking a password (no SCRAM \
+                 exchange), although it refused a wrong one just before: not the same server \
+                 or rule each time, so a login proves nothing"
+            ),
         ),
         Err(err) => RoleCheck::new(role, Status::Failed, &at, format!("{err:#}")),
     }
@@ -323,9 +336,23 @@ fn sqlstate_is(err: &anyhow::Error, state: &tokio_postgres::error::SqlState) -> 
     })
 }
 
+/// Whether a login that succeeded proved the password.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Checked {
+    /// Through SCRAM, whose final message (its signature checked by tokio-postgres) shows
+    /// the server holds the role's verifier.
+    Scram,
+    /// Let in without any password exchange.
+    Not,
+}
+
 /// Logs in as `role` with `password` over TCP to `config`'s host, the way the
 /// application does, except that the password is sent only through SCRAM (`AuthWatch`).
-async fn login(config: &Config, role: &str, password: &Secret) -> anyhow::Result<Client> {
+async fn login(
+    config: &Config,
+    role: &str,
+    password: &Secret,
+) -> anyhow::Result<(Client, Checked)> {
     let Host::Tcp(host) = &config.host else {
         // Verify always sets a TCP host; a socket would be the superuser's way in.
         anyhow::bail!("verify logs in over TCP only");
@@ -341,9 +368,13 @@ async fn login(config: &Config, role: &str, password: &Secret) -> anyhow::Result
             .await
             .with_context(|| format!("connecting to {host}:{}", config.port))?;
         let _ = stream.set_nodelay(true);
+        let scram_done = Arc::new(AtomicBool::new(false));
         let watched = Watched {
             inner: stream,
-            watch: AuthWatch::default(),
+            watch: AuthWatch {
+                scram_done: scram_done.clone(),
+                ..AuthWatch::default()
+            },
         };
         let (client, connection) = pg.connect_raw(watched, NoTls).await?;
         tokio::spawn(async move {
@@ -351,7 +382,12 @@ async fn login(config: &Config, role: &str, password: &Secret) -> anyhow::Result
                 tracing::debug!("connection closed: {err}");
             }
         });
-        anyhow::Ok(client)
+        let checked = if scram_done.load(Ordering::Relaxed) {
+            Checked::Scram
+        } else {
+            Checked::Not
+        };
+        anyhow::Ok((client, checked))
     };
     tokio::time::timeout(config.connect_timeout, attempt)
         .await
@@ -363,7 +399,8 @@ async fn login(config: &Config, role: &str, password: &Secret) -> anyhow::Result
 /// password itself: `AuthenticationCleartextPassword` (3) and `AuthenticationMD5Password`
 /// (5: a hash under a salt the listener picks, open to offline guessing and to relaying
 /// to the real server). SASL (10–12) and anything else pass; `AuthenticationOk` (0) ends
-/// the watch. The sync stores SCRAM verifiers, for which the server asks for SCRAM under
+/// the watch, and `scram_done` tells whether a SCRAM exchange reached its final message
+/// (12) before it. The sync stores SCRAM verifiers, for which the server asks for SCRAM under
 /// both `scram-sha-256` and `md5` lines; only a `password` line asks for clear text.
 #[derive(Debug, Default)]
 struct AuthWatch {
@@ -371,6 +408,7 @@ struct AuthWatch {
     /// Bytes of the current message still to pass unread.
     skip: usize,
     done: bool,
+    scram_done: Arc<AtomicBool>,
 }
 
 impl AuthWatch {
@@ -409,6 +447,7 @@ impl AuthWatch {
             if self.head[0] == b'R' {
                 match u32::from_be_bytes([self.head[5], self.head[6], self.head[7], self.head[8]]) {
                     0 => self.done = true,
+                    12 => self.scram_done.store(true, Ordering::Relaxed),
                     3 => {
                         return Err("the server asked for the password in clear text \
                                     (pg_hba.conf `password`, or not the server at all); \
@@ -570,10 +609,13 @@ mod tests {
         message(b'R', &body)
     }
 
-    /// Feeds `stream` in pieces of `chunk` bytes.
-    fn watch(stream: &[u8], chunk: usize) -> Result<(), &'static str> {
+    /// Feeds `stream` in pieces of `chunk` bytes; whether a SCRAM exchange was completed.
+    fn watch(stream: &[u8], chunk: usize) -> Result<bool, &'static str> {
         let mut watch = AuthWatch::default();
-        stream.chunks(chunk).try_for_each(|piece| watch.feed(piece))
+        stream
+            .chunks(chunk)
+            .try_for_each(|piece| watch.feed(piece))?;
+        Ok(watch.scram_done.load(Ordering::Relaxed))
     }
 
     #[test]
@@ -591,12 +633,14 @@ mod tests {
         let clear = [message(b'N', b"SNOTICE\0\0"), auth(3, b"")].concat();
         let md5 = auth(5, b"salt");
         for chunk in [1, 2, 3, 5, 8, 9, 1000] {
-            assert_eq!(watch(&scram, chunk), Ok(()), "chunk {chunk}");
+            assert_eq!(watch(&scram, chunk), Ok(true), "chunk {chunk}");
+            // Let in at once (trust, or a stand-in): no SCRAM exchange.
+            assert_eq!(watch(&auth(0, b""), chunk), Ok(false));
             assert!(watch(&clear, chunk).unwrap_err().contains("clear text"));
             assert!(watch(&md5, chunk).unwrap_err().contains("MD5"));
         }
         let refused = message(b'E', b"SFATAL\0C28P01\0\0");
-        assert_eq!(watch(&refused, 3), Ok(()));
+        assert_eq!(watch(&refused, 3), Ok(false));
     }
 
     #[test]

@@ -215,8 +215,23 @@ struct PasswordHarvester {
     thread: Option<std::thread::JoinHandle<Vec<String>>>,
 }
 
+/// What the stand-in does with the `n`th connection (from 1).
+#[derive(Clone, Copy)]
+enum StandIn {
+    /// Asks for the password in clear text, keeps it, refuses it.
+    Harvest,
+    /// Refuses the first two connections (the discovery probe, the first role's decoy) and
+    /// then every other one, and lets the rest in without asking for anything: each decoy
+    /// is refused and each real login accepted, as if the password were checked.
+    Fickle,
+}
+
 impl PasswordHarvester {
     fn listen(address: &str, port: u16) -> PasswordHarvester {
+        PasswordHarvester::stand_in(address, port, StandIn::Harvest)
+    }
+
+    fn stand_in(address: &str, port: u16, mode: StandIn) -> PasswordHarvester {
         use std::io::{Read, Write};
         use std::sync::atomic::Ordering;
         let listener = std::net::TcpListener::bind((address, port)).unwrap();
@@ -225,6 +240,7 @@ impl PasswordHarvester {
         let stopped = stop.clone();
         let thread = std::thread::spawn(move || {
             let mut harvest = Vec::new();
+            let mut n = 0;
             while !stopped.load(Ordering::Relaxed) {
                 let mut conn = match listener.accept() {
                     Ok((conn, _)) => conn,
@@ -243,17 +259,32 @@ impl PasswordHarvester {
                 if conn.read_exact(&mut startup).is_err() {
                     continue;
                 }
-                // AuthenticationCleartextPassword.
-                let _ = conn.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 3]);
-                let mut head = [0u8; 5];
-                if conn.read_exact(&mut head).is_err() || head[0] != b'p' {
-                    continue;
-                }
-                let n = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize - 4;
-                let mut body = vec![0u8; n];
-                if conn.read_exact(&mut body).is_ok() {
-                    let text = String::from_utf8_lossy(&body);
-                    harvest.push(text.trim_end_matches('\0').to_owned());
+                n += 1;
+                match mode {
+                    StandIn::Fickle if n > 2 && n % 2 == 1 => {
+                        // AuthenticationOk, then ReadyForQuery (idle).
+                        let _ = conn.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0]);
+                        let _ = conn.write_all(&[b'Z', 0, 0, 0, 5, b'I']);
+                        // Held open until the client closes it.
+                        let _ = conn.read(&mut [0u8; 64]);
+                        continue;
+                    }
+                    StandIn::Fickle => {}
+                    StandIn::Harvest => {
+                        // AuthenticationCleartextPassword.
+                        let _ = conn.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 3]);
+                        let mut head = [0u8; 5];
+                        if conn.read_exact(&mut head).is_err() || head[0] != b'p' {
+                            continue;
+                        }
+                        let len =
+                            u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize - 4;
+                        let mut body = vec![0u8; len];
+                        if conn.read_exact(&mut body).is_ok() {
+                            let text = String::from_utf8_lossy(&body);
+                            harvest.push(text.trim_end_matches('\0').to_owned());
+                        }
+                    }
                 }
                 let mut fields = Vec::new();
                 for (code, value) in [
@@ -323,5 +354,25 @@ fn a_server_asking_for_the_password_in_clear_text_is_not_sent_it() {
     let out = out.expect_code(7);
     out.expect_stdout("clear text");
     assert!(!out.stdout.contains(": ok"), "{}", out.describe());
+    assert_no_leak(&refs(&secrets), Some(&cluster), &[&out]);
+}
+
+#[test]
+fn a_stand_in_that_refuses_each_decoy_and_lets_each_real_login_in_is_not_ok() {
+    let own = non_loopback_ipv4();
+    if own.is_empty() {
+        skip("no non-loopback IPv4 address on this machine to discover");
+        return;
+    }
+    let (cluster, keys, secrets) = official_cluster("127.0.0.1");
+    let stand_in = PasswordHarvester::stand_in(&own[0], cluster.port, StandIn::Fickle);
+    let out = verify(&cluster, &keys, &[]);
+    stand_in.harvest();
+    assert!(
+        !out.stdout.contains(": ok"),
+        "verify called a login ok that proved nothing: {}",
+        out.describe()
+    );
+    assert!(out.code() != Some(0), "{}", out.describe());
     assert_no_leak(&refs(&secrets), Some(&cluster), &[&out]);
 }
