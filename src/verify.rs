@@ -361,6 +361,9 @@ async fn login(
     pg.user(role)
         .dbname(&config.dbname)
         .application_name("pg-password-sync")
+        // No SSLRequest: its one-byte answer is no message, and `AuthWatch` reads the
+        // stream from its first byte as messages (NoTls would skip it anyway).
+        .ssl_mode(tokio_postgres::config::SslMode::Disable)
         .password(password.expose());
     let attempt = async {
         // tokio resolves a name off the runtime's thread and tries each address in turn.
