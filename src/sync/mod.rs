@@ -211,8 +211,8 @@ impl Syncer {
     }
 
     /// Connects as the superuser: OS identity, then the password from its file, then the
-    /// remembered one. The session is then pinned to the catalog and the login's own role
-    /// (`sql::PINNED_SESSION`) before anything else runs on it.
+    /// remembered one. The session is then pinned to the catalog, the login's own role and
+    /// default timeouts (`sql::PIN_FIRST`, `sql::PINNED_SESSION`) before anything else runs.
     pub async fn connect_superuser(
         &self,
         secrets: &[(RoleSpec, Secret)],
@@ -262,11 +262,13 @@ impl Syncer {
             None => &self.config,
         };
         let client = connect::connect_any(config, &self.config.superuser, &methods).await?;
-        client
-            .batch_execute(sql::PINNED_SESSION)
-            .await
-            .context("pinning the search path and role of the session (sql::PINNED_SESSION)")
-            .context(Failure::Sql)?;
+        for statement in [sql::PIN_FIRST, sql::PINNED_SESSION] {
+            client
+                .batch_execute(statement)
+                .await
+                .context("pinning the search path, role and timeouts of the session")
+                .context(Failure::Sql)?;
+        }
         Ok(client)
     }
 }
