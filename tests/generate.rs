@@ -1458,3 +1458,38 @@ fn a_symlinked_backup_is_neither_listed_restored_nor_pruned() {
     assert!(is_link(&planted), "{out}");
     outside_dir_untouched(&elsewhere, &out);
 }
+
+/// Replaces `file` in `keys/` by a hard link to `target`: the same file under two names,
+/// which a local user who can write to `keys/` makes to any file on the same filesystem
+/// where `fs.protected_hardlinks` is 0 (the kernel's own default).
+fn plant_hard_link(fx: &Fixture, file: &str, target: &Path) {
+    let link = fx.keys().join(file);
+    fs::remove_file(&link).unwrap();
+    fs::hard_link(target, &link).unwrap();
+}
+
+#[test]
+fn a_key_file_hard_linked_to_another_file_is_refused_and_that_file_untouched() {
+    let (fx, snap) = Fixture::new().generated();
+    let target = outside_target(&fx, "target.txt");
+    plant_hard_link(&fx, "redis_password.txt", &target);
+    let out = run(with_oidc_env(generate(&fx.dir, &[]))).expect_code(3);
+    untouched(&target, &out);
+    assert!(out.stderr.contains("redis_password.txt"), "{out}");
+    assert!(out.stderr.contains("hard link"), "{out}");
+    let manifest = fx.dir.parent().unwrap().join("m.yaml");
+    let out = run(generate(
+        &fx.dir,
+        &[
+            "--k8s-secret",
+            "app",
+            "--output",
+            manifest.to_str().unwrap(),
+        ],
+    ))
+    .expect_code(3);
+    untouched(&target, &out);
+    target_not_revealed(&out, Some(&manifest));
+    out.assert_output_free_of(values(&[&snap]).iter().map(Vec::as_slice));
+    assert!(!manifest.exists(), "{out}");
+}

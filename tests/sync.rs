@@ -1036,3 +1036,339 @@ fn a_watcher_rotation_held_up_by_the_leaked_login_is_applied_and_the_log_says_wh
     all.push(&rotated);
     assert_no_leak(&all, Some(&cluster), &[&out]);
 }
+
+/// SQL run in database `db` as the superuser over the socket (test setup).
+fn psql_in(cluster: &Cluster, db: &str, sql: &str) -> String {
+    use std::io::Write;
+    let mut child = psql_superuser(&cluster.sock, cluster.port)
+        .args(["-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", db])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(sql.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "psql failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A database owned by the application login, which the sync is pointed at (`PGDATABASE`
+/// set to the application's database is common).
+fn app_owned_database(cluster: &Cluster) -> &'static str {
+    cluster.psql("CREATE DATABASE appdb OWNER appuser");
+    "appdb"
+}
+
+#[test]
+fn a_database_owner_cannot_plant_functions_the_superuser_sync_runs() {
+    let (cluster, keys, secrets) = started();
+    known_password(&cluster, "appuser");
+    let db = app_owned_database(&cluster);
+    // Everything below is done as appuser (SET ROLE): what the owner of the database the
+    // sync connects to can do with only its own rights. Each planted function makes its
+    // caller's role, when that is a superuser, grant superuser to appuser, then behaves
+    // like the catalog's function.
+    psql_in(
+        &cluster,
+        db,
+        "SET ROLE appuser;\n\
+         CREATE SCHEMA trap;\n\
+         CREATE FUNCTION trap.escalate() RETURNS void LANGUAGE plpgsql AS $$ BEGIN \
+           IF (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN \
+             EXECUTE 'ALTER ROLE appuser SUPERUSER'; END IF; END $$;\n\
+         CREATE FUNCTION trap.pg_is_in_recovery() RETURNS boolean LANGUAGE plpgsql AS $$ \
+           BEGIN PERFORM trap.escalate(); RETURN pg_catalog.pg_is_in_recovery(); END $$;\n\
+         CREATE FUNCTION trap.pg_advisory_xact_lock(bigint) RETURNS void LANGUAGE plpgsql AS $$ \
+           BEGIN PERFORM trap.escalate(); PERFORM pg_catalog.pg_advisory_xact_lock($1); END $$;\n\
+         CREATE FUNCTION trap.pg_blocking_pids(integer) RETURNS integer[] LANGUAGE plpgsql AS $$ \
+           BEGIN PERFORM trap.escalate(); RETURN pg_catalog.pg_blocking_pids($1); END $$;\n\
+         CREATE VIEW trap.pg_authid AS SELECT a.* FROM pg_catalog.pg_authid a, \
+           LATERAL (SELECT trap.escalate()) e;\n\
+         ALTER DATABASE appdb SET search_path = trap, pg_catalog;",
+    );
+    let out = sync_with_env(&cluster, &keys, &[("PGDATABASE", db)]).expect_ok();
+    assert_eq!(
+        cluster.psql("SELECT rolsuper FROM pg_roles WHERE rolname = 'appuser'"),
+        "f",
+        "the sync ran a function the application planted, as the superuser"
+    );
+    for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&secrets) {
+        cluster.assert_login(role, secret);
+    }
+    assert_no_verifier_in_log(&cluster);
+    assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
+}
+
+#[test]
+fn a_database_owner_cannot_make_the_superuser_sync_run_as_itself_or_fail() {
+    let (cluster, keys, secrets) = started();
+    known_password(&cluster, "appuser");
+    let db = app_owned_database(&cluster);
+    // `role` set for the database: every session there starts with SET ROLE appuser, and
+    // the superuser is a member of every role, so its sessions would too. Read-only
+    // transactions and tiny timeouts would make every sync fail.
+    let mut settings = "SET ROLE appuser; ALTER DATABASE appdb SET role = 'appuser'; \
+         ALTER DATABASE appdb SET default_transaction_read_only = on; \
+         ALTER DATABASE appdb SET idle_in_transaction_session_timeout = '1ms'; \
+         ALTER DATABASE appdb SET lock_timeout = '1ms';"
+        .to_owned();
+    if pg_major() >= 17 {
+        settings.push_str("ALTER DATABASE appdb SET transaction_timeout = '1ms';");
+    }
+    psql_in(&cluster, db, &settings);
+    let out = sync_with_env(&cluster, &keys, &[("PGDATABASE", db)]).expect_ok();
+    for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&secrets) {
+        cluster.assert_login(role, secret);
+    }
+    assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
+}
+
+/// A cluster that allows prepared transactions (off by default: `max_prepared_transactions`
+/// is 0, which keeps this attack out), with the default roles set up.
+fn started_with_prepared_transactions() -> (Cluster, Keys, Vec<String>) {
+    let cluster = Cluster::start_with(&ClusterOptions {
+        extra_conf: vec!["max_prepared_transactions = 4".into()],
+        ..ClusterOptions::default()
+    });
+    let keys = Keys::new();
+    let secrets = setup(&cluster, &keys);
+    (cluster, keys, secrets)
+}
+
+/// Runs `sql` as `role` (password login over TCP) in database `db`, and ends the session:
+/// what a leaked login can leave behind with `PREPARE TRANSACTION`.
+fn psql_login(cluster: &Cluster, role: &str, password: &str, db: &str, sql: &str) {
+    let out = as_server_user(pg_bin("psql"))
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+        .args([
+            "-p",
+            &cluster.port.to_string(),
+            "-U",
+            role,
+            "-d",
+            db,
+            "-c",
+            sql,
+        ])
+        .env("PGPASSWORD", password)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "psql as {role} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The global transaction ids still prepared.
+fn prepared_gids(cluster: &Cluster) -> String {
+    cluster.psql("SELECT string_agg(gid, ',' ORDER BY gid) FROM pg_prepared_xacts")
+}
+
+#[test]
+fn a_prepared_transaction_of_a_login_holding_its_own_row_is_rolled_back_and_the_rotation_applies() {
+    let (cluster, keys, secrets) = started_with_prepared_transactions();
+    let own = known_password(&cluster, "appuser");
+    cluster.psql("CREATE DATABASE otherdb");
+    cluster.clear_log();
+    // pg_authid is shared by all databases: the login locks its row from another database,
+    // and the prepared transaction keeps the lock with no session that could be ended.
+    psql_login(
+        &cluster,
+        "appuser",
+        &own,
+        "otherdb",
+        &format!(
+            "BEGIN; ALTER ROLE appuser PASSWORD {}; PREPARE TRANSACTION 'held-row';",
+            quote_literal(&unique("hostile-other"))
+        ),
+    );
+    let out = sync_with_env(
+        &cluster,
+        &keys,
+        &[
+            ("PG_PASSWORD_SYNC_TERMINATE_BLOCKERS_AFTER", "1s"),
+            ("PG_PASSWORD_SYNC_LOCK_WAIT_TIMEOUT", "5s"),
+        ],
+    );
+    let out = out.expect_ok();
+    out.expect_stderr(
+        "prepared transaction \"held-row\" (role \"appuser\", database \"otherdb\", prepared ",
+    )
+    .expect_stderr("rolled back blocking prepared transactions of non-superusers: ");
+    assert_eq!(
+        prepared_gids(&cluster),
+        "",
+        "the prepared transaction is gone"
+    );
+    for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&secrets) {
+        cluster.assert_login(role, secret);
+    }
+    cluster.assert_no_login("appuser", &own);
+    assert_no_verifier_in_log(&cluster);
+    assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
+}
+
+#[test]
+fn a_prepared_transaction_of_a_login_holding_the_sync_lock_is_rolled_back() {
+    let (cluster, keys, secrets) = started_with_prepared_transactions();
+    let own = known_password(&cluster, "appuser");
+    psql_login(
+        &cluster,
+        "appuser",
+        &own,
+        "postgres",
+        &format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({SYNC_LOCK}); PREPARE TRANSACTION 'held-lock';"
+        ),
+    );
+    let out = sync_with_env(
+        &cluster,
+        &keys,
+        &[
+            ("PG_PASSWORD_SYNC_TERMINATE_BLOCKERS_AFTER", "1s"),
+            ("PG_PASSWORD_SYNC_LOCK_WAIT_TIMEOUT", "5s"),
+        ],
+    );
+    let out = out.expect_ok();
+    out.expect_stderr(
+        "prepared transaction \"held-lock\" (role \"appuser\", database \"postgres\"",
+    );
+    assert_eq!(prepared_gids(&cluster), "");
+    for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&secrets) {
+        cluster.assert_login(role, secret);
+    }
+    assert_no_password_statement(&cluster.log_text());
+    assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
+}
+
+#[test]
+fn a_superuser_prepared_transaction_is_named_and_never_rolled_back() {
+    let (cluster, keys, secrets) = started_with_prepared_transactions();
+    let boss = known_password(&cluster, "boss");
+    cluster.psql("ALTER ROLE boss SUPERUSER");
+    psql_login(
+        &cluster,
+        "boss",
+        &boss,
+        "postgres",
+        &format!("BEGIN; SELECT pg_advisory_xact_lock({SYNC_LOCK}); PREPARE TRANSACTION 'admin';"),
+    );
+    let before = stored_verifiers(&cluster);
+    let out = sync_with_env(
+        &cluster,
+        &keys,
+        &[
+            ("PG_PASSWORD_SYNC_TERMINATE_BLOCKERS_AFTER", "1s"),
+            ("PG_PASSWORD_SYNC_LOCK_WAIT_TIMEOUT", "3s"),
+        ],
+    );
+    let out = out.expect_code(5);
+    out.expect_stderr(
+        "prepared transaction \"admin\" (role \"boss\", superuser, database \"postgres\"",
+    )
+    .expect_stderr("gave up after waiting ");
+    assert_eq!(prepared_gids(&cluster), "admin", "never rolled back");
+    assert_eq!(stored_verifiers(&cluster), before, "nothing was applied");
+    cluster.psql("ROLLBACK PREPARED 'admin'");
+    assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
+}
+
+#[test]
+fn a_replication_login_holding_the_sync_lock_from_a_walsender_is_ended() {
+    let (cluster, keys, secrets) = started();
+    let own = known_password(&cluster, "appuser");
+    // A REPLICATION login (a change-data-capture user, say) opens a logical replication
+    // connection: a walsender, not a client backend, that still runs plain SQL.
+    cluster.psql("ALTER ROLE appuser REPLICATION");
+    cluster.clear_log();
+    let mut walsender = as_server_user(pg_bin("psql"))
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
+        .arg(format!(
+            "host=127.0.0.1 port={} user=appuser dbname=postgres replication=database",
+            cluster.port
+        ))
+        .env("PGPASSWORD", &own)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let stdin = walsender.stdin.as_mut().unwrap();
+        writeln!(stdin, "SELECT pg_advisory_lock({SYNC_LOCK});").unwrap();
+        stdin.flush().unwrap();
+    }
+    wait_until(
+        Duration::from_secs(20),
+        "the walsender to hold the lock",
+        || {
+            cluster.psql(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+             WHERE l.locktype = 'advisory' AND l.granted AND a.backend_type = 'walsender'",
+            ) == "1"
+        },
+    );
+    let pid = cluster.psql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'walsender'");
+
+    let out = sync_with_env(
+        &cluster,
+        &keys,
+        &[
+            ("PG_PASSWORD_SYNC_TERMINATE_BLOCKERS_AFTER", "1s"),
+            ("PG_PASSWORD_SYNC_LOCK_WAIT_TIMEOUT", "5s"),
+        ],
+    );
+    drop(walsender.stdin.take());
+    let _ = walsender.kill();
+    let _ = walsender.wait();
+    let out = out.expect_ok();
+    out.expect_stderr(&format!(
+        "ended blocking non-superuser sessions: pid {pid} (role \"appuser\""
+    ));
+    for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&secrets) {
+        cluster.assert_login(role, secret);
+    }
+    assert_no_password_statement(&cluster.log_text());
+    assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
+}
+
+#[test]
+fn a_superuser_locking_pg_authid_while_the_sync_waits_cannot_stall_it_past_its_bound() {
+    let (cluster, keys, secrets) = started();
+    let boss = known_password(&cluster, "boss");
+    cluster.psql("ALTER ROLE boss SUPERUSER");
+    cluster.clear_log();
+    let admin = Session::connect(cluster.port, "boss", &boss);
+    admin.exec("BEGIN").unwrap();
+    admin
+        .exec(&format!("SELECT pg_advisory_xact_lock({SYNC_LOCK})"))
+        .unwrap();
+    let mut cmd = bin_for("sync", &cluster, &keys);
+    cmd.env("PG_PASSWORD_SYNC_TERMINATE_BLOCKERS_AFTER", "off")
+        .env("PG_PASSWORD_SYNC_LOCK_WAIT_TIMEOUT", "4s");
+    let sync = Running::spawn(cmd);
+    // Once the watchdog has named the blocker (its second connection is open), the
+    // administrator's transaction also locks pg_authid, which that connection reads.
+    sync.wait_stderr(
+        Duration::from_secs(20),
+        "the sync is blocked by other sessions",
+    );
+    let _locked = admin.send("LOCK TABLE pg_authid IN ACCESS EXCLUSIVE MODE");
+    let out = sync.finish(Duration::from_secs(30));
+    drop(admin);
+    let out = out.expect_code(5);
+    out.expect_stderr("gave up after waiting ");
+    assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
+}

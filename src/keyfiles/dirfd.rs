@@ -256,11 +256,25 @@ impl Dir {
 
     /// Opens the regular file `name` for reading: without following a link, without
     /// blocking (a FIFO would block `open` until a writer came), and checked on the
-    /// descriptor; `None` if missing.
+    /// descriptor; `None` if missing. A file with more than one name is refused too: a hard
+    /// link is a link (where `fs.protected_hardlinks` is 0, anyone who can write here can
+    /// give any file of the filesystem a name here), and reading it into a manifest or
+    /// changing its mode would reach that other file. Nothing of ours makes hard links.
     pub fn open_file(&self, name: &str) -> anyhow::Result<Option<(File, FileStat)>> {
         let flags = base_flags() | OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK;
         match openat(&self.fd, name, flags, Mode::empty()) {
-            Ok(fd) => checked_file(fd, &self.shown(name)).map(Some),
+            Ok(fd) => {
+                let shown = self.shown(name);
+                let (file, stat) = checked_file(fd, &shown)?;
+                if stat.st_nlink > 1 {
+                    return Err(refused(format!(
+                        "{shown} has {} names (hard links), which `generate` does not read or \
+                         change (replace it by a copy of its own: cp, then mv over it)",
+                        stat.st_nlink
+                    )));
+                }
+                Ok(Some((file, stat)))
+            }
             Err(Errno::ENOENT) => Ok(None),
             Err(Errno::ELOOP) => Err(refused(format!(
                 "{} {}",
@@ -559,6 +573,9 @@ mod tests {
             read_followed_file(Path::new("/dev/zero"), 10).unwrap_err()
         );
         assert!(err.contains("not a regular file"), "{err}");
+        std::fs::hard_link(tmp.path().join("s/f"), tmp.path().join("s/g")).unwrap();
+        let err = format!("{:#}", root.read_file("g", 10).unwrap_err());
+        assert!(err.contains("hard links"), "{err}");
         nix::unistd::mkfifo(&tmp.path().join("s/fifo"), Mode::from_bits_truncate(0o600)).unwrap();
         let err = format!("{:#}", root.read_file("fifo", 10).unwrap_err());
         assert!(err.contains("not a regular file"), "{err}");

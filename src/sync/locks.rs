@@ -12,6 +12,16 @@
 //! its own statement when the total wait reaches `lock_wait`, with an error naming the
 //! sessions it waited for. Superuser sessions are never ended: they are the
 //! administrator's, and the wait for them is only bounded.
+//!
+//! Where `max_prepared_transactions` is above its default of 0, a login can also leave
+//! its lock in a prepared transaction (`BEGIN; ALTER ROLE self PASSWORD …; PREPARE
+//! TRANSACTION …`, from any database since `pg_authid` is shared), which no session holds
+//! and `pg_terminate_backend` cannot end. Such a transaction is found through `pg_locks`
+//! and `pg_prepared_xacts`, named by its global id, owner and database, and, when its
+//! owner is not a superuser, rolled back (`ROLLBACK PREPARED`, in its own database) on the
+//! same schedule as a session is ended: a rotation is not postponed by any non-superuser.
+//! A distributed transaction has no reason to hold a role's `pg_authid` row or the sync's
+//! key for long; its transaction manager learns of the rollback at `COMMIT PREPARED`.
 
 use std::fmt::{self, Write as _};
 use std::time::{Duration, Instant};
@@ -26,6 +36,11 @@ const FIRST_LOOK: Duration = Duration::from_secs(1);
 
 /// How often it looks again while the wait goes on.
 const POLL: Duration = Duration::from_millis(250);
+
+/// The longest one look may take (its queries are catalog reads that take milliseconds,
+/// but a superuser's `LOCK TABLE pg_authid` makes them wait): the watchdog must never be
+/// what keeps the sync from seeing its own statement end.
+const LOOK_LIMIT: Duration = Duration::from_secs(2);
 
 /// The least total wait: enough for termination to happen before the sync gives up.
 const TERMINATE_GRACE: Duration = Duration::from_secs(2);
@@ -79,20 +94,54 @@ pub struct Blocker {
     pub state: String,
     /// Since its transaction (or, idle, its last state change) began.
     pub for_secs: f64,
-    /// A client backend (as opposed to an autovacuum worker, a walsender, …).
+    /// A session a login opened: a client backend, or a walsender (a logical replication
+    /// connection runs plain SQL too, so a REPLICATION login can hold our locks from one;
+    /// a walsender that only streams never holds them), as opposed to the server's own
+    /// processes (autovacuum workers, background workers, …).
     pub client: bool,
+    /// Set for a prepared transaction (pid 0): its global id and database.
+    pub prepared: Option<Prepared>,
+}
+
+/// A prepared transaction that blocks the sync (`pg_prepared_xacts`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prepared {
+    pub gid: String,
+    pub database: String,
 }
 
 impl Blocker {
     /// Only sessions of login roles without superuser are ended: background processes are
     /// the server's own, and superusers' sessions the administrator's.
+    /// A prepared transaction (no session) is rolled back on the same terms: when it is
+    /// known to belong to a non-superuser.
     pub fn may_be_ended(&self) -> bool {
-        self.client && self.role.is_some() && !self.superuser && self.pid > 0
+        let by_login = self.role.is_some() && !self.superuser;
+        match self.prepared {
+            Some(_) => by_login,
+            None => self.client && by_login && self.pid > 0,
+        }
     }
 }
 
 impl fmt::Display for Blocker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(prepared) = &self.prepared {
+            // Debug quoting: the global id and names are outside input.
+            write!(f, "prepared transaction {:?} (", prepared.gid)?;
+            match &self.role {
+                Some(role) => write!(f, "role {role:?}")?,
+                None => f.write_str("owner unknown")?,
+            }
+            if self.superuser {
+                f.write_str(", superuser")?;
+            }
+            return write!(
+                f,
+                ", database {:?}, prepared {:.1}s ago)",
+                prepared.database, self.for_secs
+            );
+        }
         if self.pid == 0 {
             return f.write_str("a prepared transaction");
         }
@@ -132,15 +181,55 @@ const BLOCKERS_SQL: &str = "\
     SELECT b.pid, a.usename::text, coalesce(r.rolsuper, false), coalesce(a.state, ''), \
            coalesce(extract(epoch FROM now() - coalesce(a.xact_start, a.state_change, \
                                                         a.backend_start))::float8, 0), \
-           coalesce(a.backend_type = 'client backend', false) \
+           coalesce(a.backend_type IN ('client backend', 'walsender'), false) \
     FROM unnest(pg_blocking_pids($1)) AS b(pid) \
     LEFT JOIN pg_stat_activity a ON a.pid = b.pid \
     LEFT JOIN pg_roles r ON r.oid = a.usesysid \
     ORDER BY b.pid";
 
-/// Opens the watchdog's second connection (as the superuser, like the sync's own).
-pub type Connector<'a> =
-    Box<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = anyhow::Result<Client>> + 'a>> + 'a>;
+/// The prepared transactions that hold a lock backend `$1` waits for. `pg_blocking_pids`
+/// shows them only as pid 0; `pg_locks` shows their locks with no pid, and each one's own
+/// transaction id lock (same virtual transaction) links it to `pg_prepared_xacts`. An
+/// owner that is not a role any more counts as a superuser (never rolled back).
+const PREPARED_SQL: &str = "\
+    SELECT DISTINCT p.gid, p.owner::text, coalesce(r.rolsuper, true), p.database::text, \
+           extract(epoch FROM now() - p.prepared)::float8 \
+    FROM pg_catalog.pg_locks w \
+    JOIN pg_catalog.pg_locks h ON h.pid IS NULL AND h.granted \
+         AND h.locktype = w.locktype \
+         AND h.database IS NOT DISTINCT FROM w.database \
+         AND h.relation IS NOT DISTINCT FROM w.relation \
+         AND h.page IS NOT DISTINCT FROM w.page \
+         AND h.tuple IS NOT DISTINCT FROM w.tuple \
+         AND h.virtualxid IS NOT DISTINCT FROM w.virtualxid \
+         AND h.transactionid IS NOT DISTINCT FROM w.transactionid \
+         AND h.classid IS NOT DISTINCT FROM w.classid \
+         AND h.objid IS NOT DISTINCT FROM w.objid \
+         AND h.objsubid IS NOT DISTINCT FROM w.objsubid \
+    JOIN pg_catalog.pg_locks x ON x.pid IS NULL AND x.locktype = 'transactionid' \
+         AND x.virtualtransaction = h.virtualtransaction \
+    JOIN pg_catalog.pg_prepared_xacts p ON p.transaction = x.transactionid \
+    LEFT JOIN pg_catalog.pg_roles r ON r.rolname = p.owner \
+    WHERE w.pid = $1 AND NOT w.granted \
+    ORDER BY p.gid";
+
+/// Ends session `$1` only if it is still what `may_be_ended` allows (a non-superuser
+/// login's client backend or walsender) and still blocks backend `$2`: no row otherwise.
+const TERMINATE_SQL: &str = "\
+    SELECT pg_catalog.pg_terminate_backend(a.pid) \
+    FROM pg_catalog.pg_stat_activity a \
+    JOIN pg_catalog.pg_roles r ON r.oid = a.usesysid \
+    WHERE a.pid = $1 AND NOT r.rolsuper \
+      AND a.backend_type IN ('client backend', 'walsender') \
+      AND a.pid = ANY (pg_catalog.pg_blocking_pids($2))";
+
+/// Opens a second connection as the superuser, like the sync's own: to the sync's
+/// database (`None`, the watchdog's) or to the one named (where a prepared transaction
+/// must be rolled back).
+pub type Connector<'a> = Box<
+    dyn Fn(Option<String>) -> std::pin::Pin<Box<dyn Future<Output = anyhow::Result<Client>> + 'a>>
+        + 'a,
+>;
 
 /// Watches the waits of one sync (all its attempts) from a second connection.
 pub struct Watchdog<'a> {
@@ -163,6 +252,8 @@ pub struct Watchdog<'a> {
     gave_up: bool,
     /// Sessions already ended (a dying session may still show up on the next look).
     ended: Vec<i32>,
+    /// Prepared transactions already rolled back, by global id.
+    rolled_back: Vec<String>,
 }
 
 impl<'a> Watchdog<'a> {
@@ -178,6 +269,7 @@ impl<'a> Watchdog<'a> {
             last_seen: Vec::new(),
             gave_up: false,
             ended: Vec::new(),
+            rolled_back: Vec::new(),
         }
     }
 
@@ -210,7 +302,19 @@ impl<'a> Watchdog<'a> {
             tokio::select! {
                 result = &mut statement => return self.outcome(what, started, result),
                 () = tokio::time::sleep_until(next_look) => {
-                    self.look(started).await;
+                    if tokio::time::timeout(LOOK_LIMIT, self.look(started)).await.is_err() {
+                        // Its session is stuck behind a lock (its statement_timeout ends
+                        // that on the server); the next look opens a new one.
+                        self.monitor = None;
+                        if !self.monitor_failed {
+                            tracing::warn!(
+                                "the sync is waiting for a lock; looking for who holds it \
+                                 took over {}s",
+                                LOOK_LIMIT.as_secs_f64()
+                            );
+                        }
+                        self.monitor_failed = true;
+                    }
                     next_look = tokio::time::Instant::now() + POLL;
                 }
             }
@@ -318,18 +422,25 @@ impl<'a> Watchdog<'a> {
 
     async fn blockers(&mut self) -> anyhow::Result<Vec<Blocker>> {
         if self.monitor.as_ref().is_none_or(Client::is_closed) {
-            self.monitor = Some(
-                (self.connect)()
-                    .await
-                    .context("opening a second connection")?,
-            );
+            let monitor = (self.connect)(None)
+                .await
+                .context("opening a second connection")?;
+            // The server ends a look stuck behind a lock, as the client stops waiting.
+            monitor
+                .batch_execute(&format!(
+                    "SET statement_timeout = {}",
+                    LOOK_LIMIT.as_millis()
+                ))
+                .await
+                .context("bounding the second connection's statements")?;
+            self.monitor = Some(monitor);
         }
         let monitor = self.monitor.as_ref().context("no second connection")?;
         let rows = monitor
             .query(BLOCKERS_SQL, &[&self.backend_pid])
             .await
             .context("reading who blocks the sync (pg_blocking_pids)")?;
-        Ok(rows
+        let mut blockers: Vec<Blocker> = rows
             .iter()
             .map(|row| Blocker {
                 pid: row.get(0),
@@ -338,8 +449,32 @@ impl<'a> Watchdog<'a> {
                 state: row.get(3),
                 for_secs: row.get(4),
                 client: row.get(5),
+                prepared: None,
             })
-            .collect())
+            .collect();
+        if blockers.iter().any(|b| b.pid == 0) {
+            let rows = monitor
+                .query(PREPARED_SQL, &[&self.backend_pid])
+                .await
+                .context("reading which prepared transactions block the sync (pg_locks)")?;
+            // Found: they replace the anonymous pid-0 entry; else it stays, never ended.
+            if !rows.is_empty() {
+                blockers.retain(|b| b.pid != 0);
+                blockers.extend(rows.iter().map(|row| Blocker {
+                    pid: 0,
+                    role: row.get(1),
+                    superuser: row.get(2),
+                    state: "prepared".to_owned(),
+                    for_secs: row.get(4),
+                    client: false,
+                    prepared: Some(Prepared {
+                        gid: row.get(0),
+                        database: row.get(3),
+                    }),
+                }));
+            }
+        }
+        Ok(blockers)
     }
 
     /// Ends the blockers that may be ended (one log line for all of them).
@@ -351,16 +486,21 @@ impl<'a> Watchdog<'a> {
         for blocker in self
             .last_seen
             .iter()
-            .filter(|b| b.may_be_ended() && !self.ended.contains(&b.pid))
+            .filter(|b| b.may_be_ended() && b.prepared.is_none() && !self.ended.contains(&b.pid))
         {
             // pg_terminate_backend rolls back the session's transaction and closes it,
-            // which releases its locks (advisory ones included) at once.
+            // which releases its locks (advisory ones included) at once. The conditions are
+            // checked again in the same statement: the session seen a moment ago may have
+            // ended and its pid been reused, or its role been made a superuser since.
             match monitor
-                .query_one("SELECT pg_terminate_backend($1)", &[&blocker.pid])
+                .query_opt(TERMINATE_SQL, &[&blocker.pid, &self.backend_pid])
                 .await
             {
-                Ok(row) if row.get::<_, bool>(0) => ended.push(blocker.clone()),
-                Ok(_) => tracing::warn!(pid = blocker.pid, "could not end blocking session"),
+                Ok(Some(row)) if row.get::<_, bool>(0) => ended.push(blocker.clone()),
+                // No longer a non-superuser session blocking us: nothing to end (the next
+                // look sees it again if it still blocks).
+                Ok(None) => {}
+                Ok(Some(_)) => tracing::warn!(pid = blocker.pid, "could not end blocking session"),
                 Err(err) => {
                     tracing::warn!(pid = blocker.pid, "could not end blocking session: {err}")
                 }
@@ -374,6 +514,61 @@ impl<'a> Watchdog<'a> {
                 describe(&ended)
             );
         }
+        self.roll_back_prepared().await;
+    }
+
+    /// Rolls back the blocking prepared transactions that may be ended, each through a
+    /// connection of its own to its database (`ROLLBACK PREPARED` works only there).
+    async fn roll_back_prepared(&mut self) {
+        let due: Vec<Blocker> = self
+            .last_seen
+            .iter()
+            .filter(|b| {
+                b.may_be_ended()
+                    && b.prepared
+                        .as_ref()
+                        .is_some_and(|p| !self.rolled_back.contains(&p.gid))
+            })
+            .cloned()
+            .collect();
+        let mut done = Vec::new();
+        for blocker in due {
+            let Some(prepared) = &blocker.prepared else {
+                continue;
+            };
+            match self.roll_back(prepared).await {
+                Ok(()) => {
+                    self.rolled_back.push(prepared.gid.clone());
+                    done.push(blocker);
+                }
+                Err(err) => tracing::warn!(
+                    "could not roll back blocking prepared transaction {:?}: {err:#}",
+                    prepared.gid
+                ),
+            }
+        }
+        if !done.is_empty() {
+            tracing::warn!(
+                waited = format_args!("{:.1}s", self.waited().as_secs_f64()),
+                "rolled back blocking prepared transactions of non-superusers: {}",
+                describe(&done)
+            );
+        }
+    }
+
+    async fn roll_back(&self, prepared: &Prepared) -> anyhow::Result<()> {
+        let client = (self.connect)(Some(prepared.database.clone()))
+            .await
+            .with_context(|| format!("connecting to database {:?}", prepared.database))?;
+        // A utility statement takes no parameters: the global id goes in as a literal.
+        client
+            .batch_execute(&format!(
+                "ROLLBACK PREPARED {}",
+                postgres_protocol::escape::escape_literal(&prepared.gid)
+            ))
+            .await
+            .context("ROLLBACK PREPARED")?;
+        Ok(())
     }
 
     /// Cancels the sync's own waiting statement (the error then comes back through it).
@@ -408,6 +603,7 @@ mod tests {
             state: "idle in transaction".into(),
             for_secs: 12.34,
             client,
+            prepared: None,
         }
     }
 
@@ -432,6 +628,31 @@ mod tests {
             "pid 41 (role \"app\\nuser\", \"idle in transaction\" for 12.3s), \
              pid 42 (role \"postgres\", superuser, \"idle in transaction\" for 12.3s), \
              a prepared transaction"
+        );
+    }
+
+    #[test]
+    fn prepared_transactions_are_named_and_only_non_superuser_ones_may_be_ended() {
+        let prepared = |role: Option<&str>, superuser| Blocker {
+            pid: 0,
+            state: "prepared".into(),
+            prepared: Some(Prepared {
+                gid: "g\n1".into(),
+                database: "other db".into(),
+            }),
+            ..blocker(0, role, superuser, false)
+        };
+        assert!(prepared(Some("appuser"), false).may_be_ended());
+        assert!(!prepared(Some("boss"), true).may_be_ended());
+        assert!(!prepared(None, false).may_be_ended());
+        assert_eq!(
+            describe(&[
+                prepared(Some("appuser"), false),
+                prepared(Some("boss"), true)
+            ]),
+            "prepared transaction \"g\\n1\" (role \"appuser\", database \"other db\", \
+             prepared 12.3s ago), prepared transaction \"g\\n1\" (role \"boss\", superuser, \
+             database \"other db\", prepared 12.3s ago)"
         );
     }
 

@@ -221,10 +221,22 @@ impl Syncer {
     }
 
     /// Connects as the superuser: OS identity, then the password from its file, then the
-    /// remembered one.
+    /// remembered one. The session is then pinned to the catalog, the login's own role and
+    /// default timeouts (`sql::PIN_FIRST`, `sql::PINNED_SESSION`) before anything else runs.
     pub async fn connect_superuser(
         &self,
         secrets: &[(RoleSpec, Secret)],
+    ) -> anyhow::Result<Client> {
+        self.connect_superuser_to(secrets, None).await
+    }
+
+    /// `connect_superuser` to another database of the same server (`None`: the configured
+    /// one), for the watchdog's `ROLLBACK PREPARED`, which works only in the prepared
+    /// transaction's own database.
+    pub async fn connect_superuser_to(
+        &self,
+        secrets: &[(RoleSpec, Secret)],
+        dbname: Option<String>,
     ) -> anyhow::Result<Client> {
         let from_set = secrets
             .iter()
@@ -248,7 +260,26 @@ impl Syncer {
         {
             methods.push(Auth::Password(secret, "last applied superuser password"));
         }
-        connect::connect_any(&self.config, &self.config.superuser, &methods).await
+        let other;
+        let config = match dbname {
+            Some(dbname) => {
+                other = Config {
+                    dbname,
+                    ..self.config.clone()
+                };
+                &other
+            }
+            None => &self.config,
+        };
+        let client = connect::connect_any(config, &self.config.superuser, &methods).await?;
+        for statement in [sql::PIN_FIRST, sql::PINNED_SESSION] {
+            client
+                .batch_execute(statement)
+                .await
+                .context("pinning the search path, role and timeouts of the session")
+                .context(Failure::Sql)?;
+        }
+        Ok(client)
     }
 }
 
@@ -316,7 +347,7 @@ async fn apply(
     let iterations = scram::iterations_for(row.get::<_, Option<&str>>(1));
     let mut watchdog = locks::Watchdog::new(
         options.blockers,
-        Box::new(move || Box::pin(syncer.connect_superuser(login))),
+        Box::new(move |dbname| Box::pin(syncer.connect_superuser_to(login, dbname))),
     );
     watchdog.set_backend_pid(row.get(2));
     let mut attempt = 1;
