@@ -9,6 +9,7 @@ mod error;
 mod health;
 mod keyfiles;
 mod logging;
+mod overlap;
 mod postmaster;
 mod secret;
 mod state;
