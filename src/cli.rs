@@ -55,6 +55,10 @@ pub enum Command {
     Health(HealthArgs),
     /// Create, back up, verify, list and restore the secret files (run on the host).
     Generate(GenerateArgs),
+    /// Overlap mode's staged rotation of `generate`'s directory (run on the host): give the
+    /// unpublished login of each role a new password, wait until the server accepts it,
+    /// then publish it in pg_service.conf. Refused while that login may still be in use.
+    Rotate(RotateArgs),
 }
 
 /// Where the secrets are, which roles they belong to, and where the server is.
@@ -230,6 +234,122 @@ pub struct HealthArgs {
         default_value = "/run/pg-password-sync"
     )]
     pub state_dir: PathBuf,
+}
+
+/// Options of `rotate`. The role map and server are read from the same variables as the
+/// other commands; the secrets are those of `generate --dir DIR` (DIR/keys) only.
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    /// Secrets directory of `generate`: keys in DIR/keys, backups in DIR/backups.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "PG_PASSWORD_SYNC_SECRETS_DIR",
+        default_value = "infra/secrets"
+    )]
+    pub dir: PathBuf,
+
+    /// Server host for the checks, reached over TCP as the applications reach it (use an
+    /// address whose pg_hba.conf line asks for a password).
+    #[arg(long, env = "PGHOST", default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Server port.
+    #[arg(long, env = "PGPORT", default_value_t = 5432)]
+    pub port: u16,
+
+    /// Database to log in to.
+    #[arg(long, env = "PGDATABASE", default_value = "postgres")]
+    pub dbname: String,
+
+    /// Superuser role (never overlapped; its password file is rotated as a single login).
+    #[arg(long, env = "POSTGRES_USER", default_value = "postgres")]
+    pub postgres_user: String,
+
+    /// Application role, with `postgres_app_user_pw`.
+    #[arg(long, env = "APP_DB_USER", default_value = "appuser")]
+    pub app_db_user: String,
+
+    /// Read-only role, with `postgres_app_ro_pw`.
+    #[arg(long, env = "APP_DB_RO_USER", default_value = "backupuser")]
+    pub app_db_ro_user: String,
+
+    /// Temporal role, with `postgres_temporal_pw`; not overlapped when unset.
+    #[arg(long, env = "TEMPORAL_DB_USER")]
+    pub temporal_db_user: Option<String>,
+
+    /// Explicit role map NAME=FILE (repeatable), as for `run`; files must be in DIR/keys.
+    #[arg(
+        long = "role",
+        value_name = "NAME=FILE",
+        env = "PG_PASSWORD_SYNC_ROLES",
+        value_delimiter = ','
+    )]
+    pub roles: Vec<String>,
+
+    /// Suffix of the twin logins (`appuser` → `appuser_alt`).
+    #[arg(long, env = "PG_PASSWORD_SYNC_TWIN_SUFFIX", default_value = crate::overlap::DEFAULT_TWIN_SUFFIX)]
+    pub twin_suffix: String,
+
+    /// How long to wait for every staged login to log in (the new files must reach the
+    /// sync first: allow for Kubernetes' propagation) before rolling the stage back.
+    #[arg(long, env = "PG_PASSWORD_SYNC_ROTATE_WAIT", default_value = "5m", value_parser = parse_duration)]
+    pub wait: Duration,
+
+    /// Re-key the unpublished logins even when the server says they may still be in use
+    /// (applications still using them will fail to log in).
+    #[arg(long, env = "PG_PASSWORD_SYNC_ROTATE_FORCE", value_parser = BoolishValueParser::new())]
+    pub force: bool,
+
+    /// Only check, back up and stage; finish later with --publish-only or --abort (for
+    /// deliveries checked elsewhere, e.g. `kubectl exec … verify --overlap --staged`).
+    #[arg(long, env = "PG_PASSWORD_SYNC_ROTATE_STAGE_ONLY", value_parser = BoolishValueParser::new())]
+    pub stage_only: bool,
+
+    /// Publish the logins staged by --stage-only (no login check: verify them first).
+    #[arg(long, env = "PG_PASSWORD_SYNC_ROTATE_PUBLISH_ONLY", value_parser = BoolishValueParser::new())]
+    pub publish_only: bool,
+
+    /// Undo the stage of --stage-only: restore the staged files byte for byte.
+    #[arg(long, env = "PG_PASSWORD_SYNC_ROTATE_ABORT", value_parser = BoolishValueParser::new())]
+    pub abort: bool,
+
+    /// Give up connecting after this long (per attempt).
+    #[arg(long, env = "PG_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+}
+
+impl From<RotateArgs> for crate::rotate::Settings {
+    fn from(args: RotateArgs) -> Self {
+        let keys = args.dir.join("keys");
+        crate::rotate::Settings {
+            config: ConfigArgs {
+                // The secrets are generate's files, and only those.
+                keys_dir: keys.clone(),
+                secrets_source_dir: keys,
+                postgres_user: args.postgres_user,
+                postgres_password_file: None,
+                app_db_user: args.app_db_user,
+                app_db_ro_user: args.app_db_ro_user,
+                temporal_db_user: args.temporal_db_user,
+                roles: args.roles,
+                pghost: args.host,
+                pgport: args.port,
+                // Unused: rotate never looks at a data directory or a socket.
+                pgdata: PathBuf::from("/nonexistent"),
+                dbname: args.dbname,
+                sync_user: None,
+                connect_timeout: args.connect_timeout,
+            },
+            dir: args.dir,
+            twin_suffix: args.twin_suffix,
+            wait: args.wait,
+            force: args.force,
+            stage_only: args.stage_only,
+            publish_only: args.publish_only,
+            abort: args.abort,
+        }
+    }
 }
 
 /// Parses `250ms`, `5s`, `5m`, `1h` or a bare number of seconds.

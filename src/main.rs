@@ -11,6 +11,7 @@ mod keyfiles;
 mod logging;
 mod overlap;
 mod postmaster;
+mod rotate;
 mod secret;
 mod state;
 mod supervisor;
@@ -56,6 +57,7 @@ fn dispatch(command: Command) -> anyhow::Result<u8> {
         Command::Verify(args) => block_on(verify::command(args)),
         Command::Health(args) => health::command(args),
         Command::Generate(args) => keyfiles::run(&args).map(|()| 0),
+        Command::Rotate(args) => rotate::command(args.into()),
     }
 }
 

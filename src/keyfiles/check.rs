@@ -133,13 +133,26 @@ pub fn read_value(path: &Path) -> anyhow::Result<Zeroizing<Vec<u8>>> {
 
 /// One `--list` line per catalog file: name, size, mode and modification time (UTC).
 pub fn list(keys: &Path) -> anyhow::Result<Vec<String>> {
-    let width = ENTRIES.iter().map(|e| e.file.len()).max().unwrap_or(0);
+    let files: Vec<&str> = ENTRIES.iter().map(|e| e.file).collect();
+    list_files(keys, &files)
+}
+
+/// The `--list` lines (header first) of the files named `files` in `keys`.
+pub fn list_files(keys: &Path, files: &[&str]) -> anyhow::Result<Vec<String>> {
+    // At least as wide as the catalog's names, so overlap lines line up below them.
+    let width = ENTRIES
+        .iter()
+        .map(|e| e.file)
+        .chain(files.iter().copied())
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
     let mut lines = vec![format!(
         "{:width$}  {:>5}  {:4}  {}",
         "FILE", "BYTES", "MODE", "MODIFIED (UTC)"
     )];
-    for entry in &ENTRIES {
-        let path = keys.join(entry.file);
+    for file in files {
+        let path = keys.join(file);
         let line = match fs::metadata(&path) {
             Ok(meta) => {
                 let modified = meta
@@ -148,13 +161,13 @@ pub fn list(keys: &Path) -> anyhow::Result<Vec<String>> {
                     .map_or_else(|_| "-".to_owned(), |t| t.readable());
                 format!(
                     "{:width$}  {:>5}  {:04o}  {modified}",
-                    entry.file,
+                    file,
                     meta.len(),
                     meta.permissions().mode() & 0o7777
                 )
             }
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                format!("{:width$}  missing", entry.file)
+                format!("{:width$}  missing", file)
             }
             Err(err) => return Err(err).with_context(|| format!("inspecting {}", path.display())),
         };

@@ -17,6 +17,7 @@ mod clock;
 mod envfile;
 mod k8s;
 mod oidc;
+pub mod overlap;
 mod random;
 
 use std::fs::File;
@@ -121,6 +122,46 @@ pub struct GenerateArgs {
           value_parser = clap::builder::TypedValueParser::map(
               clap::builder::OsStringValueParser::new(), PathBuf::from))]
     pub output: Option<PathBuf>,
+
+    /// Overlap mode: also create each application role's twin-login password file
+    /// (`postgres_app_user_alt_pw.txt`, …) and `pg_service.conf`, which publishes each
+    /// role's own login on a first run; --verify and --list then expect them, and
+    /// --k8s-secret carries them. See `rotate` for the staged rotation.
+    #[arg(long, env = "PG_PASSWORD_SYNC_OVERLAP", value_parser = BoolishValueParser::new())]
+    pub overlap: bool,
+
+    /// Suffix of the twin logins and their files (`appuser` → `appuser_alt`).
+    #[arg(long, env = "PG_PASSWORD_SYNC_TWIN_SUFFIX", default_value = crate::overlap::DEFAULT_TWIN_SUFFIX)]
+    pub twin_suffix: String,
+
+    /// With --overlap: the role whose password is `postgres_app_user_pw` (the section name
+    /// in pg_service.conf; the same variable as `run`).
+    #[arg(long, env = "APP_DB_USER", default_value = "appuser")]
+    pub app_db_user: String,
+
+    /// With --overlap: the role whose password is `postgres_app_ro_pw`.
+    #[arg(long, env = "APP_DB_RO_USER", default_value = "backupuser")]
+    pub app_db_ro_user: String,
+
+    /// With --overlap: the role whose password is `postgres_temporal_pw`; not overlapped
+    /// when unset (as `run` skips it).
+    #[arg(long, env = "TEMPORAL_DB_USER")]
+    pub temporal_db_user: Option<String>,
+}
+
+/// The overlapped roles of `--overlap` (None without it).
+fn overlap_pairs(args: &GenerateArgs) -> anyhow::Result<Option<Vec<overlap::Pair>>> {
+    if !args.overlap {
+        return Ok(None);
+    }
+    overlap::default_pairs(
+        &args.app_db_user,
+        &args.app_db_ro_user,
+        args.temporal_db_user.as_deref(),
+        &args.twin_suffix,
+    )
+    .map(Some)
+    .context(Failure::Config)
 }
 
 /// Runs `generate`.
@@ -128,10 +169,10 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let args = &effective(args)?;
     let paths = Paths::new(&args.dir);
     if args.verify {
-        return verify(&paths);
+        return verify(args, &paths);
     }
     if args.list {
-        return list(&paths);
+        return list(args, &paths);
     }
     if args.list_backups {
         return list_backups(&paths);
@@ -140,7 +181,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let _lock = if let Some(name) = &args.restore {
         restore(args, &paths, name.as_deref())?
     } else if args.backup_only {
-        backup_only(&paths)?
+        backup_only(args, &paths)?
     } else {
         generate(args, &paths)?
     };
@@ -259,7 +300,7 @@ fn lock_and_prepare(paths: &Paths) -> anyhow::Result<Flock<File>> {
 
 /// What a run does to one file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Action {
+pub(crate) enum Action {
     Create,
     Replace,
     Keep,
@@ -357,11 +398,19 @@ fn generate(args: &GenerateArgs, paths: &Paths) -> anyhow::Result<Flock<File>> {
         writes.push((entry, action, value));
     }
 
+    // Overlap files follow from the catalog values above (pg_service.conf publishes them).
+    let (overlap_writes, overlap_kept) = match overlap_pairs(args)? {
+        Some(pairs) => overlap::plan(&paths.keys, &pairs, args.force, &writes)?,
+        None => (Vec::new(), Vec::new()),
+    };
+
     let overwrites = writes
         .iter()
-        .any(|(_, action, _)| *action == Action::Replace);
+        .any(|(_, action, _)| *action == Action::Replace)
+        || overlap_writes.iter().any(|w| w.action == Action::Replace);
     if overwrites && !args.no_backup {
-        let files = backup::present_files(&paths.keys);
+        let files = overlap::present_files(&paths.keys, &args.twin_suffix);
+        let files: Vec<&str> = files.iter().map(String::as_str).collect();
         let made = backup::create(&paths.root, &paths.keys, &files)?;
         report(
             args,
@@ -378,10 +427,27 @@ fn generate(args: &GenerateArgs, paths: &Paths) -> anyhow::Result<Flock<File>> {
         };
         report(args, &format!("{verb} {}", paths.shown(entry.file)));
     }
+    // After the password files, so pg_service.conf never publishes a password that its
+    // login's file does not hold yet.
+    for write in &overlap_writes {
+        atomic::write_atomic(&paths.keys, &write.file, &write.value)
+            .with_context(|| format!("writing {}", paths.shown(&write.file)))?;
+        let verb = match write.action {
+            Action::Create => "created",
+            _ if write.file == crate::overlap::SERVICE_FILE => "updated",
+            _ => "regenerated",
+        };
+        report(args, &format!("{verb} {}", paths.shown(&write.file)));
+    }
     for entry in kept {
         let fixed = fix_mode(&paths.keys.join(entry.file))?;
         let note = if fixed { " (mode set to 0600)" } else { "" };
         report(args, &format!("kept {}{note}", paths.shown(entry.file)));
+    }
+    for file in overlap_kept {
+        let fixed = fix_mode(&paths.keys.join(&file))?;
+        let note = if fixed { " (mode set to 0600)" } else { "" };
+        report(args, &format!("kept {}{note}", paths.shown(&file)));
     }
 
     if let Some(name) = &args.k8s_secret {
@@ -430,12 +496,16 @@ fn check_k8s_names(name: &str, namespace: Option<&str>) -> anyhow::Result<()> {
 
 /// Writes the Kubernetes Secret manifest of the current set to stdout or `--output`.
 fn write_manifest(args: &GenerateArgs, paths: &Paths, name: &str) -> anyhow::Result<()> {
-    let mut values = Vec::with_capacity(ENTRIES.len());
+    let extra = overlap::manifest_values(&paths.keys, &args.twin_suffix)?;
+    let mut values = Vec::with_capacity(ENTRIES.len() + extra.len());
     for entry in &ENTRIES {
         values.push((
             entry.key(),
             check::read_value(&paths.keys.join(entry.file))?,
         ));
+    }
+    for (key, value) in &extra {
+        values.push((key.as_str(), value.clone()));
     }
     let manifest = k8s::render(name, args.namespace.as_deref(), &values);
     match &args.output {
@@ -463,9 +533,10 @@ fn write_manifest(args: &GenerateArgs, paths: &Paths, name: &str) -> anyhow::Res
 }
 
 /// `--backup-only`.
-fn backup_only(paths: &Paths) -> anyhow::Result<Flock<File>> {
+fn backup_only(args: &GenerateArgs, paths: &Paths) -> anyhow::Result<Flock<File>> {
     let lock = lock_and_prepare(paths)?;
-    let files = backup::present_files(&paths.keys);
+    let files = overlap::present_files(&paths.keys, &args.twin_suffix);
+    let files: Vec<&str> = files.iter().map(String::as_str).collect();
     if files.is_empty() {
         println!("no secret files in {} to back up", paths.keys.display());
         return Ok(lock);
@@ -478,7 +549,7 @@ fn backup_only(paths: &Paths) -> anyhow::Result<Flock<File>> {
 /// `--restore [BACKUP]`.
 fn restore(args: &GenerateArgs, paths: &Paths, name: Option<&str>) -> anyhow::Result<Flock<File>> {
     let source = backup::resolve(&paths.root, name).context(Failure::Config)?;
-    let files = backup::present_files(&source.keys());
+    let files = overlap::present_files(&source.keys(), &args.twin_suffix);
     if files.is_empty() {
         return Err(anyhow::anyhow!(
             "backup {} holds no secret files",
@@ -498,7 +569,8 @@ fn restore(args: &GenerateArgs, paths: &Paths, name: Option<&str>) -> anyhow::Re
         }
     }
     let lock = lock_and_prepare(paths)?;
-    let current = backup::present_files(&paths.keys);
+    let current = overlap::present_files(&paths.keys, &args.twin_suffix);
+    let current: Vec<&str> = current.iter().map(String::as_str).collect();
     if !current.is_empty() {
         let made = backup::create(&paths.root, &paths.keys, &current)?;
         println!(
@@ -525,12 +597,20 @@ fn restore(args: &GenerateArgs, paths: &Paths, name: Option<&str>) -> anyhow::Re
 }
 
 /// `--verify`.
-fn verify(paths: &Paths) -> anyhow::Result<()> {
-    let problems = check::verify(&paths.keys)?;
+fn verify(args: &GenerateArgs, paths: &Paths) -> anyhow::Result<()> {
+    let pairs = overlap_pairs(args)?;
+    let mut problems = check::verify(&paths.keys)?;
+    problems.extend(overlap::problems(
+        &paths.keys,
+        pairs.as_deref(),
+        &args.twin_suffix,
+    ));
     if problems.is_empty() {
+        let overlap_files = overlap::present_files(&paths.keys, &args.twin_suffix).len()
+            - backup::present_files(&paths.keys).len();
         println!(
             "all {} secret files in {} pass",
-            ENTRIES.len(),
+            ENTRIES.len() + overlap_files,
             paths.keys.display()
         );
         return Ok(());
@@ -547,9 +627,16 @@ fn verify(paths: &Paths) -> anyhow::Result<()> {
 }
 
 /// `--list`.
-fn list(paths: &Paths) -> anyhow::Result<()> {
+fn list(args: &GenerateArgs, paths: &Paths) -> anyhow::Result<()> {
+    let pairs = overlap_pairs(args)?;
     println!("{}", paths.keys.display());
     for line in check::list(&paths.keys)? {
+        println!("{line}");
+    }
+    for line in overlap::list(&paths.keys, pairs.as_deref(), &args.twin_suffix)?
+        .into_iter()
+        .skip(1)
+    {
         println!("{line}");
     }
     Ok(())
@@ -595,7 +682,12 @@ mod tests {
                 .get_env()
                 .and_then(|e| e.to_str())
                 .unwrap_or_else(|| panic!("--{} has no environment variable", arg.get_id()));
-            assert!(env.starts_with("PG_PASSWORD_SYNC_"), "{env}");
+            // The role names of --overlap share the variables `run` reads.
+            let shared = ["APP_DB_USER", "APP_DB_RO_USER", "TEMPORAL_DB_USER"];
+            assert!(
+                env.starts_with("PG_PASSWORD_SYNC_") || shared.contains(&env),
+                "{env}"
+            );
             seen += 1;
         }
         assert!(seen >= 15, "only {seen} options");
