@@ -317,6 +317,11 @@ pub struct RotateArgs {
     /// Give up connecting after this long (per attempt).
     #[arg(long, env = "PG_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
+
+    /// Accepted so that one environment (PG_PASSWORD_SYNC_OVERLAP=true) serves every
+    /// command; rotate always works in overlap mode.
+    #[arg(long, env = "PG_PASSWORD_SYNC_OVERLAP", value_parser = BoolishValueParser::new())]
+    pub overlap: bool,
 }
 
 impl From<RotateArgs> for crate::rotate::Settings {

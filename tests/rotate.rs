@@ -128,6 +128,17 @@ fn generate_overlap_creates_twin_files_and_a_service_file_publishing_each_role_i
     }
     let backup = source.backups().pop().unwrap();
     assert_eq!(snapshot(&backup.join("keys")), before);
+
+    // A plain `generate --force` on that directory (an old runbook) keeps the set
+    // consistent: pg_service.conf there means overlap mode.
+    run(generate_cmd(source.path(), &["--force"])).expect_ok(None);
+    for (role, _, file, _) in PAIRS {
+        assert_eq!(
+            source.published(role),
+            (role.to_owned(), source.value(file))
+        );
+    }
+    run(generate_cmd(source.path(), &["--verify"])).expect_ok(None);
 }
 
 /// A cluster with the application roles, a generated set, and the sync's state played by

@@ -134,7 +134,8 @@ pub struct GenerateArgs {
     #[arg(long, env = "PG_PASSWORD_SYNC_TWIN_SUFFIX", default_value = crate::overlap::DEFAULT_TWIN_SUFFIX)]
     pub twin_suffix: String,
 
-    /// With --overlap: the role whose password is `postgres_app_user_pw` (the section name
+    /// With --overlap (or an existing pg_service.conf): the role whose password is
+    /// `postgres_app_user_pw` (the section name
     /// in pg_service.conf; the same variable as `run`).
     #[arg(long, env = "APP_DB_USER", default_value = "appuser")]
     pub app_db_user: String,
@@ -149,9 +150,13 @@ pub struct GenerateArgs {
     pub temporal_db_user: Option<String>,
 }
 
-/// The overlapped roles of `--overlap` (None without it).
+/// The overlapped roles of `--overlap` (None without it). A directory that already has a
+/// `pg_service.conf` is treated as overlapped too: a plain `generate --force` there would
+/// otherwise leave it publishing a password that no longer is, and the sync would refuse
+/// the whole set.
 fn overlap_pairs(args: &GenerateArgs) -> anyhow::Result<Option<Vec<overlap::Pair>>> {
-    if !args.overlap {
+    let service_file = args.dir.join("keys").join(crate::overlap::SERVICE_FILE);
+    if !args.overlap && !service_file.exists() {
         return Ok(None);
     }
     overlap::default_pairs(
