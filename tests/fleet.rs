@@ -289,7 +289,31 @@ fn rotate_when_allowed(cluster: &Cluster, source: &Source) {
     }
 }
 
+/// Prints one run's figures; with `PG_PASSWORD_SYNC_FLEET_REPORT=FILE` (set by
+/// `scripts/bench.sh`) also appends them to FILE as one JSON line.
 fn report(outcome: &Outcome) {
+    if let Some(path) = std::env::var_os("PG_PASSWORD_SYNC_FLEET_REPORT") {
+        use std::io::Write as _;
+        let mode = match outcome.mode {
+            Mode::Overlap => "overlap",
+            Mode::SingleLogin => "single_login",
+        };
+        let line = format!(
+            "{{\"mode\": \"{mode}\", \"db_delay_ms\": {}, \"app_delay_ms\": {}, \
+             \"rotations\": {}, \"logins\": {}, \"failed\": {}}}\n",
+            outcome.delays.0,
+            outcome.delays.1,
+            outcome.rotations,
+            outcome.ok + outcome.failed,
+            outcome.failed
+        );
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut file| file.write_all(line.as_bytes()))
+            .expect("appending to PG_PASSWORD_SYNC_FLEET_REPORT");
+    }
     eprintln!(
         "fleet {:?} db +{} ms / app +{} ms: {} failed of {} logins over {} rotations \
          ({:.1} per rotation; workers {:?}; {:.0} s){}",
