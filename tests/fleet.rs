@@ -224,7 +224,8 @@ fn fleet(mode: Mode, delays: (u64, u64)) -> Outcome {
     if mode == Mode::Overlap {
         watch.args(["--overlap", "--grace", GRACE]);
     }
-    let _watcher = Running::spawn(watch);
+    let mut watcher = Running::spawn(watch);
+    assert_still_running(&mut watcher);
     wait_published_works(&cluster, &source);
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -237,3 +237,15 @@ pub fn apply_stage_by_hand(cluster: &Cluster, source: &Source, before: &BTreeMap
     }
     cluster.psql(&sql);
 }
+
+/// Fails at once, with its stderr, when a sync started in the background exited (a flag it
+/// does not know, say) instead of leaving a test to time out waiting for it.
+pub fn assert_still_running(sync: &mut Running) {
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    if let Some(status) = sync.child.try_wait().unwrap() {
+        panic!(
+            "the sync exited at start ({status}):\n{}",
+            sync.stderr_so_far()
+        );
+    }
+}
