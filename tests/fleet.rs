@@ -33,10 +33,12 @@ const ROTATIONS: usize = 5;
 const SINGLE_LOGIN_ROTATIONS: usize = 3;
 /// Workers per delay pair, and the pause between one worker's logins.
 const WORKERS: usize = 4;
-const PAUSE: Duration = Duration::from_millis(50);
+const PAUSE: Duration = Duration::from_millis(150);
 /// Longer than the largest delay difference, so an app that still uses the previous login
 /// has switched before the server retires it.
 const GRACE: &str = "4s";
+/// How long the source must hold still before a delivery takes it.
+const SETTLE: Duration = Duration::from_secs(1);
 
 /// Copies every change of `source` into a Kubernetes-style Secret volume at `view`,
 /// `delay` after it happened, in order: what the kubelet of one pod does.
@@ -58,8 +60,9 @@ impl Delivery {
                 let now = overlap_fixture::snapshot(&source);
                 if now != last {
                     // A writer replaces several files one after another: deliver a state
-                    // that held still for a moment, as a Secret object is one update.
-                    std::thread::sleep(Duration::from_millis(30));
+                    // that held still for a moment, as a Secret update is one object
+                    // (rotate's stage is one update, its publish the next).
+                    std::thread::sleep(SETTLE);
                     if overlap_fixture::snapshot(&source) == now {
                         queue.push_back((Instant::now() + delay, now.clone()));
                         last = now;

@@ -50,6 +50,9 @@ use stage::{PENDING_FILE, Pending, Staged, publish, remove_pending, rollback};
 /// How often the wait step retries the staged logins.
 const POLL: Duration = Duration::from_millis(500);
 
+/// How long the final check retries a published login that fails.
+const CHECK_RETRY_LIMIT: Duration = Duration::from_secs(20);
+
 /// What `rotate` was asked to do (converted from the command line in `cli.rs`).
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -247,7 +250,7 @@ fn trusted_error(config: &Config, login: &str) -> anyhow::Error {
 async fn check_published(config: &Config, staged: &[Staged]) -> anyhow::Result<u8> {
     let mut failed = Vec::new();
     for s in staged {
-        match login::checked(config, &s.login, &s.password).await {
+        match checked_with_retries(config, s).await {
             login::Outcome::LoggedIn => println!(
                 "role {:?}: ok (publishes login {:?}; it logs in, a wrong password is refused)",
                 s.role, s.login
@@ -276,6 +279,21 @@ async fn check_published(config: &Config, staged: &[Staged]) -> anyhow::Result<u
             "published, but role(s) {failed:?} do not log in with the published credential"
         ))
         .context(Failure::Verify)
+    }
+}
+
+/// One published login checked, retrying a failure for up to `CHECK_RETRY_LIMIT`: it
+/// logged in moments ago, so a failure now is most likely passing (a slow connection).
+async fn checked_with_retries(config: &Config, s: &Staged) -> login::Outcome {
+    let deadline = tokio::time::Instant::now() + CHECK_RETRY_LIMIT;
+    loop {
+        match login::checked(config, &s.login, &s.password).await {
+            login::Outcome::Failed(err) if tokio::time::Instant::now() < deadline => {
+                tracing::info!("checking login {:?} again: {err:#}", s.login);
+                tokio::time::sleep(POLL).await;
+            }
+            outcome => return outcome,
+        }
     }
 }
 

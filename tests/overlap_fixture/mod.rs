@@ -61,7 +61,7 @@ pub fn rotate_cmd(dir: &Path, port: u16, args: &[&str]) -> Command {
         .arg("--dir")
         .arg(dir)
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--connect-timeout", "2s"])
+        .args(["--connect-timeout", "10s"])
         .args(args);
     cmd
 }
