@@ -30,7 +30,8 @@ fn refusal(login: &str, state: &LoginState) -> Option<String> {
         LoginState::Missing | LoginState::Expired => None,
         LoginState::Open => Some(format!(
             "login {login:?} has no expiry on the server: it is still published there (the \
-             sync has not applied the last publish yet), so applications may be using it"
+             sync has not applied the last publish yet), or a rolled-back stage left it open \
+             until the sync's next pass starts its grace period; applications may be using it"
         )),
         LoginState::Until(until) => Some(format!(
             "login {login:?} is inside its grace period until {until}: applications may \
