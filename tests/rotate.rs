@@ -128,6 +128,9 @@ fn generate_overlap_creates_twin_files_and_a_service_file_publishing_each_role_i
     }
     let backup = source.backups().pop().unwrap();
     assert_eq!(snapshot(&backup.join("keys")), before);
+    // … and --restore puts all of it back.
+    run(generate_cmd(source.path(), &["--restore", "--yes"])).expect_ok(None);
+    assert_eq!(source.snapshot(), before);
 
     // A plain `generate --force` on that directory (an old runbook) keeps the set
     // consistent: pg_service.conf there means overlap mode.
