@@ -135,8 +135,8 @@ pub struct GenerateArgs {
     pub twin_suffix: String,
 
     /// With --overlap (or an existing pg_service.conf): the role whose password is
-    /// `postgres_app_user_pw` (the section name
-    /// in pg_service.conf; the same variable as `run`).
+    /// `postgres_app_user_pw`, its section name in pg_service.conf (the variable `run`
+    /// reads too).
     #[arg(long, env = "APP_DB_USER", default_value = "appuser")]
     pub app_db_user: String,
 
