@@ -273,8 +273,9 @@ start_port_forward() {
 apply_and_wait_swap() {
     local what=$1 before
     before="$(secret_generation)" || die "cannot read /app/keys/..data in $POD"
-    "$BIN" generate --dir "$SECRETS_DIR" --overlap --k8s-secret "$SECRET" --namespace "$NAMESPACE" |
-        kubectl apply -f -
+    # (generate's per-file report goes to stderr beside the manifest: keep only the news.)
+    "$BIN" generate --dir "$SECRETS_DIR" --overlap --k8s-secret "$SECRET" --namespace "$NAMESPACE" \
+        2> >(grep -v '^kept ' >&2) | kubectl apply -f -
     poll "$what reached $POD" secret_generation_changed "$before" ||
         return 1
 }
