@@ -485,4 +485,89 @@ mod tests {
                 .any(|p| p == "postgres_app_ro_alt_pw.txt: missing")
         );
     }
+
+    #[test]
+    fn a_login_that_gets_a_new_password_is_republished_and_a_published_twin_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path();
+        write_file(
+            keys,
+            "postgres_app_user_pw.txt",
+            "AppUserPassword0123456789",
+        );
+        write_file(keys, "postgres_app_ro_pw.txt", "ReadOnlyPassword012345678");
+        write_file(
+            keys,
+            "postgres_app_user_alt_pw.txt",
+            "AppTwinPassword0123456789",
+        );
+        write_file(
+            keys,
+            "postgres_app_ro_alt_pw.txt",
+            "RoTwinPassword01234567890",
+        );
+        // appuser publishes its twin, backupuser itself.
+        let mut service = service_file::ServiceFile::default();
+        service.publish(
+            "appuser",
+            "appuser_alt",
+            Secret::new("AppTwinPassword0123456789".into()),
+        );
+        service.publish(
+            "backupuser",
+            "backupuser",
+            Secret::new("ReadOnlyPassword012345678".into()),
+        );
+        write_file(keys, SERVICE_FILE, &service_file::render(&service).unwrap());
+        // Both roles' own files get new values (as `generate` re-creating them would).
+        let app = ENTRIES
+            .iter()
+            .find(|e| e.key() == "postgres_app_user_pw")
+            .unwrap();
+        let ro = ENTRIES
+            .iter()
+            .find(|e| e.key() == "postgres_app_ro_pw")
+            .unwrap();
+        let catalog = vec![
+            (
+                *app,
+                Action::Replace,
+                Secret::new("NewAppPassword01234567890".into()),
+            ),
+            (
+                *ro,
+                Action::Replace,
+                Secret::new("NewRoPassword012345678901".into()),
+            ),
+        ];
+        let (writes, kept) = plan(keys, &pairs(), false, &catalog).unwrap();
+        assert_eq!(
+            kept,
+            ["postgres_app_user_alt_pw.txt", "postgres_app_ro_alt_pw.txt"]
+        );
+        assert_eq!(writes.len(), 1);
+        let text = std::str::from_utf8(&writes[0].value).unwrap();
+        let parsed = service_file::parse(text).unwrap();
+        // The published twin is untouched; backupuser is republished with its new password.
+        let app = parsed.get("appuser").unwrap();
+        assert_eq!(app.user.as_deref(), Some("appuser_alt"));
+        assert_eq!(
+            app.password.as_ref().unwrap().expose(),
+            "AppTwinPassword0123456789"
+        );
+        let ro = parsed.get("backupuser").unwrap();
+        assert_eq!(
+            ro.password.as_ref().unwrap().expose(),
+            "NewRoPassword012345678901"
+        );
+        // --force: new twins, and every role publishes itself again.
+        let (writes, _) = plan(keys, &pairs(), true, &catalog).unwrap();
+        assert_eq!(writes.len(), 3);
+        let text = std::str::from_utf8(&writes[2].value).unwrap();
+        let parsed = service_file::parse(text).unwrap();
+        assert_eq!(
+            parsed.get("appuser").unwrap().user.as_deref(),
+            Some("appuser")
+        );
+    }
 }
