@@ -292,7 +292,8 @@ pub struct RotateArgs {
     pub twin_suffix: String,
 
     /// How long to wait for every staged login to log in (the new files must reach the
-    /// sync first: allow for Kubernetes' propagation) before rolling the stage back.
+    /// sync first: allow for Kubernetes' propagation) before rolling the stage back. Keep
+    /// it below the sync's --grace.
     #[arg(long, env = "PG_PASSWORD_SYNC_ROTATE_WAIT", default_value = "5m", value_parser = parse_duration)]
     pub wait: Duration,
 
