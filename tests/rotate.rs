@@ -407,3 +407,47 @@ fn with_the_sync_the_previous_login_dies_after_grace_and_a_rotation_inside_it_is
     assert_ne!(password, first_password);
     cluster.assert_login(&user, &password);
 }
+
+#[test]
+fn a_wait_not_shorter_than_the_grace_or_a_planted_link_is_refused_before_any_write() {
+    let source = Source::generate();
+    let before = source.snapshot();
+    let backups = source.backups().len();
+    // No server is needed: both refusals come before any connection or write.
+    let port = free_port();
+    let mut cmd = rotate_cmd(source.path(), port, &["--wait", "20m"]);
+    cmd.env("PG_PASSWORD_SYNC_GRACE", "15m");
+    run(cmd)
+        .expect_code(3)
+        .expect_stderr("--wait 20m must be shorter than the sync's --grace 15m");
+    run(rotate_cmd(
+        source.path(),
+        port,
+        &["--wait", "2s", "--grace", "2s"],
+    ))
+    .expect_code(3);
+
+    // A link in place of pg_service.conf is never followed, by rotate or generate.
+    let outside = tempfile::tempdir().unwrap();
+    let target = outside.path().join("elsewhere.conf");
+    std::fs::write(&target, "[appuser]\nuser=mallory\n").unwrap();
+    let service = source.keys().join(SERVICE_FILE);
+    let kept = std::fs::read(&service).unwrap();
+    std::fs::remove_file(&service).unwrap();
+    std::os::unix::fs::symlink(&target, &service).unwrap();
+    run(rotate_cmd(source.path(), port, &["--wait", "2s"]))
+        .expect_code(3)
+        .expect_stderr("symbolic link");
+    run(generate_cmd(source.path(), &["--overlap", "--force"]))
+        .expect_code(3)
+        .expect_stderr("symbolic link");
+    assert_eq!(
+        std::fs::read(&target).unwrap(),
+        b"[appuser]\nuser=mallory\n",
+        "the link's target was written"
+    );
+    std::fs::remove_file(&service).unwrap();
+    std::fs::write(&service, kept).unwrap();
+    assert_eq!(source.snapshot(), before);
+    assert_eq!(source.backups().len(), backups, "a backup was made");
+}
