@@ -332,12 +332,12 @@ if want roles; then roles_1000; fi
 # overlap mode; the summary shows the figures either way. It builds and runs the test
 # profile: failed logins depend on delivery timing, not on the build.
 if want fleet; then
-  step "client fleet: failed logins per rotation, overlap and single-login (tests/fleet.rs)"
-  : >"$RES/fleet.jsonl"
-  if ! PG_PASSWORD_SYNC_FLEET_REPORT="$RES/fleet.jsonl" \
-    interruptible cargo test --quiet --test fleet -- --nocapture >"$OUT/logs/fleet.log" 2>&1; then
-    echo "the fleet test failed (see $OUT/logs/fleet.log); its figures are reported anyway" >&2
-  fi
+    step "client fleet: failed logins per rotation, overlap and single-login (tests/fleet.rs)"
+    : >"$RES/fleet.jsonl"
+    if ! PG_PASSWORD_SYNC_FLEET_REPORT="$RES/fleet.jsonl" \
+        interruptible cargo test --quiet --test fleet -- --nocapture >"$OUT/logs/fleet.log" 2>&1; then
+        echo "the fleet test failed (see $OUT/logs/fleet.log); its figures are reported anyway" >&2
+    fi
 fi
 
 # --------------------------------------------------------------------------- binary, summary
