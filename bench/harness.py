@@ -400,6 +400,40 @@ def fmt(v, unit=""):
     return f"{v}{unit}"
 
 
+def fleet_summary(rows):
+    """Failed logins per rotation of the client fleet, per mode and delay pair."""
+    out = []
+    for r in rows:
+        out.append({"mode": r["mode"], "db_delay_ms": r["db_delay_ms"],
+                    "app_delay_ms": r["app_delay_ms"], "rotations": r["rotations"],
+                    "logins": r["logins"], "failed": r["failed"],
+                    "failed_per_rotation": (round(r["failed"] / r["rotations"], 1)
+                                            if r["rotations"] else None)})
+    return out
+
+
+def fleet_lines(fleet):
+    """The markdown table of `fleet_summary`, empty when the fleet did not run."""
+    if not fleet:
+        return []
+    lines = ["", "Client fleet (4 workers through libpq and PGSERVICEFILE, tests/fleet.rs): "
+             "failed logins per rotation when the database and the applications see a "
+             "rotation at different moments.", "",
+             "| delivery delay (database / app) | overlap mode | single-login mode |",
+             "|---|---|---|"]
+    pairs = sorted({(r["db_delay_ms"], r["app_delay_ms"]) for r in fleet})
+    for db, app in pairs:
+        cells = []
+        for mode in ("overlap", "single_login"):
+            r = next((r for r in fleet if r["mode"] == mode and r["db_delay_ms"] == db
+                      and r["app_delay_ms"] == app), None)
+            cells.append("—" if r is None else
+                         f"{fmt(r['failed_per_rotation'])} ({r['failed']} of {r['logins']} "
+                         f"logins, {r['rotations']} rotations)")
+        lines.append(f"| {db / 1000:g} s / {app / 1000:g} s | {cells[0]} | {cells[1]} |")
+    return lines
+
+
 def cmd_summary(a):
     d = a.dir
     ours = [r for r in load(f"{d}/startup.jsonl") if r["label"] == "ours"]
@@ -488,6 +522,7 @@ def cmd_summary(a):
                                     "p99": pct(rot_rename_samples, 99),
                                     "n": len(rot_rename_samples)},
                                 targets={name: met for name, met in targets})
+    summary_file["fleet_failed_logins"] = fleet_summary(load(f"{d}/fleet.jsonl"))
     with open(a.out, "w", encoding="utf-8") as f:
         json.dump(summary_file, f, indent=2)
         f.write("\n")
@@ -552,6 +587,7 @@ def cmd_summary(a):
     ]
     lines += [f"| {name} | {'not measured' if met is None else ('yes' if met else 'NO')} |"
               for name, met in targets]
+    lines += fleet_lines(summary_file["fleet_failed_logins"])
     if errors:
         lines += ["", "Errors (scenarios that produced no number):"]
         lines += [f"- {e}" for e in errors]

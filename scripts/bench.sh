@@ -18,7 +18,9 @@ Scenarios (details in bench/README.md): startup -> first login with the new pass
 PID 1 of a new PID namespace; Kubernetes `..data` rotation -> first login with the new
 password; stop (ours: SIGINT; baseline: what `docker stop` does) and the cluster state
 afterwards; PID 1's steady RSS and thread count (ours, tini, the baseline's bash); 1,000
-roles rotated by one `sync` against one psql batch; the stripped binary size.
+roles rotated by one `sync` against one psql batch; the stripped binary size; failed
+logins per rotation of a client fleet, overlap mode against single-login mode
+(tests/fleet.rs).
 
 Prints a markdown table and writes target/bench/summary.json (+ summary.md, raw samples,
 PID-1 logs). Run as root (PID namespaces); installs what it needs; cleans up every process
@@ -27,7 +29,7 @@ and temp dir it made. The binary measured is the one `cargo build --release` mak
   --quick   fewer repetitions and a 2 s stop grace (about 3 minutes)
 
 For working on the bench:
-  BENCH_ONLY=startup,tini,rotation,roles   run only these scenarios
+  BENCH_ONLY=startup,tini,rotation,roles,fleet   run only these scenarios
   BENCH_BIN=PATH                           measure a prebuilt binary instead of building
   BENCH_DEBOUNCE=250ms                     the watcher's --debounce in the rotations
 USAGE
@@ -54,7 +56,7 @@ fi
 # The watcher's quiet period in the rotation scenarios: the default unless BENCH_DEBOUNCE.
 DEBOUNCE="${BENCH_DEBOUNCE:-250ms (default)}"
 NROLES=1000
-ONLY="${BENCH_ONLY:-startup,tini,rotation,roles}"
+ONLY="${BENCH_ONLY:-startup,tini,rotation,roles,fleet}"
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
 
 if [[ "$(id -u)" -ne 0 ]]; then
@@ -322,6 +324,21 @@ SQL
     ROLES_DATA=
 }
 if want roles; then roles_1000; fi
+
+# --------------------------------------------------------------------------- client fleet
+# Failed logins per rotation, overlap mode against single-login mode, for each pair of
+# delivery delays (database view / app view): the client-fleet test (tests/fleet.rs) run
+# once, its figures appended to fleet.jsonl. The test fails only on a failed login in
+# overlap mode; the summary shows the figures either way. It builds and runs the test
+# profile: failed logins depend on delivery timing, not on the build.
+if want fleet; then
+    step "client fleet: failed logins per rotation, overlap and single-login (tests/fleet.rs)"
+    : >"$RES/fleet.jsonl"
+    if ! PG_PASSWORD_SYNC_FLEET_REPORT="$RES/fleet.jsonl" \
+        interruptible cargo test --quiet --test fleet -- --nocapture >"$OUT/logs/fleet.log" 2>&1; then
+        echo "the fleet test failed (see $OUT/logs/fleet.log); its figures are reported anyway" >&2
+    fi
+fi
 
 # --------------------------------------------------------------------------- binary, summary
 cp "$BIN" "$WORK/pg-password-sync"

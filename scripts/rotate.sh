@@ -32,7 +32,31 @@ container's (pod's) own address instead, which the image's 'host all all all
 scram-sha-256' line checks; if no checked address is found it fails (exit 7) rather
 than pass on a trusted connection. --verify-host names the address to use.
 
+Overlap mode (--overlap; the sync runs with --overlap / PG_PASSWORD_SYNC_OVERLAP=true and
+the set was made by 'generate --overlap'): no login fails during the rotation. Each role's
+unpublished login gets a new password; it is published in pg_service.conf only once the
+server accepts it (README: "Rotation without failed logins").
+
+  compose --overlap
+           1. pg-password-sync rotate --dir DIR --host PG_HOST --port PG_PORT --wait TIMEOUT
+              (on this host, through the port compose.yaml publishes: refuses while a
+              login to re-key is in its grace period; stages, waits until the staged
+              logins work, publishes; rolls back on timeout)
+           2. docker compose exec SERVICE pg-password-sync verify --overlap
+  k8s --overlap
+           1. pg-password-sync rotate --dir DIR --stage-only   (grace check through
+              --pg-port, else a 'kubectl port-forward' to the pod; backup; stage)
+           2. generate --overlap --k8s-secret … | kubectl apply -f -; wait for the swap
+           3. kubectl exec … pg-password-sync verify --overlap --staged   (until it passes;
+              on timeout: rotate --abort, apply the restored set, fail)
+           4. pg-password-sync rotate --dir DIR --publish-only; apply; wait for the swap
+           5. kubectl exec … pg-password-sync verify --overlap
+
 Options:
+  --overlap           overlap mode (above); also PG_PASSWORD_SYNC_OVERLAP=true
+  --pg-host HOST      overlap: server address for the host-side checks (default 127.0.0.1)
+  --pg-port PORT      overlap: its port (compose default 5432; k8s default: a
+                      'kubectl port-forward' to POD on local port 15432)
   --dir DIR           secrets directory for 'generate --dir'; the files are in DIR/keys
                       (default: \$SECRETS_DIR or \$PG_PASSWORD_SYNC_SECRETS_DIR, else
                       infra/secrets in the repository)
@@ -77,6 +101,13 @@ SECRET=postgres-secrets
 POD=postgres-0
 CONTAINER=postgres
 VERIFY_HOST=""
+case "${PG_PASSWORD_SYNC_OVERLAP:-}" in
+    1 | true | yes | on) OVERLAP=1 ;;
+    *) OVERLAP=0 ;;
+esac
+PG_HOST=127.0.0.1
+PG_PORT=""
+PORT_FORWARD_PID=""
 
 # Value of an option that takes one: "$1" is the option, "$2" its value.
 need_value() {
@@ -91,6 +122,9 @@ parse_args() {
                 MODE="$1"
                 ;;
             --dir) need_value "$@"; SECRETS_DIR="$2"; shift ;;
+            --overlap) OVERLAP=1 ;;
+            --pg-host) need_value "$@"; PG_HOST="$2"; shift ;;
+            --pg-port) need_value "$@"; PG_PORT="$2"; shift ;;
             --no-backup) BACKUP=0 ;;
             --backup) BACKUP=1 ;;
             --timeout) need_value "$@"; TIMEOUT="$2"; shift ;;
@@ -113,6 +147,7 @@ parse_args() {
         if [[ "$MODE" == compose ]]; then TIMEOUT=60; else TIMEOUT=300; fi
     fi
     [[ "$TIMEOUT" =~ ^[0-9]+$ ]] || die "--timeout needs a number of seconds"
+    [[ -z "$PG_PORT" || "$PG_PORT" =~ ^[0-9]+$ ]] || die "--pg-port needs a port number"
     command -v "$BIN" >/dev/null 2>&1 || die "pg-password-sync not found ('$BIN'); use --bin or PG_PASSWORD_SYNC_BIN"
     mkdir -p "$SECRETS_DIR"
     SECRETS_DIR="$(cd "$SECRETS_DIR" && pwd)"
@@ -205,11 +240,95 @@ rotate_k8s() {
     log "rotation complete (or run the Job: docker/k8s/verify-job.yaml)"
 }
 
+# --- overlap mode --------------------------------------------------------------------
+
+rotate_args() {
+    ROT=("$BIN" rotate --dir "$SECRETS_DIR" --host "$PG_HOST" --port "$PG_PORT")
+}
+
+rotate_compose_overlap() {
+    [[ -f "$COMPOSE_FILE" ]] || die "compose file not found: $COMPOSE_FILE"
+    [[ -n "$PG_PORT" ]] || PG_PORT=5432
+    rotate_args
+    # The keys directory mount shows the new files at once; rotate itself waits until the
+    # server accepts every staged login (over the published port, where pg_hba.conf asks
+    # for passwords) before it publishes, and rolls back on timeout.
+    log "staged rotation of $SECRETS_DIR/keys through $PG_HOST:$PG_PORT (waits up to ${TIMEOUT} s)"
+    "${ROT[@]}" --wait "${TIMEOUT}s" || die "rotate failed (nothing published; see above)"
+    log "verifying the published logins inside $SERVICE"
+    verify_args
+    poll "verified" compose exec -T "$SERVICE" "${VERIFY[@]}" --overlap ||
+        die "verify --overlap failed in $SERVICE"
+    log "rotation complete; the previous logins expire after the sync's grace period"
+}
+
+stop_port_forward() {
+    if [[ -n "$PORT_FORWARD_PID" ]]; then
+        kill "$PORT_FORWARD_PID" 2>/dev/null || true
+        wait "$PORT_FORWARD_PID" 2>/dev/null || true
+        PORT_FORWARD_PID=""
+    fi
+}
+
+# Reaches the server for rotate's grace check: --pg-port as given, else a port-forward to
+# the pod. (A forwarded connection arrives from 127.0.0.1 in the pod, which the official
+# image trusts: fine for reading pg_roles, and rotate never counts a login made there.)
+start_port_forward() {
+    [[ -z "$PG_PORT" ]] || return 0
+    PG_PORT=15432
+    PG_HOST=127.0.0.1
+    kubectl port-forward -n "$NAMESPACE" "pod/$POD" "$PG_PORT:5432" >/dev/null 2>&1 &
+    PORT_FORWARD_PID=$!
+    trap stop_port_forward EXIT
+    local deadline=$((SECONDS + 30))
+    until (exec 3<>"/dev/tcp/127.0.0.1/$PG_PORT") 2>/dev/null; do
+        ((SECONDS < deadline)) || die "kubectl port-forward to $POD did not come up"
+        sleep 1
+    done
+}
+
+# Applies the current DIR/keys as the Secret (values go from the generator to kubectl,
+# never through a file or argv) and waits until the pod's volume has swapped.
+apply_and_wait_swap() {
+    local what=$1 before
+    before="$(secret_generation)" || die "cannot read /app/keys/..data in $POD"
+    # (generate's per-file report goes to stderr beside the manifest: keep only the news.)
+    "$BIN" generate --dir "$SECRETS_DIR" --overlap --k8s-secret "$SECRET" --namespace "$NAMESPACE" \
+        2> >(grep -v '^kept ' >&2) | kubectl apply -f -
+    poll "$what reached $POD" secret_generation_changed "$before" ||
+        return 1
+}
+
+rotate_k8s_overlap() {
+    command -v kubectl >/dev/null 2>&1 || die "kubectl not found"
+    start_port_forward
+    rotate_args
+    verify_args
+    log "stage: checking grace periods, backing up and staging in $SECRETS_DIR/keys"
+    "${ROT[@]}" --stage-only || die "rotate --stage-only failed (nothing staged)"
+    if ! apply_and_wait_swap "the staged set" ||
+        ! poll "staged logins verified" kexec "${VERIFY[@]}" --overlap --staged; then
+        log "the staged logins did not verify within ${TIMEOUT} s: rolling back"
+        "${ROT[@]}" --abort || die "rotate --abort failed: restore with 'generate --restore'"
+        apply_and_wait_swap "the restored set" || log "the restored Secret has not reached $POD yet"
+        die "rotation rolled back; the published credentials never changed"
+    fi
+    log "publish: rewriting pg_service.conf"
+    "${ROT[@]}" --publish-only || die "rotate --publish-only failed"
+    apply_and_wait_swap "the published set" || die "the published Secret did not reach $POD within ${TIMEOUT} s"
+    poll "published logins verified" kexec "${VERIFY[@]}" --overlap ||
+        die "verify --overlap failed in $POD after publishing"
+    stop_port_forward
+    log "rotation complete; the previous logins expire after the sync's grace period"
+}
+
 main() {
     parse_args "$@"
-    case "$MODE" in
-        compose) rotate_compose ;;
-        k8s) rotate_k8s ;;
+    case "$MODE:$OVERLAP" in
+        compose:0) rotate_compose ;;
+        k8s:0) rotate_k8s ;;
+        compose:1) rotate_compose_overlap ;;
+        k8s:1) rotate_k8s_overlap ;;
     esac
 }
 

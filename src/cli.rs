@@ -17,6 +17,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::config::ConfigSettings;
 use crate::health::HealthSettings;
 use crate::keyfiles::GenerateSettings;
+use crate::rotate::RotateSettings;
 use crate::run::RunSettings;
 use crate::sync::{Options, SyncSettings};
 use crate::verify::VerifySettings;
@@ -65,6 +66,10 @@ pub enum Command {
     Health(HealthArgs),
     /// Create, back up, verify, list and restore the secret files (run on the host).
     Generate(GenerateArgs),
+    /// Overlap mode's staged rotation of `generate`'s directory (run on the host): give the
+    /// unpublished login of each role a new password, wait until the server accepts it,
+    /// then publish it in pg_service.conf. Refused while that login may still be in use.
+    Rotate(RotateArgs),
 }
 
 /// Where the secrets are, which roles they belong to, and where the server is.
@@ -390,6 +395,126 @@ pub struct GenerateArgs {
           value_parser = clap::builder::TypedValueParser::map(
               clap::builder::OsStringValueParser::new(), PathBuf::from))]
     pub output: Option<PathBuf>,
+
+    /// Overlap mode: also create each application role's twin-login password file
+    /// (`postgres_app_user_alt_pw.txt`, …) and `pg_service.conf`, which publishes each
+    /// role's own login on a first run; --verify and --list then expect them, and
+    /// --k8s-secret carries them. A directory that already has `pg_service.conf` is
+    /// treated as overlapped without it. See `rotate` for the staged rotation.
+    #[arg(long, env = "PG_PASSWORD_SYNC_OVERLAP", value_parser = BoolishValueParser::new())]
+    pub overlap: bool,
+
+    /// Suffix of the twin logins and their files (`appuser` → `appuser_alt`).
+    #[arg(long, env = "PG_PASSWORD_SYNC_TWIN_SUFFIX", default_value = crate::overlap::DEFAULT_TWIN_SUFFIX)]
+    pub twin_suffix: String,
+
+    /// In overlap mode: the role whose password is `postgres_app_user_pw`, its section
+    /// name in pg_service.conf (the variable `run` reads too).
+    #[arg(long, env = "APP_DB_USER", default_value = "appuser")]
+    pub app_db_user: String,
+
+    /// In overlap mode: the role whose password is `postgres_app_ro_pw`.
+    #[arg(long, env = "APP_DB_RO_USER", default_value = "backupuser")]
+    pub app_db_ro_user: String,
+
+    /// In overlap mode: the role whose password is `postgres_temporal_pw`; not overlapped
+    /// when unset (as `run` skips it).
+    #[arg(long, env = "TEMPORAL_DB_USER")]
+    pub temporal_db_user: Option<String>,
+}
+
+/// Options of `rotate`. The role map and server are read from the same variables as the
+/// other commands; the secrets are those of `generate --dir DIR` (DIR/keys) only.
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    /// Secrets directory of `generate`: keys in DIR/keys, backups in DIR/backups.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "PG_PASSWORD_SYNC_SECRETS_DIR",
+        default_value = "infra/secrets"
+    )]
+    pub dir: PathBuf,
+
+    /// Server host for the checks, reached over TCP as the applications reach it (use an
+    /// address whose pg_hba.conf line asks for a password).
+    #[arg(long, env = "PGHOST", default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Server port.
+    #[arg(long, env = "PGPORT", default_value_t = 5432)]
+    pub port: u16,
+
+    /// Database to log in to.
+    #[arg(long, env = "PGDATABASE", default_value = "postgres")]
+    pub dbname: String,
+
+    /// Superuser role (never overlapped; its password file is rotated as a single login).
+    #[arg(long, env = "POSTGRES_USER", default_value = "postgres")]
+    pub postgres_user: String,
+
+    /// Application role, with `postgres_app_user_pw`.
+    #[arg(long, env = "APP_DB_USER", default_value = "appuser")]
+    pub app_db_user: String,
+
+    /// Read-only role, with `postgres_app_ro_pw`.
+    #[arg(long, env = "APP_DB_RO_USER", default_value = "backupuser")]
+    pub app_db_ro_user: String,
+
+    /// Temporal role, with `postgres_temporal_pw`; not overlapped when unset.
+    #[arg(long, env = "TEMPORAL_DB_USER")]
+    pub temporal_db_user: Option<String>,
+
+    /// Explicit role map NAME=FILE (repeatable), as for `run`; files must be in DIR/keys.
+    #[arg(
+        long = "role",
+        value_name = "NAME=FILE",
+        env = "PG_PASSWORD_SYNC_ROLES",
+        value_delimiter = ','
+    )]
+    pub roles: Vec<String>,
+
+    /// Suffix of the twin logins (`appuser` → `appuser_alt`).
+    #[arg(long, env = "PG_PASSWORD_SYNC_TWIN_SUFFIX", default_value = crate::overlap::DEFAULT_TWIN_SUFFIX)]
+    pub twin_suffix: String,
+
+    /// How long to wait for every staged login to log in (the new files must reach the
+    /// sync first: allow for Kubernetes' propagation) before rolling the stage back. Must
+    /// be shorter than --grace: a stage the sync sees again after a restart gets the grace.
+    #[arg(long, env = "PG_PASSWORD_SYNC_ROTATE_WAIT", default_value = "5m", value_parser = parse_duration)]
+    pub wait: Duration,
+
+    /// The sync's --grace (same variable): --wait must be shorter. rotate only compares
+    /// the two; the sync is what applies it.
+    #[arg(long, env = "PG_PASSWORD_SYNC_GRACE", default_value = "15m", value_parser = parse_duration)]
+    pub grace: Duration,
+
+    /// Re-key the unpublished logins even when the server says they may still be in use
+    /// (applications still using them will fail to log in).
+    #[arg(long, env = "PG_PASSWORD_SYNC_ROTATE_FORCE", value_parser = BoolishValueParser::new())]
+    pub force: bool,
+
+    /// Only check, back up and stage; finish later with --publish-only or --abort (for
+    /// deliveries checked elsewhere, e.g. `kubectl exec … verify --overlap --staged`).
+    #[arg(long, env = "PG_PASSWORD_SYNC_ROTATE_STAGE_ONLY", value_parser = BoolishValueParser::new())]
+    pub stage_only: bool,
+
+    /// Publish the logins staged by --stage-only (no login check: verify them first).
+    #[arg(long, env = "PG_PASSWORD_SYNC_ROTATE_PUBLISH_ONLY", value_parser = BoolishValueParser::new())]
+    pub publish_only: bool,
+
+    /// Undo the stage of --stage-only: restore the staged files byte for byte.
+    #[arg(long, env = "PG_PASSWORD_SYNC_ROTATE_ABORT", value_parser = BoolishValueParser::new())]
+    pub abort: bool,
+
+    /// Give up connecting after this long (per attempt).
+    #[arg(long, env = "PG_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Accepted so that one environment (PG_PASSWORD_SYNC_OVERLAP=true) serves every
+    /// command; rotate always works in overlap mode.
+    #[arg(long, env = "PG_PASSWORD_SYNC_OVERLAP", value_parser = BoolishValueParser::new())]
+    pub overlap: bool,
 }
 
 impl From<LogFormat> for crate::logging::Format {
@@ -585,6 +710,51 @@ impl From<GenerateArgs> for GenerateSettings {
             k8s_secret: args.k8s_secret,
             namespace: args.namespace,
             output: args.output,
+            overlap: args.overlap,
+            twin_suffix: args.twin_suffix,
+            app_db_user: args.app_db_user,
+            app_db_ro_user: args.app_db_ro_user,
+            temporal_db_user: args.temporal_db_user,
+        }
+    }
+}
+
+impl From<RotateArgs> for RotateSettings {
+    fn from(args: RotateArgs) -> Self {
+        let keys = args.dir.join("keys");
+        RotateSettings {
+            config: ConfigSettings {
+                // The secrets are generate's files, and only those.
+                keys_dir: keys.clone(),
+                secrets_source_dir: keys,
+                postgres_user: args.postgres_user,
+                postgres_password_file: None,
+                app_db_user: args.app_db_user,
+                app_db_ro_user: args.app_db_ro_user,
+                temporal_db_user: args.temporal_db_user,
+                roles: args.roles,
+                pghost: args.host,
+                pgport: args.port,
+                // Unused: rotate never looks at a data directory or a socket.
+                pgdata: PathBuf::from("/nonexistent"),
+                dbname: args.dbname,
+                sync_user: None,
+                connect_timeout: args.connect_timeout,
+                // rotate reads the overlap files itself (`rotate::set`).
+                overlap: false,
+                twin_suffix: args.twin_suffix.clone(),
+                grace: args.grace,
+                // rotate writes fresh generated passwords; it checks no length itself.
+                min_password_length: 0,
+            },
+            dir: args.dir,
+            twin_suffix: args.twin_suffix,
+            wait: args.wait,
+            grace: args.grace,
+            force: args.force,
+            stage_only: args.stage_only,
+            publish_only: args.publish_only,
+            abort: args.abort,
         }
     }
 }
@@ -675,7 +845,12 @@ mod tests {
                 .get_env()
                 .and_then(|e| e.to_str())
                 .unwrap_or_else(|| panic!("--{} has no environment variable", arg.get_id()));
-            assert!(env.starts_with("PG_PASSWORD_SYNC_"), "{env}");
+            // The role names of --overlap share the variables `run` reads.
+            let shared = ["APP_DB_USER", "APP_DB_RO_USER", "TEMPORAL_DB_USER"];
+            assert!(
+                env.starts_with("PG_PASSWORD_SYNC_") || shared.contains(&env),
+                "{env}"
+            );
             seen += 1;
         }
         assert!(seen >= 15, "only {seen} options");

@@ -15,6 +15,7 @@ mod overlap;
 mod postmaster;
 #[cfg(test)]
 mod properties;
+mod rotate;
 mod run;
 mod runtime;
 mod secret;
@@ -62,5 +63,6 @@ fn dispatch(command: Command) -> anyhow::Result<u8> {
         Command::Verify(args) => verify::command(args.into()),
         Command::Health(args) => health::command(args.into()),
         Command::Generate(args) => keyfiles::command(args.into()),
+        Command::Rotate(args) => rotate::command(args.into()),
     }
 }

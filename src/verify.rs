@@ -254,34 +254,57 @@ async fn choose_host(config: &Config, candidates: &[String], role: Option<&str>)
     trusted.unwrap_or(first)
 }
 
+/// What one checked login showed.
+#[derive(Debug)]
+pub enum Login {
+    /// A wrong password was refused and the real one accepted through a full SCRAM exchange.
+    LoggedIn,
+    /// The server accepted a wrong password: no login there proves anything.
+    Trusted,
+    /// A wrong password was refused, but the real login went through without a SCRAM
+    /// exchange (not the same server or rule each time): it proves nothing either.
+    Unchecked,
+    /// The probe or the login failed (wrong password, unknown role, no server, …).
+    Failed(anyhow::Error),
+}
+
+/// The one login check (also `rotate`'s): `role` must first be refused with a random
+/// wrong password, and only then log in with `secret`, over `config`'s connection.
+pub async fn checked_login(config: &Config, role: &str, secret: &Secret) -> Login {
+    match probe(config, role).await {
+        Probe::Checked => {}
+        Probe::Trusted => return Login::Trusted,
+        Probe::Failed(err) => return Login::Failed(err),
+    }
+    // Through the SCRAM-only login: a clear-text request is refused before anything is
+    // sent, and only a completed SCRAM exchange proves the server holds the verifier.
+    match login(config, role, secret).await {
+        Ok((_, Checked::Scram)) => Login::LoggedIn,
+        Ok((_, Checked::Not)) => Login::Unchecked,
+        Err(err) => Login::Failed(err),
+    }
+}
+
 /// One login role: a wrong password must be refused, then the real one accepted.
 async fn check_role(config: &Config, role: &str, secret: &Secret) -> RoleCheck {
     let at = connect::describe(config);
-    match probe(config, role).await {
-        Probe::Checked => {}
-        Probe::Trusted => {
-            return RoleCheck::new(
-                role,
-                Status::NotVerifiable,
-                &at,
-                format!(
-                    "the server trusts this connection: pg_hba.conf lets {role:?} in at {at} \
-                     with a wrong password, so a login proves nothing"
-                ),
-            );
-        }
-        Probe::Failed(err) => {
-            return RoleCheck::new(role, Status::Failed, &at, format!("{err:#}"));
-        }
-    }
-    match login(config, role, secret).await {
-        Ok((_, Checked::Scram)) => RoleCheck::new(
+    match checked_login(config, role, secret).await {
+        Login::LoggedIn => RoleCheck::new(
             role,
             Status::Ok,
             &at,
             "logs in; a wrong password is refused".into(),
         ),
-        Ok((_, Checked::Not)) => RoleCheck::new(
+        Login::Trusted => RoleCheck::new(
+            role,
+            Status::NotVerifiable,
+            &at,
+            format!(
+                "the server trusts this connection: pg_hba.conf lets {role:?} in at {at} \
+                 with a wrong password, so a login proves nothing"
+            ),
+        ),
+        Login::Unchecked => RoleCheck::new(
             role,
             Status::NotVerifiable,
             &at,
@@ -291,7 +314,7 @@ async fn check_role(config: &Config, role: &str, secret: &Secret) -> RoleCheck {
                  or rule each time, so a login proves nothing"
             ),
         ),
-        Err(err) => RoleCheck::new(role, Status::Failed, &at, format!("{err:#}")),
+        Login::Failed(err) => RoleCheck::new(role, Status::Failed, &at, format!("{err:#}")),
     }
 }
 

@@ -123,26 +123,39 @@ pub fn read_value(keys: &Dir, file: &str) -> anyhow::Result<Zeroizing<Vec<u8>>> 
 /// One `--list` line per catalog file: name, size, mode and modification time (UTC), from
 /// the entry itself: a link is listed as one, not as its target.
 pub fn list(keys: Option<&Dir>) -> anyhow::Result<Vec<String>> {
-    let width = ENTRIES.iter().map(|e| e.file.len()).max().unwrap_or(0);
+    let files: Vec<&str> = ENTRIES.iter().map(|e| e.file).collect();
+    list_files(keys, &files)
+}
+
+/// The `--list` lines (header first) of the files named `files` in `keys`.
+pub fn list_files(keys: Option<&Dir>, files: &[&str]) -> anyhow::Result<Vec<String>> {
+    // At least as wide as the catalog's names, so overlap lines line up below them.
+    let width = ENTRIES
+        .iter()
+        .map(|e| e.file)
+        .chain(files.iter().copied())
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
     let mut lines = vec![format!(
         "{:width$}  {:>5}  {:4}  {}",
         "FILE", "BYTES", "MODE", "MODIFIED (UTC)"
     )];
-    for entry in &ENTRIES {
-        let stat = stat(keys, entry.file)?;
+    for file in files {
+        let stat = stat(keys, file)?;
         let line = match (stat.as_ref().map(Kind::of), stat) {
             (Some(Kind::File), Some(stat)) => format!(
                 "{:width$}  {:>5}  {:04o}  {}",
-                entry.file,
+                file,
                 stat.st_size,
                 stat.st_mode & 0o7777,
                 Utc::from_unix(stat.st_mtime).readable()
             ),
-            (None, _) => format!("{:width$}  missing", entry.file),
+            (None, _) => format!("{:width$}  missing", file),
             (Some(Kind::Symlink), _) => {
-                format!("{:width$}  symbolic link (not followed)", entry.file)
+                format!("{:width$}  symbolic link (not followed)", file)
             }
-            _ => format!("{:width$}  not a regular file", entry.file),
+            _ => format!("{:width$}  not a regular file", file),
         };
         lines.push(line);
     }

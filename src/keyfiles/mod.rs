@@ -9,7 +9,8 @@
 //! and actions only. Nothing under the directory is reached through a link (`dirfd`), and
 //! every input that can be refused is checked before the first write. This file holds the
 //! flow of each mode (its options are parsed in `cli.rs`); the submodules hold the pieces,
-//! each with its own tests.
+//! each with its own tests. Overlap mode's files (twin passwords, `pg_service.conf`) are
+//! `overlap`'s, which also lends `rotate` the lock, backup and writes of this module.
 
 mod atomic;
 mod backup;
@@ -20,6 +21,7 @@ mod dirfd;
 mod envfile;
 mod k8s;
 mod oidc;
+pub mod overlap;
 mod random;
 
 use std::io::{IsTerminal, Write};
@@ -55,6 +57,38 @@ pub struct GenerateSettings {
     pub k8s_secret: Option<String>,
     pub namespace: Option<String>,
     pub output: Option<PathBuf>,
+    /// Overlap mode: twin files and `pg_service.conf` too (see `overlap`).
+    pub overlap: bool,
+    pub twin_suffix: String,
+    /// The overlapped roles' names (sections of `pg_service.conf`).
+    pub app_db_user: String,
+    pub app_db_ro_user: String,
+    pub temporal_db_user: Option<String>,
+}
+
+/// The overlapped roles of `--overlap` (None without it). A directory that already has a
+/// `pg_service.conf` is treated as overlapped too: a plain `generate --force` there would
+/// otherwise leave it publishing a password that no longer is, and the sync would refuse
+/// the whole set.
+fn overlap_pairs(
+    args: &GenerateSettings,
+    keys: Option<&Dir>,
+) -> anyhow::Result<Option<Vec<overlap::Pair>>> {
+    let has_service_file = match keys {
+        Some(keys) => keys.kind(crate::overlap::SERVICE_FILE)? != dirfd::Kind::Missing,
+        None => false,
+    };
+    if !args.overlap && !has_service_file {
+        return Ok(None);
+    }
+    overlap::default_pairs(
+        &args.app_db_user,
+        &args.app_db_ro_user,
+        args.temporal_db_user.as_deref(),
+        &args.twin_suffix,
+    )
+    .map(Some)
+    .context(Failure::Config)
 }
 
 /// `pg-password-sync generate`.
@@ -66,10 +100,10 @@ pub fn command(settings: GenerateSettings) -> anyhow::Result<u8> {
 fn generate_files(args: &GenerateSettings) -> anyhow::Result<()> {
     let args = &effective(args)?;
     if args.verify {
-        return verify(&args.dir);
+        return verify(args);
     }
     if args.list {
-        return list(&args.dir);
+        return list(args);
     }
     if args.list_backups {
         return list_backups(&args.dir);
@@ -78,7 +112,7 @@ fn generate_files(args: &GenerateSettings) -> anyhow::Result<()> {
     let locked = if let Some(name) = &args.restore {
         restore(args, name.as_deref())?
     } else if args.backup_only {
-        backup_only(&args.dir)?
+        backup_only(&args.dir, &args.twin_suffix)?
     } else {
         generate(args)?
     };
@@ -219,7 +253,7 @@ fn lock_and_prepare(dir: &Path) -> anyhow::Result<Locked> {
 
 /// What a run does to one file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Action {
+pub enum Action {
     Create,
     Replace,
     Keep,
@@ -364,11 +398,19 @@ fn generate(args: &GenerateSettings) -> anyhow::Result<Locked> {
         writes.push((entry, action, value));
     }
 
+    // Overlap files follow from the catalog values above (pg_service.conf publishes them);
+    // planned (and refused, if they must be) before the first write.
+    let (overlap_writes, overlap_kept) = match overlap_pairs(args, Some(keys))? {
+        Some(pairs) => overlap::plan(keys, &pairs, args.force, &writes)?,
+        None => (Vec::new(), Vec::new()),
+    };
+
     let overwrites = writes
         .iter()
-        .any(|(_, action, _)| *action == Action::Replace);
+        .any(|(_, action, _)| *action == Action::Replace)
+        || overlap_writes.iter().any(|w| w.action == Action::Replace);
     if overwrites && !args.no_backup {
-        back_up_current(&mut locked, |line| report(args, line))?;
+        back_up_current(&mut locked, &args.twin_suffix, |line| report(args, line))?;
     }
     let keys = &locked.keys;
     for (entry, action, value) in &writes {
@@ -381,11 +423,27 @@ fn generate(args: &GenerateSettings) -> anyhow::Result<Locked> {
         };
         report(args, &format!("{verb} {}", keys.shown(entry.file)));
     }
-    for entry in kept {
+    // After the password files, so pg_service.conf never publishes a password that its
+    // login's file does not hold yet.
+    for write in &overlap_writes {
+        atomic::write_atomic(keys, &write.file, &write.value)
+            .with_context(|| format!("writing {}", keys.shown(&write.file)))?;
+        let verb = match write.action {
+            Action::Create => "created",
+            _ if write.file == crate::overlap::SERVICE_FILE => "updated",
+            _ => "regenerated",
+        };
+        report(args, &format!("{verb} {}", keys.shown(&write.file)));
+    }
+    let kept_files = kept
+        .iter()
+        .map(|entry| entry.file.to_owned())
+        .chain(overlap_kept);
+    for file in kept_files {
         // By descriptor, on the file itself: never on what a link points at.
-        let fixed = keys.fix_mode(entry.file, atomic::FILE_MODE)?;
+        let fixed = keys.fix_mode(&file, atomic::FILE_MODE)?;
         let note = if fixed { " (mode set to 0600)" } else { "" };
-        report(args, &format!("kept {}{note}", keys.shown(entry.file)));
+        report(args, &format!("kept {}{note}", keys.shown(&file)));
     }
 
     if let Some(name) = &args.k8s_secret {
@@ -427,9 +485,13 @@ fn write_manifest(
     name: &str,
     output: Option<&Output>,
 ) -> anyhow::Result<()> {
-    let mut values = Vec::with_capacity(ENTRIES.len());
+    let extra = overlap::manifest_values(keys, &args.twin_suffix)?;
+    let mut values = Vec::with_capacity(ENTRIES.len() + extra.len());
     for entry in &ENTRIES {
         values.push((entry.key(), check::read_value(keys, entry.file)?));
+    }
+    for (key, value) in &extra {
+        values.push((key.as_str(), value.clone()));
     }
     let manifest = k8s::render(name, args.namespace.as_deref(), &values);
     match output {
@@ -451,10 +513,12 @@ fn write_manifest(
     Ok(())
 }
 
-/// Backs up the catalog files now in `keys/` (if any; `backups/` is created on first use)
-/// and reports it with `say`; returns how many files were backed up.
-fn back_up_current(locked: &mut Locked, say: impl Fn(&str)) -> anyhow::Result<usize> {
-    let files = backup::present_files(&locked.keys)?;
+/// Backs up the files of the set now in `keys/` (the catalog's and overlap mode's, if any;
+/// `backups/` is created on first use) and reports it with `say`; returns how many files
+/// were backed up.
+fn back_up_current(locked: &mut Locked, suffix: &str, say: impl Fn(&str)) -> anyhow::Result<usize> {
+    let files = overlap::present_files(&locked.keys, suffix)?;
+    let files: Vec<&str> = files.iter().map(String::as_str).collect();
     if files.is_empty() {
         return Ok(0);
     }
@@ -472,13 +536,13 @@ fn back_up_current(locked: &mut Locked, say: impl Fn(&str)) -> anyhow::Result<us
 }
 
 /// `--backup-only`.
-fn backup_only(dir: &Path) -> anyhow::Result<Locked> {
+fn backup_only(dir: &Path, suffix: &str) -> anyhow::Result<Locked> {
     // Refuse links in the current set before the lock creates anything.
     if let Some(keys) = Existing::open(dir)?.keys {
-        backup::present_files(&keys)?;
+        overlap::present_files(&keys, suffix)?;
     }
     let mut locked = lock_and_prepare(dir)?;
-    if back_up_current(&mut locked, |line| println!("{line}"))? == 0 {
+    if back_up_current(&mut locked, suffix, |line| println!("{line}"))? == 0 {
         println!(
             "no secret files in {} to back up",
             locked.keys.path().display()
@@ -492,11 +556,11 @@ fn restore(args: &GenerateSettings, name: Option<&str>) -> anyhow::Result<Locked
     let existing = Existing::open(&args.dir)?;
     // The current set is backed up first: refuse links in it before anything else.
     if let Some(keys) = &existing.keys {
-        backup::present_files(keys)?;
+        overlap::present_files(keys, &args.twin_suffix)?;
     }
     let (source, source_keys) =
         backup::resolve(existing.backups.as_ref(), name).context(Failure::Config)?;
-    let files = backup::present_files(&source_keys)?;
+    let files = overlap::present_files(&source_keys, &args.twin_suffix)?;
     if files.is_empty() {
         return Err(anyhow::anyhow!(
             "backup {} holds no secret files",
@@ -518,7 +582,7 @@ fn restore(args: &GenerateSettings, name: Option<&str>) -> anyhow::Result<Locked
     }
     drop(existing);
     let mut locked = lock_and_prepare(&args.dir)?;
-    back_up_current(&mut locked, |line| println!("{line}"))?;
+    back_up_current(&mut locked, &args.twin_suffix, |line| println!("{line}"))?;
     for file in &files {
         let value = source_keys
             .read_file(file, backup::MAX_COPY_BYTES)
@@ -537,13 +601,28 @@ fn restore(args: &GenerateSettings, name: Option<&str>) -> anyhow::Result<Locked
 }
 
 /// `--verify`.
-fn verify(dir: &Path) -> anyhow::Result<()> {
+fn verify(args: &GenerateSettings) -> anyhow::Result<()> {
+    let dir = &args.dir;
     let keys_shown = dir.join("keys");
-    let problems = check::verify(Existing::open(dir)?.keys.as_ref())?;
+    let keys = Existing::open(dir)?.keys;
+    let pairs = overlap_pairs(args, keys.as_ref())?;
+    let mut problems = check::verify(keys.as_ref())?;
+    problems.extend(overlap::problems(
+        keys.as_ref(),
+        pairs.as_deref(),
+        &args.twin_suffix,
+    ));
     if problems.is_empty() {
+        let overlap_files = match &keys {
+            Some(keys) => {
+                overlap::present_files(keys, &args.twin_suffix)?.len()
+                    - backup::present_files(keys)?.len()
+            }
+            None => 0,
+        };
         println!(
             "all {} secret files in {} pass",
-            ENTRIES.len(),
+            ENTRIES.len() + overlap_files,
             keys_shown.display()
         );
         return Ok(());
@@ -560,10 +639,16 @@ fn verify(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// `--list`.
-fn list(dir: &Path) -> anyhow::Result<()> {
+fn list(args: &GenerateSettings) -> anyhow::Result<()> {
+    let dir = &args.dir;
     let keys = Existing::open(dir)?.keys;
+    let pairs = overlap_pairs(args, keys.as_ref())?;
     println!("{}", dir.join("keys").display());
     for line in check::list(keys.as_ref())? {
+        println!("{line}");
+    }
+    let extra = overlap::list(keys.as_ref(), pairs.as_deref(), &args.twin_suffix)?;
+    for line in extra.into_iter().skip(1) {
         println!("{line}");
     }
     Ok(())

@@ -8,8 +8,6 @@
 //! This module owns the names that follow from a role (the twin login, its password file,
 //! the service file); `service_file` owns the published-credential file itself.
 
-// The writing half (`publish`, `render`) is for `generate` and `rotate`.
-#[allow(dead_code)]
 pub mod service_file;
 
 use std::io::Read;

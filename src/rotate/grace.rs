@@ -1,0 +1,156 @@
+//! Stage 1 of a rotation: ask the server whether a login about to be re-keyed may still
+//! be in use. The answer is its `VALID UNTIL`, which the sync sets when the login stops
+//! being published and which the server compares with its own clock: no state of ours.
+
+use anyhow::Context;
+
+use super::set::{Overlapped, RoleSet};
+use crate::config::Config;
+use crate::error::Failure;
+use crate::secret::Secret;
+use crate::sync::connect::{self, Auth};
+
+/// What the server says about a login that would be re-keyed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum LoginState {
+    /// No such role yet (the sync creates the twin): nothing can be using it.
+    Missing,
+    /// `VALID UNTIL` in the past (or `-infinity`: a twin that was never published).
+    Expired,
+    /// No `VALID UNTIL`, or `infinity`: published until now, or the server has not yet
+    /// seen the publish that retired it, so applications may still be using it.
+    Open,
+    /// Grace period running until this time (server's text form).
+    Until(String),
+}
+
+/// Why a login may not be re-keyed now, if it may not.
+fn refusal(login: &str, state: &LoginState) -> Option<String> {
+    match state {
+        LoginState::Missing | LoginState::Expired => None,
+        LoginState::Open => Some(format!(
+            "login {login:?} has no expiry on the server: it is still published there (the \
+             sync has not applied the last publish yet), or a rolled-back stage left it open \
+             until the sync's next pass starts its grace period; applications may be using it"
+        )),
+        LoginState::Until(until) => Some(format!(
+            "login {login:?} is inside its grace period until {until}: applications may \
+             still be using it"
+        )),
+    }
+}
+
+/// Stage 1: refuses when a login to re-key may still be in use, unless `force`.
+pub(super) async fn check_grace(config: &Config, set: &RoleSet, force: bool) -> anyhow::Result<()> {
+    let logins: Vec<String> = set
+        .roles
+        .iter()
+        .map(|r| r.unpublished().0.to_owned())
+        .collect();
+    let states = match login_states(config, set, &logins).await {
+        Ok(states) => states,
+        Err(err) if force => {
+            tracing::warn!("--force: not checking the grace periods: {err:#}");
+            return Ok(());
+        }
+        Err(err) => {
+            return Err(err.context(
+                "cannot ask the server whether the logins to re-key are still in use \
+                 (nothing was written; --force skips this check)",
+            ));
+        }
+    };
+    let refusals: Vec<String> = logins
+        .iter()
+        .zip(&states)
+        .filter_map(|(login, state)| refusal(login, state))
+        .collect();
+    if refusals.is_empty() {
+        return Ok(());
+    }
+    if force {
+        for refusal in &refusals {
+            tracing::warn!("--force: re-keying anyway: {refusal}");
+        }
+        return Ok(());
+    }
+    Err(anyhow::anyhow!(
+        "{}; nothing was written (wait for the grace period to end, or --force to re-key \
+         anyway and break those applications)",
+        refusals.join("; ")
+    ))
+    .context(Failure::Config)
+}
+
+/// Reads `pg_roles.rolvaliduntil` of `logins` (any login may read `pg_roles`), logged
+/// in with the superuser's password or else with a published credential.
+async fn login_states(
+    config: &Config,
+    set: &RoleSet,
+    logins: &[String],
+) -> anyhow::Result<Vec<LoginState>> {
+    let mut candidates: Vec<(&str, &Secret)> = Vec::new();
+    if let Some(password) = &set.superuser_password {
+        candidates.push((&set.superuser, password));
+    }
+    candidates.extend(set.roles.iter().map(Overlapped::published));
+    let mut reasons = Vec::new();
+    let mut client = None;
+    for (user, password) in candidates {
+        match connect::connect(config, user, &Auth::Password(password, "secret file")).await {
+            Ok(c) => {
+                client = Some(c);
+                break;
+            }
+            Err(err) => reasons.push(format!("as {user:?}: {err:#}")),
+        }
+    }
+    let client = client
+        .ok_or_else(|| anyhow::anyhow!("{}", reasons.join("; ")))
+        .with_context(|| format!("logging in at {}", connect::describe(config)))
+        .context(Failure::Connect)?;
+    // Compared on the server, with its clock: the grace deadline was set by its clock too.
+    let rows = client
+        .query(
+            "SELECT rolname::text, \
+                    (rolvaliduntil IS NULL OR rolvaliduntil = 'infinity') AS open, \
+                    coalesce(rolvaliduntil > now(), false) AS running, \
+                    coalesce(rolvaliduntil::text, '') AS until \
+               FROM pg_roles WHERE rolname::text = ANY($1::text[])",
+            &[&logins],
+        )
+        .await
+        .context("reading the logins' VALID UNTIL from pg_roles")
+        .context(Failure::Sql)?;
+    Ok(logins
+        .iter()
+        .map(|login| {
+            rows.iter()
+                .find(|row| row.get::<_, String>(0) == *login)
+                .map_or(LoginState::Missing, |row| {
+                    if row.get::<_, bool>(1) {
+                        LoginState::Open
+                    } else if row.get::<_, bool>(2) {
+                        LoginState::Until(row.get(3))
+                    } else {
+                        LoginState::Expired
+                    }
+                })
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_missing_or_expired_logins_may_be_rekeyed() {
+        assert_eq!(refusal("a", &LoginState::Missing), None);
+        assert_eq!(refusal("a", &LoginState::Expired), None);
+        let open = refusal("a_alt", &LoginState::Open).unwrap();
+        assert!(open.contains("still published"), "{open}");
+        let until = refusal("a", &LoginState::Until("2026-01-01 00:00:00+00".into())).unwrap();
+        assert!(until.contains("grace period until 2026-01-01"), "{until}");
+    }
+}

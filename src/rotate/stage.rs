@@ -1,0 +1,201 @@
+//! Stages 2, 3 and 5 of a rotation and its undo: the complete backup, the staged values
+//! with the record that lets a killed run be aborted, the byte-for-byte rollback, and the
+//! publish (one atomic rewrite of `pg_service.conf`). Every file is written through the
+//! handles of `generate`'s lock (atomic, durable, never through a link), and the complete
+//! backup is durable before the first staged file is replaced.
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use super::set::RoleSet;
+use crate::error::Failure;
+use crate::keyfiles::overlap::{self as files, Dir, Locked};
+use crate::overlap::{SERVICE_FILE, service_file};
+use crate::secret::Secret;
+
+/// The record of a stage that is neither published nor rolled back, in the secrets
+/// directory (beside `keys/`, so it is never delivered with the secrets).
+pub const PENDING_FILE: &str = "rotate-pending.json";
+
+/// A login staged with a new password.
+pub(super) struct Staged {
+    pub(super) role: String,
+    pub(super) login: String,
+    pub(super) file: String,
+    pub(super) password: Secret,
+}
+
+/// The record of a stage: enough to finish or undo it, and no value.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct Pending {
+    /// Backup directory name under `backups/`.
+    backup: String,
+    /// Files in `keys/` the stage wrote (restored from the backup on rollback).
+    files: Vec<String>,
+    /// Files the stage created (removed on rollback).
+    created: Vec<String>,
+    /// (role, staged login, its file).
+    logins: Vec<(String, String, String)>,
+}
+
+impl Pending {
+    pub(super) fn read(root: &Dir) -> anyhow::Result<Pending> {
+        let shown = root.shown(PENDING_FILE);
+        let bytes = files::read_exact(root, PENDING_FILE)
+            .with_context(|| format!("no staged rotation to finish ({shown})"))
+            .context(Failure::Config)?;
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("{shown} is not a rotation record"))
+            .context(Failure::Config)
+    }
+
+    /// Whether a record is there (anything at its name counts: it is never followed).
+    pub(super) fn exists(root: &Dir) -> anyhow::Result<bool> {
+        Ok(root.stat(PENDING_FILE)?.is_some())
+    }
+
+    /// The staged logins with the passwords their files hold now (`--publish-only`).
+    pub(super) fn staged_from_files(&self, set: &RoleSet) -> anyhow::Result<Vec<Staged>> {
+        self.logins
+            .iter()
+            .map(|(role, login, file)| {
+                let known = set
+                    .roles
+                    .iter()
+                    .any(|r| r.role == *role && r.unpublished() == (login.as_str(), file.as_str()));
+                if !known {
+                    bail!(
+                        "the staged login {login:?} of role {role:?} is no longer the \
+                         unpublished one; `rotate --abort` and start again"
+                    );
+                }
+                Ok(Staged {
+                    role: role.clone(),
+                    login: login.clone(),
+                    file: file.clone(),
+                    password: match set.roles.iter().find(|r| r.role == *role) {
+                        Some(r) if r.twin_published => r.role_password.clone(),
+                        Some(r) => r.twin_password.clone(),
+                        None => bail!("role {role:?} is no longer configured"),
+                    },
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+            .context(Failure::Config)
+    }
+}
+
+/// Stages 2 and 3: complete backup, the record, then the new values (atomic writes).
+pub(super) fn stage(
+    locked: &mut Locked,
+    set: &RoleSet,
+    suffix: &str,
+) -> anyhow::Result<(Pending, Vec<Staged>)> {
+    let mut staged = Vec::new();
+    let mut writes: Vec<(String, Secret)> = Vec::new();
+    for role in &set.roles {
+        let (login, file) = role.unpublished();
+        let password = files::new_password()?;
+        staged.push(Staged {
+            role: role.role.clone(),
+            login: login.to_owned(),
+            file: file.to_owned(),
+            password: password.clone(),
+        });
+        writes.push((file.to_owned(), password));
+    }
+    // The superuser, redis, session and CSRF secrets (and any other catalog password that
+    // is not an overlapped pair's): single-login secrets, rotated as `generate --force`
+    // does. A superuser file outside the catalog is left alone.
+    writes.extend(files::single_login_values(&set.files())?);
+
+    // Refuses a link among the set's files before anything is written.
+    let mut present = files::present_files(locked.keys(), suffix)?;
+    for file in set.files() {
+        if !present.contains(&file) {
+            present.push(file);
+        }
+    }
+    let backup = locked.backup(&present)?;
+    println!("backed up {} files to backups/{backup}", present.len());
+    let pending = Pending {
+        backup,
+        files: writes.iter().map(|(f, _)| f.clone()).collect(),
+        created: writes
+            .iter()
+            .map(|(f, _)| f.clone())
+            .filter(|f| !present.contains(f))
+            .collect(),
+        logins: staged
+            .iter()
+            .map(|s| (s.role.clone(), s.login.clone(), s.file.clone()))
+            .collect(),
+    };
+    let record = serde_json::to_vec_pretty(&pending).context("writing the rotation record")?;
+    files::write(locked.root(), PENDING_FILE, &record)?;
+    for (file, value) in &writes {
+        files::write(locked.keys(), file, value.expose().as_bytes())?;
+    }
+    for s in &staged {
+        println!(
+            "staged a new password for login {:?} (role {:?}) in keys/{}",
+            s.login, s.role, s.file
+        );
+    }
+    let singles: Vec<&str> = writes
+        .iter()
+        .skip(staged.len())
+        .map(|(f, _)| f.as_str())
+        .collect();
+    println!("regenerated {}", singles.join(", "));
+    Ok((pending, staged))
+}
+
+/// Puts every staged file back from the stage's backup, byte for byte, removes the files
+/// the stage created and the record. `pg_service.conf` was never written by the stage.
+pub(super) fn rollback(locked: &Locked, pending: &Pending) -> anyhow::Result<()> {
+    let keys = locked.keys();
+    let backup_keys = locked.backup_keys(&pending.backup)?;
+    let mut restored = 0;
+    for file in &pending.files {
+        if pending.created.contains(file) {
+            keys.remove_file(file)?;
+            continue;
+        }
+        let bytes: Zeroizing<Vec<u8>> = files::read_exact(&backup_keys, file)
+            .with_context(|| format!("reading {file} from backup {}", pending.backup))?;
+        files::write(keys, file, &bytes)?;
+        restored += 1;
+    }
+    keys.sync()?;
+    remove_pending(locked.root())?;
+    println!(
+        "rolled back: restored {restored} staged files from backups/{} byte for byte; the \
+         published credentials were not changed",
+        pending.backup
+    );
+    Ok(())
+}
+
+pub(super) fn remove_pending(root: &Dir) -> anyhow::Result<()> {
+    root.remove_file(PENDING_FILE)?;
+    root.sync()
+}
+
+/// Stage 5: one atomic rewrite of `pg_service.conf`, other sections and settings kept.
+pub(super) fn publish(keys: &Dir, set: &RoleSet, staged: &[Staged]) -> anyhow::Result<()> {
+    let mut service = set.service.clone();
+    for s in staged {
+        service.publish(&s.role, &s.login, s.password.clone());
+    }
+    let text = service_file::render(&service)?;
+    files::write(keys, SERVICE_FILE, text.as_bytes())?;
+    for s in staged {
+        println!(
+            "published login {:?} for role {:?} in keys/{SERVICE_FILE}",
+            s.login, s.role
+        );
+    }
+    Ok(())
+}
