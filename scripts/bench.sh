@@ -36,18 +36,11 @@ USAGE
 }
 
 MODE=full
-case "${1:-}" in
-    --quick) MODE=quick ;;
-    "") ;;
-    -h | --help)
-        usage
-        exit 0
-        ;;
-    *)
-        usage >&2
-        exit 2
-        ;;
-esac
+if [[ "${1:-}" == --quick ]]; then
+    MODE=quick
+else
+    no_more_args "$@"
+fi
 if [[ "$MODE" == quick ]]; then
     STARTUP_REPS=5 BASELINE_STOP_REPS=2 ROTATIONS=10 ROTATIONS_RENAME=10 ROLES_REPS=3 GRACE=2 TINI_REPS=1
 else

@@ -16,17 +16,7 @@ cluster, rotate the files the Kubernetes way and watch the new password arrive w
 restart. Cleans up everything it made. Run as root or as a user that can run PostgreSQL.
 USAGE
 }
-case "${1:-}" in
-    "") ;;
-    -h | --help)
-        usage
-        exit 0
-        ;;
-    *)
-        usage >&2
-        exit 2
-        ;;
-esac
+no_more_args "$@"
 
 ensure_postgres
 

@@ -13,6 +13,23 @@
 # step TEXT…: print a step heading.
 step() { printf '\n==> %s\n' "$*"; }
 
+# no_more_args [ARG]: the end of a script's argument handling, given the first argument it
+# did not take itself: none returns; `-h`/`--help` prints the caller's usage() and exits 0;
+# anything else prints usage() on stderr and exits 2.
+no_more_args() {
+    case "${1:-}" in
+        "") ;;
+        -h | --help)
+            usage
+            exit 0
+            ;;
+        *)
+            usage >&2
+            exit 2
+            ;;
+    esac
+}
+
 # Debian's PostgreSQL 15 server binaries.
 PG_BINDIR="${PG_BINDIR:-/usr/lib/postgresql/15/bin}"
 export PG_BINDIR

@@ -141,17 +141,7 @@ lint_compose() {
 }
 
 main() {
-    case "${1:-}" in
-        "") ;;
-        -h | --help)
-            usage
-            return 0
-            ;;
-        *)
-            usage >&2
-            return 2
-            ;;
-    esac
+    no_more_args "$@"
     check "shellcheck" lint_shell
     check "hadolint" lint_docker
     check "kubernetes-validate" lint_k8s

@@ -35,7 +35,7 @@ set -euo pipefail
 PREFIX=${PG_MAJORS_PREFIX:-/opt/pg-majors}
 MAJORS_DEFAULT=(14 16 18)
 
-# step, apt_install
+# step, apt_install, as_pg, free_port
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -115,18 +115,6 @@ install_major() {
 
 # --- check: a smoke test of one major, run as the postgres OS user ---------------------
 
-as_pg_user() {
-  if [ "$(id -u)" -eq 0 ]; then
-    setpriv --reuid=postgres --regid=postgres --init-groups -- "$@"
-  else
-    "$@"
-  fi
-}
-
-free_tcp_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
 # scram_verifier PASSWORD-FILE ITERATIONS: a SCRAM-SHA-256 verifier (RFC 5803 form) made
 # client-side, as pg-password-sync does, so no plaintext reaches the server.
 scram_verifier() {
@@ -150,17 +138,17 @@ check_major() {
   work=$(mktemp -d /tmp/pg-majors-check-XXXXXX)
   chmod 755 "$work"
   [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$work"
-  port=$(free_tcp_port)
+  port=$(free_port)
   # shellcheck disable=SC2064 # expand now: this run's directories and binaries
-  trap "as_pg_user '$bin/pg_ctl' -D '$work/standby' -m immediate -w stop >/dev/null 2>&1 || true
-        as_pg_user '$bin/pg_ctl' -D '$work/data' -m immediate -w stop >/dev/null 2>&1 || true
+  trap "as_pg '$bin/pg_ctl' -D '$work/standby' -m immediate -w stop >/dev/null 2>&1 || true
+        as_pg '$bin/pg_ctl' -D '$work/data' -m immediate -w stop >/dev/null 2>&1 || true
         rm -rf '$work'" EXIT
-  as_pg_user mkdir "$work/sock" "$work/sock2"
-  as_pg_user "$bin/initdb" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
+  as_pg mkdir "$work/sock" "$work/sock2"
+  as_pg "$bin/initdb" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
     --no-sync -E UTF8 --locale=C -D "$work/data" >/dev/null
-  as_pg_user "$bin/pg_ctl" -D "$work/data" -l "$work/data.log" -w -t 60 \
+  as_pg "$bin/pg_ctl" -D "$work/data" -l "$work/data.log" -w -t 60 \
     -o "-k $work/sock -p $port -c listen_addresses=127.0.0.1" start >/dev/null
-  psql_su() { as_pg_user "$bin/psql" -X -q -A -t -v ON_ERROR_STOP=1 -h "$work/sock" -U postgres -d postgres "$@"; }
+  psql_su() { as_pg "$bin/psql" -X -q -A -t -v ON_ERROR_STOP=1 -h "$work/sock" -U postgres -d postgres "$@"; }
   ver=$(psql_su -p "$port" -c 'SELECT version()')
   echo "  version: $ver"
   [[ $ver == "PostgreSQL $major."* ]] || die "expected PostgreSQL $major, got: $ver"
@@ -195,21 +183,21 @@ check_major() {
     echo "  scram_iterations: 4096 by default, 8192 after ALTER SYSTEM + reload"
   fi
   # A streaming standby from pg_basebackup, then promoted (what a failover test needs).
-  as_pg_user "$bin/pg_basebackup" -h "$work/sock" -p "$port" -U postgres -D "$work/standby" \
+  as_pg "$bin/pg_basebackup" -h "$work/sock" -p "$port" -U postgres -D "$work/standby" \
     -R -X stream --no-sync -c fast
-  sport=$(free_tcp_port)
-  as_pg_user "$bin/pg_ctl" -D "$work/standby" -l "$work/standby.log" -w -t 60 \
+  sport=$(free_port)
+  as_pg "$bin/pg_ctl" -D "$work/standby" -l "$work/standby.log" -w -t 60 \
     -o "-k $work/sock2 -p $sport -c listen_addresses=127.0.0.1" start >/dev/null
-  out=$(as_pg_user "$bin/psql" -X -A -t -h "$work/sock2" -p "$sport" -U postgres -d postgres \
+  out=$(as_pg "$bin/psql" -X -A -t -h "$work/sock2" -p "$sport" -U postgres -d postgres \
     -c 'SELECT pg_is_in_recovery()')
   [ "$out" = t ] || die "the standby is not in recovery: $out"
-  as_pg_user "$bin/pg_ctl" -D "$work/standby" -w -t 60 promote >/dev/null
-  out=$(as_pg_user "$bin/psql" -X -A -t -h "$work/sock2" -p "$sport" -U postgres -d postgres \
+  as_pg "$bin/pg_ctl" -D "$work/standby" -w -t 60 promote >/dev/null
+  out=$(as_pg "$bin/psql" -X -A -t -h "$work/sock2" -p "$sport" -U postgres -d postgres \
     -c 'SELECT pg_is_in_recovery()')
   [ "$out" = f ] || die "the promoted standby is still in recovery: $out"
   echo "  pg_basebackup -R standby: in recovery; pg_ctl promote: out of recovery"
-  as_pg_user "$bin/pg_ctl" -D "$work/standby" -m fast -w stop >/dev/null
-  as_pg_user "$bin/pg_ctl" -D "$work/data" -m fast -w stop >/dev/null
+  as_pg "$bin/pg_ctl" -D "$work/standby" -m fast -w stop >/dev/null
+  as_pg "$bin/pg_ctl" -D "$work/data" -m fast -w stop >/dev/null
   rm -rf "$work"
   trap - EXIT
   echo "  PostgreSQL $major: all checks passed"

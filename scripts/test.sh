@@ -20,17 +20,7 @@ Environment:
                    empty: none)
 USAGE
 }
-case "${1:-}" in
-    "") ;;
-    -h | --help)
-        usage
-        exit 0
-        ;;
-    *)
-        usage >&2
-        exit 2
-        ;;
-esac
+no_more_args "$@"
 
 ensure_postgres
 
