@@ -502,8 +502,8 @@ mod tests {
         std::fs::set_permissions(keys.join(file), std::fs::Permissions::from_mode(0o600)).unwrap();
     }
 
-    #[test]
-    fn first_run_publishes_each_role_itself_and_verify_checks_the_pairing() {
+    /// A keys directory holding the two roles' own password files, and its handle.
+    fn keys_with_own_files() -> (tempfile::TempDir, Dir) {
         let dir = tempfile::tempdir().unwrap();
         let keys = dir.path();
         let d = Dir::open_path(keys).unwrap().unwrap();
@@ -513,6 +513,13 @@ mod tests {
             "AppUserPassword0123456789",
         );
         write_file(keys, "postgres_app_ro_pw.txt", "ReadOnlyPassword012345678");
+        (dir, d)
+    }
+
+    #[test]
+    fn first_run_publishes_each_role_itself_and_verify_checks_the_pairing() {
+        let (dir, d) = keys_with_own_files();
+        let keys = dir.path();
         let (writes, kept) = plan(&d, &pairs(), false, &[]).unwrap();
         assert!(kept.is_empty());
         let files: Vec<&str> = writes.iter().map(|w| w.file.as_str()).collect();
@@ -561,15 +568,8 @@ mod tests {
 
     #[test]
     fn a_login_that_gets_a_new_password_is_republished_and_a_published_twin_is_kept() {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, d) = keys_with_own_files();
         let keys = dir.path();
-        let d = Dir::open_path(keys).unwrap().unwrap();
-        write_file(
-            keys,
-            "postgres_app_user_pw.txt",
-            "AppUserPassword0123456789",
-        );
-        write_file(keys, "postgres_app_ro_pw.txt", "ReadOnlyPassword012345678");
         write_file(
             keys,
             "postgres_app_user_alt_pw.txt",
