@@ -95,68 +95,59 @@ impl Supervisor {
                 return Ok(failure.code);
             }
         };
-        let result = runtime.block_on(supervise(child, self.signalfd, work, after_exit));
+        // Everything after the spawn: the signal task beside the work until the child ends.
+        let signalfd = self.signalfd;
+        let result = runtime.block_on(async move {
+            let (status_tx, mut status_rx) = watch::channel(None::<u8>);
+            let (hangup_tx, hangups) = mpsc::unbounded_channel();
+            let signals = Signals::new(signalfd)?;
+            tokio::spawn(signal_loop(
+                signals,
+                Reaper::new(child, status_tx),
+                child,
+                hangup_tx,
+            ));
+
+            let work = work(Child { pid: child }, hangups);
+            tokio::pin!(work);
+            let mut work_done = false;
+            let mut work_error = None;
+            let code = loop {
+                tokio::select! {
+                    changed = status_rx.wait_for(Option::is_some) => {
+                        // The sender lives in the signal task, which never ends; a closed
+                        // channel would mean it panicked, and there is no status to report
+                        // then.
+                        match changed.map(|code| *code) {
+                            Ok(Some(code)) => break code,
+                            Ok(None) => continue,
+                            Err(_) => {
+                                anyhow::bail!("the signal and reaper task ended unexpectedly")
+                            }
+                        }
+                    }
+                    outcome = &mut work, if !work_done => {
+                        work_done = true;
+                        work_error = outcome.err();
+                    }
+                }
+            };
+            let exited_at = Instant::now();
+            after_exit(child).await;
+            tracing::info!(
+                code,
+                after_child_ms = exited_at.elapsed().as_millis() as u64,
+                "exiting"
+            );
+            match work_error {
+                Some(err) => Err(err),
+                None => Ok(code),
+            }
+        });
         // Do not wait for anything still running in the runtime (a connection task): the
         // child is gone and PID 1 must exit promptly.
         runtime.shutdown_background();
         result
-    }
-}
-
-/// Everything after the spawn.
-async fn supervise<W, WF, A, AF>(
-    child: Pid,
-    signalfd: SignalFd,
-    work: W,
-    after_exit: A,
-) -> anyhow::Result<u8>
-where
-    W: FnOnce(Child, Hangups) -> WF,
-    WF: Future<Output = anyhow::Result<()>>,
-    A: FnOnce(Pid) -> AF,
-    AF: Future<Output = ()>,
-{
-    let (status_tx, mut status_rx) = watch::channel(None::<u8>);
-    let (hangup_tx, hangups) = mpsc::unbounded_channel();
-    let signals = Signals::new(signalfd)?;
-    tokio::spawn(signal_loop(
-        signals,
-        Reaper::new(child, status_tx),
-        child,
-        hangup_tx,
-    ));
-
-    let work = work(Child { pid: child }, hangups);
-    tokio::pin!(work);
-    let mut work_done = false;
-    let mut work_error = None;
-    let code = loop {
-        tokio::select! {
-            changed = status_rx.wait_for(Option::is_some) => {
-                // The sender lives in the signal task, which never ends; a closed channel
-                // would mean it panicked, and there is no status to report then.
-                match changed.map(|code| *code) {
-                    Ok(Some(code)) => break code,
-                    Ok(None) => continue,
-                    Err(_) => anyhow::bail!("the signal and reaper task ended unexpectedly"),
-                }
-            }
-            outcome = &mut work, if !work_done => {
-                work_done = true;
-                work_error = outcome.err();
-            }
-        }
-    };
-    let exited_at = Instant::now();
-    after_exit(child).await;
-    tracing::info!(
-        code,
-        after_child_ms = exited_at.elapsed().as_millis() as u64,
-        "exiting"
-    );
-    match work_error {
-        Some(err) => Err(err),
-        None => Ok(code),
     }
 }
 
