@@ -72,25 +72,11 @@ pub enum Command {
     Rotate(RotateArgs),
 }
 
-/// Where the secrets are, which roles they belong to, and where the server is.
+/// The roles whose passwords come from the secret files: the named defaults or an explicit
+/// map. One definition for the syncing commands and `rotate`, so their flags, variables and
+/// defaults cannot drift apart.
 #[derive(Debug, Clone, Args)]
-pub struct ConfigArgs {
-    /// Directory holding the secret files.
-    #[arg(long, env = "KEYS_DIR", default_value = "/app/keys")]
-    pub keys_dir: PathBuf,
-
-    /// Directory searched for secret files before --keys-dir.
-    #[arg(long, env = "SECRETS_SOURCE_DIR", default_value = "/run/secrets")]
-    pub secrets_source_dir: PathBuf,
-
-    /// Superuser role; its password comes from --postgres-password-file or `postgres_password`.
-    #[arg(long, env = "POSTGRES_USER", default_value = "postgres")]
-    pub postgres_user: String,
-
-    /// File holding the superuser password (instead of looking up `postgres_password`).
-    #[arg(long, env = "POSTGRES_PASSWORD_FILE")]
-    pub postgres_password_file: Option<PathBuf>,
-
+pub struct RoleMapArgs {
     /// Application role, synced from `postgres_app_user_pw`.
     #[arg(long, env = "APP_DB_USER", default_value = "appuser")]
     pub app_db_user: String,
@@ -113,6 +99,29 @@ pub struct ConfigArgs {
         value_delimiter = ','
     )]
     pub roles: Vec<String>,
+}
+
+/// Where the secrets are, which roles they belong to, and where the server is.
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArgs {
+    /// Directory holding the secret files.
+    #[arg(long, env = "KEYS_DIR", default_value = "/app/keys")]
+    pub keys_dir: PathBuf,
+
+    /// Directory searched for secret files before --keys-dir.
+    #[arg(long, env = "SECRETS_SOURCE_DIR", default_value = "/run/secrets")]
+    pub secrets_source_dir: PathBuf,
+
+    /// Superuser role; its password comes from --postgres-password-file or `postgres_password`.
+    #[arg(long, env = "POSTGRES_USER", default_value = "postgres")]
+    pub postgres_user: String,
+
+    /// File holding the superuser password (instead of looking up `postgres_password`).
+    #[arg(long, env = "POSTGRES_PASSWORD_FILE")]
+    pub postgres_password_file: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub role_map: RoleMapArgs,
 
     /// Server socket directory (starts with `/`) or TCP host name.
     #[arg(long, env = "PGHOST", default_value = "/var/run/postgresql")]
@@ -427,7 +436,8 @@ pub struct GenerateArgs {
 /// other commands; the secrets are those of `generate --dir DIR` (DIR/keys) only.
 #[derive(Debug, Args)]
 pub struct RotateArgs {
-    /// Secrets directory of `generate`: keys in DIR/keys, backups in DIR/backups.
+    /// Secrets directory of `generate`: keys in DIR/keys (the --role files too), backups in
+    /// DIR/backups.
     #[arg(
         long,
         value_name = "DIR",
@@ -453,26 +463,8 @@ pub struct RotateArgs {
     #[arg(long, env = "POSTGRES_USER", default_value = "postgres")]
     pub postgres_user: String,
 
-    /// Application role, with `postgres_app_user_pw`.
-    #[arg(long, env = "APP_DB_USER", default_value = "appuser")]
-    pub app_db_user: String,
-
-    /// Read-only role, with `postgres_app_ro_pw`.
-    #[arg(long, env = "APP_DB_RO_USER", default_value = "backupuser")]
-    pub app_db_ro_user: String,
-
-    /// Temporal role, with `postgres_temporal_pw`; not overlapped when unset.
-    #[arg(long, env = "TEMPORAL_DB_USER")]
-    pub temporal_db_user: Option<String>,
-
-    /// Explicit role map NAME=FILE (repeatable), as for `run`; files must be in DIR/keys.
-    #[arg(
-        long = "role",
-        value_name = "NAME=FILE",
-        env = "PG_PASSWORD_SYNC_ROLES",
-        value_delimiter = ','
-    )]
-    pub roles: Vec<String>,
+    #[command(flatten)]
+    pub role_map: RoleMapArgs,
 
     /// Suffix of the twin logins (`appuser` → `appuser_alt`).
     #[arg(long, env = "PG_PASSWORD_SYNC_TWIN_SUFFIX", default_value = crate::overlap::DEFAULT_TWIN_SUFFIX)]
@@ -599,10 +591,10 @@ impl From<ConfigArgs> for ConfigSettings {
             secrets_source_dir: args.secrets_source_dir,
             postgres_user: args.postgres_user,
             postgres_password_file: args.postgres_password_file,
-            app_db_user: args.app_db_user,
-            app_db_ro_user: args.app_db_ro_user,
-            temporal_db_user: args.temporal_db_user,
-            roles: args.roles,
+            app_db_user: args.role_map.app_db_user,
+            app_db_ro_user: args.role_map.app_db_ro_user,
+            temporal_db_user: args.role_map.temporal_db_user,
+            roles: args.role_map.roles,
             pghost: args.pghost,
             pgport: args.pgport,
             pgdata: args.pgdata,
@@ -729,10 +721,10 @@ impl From<RotateArgs> for RotateSettings {
                 secrets_source_dir: keys,
                 postgres_user: args.postgres_user,
                 postgres_password_file: None,
-                app_db_user: args.app_db_user,
-                app_db_ro_user: args.app_db_ro_user,
-                temporal_db_user: args.temporal_db_user,
-                roles: args.roles,
+                app_db_user: args.role_map.app_db_user,
+                app_db_ro_user: args.role_map.app_db_ro_user,
+                temporal_db_user: args.role_map.temporal_db_user,
+                roles: args.role_map.roles,
                 pghost: args.host,
                 pgport: args.port,
                 // Unused: rotate never looks at a data directory or a socket.
