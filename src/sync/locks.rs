@@ -124,18 +124,28 @@ impl Blocker {
     }
 }
 
+impl Blocker {
+    /// `role "name"` (or `unknown` without one), then `, superuser` when it is one: who
+    /// holds it, the same way for a session and a prepared transaction.
+    fn write_role(&self, f: &mut fmt::Formatter<'_>, unknown: &str) -> fmt::Result {
+        match &self.role {
+            // Debug quoting: a role name is outside input and may hold control characters.
+            Some(role) => write!(f, "role {role:?}")?,
+            None => f.write_str(unknown)?,
+        }
+        if self.superuser {
+            f.write_str(", superuser")?;
+        }
+        Ok(())
+    }
+}
+
 impl fmt::Display for Blocker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(prepared) = &self.prepared {
             // Debug quoting: the global id and names are outside input.
             write!(f, "prepared transaction {:?} (", prepared.gid)?;
-            match &self.role {
-                Some(role) => write!(f, "role {role:?}")?,
-                None => f.write_str("owner unknown")?,
-            }
-            if self.superuser {
-                f.write_str(", superuser")?;
-            }
+            self.write_role(f, "owner unknown")?;
             return write!(
                 f,
                 ", database {:?}, prepared {:.1}s ago)",
@@ -146,14 +156,7 @@ impl fmt::Display for Blocker {
             return f.write_str("a prepared transaction");
         }
         write!(f, "pid {} (", self.pid)?;
-        match &self.role {
-            // Debug quoting: a role name is outside input and may hold control characters.
-            Some(role) => write!(f, "role {role:?}")?,
-            None => f.write_str("no role")?,
-        }
-        if self.superuser {
-            f.write_str(", superuser")?;
-        }
+        self.write_role(f, "no role")?;
         let state = if self.state.is_empty() {
             "state unknown"
         } else {
@@ -629,6 +632,10 @@ mod tests {
              pid 42 (role \"postgres\", superuser, \"idle in transaction\" for 12.3s), \
              a prepared transaction"
         );
+        assert_eq!(
+            blocker(43, None, false, false).to_string(),
+            "pid 43 (no role, \"idle in transaction\" for 12.3s)"
+        );
     }
 
     #[test]
@@ -653,6 +660,11 @@ mod tests {
             "prepared transaction \"g\\n1\" (role \"appuser\", database \"other db\", \
              prepared 12.3s ago), prepared transaction \"g\\n1\" (role \"boss\", superuser, \
              database \"other db\", prepared 12.3s ago)"
+        );
+        assert_eq!(
+            prepared(None, false).to_string(),
+            "prepared transaction \"g\\n1\" (owner unknown, database \"other db\", \
+             prepared 12.3s ago)"
         );
     }
 
