@@ -184,20 +184,11 @@ impl Setup {
 /// Runs `statements` in one session as `login` over TCP; the first column of the first row
 /// of each (empty when none).
 fn session(port: u16, login: &str, password: &str, statements: &[&str]) -> Vec<String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host("127.0.0.1")
-            .port(port)
-            .user(login)
-            .password(password)
-            .dbname("postgres")
-            .connect_timeout(Duration::from_secs(10));
-        let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    block_on(async {
+        let (client, connection) = tcp_login_config(port, login, password)
+            .connect(tokio_postgres::NoTls)
+            .await
+            .unwrap();
         tokio::spawn(connection);
         let mut out = Vec::new();
         for statement in statements {
