@@ -1000,59 +1000,86 @@ fn without_inotify_run_resyncs_on_sighup_and_on_the_interval() {
     assert_no_leak(&secrets, None, &[&first, &second]);
 }
 
+/// A hot standby of a harness primary: a base backup (`pg_basebackup -R`) in a directory
+/// of the server's OS user, its socket directory and a free port; not started.
+struct Standby {
+    /// Removed (with the data) when the test ends.
+    _root: tempfile::TempDir,
+    data: PathBuf,
+    sock: PathBuf,
+    port: u16,
+}
+
+impl Standby {
+    fn of(primary: &Cluster, prefix: &str) -> Standby {
+        let root = server_dir(prefix);
+        let data = root.path().join("data");
+        let sock = root.path().join("sock");
+        output_ok(
+            as_server_user(pg_bin("pg_basebackup"))
+                .arg("-D")
+                .arg(&data)
+                .args(["-R", "-X", "stream", "-U", "postgres", "-h"])
+                .arg(&primary.sock)
+                .args(["-p", &primary.port.to_string()]),
+            "pg_basebackup",
+        );
+        assert!(
+            as_server_user("mkdir")
+                .arg(&sock)
+                .status()
+                .unwrap()
+                .success()
+        );
+        Standby {
+            _root: root,
+            data,
+            sock,
+            port: free_port(),
+        }
+    }
+
+    /// `run` (as a subreaper) with `keys`, `state` and the run `options`, supervising the
+    /// standby's postgres listening on TCP at `listen` (empty: the socket only).
+    fn run_cmd(&self, keys: &Keys, state: &Path, options: &[&str], listen: &str) -> Command {
+        let port = self.port.to_string();
+        let mut cmd = Mode::Subreaper.bin();
+        cmd.arg("run")
+            .arg("--keys-dir")
+            .arg(keys.path())
+            .arg("--pgdata")
+            .arg(&self.data)
+            .arg("--pghost")
+            .arg(&self.sock)
+            .args(["--pgport", &port])
+            .arg("--state-dir")
+            .arg(state)
+            .args(options)
+            .arg("--");
+        let postgres = as_server_user(pg_bin("postgres"));
+        cmd.arg(postgres.get_program()).args(postgres.get_args());
+        cmd.arg("-D")
+            .arg(&self.data)
+            .args(["-p", &port, "-c"])
+            .arg(format!("listen_addresses={listen}"))
+            .arg("-k")
+            .arg(&self.sock);
+        cmd
+    }
+}
+
 /// A standby (hot standby of a harness primary): `run` treats `standby` as ready, skips the
 /// sync and says so, keeps supervising, and stops it cleanly.
 #[test]
 fn a_standby_is_supervised_and_its_sync_skipped() {
     let primary = Cluster::start_default();
-    let root = server_dir("pps-standby-");
-    let data = root.path().join("data");
-    let sock = root.path().join("sock");
-    let out = as_server_user(pg_bin("pg_basebackup"))
-        .arg("-D")
-        .arg(&data)
-        .args(["-R", "-X", "stream", "-U", "postgres", "-h"])
-        .arg(&primary.sock)
-        .args(["-p", &primary.port.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pg_basebackup: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        as_server_user("mkdir")
-            .arg(&sock)
-            .status()
-            .unwrap()
-            .success()
-    );
-    let port = free_port().to_string();
+    let standby = Standby::of(&primary, "pps-standby-");
     let keys = Keys::new();
     for (_, file) in DEFAULT_ROLES {
         keys.write(file, &unique("standby"));
     }
     let state = tempfile::tempdir().unwrap();
-    let mut cmd = Mode::Subreaper.bin();
-    cmd.arg("run")
-        .arg("--keys-dir")
-        .arg(keys.path())
-        .arg("--pgdata")
-        .arg(&data)
-        .arg("--pghost")
-        .arg(&sock)
-        .args(["--pgport", &port])
-        .arg("--state-dir")
-        .arg(state.path())
-        .arg("--");
-    let postgres = as_server_user(pg_bin("postgres"));
-    cmd.arg(postgres.get_program()).args(postgres.get_args());
-    cmd.arg("-D")
-        .arg(&data)
-        .args(["-p", &port, "-c", "listen_addresses="])
-        .arg("-k")
-        .arg(&sock);
+    let cmd = standby.run_cmd(&keys, state.path(), &[], "");
     let sup = Running::spawn_as(Mode::Subreaper, cmd);
     sup.wait_stderr(
         Duration::from_secs(60),
@@ -1251,30 +1278,8 @@ fn rotation_on_a_standby_then_promotion(watching: bool) {
     let olds = [unique("primary app"), unique("primary ro")];
     primary.create_roles(&[("appuser", &olds[0]), ("backupuser", &olds[1])]);
     primary.clear_log();
-    let root = server_dir("pps-promote-");
-    let data = root.path().join("data");
-    let sock = root.path().join("sock");
-    let out = as_server_user(pg_bin("pg_basebackup"))
-        .arg("-D")
-        .arg(&data)
-        .args(["-R", "-X", "stream", "-U", "postgres", "-h"])
-        .arg(&primary.sock)
-        .args(["-p", &primary.port.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pg_basebackup: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        as_server_user("mkdir")
-            .arg(&sock)
-            .status()
-            .unwrap()
-            .success()
-    );
-    let port = free_port();
+    let standby = Standby::of(&primary, "pps-promote-");
+    let (data, port) = (&standby.data, standby.port);
     let keys = Keys::new();
     let secrets: Vec<String> = DEFAULT_ROLES[..3]
         .iter()
@@ -1285,36 +1290,16 @@ fn rotation_on_a_standby_then_promotion(watching: bool) {
         })
         .collect();
     let state = tempfile::tempdir().unwrap();
-    let mut cmd = Mode::Subreaper.bin();
-    cmd.arg("run")
-        .arg("--keys-dir")
-        .arg(keys.path())
-        .arg("--pgdata")
-        .arg(&data)
-        .arg("--pghost")
-        .arg(&sock)
-        .args(["--pgport", &port.to_string()])
-        .arg("--state-dir")
-        .arg(state.path())
-        .args(["--debounce", "20ms", "--resync-interval", "0"])
-        .args(if watching {
-            &[][..]
-        } else {
-            &["--no-watch"][..]
-        })
-        .arg("--");
-    let postgres = as_server_user(pg_bin("postgres"));
-    cmd.arg(postgres.get_program()).args(postgres.get_args());
-    cmd.arg("-D")
-        .arg(&data)
-        .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
-        .arg("-k")
-        .arg(&sock);
+    let mut options = vec!["--debounce", "20ms", "--resync-interval", "0"];
+    if !watching {
+        options.push("--no-watch");
+    }
+    let cmd = standby.run_cmd(&keys, state.path(), &options, "127.0.0.1");
     let health = || {
         let mut cmd = bin();
         cmd.arg("health")
             .arg("--pgdata")
-            .arg(&data)
+            .arg(data)
             .arg("--keys-dir")
             .arg(keys.path())
             .arg("--state-dir")
@@ -1343,16 +1328,12 @@ fn rotation_on_a_standby_then_promotion(watching: bool) {
     login_tcp(port, "appuser", &olds[0]).expect("the primary's password works on the standby");
     let before_promotion = sup.stderr_so_far().len();
 
-    let out = as_server_user(pg_bin("pg_ctl"))
-        .arg("-D")
-        .arg(&data)
-        .args(["-w", "-t", "60", "promote"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pg_ctl promote: {}",
-        String::from_utf8_lossy(&out.stderr)
+    output_ok(
+        as_server_user(pg_bin("pg_ctl"))
+            .arg("-D")
+            .arg(data)
+            .args(["-w", "-t", "60", "promote"]),
+        "pg_ctl promote",
     );
     wait_until(
         Duration::from_secs(10),

@@ -1103,25 +1103,21 @@ fn started_with_prepared_transactions() -> (Cluster, Keys, Vec<String>) {
 /// Runs `sql` as `role` (password login over TCP) in database `db`, and ends the session:
 /// what a leaked login can leave behind with `PREPARE TRANSACTION`.
 fn psql_login(cluster: &Cluster, role: &str, password: &str, db: &str, sql: &str) {
-    let out = as_server_user(pg_bin("psql"))
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
-        .args([
-            "-p",
-            &cluster.port.to_string(),
-            "-U",
-            role,
-            "-d",
-            db,
-            "-c",
-            sql,
-        ])
-        .env("PGPASSWORD", password)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "psql as {role} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    output_ok(
+        as_server_user(pg_bin("psql"))
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+            .args([
+                "-p",
+                &cluster.port.to_string(),
+                "-U",
+                role,
+                "-d",
+                db,
+                "-c",
+                sql,
+            ])
+            .env("PGPASSWORD", password),
+        &format!("psql as {role}"),
     );
 }
 
