@@ -348,6 +348,11 @@ impl Pg {
         self.secrets.iter().map(String::as_str).collect()
     }
 
+    /// `command` started in the background as `mode`.
+    fn spawn(&self, mode: Mode, env: &[(&str, &str)], flags: &[&str], pg: &[&str]) -> Running {
+        Running::spawn_as(mode, self.command(mode, env, flags, pg))
+    }
+
     /// `run` with the stand-in entrypoint; `env` goes to both (INIT_DELAY, PG_HBA, …).
     fn command(&self, mode: Mode, env: &[(&str, &str)], flags: &[&str], pg: &[&str]) -> Command {
         let mut cmd = mode.bin();
@@ -440,7 +445,7 @@ impl Pg {
 /// everything cleanly within 2 s. No secret anywhere.
 fn fresh_init_then_stop(mode: Mode) {
     let pg = Pg::new();
-    let sup = Running::spawn_as(mode, pg.command(mode, &[("INIT_DELAY", "2")], &[], &[]));
+    let sup = pg.spawn(mode, &[("INIT_DELAY", "2")], &[], &[]);
     sup.wait_stderr(Duration::from_secs(120), COMPLETE);
     let before_stop = sup.stderr_so_far();
     pg.assert_new_passwords();
@@ -522,7 +527,7 @@ impl IdleClient {
 
 fn sigterm_waits_for_an_idle_client(mode: Mode) {
     let pg = Pg::new();
-    let mut sup = Running::spawn_as(mode, pg.command(mode, &[], &[], &[]));
+    let mut sup = pg.spawn(mode, &[], &[], &[]);
     sup.wait_stderr(Duration::from_secs(120), COMPLETE);
     let client = IdleClient::connect(&pg);
     sup.signal(Signal::SIGTERM);
@@ -551,10 +556,7 @@ both_modes!(
 
 fn postgres_failing_to_start(mode: Mode) {
     let pg = Pg::new();
-    let sup = Running::spawn_as(
-        mode,
-        pg.command(mode, &[], &[], &["-c", "no_such_setting_pps=1"]),
-    );
+    let sup = pg.spawn(mode, &[], &[], &["-c", "no_such_setting_pps=1"]);
     // postgres exits 1 on a configuration error.
     let out = sup.finish(Duration::from_secs(120)).expect_code(1);
     assert!(out.stderr.contains("no_such_setting_pps"), "{}", out.stderr);
@@ -579,7 +581,7 @@ both_modes!(
 
 fn postmaster_killed(mode: Mode) {
     let pg = Pg::new();
-    let sup = Running::spawn_as(mode, pg.command(mode, &[], &[], &[]));
+    let sup = pg.spawn(mode, &[], &[], &[]);
     sup.wait_stderr(Duration::from_secs(120), COMPLETE);
     // The entrypoint exec'ed into postgres: our child is the postmaster.
     let postmaster = first_child(sup.pid()).unwrap();
@@ -610,7 +612,7 @@ fn root_with_peer_only(mode: Mode) {
     use std::os::unix::fs::MetadataExt;
     assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o600));
     let hba = "local all postgres peer\nhost all all 127.0.0.1/32 scram-sha-256";
-    let sup = Running::spawn_as(mode, pg.command(mode, &[("PG_HBA", hba)], &[], &[]));
+    let sup = pg.spawn(mode, &[("PG_HBA", hba)], &[], &[]);
     sup.wait_stderr(Duration::from_secs(120), COMPLETE);
     pg.assert_new_passwords();
     sup.signal(Signal::SIGINT);
@@ -626,10 +628,7 @@ both_modes!(
 
 fn health_follows_the_sync(mode: Mode) {
     let pg = Pg::new();
-    let sup = Running::spawn_as(
-        mode,
-        pg.command(mode, &[("INIT_DELAY", "2")], &["--no-watch"], &[]),
-    );
+    let sup = pg.spawn(mode, &[("INIT_DELAY", "2")], &["--no-watch"], &[]);
     // Before the sync (the init delay): not healthy.
     sup.wait_stderr(Duration::from_secs(60), "init delay");
     let before = pg.health(&sup).expect_code(8);
@@ -675,7 +674,7 @@ both_modes!(
 
 fn sigint_during_init(mode: Mode) {
     let pg = Pg::new();
-    let sup = Running::spawn_as(mode, pg.command(mode, &[("INIT_DELAY", "60")], &[], &[]));
+    let sup = pg.spawn(mode, &[("INIT_DELAY", "60")], &[], &[]);
     sup.wait_stderr(Duration::from_secs(60), "init delay");
     assert_eq!(
         pg.postgres_processes().len(),
@@ -714,10 +713,7 @@ fn exit_on_sync_failure_stops_postgres_and_exits_with_the_failure_code() {
     let pg = Pg::new();
     // An empty secret file is a configuration error (exit 3).
     pg.keys.write_raw("postgres_app_ro_pw.txt", b"\n");
-    let sup = Running::spawn_as(
-        mode,
-        pg.command(mode, &[], &["--exit-on-sync-failure"], &[]),
-    );
+    let sup = pg.spawn(mode, &[], &["--exit-on-sync-failure"], &[]);
     let out = sup.finish(Duration::from_secs(120)).expect_code(3);
     assert!(out.stderr.contains("postgres_app_ro_pw"), "{}", out.stderr);
     assert_eq!(pg.cluster_state(), "shut down");
@@ -727,14 +723,11 @@ fn exit_on_sync_failure_stops_postgres_and_exits_with_the_failure_code() {
 /// without a restart (same postmaster), and `health` follows it.
 fn rotation_while_running(mode: Mode) {
     let pg = Pg::new();
-    let sup = Running::spawn_as(
+    let sup = pg.spawn(
         mode,
-        pg.command(
-            mode,
-            &[],
-            &["--debounce", "20ms", "--resync-interval", "0"],
-            &[],
-        ),
+        &[],
+        &["--debounce", "20ms", "--resync-interval", "0"],
+        &[],
     );
     sup.wait_stderr(Duration::from_secs(120), COMPLETE);
     pg.assert_new_passwords();
@@ -795,10 +788,7 @@ fn secret_files_fixed_after_start_are_applied_by_the_watcher() {
     let pg = Pg::new();
     let missing = pg.keys.path().join("postgres_app_ro_pw.txt");
     std::fs::remove_file(&missing).unwrap();
-    let sup = Running::spawn_as(
-        Mode::Subreaper,
-        pg.command(Mode::Subreaper, &[], &["--debounce", "20ms"], &[]),
-    );
+    let sup = pg.spawn(Mode::Subreaper, &[], &["--debounce", "20ms"], &[]);
     sup.wait_stderr(Duration::from_secs(120), "waiting for valid secret files");
     pg.keys.write("postgres_app_ro_pw", &pg.secrets[2]);
     wait_until(
@@ -824,14 +814,11 @@ fn secret_files_fixed_after_start_are_applied_by_the_watcher() {
 #[test]
 fn watching_starts_without_a_second_full_sync() {
     let pg = Pg::new();
-    let sup = Running::spawn_as(
+    let sup = pg.spawn(
         Mode::Subreaper,
-        pg.command(
-            Mode::Subreaper,
-            &[("RUST_LOG", "debug")],
-            &["--app-db-user", "ghost", "--resync-interval", "0"],
-            &[],
-        ),
+        &[("RUST_LOG", "debug")],
+        &["--app-db-user", "ghost", "--resync-interval", "0"],
+        &[],
     );
     sup.wait_stderr(Duration::from_secs(120), COMPLETE);
     sup.wait_stderr(Duration::from_secs(10), "trigger=\"start of watching\"");
@@ -1221,14 +1208,11 @@ both_modes!(
 #[test]
 fn a_storm_of_a_thousand_sighups_costs_a_handful_of_resyncs() {
     let pg = Pg::new();
-    let sup = Running::spawn_as(
+    let sup = pg.spawn(
         Mode::Subreaper,
-        pg.command(
-            Mode::Subreaper,
-            &[("RUST_LOG", "debug")],
-            &["--resync-interval", "0"],
-            &[],
-        ),
+        &[("RUST_LOG", "debug")],
+        &["--resync-interval", "0"],
+        &[],
     );
     sup.wait_stderr(Duration::from_secs(120), COMPLETE);
     sup.wait_stderr(Duration::from_secs(10), "watching 1 secret directory");
