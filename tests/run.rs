@@ -325,14 +325,7 @@ impl Pg {
         let status = as_server_user("mkdir").arg(&sock).status().unwrap();
         assert!(status.success());
         let keys = Keys::new();
-        let secrets = DEFAULT_ROLES
-            .iter()
-            .map(|(_, file)| {
-                let secret = unique("run pw'\"\\ ü");
-                keys.write(file, &secret);
-                secret
-            })
-            .collect();
+        let secrets = keys.write_new(&DEFAULT_ROLES, "run pw'\"\\ ü");
         Pg {
             _root: root,
             data,
@@ -1062,9 +1055,7 @@ fn a_standby_is_supervised_and_its_sync_skipped() {
     let primary = Cluster::start_default();
     let standby = Standby::of(&primary, "pps-standby-");
     let keys = Keys::new();
-    for (_, file) in DEFAULT_ROLES {
-        keys.write(file, &unique("standby"));
-    }
+    keys.write_new(&DEFAULT_ROLES, "standby");
     let state = tempfile::tempdir().unwrap();
     let cmd = standby.run_cmd(&keys, state.path(), &[], "");
     let sup = Running::spawn_as(Mode::Subreaper, cmd);
@@ -1265,14 +1256,7 @@ fn rotation_on_a_standby_then_promotion(watching: bool) {
     let standby = Standby::of(&primary, "pps-promote-");
     let (data, port) = (&standby.data, standby.port);
     let keys = Keys::new();
-    let secrets: Vec<String> = DEFAULT_ROLES[..3]
-        .iter()
-        .map(|(_, file)| {
-            let secret = unique("standby");
-            keys.write(file, &secret);
-            secret
-        })
-        .collect();
+    let secrets = keys.write_new(&DEFAULT_ROLES[..3], "standby");
     let state = tempfile::tempdir().unwrap();
     let mut options = vec!["--debounce", "20ms", "--resync-interval", "0"];
     if !watching {

@@ -22,14 +22,7 @@ fn setup(cluster: &Cluster, keys: &Keys) -> Vec<String> {
     cluster.create_roles(&old_refs);
     // The setup itself sent plaintext; the checks look only at what the sync causes.
     cluster.clear_log();
-    DEFAULT_ROLES
-        .iter()
-        .map(|(_, file)| {
-            let secret = unique("new pw'\"\\ ü");
-            keys.write(file, &secret);
-            secret
-        })
-        .collect()
+    keys.write_new(&DEFAULT_ROLES, "new pw'\"\\ ü")
 }
 
 /// Neither an `ALTER ROLE … PASSWORD` statement nor a verifier is in the server log.

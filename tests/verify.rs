@@ -28,17 +28,10 @@ fn cluster_with(listen: &str, hba: &str) -> (Cluster, Keys, Vec<String>) {
         hba: Some(hba.into()),
     });
     let keys = Keys::new();
-    let mut secrets = Vec::new();
-    let mut roles = Vec::new();
-    for (role, file) in DEFAULT_ROLES {
-        let secret = unique("verify pw'\"\\ ü");
-        keys.write(file, &secret);
-        secrets.push(secret);
-        roles.push(role);
-    }
-    let pairs: Vec<(&str, &str)> = roles
+    let secrets = keys.write_new(&DEFAULT_ROLES, "verify pw'\"\\ ü");
+    let pairs: Vec<(&str, &str)> = DEFAULT_ROLES
         .iter()
-        .copied()
+        .map(|(role, _)| *role)
         .zip(secrets.iter().map(String::as_str))
         .collect();
     cluster.create_roles(&pairs);
@@ -68,9 +61,7 @@ fn a_trusted_address_is_not_verifiable_even_with_wrong_passwords() {
     out.expect_stderr("--host");
 
     // Every file wrong: the old verify said "ok" four times here.
-    for (_, file) in DEFAULT_ROLES {
-        keys.write(file, &unique("wrong"));
-    }
+    keys.write_new(&DEFAULT_ROLES, "wrong");
     let wrong = verify(&cluster, &keys, &["--host", "127.0.0.1"]);
     let wrong = wrong.expect_code(7);
     assert_eq!(
