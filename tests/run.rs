@@ -210,13 +210,7 @@ fn signals_reach_the_child(mode: Mode) {
         .arg(&script)
         .arg(&log);
     let mut sup = Running::spawn_as(mode, cmd);
-    let lines = || -> Vec<String> {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    };
+    let lines = || log_lines(&log);
     wait_until(Duration::from_secs(10), "the child's traps", || {
         lines().first().map(String::as_str) == Some("ready")
     });
@@ -301,6 +295,15 @@ both_modes!(
     fifty_orphans_leave_no_zombie_as_pid1,
     fifty_orphans_leave_no_zombie_as_subreaper
 );
+
+/// The lines a test child has noted in `log` so far (none while it does not exist).
+fn log_lines(log: &Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
 
 // ------------------------------------------------------------------ with PostgreSQL
 
@@ -1130,13 +1133,7 @@ fn closed_stderr(mode: Mode) {
          while [ ! -e \"$f.stop\" ]; do sleep 0.05 & wait \"$!\"; done\nexit 7\n",
     )
     .unwrap();
-    let lines = || -> Vec<String> {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    };
+    let lines = || log_lines(&log);
     let mut cmd = mode.bin();
     cmd.env("RUST_LOG", "debug")
         .args(["run", "--no-sync", "--", "bash"])

@@ -720,6 +720,14 @@ fn known_password(cluster: &Cluster, role: &str) -> String {
     password
 }
 
+/// A session of appuser logged in with a known password (the leaked login), and that
+/// password.
+fn hostile_login(cluster: &Cluster) -> (String, Session) {
+    let own = known_password(cluster, "appuser");
+    let session = Session::connect(cluster.port, "appuser", &own);
+    (own, session)
+}
+
 /// `known_password` for a role that is then made a superuser (the log cleared again).
 fn known_superuser(cluster: &Cluster, role: &str) -> String {
     let password = known_password(cluster, role);
@@ -767,8 +775,7 @@ fn assert_no_verifier_in_log(cluster: &Cluster) {
 #[test]
 fn a_login_holding_the_sync_lock_is_ended_and_the_rotation_applies() {
     let (cluster, keys, secrets) = started();
-    let own = known_password(&cluster, "appuser");
-    let hostile = Session::connect(cluster.port, "appuser", &own);
+    let (own, hostile) = hostile_login(&cluster);
     hostile.hold_sync_lock();
 
     let out = sync_with_env(&cluster, &keys, &[(TERMINATE_AFTER, "2s")]);
@@ -790,8 +797,7 @@ fn a_login_holding_the_sync_lock_is_ended_and_the_rotation_applies() {
 #[test]
 fn a_login_holding_its_own_pg_authid_row_is_ended_and_the_rotation_applies() {
     let (cluster, keys, secrets) = started();
-    let own = known_password(&cluster, "appuser");
-    let hostile = Session::connect(cluster.port, "appuser", &own);
+    let (own, hostile) = hostile_login(&cluster);
     let other = unique("hostile-other");
     hostile.lock_own_row(&other);
 
@@ -833,8 +839,7 @@ fn a_superuser_session_blocking_the_sync_is_named_waited_for_and_never_ended() {
 #[test]
 fn with_ending_sessions_off_a_blocking_login_is_waited_for_then_the_sync_fails() {
     let (cluster, keys, secrets) = started();
-    let own = known_password(&cluster, "appuser");
-    let hostile = Session::connect(cluster.port, "appuser", &own);
+    let (own, hostile) = hostile_login(&cluster);
     hostile.hold_sync_lock();
     let before = stored_verifiers(&cluster);
 
@@ -854,8 +859,7 @@ fn a_deadlock_with_a_login_puts_no_verifier_in_the_server_log() {
     // row, then the login asks for the sync's lock: a deadlock. The server's report names
     // the query of every process in the cycle (outside any log_* setting's reach).
     let (cluster, keys, secrets) = started();
-    let own = known_password(&cluster, "appuser");
-    let hostile = Session::connect(cluster.port, "appuser", &own);
+    let (_, hostile) = hostile_login(&cluster);
     hostile.lock_own_row(&unique("hostile-other"));
     let sync = Running::spawn(bin_for("sync", &cluster, &keys));
     let waiting_for_hostile = format!(
@@ -891,9 +895,7 @@ fn a_deadlock_with_a_login_puts_no_verifier_in_the_server_log() {
 #[test]
 fn a_role_name_with_a_control_character_is_refused_and_shown_escaped() {
     let keys = Keys::new();
-    for (file, _) in DEFAULT_ROLES.iter().map(|(r, f)| (f, r)) {
-        keys.write(file, &unique("v"));
-    }
+    keys.write_new(&DEFAULT_ROLES, "v");
     for name in ["appuser\n", "app\u{1b}[2Juser"] {
         let mut cmd = bin();
         cmd.arg("sync")
