@@ -139,11 +139,19 @@ fn non_loopback_ipv4() -> Vec<String> {
         .unwrap_or_default()
 }
 
-#[test]
-fn without_host_it_finds_its_own_checked_address_when_loopback_is_trusted() {
+/// `non_loopback_ipv4`, or `None` with the test skipped when there is none.
+fn discoverable_ipv4() -> Option<Vec<String>> {
     let own = non_loopback_ipv4();
     if own.is_empty() {
         skip("no non-loopback IPv4 address on this machine to discover");
+        return None;
+    }
+    Some(own)
+}
+
+#[test]
+fn without_host_it_finds_its_own_checked_address_when_loopback_is_trusted() {
+    if discoverable_ipv4().is_none() {
         return;
     }
     let (cluster, keys, secrets) = official_cluster("*");
@@ -311,11 +319,9 @@ impl PasswordHarvester {
 
 #[test]
 fn a_local_user_listening_on_the_discovered_address_gets_no_password() {
-    let own = non_loopback_ipv4();
-    if own.is_empty() {
-        skip("no non-loopback IPv4 address on this machine to discover");
+    let Some(own) = discoverable_ipv4() else {
         return;
-    }
+    };
     // The server listens on loopback only (trusted there), so verify looks further, and
     // the port on the machine's own address is free for anyone to take.
     let (cluster, keys, secrets) = official_cluster("127.0.0.1");
@@ -350,11 +356,9 @@ fn a_server_asking_for_the_password_in_clear_text_is_not_sent_it() {
 
 #[test]
 fn a_stand_in_that_refuses_each_decoy_and_lets_each_real_login_in_is_not_ok() {
-    let own = non_loopback_ipv4();
-    if own.is_empty() {
-        skip("no non-loopback IPv4 address on this machine to discover");
+    let Some(own) = discoverable_ipv4() else {
         return;
-    }
+    };
     let (cluster, keys, secrets) = official_cluster("127.0.0.1");
     let stand_in = PasswordHarvester::stand_in(&own[0], cluster.port, StandIn::Fickle);
     let out = verify(&cluster, &keys, &[]);
