@@ -8,20 +8,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use common::*;
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
 /// Creates the four default roles with old passwords and writes new ones to `keys`.
 /// Returns the new secrets in DEFAULT_ROLES order.
 fn setup(cluster: &Cluster, keys: &Keys) -> Vec<String> {
-    let old: Vec<(String, String)> = DEFAULT_ROLES
-        .iter()
-        .map(|(role, _)| (role.to_string(), unique("old")))
-        .collect();
-    let old_refs: Vec<(&str, &str)> = old.iter().map(|(r, p)| (r.as_str(), p.as_str())).collect();
-    cluster.create_roles(&old_refs);
-    // The setup itself sent plaintext; the checks look only at what the sync causes.
-    cluster.clear_log();
+    cluster.create_throwaway_roles(DEFAULT_ROLES.map(|(role, _)| role));
     keys.write_new(&DEFAULT_ROLES, "new pw'\"\\ ü")
 }
 
@@ -1007,7 +999,7 @@ fn a_watcher_rotation_held_up_by_the_leaked_login_is_applied_and_the_log_says_wh
     );
     cluster.assert_no_login("appuser", &secrets[1]);
     assert!(!hostile.alive(), "the blocking session was ended");
-    kill(Pid::from_raw(watcher.pid() as i32), Signal::SIGTERM).unwrap();
+    watcher.signal(Signal::SIGTERM);
     let out = watcher.finish(Duration::from_secs(30));
     out.expect_stderr(&format!(
         "the sync is blocked by other sessions: pid {} (role \"appuser\"",

@@ -144,14 +144,7 @@ fn update(volume: &mut SecretVolume, secrets: &[String]) {
 /// Creates the three app roles with throwaway passwords (plaintext through psql: setup),
 /// then empties the server log so the leak checks see only what the watcher caused.
 fn create_app_roles(cluster: &Cluster) {
-    let olds: Vec<String> = APP_ROLES.iter().map(|_| unique("setup")).collect();
-    let roles: Vec<(&str, &str)> = APP_ROLES
-        .iter()
-        .zip(&olds)
-        .map(|((role, _), pw)| (*role, pw.as_str()))
-        .collect();
-    cluster.create_roles(&roles);
-    cluster.clear_log();
+    cluster.create_throwaway_roles(APP_ROLES.map(|(role, _)| role));
 }
 
 /// Writes a secret file the way a generator does: a temp file elsewhere, renamed in.

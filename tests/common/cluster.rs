@@ -274,6 +274,18 @@ impl Cluster {
         self.psql(&sql);
     }
 
+    /// Creates LOGIN `roles` on throwaway passwords (plaintext through psql: setup), then
+    /// empties the server log so the leak checks see only what the binary caused.
+    pub fn create_throwaway_roles<'a>(&self, roles: impl IntoIterator<Item = &'a str>) {
+        let roles: Vec<(&str, String)> = roles
+            .into_iter()
+            .map(|role| (role, super::unique("throwaway")))
+            .collect();
+        let pairs: Vec<(&str, &str)> = roles.iter().map(|(r, p)| (*r, p.as_str())).collect();
+        self.create_roles(&pairs);
+        self.clear_log();
+    }
+
     /// The stored verifier of a role (None for NULL; panics when the role is absent).
     pub fn rolpassword(&self, role: &str) -> Option<String> {
         let out = self.psql(&format!(
