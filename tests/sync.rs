@@ -1108,6 +1108,20 @@ fn psql_login(cluster: &Cluster, role: &str, password: &str, db: &str, sql: &str
     );
 }
 
+/// `role` prepares a transaction `gid` that holds the sync's lock, and ends its session.
+fn prepare_holding_sync_lock(cluster: &Cluster, role: &str, password: &str, gid: &str) {
+    psql_login(
+        cluster,
+        role,
+        password,
+        "postgres",
+        &format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({SYNC_LOCK}); PREPARE TRANSACTION {};",
+            quote_literal(gid)
+        ),
+    );
+}
+
 /// The global transaction ids still prepared.
 fn prepared_gids(cluster: &Cluster) -> String {
     cluster.psql("SELECT string_agg(gid, ',' ORDER BY gid) FROM pg_prepared_xacts")
@@ -1152,15 +1166,7 @@ fn a_prepared_transaction_of_a_login_holding_its_own_row_is_rolled_back_and_the_
 fn a_prepared_transaction_of_a_login_holding_the_sync_lock_is_rolled_back() {
     let (cluster, keys, secrets) = started_with_prepared_transactions();
     let own = known_password(&cluster, "appuser");
-    psql_login(
-        &cluster,
-        "appuser",
-        &own,
-        "postgres",
-        &format!(
-            "BEGIN; SELECT pg_advisory_xact_lock({SYNC_LOCK}); PREPARE TRANSACTION 'held-lock';"
-        ),
-    );
+    prepare_holding_sync_lock(&cluster, "appuser", &own, "held-lock");
     let out = sync_bounded(&cluster, &keys, "1s", "5s");
     let out = out.expect_ok();
     out.expect_stderr(
@@ -1176,13 +1182,7 @@ fn a_prepared_transaction_of_a_login_holding_the_sync_lock_is_rolled_back() {
 fn a_superuser_prepared_transaction_is_named_and_never_rolled_back() {
     let (cluster, keys, secrets) = started_with_prepared_transactions();
     let boss = known_superuser(&cluster, "boss");
-    psql_login(
-        &cluster,
-        "boss",
-        &boss,
-        "postgres",
-        &format!("BEGIN; SELECT pg_advisory_xact_lock({SYNC_LOCK}); PREPARE TRANSACTION 'admin';"),
-    );
+    prepare_holding_sync_lock(&cluster, "boss", &boss, "admin");
     let before = stored_verifiers(&cluster);
     let out = sync_bounded(&cluster, &keys, "1s", "3s");
     let out = out.expect_code(5);

@@ -208,6 +208,14 @@ fn refs(all: &[Vec<String>]) -> Vec<&str> {
     all.iter().flatten().map(String::as_str).collect()
 }
 
+/// No secret of `groups` nor any of `more` leaked (see `assert_no_leak`) through the
+/// watcher's `run` or the server log.
+fn assert_none_leaked(cluster: &Cluster, groups: &[Vec<String>], more: &[&str], run: &Run) {
+    let mut all = refs(groups);
+    all.extend(more);
+    assert_no_leak(&all, Some(cluster), &[run]);
+}
+
 /// Every line the watcher logged at WARN or ERROR. The (deliberately absent) Docker secrets
 /// directory is not one of them: every secret is found in the keys directory.
 fn problems(stderr: &str) -> Vec<&str> {
@@ -753,10 +761,12 @@ fn a_file_rewritten_in_place_in_two_chunks_is_never_applied_half() {
     );
     watcher.assert_alive();
     let run = watcher.stop(&cluster);
-    let groups = [secrets];
-    let mut all = refs(&groups);
-    all.extend([first_half.as_str(), whole.as_str()]);
-    assert_no_leak(&all, Some(&cluster), &[&run]);
+    assert_none_leaked(
+        &cluster,
+        &[secrets],
+        &[first_half.as_str(), whole.as_str()],
+        &run,
+    );
 }
 
 #[test]
@@ -792,10 +802,7 @@ fn a_slow_writer_past_the_old_maximum_wait_is_applied_only_when_it_closes() {
     let stderr = watcher.stderr();
     assert_eq!(rotations(&stderr) - before, 1, "{stderr}");
     let run = watcher.stop(&cluster);
-    let groups = [secrets, chunks];
-    let mut all = refs(&groups);
-    all.push(&whole);
-    assert_no_leak(&all, Some(&cluster), &[&run]);
+    assert_none_leaked(&cluster, &[secrets, chunks], &[whole.as_str()], &run);
 }
 
 #[test]
@@ -842,10 +849,7 @@ fn a_writer_killed_after_one_byte_is_refused_by_the_minimum_length() {
     write_file(keys.path(), "postgres_app_user_pw.txt", &fixed);
     wait_login(&cluster, "appuser", &fixed);
     let run = watcher.stop(&cluster);
-    let groups = [secrets];
-    let mut all = refs(&groups);
-    all.push(&fixed);
-    assert_no_leak(&all, Some(&cluster), &[&run]);
+    assert_none_leaked(&cluster, &[secrets], &[fixed.as_str()], &run);
 }
 
 #[test]
@@ -867,10 +871,12 @@ fn a_plain_rename_is_applied_without_waiting_for_the_debounce() {
     wait_login(&cluster, "backupuser", &second);
     let run = watcher.stop(&cluster);
     assert!(problems(&run.stderr).is_empty(), "{}", run.stderr);
-    let groups = [secrets];
-    let mut all = refs(&groups);
-    all.extend([first.as_str(), second.as_str()]);
-    assert_no_leak(&all, Some(&cluster), &[&run]);
+    assert_none_leaked(
+        &cluster,
+        &[secrets],
+        &[first.as_str(), second.as_str()],
+        &run,
+    );
 }
 
 /// The resyncs of every role a watcher's debug log shows for SIGHUP.
@@ -923,8 +929,5 @@ fn a_storm_of_a_thousand_sighups_costs_a_handful_of_resyncs() {
     watcher.signal(Signal::SIGHUP);
     wait_login(&cluster, "appuser", &secrets[1]);
     let run = watcher.stop(&cluster);
-    let groups = [secrets];
-    let mut all = refs(&groups);
-    all.push(&intruder);
-    assert_no_leak(&all, Some(&cluster), &[&run]);
+    assert_none_leaked(&cluster, &[secrets], &[intruder.as_str()], &run);
 }
