@@ -202,13 +202,19 @@ impl Cluster {
     /// `pg_ctl stop -m fast`.
     pub fn stop(&mut self) {
         if self.running {
-            let _ = as_server_user(pg_bin("pg_ctl"))
-                .arg("-D")
-                .arg(&self.data)
-                .args(["-m", "fast", "-w", "stop"])
-                .output();
+            self.pg_ctl_stop("fast");
             self.running = false;
         }
+    }
+
+    /// `pg_ctl stop -m MODE`, waiting; its outcome is seen by whoever needs the server
+    /// gone (a stop of a server that already exited fails, and that is fine).
+    fn pg_ctl_stop(&self, mode: &str) {
+        let _ = as_server_user(pg_bin("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", mode, "-w", "stop"])
+            .output();
     }
 
     /// Marks a cluster as started by someone else (e.g. `run`), so Drop stops it.
@@ -358,11 +364,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         if self.running {
-            let _ = as_server_user(pg_bin("pg_ctl"))
-                .arg("-D")
-                .arg(&self.data)
-                .args(["-m", "immediate", "-w", "stop"])
-                .output();
+            self.pg_ctl_stop("immediate");
         }
     }
 }
