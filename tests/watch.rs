@@ -84,6 +84,22 @@ impl Watcher {
         self.running.stderr_so_far()
     }
 
+    /// Waits (`what`) for a line with `needle` and asserts that it is a WARN naming the
+    /// application user's file; returns stderr so far.
+    fn assert_app_file_warned(&self, what: &str, needle: &str) -> String {
+        self.wait_stderr(what, needle);
+        let stderr = self.stderr();
+        let refusal = stderr
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_default();
+        assert!(
+            refusal.contains(" WARN ") && refusal.contains("postgres_app_user_pw.txt"),
+            "the warning names the file: {refusal}\n{stderr}"
+        );
+        stderr
+    }
+
     fn wait_stderr(&self, what: &str, needle: &str) {
         wait_until(LIMIT, what, || self.stderr().contains(needle));
     }
@@ -434,16 +450,7 @@ fn an_empty_file_is_refused_and_the_next_valid_one_applied() {
     } = synced("empty0", &[]);
 
     keys.write_raw("postgres_app_user_pw.txt", b"");
-    watcher.wait_stderr("the empty file to be reported", "is empty");
-    let stderr = watcher.stderr();
-    let refusal = stderr
-        .lines()
-        .find(|l| l.contains("is empty"))
-        .unwrap_or_default();
-    assert!(
-        refusal.contains("WARN") && refusal.contains("postgres_app_user_pw.txt"),
-        "the warning names the file:\n{stderr}"
-    );
+    watcher.assert_app_file_warned("the empty file to be reported", "is empty");
     watcher.assert_alive();
     cluster.assert_login("appuser", &first[1]);
     for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&first) {
@@ -830,16 +837,7 @@ fn a_writer_killed_after_one_byte_is_refused_by_the_minimum_length() {
         "the writer was killed"
     );
     assert_eq!(std::fs::read(&path).unwrap(), b"F");
-    watcher.wait_stderr("the one-byte file to be refused", "minimum of 12");
-    let stderr = watcher.stderr();
-    let refusal = stderr
-        .lines()
-        .find(|l| l.contains("minimum of 12"))
-        .unwrap();
-    assert!(
-        refusal.contains("postgres_app_user_pw.txt") && refusal.contains(" WARN "),
-        "the refusal names the file: {refusal}"
-    );
+    let stderr = watcher.assert_app_file_warned("the one-byte file to be refused", "minimum of 12");
     cluster.assert_login("appuser", &secrets[1]);
     cluster.assert_no_login("appuser", "F");
     assert_eq!(rotations(&stderr), before, "{stderr}");
