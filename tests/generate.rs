@@ -69,6 +69,13 @@ fn generate(dir: &Path, args: &[&str]) -> Command {
     cmd
 }
 
+/// `generate ARGS… --k8s-secret NAME --output OUTPUT`: the manifest to a file.
+fn k8s_secret_to(dir: &Path, args: &[&str], name: &str, output: &Path) -> Command {
+    let mut cmd = generate(dir, args);
+    cmd.args(["--k8s-secret", name, "--output"]).arg(output);
+    cmd
+}
+
 /// Adds the test OIDC values to the environment of `cmd`.
 fn with_oidc_env(mut cmd: Command) -> Command {
     for ((_, var), value) in OIDC.iter().zip(OIDC_ENV_VALUES) {
@@ -725,16 +732,7 @@ fn k8s_secret_manifest_holds_every_key_base64_encoded() {
     }
 
     let manifest = fx.dir.parent().unwrap().join("secret.yaml");
-    let out = run(generate(
-        &fx.dir,
-        &[
-            "--k8s-secret",
-            "app-secrets",
-            "--output",
-            manifest.to_str().unwrap(),
-        ],
-    ))
-    .expect_ok();
+    let out = run(k8s_secret_to(&fx.dir, &[], "app-secrets", &manifest)).expect_ok();
     out.assert_output_free_of(values(&[&snap]).iter().map(Vec::as_slice));
     assert!(!out.stdout.contains("data:"), "{out}");
     assert_eq!(mode(&manifest), 0o600);
@@ -1147,6 +1145,18 @@ fn target_not_revealed(out: &Run, manifest: Option<&Path>) {
     }
 }
 
+/// `generate --k8s-secret app --output FILE` with a planted link to `target`: refused
+/// (exit 3), `target` untouched, neither it nor a key value in any output, no manifest.
+fn manifest_refused(fx: &Fixture, snap: &Snapshot, target: &Path) -> Run {
+    let manifest = fx.dir.parent().unwrap().join("m.yaml");
+    let out = run(k8s_secret_to(&fx.dir, &[], "app", &manifest)).expect_code(3);
+    untouched(target, &out);
+    target_not_revealed(&out, Some(&manifest));
+    out.assert_output_free_of(values(&[snap]).iter().map(Vec::as_slice));
+    assert!(!manifest.exists(), "{out}");
+    out
+}
+
 /// Replaces `keys/FILE` by a symbolic link to `target`.
 fn plant_link(fx: &Fixture, file: &str, target: &Path) {
     let link = fx.keys().join(file);
@@ -1177,21 +1187,7 @@ fn k8s_secret_with_a_symlinked_key_is_refused_and_the_target_never_reaches_the_m
     let (fx, snap) = Fixture::new().generated();
     let target = outside_target(&fx, "target.txt");
     plant_link(&fx, "session_signing_secret.txt", &target);
-    let manifest = fx.dir.parent().unwrap().join("m.yaml");
-    let out = run(generate(
-        &fx.dir,
-        &[
-            "--k8s-secret",
-            "app",
-            "--output",
-            manifest.to_str().unwrap(),
-        ],
-    ))
-    .expect_code(3);
-    untouched(&target, &out);
-    target_not_revealed(&out, Some(&manifest));
-    out.assert_output_free_of(values(&[&snap]).iter().map(Vec::as_slice));
-    assert!(!manifest.exists(), "{out}");
+    let out = manifest_refused(&fx, &snap, &target);
     assert!(out.stderr.contains("session_signing_secret.txt"), "{out}");
     // To stdout (a pipe) as well.
     let out = run(generate(&fx.dir, &["--k8s-secret", "app"])).expect_code(3);
@@ -1306,15 +1302,11 @@ fn force_backup_never_copies_a_symlink_target_and_leaves_the_link_alone() {
 fn force_with_an_output_in_a_missing_directory_is_refused_before_any_write() {
     let (fx, snap) = Fixture::new().generated();
     let manifest = fx.dir.parent().unwrap().join("missing-dir/secret.yaml");
-    let out = run(with_oidc_env(generate(
+    let out = run(with_oidc_env(k8s_secret_to(
         &fx.dir,
-        &[
-            "--force",
-            "--k8s-secret",
-            "app",
-            "--output",
-            manifest.to_str().unwrap(),
-        ],
+        &["--force"],
+        "app",
+        &manifest,
     )))
     .expect_code(3);
     out.assert_output_free_of(values(&[&snap]).iter().map(Vec::as_slice));
@@ -1324,15 +1316,11 @@ fn force_with_an_output_in_a_missing_directory_is_refused_before_any_write() {
     assert!(!manifest.parent().unwrap().exists());
 
     // An output that names a directory is refused up front as well.
-    let out = run(with_oidc_env(generate(
+    let out = run(with_oidc_env(k8s_secret_to(
         &fx.dir,
-        &[
-            "--force",
-            "--k8s-secret",
-            "app",
-            "--output",
-            fx.keys().to_str().unwrap(),
-        ],
+        &["--force"],
+        "app",
+        &fx.keys(),
     )))
     .expect_code(3);
     assert_eq!(snapshot(&fx.keys()), snap, "keys changed\n{out}");
@@ -1477,19 +1465,5 @@ fn a_key_file_hard_linked_to_another_file_is_refused_and_that_file_untouched() {
     untouched(&target, &out);
     assert!(out.stderr.contains("redis_password.txt"), "{out}");
     assert!(out.stderr.contains("hard link"), "{out}");
-    let manifest = fx.dir.parent().unwrap().join("m.yaml");
-    let out = run(generate(
-        &fx.dir,
-        &[
-            "--k8s-secret",
-            "app",
-            "--output",
-            manifest.to_str().unwrap(),
-        ],
-    ))
-    .expect_code(3);
-    untouched(&target, &out);
-    target_not_revealed(&out, Some(&manifest));
-    out.assert_output_free_of(values(&[&snap]).iter().map(Vec::as_slice));
-    assert!(!manifest.exists(), "{out}");
+    manifest_refused(&fx, &snap, &target);
 }

@@ -167,9 +167,7 @@ fn a_local_user_racing_the_state_dir_fallback_never_gets_root_to_write_through_a
     );
 
     let keys = Keys::new();
-    for (_, file) in DEFAULT_ROLES {
-        keys.write(file, &unique("race"));
-    }
+    keys.write_new(&DEFAULT_ROLES, "race");
     // A regular file is no directory: the state must go to the fallback.
     let not_a_dir = keys.path().join("not-a-dir");
     std::fs::write(&not_a_dir, "").unwrap();
@@ -343,14 +341,7 @@ fn health_is_unhealthy_when_the_state_file_cannot_be_written() {
         ("temporaluser", "placeholder-temporaluser"),
     ]);
     let keys = Keys::new();
-    let secrets: Vec<String> = DEFAULT_ROLES
-        .iter()
-        .map(|(_, file)| {
-            let secret = unique("full");
-            keys.write(file, &secret);
-            secret
-        })
-        .collect();
+    let secrets = keys.write_new(&DEFAULT_ROLES, "full");
     let mut cmd = bin_for("watch", &cluster, &keys);
     cmd.args(["--debounce", "50ms", "--state-dir"])
         .arg(tmpfs.path());
@@ -421,14 +412,7 @@ impl Supervised {
             );
         }
         let keys = Keys::new();
-        let secrets = DEFAULT_ROLES
-            .iter()
-            .map(|(_, file)| {
-                let secret = unique("pid1");
-                keys.write(file, &secret);
-                secret
-            })
-            .collect();
+        let secrets = keys.write_new(&DEFAULT_ROLES, "pid1");
         let state = tempfile::tempdir().unwrap();
         let mut cmd = mode.bin();
         cmd.arg("run")

@@ -57,13 +57,7 @@ struct Setup {
 
 fn setup(published: impl Fn(&str) -> String) -> Setup {
     let cluster = Cluster::start_default();
-    let olds: Vec<String> = ROLES.iter().map(|_| unique("setup")).collect();
-    let roles: Vec<(&str, &str)> = ROLES
-        .iter()
-        .zip(&olds)
-        .map(|((r, _), p)| (*r, p.as_str()))
-        .collect();
-    cluster.create_roles(&roles);
+    cluster.create_throwaway_roles(ROLES.map(|(role, _)| role));
     // PostgreSQL 15 no longer lets every role create in `public`.
     cluster.psql("GRANT CREATE ON SCHEMA public TO appuser");
     cluster.clear_log();
@@ -184,20 +178,11 @@ impl Setup {
 /// Runs `statements` in one session as `login` over TCP; the first column of the first row
 /// of each (empty when none).
 fn session(port: u16, login: &str, password: &str, statements: &[&str]) -> Vec<String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host("127.0.0.1")
-            .port(port)
-            .user(login)
-            .password(password)
-            .dbname("postgres")
-            .connect_timeout(Duration::from_secs(10));
-        let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    block_on(async {
+        let (client, connection) = tcp_login_config(port, login, password)
+            .connect(tokio_postgres::NoTls)
+            .await
+            .unwrap();
         tokio::spawn(connection);
         let mut out = Vec::new();
         for statement in statements {
@@ -463,11 +448,7 @@ fn publishing_the_twin_starts_the_old_logins_grace_and_the_server_ends_it() {
     );
     let stderr = watch.stderr_so_far();
     assert!(stderr.contains("no longer published"), "{stderr}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(watch.pid() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    watch.signal(nix::sys::signal::Signal::SIGTERM);
     let out = watch.finish(LIMIT);
     let out = out.expect_ok();
     s.leaks(&[&out]);
@@ -717,11 +698,7 @@ fn health_sees_an_unsynced_change_of_the_published_login() {
     let out = out.expect_code(8);
     out.expect_stderr("pg_service.conf");
     out.expect_stderr("changed since the last sync");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(watch.pid() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    watch.signal(nix::sys::signal::Signal::SIGTERM);
     let stopped = watch.finish(LIMIT);
     let stopped = stopped.expect_ok();
     s.leaks(&[&out, &stopped]);

@@ -210,13 +210,7 @@ fn signals_reach_the_child(mode: Mode) {
         .arg(&script)
         .arg(&log);
     let mut sup = Running::spawn_as(mode, cmd);
-    let lines = || -> Vec<String> {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    };
+    let lines = || log_lines(&log);
     wait_until(Duration::from_secs(10), "the child's traps", || {
         lines().first().map(String::as_str) == Some("ready")
     });
@@ -302,6 +296,15 @@ both_modes!(
     fifty_orphans_leave_no_zombie_as_subreaper
 );
 
+/// The lines a test child has noted in `log` so far (none while it does not exist).
+fn log_lines(log: &Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
 // ------------------------------------------------------------------ with PostgreSQL
 
 /// A fresh (empty) PGDATA for the stand-in entrypoint, secret files with new passwords,
@@ -325,14 +328,7 @@ impl Pg {
         let status = as_server_user("mkdir").arg(&sock).status().unwrap();
         assert!(status.success());
         let keys = Keys::new();
-        let secrets = DEFAULT_ROLES
-            .iter()
-            .map(|(_, file)| {
-                let secret = unique("run pw'\"\\ ü");
-                keys.write(file, &secret);
-                secret
-            })
-            .collect();
+        let secrets = keys.write_new(&DEFAULT_ROLES, "run pw'\"\\ ü");
         Pg {
             _root: root,
             data,
@@ -346,6 +342,11 @@ impl Pg {
 
     fn secrets(&self) -> Vec<&str> {
         self.secrets.iter().map(String::as_str).collect()
+    }
+
+    /// `command` started in the background as `mode`.
+    fn spawn(&self, mode: Mode, env: &[(&str, &str)], flags: &[&str], pg: &[&str]) -> Running {
+        Running::spawn_as(mode, self.command(mode, env, flags, pg))
     }
 
     /// `run` with the stand-in entrypoint; `env` goes to both (INIT_DELAY, PG_HBA, …).
@@ -440,7 +441,7 @@ impl Pg {
 /// everything cleanly within 2 s. No secret anywhere.
 fn fresh_init_then_stop(mode: Mode) {
     let pg = Pg::new();
-    let sup = Running::spawn_as(mode, pg.command(mode, &[("INIT_DELAY", "2")], &[], &[]));
+    let sup = pg.spawn(mode, &[("INIT_DELAY", "2")], &[], &[]);
     sup.wait_stderr(Duration::from_secs(120), COMPLETE);
     let before_stop = sup.stderr_so_far();
     pg.assert_new_passwords();
@@ -522,7 +523,7 @@ impl IdleClient {
 
 fn sigterm_waits_for_an_idle_client(mode: Mode) {
     let pg = Pg::new();
-    let mut sup = Running::spawn_as(mode, pg.command(mode, &[], &[], &[]));
+    let mut sup = pg.spawn(mode, &[], &[], &[]);
     sup.wait_stderr(Duration::from_secs(120), COMPLETE);
     let client = IdleClient::connect(&pg);
     sup.signal(Signal::SIGTERM);
@@ -551,10 +552,7 @@ both_modes!(
 
 fn postgres_failing_to_start(mode: Mode) {
     let pg = Pg::new();
-    let sup = Running::spawn_as(
-        mode,
-        pg.command(mode, &[], &[], &["-c", "no_such_setting_pps=1"]),
-    );
+    let sup = pg.spawn(mode, &[], &[], &["-c", "no_such_setting_pps=1"]);
     // postgres exits 1 on a configuration error.
     let out = sup.finish(Duration::from_secs(120)).expect_code(1);
     assert!(out.stderr.contains("no_such_setting_pps"), "{}", out.stderr);
@@ -579,7 +577,7 @@ both_modes!(
 
 fn postmaster_killed(mode: Mode) {
     let pg = Pg::new();
-    let sup = Running::spawn_as(mode, pg.command(mode, &[], &[], &[]));
+    let sup = pg.spawn(mode, &[], &[], &[]);
     sup.wait_stderr(Duration::from_secs(120), COMPLETE);
     // The entrypoint exec'ed into postgres: our child is the postmaster.
     let postmaster = first_child(sup.pid()).unwrap();
@@ -610,7 +608,7 @@ fn root_with_peer_only(mode: Mode) {
     use std::os::unix::fs::MetadataExt;
     assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o600));
     let hba = "local all postgres peer\nhost all all 127.0.0.1/32 scram-sha-256";
-    let sup = Running::spawn_as(mode, pg.command(mode, &[("PG_HBA", hba)], &[], &[]));
+    let sup = pg.spawn(mode, &[("PG_HBA", hba)], &[], &[]);
     sup.wait_stderr(Duration::from_secs(120), COMPLETE);
     pg.assert_new_passwords();
     sup.signal(Signal::SIGINT);
@@ -626,10 +624,7 @@ both_modes!(
 
 fn health_follows_the_sync(mode: Mode) {
     let pg = Pg::new();
-    let sup = Running::spawn_as(
-        mode,
-        pg.command(mode, &[("INIT_DELAY", "2")], &["--no-watch"], &[]),
-    );
+    let sup = pg.spawn(mode, &[("INIT_DELAY", "2")], &["--no-watch"], &[]);
     // Before the sync (the init delay): not healthy.
     sup.wait_stderr(Duration::from_secs(60), "init delay");
     let before = pg.health(&sup).expect_code(8);
@@ -675,7 +670,7 @@ both_modes!(
 
 fn sigint_during_init(mode: Mode) {
     let pg = Pg::new();
-    let sup = Running::spawn_as(mode, pg.command(mode, &[("INIT_DELAY", "60")], &[], &[]));
+    let sup = pg.spawn(mode, &[("INIT_DELAY", "60")], &[], &[]);
     sup.wait_stderr(Duration::from_secs(60), "init delay");
     assert_eq!(
         pg.postgres_processes().len(),
@@ -714,10 +709,7 @@ fn exit_on_sync_failure_stops_postgres_and_exits_with_the_failure_code() {
     let pg = Pg::new();
     // An empty secret file is a configuration error (exit 3).
     pg.keys.write_raw("postgres_app_ro_pw.txt", b"\n");
-    let sup = Running::spawn_as(
-        mode,
-        pg.command(mode, &[], &["--exit-on-sync-failure"], &[]),
-    );
+    let sup = pg.spawn(mode, &[], &["--exit-on-sync-failure"], &[]);
     let out = sup.finish(Duration::from_secs(120)).expect_code(3);
     assert!(out.stderr.contains("postgres_app_ro_pw"), "{}", out.stderr);
     assert_eq!(pg.cluster_state(), "shut down");
@@ -727,14 +719,11 @@ fn exit_on_sync_failure_stops_postgres_and_exits_with_the_failure_code() {
 /// without a restart (same postmaster), and `health` follows it.
 fn rotation_while_running(mode: Mode) {
     let pg = Pg::new();
-    let sup = Running::spawn_as(
+    let sup = pg.spawn(
         mode,
-        pg.command(
-            mode,
-            &[],
-            &["--debounce", "20ms", "--resync-interval", "0"],
-            &[],
-        ),
+        &[],
+        &["--debounce", "20ms", "--resync-interval", "0"],
+        &[],
     );
     sup.wait_stderr(Duration::from_secs(120), COMPLETE);
     pg.assert_new_passwords();
@@ -795,10 +784,7 @@ fn secret_files_fixed_after_start_are_applied_by_the_watcher() {
     let pg = Pg::new();
     let missing = pg.keys.path().join("postgres_app_ro_pw.txt");
     std::fs::remove_file(&missing).unwrap();
-    let sup = Running::spawn_as(
-        Mode::Subreaper,
-        pg.command(Mode::Subreaper, &[], &["--debounce", "20ms"], &[]),
-    );
+    let sup = pg.spawn(Mode::Subreaper, &[], &["--debounce", "20ms"], &[]);
     sup.wait_stderr(Duration::from_secs(120), "waiting for valid secret files");
     pg.keys.write("postgres_app_ro_pw", &pg.secrets[2]);
     wait_until(
@@ -824,14 +810,11 @@ fn secret_files_fixed_after_start_are_applied_by_the_watcher() {
 #[test]
 fn watching_starts_without_a_second_full_sync() {
     let pg = Pg::new();
-    let sup = Running::spawn_as(
+    let sup = pg.spawn(
         Mode::Subreaper,
-        pg.command(
-            Mode::Subreaper,
-            &[("RUST_LOG", "debug")],
-            &["--app-db-user", "ghost", "--resync-interval", "0"],
-            &[],
-        ),
+        &[("RUST_LOG", "debug")],
+        &["--app-db-user", "ghost", "--resync-interval", "0"],
+        &[],
     );
     sup.wait_stderr(Duration::from_secs(120), COMPLETE);
     sup.wait_stderr(Duration::from_secs(10), "trigger=\"start of watching\"");
@@ -1000,59 +983,84 @@ fn without_inotify_run_resyncs_on_sighup_and_on_the_interval() {
     assert_no_leak(&secrets, None, &[&first, &second]);
 }
 
+/// A hot standby of a harness primary: a base backup (`pg_basebackup -R`) in a directory
+/// of the server's OS user, its socket directory and a free port; not started.
+struct Standby {
+    /// Removed (with the data) when the test ends.
+    _root: tempfile::TempDir,
+    data: PathBuf,
+    sock: PathBuf,
+    port: u16,
+}
+
+impl Standby {
+    fn of(primary: &Cluster, prefix: &str) -> Standby {
+        let root = server_dir(prefix);
+        let data = root.path().join("data");
+        let sock = root.path().join("sock");
+        output_ok(
+            as_server_user(pg_bin("pg_basebackup"))
+                .arg("-D")
+                .arg(&data)
+                .args(["-R", "-X", "stream", "-U", "postgres", "-h"])
+                .arg(&primary.sock)
+                .args(["-p", &primary.port.to_string()]),
+            "pg_basebackup",
+        );
+        assert!(
+            as_server_user("mkdir")
+                .arg(&sock)
+                .status()
+                .unwrap()
+                .success()
+        );
+        Standby {
+            _root: root,
+            data,
+            sock,
+            port: free_port(),
+        }
+    }
+
+    /// `run` (as a subreaper) with `keys`, `state` and the run `options`, supervising the
+    /// standby's postgres listening on TCP at `listen` (empty: the socket only).
+    fn run_cmd(&self, keys: &Keys, state: &Path, options: &[&str], listen: &str) -> Command {
+        let port = self.port.to_string();
+        let mut cmd = Mode::Subreaper.bin();
+        cmd.arg("run")
+            .arg("--keys-dir")
+            .arg(keys.path())
+            .arg("--pgdata")
+            .arg(&self.data)
+            .arg("--pghost")
+            .arg(&self.sock)
+            .args(["--pgport", &port])
+            .arg("--state-dir")
+            .arg(state)
+            .args(options)
+            .arg("--");
+        let postgres = as_server_user(pg_bin("postgres"));
+        cmd.arg(postgres.get_program()).args(postgres.get_args());
+        cmd.arg("-D")
+            .arg(&self.data)
+            .args(["-p", &port, "-c"])
+            .arg(format!("listen_addresses={listen}"))
+            .arg("-k")
+            .arg(&self.sock);
+        cmd
+    }
+}
+
 /// A standby (hot standby of a harness primary): `run` treats `standby` as ready, skips the
 /// sync and says so, keeps supervising, and stops it cleanly.
 #[test]
 fn a_standby_is_supervised_and_its_sync_skipped() {
     let primary = Cluster::start_default();
-    let root = server_dir("pps-standby-");
-    let data = root.path().join("data");
-    let sock = root.path().join("sock");
-    let out = as_server_user(pg_bin("pg_basebackup"))
-        .arg("-D")
-        .arg(&data)
-        .args(["-R", "-X", "stream", "-U", "postgres", "-h"])
-        .arg(&primary.sock)
-        .args(["-p", &primary.port.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pg_basebackup: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        as_server_user("mkdir")
-            .arg(&sock)
-            .status()
-            .unwrap()
-            .success()
-    );
-    let port = free_port().to_string();
+    let standby = Standby::of(&primary, "pps-standby-");
     let keys = Keys::new();
-    for (_, file) in DEFAULT_ROLES {
-        keys.write(file, &unique("standby"));
-    }
+    keys.write_new(&DEFAULT_ROLES, "standby");
     let state = tempfile::tempdir().unwrap();
-    let mut cmd = Mode::Subreaper.bin();
-    cmd.arg("run")
-        .arg("--keys-dir")
-        .arg(keys.path())
-        .arg("--pgdata")
-        .arg(&data)
-        .arg("--pghost")
-        .arg(&sock)
-        .args(["--pgport", &port])
-        .arg("--state-dir")
-        .arg(state.path())
-        .arg("--");
-    let postgres = as_server_user(pg_bin("postgres"));
-    cmd.arg(postgres.get_program()).args(postgres.get_args());
-    cmd.arg("-D")
-        .arg(&data)
-        .args(["-p", &port, "-c", "listen_addresses="])
-        .arg("-k")
-        .arg(&sock);
+    let cmd = standby.run_cmd(&keys, state.path(), &[], "");
     let sup = Running::spawn_as(Mode::Subreaper, cmd);
     sup.wait_stderr(
         Duration::from_secs(60),
@@ -1125,13 +1133,7 @@ fn closed_stderr(mode: Mode) {
          while [ ! -e \"$f.stop\" ]; do sleep 0.05 & wait \"$!\"; done\nexit 7\n",
     )
     .unwrap();
-    let lines = || -> Vec<String> {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    };
+    let lines = || log_lines(&log);
     let mut cmd = mode.bin();
     cmd.env("RUST_LOG", "debug")
         .args(["run", "--no-sync", "--", "bash"])
@@ -1194,14 +1196,11 @@ both_modes!(
 #[test]
 fn a_storm_of_a_thousand_sighups_costs_a_handful_of_resyncs() {
     let pg = Pg::new();
-    let sup = Running::spawn_as(
+    let sup = pg.spawn(
         Mode::Subreaper,
-        pg.command(
-            Mode::Subreaper,
-            &[("RUST_LOG", "debug")],
-            &["--resync-interval", "0"],
-            &[],
-        ),
+        &[("RUST_LOG", "debug")],
+        &["--resync-interval", "0"],
+        &[],
     );
     sup.wait_stderr(Duration::from_secs(120), COMPLETE);
     sup.wait_stderr(Duration::from_secs(10), "watching 1 secret directory");
@@ -1251,70 +1250,21 @@ fn rotation_on_a_standby_then_promotion(watching: bool) {
     let olds = [unique("primary app"), unique("primary ro")];
     primary.create_roles(&[("appuser", &olds[0]), ("backupuser", &olds[1])]);
     primary.clear_log();
-    let root = server_dir("pps-promote-");
-    let data = root.path().join("data");
-    let sock = root.path().join("sock");
-    let out = as_server_user(pg_bin("pg_basebackup"))
-        .arg("-D")
-        .arg(&data)
-        .args(["-R", "-X", "stream", "-U", "postgres", "-h"])
-        .arg(&primary.sock)
-        .args(["-p", &primary.port.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pg_basebackup: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        as_server_user("mkdir")
-            .arg(&sock)
-            .status()
-            .unwrap()
-            .success()
-    );
-    let port = free_port();
+    let standby = Standby::of(&primary, "pps-promote-");
+    let (data, port) = (&standby.data, standby.port);
     let keys = Keys::new();
-    let secrets: Vec<String> = DEFAULT_ROLES[..3]
-        .iter()
-        .map(|(_, file)| {
-            let secret = unique("standby");
-            keys.write(file, &secret);
-            secret
-        })
-        .collect();
+    let secrets = keys.write_new(&DEFAULT_ROLES[..3], "standby");
     let state = tempfile::tempdir().unwrap();
-    let mut cmd = Mode::Subreaper.bin();
-    cmd.arg("run")
-        .arg("--keys-dir")
-        .arg(keys.path())
-        .arg("--pgdata")
-        .arg(&data)
-        .arg("--pghost")
-        .arg(&sock)
-        .args(["--pgport", &port.to_string()])
-        .arg("--state-dir")
-        .arg(state.path())
-        .args(["--debounce", "20ms", "--resync-interval", "0"])
-        .args(if watching {
-            &[][..]
-        } else {
-            &["--no-watch"][..]
-        })
-        .arg("--");
-    let postgres = as_server_user(pg_bin("postgres"));
-    cmd.arg(postgres.get_program()).args(postgres.get_args());
-    cmd.arg("-D")
-        .arg(&data)
-        .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
-        .arg("-k")
-        .arg(&sock);
+    let mut options = vec!["--debounce", "20ms", "--resync-interval", "0"];
+    if !watching {
+        options.push("--no-watch");
+    }
+    let cmd = standby.run_cmd(&keys, state.path(), &options, "127.0.0.1");
     let health = || {
         let mut cmd = bin();
         cmd.arg("health")
             .arg("--pgdata")
-            .arg(&data)
+            .arg(data)
             .arg("--keys-dir")
             .arg(keys.path())
             .arg("--state-dir")
@@ -1343,16 +1293,12 @@ fn rotation_on_a_standby_then_promotion(watching: bool) {
     login_tcp(port, "appuser", &olds[0]).expect("the primary's password works on the standby");
     let before_promotion = sup.stderr_so_far().len();
 
-    let out = as_server_user(pg_bin("pg_ctl"))
-        .arg("-D")
-        .arg(&data)
-        .args(["-w", "-t", "60", "promote"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pg_ctl promote: {}",
-        String::from_utf8_lossy(&out.stderr)
+    output_ok(
+        as_server_user(pg_bin("pg_ctl"))
+            .arg("-D")
+            .arg(data)
+            .args(["-w", "-t", "60", "promote"]),
+        "pg_ctl promote",
     );
     wait_until(
         Duration::from_secs(10),

@@ -8,28 +8,13 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use common::*;
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
 /// Creates the four default roles with old passwords and writes new ones to `keys`.
 /// Returns the new secrets in DEFAULT_ROLES order.
 fn setup(cluster: &Cluster, keys: &Keys) -> Vec<String> {
-    let old: Vec<(String, String)> = DEFAULT_ROLES
-        .iter()
-        .map(|(role, _)| (role.to_string(), unique("old")))
-        .collect();
-    let old_refs: Vec<(&str, &str)> = old.iter().map(|(r, p)| (r.as_str(), p.as_str())).collect();
-    cluster.create_roles(&old_refs);
-    // The setup itself sent plaintext; the checks look only at what the sync causes.
-    cluster.clear_log();
-    DEFAULT_ROLES
-        .iter()
-        .map(|(_, file)| {
-            let secret = unique("new pw'\"\\ ü");
-            keys.write(file, &secret);
-            secret
-        })
-        .collect()
+    cluster.create_throwaway_roles(DEFAULT_ROLES.map(|(role, _)| role));
+    keys.write_new(&DEFAULT_ROLES, "new pw'\"\\ ü")
 }
 
 /// Neither an `ALTER ROLE … PASSWORD` statement nor a verifier is in the server log.
@@ -53,7 +38,11 @@ fn run_with(sub: &str, cluster: &Cluster, keys: &Keys, extra: &[&str]) -> Run {
 
 /// A started cluster with the default roles on old passwords, and keys with new ones.
 fn started() -> (Cluster, Keys, Vec<String>) {
-    let cluster = Cluster::start_default();
+    set_up_on(Cluster::start_default())
+}
+
+/// `cluster` with the default roles on old passwords, and keys with new ones.
+fn set_up_on(cluster: Cluster) -> (Cluster, Keys, Vec<String>) {
     let keys = Keys::new();
     let secrets = setup(&cluster, &keys);
     (cluster, keys, secrets)
@@ -69,6 +58,13 @@ fn stored_verifiers(cluster: &Cluster) -> Vec<Option<String>> {
 
 fn secrets_ref(secrets: &[String]) -> Vec<&str> {
     secrets.iter().map(String::as_str).collect()
+}
+
+/// Every default role logs in with its new secret (`secrets` in DEFAULT_ROLES order).
+fn assert_new_passwords_log_in(cluster: &Cluster, secrets: &[String]) {
+    for ((role, _), secret) in DEFAULT_ROLES.iter().zip(secrets) {
+        cluster.assert_login(role, secret);
+    }
 }
 
 #[test]
@@ -88,9 +84,7 @@ fn four_roles_move_to_new_passwords_and_old_ones_stop_working() {
         out.stdout.lines().last(),
         Some("Password synchronization complete.")
     );
-    for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&secrets) {
-        cluster.assert_login(role, secret);
-    }
+    assert_new_passwords_log_in(&cluster, &secrets);
     cluster.assert_no_login("appuser", &old_app);
     for (role, _) in DEFAULT_ROLES {
         let stored = cluster.rolpassword(role).unwrap();
@@ -222,9 +216,7 @@ fn twenty_concurrent_syncs_all_succeed() {
     }
     // Serialised by the advisory lock: each role is changed by exactly one run.
     assert_eq!(changed, 4, "each role changed once across all runs");
-    for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&secrets) {
-        cluster.assert_login(role, secret);
-    }
+    assert_new_passwords_log_in(&cluster, &secrets);
     let refs: Vec<&Run> = runs.iter().collect();
     assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &refs);
 }
@@ -622,19 +614,9 @@ impl Session {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Request>();
         let (role, password) = (role.to_owned(), password.to_owned());
         let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let mut config = tokio_postgres::Config::new();
-                config
-                    .host("127.0.0.1")
-                    .port(port)
-                    .user(&role)
-                    .password(&password)
-                    .dbname("postgres")
-                    .application_name("hostile test session");
+            block_on(async move {
+                let mut config = tcp_login_config(port, &role, &password);
+                config.application_name("hostile test session");
                 let (client, connection) = match config.connect(tokio_postgres::NoTls).await {
                     Ok(pair) => pair,
                     Err(err) => {
@@ -688,6 +670,24 @@ impl Session {
             .expect("statement finished")
     }
 
+    /// Takes the sync's advisory lock for the session (a session-level lock: it is held
+    /// until the session ends).
+    fn hold_sync_lock(&self) {
+        self.exec(&format!("SELECT pg_advisory_lock({SYNC_LOCK})"))
+            .unwrap();
+    }
+
+    /// Opens a transaction that changes appuser's password to `other`, holding its
+    /// pg_authid row locked until the transaction ends (the login's own right).
+    fn lock_own_row(&self, other: &str) {
+        self.exec("BEGIN").unwrap();
+        self.exec(&format!(
+            "ALTER ROLE appuser PASSWORD {}",
+            quote_literal(other)
+        ))
+        .unwrap();
+    }
+
     /// Whether the server still serves this session.
     fn alive(&self) -> bool {
         self.exec("SELECT 1").is_ok()
@@ -712,6 +712,22 @@ fn known_password(cluster: &Cluster, role: &str) -> String {
     password
 }
 
+/// A session of appuser logged in with a known password (the leaked login), and that
+/// password.
+fn hostile_login(cluster: &Cluster) -> (String, Session) {
+    let own = known_password(cluster, "appuser");
+    let session = Session::connect(cluster.port, "appuser", &own);
+    (own, session)
+}
+
+/// `known_password` for a role that is then made a superuser (the log cleared again).
+fn known_superuser(cluster: &Cluster, role: &str) -> String {
+    let password = known_password(cluster, role);
+    cluster.psql(&format!("ALTER ROLE {} SUPERUSER", quote_ident(role)));
+    cluster.clear_log();
+    password
+}
+
 /// The sync against `cluster`, with the blocking-session settings in the environment (so
 /// a build without them ignores them and shows the unbounded wait).
 fn sync_with_env(cluster: &Cluster, keys: &Keys, env: &[(&str, &str)]) -> Run {
@@ -721,6 +737,33 @@ fn sync_with_env(cluster: &Cluster, keys: &Keys, env: &[(&str, &str)]) -> Run {
     }
     // Well beyond every bound the tests set; a sync that waits forever fails here.
     Running::spawn(cmd).finish(Duration::from_secs(45))
+}
+
+/// The setting that ends blocking non-superuser sessions after a time (or `off`).
+const TERMINATE_AFTER: &str = "PG_PASSWORD_SYNC_TERMINATE_BLOCKERS_AFTER";
+
+/// The sync with ending blocking sessions after `terminate_after` and giving up waiting
+/// for the lock after `lock_wait`.
+fn sync_bounded(cluster: &Cluster, keys: &Keys, terminate_after: &str, lock_wait: &str) -> Run {
+    sync_with_env(
+        cluster,
+        keys,
+        &[
+            (TERMINATE_AFTER, terminate_after),
+            ("PG_PASSWORD_SYNC_LOCK_WAIT_TIMEOUT", lock_wait),
+        ],
+    )
+}
+
+/// The rotation applied: every new secret logs in, appuser's `refused` passwords no
+/// longer do, no verifier reached the server log and no secret leaked.
+fn assert_rotated(cluster: &Cluster, secrets: &[String], refused: &[&str], out: &Run) {
+    assert_new_passwords_log_in(cluster, secrets);
+    for password in refused {
+        cluster.assert_no_login("appuser", password);
+    }
+    assert_no_verifier_in_log(cluster);
+    assert_no_leak(&secrets_ref(secrets), Some(cluster), &[out]);
 }
 
 /// The role's verifier is not in the server log, nor any password statement of ours.
@@ -735,17 +778,10 @@ fn assert_no_verifier_in_log(cluster: &Cluster) {
 #[test]
 fn a_login_holding_the_sync_lock_is_ended_and_the_rotation_applies() {
     let (cluster, keys, secrets) = started();
-    let own = known_password(&cluster, "appuser");
-    let hostile = Session::connect(cluster.port, "appuser", &own);
-    hostile
-        .exec(&format!("SELECT pg_advisory_lock({SYNC_LOCK})"))
-        .unwrap();
+    let (own, hostile) = hostile_login(&cluster);
+    hostile.hold_sync_lock();
 
-    let out = sync_with_env(
-        &cluster,
-        &keys,
-        &[("PG_PASSWORD_SYNC_TERMINATE_BLOCKERS_AFTER", "2s")],
-    );
+    let out = sync_with_env(&cluster, &keys, &[(TERMINATE_AFTER, "2s")]);
     let out = out.expect_ok();
     out.expect_stderr("the sync is blocked by other sessions: ")
         .expect_stderr(&format!(
@@ -755,9 +791,7 @@ fn a_login_holding_the_sync_lock_is_ended_and_the_rotation_applies() {
         .expect_stderr("ended blocking non-superuser sessions: ");
     assert!(out.elapsed >= Duration::from_secs(2), "{:?}", out.elapsed);
     assert!(!hostile.alive(), "the blocking session was ended");
-    for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&secrets) {
-        cluster.assert_login(role, secret);
-    }
+    assert_new_passwords_log_in(&cluster, &secrets);
     cluster.assert_no_login("appuser", &own);
     assert_no_password_statement(&cluster.log_text());
     assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
@@ -766,22 +800,11 @@ fn a_login_holding_the_sync_lock_is_ended_and_the_rotation_applies() {
 #[test]
 fn a_login_holding_its_own_pg_authid_row_is_ended_and_the_rotation_applies() {
     let (cluster, keys, secrets) = started();
-    let own = known_password(&cluster, "appuser");
-    let hostile = Session::connect(cluster.port, "appuser", &own);
+    let (own, hostile) = hostile_login(&cluster);
     let other = unique("hostile-other");
-    hostile.exec("BEGIN").unwrap();
-    hostile
-        .exec(&format!(
-            "ALTER ROLE appuser PASSWORD {}",
-            quote_literal(&other)
-        ))
-        .unwrap();
+    hostile.lock_own_row(&other);
 
-    let out = sync_with_env(
-        &cluster,
-        &keys,
-        &[("PG_PASSWORD_SYNC_TERMINATE_BLOCKERS_AFTER", "2s")],
-    );
+    let out = sync_with_env(&cluster, &keys, &[(TERMINATE_AFTER, "2s")]);
     let out = out.expect_ok();
     out.expect_stdout("role \"appuser\": changed")
         .expect_stderr(&format!(
@@ -790,34 +813,18 @@ fn a_login_holding_its_own_pg_authid_row_is_ended_and_the_rotation_applies() {
         ))
         .expect_stderr("ended blocking non-superuser sessions: ");
     assert!(!hostile.alive(), "the blocking session was ended");
-    for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&secrets) {
-        cluster.assert_login(role, secret);
-    }
-    cluster.assert_no_login("appuser", &own);
-    cluster.assert_no_login("appuser", &other);
-    assert_no_verifier_in_log(&cluster);
-    assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
+    assert_rotated(&cluster, &secrets, &[&own, &other], &out);
 }
 
 #[test]
 fn a_superuser_session_blocking_the_sync_is_named_waited_for_and_never_ended() {
     let (cluster, keys, secrets) = started();
-    let boss = known_password(&cluster, "boss");
-    cluster.psql("ALTER ROLE boss SUPERUSER");
+    let boss = known_superuser(&cluster, "boss");
     let admin = Session::connect(cluster.port, "boss", &boss);
-    admin
-        .exec(&format!("SELECT pg_advisory_lock({SYNC_LOCK})"))
-        .unwrap();
+    admin.hold_sync_lock();
     let before = stored_verifiers(&cluster);
 
-    let out = sync_with_env(
-        &cluster,
-        &keys,
-        &[
-            ("PG_PASSWORD_SYNC_TERMINATE_BLOCKERS_AFTER", "1s"),
-            ("PG_PASSWORD_SYNC_LOCK_WAIT_TIMEOUT", "3s"),
-        ],
-    );
+    let out = sync_bounded(&cluster, &keys, "1s", "3s");
     let out = out.expect_code(5);
     out.expect_stderr(&format!("pid {} (role \"boss\", superuser, ", admin.pid))
         .expect_stderr("gave up after waiting ")
@@ -831,21 +838,11 @@ fn a_superuser_session_blocking_the_sync_is_named_waited_for_and_never_ended() {
 #[test]
 fn with_ending_sessions_off_a_blocking_login_is_waited_for_then_the_sync_fails() {
     let (cluster, keys, secrets) = started();
-    let own = known_password(&cluster, "appuser");
-    let hostile = Session::connect(cluster.port, "appuser", &own);
-    hostile
-        .exec(&format!("SELECT pg_advisory_lock({SYNC_LOCK})"))
-        .unwrap();
+    let (own, hostile) = hostile_login(&cluster);
+    hostile.hold_sync_lock();
     let before = stored_verifiers(&cluster);
 
-    let out = sync_with_env(
-        &cluster,
-        &keys,
-        &[
-            ("PG_PASSWORD_SYNC_TERMINATE_BLOCKERS_AFTER", "off"),
-            ("PG_PASSWORD_SYNC_LOCK_WAIT_TIMEOUT", "2s"),
-        ],
-    );
+    let out = sync_bounded(&cluster, &keys, "off", "2s");
     let out = out.expect_code(5);
     out.expect_stderr(&format!("pid {} (role \"appuser\", ", hostile.pid))
         .expect_stderr("--terminate-blockers-after is off");
@@ -861,15 +858,8 @@ fn a_deadlock_with_a_login_puts_no_verifier_in_the_server_log() {
     // row, then the login asks for the sync's lock: a deadlock. The server's report names
     // the query of every process in the cycle (outside any log_* setting's reach).
     let (cluster, keys, secrets) = started();
-    let own = known_password(&cluster, "appuser");
-    let hostile = Session::connect(cluster.port, "appuser", &own);
-    hostile.exec("BEGIN").unwrap();
-    hostile
-        .exec(&format!(
-            "ALTER ROLE appuser PASSWORD {}",
-            quote_literal(&unique("hostile-other"))
-        ))
-        .unwrap();
+    let (_, hostile) = hostile_login(&cluster);
+    hostile.lock_own_row(&unique("hostile-other"));
     let sync = Running::spawn(bin_for("sync", &cluster, &keys));
     let waiting_for_hostile = format!(
         "SELECT count(*) FROM pg_stat_activity WHERE {} = ANY(pg_blocking_pids(pid))",
@@ -904,9 +894,7 @@ fn a_deadlock_with_a_login_puts_no_verifier_in_the_server_log() {
 #[test]
 fn a_role_name_with_a_control_character_is_refused_and_shown_escaped() {
     let keys = Keys::new();
-    for (file, _) in DEFAULT_ROLES.iter().map(|(r, f)| (f, r)) {
-        keys.write(file, &unique("v"));
-    }
+    keys.write_new(&DEFAULT_ROLES, "v");
     for name in ["appuser\n", "app\u{1b}[2Juser"] {
         let mut cmd = bin();
         cmd.arg("sync")
@@ -1008,13 +996,7 @@ fn a_watcher_rotation_held_up_by_the_leaked_login_is_applied_and_the_log_says_wh
     });
     // The attacker knows the password in force and keeps its pg_authid row locked.
     let hostile = Session::connect(cluster.port, "appuser", &secrets[1]);
-    hostile.exec("BEGIN").unwrap();
-    hostile
-        .exec(&format!(
-            "ALTER ROLE appuser PASSWORD {}",
-            quote_literal(&unique("hostile-other"))
-        ))
-        .unwrap();
+    hostile.lock_own_row(&unique("hostile-other"));
     let rotated = unique("rotated pw");
     keys.write("postgres_app_user_pw", &rotated);
     wait_until(
@@ -1024,7 +1006,7 @@ fn a_watcher_rotation_held_up_by_the_leaked_login_is_applied_and_the_log_says_wh
     );
     cluster.assert_no_login("appuser", &secrets[1]);
     assert!(!hostile.alive(), "the blocking session was ended");
-    kill(Pid::from_raw(watcher.pid() as i32), Signal::SIGTERM).unwrap();
+    watcher.signal(Signal::SIGTERM);
     let out = watcher.finish(Duration::from_secs(30));
     out.expect_stderr(&format!(
         "the sync is blocked by other sessions: pid {} (role \"appuser\"",
@@ -1035,31 +1017,6 @@ fn a_watcher_rotation_held_up_by_the_leaked_login_is_applied_and_the_log_says_wh
     let mut all = secrets_ref(&secrets);
     all.push(&rotated);
     assert_no_leak(&all, Some(&cluster), &[&out]);
-}
-
-/// SQL run in database `db` as the superuser over the socket (test setup).
-fn psql_in(cluster: &Cluster, db: &str, sql: &str) -> String {
-    use std::io::Write;
-    let mut child = psql_superuser(&cluster.sock, cluster.port)
-        .args(["-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", db])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(sql.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "psql failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// A database owned by the application login, which the sync is pointed at (`PGDATABASE`
@@ -1078,8 +1035,7 @@ fn a_database_owner_cannot_plant_functions_the_superuser_sync_runs() {
     // sync connects to can do with only its own rights. Each planted function makes its
     // caller's role, when that is a superuser, grant superuser to appuser, then behaves
     // like the catalog's function.
-    psql_in(
-        &cluster,
+    cluster.psql_in(
         db,
         "SET ROLE appuser;\n\
          CREATE SCHEMA trap;\n\
@@ -1102,11 +1058,7 @@ fn a_database_owner_cannot_plant_functions_the_superuser_sync_runs() {
         "f",
         "the sync ran a function the application planted, as the superuser"
     );
-    for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&secrets) {
-        cluster.assert_login(role, secret);
-    }
-    assert_no_verifier_in_log(&cluster);
-    assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
+    assert_rotated(&cluster, &secrets, &[], &out);
 }
 
 #[test]
@@ -1125,48 +1077,53 @@ fn a_database_owner_cannot_make_the_superuser_sync_run_as_itself_or_fail() {
     if pg_major() >= 17 {
         settings.push_str("ALTER DATABASE appdb SET transaction_timeout = '1ms';");
     }
-    psql_in(&cluster, db, &settings);
+    cluster.psql_in(db, &settings);
     let out = sync_with_env(&cluster, &keys, &[("PGDATABASE", db)]).expect_ok();
-    for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&secrets) {
-        cluster.assert_login(role, secret);
-    }
+    assert_new_passwords_log_in(&cluster, &secrets);
     assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
 }
 
 /// A cluster that allows prepared transactions (off by default: `max_prepared_transactions`
 /// is 0, which keeps this attack out), with the default roles set up.
 fn started_with_prepared_transactions() -> (Cluster, Keys, Vec<String>) {
-    let cluster = Cluster::start_with(&ClusterOptions {
+    set_up_on(Cluster::start_with(&ClusterOptions {
         extra_conf: vec!["max_prepared_transactions = 4".into()],
         ..ClusterOptions::default()
-    });
-    let keys = Keys::new();
-    let secrets = setup(&cluster, &keys);
-    (cluster, keys, secrets)
+    }))
 }
 
 /// Runs `sql` as `role` (password login over TCP) in database `db`, and ends the session:
 /// what a leaked login can leave behind with `PREPARE TRANSACTION`.
 fn psql_login(cluster: &Cluster, role: &str, password: &str, db: &str, sql: &str) {
-    let out = as_server_user(pg_bin("psql"))
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
-        .args([
-            "-p",
-            &cluster.port.to_string(),
-            "-U",
-            role,
-            "-d",
-            db,
-            "-c",
-            sql,
-        ])
-        .env("PGPASSWORD", password)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "psql as {role} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    output_ok(
+        as_server_user(pg_bin("psql"))
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+            .args([
+                "-p",
+                &cluster.port.to_string(),
+                "-U",
+                role,
+                "-d",
+                db,
+                "-c",
+                sql,
+            ])
+            .env("PGPASSWORD", password),
+        &format!("psql as {role}"),
+    );
+}
+
+/// `role` prepares a transaction `gid` that holds the sync's lock, and ends its session.
+fn prepare_holding_sync_lock(cluster: &Cluster, role: &str, password: &str, gid: &str) {
+    psql_login(
+        cluster,
+        role,
+        password,
+        "postgres",
+        &format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({SYNC_LOCK}); PREPARE TRANSACTION {};",
+            quote_literal(gid)
+        ),
     );
 }
 
@@ -1193,14 +1150,7 @@ fn a_prepared_transaction_of_a_login_holding_its_own_row_is_rolled_back_and_the_
             quote_literal(&unique("hostile-other"))
         ),
     );
-    let out = sync_with_env(
-        &cluster,
-        &keys,
-        &[
-            ("PG_PASSWORD_SYNC_TERMINATE_BLOCKERS_AFTER", "1s"),
-            ("PG_PASSWORD_SYNC_LOCK_WAIT_TIMEOUT", "5s"),
-        ],
-    );
+    let out = sync_bounded(&cluster, &keys, "1s", "5s");
     let out = out.expect_ok();
     out.expect_stderr(
         "prepared transaction \"held-row\" (role \"appuser\", database \"otherdb\", prepared ",
@@ -1211,43 +1161,21 @@ fn a_prepared_transaction_of_a_login_holding_its_own_row_is_rolled_back_and_the_
         "",
         "the prepared transaction is gone"
     );
-    for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&secrets) {
-        cluster.assert_login(role, secret);
-    }
-    cluster.assert_no_login("appuser", &own);
-    assert_no_verifier_in_log(&cluster);
-    assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
+    assert_rotated(&cluster, &secrets, &[&own], &out);
 }
 
 #[test]
 fn a_prepared_transaction_of_a_login_holding_the_sync_lock_is_rolled_back() {
     let (cluster, keys, secrets) = started_with_prepared_transactions();
     let own = known_password(&cluster, "appuser");
-    psql_login(
-        &cluster,
-        "appuser",
-        &own,
-        "postgres",
-        &format!(
-            "BEGIN; SELECT pg_advisory_xact_lock({SYNC_LOCK}); PREPARE TRANSACTION 'held-lock';"
-        ),
-    );
-    let out = sync_with_env(
-        &cluster,
-        &keys,
-        &[
-            ("PG_PASSWORD_SYNC_TERMINATE_BLOCKERS_AFTER", "1s"),
-            ("PG_PASSWORD_SYNC_LOCK_WAIT_TIMEOUT", "5s"),
-        ],
-    );
+    prepare_holding_sync_lock(&cluster, "appuser", &own, "held-lock");
+    let out = sync_bounded(&cluster, &keys, "1s", "5s");
     let out = out.expect_ok();
     out.expect_stderr(
         "prepared transaction \"held-lock\" (role \"appuser\", database \"postgres\"",
     );
     assert_eq!(prepared_gids(&cluster), "");
-    for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&secrets) {
-        cluster.assert_login(role, secret);
-    }
+    assert_new_passwords_log_in(&cluster, &secrets);
     assert_no_password_statement(&cluster.log_text());
     assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
 }
@@ -1255,24 +1183,10 @@ fn a_prepared_transaction_of_a_login_holding_the_sync_lock_is_rolled_back() {
 #[test]
 fn a_superuser_prepared_transaction_is_named_and_never_rolled_back() {
     let (cluster, keys, secrets) = started_with_prepared_transactions();
-    let boss = known_password(&cluster, "boss");
-    cluster.psql("ALTER ROLE boss SUPERUSER");
-    psql_login(
-        &cluster,
-        "boss",
-        &boss,
-        "postgres",
-        &format!("BEGIN; SELECT pg_advisory_xact_lock({SYNC_LOCK}); PREPARE TRANSACTION 'admin';"),
-    );
+    let boss = known_superuser(&cluster, "boss");
+    prepare_holding_sync_lock(&cluster, "boss", &boss, "admin");
     let before = stored_verifiers(&cluster);
-    let out = sync_with_env(
-        &cluster,
-        &keys,
-        &[
-            ("PG_PASSWORD_SYNC_TERMINATE_BLOCKERS_AFTER", "1s"),
-            ("PG_PASSWORD_SYNC_LOCK_WAIT_TIMEOUT", "3s"),
-        ],
-    );
+    let out = sync_bounded(&cluster, &keys, "1s", "3s");
     let out = out.expect_code(5);
     out.expect_stderr(
         "prepared transaction \"admin\" (role \"boss\", superuser, database \"postgres\"",
@@ -1322,14 +1236,7 @@ fn a_replication_login_holding_the_sync_lock_from_a_walsender_is_ended() {
     );
     let pid = cluster.psql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'walsender'");
 
-    let out = sync_with_env(
-        &cluster,
-        &keys,
-        &[
-            ("PG_PASSWORD_SYNC_TERMINATE_BLOCKERS_AFTER", "1s"),
-            ("PG_PASSWORD_SYNC_LOCK_WAIT_TIMEOUT", "5s"),
-        ],
-    );
+    let out = sync_bounded(&cluster, &keys, "1s", "5s");
     drop(walsender.stdin.take());
     let _ = walsender.kill();
     let _ = walsender.wait();
@@ -1337,9 +1244,7 @@ fn a_replication_login_holding_the_sync_lock_from_a_walsender_is_ended() {
     out.expect_stderr(&format!(
         "ended blocking non-superuser sessions: pid {pid} (role \"appuser\""
     ));
-    for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&secrets) {
-        cluster.assert_login(role, secret);
-    }
+    assert_new_passwords_log_in(&cluster, &secrets);
     assert_no_password_statement(&cluster.log_text());
     assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
 }
@@ -1347,9 +1252,7 @@ fn a_replication_login_holding_the_sync_lock_from_a_walsender_is_ended() {
 #[test]
 fn a_superuser_locking_pg_authid_while_the_sync_waits_cannot_stall_it_past_its_bound() {
     let (cluster, keys, secrets) = started();
-    let boss = known_password(&cluster, "boss");
-    cluster.psql("ALTER ROLE boss SUPERUSER");
-    cluster.clear_log();
+    let boss = known_superuser(&cluster, "boss");
     let admin = Session::connect(cluster.port, "boss", &boss);
     admin.exec("BEGIN").unwrap();
     admin

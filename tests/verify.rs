@@ -28,17 +28,10 @@ fn cluster_with(listen: &str, hba: &str) -> (Cluster, Keys, Vec<String>) {
         hba: Some(hba.into()),
     });
     let keys = Keys::new();
-    let mut secrets = Vec::new();
-    let mut roles = Vec::new();
-    for (role, file) in DEFAULT_ROLES {
-        let secret = unique("verify pw'\"\\ ü");
-        keys.write(file, &secret);
-        secrets.push(secret);
-        roles.push(role);
-    }
-    let pairs: Vec<(&str, &str)> = roles
+    let secrets = keys.write_new(&DEFAULT_ROLES, "verify pw'\"\\ ü");
+    let pairs: Vec<(&str, &str)> = DEFAULT_ROLES
         .iter()
-        .copied()
+        .map(|(role, _)| *role)
         .zip(secrets.iter().map(String::as_str))
         .collect();
     cluster.create_roles(&pairs);
@@ -68,9 +61,7 @@ fn a_trusted_address_is_not_verifiable_even_with_wrong_passwords() {
     out.expect_stderr("--host");
 
     // Every file wrong: the old verify said "ok" four times here.
-    for (_, file) in DEFAULT_ROLES {
-        keys.write(file, &unique("wrong"));
-    }
+    keys.write_new(&DEFAULT_ROLES, "wrong");
     let wrong = verify(&cluster, &keys, &["--host", "127.0.0.1"]);
     let wrong = wrong.expect_code(7);
     assert_eq!(
@@ -148,11 +139,19 @@ fn non_loopback_ipv4() -> Vec<String> {
         .unwrap_or_default()
 }
 
-#[test]
-fn without_host_it_finds_its_own_checked_address_when_loopback_is_trusted() {
+/// `non_loopback_ipv4`, or `None` with the test skipped when there is none.
+fn discoverable_ipv4() -> Option<Vec<String>> {
     let own = non_loopback_ipv4();
     if own.is_empty() {
         skip("no non-loopback IPv4 address on this machine to discover");
+        return None;
+    }
+    Some(own)
+}
+
+#[test]
+fn without_host_it_finds_its_own_checked_address_when_loopback_is_trusted() {
+    if discoverable_ipv4().is_none() {
         return;
     }
     let (cluster, keys, secrets) = official_cluster("*");
@@ -320,11 +319,9 @@ impl PasswordHarvester {
 
 #[test]
 fn a_local_user_listening_on_the_discovered_address_gets_no_password() {
-    let own = non_loopback_ipv4();
-    if own.is_empty() {
-        skip("no non-loopback IPv4 address on this machine to discover");
+    let Some(own) = discoverable_ipv4() else {
         return;
-    }
+    };
     // The server listens on loopback only (trusted there), so verify looks further, and
     // the port on the machine's own address is free for anyone to take.
     let (cluster, keys, secrets) = official_cluster("127.0.0.1");
@@ -359,11 +356,9 @@ fn a_server_asking_for_the_password_in_clear_text_is_not_sent_it() {
 
 #[test]
 fn a_stand_in_that_refuses_each_decoy_and_lets_each_real_login_in_is_not_ok() {
-    let own = non_loopback_ipv4();
-    if own.is_empty() {
-        skip("no non-loopback IPv4 address on this machine to discover");
+    let Some(own) = discoverable_ipv4() else {
         return;
-    }
+    };
     let (cluster, keys, secrets) = official_cluster("127.0.0.1");
     let stand_in = PasswordHarvester::stand_in(&own[0], cluster.port, StandIn::Fickle);
     let out = verify(&cluster, &keys, &[]);

@@ -84,6 +84,22 @@ impl Watcher {
         self.running.stderr_so_far()
     }
 
+    /// Waits (`what`) for a line with `needle` and asserts that it is a WARN naming the
+    /// application user's file; returns stderr so far.
+    fn assert_app_file_warned(&self, what: &str, needle: &str) -> String {
+        self.wait_stderr(what, needle);
+        let stderr = self.stderr();
+        let refusal = stderr
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_default();
+        assert!(
+            refusal.contains(" WARN ") && refusal.contains("postgres_app_user_pw.txt"),
+            "the warning names the file: {refusal}\n{stderr}"
+        );
+        stderr
+    }
+
     fn wait_stderr(&self, what: &str, needle: &str) {
         wait_until(LIMIT, what, || self.stderr().contains(needle));
     }
@@ -144,14 +160,7 @@ fn update(volume: &mut SecretVolume, secrets: &[String]) {
 /// Creates the three app roles with throwaway passwords (plaintext through psql: setup),
 /// then empties the server log so the leak checks see only what the watcher caused.
 fn create_app_roles(cluster: &Cluster) {
-    let olds: Vec<String> = APP_ROLES.iter().map(|_| unique("setup")).collect();
-    let roles: Vec<(&str, &str)> = APP_ROLES
-        .iter()
-        .zip(&olds)
-        .map(|((role, _), pw)| (*role, pw.as_str()))
-        .collect();
-    cluster.create_roles(&roles);
-    cluster.clear_log();
+    cluster.create_throwaway_roles(APP_ROLES.map(|(role, _)| role));
 }
 
 /// Writes a secret file the way a generator does: a temp file elsewhere, renamed in.
@@ -213,6 +222,14 @@ fn change_behind_its_back(cluster: &Cluster, role: &str) -> String {
 
 fn refs(all: &[Vec<String>]) -> Vec<&str> {
     all.iter().flatten().map(String::as_str).collect()
+}
+
+/// No secret of `groups` nor any of `more` leaked (see `assert_no_leak`) through the
+/// watcher's `run` or the server log.
+fn assert_none_leaked(cluster: &Cluster, groups: &[Vec<String>], more: &[&str], run: &Run) {
+    let mut all = refs(groups);
+    all.extend(more);
+    assert_no_leak(&all, Some(cluster), &[run]);
 }
 
 /// Every line the watcher logged at WARN or ERROR. The (deliberately absent) Docker secrets
@@ -433,16 +450,7 @@ fn an_empty_file_is_refused_and_the_next_valid_one_applied() {
     } = synced("empty0", &[]);
 
     keys.write_raw("postgres_app_user_pw.txt", b"");
-    watcher.wait_stderr("the empty file to be reported", "is empty");
-    let stderr = watcher.stderr();
-    let refusal = stderr
-        .lines()
-        .find(|l| l.contains("is empty"))
-        .unwrap_or_default();
-    assert!(
-        refusal.contains("WARN") && refusal.contains("postgres_app_user_pw.txt"),
-        "the warning names the file:\n{stderr}"
-    );
+    watcher.assert_app_file_warned("the empty file to be reported", "is empty");
     watcher.assert_alive();
     cluster.assert_login("appuser", &first[1]);
     for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&first) {
@@ -760,10 +768,12 @@ fn a_file_rewritten_in_place_in_two_chunks_is_never_applied_half() {
     );
     watcher.assert_alive();
     let run = watcher.stop(&cluster);
-    let groups = [secrets];
-    let mut all = refs(&groups);
-    all.extend([first_half.as_str(), whole.as_str()]);
-    assert_no_leak(&all, Some(&cluster), &[&run]);
+    assert_none_leaked(
+        &cluster,
+        &[secrets],
+        &[first_half.as_str(), whole.as_str()],
+        &run,
+    );
 }
 
 #[test]
@@ -799,10 +809,7 @@ fn a_slow_writer_past_the_old_maximum_wait_is_applied_only_when_it_closes() {
     let stderr = watcher.stderr();
     assert_eq!(rotations(&stderr) - before, 1, "{stderr}");
     let run = watcher.stop(&cluster);
-    let groups = [secrets, chunks];
-    let mut all = refs(&groups);
-    all.push(&whole);
-    assert_no_leak(&all, Some(&cluster), &[&run]);
+    assert_none_leaked(&cluster, &[secrets, chunks], &[whole.as_str()], &run);
 }
 
 #[test]
@@ -830,16 +837,7 @@ fn a_writer_killed_after_one_byte_is_refused_by_the_minimum_length() {
         "the writer was killed"
     );
     assert_eq!(std::fs::read(&path).unwrap(), b"F");
-    watcher.wait_stderr("the one-byte file to be refused", "minimum of 12");
-    let stderr = watcher.stderr();
-    let refusal = stderr
-        .lines()
-        .find(|l| l.contains("minimum of 12"))
-        .unwrap();
-    assert!(
-        refusal.contains("postgres_app_user_pw.txt") && refusal.contains(" WARN "),
-        "the refusal names the file: {refusal}"
-    );
+    let stderr = watcher.assert_app_file_warned("the one-byte file to be refused", "minimum of 12");
     cluster.assert_login("appuser", &secrets[1]);
     cluster.assert_no_login("appuser", "F");
     assert_eq!(rotations(&stderr), before, "{stderr}");
@@ -849,10 +847,7 @@ fn a_writer_killed_after_one_byte_is_refused_by_the_minimum_length() {
     write_file(keys.path(), "postgres_app_user_pw.txt", &fixed);
     wait_login(&cluster, "appuser", &fixed);
     let run = watcher.stop(&cluster);
-    let groups = [secrets];
-    let mut all = refs(&groups);
-    all.push(&fixed);
-    assert_no_leak(&all, Some(&cluster), &[&run]);
+    assert_none_leaked(&cluster, &[secrets], &[fixed.as_str()], &run);
 }
 
 #[test]
@@ -874,10 +869,12 @@ fn a_plain_rename_is_applied_without_waiting_for_the_debounce() {
     wait_login(&cluster, "backupuser", &second);
     let run = watcher.stop(&cluster);
     assert!(problems(&run.stderr).is_empty(), "{}", run.stderr);
-    let groups = [secrets];
-    let mut all = refs(&groups);
-    all.extend([first.as_str(), second.as_str()]);
-    assert_no_leak(&all, Some(&cluster), &[&run]);
+    assert_none_leaked(
+        &cluster,
+        &[secrets],
+        &[first.as_str(), second.as_str()],
+        &run,
+    );
 }
 
 /// The resyncs of every role a watcher's debug log shows for SIGHUP.
@@ -930,8 +927,5 @@ fn a_storm_of_a_thousand_sighups_costs_a_handful_of_resyncs() {
     watcher.signal(Signal::SIGHUP);
     wait_login(&cluster, "appuser", &secrets[1]);
     let run = watcher.stop(&cluster);
-    let groups = [secrets];
-    let mut all = refs(&groups);
-    all.push(&intruder);
-    assert_no_leak(&all, Some(&cluster), &[&run]);
+    assert_none_leaked(&cluster, &[secrets], &[intruder.as_str()], &run);
 }

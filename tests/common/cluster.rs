@@ -202,13 +202,19 @@ impl Cluster {
     /// `pg_ctl stop -m fast`.
     pub fn stop(&mut self) {
         if self.running {
-            let _ = as_server_user(pg_bin("pg_ctl"))
-                .arg("-D")
-                .arg(&self.data)
-                .args(["-m", "fast", "-w", "stop"])
-                .output();
+            self.pg_ctl_stop("fast");
             self.running = false;
         }
+    }
+
+    /// `pg_ctl stop -m MODE`, waiting; its outcome is seen by whoever needs the server
+    /// gone (a stop of a server that already exited fails, and that is fine).
+    fn pg_ctl_stop(&self, mode: &str) {
+        let _ = as_server_user(pg_bin("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", mode, "-w", "stop"])
+            .output();
     }
 
     /// Marks a cluster as started by someone else (e.g. `run`), so Drop stops it.
@@ -218,7 +224,12 @@ impl Cluster {
 
     /// Runs SQL as the superuser over the socket (peer) with psql; panics on failure.
     pub fn psql(&self, sql: &str) -> String {
-        let out = self.psql_output(sql);
+        self.psql_in("postgres", sql)
+    }
+
+    /// `psql` in database `db`.
+    pub fn psql_in(&self, db: &str, sql: &str) -> String {
+        let out = self.psql_output_in(db, sql);
         // The SQL is not shown: test setup passes passwords through here.
         assert!(
             out.status.success(),
@@ -229,9 +240,14 @@ impl Cluster {
     }
 
     pub fn psql_output(&self, sql: &str) -> std::process::Output {
+        self.psql_output_in("postgres", sql)
+    }
+
+    /// `psql_output` in database `db` (psql takes the last `-d`).
+    pub fn psql_output_in(&self, db: &str, sql: &str) -> std::process::Output {
         // The SQL goes through stdin, not argv: tests pass role setup through here.
         let mut child = psql_superuser(&self.sock, self.port)
-            .args(["-A", "-t", "-v", "ON_ERROR_STOP=1"])
+            .args(["-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", db])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -262,6 +278,18 @@ impl Cluster {
             );
         }
         self.psql(&sql);
+    }
+
+    /// Creates LOGIN `roles` on throwaway passwords (plaintext through psql: setup), then
+    /// empties the server log so the leak checks see only what the binary caused.
+    pub fn create_throwaway_roles<'a>(&self, roles: impl IntoIterator<Item = &'a str>) {
+        let roles: Vec<(&str, String)> = roles
+            .into_iter()
+            .map(|role| (role, super::unique("throwaway")))
+            .collect();
+        let pairs: Vec<(&str, &str)> = roles.iter().map(|(r, p)| (*r, p.as_str())).collect();
+        self.create_roles(&pairs);
+        self.clear_log();
     }
 
     /// The stored verifier of a role (None for NULL; panics when the role is absent).
@@ -336,11 +364,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         if self.running {
-            let _ = as_server_user(pg_bin("pg_ctl"))
-                .arg("-D")
-                .arg(&self.data)
-                .args(["-m", "immediate", "-w", "stop"])
-                .output();
+            self.pg_ctl_stop("immediate");
         }
     }
 }
@@ -365,22 +389,34 @@ pub fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-/// Logs in over TCP to 127.0.0.1:`port`.
-pub fn login_tcp(port: u16, role: &str, password: &str) -> Result<(), String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+/// Runs `future` to completion on a current-thread runtime of its own: the tests are
+/// synchronous, the PostgreSQL client is not.
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap();
-    runtime.block_on(async {
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host("127.0.0.1")
-            .port(port)
-            .user(role)
-            .password(password)
-            .dbname("postgres")
-            .connect_timeout(Duration::from_secs(10));
-        let (client, connection) = config
+        .unwrap()
+        .block_on(future)
+}
+
+/// The client settings of a password login as `role` over TCP to 127.0.0.1:`port`,
+/// database `postgres`, with a bounded connect.
+pub fn tcp_login_config(port: u16, role: &str, password: &str) -> tokio_postgres::Config {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(port)
+        .user(role)
+        .password(password)
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(10));
+    config
+}
+
+/// Logs in over TCP to 127.0.0.1:`port`.
+pub fn login_tcp(port: u16, role: &str, password: &str) -> Result<(), String> {
+    block_on(async {
+        let (client, connection) = tcp_login_config(port, role, password)
             .connect(tokio_postgres::NoTls)
             .await
             .map_err(|e| e.to_string())?;

@@ -43,6 +43,19 @@ impl Keys {
         self.write_raw(&format!("{name}.txt"), format!("{value}\n").as_bytes());
     }
 
+    /// Writes a new secret (`prefix` made unique) to the file of each of `roles`; returns
+    /// the secrets in `roles` order.
+    pub fn write_new(&self, roles: &[(&str, &str)], prefix: &str) -> Vec<String> {
+        roles
+            .iter()
+            .map(|(_, file)| {
+                let secret = super::unique(prefix);
+                self.write(file, &secret);
+                secret
+            })
+            .collect()
+    }
+
     /// Writes `file` (0600) with exactly `bytes`, atomically.
     pub fn write_raw(&self, file: &str, bytes: &[u8]) {
         let tmp = self.path().join(format!(".{file}.tmp"));

@@ -220,6 +220,19 @@ impl Run {
     }
 }
 
+/// Runs a setup command (pg_basebackup, pg_ctl, psql) to completion and asserts that it
+/// succeeded, showing `what` and its stderr otherwise.
+#[track_caller]
+pub fn output_ok(cmd: &mut Command, what: &str) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Runs a command to completion (see `Running::finish`), with a generous liveness bound.
 pub fn run(cmd: Command) -> Run {
     Running::spawn(cmd).finish(Duration::from_secs(120))
