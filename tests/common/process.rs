@@ -65,7 +65,11 @@ impl Mode {
         };
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            // A generous liveness bound instead of the 5 s default: on a loaded 2-core CI
+            // machine a login (fork, SCRAM on both sides) can take seconds, and a test is
+            // not about that. Tests of the timeout itself pass --connect-timeout.
+            .env("PG_CONNECT_TIMEOUT", "20s");
         cmd
     }
 
