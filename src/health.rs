@@ -6,7 +6,11 @@
 //! `run`/`watch` (is its writer alive, was the server ready, did the last sync succeed,
 //! which file versions did it read), `postmaster.pid` (is the postmaster alive and
 //! `ready`), and a fresh `stat` of each recorded secret file, which catches a rotation that
-//! has not been synced. On a standby (`standby.signal` in the data directory) it says so.
+//! has not been synced. On a standby it says so and stays healthy (exit 0: the server
+//! serves reads and its passwords arrive by replication). It tells a standby by the data
+//! directory when it can read it (`standby.signal`, or the status line), else (a `watch`
+//! sidecar) by what the last sync that asked the server found (`pg_is_in_recovery()`,
+//! recorded in the state file).
 //! Process checks use pids as seen in the writer's pid namespace, so
 //! the probe must run in the container (as `docker exec` and `HEALTHCHECK` do).
 //!
@@ -58,10 +62,12 @@ fn evaluate(args: &HealthSettings) -> Result<String, String> {
         return Err("PostgreSQL is not ready yet".into());
     }
     let pgdata = &args.config.pgdata;
-    let mut standby = false;
+    // The data directory, when readable, is the fresher word on recovery.
+    let mut standby = state.standby;
     match (postmaster::read(pgdata), state.postmaster_pid) {
         // A `watch` sidecar usually cannot see the server's data directory: the successful
-        // connection of its last sync is then the evidence that the server is up.
+        // connection of its last sync is then the evidence that the server is up, and
+        // whether that sync found a standby.
         (None, None) => {}
         (None, Some(_)) => {
             return Err(format!(

@@ -130,6 +130,11 @@ pub struct State {
     pub ready: bool,
     /// The pid of the final postmaster, when the writer knows it.
     pub postmaster_pid: Option<i32>,
+    /// The last sync that asked the server found it in recovery (a standby), so `health`
+    /// can say so without the data directory (a sidecar). Absent in files written before
+    /// it was recorded: read as `false`, as `health` said then.
+    #[serde(default)]
+    pub standby: bool,
     pub last_sync: Option<LastSync>,
 }
 
@@ -205,7 +210,9 @@ impl StateFile {
         self.update(|state| {
             state.ready = ready;
             if !ready {
+                // The next server is not known to be a standby until a sync asks it.
                 state.postmaster_pid = None;
+                state.standby = false;
             }
         });
     }
@@ -218,15 +225,32 @@ impl StateFile {
         });
     }
 
-    /// Records the outcome of a sync that read the files as they were in `snapshot`.
-    pub fn record_sync_of(&self, snapshot: Snapshot, ok: bool) {
+    /// Records the outcome of a sync that read the files as they were in `snapshot`, and
+    /// whether the server was a standby when the sync asked it (`None`: it did not ask, as
+    /// when nothing changed or the sync failed; the last answer stands).
+    pub fn record_sync_of(&self, snapshot: Snapshot, ok: bool, standby: Option<bool>) {
         self.update(|state| {
+            if let Some(standby) = standby {
+                state.standby = standby;
+            }
             state.last_sync = Some(LastSync {
                 ok,
                 at_ms: now_ms(),
                 files: snapshot.0,
             });
         });
+    }
+
+    /// Records whether the server is a standby, for a sync that did not read the files
+    /// (a resync re-applying the last applied set); written only when it changed.
+    pub fn record_standby(&self, standby: bool) {
+        let changed = match self.state.lock() {
+            Ok(state) => state.standby != standby,
+            Err(poisoned) => poisoned.into_inner().standby != standby,
+        };
+        if changed {
+            self.update(|state| state.standby = standby);
+        }
     }
 
     fn update(&self, change: impl FnOnce(&mut State)) {
@@ -547,12 +571,34 @@ mod tests {
         assert!(read.ready);
         assert_eq!(read.postmaster_pid, Some(42));
         assert_eq!(read.pid, std::process::id());
-        state.record_sync_of(Snapshot::default(), true);
+        state.record_sync_of(Snapshot::default(), true, None);
         assert!(load(dir.path()).unwrap().1.last_sync.unwrap().ok);
         let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temp file left behind");
         let mode = fs::metadata(&state.path).unwrap().mode();
         assert_eq!(mode & 0o777, 0o644);
+    }
+
+    #[test]
+    fn the_standby_flag_follows_the_syncs_that_asked() {
+        let dir = own_dir();
+        let state = StateFile::new(dir.path());
+        state.record_sync_of(Snapshot::default(), true, Some(true));
+        assert!(load(dir.path()).unwrap().1.standby);
+        // A sync that did not ask the server leaves the last answer.
+        state.record_sync_of(Snapshot::default(), true, None);
+        assert!(load(dir.path()).unwrap().1.standby);
+        state.record_standby(false);
+        assert!(!load(dir.path()).unwrap().1.standby);
+        state.record_sync_of(Snapshot::default(), true, Some(true));
+        state.record_ready(false);
+        assert!(!load(dir.path()).unwrap().1.standby);
+        // A file written before the flag existed reads as not a standby.
+        let old: State = serde_json::from_str(
+            r#"{"pid":1,"ready":true,"postmaster_pid":null,"last_sync":null}"#,
+        )
+        .unwrap();
+        assert!(!old.standby && old.ready);
     }
 
     #[test]
@@ -576,7 +622,7 @@ mod tests {
     fn a_failed_write_removes_the_stale_state_and_leaves_the_marker() {
         let dir = own_dir();
         let state = StateFile::new(dir.path());
-        state.record_sync_of(Snapshot::default(), true);
+        state.record_sync_of(Snapshot::default(), true, None);
         assert!(load(dir.path()).is_ok());
         // A directory where the temp file goes cannot be removed by unlinkat: every
         // write fails from now on, as on a full file system.
@@ -584,13 +630,13 @@ mod tests {
             .path()
             .join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
         fs::create_dir(&tmp).unwrap();
-        state.record_sync_of(Snapshot::default(), false);
+        state.record_sync_of(Snapshot::default(), false, None);
         let why = load(dir.path()).unwrap_err();
         assert!(why.contains("could not be written"), "{why}");
         assert!(!state.path.exists());
         // Writable again: the marker goes, the state is back.
         fs::remove_dir(&tmp).unwrap();
-        state.record_sync_of(Snapshot::default(), true);
+        state.record_sync_of(Snapshot::default(), true, None);
         assert!(load(dir.path()).unwrap().1.last_sync.unwrap().ok);
         assert!(!dir.path().join(UNWRITABLE_NAME).exists());
     }

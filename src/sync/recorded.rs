@@ -29,7 +29,11 @@ pub async fn sync_and_record(
         syncer.apply(&secrets, scope).await.map(Some)
     }
     .await;
-    state.record_sync_of(snapshot, result.is_ok());
+    let standby = result
+        .as_ref()
+        .ok()
+        .and_then(|report| report.as_ref().map(|r| r.standby));
+    state.record_sync_of(snapshot, result.is_ok(), standby);
     result
 }
 

@@ -723,10 +723,13 @@ impl Loop<'_> {
         );
         let applying = Instant::now();
         let result = self.syncer.apply(&set, Scope::CheckAll).await;
-        if result.is_err() {
-            // The files were not read: only a failure is worth recording for `health`.
-            self.state
-                .record_sync_of(Snapshot::take(&self.syncer.config), false);
+        match &result {
+            // The files were not read: only a failure is worth recording for `health`,
+            // and what the server said about recovery (a promotion).
+            Ok(report) => self.state.record_standby(report.standby),
+            Err(_) => self
+                .state
+                .record_sync_of(Snapshot::take(&self.syncer.config), false, None),
         }
         self.outcome(
             result.map(Some),
