@@ -983,45 +983,7 @@ fn without_inotify_run_resyncs_on_sighup_and_on_the_interval() {
     assert_no_leak(&secrets, None, &[&first, &second]);
 }
 
-/// A hot standby of a harness primary: a base backup (`pg_basebackup -R`) in a directory
-/// of the server's OS user, its socket directory and a free port; not started.
-struct Standby {
-    /// Removed (with the data) when the test ends.
-    _root: tempfile::TempDir,
-    data: PathBuf,
-    sock: PathBuf,
-    port: u16,
-}
-
 impl Standby {
-    fn of(primary: &Cluster, prefix: &str) -> Standby {
-        let root = server_dir(prefix);
-        let data = root.path().join("data");
-        let sock = root.path().join("sock");
-        output_ok(
-            as_server_user(pg_bin("pg_basebackup"))
-                .arg("-D")
-                .arg(&data)
-                .args(["-R", "-X", "stream", "-U", "postgres", "-h"])
-                .arg(&primary.sock)
-                .args(["-p", &primary.port.to_string()]),
-            "pg_basebackup",
-        );
-        assert!(
-            as_server_user("mkdir")
-                .arg(&sock)
-                .status()
-                .unwrap()
-                .success()
-        );
-        Standby {
-            _root: root,
-            data,
-            sock,
-            port: free_port(),
-        }
-    }
-
     /// `run` (as a subreaper) with `keys`, `state` and the run `options`, supervising the
     /// standby's postgres listening on TCP at `listen` (empty: the socket only).
     fn run_cmd(&self, keys: &Keys, state: &Path, options: &[&str], listen: &str) -> Command {
@@ -1293,13 +1255,7 @@ fn rotation_on_a_standby_then_promotion(watching: bool) {
     login_tcp(port, "appuser", &olds[0]).expect("the primary's password works on the standby");
     let before_promotion = sup.stderr_so_far().len();
 
-    output_ok(
-        as_server_user(pg_bin("pg_ctl"))
-            .arg("-D")
-            .arg(data)
-            .args(["-w", "-t", "60", "promote"]),
-        "pg_ctl promote",
-    );
+    standby.promote();
     wait_until(
         Duration::from_secs(10),
         "the rotation to be in force after the promotion",

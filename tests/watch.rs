@@ -697,6 +697,65 @@ fn a_sidecar_without_the_data_directory_reports_health_from_its_syncs() {
     assert_no_leak(&refs(&[first]), Some(&cluster), &[&run, &out]);
 }
 
+/// Failover seen from a sidecar without the data directory: on a hot standby
+/// (`pg_basebackup`) `health` says standby (healthy) from the watcher's syncs alone; after
+/// `pg_ctl promote` the promotion's sync applies the files and `health` no longer does.
+#[test]
+fn a_sidecar_on_a_standby_reports_it_until_the_promotion() {
+    let primary = Cluster::start_default();
+    create_app_roles(&primary);
+    let mut standby = Standby::of(&primary, "pps-sidecar-standby-");
+    standby.start();
+    let keys = Keys::new();
+    let secrets = fresh("sidestandby");
+    write_all(keys.path(), &secrets);
+    let conn = vec![
+        "--pghost".into(),
+        standby.sock.display().to_string(),
+        "--pgport".into(),
+        standby.port.to_string(),
+        "--pgdata".into(),
+        "/nonexistent-pgdata".into(),
+    ];
+    let mut watcher = Watcher::start_with_conn(conn, keys.path(), &[]);
+    watcher.wait_stderr(
+        "the sync to be skipped",
+        "standby (in recovery): sync skipped",
+    );
+    let health = || {
+        let mut cmd = bin();
+        cmd.args(["health", "--pgdata", "/nonexistent-pgdata", "--keys-dir"])
+            .arg(keys.path())
+            .arg("--state-dir")
+            .arg(watcher._state.path());
+        run(cmd)
+    };
+    let on_standby = health().expect_ok();
+    on_standby.expect_stdout("PostgreSQL is a standby (in recovery)");
+    login_tcp(standby.port, "appuser", &secrets[1])
+        .expect_err("a standby keeps the primary's passwords");
+
+    standby.promote();
+    for ((role, _), secret) in DEFAULT_ROLES.iter().zip(&secrets) {
+        wait_until(
+            LIMIT,
+            &format!("{role} to log in after the promotion"),
+            || login_tcp(standby.port, role, secret).is_ok(),
+        );
+    }
+    // The state is written just after the commit those logins saw.
+    wait_until(LIMIT, "health to stop saying standby", || {
+        let h = health();
+        h.code() == Some(0) && !h.stdout.contains("standby")
+    });
+    let promoted = health().expect_ok();
+
+    watcher.assert_alive();
+    watcher.signal(Signal::SIGTERM);
+    let out = watcher.running.finish(LIMIT).expect_ok();
+    assert_no_leak(&refs(&[secrets]), None, &[&out, &on_standby, &promoted]);
+}
+
 // ------------------------------------------------ when a file's value is taken, and storms
 
 /// Opens `path` for an in-place rewrite: same inode, truncated, one descriptor.

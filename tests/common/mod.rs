@@ -5,6 +5,7 @@
 //!   the background (`Running`), `both_modes!` for tests of `run` as PID 1 and as a
 //!   subreaper, `descendants`, `wait_until`.
 //! - `cluster`: throwaway PostgreSQL clusters from `PG_BINDIR` (`Cluster`), psql, logins.
+//! - `standby`: hot standbys of a harness primary (`pg_basebackup`), and their promotion.
 //! - `keys`: secret-file directories (`Keys`) and the four default roles.
 //! - `leaks`: the checks that no secret reached a log, an output or any process's
 //!   argv/environment.
@@ -18,6 +19,7 @@ pub mod k8s;
 pub mod keys;
 pub mod leaks;
 pub mod process;
+pub mod standby;
 pub mod terminal;
 pub mod users;
 
@@ -25,6 +27,7 @@ pub use cluster::*;
 pub use keys::*;
 pub use leaks::*;
 pub use process::*;
+pub use standby::*;
 pub use users::*;
 
 /// The last `lines` lines of `text`.
