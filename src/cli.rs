@@ -72,22 +72,31 @@ pub enum Command {
     Rotate(RotateArgs),
 }
 
-/// The roles whose passwords come from the secret files: the named defaults or an explicit
-/// map. One definition for the syncing commands and `rotate`, so their flags, variables and
-/// defaults cannot drift apart.
+/// The three named application roles, by the variables the replaced scripts read. One
+/// definition for the syncing commands, `rotate` and `generate --overlap` (which names the
+/// sections of pg_service.conf after them), so flags, variables and defaults cannot drift.
 #[derive(Debug, Clone, Args)]
-pub struct RoleMapArgs {
-    /// Application role, synced from `postgres_app_user_pw`.
+pub struct NamedRoleArgs {
+    /// Application role, whose password is `postgres_app_user_pw` (in overlap mode also its
+    /// section in pg_service.conf).
     #[arg(long, env = "APP_DB_USER", default_value = "appuser")]
     pub app_db_user: String,
 
-    /// Read-only role, synced from `postgres_app_ro_pw`.
+    /// Read-only role, whose password is `postgres_app_ro_pw`.
     #[arg(long, env = "APP_DB_RO_USER", default_value = "backupuser")]
     pub app_db_ro_user: String,
 
-    /// Temporal role, synced from `postgres_temporal_pw`; skipped when unset.
+    /// Temporal role, whose password is `postgres_temporal_pw`; skipped when unset.
     #[arg(long, env = "TEMPORAL_DB_USER")]
     pub temporal_db_user: Option<String>,
+}
+
+/// The roles whose passwords come from the secret files: the named defaults or an explicit
+/// map. One definition for the syncing commands and `rotate`.
+#[derive(Debug, Clone, Args)]
+pub struct RoleMapArgs {
+    #[command(flatten)]
+    pub named: NamedRoleArgs,
 
     /// Explicit role map NAME=FILE (repeatable); replaces the default four roles. FILE is a
     /// secret name looked up like the defaults, or a path when it contains a `/`. In the
@@ -417,19 +426,9 @@ pub struct GenerateArgs {
     #[arg(long, env = "PG_PASSWORD_SYNC_TWIN_SUFFIX", default_value = crate::overlap::DEFAULT_TWIN_SUFFIX)]
     pub twin_suffix: String,
 
-    /// In overlap mode: the role whose password is `postgres_app_user_pw`, its section
-    /// name in pg_service.conf (the variable `run` reads too).
-    #[arg(long, env = "APP_DB_USER", default_value = "appuser")]
-    pub app_db_user: String,
-
-    /// In overlap mode: the role whose password is `postgres_app_ro_pw`.
-    #[arg(long, env = "APP_DB_RO_USER", default_value = "backupuser")]
-    pub app_db_ro_user: String,
-
-    /// In overlap mode: the role whose password is `postgres_temporal_pw`; not overlapped
-    /// when unset (as `run` skips it).
-    #[arg(long, env = "TEMPORAL_DB_USER")]
-    pub temporal_db_user: Option<String>,
+    /// In overlap mode: the roles that get twins, and the sections of pg_service.conf.
+    #[command(flatten)]
+    pub named: NamedRoleArgs,
 }
 
 /// Options of `rotate`. The role map and server are read from the same variables as the
@@ -591,9 +590,9 @@ impl From<ConfigArgs> for ConfigSettings {
             secrets_source_dir: args.secrets_source_dir,
             postgres_user: args.postgres_user,
             postgres_password_file: args.postgres_password_file,
-            app_db_user: args.role_map.app_db_user,
-            app_db_ro_user: args.role_map.app_db_ro_user,
-            temporal_db_user: args.role_map.temporal_db_user,
+            app_db_user: args.role_map.named.app_db_user,
+            app_db_ro_user: args.role_map.named.app_db_ro_user,
+            temporal_db_user: args.role_map.named.temporal_db_user,
             roles: args.role_map.roles,
             pghost: args.pghost,
             pgport: args.pgport,
@@ -704,9 +703,9 @@ impl From<GenerateArgs> for GenerateSettings {
             output: args.output,
             overlap: args.overlap,
             twin_suffix: args.twin_suffix,
-            app_db_user: args.app_db_user,
-            app_db_ro_user: args.app_db_ro_user,
-            temporal_db_user: args.temporal_db_user,
+            app_db_user: args.named.app_db_user,
+            app_db_ro_user: args.named.app_db_ro_user,
+            temporal_db_user: args.named.temporal_db_user,
         }
     }
 }
@@ -721,9 +720,9 @@ impl From<RotateArgs> for RotateSettings {
                 secrets_source_dir: keys,
                 postgres_user: args.postgres_user,
                 postgres_password_file: None,
-                app_db_user: args.role_map.app_db_user,
-                app_db_ro_user: args.role_map.app_db_ro_user,
-                temporal_db_user: args.role_map.temporal_db_user,
+                app_db_user: args.role_map.named.app_db_user,
+                app_db_ro_user: args.role_map.named.app_db_ro_user,
+                temporal_db_user: args.role_map.named.temporal_db_user,
                 roles: args.role_map.roles,
                 pghost: args.host,
                 pgport: args.port,
