@@ -227,9 +227,7 @@ pub fn plan(
 
 /// `keys/name` as text, read through the directory's handle (bounded, zeroized).
 fn read_text(keys: &Dir, name: &str) -> anyhow::Result<Zeroizing<String>> {
-    let bytes = keys
-        .read_file(name, MAX_SERVICE_FILE_BYTES)?
-        .with_context(|| format!("{} is missing", keys.shown(name)))?;
+    let bytes = read_exact(keys, name)?;
     let text = std::str::from_utf8(&bytes)
         .with_context(|| format!("{} is not valid UTF-8", keys.shown(name)))?;
     Ok(Zeroizing::new(text.to_owned()))
