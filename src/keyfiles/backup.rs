@@ -107,20 +107,23 @@ pub fn list(backups: Option<&Dir>) -> anyhow::Result<Vec<Backup>> {
 pub fn present_files(keys: &Dir) -> anyhow::Result<Vec<&'static str>> {
     let mut files = Vec::new();
     for entry in &catalog::ENTRIES {
-        match keys.kind(entry.file)? {
-            Kind::Missing => {}
-            Kind::File => files.push(entry.file),
-            kind => {
-                return Err(anyhow::anyhow!(
-                    "{} {}",
-                    keys.shown(entry.file),
-                    kind.problem()
-                ))
-                .context(Failure::Config);
-            }
+        if present(keys, entry.file)? {
+            files.push(entry.file);
         }
     }
     Ok(files)
+}
+
+/// Whether the file `name` is in `keys`; anything but a regular file there is refused (see
+/// `present_files`).
+pub fn present(keys: &Dir, name: &str) -> anyhow::Result<bool> {
+    match keys.kind(name)? {
+        Kind::Missing => Ok(false),
+        Kind::File => Ok(true),
+        kind => {
+            Err(anyhow::anyhow!("{} {}", keys.shown(name), kind.problem())).context(Failure::Config)
+        }
+    }
 }
 
 /// Copies `files` from `keys` into a new complete, durable backup in `backups` and

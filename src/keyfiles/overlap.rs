@@ -101,19 +101,6 @@ fn candidate_files(suffix: &str) -> Vec<String> {
         .collect()
 }
 
-/// Whether the overlap file `name` is in `keys`. Anything but a regular file there (a
-/// link, say) is refused, as `backup::present_files` refuses it for the catalog's names:
-/// it could be neither copied nor replaced without touching what it points at.
-fn present(keys: &Dir, name: &str) -> anyhow::Result<bool> {
-    match keys.kind(name)? {
-        FileKind::Missing => Ok(false),
-        FileKind::File => Ok(true),
-        kind => {
-            Err(anyhow::anyhow!("{} {}", keys.shown(name), kind.problem())).context(Failure::Config)
-        }
-    }
-}
-
 /// Every file of the set present in `keys`, catalog first: what a complete backup copies
 /// and `--restore` puts back.
 pub fn present_files(keys: &Dir, suffix: &str) -> anyhow::Result<Vec<String>> {
@@ -123,7 +110,7 @@ pub fn present_files(keys: &Dir, suffix: &str) -> anyhow::Result<Vec<String>> {
         .collect();
     for file in candidate_files(suffix) {
         // (An empty suffix would name the catalog's own files: listed once.)
-        if !files.contains(&file) && present(keys, &file)? {
+        if !files.contains(&file) && backup::present(keys, &file)? {
             files.push(file);
         }
     }
@@ -154,7 +141,7 @@ pub fn plan(
     let mut changed_keys: Vec<String> = catalog.iter().map(|(e, ..)| e.key().to_owned()).collect();
     for pair in pairs {
         let file = pair.twin_file();
-        let action = match (present(keys, &file)?, force) {
+        let action = match (backup::present(keys, &file)?, force) {
             (false, _) => Action::Create,
             (true, true) => Action::Replace,
             (true, false) => {
@@ -171,7 +158,7 @@ pub fn plan(
         changed_keys.push(pair.twin_key.clone());
     }
 
-    let (mut service, action) = if present(keys, SERVICE_FILE)? {
+    let (mut service, action) = if backup::present(keys, SERVICE_FILE)? {
         let parsed = read_text(keys, SERVICE_FILE)
             .and_then(|text| service_file::parse(&text))
             .with_context(|| format!("reading {}", keys.shown(SERVICE_FILE)));
@@ -379,7 +366,7 @@ pub fn manifest_values(
 ) -> anyhow::Result<Vec<(String, Zeroizing<Vec<u8>>)>> {
     let mut values = Vec::new();
     for file in candidate_files(suffix) {
-        if present(keys, &file)? {
+        if backup::present(keys, &file)? {
             let key = file.strip_suffix(".txt").unwrap_or(&file).to_owned();
             let value = if file == SERVICE_FILE {
                 let text = read_text(keys, &file)?;
