@@ -38,10 +38,10 @@ use nix::net::if_::InterfaceFlags;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::{Client, NoTls};
+use zeroize::Zeroizing;
 
 use crate::config::{Config, ConfigSettings, Host, SecretRef};
 use crate::error::Failure;
-use crate::keyfiles::random;
 use crate::overlap;
 use crate::secret::{self, Secret};
 use crate::sync::ReportFormat;
@@ -190,9 +190,7 @@ enum Probe {
 
 /// Logs in as `role` with a fresh random password that cannot be the real one.
 async fn probe(config: &Config, role: &str) -> Probe {
-    // A new password as `generate` makes them: never one anyone set, and a `Secret` like
-    // the real ones, so it is redacted everywhere and zeroized on drop.
-    let decoy = match random::password() {
+    let decoy = match decoy_password() {
         Ok(decoy) => decoy,
         Err(err) => return Probe::Failed(err),
     };
@@ -204,6 +202,21 @@ async fn probe(config: &Config, role: &str) -> Probe {
         Err(err) => Probe::Failed(err),
     }
 }
+
+/// 32 random bytes from the kernel, hex-encoded: never a password anyone set. It is a
+/// `Secret` like the real ones, so it is redacted everywhere and zeroized on drop.
+fn decoy_password() -> anyhow::Result<Secret> {
+    let mut bytes = Zeroizing::new([0u8; 32]);
+    getrandom::fill(bytes.as_mut()).map_err(|err| anyhow::anyhow!("getrandom: {err}"))?;
+    let mut text = String::with_capacity(64);
+    for byte in bytes.iter() {
+        text.push(char::from(HEX[usize::from(byte >> 4)]));
+        text.push(char::from(HEX[usize::from(byte & 0x0f)]));
+    }
+    Ok(Secret::new(text))
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// Picks the first candidate where the server checks `role`'s password. When none does,
 /// the first trusting candidate (its roles are then reported not verifiable), else the
@@ -609,9 +622,9 @@ mod tests {
 
     #[test]
     fn decoys_are_long_random_and_redacted() {
-        let (a, b) = (random::password().unwrap(), random::password().unwrap());
-        assert_eq!(a.expose().len(), random::PASSWORD_LEN);
-        assert!(a.expose().bytes().all(|c| c.is_ascii_alphanumeric()));
+        let (a, b) = (decoy_password().unwrap(), decoy_password().unwrap());
+        assert_eq!(a.expose().len(), 64);
+        assert!(a.expose().bytes().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(a.expose(), b.expose());
         assert!(!format!("{a:?} {a}").contains(a.expose()));
     }

@@ -22,7 +22,7 @@ mod envfile;
 mod k8s;
 mod oidc;
 pub mod overlap;
-pub mod random;
+mod random;
 
 use std::io::{IsTerminal, Write};
 use std::os::fd::OwnedFd;
