@@ -135,12 +135,21 @@ const MAX_SERVICE_FILE_BYTES: u64 = 64 * 1024;
 /// Reads and parses the service file at `path`. Errors name the file, never its content.
 pub fn read_service_file(path: &Path) -> anyhow::Result<ServiceFile> {
     let shown = path.display();
-    let meta = std::fs::metadata(path).with_context(|| format!("reading {shown}"))?;
-    if !meta.is_file() {
-        bail!("{shown} is not a regular file");
-    }
-    let file = std::fs::File::open(path).with_context(|| format!("opening {shown}"))?;
-    let mut bytes = Zeroizing::new(Vec::with_capacity(meta.len() as usize + 1));
+    // Opened without blocking and judged on the descriptor, like every secret file: a FIFO
+    // named here must not freeze the runtime's only thread (and PID 1's signal forwarding).
+    let (file, _) = match crate::secret::open_regular(path) {
+        Ok(opened) => opened,
+        // `open_regular`'s own refusal, not an errno.
+        Err(err)
+            if err.kind() == std::io::ErrorKind::InvalidInput && err.raw_os_error().is_none() =>
+        {
+            bail!("{shown} is not a regular file")
+        }
+        Err(err) => return Err(err).with_context(|| format!("reading {shown}")),
+    };
+    // Sized for the largest accepted file, so reading never reallocates (leaving a copy of
+    // the passwords un-zeroized) and a huge file is not allocated for.
+    let mut bytes = Zeroizing::new(Vec::with_capacity(MAX_SERVICE_FILE_BYTES as usize + 1));
     file.take(MAX_SERVICE_FILE_BYTES + 1)
         .read_to_end(&mut bytes)
         .with_context(|| format!("reading {shown}"))?;
@@ -311,6 +320,27 @@ mod tests {
             );
             assert!(!err.contains("s3cret"), "{err}");
         }
+    }
+
+    #[test]
+    fn the_service_file_must_be_a_regular_file_and_a_fifo_never_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pg_service.conf");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // No writer ever opens it: a blocking open would hang this test.
+        let err = format!("{:#}", read_service_file(&fifo).unwrap_err());
+        assert!(
+            err.ends_with("pg_service.conf is not a regular file"),
+            "{err}"
+        );
+        let err = format!("{:#}", read_service_file(dir.path()).unwrap_err());
+        assert!(err.ends_with("is not a regular file"), "{err}");
+        let missing = dir.path().join("absent");
+        let err = format!("{:#}", read_service_file(&missing).unwrap_err());
+        assert!(
+            err.starts_with("reading ") && err.contains("absent"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -454,13 +454,20 @@ async fn transaction(
         let prepared = logins.prepare(client, &mut report.logins).await?;
         let secrets = &logins.adjust(secrets, &prepared);
         let names: Vec<String> = secrets.iter().map(|(r, _)| r.name.clone()).collect();
-        let rows = client
-            .query(
-                "SELECT rolname::text, rolpassword FROM pg_authid WHERE rolname = ANY($1::text[])",
-                &[&names],
-            )
-            .await
-            .context("reading the stored password verifiers (pg_authid)")?;
+        // One round trip for both: tokio-postgres pipelines concurrent queries.
+        let (rows, leftovers) = tokio::try_join!(
+            async {
+                client
+                    .query(
+                        "SELECT rolname::text, rolpassword FROM pg_authid \
+                         WHERE rolname = ANY($1::text[])",
+                        &[&names],
+                    )
+                    .await
+                    .context("reading the stored password verifiers (pg_authid)")
+            },
+            logins.find_leftovers(client),
+        )?;
         let current: HashMap<String, Option<String>> =
             rows.iter().map(|row| (row.get(0), row.get(1))).collect();
 
@@ -513,7 +520,9 @@ async fn transaction(
             .into_iter()
             .chain(report.roles_with(Status::WouldChange))
             .collect();
-        let lines = logins.valid_until(client, &changed, &prepared).await?;
+        let lines = logins
+            .valid_until(client, &changed, &prepared, &leftovers)
+            .await?;
         report.logins.extend(lines);
         if options.dry_run {
             bail!(DryRun);

@@ -56,6 +56,16 @@ pub struct Prepared {
     pub orphaned: Vec<String>,
 }
 
+/// A twin an earlier overlap mode left (overlap off), as `find_leftovers` found it.
+pub struct Leftover {
+    twin: String,
+    /// No `VALID UNTIL`, or `infinity`.
+    endless: bool,
+    /// Its `VALID UNTIL` has passed.
+    expired: bool,
+    can_login: bool,
+}
+
 /// A twin's and its role's rows, as `prepare` needs them.
 struct PairState {
     role_oid: u32,
@@ -208,6 +218,48 @@ impl<'a> Logins<'a> {
             .collect()
     }
 
+    /// Overlap off: the twins an earlier overlap mode left that look like ours (a member of
+    /// their role, set to act as it, not a superuser), for `valid_until`. Nothing is read
+    /// with overlap on. What it reads is not touched by the password step, so the caller
+    /// sends it beside the verifier query instead of adding a round trip to every sync.
+    pub async fn find_leftovers(&self, client: &Client) -> anyhow::Result<Vec<Leftover>> {
+        if self.leftovers.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (roles, twins): (Vec<&str>, Vec<&str>) = self
+            .leftovers
+            .iter()
+            .map(|(r, t)| (r.as_str(), t.as_str()))
+            .unzip();
+        let rows = client
+            .query(
+                "SELECT t.rolname::text, \
+                        t.rolvaliduntil IS NULL OR t.rolvaliduntil = 'infinity', \
+                        coalesce(t.rolvaliduntil < now(), false), t.rolcanlogin \
+                 FROM unnest($1::text[], $2::text[]) AS p(role, twin) \
+                 JOIN pg_authid r ON r.rolname = p.role \
+                 JOIN pg_authid t ON t.rolname = p.twin \
+                 WHERE NOT t.rolsuper \
+                   AND EXISTS (SELECT 1 FROM pg_auth_members m \
+                               WHERE m.roleid = r.oid AND m.member = t.oid) \
+                   AND EXISTS (SELECT 1 FROM pg_db_role_setting s \
+                               WHERE s.setrole = t.oid AND s.setdatabase = 0 \
+                                 AND ('role=' || r.rolname) = ANY (s.setconfig))",
+                &[&roles, &twins],
+            )
+            .await
+            .context("looking for twins left by overlap mode")?;
+        Ok(rows
+            .iter()
+            .map(|row| Leftover {
+                twin: row.get(0),
+                endless: row.get(1),
+                expired: row.get(2),
+                can_login: row.get(3),
+            })
+            .collect())
+    }
+
     /// Sets who may log in until when, after the passwords (`changed`: logins whose
     /// password this transaction set). Overlap on, per role:
     /// - the published login never expires;
@@ -221,14 +273,15 @@ impl<'a> Logins<'a> {
     ///   and is otherwise left alone (grace running or over; a twin created unpublished
     ///   starts expired).
     ///
-    /// Overlap off: a twin that looks like ours gets `now + grace` if it had no end, and
-    /// NOLOGIN once that has passed; never dropped (it may own objects, and dropping is
-    /// the operator's call).
+    /// Overlap off: each of `leftovers` (`find_leftovers`) gets `now + grace` if it had no
+    /// end, and NOLOGIN once that has passed; never dropped (it may own objects, and
+    /// dropping is the operator's call).
     pub async fn valid_until(
         &self,
         client: &Client,
         changed: &[&str],
         prepared: &Prepared,
+        leftovers: &[Leftover],
     ) -> anyhow::Result<Vec<String>> {
         let mut lines = Vec::new();
         let mut grace_until: Option<String> = None;
@@ -294,48 +347,21 @@ impl<'a> Logins<'a> {
                 }
             }
         }
-        if !self.leftovers.is_empty() {
-            let (roles, twins): (Vec<&str>, Vec<&str>) = self
-                .leftovers
-                .iter()
-                .map(|(r, t)| (r.as_str(), t.as_str()))
-                .unzip();
-            let rows = client
-                .query(
-                    "SELECT t.rolname::text, \
-                            t.rolvaliduntil IS NULL OR t.rolvaliduntil = 'infinity', \
-                            coalesce(t.rolvaliduntil < now(), false), t.rolcanlogin \
-                     FROM unnest($1::text[], $2::text[]) AS p(role, twin) \
-                     JOIN pg_authid r ON r.rolname = p.role \
-                     JOIN pg_authid t ON t.rolname = p.twin \
-                     WHERE NOT t.rolsuper \
-                       AND EXISTS (SELECT 1 FROM pg_auth_members m \
-                                   WHERE m.roleid = r.oid AND m.member = t.oid) \
-                       AND EXISTS (SELECT 1 FROM pg_db_role_setting s \
-                                   WHERE s.setrole = t.oid AND s.setdatabase = 0 \
-                                     AND ('role=' || r.rolname) = ANY (s.setconfig))",
-                    &[&roles, &twins],
-                )
-                .await
-                .context("looking for twins left by overlap mode")?;
-            for row in rows {
-                let twin: String = row.get(0);
-                let (endless, expired, can_login): (bool, bool, bool) =
-                    (row.get(1), row.get(2), row.get(3));
-                if endless {
-                    let at = grace_end(client, self.grace, &mut grace_until).await?;
-                    set_valid_until(client, &twin, &at).await?;
-                    lines.push(format!(
-                        "login {twin:?}: overlap mode is off; this twin is valid until {at}"
-                    ));
-                } else if expired && can_login {
-                    let alter = format!("ALTER ROLE {} NOLOGIN", escape_identifier(&twin));
-                    exec(client, &alter, &twin).await?;
-                    lines.push(format!(
-                        "login {twin:?}: overlap mode is off and its grace is over; NOLOGIN \
-                         (kept, not dropped)"
-                    ));
-                }
+        for left in leftovers {
+            let twin = &left.twin;
+            if left.endless {
+                let at = grace_end(client, self.grace, &mut grace_until).await?;
+                set_valid_until(client, twin, &at).await?;
+                lines.push(format!(
+                    "login {twin:?}: overlap mode is off; this twin is valid until {at}"
+                ));
+            } else if left.expired && left.can_login {
+                let alter = format!("ALTER ROLE {} NOLOGIN", escape_identifier(twin));
+                exec(client, &alter, twin).await?;
+                lines.push(format!(
+                    "login {twin:?}: overlap mode is off and its grace is over; NOLOGIN \
+                     (kept, not dropped)"
+                ));
             }
         }
         Ok(lines)
