@@ -244,14 +244,6 @@ pub struct SecretValueArgs {
     pub min_password_length: usize,
 }
 
-impl SecretValueArgs {
-    /// The configuration with these rules applied.
-    fn apply(&self, mut config: ConfigSettings) -> ConfigSettings {
-        config.min_password_length = self.min_password_length;
-        config
-    }
-}
-
 // ---- end of the secret value rules --------------------------------------------------------
 
 #[derive(Debug, Args)]
@@ -602,20 +594,27 @@ impl From<ConfigArgs> for ConfigSettings {
             connect_timeout: args.connect_timeout,
             overlap: args.overlap,
             twin_suffix: args.twin_suffix,
-            // Only the syncing commands take --grace (`with_grace`); unused elsewhere.
+            // Only the syncing commands take --grace (`sync_config`); unused elsewhere.
             grace: Duration::from_secs(15 * 60),
             // `verify` and `health` check what is there; the commands that apply passwords
-            // set their own minimum (`SecretValueArgs`).
+            // set their own minimum (`SecretValueArgs`, `sync_config`).
             min_password_length: 0,
         }
     }
 }
 
-/// The configuration of a syncing command (`run`, `watch`, `sync`), with its `--grace`.
-fn with_grace(config: ConfigArgs, options: &SyncOptionsArgs) -> ConfigSettings {
-    let mut settings = ConfigSettings::from(config);
-    settings.grace = options.grace;
-    settings
+/// The configuration of a syncing command (`run`, `watch`, `sync`): its `--grace` and the
+/// rules for the values it applies (`SecretValueArgs`).
+fn sync_config(
+    config: ConfigArgs,
+    options: &SyncOptionsArgs,
+    values: &SecretValueArgs,
+) -> ConfigSettings {
+    ConfigSettings {
+        grace: options.grace,
+        min_password_length: values.min_password_length,
+        ..ConfigSettings::from(config)
+    }
 }
 
 impl From<WatchOptionsArgs> for WatchOptions {
@@ -631,7 +630,7 @@ impl From<WatchOptionsArgs> for WatchOptions {
 impl From<RunArgs> for RunSettings {
     fn from(args: RunArgs) -> Self {
         RunSettings {
-            config: args.values.apply(with_grace(args.config, &args.options)),
+            config: sync_config(args.config, &args.options, &args.values),
             options: args.options.sync_options(false),
             watch: args.watch.into(),
             no_watch: args.no_watch,
@@ -645,7 +644,7 @@ impl From<RunArgs> for RunSettings {
 impl From<SyncArgs> for SyncSettings {
     fn from(args: SyncArgs) -> Self {
         SyncSettings {
-            config: args.values.apply(with_grace(args.config, &args.options)),
+            config: sync_config(args.config, &args.options, &args.values),
             options: args.options.sync_options(args.dry_run),
             format: args.format.into(),
         }
@@ -655,7 +654,7 @@ impl From<SyncArgs> for SyncSettings {
 impl From<WatchArgs> for WatchSettings {
     fn from(args: WatchArgs) -> Self {
         WatchSettings {
-            config: args.values.apply(with_grace(args.config, &args.options)),
+            config: sync_config(args.config, &args.options, &args.values),
             options: args.options.sync_options(false),
             watch: args.watch.into(),
         }

@@ -28,12 +28,17 @@ pub struct Burst {
     /// Some event was a watcher overflow or error: events may have been lost, so the burst
     /// calls for checking every role even when the content looks unchanged.
     pub overflowed: bool,
+    /// The last in-place modification or close (`None`: no in-place write in this burst):
+    /// the quiet period after it is never cut short by the maximum wait.
+    pub last_write: Option<Instant>,
+}
+
+impl Burst {
     /// Some secret file was modified in place during the burst: its value is only taken
     /// once no writer holds it and it stood still for the quiet period.
-    pub in_place: bool,
-    /// The last in-place modification or close: the quiet period after it is never cut
-    /// short by the maximum wait.
-    pub last_write: Option<Instant>,
+    pub fn in_place(&self) -> bool {
+        self.last_write.is_some()
+    }
 }
 
 /// What the pending burst calls for at a given instant.
@@ -88,7 +93,6 @@ impl Debouncer {
                     first: now,
                     last: now,
                     overflowed,
-                    in_place: false,
                     last_write: None,
                 });
                 self.reported = false;
@@ -118,7 +122,6 @@ impl Debouncer {
     fn in_place_event(&mut self, now: Instant) {
         self.event(now, false);
         if let Some(burst) = &mut self.burst {
-            burst.in_place = true;
             burst.last_write = Some(burst.last_write.map_or(now, |t| t.max(now)));
         }
     }
@@ -144,7 +147,7 @@ impl Debouncer {
 
     /// Whether the pending burst holds in-place writes (not taken on arrival of a rename).
     pub fn in_place(&self) -> bool {
-        self.burst.is_some_and(|b| b.in_place) || !self.writers.is_empty()
+        self.burst.is_some_and(|b| b.in_place()) || !self.writers.is_empty()
     }
 
     /// When the loop must look at the pending burst again (`None`: nothing to do until the
@@ -221,7 +224,7 @@ mod tests {
         let b = burst(d.take_due(t0 + ms(350)));
         assert_eq!(b.first, t0);
         assert_eq!(b.last, t0 + ms(100));
-        assert!(!b.overflowed && !b.in_place);
+        assert!(!b.overflowed && !b.in_place());
         assert_eq!(d.deadline(), None, "taken bursts are gone");
     }
 
@@ -278,7 +281,7 @@ mod tests {
         assert_eq!(d.deadline(), Some(t0 + ms(6_250)));
         assert_eq!(d.take_due(t0 + ms(6_249)), Due::NotYet);
         let b = burst(d.take_due(t0 + ms(6_250)));
-        assert!(b.in_place);
+        assert!(b.in_place());
         assert!(!d.pending());
     }
 

@@ -349,11 +349,11 @@ impl PromotionWatch {
         self.next_check = Instant::now() + PROMOTION_POLL_QUERY;
         let limit = syncer.config.connect_timeout;
         if self.client.as_ref().is_none_or(Client::is_closed) {
+            // Borrowed, not cloned: no second copy of the passwords in memory.
             let set = syncer
                 .last_applied()
-                .map(|set| set.entries.clone())
-                .unwrap_or_default();
-            match tokio::time::timeout(limit, syncer.connect_superuser(&set)).await {
+                .map_or(&[][..], |set| set.entries.as_slice());
+            match tokio::time::timeout(limit, syncer.connect_superuser(set)).await {
                 Ok(Ok(client)) => self.client = Some(client),
                 Ok(Err(err)) => {
                     tracing::debug!("standby check: {err:#}");
