@@ -14,7 +14,7 @@ pub fn new() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// Runs one-shot work (`sync`, `verify`) to completion on a fresh runtime.
+/// Runs one-shot work (`sync`, `verify`, `rotate`) to completion on a fresh runtime.
 pub fn block_on<T>(
     future: impl std::future::Future<Output = anyhow::Result<T>>,
 ) -> anyhow::Result<T> {

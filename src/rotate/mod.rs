@@ -76,11 +76,7 @@ pub struct RotateSettings {
 
 /// `pg-password-sync rotate`.
 pub fn command(settings: RotateSettings) -> anyhow::Result<u8> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?
-        .block_on(rotate(settings))
+    crate::runtime::block_on(rotate(settings))
 }
 
 /// Which part of a rotation to run.
