@@ -1266,6 +1266,10 @@ fn rotation_on_a_standby_then_promotion(watching: bool) {
         let secret = if *role == "appuser" { &rotated } else { secret };
         login_tcp(port, role, secret).unwrap_or_else(|e| panic!("{role}: {e}"));
     }
+    // The report follows the COMMIT that the logins above already saw.
+    wait_until(Duration::from_secs(10), "the sync to be reported", || {
+        sup.stderr_so_far()[before_promotion..].contains("appuser\": changed")
+    });
     let stderr = sup.stderr_so_far();
     let (standby_part, promoted_part) = stderr.split_at(before_promotion);
     assert!(

@@ -104,6 +104,15 @@ impl Watcher {
         wait_until(LIMIT, what, || self.stderr().contains(needle));
     }
 
+    /// Waits for the rotation line that follows `before` (a login with the new password
+    /// can succeed between the COMMIT and that line) and returns stderr so far.
+    fn wait_rotation_after(&self, before: usize) -> String {
+        wait_until(LIMIT, "the rotation to be reported", || {
+            rotations(&self.stderr()) > before
+        });
+        self.stderr()
+    }
+
     fn assert_alive(&mut self) {
         self.running.assert_alive();
     }
@@ -263,9 +272,9 @@ fn kubernetes_atomic_writer_swaps_are_each_applied() {
         all.push(next);
     }
     watcher.assert_alive();
-    let stderr = watcher.stderr();
+    let stderr = watcher.wait_rotation_after(2);
     assert_eq!(
-        stderr.matches("passwords rotated").count(),
+        rotations(&stderr),
         3,
         "one rotation line per swap:\n{stderr}"
     );
@@ -819,7 +828,7 @@ fn a_file_rewritten_in_place_in_two_chunks_is_never_applied_half() {
 
     wait_login(&cluster, "appuser", &whole);
     cluster.assert_no_login("appuser", &first_half);
-    let stderr = watcher.stderr();
+    let stderr = watcher.wait_rotation_after(before);
     assert_eq!(
         rotations(&stderr) - before,
         1,
@@ -865,7 +874,7 @@ fn a_slow_writer_past_the_old_maximum_wait_is_applied_only_when_it_closes() {
     drop(file);
 
     wait_login(&cluster, "appuser", &whole);
-    let stderr = watcher.stderr();
+    let stderr = watcher.wait_rotation_after(before);
     assert_eq!(rotations(&stderr) - before, 1, "{stderr}");
     let run = watcher.stop(&cluster);
     assert_none_leaked(&cluster, &[secrets, chunks], &[whole.as_str()], &run);
