@@ -34,9 +34,9 @@ const SINGLE_LOGIN_ROTATIONS: usize = 3;
 /// Workers per delay pair, and the pause between one worker's logins.
 const WORKERS: usize = 4;
 const PAUSE: Duration = Duration::from_millis(150);
-/// Longer than the largest delay difference, so an app that still uses the previous login
-/// has switched before the server retires it.
-const GRACE: &str = "4s";
+/// Longer than the largest delay difference (2 s) with room for a loaded machine, so an app
+/// that still uses the previous login has switched before the server retires it.
+const GRACE: &str = "6s";
 /// How long the source must hold still before a delivery takes it.
 const SETTLE: Duration = Duration::from_secs(1);
 

@@ -81,6 +81,12 @@ impl Setup {
     /// Writes `pg_service.conf` (atomically) publishing, per role, `login` with its
     /// current password.
     fn publish(&self, logins: &[(&str, String)]) {
+        self.keys
+            .write_raw("pg_service.conf", self.service_text(logins).as_bytes());
+    }
+
+    /// The text of a `pg_service.conf` publishing, per role, `login` with its password.
+    fn service_text(&self, logins: &[(&str, String)]) -> String {
         let mut text = String::from("# test\n");
         for (role, login) in logins {
             text.push_str(&format!(
@@ -88,7 +94,7 @@ impl Setup {
                 self.pw.get(login)
             ));
         }
-        self.keys.write_raw("pg_service.conf", text.as_bytes());
+        text
     }
 
     /// A new password for `login`, written to its file (what `rotate` stages).
@@ -446,8 +452,7 @@ fn publishing_the_twin_starts_the_old_logins_grace_and_the_server_ends_it() {
         s.value("SELECT tableowner FROM pg_tables WHERE tablename = 'after_publish'"),
         "appuser"
     );
-    let stderr = watch.stderr_so_far();
-    assert!(stderr.contains("no longer published"), "{stderr}");
+    watch.wait_stderr(LIMIT, "no longer published");
     watch.signal(nix::sys::signal::Signal::SIGTERM);
     let out = watch.finish(LIMIT);
     let out = out.expect_ok();
@@ -681,7 +686,8 @@ fn health_sees_an_unsynced_change_of_the_published_login() {
     let s = setup(|role| role.to_owned());
     let state = tempfile::tempdir().unwrap();
     let state_dir = state.path().to_str().unwrap();
-    // A ten-minute debounce keeps the publish unsynced while health looks at it.
+    // A ten-minute debounce keeps the publish, rewritten in place, unsynced while health
+    // looks at it (a rename would be applied at once, whatever the debounce).
     let watch = Running::spawn(s.command(
         "watch",
         &["--overlap", "--debounce", "10m", "--state-dir", state_dir],
@@ -690,10 +696,11 @@ fn health_sees_an_unsynced_change_of_the_published_login() {
     wait_until(LIMIT, "health to report the first sync", || {
         health().code() == Some(0)
     });
-    s.publish(&[
+    let text = s.service_text(&[
         ("appuser", "appuser_alt".to_owned()),
         ("backupuser", "backupuser".to_owned()),
     ]);
+    std::fs::write(s.keys.path().join("pg_service.conf"), text).unwrap();
     let out = health();
     let out = out.expect_code(8);
     out.expect_stderr("pg_service.conf");

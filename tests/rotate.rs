@@ -371,7 +371,7 @@ fn with_the_sync_the_previous_login_dies_after_grace_and_a_rotation_inside_it_is
     let cluster = Cluster::start_default();
     create_app_roles(&cluster);
     let source = Source::generate();
-    let (mut watcher, _state) = overlap_watcher(&cluster, &source.keys(), "3s");
+    let (mut watcher, _state) = overlap_watcher(&cluster, &source.keys(), "10s");
     assert_still_running(&mut watcher);
     let first_password = source.value("postgres_app_user_pw.txt");
     wait_until(Duration::from_secs(30), "the first sync", || {

@@ -189,10 +189,12 @@ async fn wait_for_server_and_sync(syncer: &mut Syncer, state: &StateFile) -> boo
     loop {
         let error = match sync_and_record(syncer, state, Scope::CheckAll).await {
             Ok(report) => {
+                // Ready before the report is logged: whoever sees the line finds `health`
+                // already current (the rule of `sync_and_record`).
+                state.record_ready(true);
                 if let Some(report) = &report {
                     log_report(report);
                 }
-                state.record_ready(true);
                 return report.is_some_and(|r| r.standby);
             }
             Err(err) if Failure::of(&err) == Some(Failure::Config) => {
