@@ -1259,10 +1259,17 @@ fn rotation_on_a_standby_then_promotion(watching: bool) {
     let before_promotion = sup.stderr_so_far().len();
 
     standby.promote();
+    // `pg_ctl promote` waits for the promotion; the 10 s bound is for liveness, the time to
+    // the first login with the new password is printed (promised: within a second).
+    let promoted = Instant::now();
     wait_until(
         Duration::from_secs(10),
         "the rotation to be in force after the promotion",
         || login_tcp(port, "appuser", &rotated).is_ok(),
+    );
+    eprintln!(
+        "watching={watching}: new password in force {:?} after pg_ctl promote returned",
+        promoted.elapsed()
     );
     login_tcp(port, "appuser", &olds[0]).expect_err("the old password is gone");
     for ((role, _), secret) in DEFAULT_ROLES[1..3].iter().zip(&secrets[1..]) {
