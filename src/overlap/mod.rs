@@ -129,8 +129,9 @@ impl Published {
 }
 
 /// Largest accepted service file: far more than one section per role needs, small enough
-/// that a wrong mount (a log, a dump) is refused instead of read.
-const MAX_SERVICE_FILE_BYTES: u64 = 64 * 1024;
+/// that a wrong mount (a log, a dump) is refused instead of read. The one limit for every
+/// reader of the file: the sync here, `generate` and `rotate` in `keyfiles::overlap`.
+pub const MAX_SERVICE_FILE_BYTES: usize = 64 * 1024;
 
 /// Reads and parses the service file at `path`. Errors name the file, never its content.
 pub fn read_service_file(path: &Path) -> anyhow::Result<ServiceFile> {
@@ -149,11 +150,11 @@ pub fn read_service_file(path: &Path) -> anyhow::Result<ServiceFile> {
     };
     // Sized for the largest accepted file, so reading never reallocates (leaving a copy of
     // the passwords un-zeroized) and a huge file is not allocated for.
-    let mut bytes = Zeroizing::new(Vec::with_capacity(MAX_SERVICE_FILE_BYTES as usize + 1));
-    file.take(MAX_SERVICE_FILE_BYTES + 1)
+    let mut bytes = Zeroizing::new(Vec::with_capacity(MAX_SERVICE_FILE_BYTES + 1));
+    file.take(MAX_SERVICE_FILE_BYTES as u64 + 1)
         .read_to_end(&mut bytes)
         .with_context(|| format!("reading {shown}"))?;
-    if bytes.len() as u64 > MAX_SERVICE_FILE_BYTES {
+    if bytes.len() > MAX_SERVICE_FILE_BYTES {
         bail!("{shown} is larger than {MAX_SERVICE_FILE_BYTES} bytes");
     }
     let text =
