@@ -162,6 +162,59 @@ pub fn read_service_file(path: &Path) -> anyhow::Result<ServiceFile> {
     service_file::parse(text).with_context(|| format!("reading {shown}"))
 }
 
+/// Which of a role's two logins a section of `pg_service.conf` publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Login {
+    /// The role itself.
+    Role,
+    /// Its twin login.
+    Twin,
+}
+
+/// Checks the section `[role]` of the service file `file` (named `shown` in messages): it
+/// must publish `role` or its twin login `twin`, with exactly that login's password.
+/// `password_file` gives, for the published login's name, its password and how a message
+/// names its file (`None`: no password file for it). Says which login is published.
+/// Messages name the service file, the section, the login and the password file, never a
+/// password. The one check of a section: the sync's (`check_published`) and `rotate`'s.
+pub fn check_section<'a>(
+    shown: &str,
+    file: &ServiceFile,
+    role: &str,
+    twin: &str,
+    password_file: impl FnOnce(&str) -> Option<(&'a Secret, String)>,
+) -> anyhow::Result<Login> {
+    let Some(section) = file.get(role) else {
+        bail!("{shown}: no section [{role}] publishes a login of role {role:?}");
+    };
+    let Some(login) = section.user.as_deref() else {
+        bail!("{shown}: section [{role}] has no user=");
+    };
+    let published = if login == role {
+        Login::Role
+    } else if login == twin {
+        Login::Twin
+    } else {
+        bail!(
+            "{shown}: section [{role}] publishes login {login:?}, which is neither the role \
+             nor its twin {twin:?}"
+        );
+    };
+    let Some(password) = &section.password else {
+        bail!("{shown}: section [{role}] has no password=");
+    };
+    let Some((expected, expected_file)) = password_file(login) else {
+        bail!("{shown}: section [{role}]: no password file for login {login:?}");
+    };
+    if password != expected {
+        bail!(
+            "{shown}: section [{role}]: the password for login {login:?} differs from its \
+             password file ({expected_file})"
+        );
+    }
+    Ok(published)
+}
+
 /// Checks the published credentials against the password files and says, per twin's role,
 /// which login is published. The whole set is refused when a role has no section, the
 /// section names a login other than the role or its twin, or its password differs from
@@ -173,41 +226,23 @@ pub fn check_published(
     twins: &[Twin],
     secrets: &[(RoleSpec, Secret)],
 ) -> anyhow::Result<Vec<Published>> {
-    let shown = path.display();
+    let shown = path.display().to_string();
     twins
         .iter()
         .map(|twin| {
-            let role = &twin.role;
-            let Some(section) = file.get(role) else {
-                bail!("{shown}: no section [{role}] publishes a login of role {role:?}");
-            };
-            let Some(login) = section.user.as_deref() else {
-                bail!("{shown}: section [{role}] has no user=");
-            };
-            if login != role && login != twin.login {
-                bail!(
-                    "{shown}: section [{role}] publishes login {login:?}, which is neither the \
-                     role nor its twin {:?}",
-                    twin.login
-                );
-            }
-            let Some(password) = &section.password else {
-                bail!("{shown}: section [{role}] has no password=");
-            };
-            let Some((spec, expected)) = secrets.iter().find(|(s, _)| s.name == login) else {
-                bail!("{shown}: section [{role}]: no password file for login {login:?}");
-            };
-            if password != expected {
-                bail!(
-                    "{shown}: section [{role}]: the password for login {login:?} differs from \
-                     its password file ({})",
-                    describe_ref(&spec.secret)
-                );
-            }
+            let published = check_section(&shown, file, &twin.role, &twin.login, |login| {
+                secrets
+                    .iter()
+                    .find(|(spec, _)| spec.name == login)
+                    .map(|(spec, secret)| (secret, describe_ref(&spec.secret)))
+            })?;
             Ok(Published {
-                role: role.clone(),
+                role: twin.role.clone(),
                 twin: twin.login.clone(),
-                login: login.to_owned(),
+                login: match published {
+                    Login::Role => twin.role.clone(),
+                    Login::Twin => twin.login.clone(),
+                },
             })
         })
         .collect()
