@@ -451,3 +451,28 @@ fn a_wait_not_shorter_than_the_grace_or_a_planted_link_is_refused_before_any_wri
     assert_eq!(source.snapshot(), before);
     assert_eq!(source.backups().len(), backups, "a backup was made");
 }
+
+#[test]
+fn a_service_file_that_disagrees_with_the_password_files_is_refused_before_any_write() {
+    let source = Source::generate();
+    // [appuser] publishes the role itself, but with its twin's password.
+    let own = source.value("postgres_app_user_pw.txt");
+    let twin = source.value("postgres_app_user_alt_pw.txt");
+    let service = source.keys().join(SERVICE_FILE);
+    let text = std::fs::read_to_string(&service).unwrap();
+    let broken = text.replace(&format!("password={own}\n"), &format!("password={twin}\n"));
+    assert_ne!(broken, text);
+    std::fs::write(&service, broken).unwrap();
+    let before = source.snapshot();
+    let backups = source.backups().len();
+    // No server is needed: the files are checked before any connection or write.
+    let refused = run(rotate_cmd(source.path(), free_port(), &["--wait", "2s"]));
+    let refused = refused.expect_code(3);
+    refused
+        .expect_stderr("pg_service.conf: section [appuser]")
+        .expect_stderr("differs from its password file (postgres_app_user_pw.txt)")
+        .expect_stderr("restore it or run `generate --overlap --force`");
+    assert_eq!(source.snapshot(), before);
+    assert_eq!(source.backups().len(), backups, "a backup was made");
+    assert_no_leak(&[&own, &twin], None, &[&refused]);
+}

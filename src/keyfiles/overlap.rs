@@ -22,13 +22,10 @@ use super::catalog::{ENTRIES, Entry, Kind};
 use super::dirfd::Kind as FileKind;
 use super::{Action, atomic, backup, check, random};
 use crate::error::Failure;
-use crate::overlap::{self, SERVICE_FILE, service_file};
+use crate::overlap::{self, MAX_SERVICE_FILE_BYTES, SERVICE_FILE, service_file};
 use crate::secret::Secret;
 
 pub use super::dirfd::Dir;
-
-/// Largest `pg_service.conf` read (the sync's limit too).
-const MAX_SERVICE_FILE_BYTES: usize = 64 * 1024;
 
 /// One overlapped role and the secret name of its own password (`postgres_app_user_pw`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -432,8 +429,8 @@ pub fn write(dir: &Dir, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
     atomic::write_atomic(dir, name, bytes).with_context(|| format!("writing {}", dir.shown(name)))
 }
 
-/// A file's exact bytes (for a byte-for-byte restore), bounded like every secret read;
-/// never through a link.
+/// A file's exact bytes (for a byte-for-byte restore), bounded by the largest file of the
+/// set (`pg_service.conf`'s limit); never through a link.
 pub fn read_exact(dir: &Dir, name: &str) -> anyhow::Result<Zeroizing<Vec<u8>>> {
     dir.read_file(name, MAX_SERVICE_FILE_BYTES)?
         .with_context(|| format!("{} is missing", dir.shown(name)))

@@ -129,8 +129,9 @@ impl Published {
 }
 
 /// Largest accepted service file: far more than one section per role needs, small enough
-/// that a wrong mount (a log, a dump) is refused instead of read.
-const MAX_SERVICE_FILE_BYTES: u64 = 64 * 1024;
+/// that a wrong mount (a log, a dump) is refused instead of read. The one limit for every
+/// reader of the file: the sync here, `generate` and `rotate` in `keyfiles::overlap`.
+pub const MAX_SERVICE_FILE_BYTES: usize = 64 * 1024;
 
 /// Reads and parses the service file at `path`. Errors name the file, never its content.
 pub fn read_service_file(path: &Path) -> anyhow::Result<ServiceFile> {
@@ -149,16 +150,69 @@ pub fn read_service_file(path: &Path) -> anyhow::Result<ServiceFile> {
     };
     // Sized for the largest accepted file, so reading never reallocates (leaving a copy of
     // the passwords un-zeroized) and a huge file is not allocated for.
-    let mut bytes = Zeroizing::new(Vec::with_capacity(MAX_SERVICE_FILE_BYTES as usize + 1));
-    file.take(MAX_SERVICE_FILE_BYTES + 1)
+    let mut bytes = Zeroizing::new(Vec::with_capacity(MAX_SERVICE_FILE_BYTES + 1));
+    file.take(MAX_SERVICE_FILE_BYTES as u64 + 1)
         .read_to_end(&mut bytes)
         .with_context(|| format!("reading {shown}"))?;
-    if bytes.len() as u64 > MAX_SERVICE_FILE_BYTES {
+    if bytes.len() > MAX_SERVICE_FILE_BYTES {
         bail!("{shown} is larger than {MAX_SERVICE_FILE_BYTES} bytes");
     }
     let text =
         std::str::from_utf8(&bytes).map_err(|_| anyhow::anyhow!("{shown} is not valid UTF-8"))?;
     service_file::parse(text).with_context(|| format!("reading {shown}"))
+}
+
+/// Which of a role's two logins a section of `pg_service.conf` publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Login {
+    /// The role itself.
+    Role,
+    /// Its twin login.
+    Twin,
+}
+
+/// Checks the section `[role]` of the service file `file` (named `shown` in messages): it
+/// must publish `role` or its twin login `twin`, with exactly that login's password.
+/// `password_file` gives, for the published login's name, its password and how a message
+/// names its file (`None`: no password file for it). Says which login is published.
+/// Messages name the service file, the section, the login and the password file, never a
+/// password. The one check of a section: the sync's (`check_published`) and `rotate`'s.
+pub fn check_section<'a>(
+    shown: &str,
+    file: &ServiceFile,
+    role: &str,
+    twin: &str,
+    password_file: impl FnOnce(&str) -> Option<(&'a Secret, String)>,
+) -> anyhow::Result<Login> {
+    let Some(section) = file.get(role) else {
+        bail!("{shown}: no section [{role}] publishes a login of role {role:?}");
+    };
+    let Some(login) = section.user.as_deref() else {
+        bail!("{shown}: section [{role}] has no user=");
+    };
+    let published = if login == role {
+        Login::Role
+    } else if login == twin {
+        Login::Twin
+    } else {
+        bail!(
+            "{shown}: section [{role}] publishes login {login:?}, which is neither the role \
+             nor its twin {twin:?}"
+        );
+    };
+    let Some(password) = &section.password else {
+        bail!("{shown}: section [{role}] has no password=");
+    };
+    let Some((expected, expected_file)) = password_file(login) else {
+        bail!("{shown}: section [{role}]: no password file for login {login:?}");
+    };
+    if password != expected {
+        bail!(
+            "{shown}: section [{role}]: the password for login {login:?} differs from its \
+             password file ({expected_file})"
+        );
+    }
+    Ok(published)
 }
 
 /// Checks the published credentials against the password files and says, per twin's role,
@@ -172,41 +226,23 @@ pub fn check_published(
     twins: &[Twin],
     secrets: &[(RoleSpec, Secret)],
 ) -> anyhow::Result<Vec<Published>> {
-    let shown = path.display();
+    let shown = path.display().to_string();
     twins
         .iter()
         .map(|twin| {
-            let role = &twin.role;
-            let Some(section) = file.get(role) else {
-                bail!("{shown}: no section [{role}] publishes a login of role {role:?}");
-            };
-            let Some(login) = section.user.as_deref() else {
-                bail!("{shown}: section [{role}] has no user=");
-            };
-            if login != role && login != twin.login {
-                bail!(
-                    "{shown}: section [{role}] publishes login {login:?}, which is neither the \
-                     role nor its twin {:?}",
-                    twin.login
-                );
-            }
-            let Some(password) = &section.password else {
-                bail!("{shown}: section [{role}] has no password=");
-            };
-            let Some((spec, expected)) = secrets.iter().find(|(s, _)| s.name == login) else {
-                bail!("{shown}: section [{role}]: no password file for login {login:?}");
-            };
-            if password != expected {
-                bail!(
-                    "{shown}: section [{role}]: the password for login {login:?} differs from \
-                     its password file ({})",
-                    describe_ref(&spec.secret)
-                );
-            }
+            let published = check_section(&shown, file, &twin.role, &twin.login, |login| {
+                secrets
+                    .iter()
+                    .find(|(spec, _)| spec.name == login)
+                    .map(|(spec, secret)| (secret, describe_ref(&spec.secret)))
+            })?;
             Ok(Published {
-                role: role.clone(),
+                role: twin.role.clone(),
                 twin: twin.login.clone(),
-                login: login.to_owned(),
+                login: match published {
+                    Login::Role => twin.role.clone(),
+                    Login::Twin => twin.login.clone(),
+                },
             })
         })
         .collect()

@@ -73,38 +73,20 @@ impl RoleSet {
                 .with_context(|| format!("the files of role {:?}", spec.name))?;
             let role_password = files::read_secret(keys, &role_file)?;
             let twin_password = files::read_secret(keys, &twin_file)?;
-            let section = service
-                .get(&spec.name)
-                .with_context(|| format!("{SERVICE_FILE} has no section [{}]", spec.name))?;
-            let user = section
-                .user
-                .as_deref()
-                .with_context(|| format!("{SERVICE_FILE}: section [{}] has no user=", spec.name))?;
-            let twin_published = if user == spec.name {
-                false
-            } else if user == twin {
-                true
-            } else {
-                bail!(
-                    "{SERVICE_FILE}: section [{}] publishes login {user:?}, which is neither \
-                     {:?} nor {twin:?}",
-                    spec.name,
-                    spec.name
-                );
-            };
-            let expected = if twin_published {
-                (&twin_password, &twin_file)
-            } else {
-                (&role_password, &role_file)
-            };
-            if section.password.as_ref() != Some(expected.0) {
-                bail!(
-                    "{SERVICE_FILE}: section [{}] does not hold the password of {} (the set \
-                     is inconsistent; restore it or run `generate --overlap --force`)",
-                    spec.name,
-                    expected.1
-                );
-            }
+            let published = overlap::check_section(
+                &keys.shown(SERVICE_FILE),
+                &service,
+                &spec.name,
+                &twin,
+                |login| {
+                    Some(if login == twin {
+                        (&twin_password, twin_file.clone())
+                    } else {
+                        (&role_password, role_file.clone())
+                    })
+                },
+            )
+            .context("the set is inconsistent (restore it or run `generate --overlap --force`)")?;
             roles.push(Overlapped {
                 role: spec.name.clone(),
                 twin,
@@ -112,7 +94,7 @@ impl RoleSet {
                 twin_file,
                 role_password,
                 twin_password,
-                twin_published,
+                twin_published: published == overlap::Login::Twin,
             });
         }
         if roles.is_empty() {

@@ -443,34 +443,30 @@ async fn mirror_settings(
     role_oid: u32,
     twin_oid: u32,
 ) -> anyhow::Result<bool> {
-    let read = |oid: u32| async move {
-        let rows = client
-            .query(
-                "SELECT setdatabase, setconfig FROM pg_db_role_setting WHERE setrole = $1",
-                &[&oid],
-            )
-            .await?;
-        let mut rows: SettingRows = rows
-            .iter()
-            .map(|r| {
-                (
-                    r.get(0),
-                    r.get::<_, Option<Vec<String>>>(1).unwrap_or_default(),
-                )
-            })
-            .collect();
-        rows.sort();
-        anyhow::Ok(rows)
-    };
-    let wanted = twin_settings(
-        role,
-        read(role_oid)
-            .await
-            .with_context(|| format!("reading the settings of role {role:?}"))?,
-    );
-    let current = read(twin_oid)
+    // One read of both logins' rows, in the caller's transaction like the writes below.
+    let rows = client
+        .query(
+            "SELECT setrole, setdatabase, setconfig FROM pg_db_role_setting \
+             WHERE setrole IN ($1, $2)",
+            &[&role_oid, &twin_oid],
+        )
         .await
-        .with_context(|| format!("reading the settings of the twin of {role:?}"))?;
+        .with_context(|| format!("reading the settings of role {role:?} and of its twin"))?;
+    let (mut of_role, mut current) = (SettingRows::new(), SettingRows::new());
+    for row in &rows {
+        let entry = (
+            row.get(1),
+            row.get::<_, Option<Vec<String>>>(2).unwrap_or_default(),
+        );
+        if row.get::<_, u32>(0) == role_oid {
+            of_role.push(entry);
+        } else {
+            current.push(entry);
+        }
+    }
+    of_role.sort();
+    current.sort();
+    let wanted = twin_settings(role, of_role);
     if current == wanted {
         return Ok(false);
     }
