@@ -87,6 +87,14 @@ ensure_postgres() {
     fi
 }
 
+# ensure_pgaudit: the pgaudit extension for PG_BINDIR's server (Debian's 15), for the test
+# that an audit trail of everything holds no password or verifier (tests/overlap.rs).
+ensure_pgaudit() {
+    [[ -e "$PG_BINDIR/../lib/pgaudit.so" ]] && return
+    step "installing postgresql-15-pgaudit"
+    apt_install postgresql-15-pgaudit
+}
+
 # release_bin: the path of the binary `cargo build --release` makes. .cargo/config.toml
 # builds for the host's target triple explicitly, so it is
 # <target dir>/<host triple>/release/pg-password-sync; the target dir is cargo's own answer

@@ -9,11 +9,11 @@ usage() {
     cat <<'USAGE'
 Usage: scripts/test.sh
 
-Everything CI checks, on a fresh machine: installs what is missing (PostgreSQL 15, the
-postgres OS user, the servers of the other majors, lint tools), then formatting, clippy,
-the whole test suite on PostgreSQL 15, the sync, run and watch tests on every other
-supported major (scripts/pg-majors.sh), the linters, and the end-to-end container test
-when a Docker engine answers.
+Everything CI checks, on a fresh machine: installs what is missing (PostgreSQL 15 and its
+pgaudit, the postgres OS user, the servers of the other majors, lint tools), then
+formatting, clippy, the whole test suite on PostgreSQL 15, the sync, run and watch tests
+on every other supported major (scripts/pg-majors.sh), the linters, and the end-to-end
+container test when a Docker engine answers.
 
 Environment:
   PG_TEST_MAJORS   the other majors to run the server tests on (default: "14 16 18";
@@ -23,6 +23,7 @@ USAGE
 no_more_args "$@"
 
 ensure_postgres
+ensure_pgaudit
 
 step "cargo fmt --check"
 cargo fmt --check

@@ -56,7 +56,10 @@ struct Setup {
 }
 
 fn setup(published: impl Fn(&str) -> String) -> Setup {
-    let cluster = Cluster::start_default();
+    setup_on(Cluster::start_default(), published)
+}
+
+fn setup_on(cluster: Cluster, published: impl Fn(&str) -> String) -> Setup {
     cluster.create_throwaway_roles(ROLES.map(|(role, _)| role));
     // PostgreSQL 15 no longer lets every role create in `public`.
     cluster.psql("GRANT CREATE ON SCHEMA public TO appuser");
@@ -736,4 +739,71 @@ fn a_stage_rolled_back_to_the_old_password_does_not_live_on() {
     );
     s.assert_login("appuser");
     s.leaks(&[&staged, &rolled_back]);
+}
+
+/// pgaudit loaded and auditing everything: every statement class, catalog relations, bind
+/// parameters. The sync leaves it on (an audit trail of role changes is what its users
+/// keep it for); what it writes must hold no password and no part of a verifier, for the
+/// roles, the twins created in the same transaction and a published-login switch.
+#[test]
+fn pgaudit_auditing_everything_sees_the_changes_but_no_password_or_verifier() {
+    let library = pg_bindir().join("../lib/pgaudit.so");
+    if !library.exists() {
+        skip(&format!(
+            "{} is not installed (Debian: postgresql-15-pgaudit)",
+            library.display()
+        ));
+        return;
+    }
+    let cluster = Cluster::start_with(&ClusterOptions {
+        extra_conf: vec![
+            "shared_preload_libraries = 'pgaudit'".into(),
+            "pgaudit.log = 'all'".into(),
+            "pgaudit.log_catalog = on".into(),
+            "pgaudit.log_parameter = on".into(),
+            "pgaudit.log_relation = on".into(),
+        ],
+        hba: None,
+    });
+    let mut s = setup_on(cluster, |role| role.to_owned());
+    let created = s.sync(&[]).expect_ok();
+    s.stage("appuser_alt");
+    s.publish(&[
+        ("appuser", "appuser_alt".to_owned()),
+        ("backupuser", "backupuser".to_owned()),
+    ]);
+    let switched = s.sync(&[]).expect_ok();
+    s.assert_login("appuser_alt");
+
+    let log = s.cluster.log_text();
+    // Audited, so the checks below look at a real audit trail.
+    for seen in [
+        "AUDIT: SESSION",
+        "ROLE,CREATE ROLE",
+        "ROLE,ALTER ROLE",
+        "PASSWORD <REDACTED>",
+    ] {
+        assert!(log.contains(seen), "pgaudit did not write {seen:?}");
+    }
+    assert_no_leak(&s.pw.all(), Some(&s.cluster), &[&created, &switched]);
+    assert!(
+        !log.contains("SCRAM-SHA-256$"),
+        "a verifier reached the audit log"
+    );
+    // Salt, stored key and server key of every verifier now stored (never printed).
+    let verifiers = s.value(
+        "SELECT string_agg(rolpassword, ' ') FROM pg_authid \
+         WHERE rolname IN ('appuser', 'appuser_alt', 'backupuser', 'backupuser_alt')",
+    );
+    let parts: Vec<&str> = verifiers
+        .split([' ', '$', ':'])
+        .filter(|part| part.len() >= 16)
+        .collect();
+    assert_eq!(parts.len(), 4 * 3, "four SCRAM verifiers");
+    for part in parts {
+        assert!(
+            !log.contains(part),
+            "a part of a stored verifier reached the audit log"
+        );
+    }
 }
