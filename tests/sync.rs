@@ -1180,6 +1180,60 @@ fn a_prepared_transaction_of_a_login_holding_the_sync_lock_is_rolled_back() {
     assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
 }
 
+/// Names a synchronous standby that never connects, as a standby that is down (or a
+/// REPLICATION login posing as one that never confirms) does: from now on every commit
+/// and every end of a prepared transaction waits for it, with no timeout. Returns once a
+/// commit of another session is seen waiting (`SyncRep`), the proof that it does.
+fn hold_commits_for_an_absent_standby(cluster: &Cluster) -> Running {
+    cluster.psql("ALTER SYSTEM SET synchronous_standby_names = 'absent_standby'");
+    cluster.psql("SELECT pg_reload_conf()");
+    let mut probe = psql_superuser(&cluster.sock, cluster.port);
+    probe.args(["-c", "CREATE ROLE sync_rep_probe"]);
+    let probe = Running::spawn(probe);
+    wait_until(
+        Duration::from_secs(30),
+        "a commit to wait for the synchronous standby",
+        || {
+            cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'")
+                == "1"
+        },
+    );
+    probe
+}
+
+#[test]
+fn a_synchronous_standby_that_never_confirms_holds_neither_the_rotation_nor_a_rollback() {
+    // Commits that wait for standbys (the harness turns that off for speed).
+    let (cluster, keys, secrets) = set_up_on(Cluster::start_with(&ClusterOptions {
+        extra_conf: vec![
+            "max_prepared_transactions = 4".into(),
+            "synchronous_commit = on".into(),
+        ],
+        ..ClusterOptions::default()
+    }));
+    let own = known_password(&cluster, "appuser");
+    // A leaked login's prepared transaction holding the sync's lock: the watchdog must end
+    // it with ROLLBACK PREPARED, which waits for the standby too.
+    prepare_holding_sync_lock(&cluster, "appuser", &own, "held-lock");
+    let probe = hold_commits_for_an_absent_standby(&cluster);
+
+    let out = sync_bounded(&cluster, &keys, "1s", "5s");
+    let out = out.expect_ok();
+    out.expect_stderr("rolled back blocking prepared transactions of non-superusers: ");
+    assert_eq!(prepared_gids(&cluster), "");
+    // In force at once: a commit waiting for the standby would not be visible yet.
+    assert_rotated(&cluster, &secrets, &[&own], &out);
+    assert_eq!(
+        cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'"),
+        "1",
+        "the server still holds other commits for the standby"
+    );
+
+    cluster.psql("ALTER SYSTEM RESET synchronous_standby_names");
+    cluster.psql("SELECT pg_reload_conf()");
+    probe.finish(Duration::from_secs(30)).expect_ok();
+}
+
 #[test]
 fn a_superuser_prepared_transaction_is_named_and_never_rolled_back() {
     let (cluster, keys, secrets) = started_with_prepared_transactions();

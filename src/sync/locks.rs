@@ -563,6 +563,13 @@ impl<'a> Watchdog<'a> {
         let client = (self.connect)(Some(prepared.database.clone()))
             .await
             .with_context(|| format!("connecting to database {:?}", prepared.database))?;
+        // Ending a prepared transaction waits for a synchronous standby like a commit does
+        // (`sql::bounds`); a message of its own, since ROLLBACK PREPARED refuses to run
+        // inside the implicit transaction of a multi-statement message.
+        client
+            .batch_execute(&format!("SET {}", super::sql::SYNCHRONOUS_COMMIT_LOCAL))
+            .await
+            .context("not waiting for a synchronous standby")?;
         // A utility statement takes no parameters: the global id goes in as a literal.
         client
             .batch_execute(&format!(

@@ -438,7 +438,7 @@ async fn transaction(
         client
             .batch_execute(&settings.join("; "))
             .await
-            .context("suppressing statement logging and bounding lock waits")?;
+            .context("suppressing statement logging and bounding the transaction's waits")?;
         watchdog
             .guard(
                 "taking the sync lock",

@@ -42,15 +42,26 @@ pub const QUIET_SETTINGS: [&str; 9] = [
 /// (`locks`) could not end itself, for instance when it cannot open its second
 /// connection; a `deadlock_timeout` longer than every wait of ours means that in a
 /// deadlock the *other* session runs the check first and is the one rolled back.
-pub fn bounds(lock_timeout: Duration) -> [String; 3] {
+/// The COMMIT is the one wait no timeout reaches: with `synchronous_standby_names` set it
+/// waits, unbounded and invisible to others, for a standby to confirm, and a standby that
+/// is down (or a REPLICATION login posing as one that never confirms) would hold the
+/// rotation forever. `SYNCHRONOUS_COMMIT_LOCAL` lets it return once the change is durable
+/// on this server; standbys receive it like any other write, and a standby promoted
+/// before it arrived checks every role on promotion (the watch loop's failover path).
+pub fn bounds(lock_timeout: Duration) -> [String; 4] {
     let ms = lock_timeout.as_millis();
     [
         format!("SET LOCAL lock_timeout = {ms}"),
         // A little more than the lock wait, so a lock wait reports itself as one.
         format!("SET LOCAL statement_timeout = {}", ms + 1_000),
         format!("SET LOCAL deadlock_timeout = {}", ms + 2_000),
+        format!("SET LOCAL {SYNCHRONOUS_COMMIT_LOCAL}"),
     ]
 }
+
+/// A commit that waits for no standby (see `bounds`); the watchdog's `ROLLBACK PREPARED`
+/// sets it for its session too, since ending a transaction waits the same way.
+pub const SYNCHRONOUS_COMMIT_LOCAL: &str = "synchronous_commit = local";
 
 /// Sent first on every connection the sync opens as the superuser, before any other
 /// statement. The database it connects to may be owned by an ordinary login (a
@@ -118,5 +129,6 @@ mod tests {
         assert_eq!(bounds[0], "SET LOCAL lock_timeout = 12500");
         assert_eq!(bounds[1], "SET LOCAL statement_timeout = 13500");
         assert_eq!(bounds[2], "SET LOCAL deadlock_timeout = 14500");
+        assert_eq!(bounds[3], "SET LOCAL synchronous_commit = local");
     }
 }
