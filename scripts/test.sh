@@ -24,6 +24,8 @@ no_more_args "$@"
 
 ensure_postgres
 ensure_pgaudit
+# iptables: the test of a server that falls silent over TCP (tests/hardening.rs).
+ensure_commands iptables:iptables
 
 step "cargo fmt --check"
 cargo fmt --check

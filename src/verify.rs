@@ -397,11 +397,7 @@ async fn login(
         .ssl_mode(tokio_postgres::config::SslMode::Disable)
         .password(password.expose());
     let attempt = async {
-        // tokio resolves a name off the runtime's thread and tries each address in turn.
-        let stream = tokio::net::TcpStream::connect((host.as_str(), config.port))
-            .await
-            .with_context(|| format!("connecting to {host}:{}", config.port))?;
-        let _ = stream.set_nodelay(true);
+        let stream = crate::sync::connect::tcp_stream(host, config.port).await?;
         let scram_done = Arc::new(AtomicBool::new(false));
         let watched = Watched {
             inner: stream,

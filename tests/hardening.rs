@@ -645,3 +645,108 @@ both_modes!(
     sigterm_is_forwarded_while_the_servers_listen_backlog_is_full_as_pid1,
     sigterm_is_forwarded_while_the_servers_listen_backlog_is_full_as_subreaper
 );
+
+/// iptables rules that drop every packet to and from one local TCP port, as a network
+/// partition does to a server on another host: nothing is refused or reset, the peer just
+/// falls silent. Removed on drop.
+struct Partition {
+    port: u16,
+}
+
+impl Partition {
+    const DIRECTIONS: [&str; 2] = ["--dport", "--sport"];
+
+    fn start(port: u16) -> Option<Partition> {
+        let rule = |action: &str, direction: &str| {
+            Command::new("iptables")
+                .args([action, "INPUT", "-p", "tcp", direction, &port.to_string()])
+                .args(["-j", "DROP"])
+                .output()
+                .is_ok_and(|out| out.status.success())
+        };
+        if !rule("-I", Self::DIRECTIONS[0]) {
+            return None;
+        }
+        let partition = Partition { port };
+        assert!(rule("-I", Self::DIRECTIONS[1]), "iptables -I --sport");
+        Some(partition)
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        for direction in Self::DIRECTIONS {
+            let _ = Command::new("iptables")
+                .args(["-D", "INPUT", "-p", "tcp", direction])
+                .arg(self.port.to_string())
+                .args(["-j", "DROP"])
+                .output();
+        }
+    }
+}
+
+/// A server over TCP (a sidecar whose `PGHOST` is another host) that falls silent in the
+/// middle of a sync: the sync must notice within its TCP silence limit and fail, not wait
+/// for the kernel's default of hours. The sync is held up by a superuser's lock first (never
+/// ended, with a lock wait of ten minutes), so the partition meets it waiting for an
+/// answer only the server could end.
+#[test]
+fn a_server_that_falls_silent_over_tcp_ends_the_sync_instead_of_hanging_it() {
+    if !needs_root("a_server_that_falls_silent_over_tcp_ends_the_sync_instead_of_hanging_it") {
+        return;
+    }
+    let cluster = Cluster::start_default();
+    cluster.create_throwaway_roles(["appuser", "backupuser", "temporaluser"]);
+    let keys = Keys::new();
+    let first = keys.write_new(&DEFAULT_ROLES, "silent0");
+    cluster.run(bin_for("sync", &cluster, &keys)).expect_ok();
+    let mut holder = psql_superuser(&cluster.sock, cluster.port);
+    holder.args([
+        "-c",
+        "SELECT pg_advisory_lock(x'7067707773796e63'::bigint)",
+        "-c",
+        "SELECT pg_sleep(3600)",
+    ]);
+    let _holder = Running::spawn(holder);
+    wait_until(Duration::from_secs(30), "the lock to be held", || {
+        cluster.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted") == "1"
+    });
+
+    // New passwords for the roles; the superuser's stays, since the sync logs in with it.
+    let next = keys.write_new(&DEFAULT_ROLES[1..], "silent1");
+    let mut cmd = bin();
+    cmd.args(["sync", "--pghost", "127.0.0.1", "--pgport"])
+        .arg(cluster.port.to_string())
+        .arg("--keys-dir")
+        .arg(keys.path())
+        .arg("--secrets-source-dir")
+        .arg(keys.path().join("no-such-dir"))
+        .args(["--temporal-db-user", "temporaluser"])
+        .env("PG_PASSWORD_SYNC_LOCK_WAIT_TIMEOUT", "600s")
+        .env("PG_CONNECT_TIMEOUT", "5s");
+    let sync = Running::spawn(cmd).with_server_log(&cluster.log);
+    sync.wait_stderr(
+        Duration::from_secs(30),
+        "the sync is blocked by other sessions",
+    );
+    let Some(partition) = Partition::start(cluster.port) else {
+        skip("iptables cannot add a rule here");
+        return;
+    };
+    let cut = Instant::now();
+    // The silence limit (15 s) and a connect attempt of the watchdog (5 s) at most; twice
+    // that as the liveness bound. Without the limit the sync waits for hours.
+    let out = sync.finish(Duration::from_secs(60));
+    let noticed = cut.elapsed();
+    drop(partition);
+    eprintln!("the sync ended {noticed:?} after the server fell silent");
+    // The statement in flight fails (a SQL failure: run and watch retry it with backoff).
+    let out = out.expect_code(5);
+    out.expect_stderr("taking the sync lock: connection closed");
+    // Nothing was applied: the first passwords still log in.
+    for ((role, _), password) in DEFAULT_ROLES.iter().zip(&first) {
+        cluster.assert_login(role, password);
+    }
+    let secrets: Vec<&str> = first.iter().chain(&next).map(String::as_str).collect();
+    assert_no_leak(&secrets, Some(&cluster), &[&out]);
+}

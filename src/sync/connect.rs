@@ -12,7 +12,9 @@
 //! Passwords are handed to tokio-postgres in memory; nothing goes through argv or env.
 //! No connect blocks the runtime's thread (which forwards `run`'s signals): the socket is
 //! non-blocking, a full listen backlog is retried, and the configured connect timeout
-//! bounds the whole attempt.
+//! bounds the whole attempt. Over TCP, a server that falls silent once connected (its host
+//! gone, a partition) is noticed within `TCP_SILENCE_LIMIT` instead of the kernel's default
+//! of hours: the server's own timeouts cannot end a wait whose answer never arrives.
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream as StdUnixStream;
@@ -103,8 +105,8 @@ pub async fn connect(config: &Config, user: &str, auth: &Auth<'_>) -> anyhow::Re
                 client
             }
             Host::Tcp(host) => {
-                pg.host(host).port(config.port);
-                let (client, connection) = pg.connect(NoTls).await?;
+                let stream = tcp_stream(host, config.port).await?;
+                let (client, connection) = pg.connect_raw(stream, NoTls).await?;
                 spawn_connection(connection);
                 client
             }
@@ -114,6 +116,43 @@ pub async fn connect(config: &Config, user: &str, auth: &Auth<'_>) -> anyhow::Re
     tokio::time::timeout(config.connect_timeout, attempt)
         .await
         .map_err(|_| anyhow!("timed out after {:?}", config.connect_timeout))?
+}
+
+/// How long a TCP peer may leave what we sent unacknowledged, or a keepalive probe
+/// unanswered, before the connection counts as lost. A live server's kernel acknowledges
+/// at once, however long the server itself takes to answer (a lock wait of the sync), so
+/// this only ends connections to a server that is gone.
+pub const TCP_SILENCE_LIMIT: Duration = Duration::from_secs(15);
+/// Keepalive probes while waiting for an answer: the first after this much quiet, then one
+/// every `TCP_KEEPALIVE_INTERVAL`, so a silent peer is noticed within the limit above even
+/// when we have nothing left to send.
+const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const TCP_KEEPALIVE_RETRIES: u32 = 5;
+
+/// A TCP connection to `host:port` (a name is resolved off the runtime's thread, and each
+/// address tried in turn) whose silence is bounded by `TCP_SILENCE_LIMIT`: the one way
+/// both the sync and `verify` reach a server over TCP.
+pub async fn tcp_stream(host: &str, port: u16) -> anyhow::Result<tokio::net::TcpStream> {
+    let stream = tokio::net::TcpStream::connect((host, port))
+        .await
+        .with_context(|| format!("connecting to {host}:{port}"))?;
+    // Small request/answer messages: no waiting to fill a segment.
+    stream.set_nodelay(true).context("setting TCP_NODELAY")?;
+    let socket = socket2::SockRef::from(&stream);
+    socket
+        .set_tcp_keepalive(
+            &socket2::TcpKeepalive::new()
+                .with_time(TCP_KEEPALIVE_IDLE)
+                .with_interval(TCP_KEEPALIVE_INTERVAL)
+                .with_retries(TCP_KEEPALIVE_RETRIES),
+        )
+        .context("setting TCP keepalives")?;
+    // TCP_USER_TIMEOUT also caps the keepalive probes: whichever comes first ends it.
+    socket
+        .set_tcp_user_timeout(Some(TCP_SILENCE_LIMIT))
+        .context("setting TCP_USER_TIMEOUT")?;
+    Ok(stream)
 }
 
 /// Drives a connection in the background; its end is logged at debug level only.
