@@ -1,7 +1,8 @@
 //! Overlap mode's sync side against real PostgreSQL 15 clusters: twin logins created in the
 //! password transaction, sessions through a twin acting as the role, the published login
 //! switching with the server enforcing the old one's grace, `pg_service.conf` checked
-//! against the password files, `verify --overlap`, and turning overlap off.
+//! against the password files and read as real libpq (psql) reads it, `verify --overlap`,
+//! and turning overlap off.
 //!
 //! Every wait is a poll for the observable outcome under a generous liveness bound.
 
@@ -519,6 +520,121 @@ fn a_service_file_that_disagrees_with_the_password_files_applies_nothing() {
     let refs: Vec<&Run> = runs.iter().collect();
     let mut secrets = s.pw.all();
     secrets.push(&applied_backup);
+    assert_no_leak(&secrets, Some(&s.cluster), &refs);
+}
+
+/// What libpq makes of `pg_service.conf` for `role`: `psql` connecting over TCP as an
+/// application does (`PGSERVICEFILE` + `PGSERVICE`, the port from the environment, no
+/// password file, no system-wide service file, never a prompt). The login libpq used
+/// (`session_user`: a twin's `current_user` is its role), or psql's message, which names
+/// logins and never passwords.
+fn libpq_login(s: &Setup, role: &str) -> Result<String, String> {
+    let out = std::process::Command::new(pg_bin("psql"))
+        .args(["-X", "-w", "-q", "-A", "-t", "-c", "SELECT session_user"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("PGSERVICEFILE", s.keys.path().join("pg_service.conf"))
+        .env("PGSERVICE", role)
+        .env("PGPORT", s.cluster.port.to_string())
+        .env("PGDATABASE", "postgres")
+        .env("PGPASSFILE", s.keys.path().join("no-such-pgpass"))
+        .env("PGSYSCONFDIR", s.keys.path().join("no-such-dir"))
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    }
+}
+
+/// A `key=…` line libpq 14-18 reads as several: it reads a line with `fgets` into 1024
+/// bytes and checks its length with `strlen`, so a NUL hides the rest of the 1023 bytes,
+/// and the next read resumes in the middle of the physical line. `hidden` are the lines
+/// libpq sees after `visible`; a reader of whole lines sees one setting.
+fn nul_split_line(visible: &str, hidden: &[&str]) -> String {
+    let mut line = String::new();
+    for (i, piece) in std::iter::once(visible)
+        .chain(hidden.iter().copied())
+        .enumerate()
+    {
+        let start = line.len();
+        line.push_str(piece);
+        if i < hidden.len() {
+            line.push('\0');
+            line.push_str(&"A".repeat(1023 - (line.len() - start)));
+        }
+    }
+    line
+}
+
+#[test]
+fn what_the_sync_accepts_in_pg_service_conf_is_what_libpq_logs_in_with() {
+    let mut s = setup(twin);
+    // A published password with what a reader could get wrong: leading blank, `#`, `=`,
+    // quotes, backslash, a tab, non-ASCII letters. libpq takes the value verbatim.
+    let tricky = unique(" #lead=ing 'q\"\\\tü ß");
+    s.keys.write("postgres_app_user_alt_pw", &tricky);
+    s.pw.set("appuser_alt", tricky);
+    let published: Vec<(&str, String)> = ROLES.iter().map(|(r, _)| (*r, twin(r))).collect();
+    s.publish(&published);
+    let mallory = unique("mallory pw");
+    s.cluster.create_roles(&[("mallory", &mallory)]);
+    s.cluster.clear_log();
+    let ok = s.sync(&[]).expect_ok();
+    // The equivalence the check rests on: libpq logs in with exactly the published login
+    // and password the sync accepted and applied.
+    assert_eq!(libpq_login(&s, "appuser"), Ok("appuser_alt".to_owned()));
+    assert_eq!(
+        libpq_login(&s, "backupuser"),
+        Ok("backupuser_alt".to_owned())
+    );
+
+    let good = s.service_text(&published);
+    let alt = s.pw.get("appuser_alt").to_owned();
+    let split = nul_split_line(
+        "application_name=app",
+        &["user=mallory", &format!("password={mallory}")],
+    );
+    // (what libpq does with it, as measured with psql 15; the file; its line to name)
+    let cases = [
+        (
+            // libpq logs in as mallory, with mallory's password from the same hidden line.
+            Ok("mallory".to_owned()),
+            good.replacen("[appuser]\n", &format!("[appuser]\n{split}\n"), 1),
+            "line 4:",
+        ),
+        (
+            // libpq keeps a trailing U+00A0 (not `isspace` in C or UTF-8 locales) and sends
+            // a password the server refuses.
+            Err("password authentication failed".to_owned()),
+            good.replacen(
+                &format!("password={alt}\n"),
+                &format!("password={alt}\u{a0}\n"),
+                1,
+            ),
+            "line 5:",
+        ),
+    ];
+    let mut runs = vec![ok];
+    for (libpq, text, line) in cases {
+        s.keys.write_raw("pg_service.conf", text.as_bytes());
+        match (libpq_login(&s, "appuser"), libpq) {
+            (Ok(got), Ok(want)) => assert_eq!(got, want),
+            (Err(got), Err(want)) => assert!(got.contains(&want), "{got}"),
+            (got, want) => panic!("libpq: {got:?}, measured: {want:?}"),
+        }
+        let out = s.sync(&[]).expect_code(3);
+        out.expect_stderr("pg_service.conf");
+        out.expect_stderr(line);
+        assert!(out.stdout.is_empty(), "{}", out.describe());
+        runs.push(out);
+    }
+    s.assert_login("appuser_alt");
+    let refs: Vec<&Run> = runs.iter().collect();
+    let mut secrets = s.pw.all();
+    secrets.push(&mallory);
     assert_no_leak(&secrets, Some(&s.cluster), &refs);
 }
 
