@@ -16,7 +16,8 @@
 //! 2. back up the complete set, as `generate --force` does;
 //! 3. stage: new passwords for the unpublished logins and for the single-login secrets;
 //!    a small record of the stage (`rotate-pending.json`, no values) lets a killed run be
-//!    aborted;
+//!    aborted (a run killed after its publish but before removing the record is complete:
+//!    `--abort` and `--publish-only` then only remove the record);
 //! 4. wait until every staged login logs in over TCP (a wrong password refused first);
 //!    on timeout, error or signal restore the staged files byte for byte and fail;
 //! 5. publish; 6. check the published logins and report per role.
@@ -49,7 +50,7 @@ use crate::sync::connect;
 use crate::verify::{Login, checked_login};
 use grace::check_grace;
 use set::RoleSet;
-use stage::{PENDING_FILE, Pending, Staged, publish, remove_pending, rollback};
+use stage::{PENDING_FILE, Pending, Staged, finish_published, publish, remove_pending, rollback};
 
 /// How often the wait step retries the staged logins.
 const POLL: Duration = Duration::from_millis(500);
@@ -125,11 +126,24 @@ async fn rotate(settings: RotateSettings) -> anyhow::Result<u8> {
     match phase {
         Phase::Abort => {
             let pending = Pending::read(locked.root())?;
+            // A run killed between its publish and the record's removal: the rotation is
+            // done, and rolling the staged files back under the new pg_service.conf would
+            // leave a set the sync refuses (see `finish_published`).
+            if pending.already_published(locked.keys())? {
+                finish_published(locked.root(), &pending)?;
+                return Ok(0);
+            }
             rollback(&locked, &pending)?;
             return Ok(0);
         }
         Phase::PublishOnly => {
             let pending = Pending::read(locked.root())?;
+            // The same state: the staged logins are no longer the unpublished ones, which
+            // `staged_from_files` would refuse, so there would be no way forward at all.
+            if pending.already_published(locked.keys())? {
+                finish_published(locked.root(), &pending)?;
+                return Ok(0);
+            }
             let set = RoleSet::read(&config, locked.keys(), &settings.twin_suffix)?;
             let staged = pending.staged_from_files(&set)?;
             publish(locked.keys(), &set, &staged)?;

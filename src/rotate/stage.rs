@@ -55,6 +55,40 @@ impl Pending {
         Ok(root.stat(PENDING_FILE)?.is_some())
     }
 
+    /// Whether `pg_service.conf` already publishes every staged login: the run that
+    /// published was killed (or failed) before it removed the record. Only the publish
+    /// writes `pg_service.conf`, in one rename, so it names all of the staged logins or
+    /// none of them; anything else is not a state a rotation leaves, and is refused. A
+    /// file that cannot be read or parsed was not written by the publish: not published.
+    pub(super) fn already_published(&self, keys: &Dir) -> anyhow::Result<bool> {
+        let Ok(bytes) = files::read_exact(keys, SERVICE_FILE) else {
+            return Ok(false);
+        };
+        let Some(service) = std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|text| service_file::parse(text).ok())
+        else {
+            return Ok(false);
+        };
+        let named = self
+            .logins
+            .iter()
+            .filter(|(role, login, _)| {
+                service.get(role).and_then(|s| s.user.as_deref()) == Some(login.as_str())
+            })
+            .count();
+        match named {
+            0 => Ok(false),
+            n if n == self.logins.len() => Ok(true),
+            _ => Err(anyhow::anyhow!(
+                "{} publishes some of the staged logins but not all: not a state a rotation \
+                 leaves; restore a backup with `generate --restore`",
+                keys.shown(SERVICE_FILE)
+            ))
+            .context(Failure::Config),
+        }
+    }
+
     /// The staged logins with the passwords their files hold now (`--publish-only`).
     pub(super) fn staged_from_files(&self, set: &RoleSet) -> anyhow::Result<Vec<Staged>> {
         self.logins
@@ -178,6 +212,26 @@ pub(super) fn rollback(locked: &Locked, pending: &Pending) -> anyhow::Result<()>
     Ok(())
 }
 
+/// Ends a stage that was already published (`Pending::already_published`): the rotation
+/// is complete, so only the record goes. Undoing it instead would restore the published
+/// login's file but not `pg_service.conf` (which the stage never wrote), a set the sync
+/// refuses; and restoring both would take back a credential applications may already
+/// hold, which the server would stop accepting.
+pub(super) fn finish_published(root: &Dir, pending: &Pending) -> anyhow::Result<()> {
+    remove_pending(root)?;
+    for (role, login, _) in &pending.logins {
+        println!(
+            "login {login:?} of role {role:?} was already published (the run ended before \
+             removing {PENDING_FILE}); nothing to undo"
+        );
+    }
+    println!(
+        "the rotation is complete; removed {}",
+        root.shown(PENDING_FILE)
+    );
+    Ok(())
+}
+
 pub(super) fn remove_pending(root: &Dir) -> anyhow::Result<()> {
     root.remove_file(PENDING_FILE)?;
     root.sync()
@@ -198,4 +252,46 @@ pub(super) fn publish(keys: &Dir, set: &RoleSet, staged: &[Staged]) -> anyhow::R
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending() -> Pending {
+        Pending {
+            backup: "backup-20250101-000000".into(),
+            files: vec!["a_alt.txt".into(), "b_alt.txt".into()],
+            created: Vec::new(),
+            logins: vec![
+                ("a".into(), "a_alt".into(), "a_alt.txt".into()),
+                ("b".into(), "b_alt".into(), "b_alt.txt".into()),
+            ],
+        }
+    }
+
+    #[test]
+    fn a_stage_counts_as_published_only_when_every_staged_login_is() {
+        let tmp = tempfile::tempdir().unwrap();
+        let keys = Dir::open_path(tmp.path()).unwrap().unwrap();
+        let service = |a: &str, b: &str| {
+            let text = format!("[a]\nuser={a}\npassword=p\n\n[b]\nuser={b}\npassword=q\n");
+            std::fs::write(tmp.path().join(SERVICE_FILE), text).unwrap();
+        };
+        // No file, or one the publish cannot have written: not published.
+        assert!(!pending().already_published(&keys).unwrap());
+        std::fs::write(tmp.path().join(SERVICE_FILE), "user=x\n[a\n").unwrap();
+        assert!(!pending().already_published(&keys).unwrap());
+        service("a", "b");
+        assert!(!pending().already_published(&keys).unwrap());
+        service("a_alt", "b_alt");
+        assert!(pending().already_published(&keys).unwrap());
+        // Half published is no state of ours.
+        service("a_alt", "b");
+        let err = pending().already_published(&keys).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("some of the staged logins"),
+            "{err:#}"
+        );
+    }
 }
