@@ -420,7 +420,11 @@ impl Locked {
 /// Holds `generate`'s exclusive lock on the secrets directory `root` (and prepares
 /// `keys/` as `generate` does), so a rotation and a `generate` never interleave.
 pub fn lock(root: &Path) -> anyhow::Result<Locked> {
-    super::lock_and_prepare(root).map(Locked)
+    let locked = super::lock_and_prepare(root)?;
+    // `rotate` also writes its record (`rotate-pending.json`) in the directory itself: the
+    // temp file of a run killed while writing it is removed here, as `keys/`'s are.
+    atomic::remove_leftovers(&locked.root)?;
+    Ok(Locked(locked))
 }
 
 /// Replaces `dir/name` atomically and durably (mode 0600; a link there is replaced, never
