@@ -1,8 +1,9 @@
 //! Overlap mode's files and `rotate` against real PostgreSQL 15 clusters: `generate
 //! --overlap`, the staged rotation (stage, wait for checked TCP logins, publish), its
 //! refusals (a login inside its grace period or still open, a server that trusts the
-//! connection), the rollback when the staged logins never log in, and the split run
-//! (`--stage-only`, `--publish-only`, `--abort`).
+//! connection), the rollback when the staged logins never log in, the split run
+//! (`--stage-only`, `--publish-only`, `--abort`), and `rotate` SIGKILLed at moments spread
+//! over every stage (the set stays one the sync accepts, `--abort` ends a pending record).
 //!
 //! Most tests play the sync's database side by hand (`act_as_sync`, `apply_stage_by_hand`)
 //! so that they test `rotate` alone; the tests named `with_the_sync_…` run the real
@@ -475,4 +476,450 @@ fn a_service_file_that_disagrees_with_the_password_files_is_refused_before_any_w
     assert_eq!(source.snapshot(), before);
     assert_eq!(source.backups().len(), backups, "a backup was made");
     assert_no_leak(&[&own, &twin], None, &[&refused]);
+}
+
+// ---- SIGKILL at any moment -----------------------------------------------------------
+
+/// Microseconds `rotate` sleeps between the steps of each write (`keyfiles/atomic.rs`'s
+/// test hook, which the backup, the record, the staged files and the publish all go
+/// through), so kills land inside every step rather than between whole writes.
+const KILL_DELAY_US: &str = "10000";
+
+/// Kill moments spread evenly over one uninterrupted run.
+const SPREAD_KILLS: u32 = 40;
+
+/// Files a rotation writes: the two unpublished logins' and the six single-login secrets.
+const STAGED_COUNT: usize = 8;
+
+/// Where a killed rotation stopped, read from what it left and what it printed (the
+/// report's buckets; stdout is line-buffered, so every line printed before the kill is
+/// there).
+fn landed(
+    before: &std::collections::BTreeMap<String, Vec<u8>>,
+    after: &std::collections::BTreeMap<String, Vec<u8>>,
+    pending: bool,
+    new_backup: bool,
+    backup_staging_left: bool,
+    stdout: &str,
+    finished: bool,
+) -> &'static str {
+    let service_changed = after[SERVICE_FILE] != before[SERVICE_FILE];
+    let changed = before.iter().filter(|(f, v)| after[*f] != **v).count();
+    let logged_in = stdout.matches("logs in with its staged password").count();
+    match (pending, service_changed) {
+        _ if finished => "after the end (the run had completed)",
+        (false, true) => "published and record removed (final check)",
+        (true, true) => "published, record not yet removed",
+        (true, false) if changed == STAGED_COUNT && !stdout.contains("waiting up to") => {
+            "every file staged, last write finishing"
+        }
+        (true, false) if changed == STAGED_COUNT && logged_in < PAIRS.len() => {
+            "waiting for the staged logins"
+        }
+        (true, false) if changed == STAGED_COUNT => "publishing (before the rename)",
+        (true, false) if changed > 0 => "staging (some files written)",
+        (true, false) => "record written, nothing staged yet",
+        (false, false) if new_backup => "backup done, record not yet written",
+        (false, false) if backup_staging_left => "copying the backup",
+        (false, false) => "grace check (before the backup)",
+    }
+}
+
+/// The names in `dir` that are neither `allowed` nor a temp file of a killed write
+/// (`.NAME.tmp-…`, which nothing reads as a secret).
+fn unexpected_entries(dir: &std::path::Path, allowed: impl Fn(&str) -> bool) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !(allowed(n) || is_temp(n)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A temp file or staging directory of a write (`keyfiles/atomic.rs`'s names).
+fn is_temp(name: &str) -> bool {
+    name.starts_with('.') && name.contains(".tmp-")
+}
+
+/// The hidden entries (temp files, staging directories) of `dir`.
+fn hidden_entries(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The state a crash test carries from round to round.
+struct Crashes<'a> {
+    cluster: &'a Cluster,
+    source: &'a Source,
+    /// The set before the current round's rotation.
+    before: std::collections::BTreeMap<String, Vec<u8>>,
+    /// Every value seen in the set (never printed; compared with every output at the end).
+    secrets: std::collections::BTreeSet<String>,
+    runs: Vec<Run>,
+    landed: std::collections::BTreeMap<&'static str, u32>,
+}
+
+impl Crashes<'_> {
+    /// `rotate` (full run) with the test delay; `--force` because after each completed
+    /// round the login to re-key next is inside its grace period (the watcher's 60 s):
+    /// the grace check still runs and is killed like every other step, it only does not
+    /// refuse.
+    fn rotate(&self) -> std::process::Command {
+        let mut cmd = rotate_cmd(
+            self.source.path(),
+            self.cluster.port,
+            &["--wait", "30s", "--force"],
+        );
+        cmd.env("PG_PASSWORD_SYNC_TEST_DELAY_US", KILL_DELAY_US);
+        cmd
+    }
+
+    /// One-shot `sync --overlap` over the keys (the sync the invariants are about).
+    fn sync(&mut self) -> Run {
+        let none = self.source.path().join("no-source-dir");
+        let mut cmd = bin();
+        cmd.arg("sync")
+            .args(self.cluster.conn_args())
+            .arg("--keys-dir")
+            .arg(self.source.keys())
+            .arg("--secrets-source-dir")
+            .arg(none)
+            .args(["--overlap", "--grace", "60s"]);
+        self.cluster.run(cmd)
+    }
+
+    fn remember_values(&mut self) {
+        for (file, value) in self.source.snapshot() {
+            if file == SERVICE_FILE || OIDC_FILES.contains(&file.as_str()) {
+                // The service file repeats the login files' values; the OIDC values are
+                // the fixture's constants, which other tests' processes carry.
+                continue;
+            }
+            let text = String::from_utf8(value).unwrap();
+            self.secrets
+                .insert(text.trim_end_matches(['\n', '\r']).to_owned());
+        }
+    }
+
+    /// Checks every invariant after a rotation that ended (killed or not) at `what`,
+    /// brings the set back the way the README says (`rotate --abort` while a record is
+    /// pending), and makes the result the next round's starting set.
+    fn check(&mut self, what: &str, killed: Run, backups_before: usize, recover: &str) {
+        let before = self.before.clone();
+        let after = self.source.snapshot();
+        self.remember_values();
+        let root = self.source.path();
+        let pending = root.join("rotate-pending.json").exists();
+        let new_backup = self.source.backups().len() > backups_before;
+        let staging_left = !hidden_entries(&root.join("backups")).is_empty();
+        let stage = landed(
+            &before,
+            &after,
+            pending,
+            new_backup,
+            staging_left,
+            &killed.stdout,
+            killed.status.success(),
+        );
+        *self.landed.entry(stage).or_default() += 1;
+        let context = format!("{what}: killed at {stage:?}, exit {}", killed.status);
+
+        // (a) Every file of the set is there, complete (atomic renames); anything else in
+        // keys/ or backups/ is a temp of the killed write, which nothing reads as a
+        // secret and the next locked run removes.
+        let names: Vec<&String> = after.keys().collect();
+        let expected: Vec<&String> = before.keys().collect();
+        assert_eq!(names, expected, "{context}: the set's files changed");
+        let changed: Vec<&str> = before
+            .iter()
+            .filter(|(f, v)| after[*f] != **v)
+            .map(|(f, _)| f.as_str())
+            .collect();
+        for file in &changed {
+            let value = &after[*file];
+            if *file == SERVICE_FILE {
+                continue;
+            }
+            assert!(
+                value.len() >= 32 && !value.contains(&b'\n'),
+                "{context}: {file} is torn"
+            );
+        }
+        let stray = unexpected_entries(&self.source.keys(), |n| before.contains_key(n));
+        assert!(
+            stray.is_empty(),
+            "{context}: unexpected in keys/: {stray:?}"
+        );
+        let stray = unexpected_entries(&root.join("backups"), |n| n.starts_with("backup-"));
+        assert!(
+            stray.is_empty(),
+            "{context}: unexpected in backups/: {stray:?}"
+        );
+        let stray = unexpected_entries(root, |n| {
+            ["keys", "backups", "rotate-pending.json", "no-source-dir"].contains(&n)
+        });
+        assert!(
+            stray.is_empty(),
+            "{context}: unexpected in the directory: {stray:?}"
+        );
+
+        // (d) A complete backup of the previous set exists as soon as anything differs,
+        // and every named backup is complete.
+        if !changed.is_empty() {
+            assert!(
+                self.source
+                    .backups()
+                    .iter()
+                    .any(|b| snapshot(&b.join("keys")) == before),
+                "{context}: {changed:?} changed but no backup holds the previous set"
+            );
+        }
+        for backup in self.source.backups() {
+            assert_eq!(
+                snapshot(&backup.join("keys")).len(),
+                before.len(),
+                "{context}: {} is incomplete",
+                backup.display()
+            );
+        }
+
+        // (b) The sync accepts the set as the kill left it (a stage never touches a
+        // published login or pg_service.conf, and the publish is one rename) …
+        let first = self.sync();
+        let first = first.expect_ok();
+        self.runs.push(first);
+        self.runs.push(killed);
+        // … and a pending record is ended as the refusal of a re-run says: `--abort`
+        // undoes it byte for byte before the publish; after the publish (killed before
+        // the record was removed) `--abort` and `--publish-only` both keep the published
+        // set and remove the record: undoing it would take back the credential
+        // applications may already use.
+        if pending {
+            let ended = self
+                .cluster
+                .run(rotate_cmd(root, self.cluster.port, &[recover]));
+            let ended = ended.expect_ok();
+            let restored = self.source.snapshot();
+            if after[SERVICE_FILE] == before[SERVICE_FILE] {
+                assert_eq!(recover, "--abort", "{context}: only --abort is tried here");
+                // (Compared, never printed: the values are secrets.)
+                assert!(
+                    restored == before,
+                    "{context}: --abort did not restore the set"
+                );
+            } else {
+                assert!(restored == after, "{context}: {recover} undid a publish");
+            }
+            assert!(
+                !root.join("rotate-pending.json").exists(),
+                "{context}: {recover} left the record"
+            );
+            for dir in [self.source.keys(), root.join("backups")] {
+                let left = hidden_entries(&dir);
+                assert!(left.is_empty(), "{context}: {recover} left {left:?}");
+            }
+            self.runs.push(ended);
+            let synced = self.sync();
+            let synced = synced.expect_ok();
+            self.runs.push(synced);
+        }
+
+        // (c) What pg_service.conf publishes logs in, after the sync.
+        for (role, ..) in PAIRS {
+            let (login, password) = self.source.published(role);
+            if let Err(err) = self.cluster.login(&login, &password) {
+                panic!("{context}: role {role}'s published login {login} fails: {err}");
+            }
+        }
+        self.before = self.source.snapshot();
+    }
+
+    /// Runs a rotation and SIGKILLs it `at` after its start, or with `moment`, `at` after
+    /// `moment` (given the files and the set before the run) holds, polled every
+    /// millisecond.
+    fn kill(&mut self, what: &str, at: Duration, moment: Option<Moment>, recover: &str) {
+        use nix::sys::signal::Signal;
+        let backups = self.source.backups().len();
+        let mut running = Running::spawn(self.rotate()).with_server_log(&self.cluster.log);
+        if let Some(moment) = moment {
+            let started = std::time::Instant::now();
+            while !moment(self.source, &self.before) {
+                // (`is_running` reaps an exited child: it is never signalled then.)
+                assert!(
+                    running.is_running(),
+                    "{what}: rotate ended before its moment"
+                );
+                assert!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "{what}: the moment never came"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        std::thread::sleep(at);
+        // A child that already exited but is not reaped (a moment after the run's end) is
+        // a zombie: the signal reaches nothing, and the round checks a finished run.
+        running.signal(Signal::SIGKILL);
+        let killed = running.finish(Duration::from_secs(30));
+        self.check(what, killed, backups, recover);
+    }
+}
+
+/// A moment of a rotation, told by its files and the set before it.
+type Moment = fn(&Source, &std::collections::BTreeMap<String, Vec<u8>>) -> bool;
+
+/// The backup is being copied (its staging directory exists).
+fn copying(s: &Source, _: &std::collections::BTreeMap<String, Vec<u8>>) -> bool {
+    !hidden_entries(&s.path().join("backups")).is_empty()
+}
+
+/// The record is being written (its temp file exists in the directory itself).
+fn recording(s: &Source, _: &std::collections::BTreeMap<String, Vec<u8>>) -> bool {
+    hidden_entries(s.path())
+        .iter()
+        .any(|n| n.starts_with(".rotate-pending.json"))
+}
+
+/// The record is written.
+fn recorded(s: &Source, _: &std::collections::BTreeMap<String, Vec<u8>>) -> bool {
+    s.path().join("rotate-pending.json").exists()
+}
+
+/// The superuser's file, the third of the eight staged writes, is replaced.
+fn staging(s: &Source, before: &std::collections::BTreeMap<String, Vec<u8>>) -> bool {
+    changed(s, before, "postgres_password.txt")
+}
+
+/// All eight files are staged (the last write's trailing steps and the wait follow).
+fn all_staged(s: &Source, before: &std::collections::BTreeMap<String, Vec<u8>>) -> bool {
+    let now = s.snapshot();
+    before
+        .iter()
+        .filter(|(f, v)| now.get(*f) != Some(*v))
+        .count()
+        == STAGED_COUNT
+}
+
+/// `pg_service.conf` is replaced (the record is removed next).
+fn published_now(s: &Source, before: &std::collections::BTreeMap<String, Vec<u8>>) -> bool {
+    changed(s, before, SERVICE_FILE)
+}
+
+/// Published and the record removed: the final check runs.
+fn checking(s: &Source, before: &std::collections::BTreeMap<String, Vec<u8>>) -> bool {
+    published_now(s, before) && !recorded(s, before)
+}
+
+fn changed(s: &Source, before: &std::collections::BTreeMap<String, Vec<u8>>, file: &str) -> bool {
+    std::fs::read(s.keys().join(file)).ok().as_ref() != before.get(file)
+}
+
+/// `rotate` SIGKILLed at 40 moments spread over a whole run (grace check, backup, record,
+/// staged writes, the wait, publish, final check) and at nine moments picked by what it
+/// has written, among them the narrow one between the publish and the record's removal.
+/// The real `watch --overlap` plays the database side, so the wait succeeds. After every
+/// kill: no torn or stray file, a complete backup of the previous set, the sync accepts
+/// the set as left, `rotate --abort` undoes a pending record (`--publish-only` finishes a
+/// published one), the published logins log in, and no value reaches any output.
+#[test]
+fn rotate_killed_at_any_moment_leaves_a_consistent_set_and_working_published_logins() {
+    let cluster = Cluster::start_default();
+    create_app_roles(&cluster);
+    let source = Source::generate();
+    let (mut watcher, _state) = overlap_watcher(&cluster, &source.keys(), "60s");
+    assert_still_running(&mut watcher);
+    wait_until(Duration::from_secs(30), "the first sync", || {
+        PAIRS.iter().all(|(role, ..)| {
+            let (login, password) = source.published(role);
+            cluster.login(&login, &password).is_ok()
+        })
+    });
+    let mut crashes = Crashes {
+        cluster: &cluster,
+        source: &source,
+        before: source.snapshot(),
+        secrets: Default::default(),
+        runs: Vec::new(),
+        landed: Default::default(),
+    };
+    crashes.remember_values();
+
+    // Calibrate: one uninterrupted run (checked like the killed ones).
+    let began = std::time::Instant::now();
+    let backups = source.backups().len();
+    let full = run(crashes.rotate()).with_server_log(&cluster.log);
+    let full = full.expect_ok();
+    let length = full.elapsed;
+    crashes.check("uninterrupted", full, backups, "--abort");
+    crashes.landed.clear();
+
+    for i in 0..SPREAD_KILLS {
+        let at = length.mul_f64((f64::from(i) + 0.5) / f64::from(SPREAD_KILLS));
+        crashes.kill(&format!("kill {i} at {at:?}"), at, None, "--abort");
+    }
+
+    // Moments too narrow (or too early) for the spread, found by what the run has written.
+    let zero = Duration::ZERO;
+    let ms = Duration::from_millis;
+    crashes.kill("just after the start", ms(2), None, "--abort");
+    crashes.kill("while copying the backup", zero, Some(copying), "--abort");
+    // Its temp file is left in the directory, outside keys/: before the fix nothing
+    // removed it, and the check after the last run below found it.
+    crashes.kill("while writing the record", zero, Some(recording), "--abort");
+    crashes.kill("right after the record", zero, Some(recorded), "--abort");
+    crashes.kill("among the staged writes", zero, Some(staging), "--abort");
+    // The last write's two trailing steps take 20 ms; then the wait begins.
+    crashes.kill("in the wait", ms(25), Some(all_staged), "--abort");
+    // Before the fix, `--abort` here restored the published login's file under the new
+    // pg_service.conf (a set the sync refused) and `--publish-only` refused to go on.
+    crashes.kill("after the publish", zero, Some(published_now), "--abort");
+    crashes.kill(
+        "after the publish",
+        zero,
+        Some(published_now),
+        "--publish-only",
+    );
+    crashes.kill("in the final check", zero, Some(checking), "--abort");
+
+    // A run after all that completes, and leaves no temp file anywhere.
+    let backups = source.backups().len();
+    let last = run(crashes.rotate()).with_server_log(&cluster.log);
+    let last = last.expect_ok();
+    crashes.check("last", last, backups, "--abort");
+    for dir in [
+        source.keys(),
+        source.path().join("backups"),
+        source.path().to_owned(),
+    ] {
+        let left = hidden_entries(&dir);
+        assert!(left.is_empty(), "{} keeps {left:?}", dir.display());
+    }
+
+    let secrets: Vec<&str> = crashes.secrets.iter().map(String::as_str).collect();
+    let runs: Vec<&Run> = crashes.runs.iter().collect();
+    assert_no_leak(&secrets, Some(&cluster), &runs);
+    eprintln!(
+        "one run: {length:?}; {} kills in {:?}; landed: {:?}",
+        SPREAD_KILLS + 9,
+        began.elapsed(),
+        crashes.landed
+    );
+    assert!(
+        crashes.landed.len() >= 5
+            && crashes
+                .landed
+                .contains_key("published, record not yet removed"),
+        "the kills did not spread over the stages: {:?}",
+        crashes.landed
+    );
 }
