@@ -307,6 +307,37 @@ fn a_server_that_accepts_a_wrong_password_is_never_taken_as_proof() {
     assert_eq!(source.snapshot(), before);
 }
 
+/// A run killed while staging leaves a login whose file still holds its password from
+/// before the rotation (the server let it expire): `--publish-only` must refuse to publish
+/// it, changing nothing, and `--abort` still restores the set.
+#[test]
+fn publish_only_refuses_a_stage_that_did_not_finish() {
+    let (cluster, source) = prepared("'-infinity'");
+    let before = source.snapshot();
+    run(rotate_cmd(source.path(), cluster.port, &["--stage-only"]))
+        .with_server_log(&cluster.log)
+        .expect_ok();
+    // As a kill before the staged write of the second role's twin file would leave it.
+    let (_, twin, _, twin_file) = PAIRS[1];
+    std::fs::write(source.keys().join(twin_file), &before[twin_file]).unwrap();
+    let half = source.snapshot();
+
+    let out = run(rotate_cmd(source.path(), cluster.port, &["--publish-only"]));
+    let out = out.expect_code(3);
+    out.expect_stderr("the stage did not finish")
+        .expect_stderr(twin)
+        .expect_stderr("rotate --abort");
+    assert!(
+        source.snapshot() == half,
+        "--publish-only changed files of an unfinished stage"
+    );
+    for (role, ..) in PAIRS {
+        assert_eq!(source.published(role).0, role, "nothing was published");
+    }
+    run(rotate_cmd(source.path(), cluster.port, &["--abort"])).expect_ok();
+    assert!(source.snapshot() == before, "--abort restores the set");
+}
+
 #[test]
 fn a_split_rotation_stages_then_publishes_or_aborts() {
     let (cluster, source) = prepared("'-infinity'");

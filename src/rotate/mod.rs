@@ -144,6 +144,7 @@ async fn rotate(settings: RotateSettings) -> anyhow::Result<u8> {
                 finish_published(locked.root(), &pending)?;
                 return Ok(0);
             }
+            pending.check_staged(&locked)?;
             let set = RoleSet::read(&config, locked.keys(), &settings.twin_suffix)?;
             let staged = pending.staged_from_files(&set)?;
             publish(locked.keys(), &set, &staged)?;

@@ -89,6 +89,36 @@ impl Pending {
         }
     }
 
+    /// Refuses to publish a stage that did not finish (`--publish-only` after a run killed
+    /// while staging): a staged login whose file still holds its value from before the
+    /// rotation (byte for byte the backup's) was never given its new password, and still
+    /// has the old one the server let expire; publishing it would hand applications a
+    /// login that fails until the next sync.
+    pub(super) fn check_staged(&self, locked: &Locked) -> anyhow::Result<()> {
+        let keys = locked.keys();
+        let backup_keys = locked.backup_keys(&self.backup)?;
+        for (_, login, file) in &self.logins {
+            if self.created.contains(file) {
+                // Absent before the stage: the file there now is the stage's.
+                continue;
+            }
+            let before = files::read_exact(&backup_keys, file)
+                .with_context(|| format!("reading {file} from backup {}", self.backup))?;
+            let now = files::read_exact(keys, file)?;
+            if *before == *now {
+                return Err(anyhow::anyhow!(
+                    "the stage did not finish: {} (login {login:?}) still holds its password \
+                     from before the rotation (backups/{}); run `rotate --abort`, then \
+                     rotate again",
+                    keys.shown(file),
+                    self.backup
+                ))
+                .context(Failure::Config);
+            }
+        }
+        Ok(())
+    }
+
     /// The staged logins with the passwords their files hold now (`--publish-only`).
     pub(super) fn staged_from_files(&self, set: &RoleSet) -> anyhow::Result<Vec<Staged>> {
         self.logins
