@@ -486,7 +486,9 @@ pub struct RotateArgs {
     #[arg(long, env = "PG_PASSWORD_SYNC_ROTATE_PUBLISH_ONLY", value_parser = BoolishValueParser::new())]
     pub publish_only: bool,
 
-    /// Undo the stage of --stage-only: restore the staged files byte for byte.
+    /// Undo the stage of --stage-only (or of a run that was killed): restore the staged
+    /// files byte for byte; a stage already published is complete, and only its record
+    /// is removed.
     #[arg(long, env = "PG_PASSWORD_SYNC_ROTATE_ABORT", value_parser = BoolishValueParser::new())]
     pub abort: bool,
 

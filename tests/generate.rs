@@ -232,7 +232,7 @@ fn second_run_without_force_changes_nothing() {
     let out = run(generate(&fx.dir, &[])).expect_ok();
     out.assert_output_free_of(values(&[&before]).iter().map(Vec::as_slice));
     assert!(out.stdout.contains("kept"), "{out}");
-    assert_eq!(snapshot(&fx.keys()), before);
+    assert_same_files(&snapshot(&fx.keys()), &before, "files changed");
     assert_eq!(stat(&fx), inodes, "files were rewritten\n{out}");
     assert!(
         fx.backups().is_empty(),
@@ -257,10 +257,10 @@ fn force_regenerates_random_secrets_keeps_oidc_and_backs_up_the_old_set() {
     let backups = fx.backups();
     assert_eq!(backups.len(), 1, "{out}");
     let backup = &backups[0];
-    assert_eq!(
-        snapshot(&backup.join("keys")),
-        old,
-        "backup is not the old set byte for byte"
+    assert_same_files(
+        &snapshot(&backup.join("keys")),
+        &old,
+        "backup is not the old set byte for byte",
     );
     assert_eq!(mode(&fx.dir.join("backups")), 0o700);
     assert_eq!(mode(backup), 0o700);
@@ -298,7 +298,11 @@ fn force_reads_oidc_values_afresh_from_their_source() {
         new["oidc_keycloak_client_secret.txt"],
         OIDC_ENV_VALUES[2].as_bytes()
     );
-    assert_eq!(snapshot(&fx.newest_backup().join("keys")), old);
+    assert_same_files(
+        &snapshot(&fx.newest_backup().join("keys")),
+        &old,
+        "files changed",
+    );
 }
 
 #[test]
@@ -315,7 +319,7 @@ fn force_with_no_backup_takes_none() {
             .map(Vec::as_slice),
     );
     assert!(fx.backups().is_empty(), "{out}");
-    assert_ne!(snapshot(&fx.keys()), old);
+    assert!(snapshot(&fx.keys()) != old, "no file changed");
 }
 
 /// Kills `generate --force` with SIGKILL at 200 random moments. After each kill every file
@@ -377,11 +381,13 @@ fn sigkill_at_random_moments_never_leaves_a_torn_file_or_an_unbacked_change() {
         }
         if changed > 0 {
             let backup = fx.newest_backup();
-            assert_eq!(
-                snapshot(&backup.join("keys")),
-                old,
-                "round {round}: {changed} files changed but {} is not the old set\n{out}",
-                backup.display()
+            assert_same_files(
+                &snapshot(&backup.join("keys")),
+                &old,
+                &format!(
+                    "round {round}: {changed} files changed but {} is not the old set\n{out}",
+                    backup.display()
+                ),
             );
         }
         match changed {
@@ -432,12 +438,16 @@ fn restore_round_trip() {
     // Newest backup (the first set); stdin is not a terminal, so no question is asked.
     let out = run(generate(&fx.dir, &["--restore"])).expect_ok();
     out.assert_output_free_of(values(&[&first, &second]).iter().map(Vec::as_slice));
-    assert_eq!(snapshot(&fx.keys()), first, "{out}");
+    assert_same_files(&snapshot(&fx.keys()), &first, &format!("{out}"));
     for file in all_files() {
         assert_eq!(mode(&fx.keys().join(file)), 0o600);
     }
     // The replaced set was backed up first and is now the newest backup.
-    assert_eq!(snapshot(&fx.newest_backup().join("keys")), second, "{out}");
+    assert_same_files(
+        &snapshot(&fx.newest_backup().join("keys")),
+        &second,
+        &format!("{out}"),
+    );
 
     // Restore a named backup (back to the second set), with --yes.
     let name = fx
@@ -449,10 +459,10 @@ fn restore_round_trip() {
         .to_owned();
     let out = run(generate(&fx.dir, &["--restore", &name, "--yes"])).expect_ok();
     out.assert_output_free_of(values(&[&first, &second]).iter().map(Vec::as_slice));
-    assert_eq!(snapshot(&fx.keys()), second, "{out}");
+    assert_same_files(&snapshot(&fx.keys()), &second, &format!("{out}"));
 
     let out = run(generate(&fx.dir, &["--restore", "backup-19700101-000000"])).expect_code(3);
-    assert_eq!(snapshot(&fx.keys()), second, "{out}");
+    assert_same_files(&snapshot(&fx.keys()), &second, &format!("{out}"));
 }
 
 #[test]
@@ -460,7 +470,7 @@ fn restore_without_backups_fails_and_changes_nothing() {
     let (fx, snap) = Fixture::new().generated();
     let out = run(generate(&fx.dir, &["--restore"])).expect_code(3);
     assert!(out.stderr.contains("no backups"), "{out}");
-    assert_eq!(snapshot(&fx.keys()), snap);
+    assert_same_files(&snapshot(&fx.keys()), &snap, "files changed");
 }
 
 #[test]
@@ -570,9 +580,13 @@ fn backup_only_list_backups_and_keep_backups() {
     let backups = fx.backups();
     assert_eq!(backups.len(), 3);
     for backup in &backups {
-        assert_eq!(snapshot(&backup.join("keys")), snap);
+        assert_same_files(&snapshot(&backup.join("keys")), &snap, "files changed");
     }
-    assert_eq!(snapshot(&fx.keys()), snap, "--backup-only changes no file");
+    assert_same_files(
+        &snapshot(&fx.keys()),
+        &snap,
+        "--backup-only changes no file",
+    );
     let out = run(generate(&fx.dir, &["--list-backups"])).expect_ok();
     for backup in &backups {
         let name = backup.file_name().unwrap().to_str().unwrap();
@@ -691,7 +705,7 @@ fn missing_oidc_value_non_interactive_fails_before_writing() {
     let out = run(cmd).expect_code(3);
     out.assert_output_free_of(values(&[&snap]).iter().map(Vec::as_slice));
     assert!(out.stderr.contains("OIDC_KEYCLOAK_CLIENT_SECRET"), "{out}");
-    assert_eq!(snapshot(&fx.keys()), snap);
+    assert_same_files(&snapshot(&fx.keys()), &snap, "files changed");
     assert!(fx.backups().is_empty(), "{out}");
 }
 
@@ -776,7 +790,7 @@ fn leftover_temp_files_of_a_killed_run_are_removed() {
     fs::write(&leftover, "half").unwrap();
     run(generate(&fx.dir, &[])).expect_ok();
     assert!(!leftover.exists());
-    assert_eq!(snapshot(&fx.keys()), snap);
+    assert_same_files(&snapshot(&fx.keys()), &snap, "files changed");
 }
 
 /// `generate --dir DIR ARGS…` on a terminal (`None`: skipped, `script` is missing).
@@ -881,10 +895,10 @@ fn on_a_terminal_restore_asks_for_confirmation() {
     let Session { code, transcript } = term.finish();
     assert_eq!(code, 1, "{transcript}");
     assert!(transcript.contains("cancelled"), "{transcript}");
-    assert_eq!(
-        snapshot(&fx.keys()),
-        second,
-        "declined restore changed files"
+    assert_same_files(
+        &snapshot(&fx.keys()),
+        &second,
+        "declined restore changed files",
     );
     assert_eq!(fx.backups().len(), 1, "declined restore took a backup");
 
@@ -895,7 +909,7 @@ fn on_a_terminal_restore_asks_for_confirmation() {
     term.type_line("y");
     let Session { code, transcript } = term.finish();
     assert_eq!(code, 0, "{transcript}");
-    assert_eq!(snapshot(&fx.keys()), first);
+    assert_same_files(&snapshot(&fx.keys()), &first, "files changed");
     for value in values(&[&first, &second]) {
         assert!(
             !transcript.contains(&*String::from_utf8_lossy(&value)),
@@ -910,7 +924,7 @@ fn on_a_terminal_restore_asks_for_confirmation() {
     let Session { code, transcript } = term.finish();
     assert_eq!(code, 0, "{transcript}");
     assert!(!transcript.contains("[y/N]"), "{transcript}");
-    assert_eq!(snapshot(&fx.keys()), second);
+    assert_same_files(&snapshot(&fx.keys()), &second, "files changed");
 }
 
 #[test]
@@ -925,7 +939,7 @@ fn a_second_concurrent_run_is_refused_while_the_directory_is_locked() {
         out.stderr.contains("another `generate` is running"),
         "{out}"
     );
-    assert_eq!(snapshot(&fx.keys()), snap);
+    assert_same_files(&snapshot(&fx.keys()), &snap, "files changed");
     assert!(fx.backups().is_empty());
     drop(held);
     run(with_oidc_env(generate(&fx.dir, &["--force"]))).expect_ok();
@@ -985,7 +999,7 @@ fn k8s_secret_to_a_terminal_is_refused_but_piping_and_output_work() {
         let encoded = base64::engine::general_purpose::STANDARD.encode(value);
         assert!(!transcript.contains(&encoded), "{transcript}");
     }
-    assert_eq!(snapshot(&fx.keys()), snap);
+    assert_same_files(&snapshot(&fx.keys()), &snap, "files changed");
 
     // With --force, the refusal comes before any write or backup.
     let Some(term) = terminal(&fx.dir, &["--k8s-secret=app", "--force"]) else {
@@ -993,7 +1007,7 @@ fn k8s_secret_to_a_terminal_is_refused_but_piping_and_output_work() {
     };
     let Session { code, transcript } = term.finish();
     assert_eq!(code, 3, "{transcript}");
-    assert_eq!(snapshot(&fx.keys()), snap, "refused run changed files");
+    assert_same_files(&snapshot(&fx.keys()), &snap, "refused run changed files");
     assert!(fx.backups().is_empty(), "refused run took a backup");
 
     // To a file, on the same terminal, it works.
@@ -1104,7 +1118,7 @@ fn every_option_works_from_its_environment_variable() {
     )
     .expect_ok();
     out.assert_output_free_of(values(&[&unbacked, &forced]).iter().map(Vec::as_slice));
-    assert_eq!(snapshot(&fx.keys()), unbacked, "{out}");
+    assert_same_files(&snapshot(&fx.keys()), &unbacked, &format!("{out}"));
 }
 
 // --- Links and special files planted in DIR, and inputs refused before the first write ---
@@ -1269,7 +1283,7 @@ fn backups_as_a_symlink_is_refused_and_foreign_backups_are_never_pruned() {
         assert!(out.stderr.contains("symbolic link"), "{out}");
         outside_dir_untouched(&elsewhere, &out);
         target_not_revealed(&out, None);
-        assert_eq!(snapshot(&fx.keys()), snap, "{out}");
+        assert_same_files(&snapshot(&fx.keys()), &snap, &format!("{out}"));
     }
 }
 
@@ -1311,7 +1325,11 @@ fn force_with_an_output_in_a_missing_directory_is_refused_before_any_write() {
     .expect_code(3);
     out.assert_output_free_of(values(&[&snap]).iter().map(Vec::as_slice));
     assert!(out.stderr.contains("missing-dir"), "{out}");
-    assert_eq!(snapshot(&fx.keys()), snap, "keys changed\n{out}");
+    assert_same_files(
+        &snapshot(&fx.keys()),
+        &snap,
+        &format!("keys changed\n{out}"),
+    );
     assert!(fx.backups().is_empty(), "a backup was taken\n{out}");
     assert!(!manifest.parent().unwrap().exists());
 
@@ -1323,7 +1341,11 @@ fn force_with_an_output_in_a_missing_directory_is_refused_before_any_write() {
         &fx.keys(),
     )))
     .expect_code(3);
-    assert_eq!(snapshot(&fx.keys()), snap, "keys changed\n{out}");
+    assert_same_files(
+        &snapshot(&fx.keys()),
+        &snap,
+        &format!("keys changed\n{out}"),
+    );
     assert!(fx.backups().is_empty(), "a backup was taken\n{out}");
 }
 
@@ -1399,7 +1421,7 @@ fn dir_itself_as_a_symlink_is_refused() {
     let out = run(with_oidc_env(generate(&link, &["--force"]))).expect_code(3);
     assert!(out.stderr.contains("link-to-secrets"), "{out}");
     assert!(out.stderr.contains("symbolic link"), "{out}");
-    assert_eq!(snapshot(&fx.keys()), snap, "{out}");
+    assert_same_files(&snapshot(&fx.keys()), &snap, &format!("{out}"));
     assert!(fx.backups().is_empty(), "{out}");
 }
 
@@ -1441,7 +1463,7 @@ fn a_symlinked_backup_is_neither_listed_restored_nor_pruned() {
     ))
     .expect_code(3);
     assert!(out.stderr.contains("symbolic link"), "{out}");
-    assert_eq!(snapshot(&fx.keys()), snap, "{out}");
+    assert_same_files(&snapshot(&fx.keys()), &snap, &format!("{out}"));
     let out = run(generate(&fx.dir, &["--backup-only", "--keep-backups", "1"])).expect_ok();
     assert!(is_link(&planted), "{out}");
     outside_dir_untouched(&elsewhere, &out);

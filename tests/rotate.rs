@@ -57,10 +57,13 @@ fn generate_overlap_creates_twin_files_and_a_service_file_publishing_each_role_i
     for (role, _, file, twin_file) in PAIRS {
         let (user, password) = source.published(role);
         assert_eq!(user, role);
-        assert_eq!(password, source.value(file));
+        assert!(password == source.value(file), "{role}: published password");
         let twin = source.value(twin_file);
         assert_eq!(twin.len(), 32);
-        assert_ne!(twin, source.value(file));
+        assert!(
+            twin != source.value(file),
+            "{role}: the twin's password is its own"
+        );
     }
     let mode = |f: &str| {
         use std::os::unix::fs::PermissionsExt;
@@ -78,7 +81,7 @@ fn generate_overlap_creates_twin_files_and_a_service_file_publishing_each_role_i
     run(generate_cmd(source.path(), &["--overlap"]))
         .expect_ok()
         .expect_stdout("kept");
-    assert_eq!(source.snapshot(), before);
+    assert_same_files(&source.snapshot(), &before, "files changed");
     run(generate_cmd(source.path(), &["--verify", "--overlap"]))
         .expect_ok()
         .expect_stdout("all 14 secret files");
@@ -121,17 +124,20 @@ fn generate_overlap_creates_twin_files_and_a_service_file_publishing_each_role_i
     let before = source.snapshot();
     run(generate_cmd(source.path(), &["--overlap", "--force"])).expect_ok();
     for (role, _, file, twin_file) in PAIRS {
-        assert_ne!(source.value(twin_file).as_bytes(), &before[twin_file][..]);
-        assert_eq!(
-            source.published(role),
-            (role.to_owned(), source.value(file))
+        assert!(
+            source.value(twin_file).as_bytes() != &before[twin_file][..],
+            "{twin_file} was not regenerated"
+        );
+        assert!(
+            source.published(role) == (role.to_owned(), source.value(file)),
+            "[{role}] does not publish the role with its password"
         );
     }
     let backup = source.backups().pop().unwrap();
-    assert_eq!(snapshot(&backup.join("keys")), before);
+    assert_same_files(&snapshot(&backup.join("keys")), &before, "files changed");
     // … and --restore puts all of it back.
     run(generate_cmd(source.path(), &["--restore", "--yes"])).expect_ok();
-    assert_eq!(source.snapshot(), before);
+    assert_same_files(&source.snapshot(), &before, "files changed");
 
     // A plain `generate --force` on that directory (an old runbook) keeps the set
     // consistent: pg_service.conf there means overlap mode.
@@ -193,7 +199,7 @@ fn rotate_stages_the_unpublished_logins_waits_for_them_then_publishes() {
     }
     // The backup holds the complete previous set, byte for byte; no record is left.
     let backup = source.backups().pop().unwrap();
-    assert_eq!(snapshot(&backup.join("keys")), before);
+    assert_same_files(&snapshot(&backup.join("keys")), &before, "files changed");
     assert!(!source.path().join("rotate-pending.json").exists());
     let refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
     assert_no_leak(&refs, None, &[&done]);
@@ -213,7 +219,11 @@ fn rotate_is_refused_while_a_login_to_rekey_may_be_in_use_and_force_proceeds() {
             .expect_code(3)
             .expect_stderr(needle)
             .expect_stderr("nothing was written");
-        assert_eq!(source.snapshot(), before, "a refused rotation wrote files");
+        assert_same_files(
+            &source.snapshot(),
+            &before,
+            "a refused rotation wrote files",
+        );
         assert!(
             source.backups().is_empty(),
             "a refused rotation made a backup"
@@ -252,17 +262,17 @@ fn with_the_database_unreachable_rotate_times_out_and_restores_the_staged_files(
     done.expect_stderr("timed out after 4s")
         .expect_stderr("rolled back")
         .expect_stdout("byte for byte");
-    assert_eq!(
-        source.snapshot(),
-        before,
-        "the staged files were not restored"
+    assert_same_files(
+        &source.snapshot(),
+        &before,
+        "the staged files were not restored",
     );
     assert!(!source.path().join("rotate-pending.json").exists());
     cluster.start();
     for (role, _, file, _) in PAIRS {
         let (user, password) = source.published(role);
         assert_eq!(user, role);
-        assert_eq!(password, source.value(file));
+        assert!(password == source.value(file), "{role}: published password");
         cluster.assert_login(&user, &password);
     }
 
@@ -272,7 +282,7 @@ fn with_the_database_unreachable_rotate_times_out_and_restores_the_staged_files(
     refused
         .expect_code(4)
         .expect_stderr("cannot ask the server");
-    assert_eq!(source.snapshot(), before);
+    assert_same_files(&source.snapshot(), &before, "files changed");
     // … and with --force it stages, times out and restores.
     let forced = run(rotate_cmd(
         source.path(),
@@ -281,7 +291,7 @@ fn with_the_database_unreachable_rotate_times_out_and_restores_the_staged_files(
     ));
     assert_ne!(forced.code(), Some(0), "{}", forced.describe());
     forced.expect_stderr("rolled back");
-    assert_eq!(source.snapshot(), before);
+    assert_same_files(&source.snapshot(), &before, "files changed");
 }
 
 #[test]
@@ -304,7 +314,7 @@ fn a_server_that_accepts_a_wrong_password_is_never_taken_as_proof() {
         .expect_stderr("rolled back");
     // It gave up at once rather than waiting out --wait.
     assert!(done.elapsed < Duration::from_secs(25), "{:?}", done.elapsed);
-    assert_eq!(source.snapshot(), before);
+    assert_same_files(&source.snapshot(), &before, "files changed");
 }
 
 /// A run killed while staging leaves a login whose file still holds its password from
@@ -347,7 +357,7 @@ fn a_split_rotation_stages_then_publishes_or_aborts() {
         .expect_ok()
         .expect_stdout("staged");
     assert!(source.path().join("rotate-pending.json").exists());
-    assert_ne!(source.snapshot(), before);
+    assert!(source.snapshot() != before, "nothing was staged");
     assert_eq!(source.published("appuser").0, "appuser");
     // A second rotation is refused while a stage is pending.
     run(rotate_cmd(source.path(), cluster.port, &[]))
@@ -355,7 +365,7 @@ fn a_split_rotation_stages_then_publishes_or_aborts() {
         .expect_stderr("a staged rotation is pending");
     // --abort restores byte for byte.
     run(rotate_cmd(source.path(), cluster.port, &["--abort"])).expect_ok();
-    assert_eq!(source.snapshot(), before);
+    assert_same_files(&source.snapshot(), &before, "files changed");
     assert!(!source.path().join("rotate-pending.json").exists());
 
     // Stage again, then publish without a login check of its own.
@@ -365,11 +375,14 @@ fn a_split_rotation_stages_then_publishes_or_aborts() {
         .expect_ok()
         .expect_stdout("published login \"appuser_alt\"");
     for (role, twin, _, twin_file) in PAIRS {
-        assert_eq!(
-            source.published(role),
-            (twin.to_owned(), source.value(twin_file))
+        assert!(
+            source.published(role) == (twin.to_owned(), source.value(twin_file)),
+            "[{role}] does not publish the twin with its password"
         );
-        assert_eq!(source.value(twin_file).as_bytes(), &staged[twin_file][..]);
+        assert!(
+            source.value(twin_file).as_bytes() == &staged[twin_file][..],
+            "{twin_file} is not the staged value"
+        );
     }
     run(rotate_cmd(source.path(), cluster.port, &["--publish-only"]))
         .expect_code(3)
@@ -422,7 +435,7 @@ fn with_the_sync_the_previous_login_dies_after_grace_and_a_rotation_inside_it_is
     cluster
         .run(rotate_cmd(source.path(), cluster.port, &["--wait", "5s"]))
         .expect_code(3);
-    assert_eq!(source.snapshot(), before);
+    assert_same_files(&source.snapshot(), &before, "files changed");
 
     // After it, the server refuses the previous login and the published one works.
     wait_until(Duration::from_secs(30), "the grace period to end", || {
@@ -436,7 +449,7 @@ fn with_the_sync_the_previous_login_dies_after_grace_and_a_rotation_inside_it_is
         .expect_ok();
     let (user, password) = source.published("appuser");
     assert_eq!(user, "appuser");
-    assert_ne!(password, first_password);
+    assert!(password != first_password, "the published password changed");
     cluster.assert_login(&user, &password);
 }
 
@@ -480,7 +493,7 @@ fn a_wait_not_shorter_than_the_grace_or_a_planted_link_is_refused_before_any_wri
     );
     std::fs::remove_file(&service).unwrap();
     std::fs::write(&service, kept).unwrap();
-    assert_eq!(source.snapshot(), before);
+    assert_same_files(&source.snapshot(), &before, "files changed");
     assert_eq!(source.backups().len(), backups, "a backup was made");
 }
 
@@ -493,7 +506,7 @@ fn a_service_file_that_disagrees_with_the_password_files_is_refused_before_any_w
     let service = source.keys().join(SERVICE_FILE);
     let text = std::fs::read_to_string(&service).unwrap();
     let broken = text.replace(&format!("password={own}\n"), &format!("password={twin}\n"));
-    assert_ne!(broken, text);
+    assert!(broken != text, "the test broke nothing");
     std::fs::write(&service, broken).unwrap();
     let before = source.snapshot();
     let backups = source.backups().len();
@@ -504,7 +517,7 @@ fn a_service_file_that_disagrees_with_the_password_files_is_refused_before_any_w
         .expect_stderr("pg_service.conf: section [appuser]")
         .expect_stderr("differs from its password file (postgres_app_user_pw.txt)")
         .expect_stderr("restore it or run `generate --overlap --force`");
-    assert_eq!(source.snapshot(), before);
+    assert_same_files(&source.snapshot(), &before, "files changed");
     assert_eq!(source.backups().len(), backups, "a backup was made");
     assert_no_leak(&[&own, &twin], None, &[&refused]);
 }

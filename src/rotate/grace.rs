@@ -110,16 +110,26 @@ async fn login_states(
         .with_context(|| format!("logging in at {}", connect::describe(config)))
         .context(Failure::Connect)?;
     // Compared on the server, with its clock: the grace deadline was set by its clock too.
-    let rows = client
-        .query(
-            "SELECT rolname::text, \
-                    (rolvaliduntil IS NULL OR rolvaliduntil = 'infinity') AS open, \
-                    coalesce(rolvaliduntil > now(), false) AS running, \
-                    coalesce(rolvaliduntil::text, '') AS until \
-               FROM pg_roles WHERE rolname::text = ANY($1::text[])",
-            &[&logins],
-        )
+    // Bounded like a connect: a superuser's lock on pg_authid would otherwise hold this
+    // read, and with it generate's lock on the directory, for as long as it lasts.
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&logins];
+    let query = client.query(
+        "SELECT rolname::text, \
+                (rolvaliduntil IS NULL OR rolvaliduntil = 'infinity') AS open, \
+                coalesce(rolvaliduntil > now(), false) AS running, \
+                coalesce(rolvaliduntil::text, '') AS until \
+           FROM pg_roles WHERE rolname::text = ANY($1::text[])",
+        &params,
+    );
+    let rows = tokio::time::timeout(config.connect_timeout, query)
         .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "no answer within {:?} (a lock on pg_authid?)",
+                config.connect_timeout
+            )
+        })
+        .and_then(|rows| rows.map_err(anyhow::Error::from))
         .context("reading the logins' VALID UNTIL from pg_roles")
         .context(Failure::Sql)?;
     Ok(logins

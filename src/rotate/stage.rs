@@ -59,9 +59,14 @@ impl Pending {
     /// published was killed (or failed) before it removed the record. Only the publish
     /// writes `pg_service.conf`, in one rename, so it names all of the staged logins or
     /// none of them; anything else is not a state a rotation leaves, and is refused. A
-    /// file that cannot be read or parsed was not written by the publish: not published.
+    /// missing file, or one that does not parse, was not written by the publish: not
+    /// published. A file that cannot be read is an error: guessing "not published" would
+    /// roll the published login's file back under it.
     pub(super) fn already_published(&self, keys: &Dir) -> anyhow::Result<bool> {
-        let Ok(bytes) = files::read_exact(keys, SERVICE_FILE) else {
+        let Some(bytes) = keys
+            .read_file(SERVICE_FILE, crate::overlap::MAX_SERVICE_FILE_BYTES)
+            .context(Failure::Config)?
+        else {
             return Ok(false);
         };
         let Some(service) = std::str::from_utf8(&bytes)
@@ -82,7 +87,7 @@ impl Pending {
             n if n == self.logins.len() => Ok(true),
             _ => Err(anyhow::anyhow!(
                 "{} publishes some of the staged logins but not all: not a state a rotation \
-                 leaves; restore a backup with `generate --restore`",
+                 leaves; restore a backup with `generate --restore`, then `rotate --abort`",
                 keys.shown(SERVICE_FILE)
             ))
             .context(Failure::Config),
@@ -96,7 +101,17 @@ impl Pending {
     /// login that fails until the next sync.
     pub(super) fn check_staged(&self, locked: &Locked) -> anyhow::Result<()> {
         let keys = locked.keys();
-        let backup_keys = locked.backup_keys(&self.backup)?;
+        let backup_keys = locked
+            .backup_keys(&self.backup)
+            .with_context(|| {
+                format!(
+                    "checking that the stage finished needs backups/{} (removed by \
+                     `generate --keep-backups`?): restore it, or check the staged logins \
+                     with `verify --overlap --staged` and remove {PENDING_FILE} by hand",
+                    self.backup
+                )
+            })
+            .context(Failure::Config)?;
         for (_, login, file) in &self.logins {
             if self.created.contains(file) {
                 // Absent before the stage: the file there now is the stage's.
@@ -173,6 +188,8 @@ pub(super) fn stage(
     // is not an overlapped pair's): single-login secrets, rotated as `generate --force`
     // does. A superuser file outside the catalog is left alone.
     writes.extend(files::single_login_values(&set.files())?);
+    // The publish's rendering, checked before the first write (then thrown away).
+    published_text(set, &staged)?;
 
     // Refuses a link among the set's files before anything is written.
     let mut present = files::present_files(locked.keys(), suffix)?;
@@ -267,13 +284,22 @@ pub(super) fn remove_pending(root: &Dir) -> anyhow::Result<()> {
     root.sync()
 }
 
-/// Stage 5: one atomic rewrite of `pg_service.conf`, other sections and settings kept.
-pub(super) fn publish(keys: &Dir, set: &RoleSet, staged: &[Staged]) -> anyhow::Result<()> {
+/// The text of `pg_service.conf` publishing the staged logins, other sections and
+/// settings kept. `stage` renders it once before its first write, so that a file the
+/// writer refuses (a line older libpq cannot read) is refused before anything changes.
+fn published_text(set: &RoleSet, staged: &[Staged]) -> anyhow::Result<Zeroizing<String>> {
     let mut service = set.service.clone();
     for s in staged {
         service.publish(&s.role, &s.login, s.password.clone());
     }
-    let text = service_file::render(&service)?;
+    service_file::render(&service)
+        .with_context(|| format!("publishing the staged logins in keys/{SERVICE_FILE}"))
+        .context(Failure::Config)
+}
+
+/// Stage 5: one atomic rewrite of `pg_service.conf`, other sections and settings kept.
+pub(super) fn publish(keys: &Dir, set: &RoleSet, staged: &[Staged]) -> anyhow::Result<()> {
+    let text = published_text(set, staged)?;
     files::write(keys, SERVICE_FILE, text.as_bytes())?;
     for s in staged {
         println!(

@@ -569,7 +569,7 @@ impl<'a> Watchdog<'a> {
         client
             .batch_execute(&format!("SET {}", super::sql::SYNCHRONOUS_COMMIT_LOCAL))
             .await
-            .context("not waiting for a synchronous standby")?;
+            .context("setting synchronous_commit = local before ROLLBACK PREPARED")?;
         // A utility statement takes no parameters: the global id goes in as a literal.
         client
             .batch_execute(&format!(

@@ -75,3 +75,23 @@ impl Run {
         }
     }
 }
+
+/// Asserts that two snapshots of a secrets directory (file name → content) are equal, and
+/// on failure names the files that differ, never their content (`assert_eq!` would print
+/// every secret of both).
+#[track_caller]
+pub fn assert_same_files(
+    left: &std::collections::BTreeMap<String, Vec<u8>>,
+    right: &std::collections::BTreeMap<String, Vec<u8>>,
+    what: &str,
+) {
+    let differ: Vec<&str> = left
+        .keys()
+        .chain(right.keys())
+        .filter(|name| left.get(*name) != right.get(*name))
+        .map(String::as_str)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert!(differ.is_empty(), "{what}: these files differ: {differ:?}");
+}
