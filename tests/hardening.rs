@@ -648,39 +648,59 @@ both_modes!(
 
 /// iptables rules that drop every packet to and from one local TCP port, as a network
 /// partition does to a server on another host: nothing is refused or reset, the peer just
-/// falls silent. Removed on drop.
+/// falls silent. Removed on drop; tagged, so that rules a killed test run left behind
+/// (a drop never ran) are removed by the next one instead of silencing a reused port.
 struct Partition {
     port: u16,
 }
 
 impl Partition {
     const DIRECTIONS: [&str; 2] = ["--dport", "--sport"];
+    const TAG: &str = "pg-password-sync-test-partition";
+
+    fn rule(action: &str, direction: &str, port: u16) -> bool {
+        Command::new("iptables")
+            .args([action, "INPUT", "-p", "tcp", direction, &port.to_string()])
+            .args(["-m", "comment", "--comment", Self::TAG, "-j", "DROP"])
+            .output()
+            .is_ok_and(|out| out.status.success())
+    }
 
     fn start(port: u16) -> Option<Partition> {
-        let rule = |action: &str, direction: &str| {
-            Command::new("iptables")
-                .args([action, "INPUT", "-p", "tcp", direction, &port.to_string()])
-                .args(["-j", "DROP"])
-                .output()
-                .is_ok_and(|out| out.status.success())
-        };
-        if !rule("-I", Self::DIRECTIONS[0]) {
+        Self::remove_stale();
+        if !Self::rule("-I", Self::DIRECTIONS[0], port) {
             return None;
         }
         let partition = Partition { port };
-        assert!(rule("-I", Self::DIRECTIONS[1]), "iptables -I --sport");
+        assert!(
+            Self::rule("-I", Self::DIRECTIONS[1], port),
+            "iptables -I --sport"
+        );
         Some(partition)
+    }
+
+    /// Removes every tagged rule (`iptables -S` prints each as the `-A …` that adds it).
+    fn remove_stale() {
+        let Ok(out) = Command::new("iptables").args(["-S", "INPUT"]).output() else {
+            return;
+        };
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(spec) = line.strip_prefix("-A ")
+                && line.contains(Self::TAG)
+            {
+                let _ = Command::new("iptables")
+                    .arg("-D")
+                    .args(spec.split_whitespace().map(|w| w.trim_matches('"')))
+                    .output();
+            }
+        }
     }
 }
 
 impl Drop for Partition {
     fn drop(&mut self) {
         for direction in Self::DIRECTIONS {
-            let _ = Command::new("iptables")
-                .args(["-D", "INPUT", "-p", "tcp", direction])
-                .arg(self.port.to_string())
-                .args(["-j", "DROP"])
-                .output();
+            Self::rule("-D", direction, self.port);
         }
     }
 }

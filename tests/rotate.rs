@@ -497,6 +497,54 @@ fn a_wait_not_shorter_than_the_grace_or_a_planted_link_is_refused_before_any_wri
     assert_eq!(source.backups().len(), backups, "a backup was made");
 }
 
+/// The temp file of a record write that was killed (`rotate-pending.json` is written in
+/// the directory itself, outside `keys/`) is removed by the next run's lock, whatever that
+/// run then does (here `--abort`, refused: there is no record).
+#[test]
+fn the_temp_file_of_a_killed_record_write_is_removed_by_the_next_run() {
+    let source = Source::generate();
+    let leftover = source.path().join(".rotate-pending.json.tmp-4242");
+    std::fs::write(&leftover, b"{\"backup\":").unwrap();
+    run(rotate_cmd(source.path(), free_port(), &["--abort"]))
+        .expect_code(3)
+        .expect_stderr("no staged rotation to finish");
+    assert!(!leftover.exists(), "the leftover temp file is still there");
+}
+
+/// A section of the operator's own with a line the writer refuses (older libpq reads at
+/// most 253 bytes a line; the reader accepts up to 1021): the publish could not rewrite
+/// the file, so the rotation is refused before the backup, the record or any stage.
+#[test]
+fn a_service_file_the_publish_could_not_rewrite_is_refused_before_any_write() {
+    let source = Source::generate();
+    let service = source.keys().join(SERVICE_FILE);
+    let mut text = std::fs::read_to_string(&service).unwrap();
+    text.push_str(&format!(
+        "\n[reporting]\nhost=db\noptions=-c search_path={}\n",
+        "s".repeat(300)
+    ));
+    std::fs::write(&service, text).unwrap();
+    let before = source.snapshot();
+    let backups = source.backups().len();
+    let refused = run(rotate_cmd(source.path(), free_port(), &["--wait", "2s"]));
+    let refused = refused.expect_code(3);
+    // Refused with the files, before the server is asked (there is none here).
+    refused.expect_stderr("pg_service.conf could not be rewritten by the publish");
+    assert_same_files(
+        &source.snapshot(),
+        &before,
+        "a refused rotation wrote files",
+    );
+    assert_eq!(source.backups().len(), backups, "a backup was made");
+    assert!(!source.path().join("rotate-pending.json").exists());
+    let values: Vec<String> = PAIRS
+        .iter()
+        .flat_map(|(_, _, file, twin_file)| [source.value(file), source.value(twin_file)])
+        .collect();
+    let values: Vec<&str> = values.iter().map(String::as_str).collect();
+    assert_no_leak(&values, None, &[&refused]);
+}
+
 #[test]
 fn a_service_file_that_disagrees_with_the_password_files_is_refused_before_any_write() {
     let source = Source::generate();

@@ -66,6 +66,15 @@ impl RoleSet {
         let text = std::str::from_utf8(&text)
             .with_context(|| format!("{} is not valid UTF-8", keys.shown(SERVICE_FILE)))?;
         let service = service_file::parse(text)?;
+        // The publish rewrites this file, other sections kept: one the writer refuses (a
+        // line older libpq cannot read) is refused now, before any connection or write.
+        // (`stage` renders the exact file to publish once more before its first write.)
+        service_file::render(&service).with_context(|| {
+            format!(
+                "{} could not be rewritten by the publish",
+                keys.shown(SERVICE_FILE)
+            )
+        })?;
         let mut roles = Vec::new();
         for spec in config.roles.iter().filter(|r| r.name != config.superuser) {
             let twin = overlap::twin_login(&spec.name, suffix)?;
