@@ -143,9 +143,9 @@ fn generate_overlap_creates_twin_files_and_a_service_file_publishing_each_role_i
     // consistent: pg_service.conf there means overlap mode.
     run(generate_cmd(source.path(), &["--force"])).expect_ok();
     for (role, _, file, _) in PAIRS {
-        assert_eq!(
-            source.published(role),
-            (role.to_owned(), source.value(file))
+        assert!(
+            source.published(role) == (role.to_owned(), source.value(file)),
+            "plain --force: [{role}] does not publish the role with its password"
         );
     }
     run(generate_cmd(source.path(), &["--verify"])).expect_ok();
@@ -179,11 +179,14 @@ fn rotate_stages_the_unpublished_logins_waits_for_them_then_publishes() {
     let mut secrets = Vec::new();
     for (role, twin, file, twin_file) in PAIRS {
         // The published login's file is untouched; the twin's is new and now published.
-        assert_eq!(after[file], before[file], "{file}");
-        assert_ne!(after[twin_file], before[twin_file], "{twin_file}");
-        assert_eq!(
-            source.published(role),
-            (twin.to_owned(), source.value(twin_file))
+        assert!(after[file] == before[file], "{file} (published) changed");
+        assert!(
+            after[twin_file] != before[twin_file],
+            "{twin_file} was not staged"
+        );
+        assert!(
+            source.published(role) == (twin.to_owned(), source.value(twin_file)),
+            "[{role}] does not publish {twin} with its password"
         );
         cluster.assert_login(twin, &source.value(twin_file));
         // The previous login still works: the sync (not rotate) starts its grace period.
@@ -191,11 +194,11 @@ fn rotate_stages_the_unpublished_logins_waits_for_them_then_publishes() {
         secrets.push(source.value(twin_file));
     }
     for file in SINGLE_LOGIN {
-        assert_ne!(after[file], before[file], "{file} was not regenerated");
+        assert!(after[file] != before[file], "{file} was not regenerated");
         secrets.push(source.value(file));
     }
     for file in OIDC_FILES {
-        assert_eq!(after[file], before[file], "{file} changed");
+        assert!(after[file] == before[file], "{file} changed");
     }
     // The backup holds the complete previous set, byte for byte; no record is left.
     let backup = source.backups().pop().unwrap();
@@ -486,9 +489,9 @@ fn a_wait_not_shorter_than_the_grace_or_a_planted_link_is_refused_before_any_wri
     run(generate_cmd(source.path(), &["--overlap", "--force"]))
         .expect_code(3)
         .expect_stderr("symbolic link");
-    assert_eq!(
-        std::fs::read(&target).unwrap(),
-        b"[appuser]\nuser=mallory\n",
+    // Compared, not printed: what was written through the link would be a service file.
+    assert!(
+        std::fs::read(&target).unwrap() == b"[appuser]\nuser=mallory\n",
         "the link's target was written"
     );
     std::fs::remove_file(&service).unwrap();
@@ -697,7 +700,8 @@ impl Crashes<'_> {
                 // the fixture's constants, which other tests' processes carry.
                 continue;
             }
-            let text = String::from_utf8(value).unwrap();
+            // (Not `unwrap`: the error's Debug holds the bytes.)
+            let text = String::from_utf8(value).unwrap_or_else(|_| panic!("{file} is not UTF-8"));
             self.secrets
                 .insert(text.trim_end_matches(['\n', '\r']).to_owned());
         }

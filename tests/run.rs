@@ -162,13 +162,28 @@ fn an_initialised_data_directory_keeps_the_superuser_password_out_of_the_childs_
         let out = run(cmd).expect_ok();
         out.stdout
     };
+    // Failures show the variables' names: the environment holds the password.
+    let names = |env: &str| -> Vec<String> {
+        env.lines()
+            .map(|l| l.split('=').next().unwrap_or_default().to_owned())
+            .collect()
+    };
     let fresh = child_env(false);
-    assert!(fresh.contains("POSTGRES_PASSWORD_FILE="), "{fresh}");
+    assert!(
+        fresh.contains("POSTGRES_PASSWORD_FILE="),
+        "{:?}",
+        names(&fresh)
+    );
     let initialised = child_env(true);
-    assert!(!initialised.contains("POSTGRES_PASSWORD"), "{initialised}");
+    assert!(
+        !initialised.contains("POSTGRES_PASSWORD"),
+        "{:?}",
+        names(&initialised)
+    );
     assert!(
         initialised.contains("PGDATA="),
-        "the rest is passed on: {initialised}"
+        "the rest is passed on: {:?}",
+        names(&initialised)
     );
 }
 

@@ -390,8 +390,13 @@ fn an_in_place_rewrite_through_a_single_file_bind_mount_is_applied() {
     let role = format!("--role=appuser={}", ctr_file.display());
     let watcher = Watcher::start_wrapped(wrapper, cluster.conn_args(), &ctr, &[&role]);
     wait_login(&cluster, "appuser", &first);
-    // Outside the namespace the mount point still holds its own content.
-    assert_eq!(std::fs::read(&ctr_file).unwrap(), b"mount point\n");
+    // Outside the namespace the mount point still holds its own content (compared, not
+    // printed: a bind mount that leaked out would show the secret).
+    assert!(
+        std::fs::read(&ctr_file).unwrap() == b"mount point\n",
+        "outside the namespace {} no longer holds its own content",
+        ctr_file.display()
+    );
 
     let second = unique("bind-second");
     std::fs::OpenOptions::new()
@@ -918,7 +923,11 @@ fn a_writer_killed_after_one_byte_is_refused_by_the_minimum_length() {
         Some(9),
         "the writer was killed"
     );
-    assert_eq!(std::fs::read(&path).unwrap(), b"F");
+    // Compared, not printed: anything else there would be a password.
+    assert!(
+        std::fs::read(&path).unwrap() == b"F",
+        "postgres_app_user_pw.txt does not hold the killed writer's one byte"
+    );
     let stderr = watcher.assert_app_file_warned("the one-byte file to be refused", "minimum of 12");
     cluster.assert_login("appuser", &secrets[1]);
     cluster.assert_no_login("appuser", "F");

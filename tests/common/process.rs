@@ -182,6 +182,24 @@ impl Run {
         self.to_string()
     }
 
+    /// `describe` with stdout withheld (only its size shown), for a command whose stdout
+    /// holds secrets by design: a Kubernetes manifest carries every value, base64-encoded.
+    pub fn describe_without_stdout(&self) -> String {
+        let mut text = format!(
+            "command: {}\nstatus: {}\n--- stdout withheld ({} bytes: it may hold secret \
+             values)\n--- stderr\n{}",
+            self.command,
+            self.status,
+            self.stdout.len(),
+            self.stderr
+        );
+        if let Some(log) = &self.server_log {
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            text.push_str(&format!("\n--- server log tail\n{}", tail(&log, 25)));
+        }
+        text
+    }
+
     /// Attaches the server log whose tail failures show (`Cluster::run` does this).
     pub fn with_server_log(mut self, log: &Path) -> Run {
         self.server_log = Some(log.to_path_buf());
