@@ -1363,3 +1363,21 @@ fn a_superuser_locking_pg_authid_while_the_sync_waits_cannot_stall_it_past_its_b
     out.expect_stderr("gave up after waiting ");
     assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
 }
+
+/// The harness's failure output masks the password literals of test setup in the server
+/// log tail it shows.
+#[test]
+fn failure_output_masks_password_literals_of_the_server_log() {
+    assert_eq!(
+        mask_password_literals(
+            "LOG:  statement: ALTER ROLE \"a\" PASSWORD 'se''cret' VALID UNTIL 'x'\n\
+             LOG:  statement: create role b login password 'other'"
+        ),
+        "LOG:  statement: ALTER ROLE \"a\" PASSWORD '<masked>' VALID UNTIL 'x'\n\
+         LOG:  statement: create role b login password '<masked>'"
+    );
+    assert_eq!(
+        mask_password_literals("PASSWORD 'open"),
+        "PASSWORD '<masked>"
+    );
+}

@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use super::keys::Keys;
-use super::process::{Run, bin, run};
+use super::process::{Run, bin, mask_password_literals, run};
 use super::tail;
 use super::users::{as_server_user, server_dir, server_os_user, write_as_server};
 
@@ -340,7 +340,7 @@ impl Cluster {
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
-        tail(&self.log_text(), lines)
+        mask_password_literals(&tail(&self.log_text(), lines))
     }
 
     /// Runs `cmd` to completion; failures show this server's log tail too.

@@ -157,6 +157,42 @@ pub struct Run {
     pub server_log: Option<PathBuf>,
 }
 
+/// The last 25 lines of a server log for failure output, password literals masked: the
+/// test clusters log every statement, and test setup sets passwords in plain SQL
+/// (`create_roles`, stages played by hand).
+pub fn server_log_tail(log: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    mask_password_literals(&tail(&text, 25))
+}
+
+/// `text` with the literal after every `PASSWORD '` (any case) replaced by `<masked>`.
+pub fn mask_password_literals(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.to_ascii_lowercase().find("password '") {
+        let start = at + "password '".len();
+        out.push_str(&rest[..start]);
+        out.push_str("<masked>");
+        // The literal ends at a quote that is not doubled ('' is a quote inside it).
+        let literal = &rest[start..];
+        let mut end = literal.len();
+        let mut chars = literal.char_indices().peekable();
+        while let Some((i, c)) = chars.next() {
+            if c == '\'' {
+                if chars.peek().is_some_and(|&(_, next)| next == '\'') {
+                    chars.next();
+                } else {
+                    end = i;
+                    break;
+                }
+            }
+        }
+        rest = &literal[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 impl fmt::Display for Run {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -165,8 +201,7 @@ impl fmt::Display for Run {
             self.command, self.status, self.stdout, self.stderr
         )?;
         if let Some(log) = &self.server_log {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
-            write!(f, "\n--- server log tail\n{}", tail(&text, 25))?;
+            write!(f, "\n--- server log tail\n{}", server_log_tail(log))?;
         }
         Ok(())
     }
@@ -194,8 +229,7 @@ impl Run {
             self.stderr
         );
         if let Some(log) = &self.server_log {
-            let log = std::fs::read_to_string(log).unwrap_or_default();
-            text.push_str(&format!("\n--- server log tail\n{}", tail(&log, 25)));
+            text.push_str(&format!("\n--- server log tail\n{}", server_log_tail(log)));
         }
         text
     }
