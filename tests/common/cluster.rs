@@ -230,11 +230,12 @@ impl Cluster {
     /// `psql` in database `db`.
     pub fn psql_in(&self, db: &str, sql: &str) -> String {
         let out = self.psql_output_in(db, sql);
-        // The SQL is not shown: test setup passes passwords through here.
+        // The SQL is not shown: test setup passes passwords through here (and psql's error
+        // may quote the statement, so its password literals are masked too).
         assert!(
             out.status.success(),
             "psql failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
+            mask_password_literals(&String::from_utf8_lossy(&out.stderr))
         );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
