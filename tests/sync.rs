@@ -1214,20 +1214,27 @@ fn a_prepared_transaction_of_a_login_holding_the_sync_lock_is_rolled_back() {
 /// and every end of a prepared transaction waits for it, with no timeout. Returns once a
 /// commit of another session is seen waiting (`SyncRep`), the proof that it does.
 fn hold_commits_for_an_absent_standby(cluster: &Cluster) -> Running {
-    cluster.psql("ALTER SYSTEM SET synchronous_standby_names = 'absent_standby'");
-    cluster.psql("SELECT pg_reload_conf()");
+    set_synchronous_standby_names(cluster, "SET synchronous_standby_names = 'absent_standby'");
     let mut probe = psql_superuser(&cluster.sock, cluster.port);
     probe.args(["-c", "CREATE ROLE sync_rep_probe"]);
     let probe = Running::spawn(probe);
     wait_until(
         Duration::from_secs(30),
         "a commit to wait for the synchronous standby",
-        || {
-            cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'")
-                == "1"
-        },
+        || commits_waiting_for_standbys(cluster) == "1",
     );
     probe
+}
+
+/// `ALTER SYSTEM <change>` of `synchronous_standby_names`, in force at once.
+fn set_synchronous_standby_names(cluster: &Cluster, change: &str) {
+    cluster.psql(&format!("ALTER SYSTEM {change}"));
+    cluster.psql("SELECT pg_reload_conf()");
+}
+
+/// How many sessions' commits wait for a synchronous standby right now.
+fn commits_waiting_for_standbys(cluster: &Cluster) -> String {
+    cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'")
 }
 
 #[test]
@@ -1253,13 +1260,12 @@ fn a_synchronous_standby_that_never_confirms_holds_neither_the_rotation_nor_a_ro
     // In force at once: a commit waiting for the standby would not be visible yet.
     assert_rotated(&cluster, &secrets, &[&own], &out);
     assert_eq!(
-        cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'"),
+        commits_waiting_for_standbys(&cluster),
         "1",
         "the server still holds other commits for the standby"
     );
 
-    cluster.psql("ALTER SYSTEM RESET synchronous_standby_names");
-    cluster.psql("SELECT pg_reload_conf()");
+    set_synchronous_standby_names(&cluster, "RESET synchronous_standby_names");
     probe.finish(Duration::from_secs(30)).expect_ok();
 }
 
