@@ -94,6 +94,13 @@ impl Pending {
         }
     }
 
+    /// The bytes `file` held before the stage, from its backup (`backup_keys`, the
+    /// backup's `keys/`).
+    fn before_stage(&self, backup_keys: &Dir, file: &str) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+        files::read_exact(backup_keys, file)
+            .with_context(|| format!("reading {file} from backup {}", self.backup))
+    }
+
     /// Refuses to publish a stage that did not finish (`--publish-only` after a run killed
     /// while staging): a staged login whose file still holds its value from before the
     /// rotation (byte for byte the backup's) was never given its new password, and still
@@ -117,8 +124,7 @@ impl Pending {
                 // Absent before the stage: the file there now is the stage's.
                 continue;
             }
-            let before = files::read_exact(&backup_keys, file)
-                .with_context(|| format!("reading {file} from backup {}", self.backup))?;
+            let before = self.before_stage(&backup_keys, file)?;
             let now = files::read_exact(keys, file)?;
             if *before == *now {
                 return Err(anyhow::anyhow!(
@@ -244,8 +250,7 @@ pub(super) fn rollback(locked: &Locked, pending: &Pending) -> anyhow::Result<()>
             keys.remove_file(file)?;
             continue;
         }
-        let bytes: Zeroizing<Vec<u8>> = files::read_exact(&backup_keys, file)
-            .with_context(|| format!("reading {file} from backup {}", pending.backup))?;
+        let bytes = pending.before_stage(&backup_keys, file)?;
         files::write(keys, file, &bytes)?;
         restored += 1;
     }
