@@ -207,8 +207,15 @@ fn synced(tag: &str, extra: &[&str]) -> Synced {
     let keys = Keys::new();
     let secrets = fresh(tag);
     write_all(keys.path(), &secrets);
-    let watcher = Watcher::start(&cluster, keys.path(), extra);
+    // At debug level the start-of-watching check logs even when nothing changed.
+    let mut cmd = bin();
+    cmd.env("RUST_LOG", "debug");
+    let watcher = Watcher::start_wrapped(cmd, cluster.conn_args(), keys.path(), extra);
     wait_all(&cluster, &secrets);
+    // Armed, and the check of files changed since the first sync done: from here on every
+    // write raises an event the loop sees before it reads. (A file written in place before
+    // the watches exist is read at once, its writer unknown to inotify.)
+    watcher.wait_stderr("the start of watching", "start of watching");
     Synced {
         cluster,
         keys,
