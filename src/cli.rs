@@ -15,6 +15,7 @@ use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::ConfigSettings;
+use crate::config::parse_duration;
 use crate::health::HealthSettings;
 use crate::keyfiles::GenerateSettings;
 use crate::rotate::RotateSettings;
@@ -183,6 +184,18 @@ pub struct SyncOptionsArgs {
     /// by an earlier overlap mode keeps working after overlap is turned off.
     #[arg(long, env = "PG_PASSWORD_SYNC_GRACE", default_value = "15m", value_parser = parse_duration)]
     pub grace: Duration,
+    /// Overlap mode: keep the sessions still open on a login whose grace is over. By
+    /// default the sync ends them (pg_terminate_backend; non-superuser only, named in the
+    /// log), so a retired login cannot hold connection slots its staged successor needs
+    /// or keep a leaked password's session alive past the rotation.
+    #[arg(long, env = "PG_PASSWORD_SYNC_KEEP_RETIRED_SESSIONS", value_parser = BoolishValueParser::new())]
+    pub keep_retired_sessions: bool,
+    /// Overlap mode: undo an administrator's lockout. By default a published login whose
+    /// VALID UNTIL is in the past, or a twin made NOLOGIN, by someone else stays locked
+    /// out (reported on every sync); with this flag the sync restores VALID UNTIL
+    /// infinity and LOGIN.
+    #[arg(long, env = "PG_PASSWORD_SYNC_OVERRIDE_LOCKOUTS", value_parser = BoolishValueParser::new())]
+    pub override_lockouts: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -554,14 +567,16 @@ impl SyncOptionsArgs {
             strict: self.strict,
             dry_run,
             blockers: self.blockers.policy(),
+            keep_retired_sessions: self.keep_retired_sessions,
+            override_lockouts: self.override_lockouts,
         }
     }
 }
 
 impl BlockerArgs {
     /// The sync's policy for blocking sessions.
-    pub fn policy(&self) -> crate::sync::locks::Blockers {
-        crate::sync::locks::Blockers {
+    pub fn policy(&self) -> crate::session::locks::Blockers {
+        crate::session::locks::Blockers {
             lock_wait: self.lock_wait_timeout,
             terminate_after: self.terminate_blockers_after.0,
         }
@@ -752,7 +767,7 @@ impl From<RotateArgs> for RotateSettings {
 }
 
 fn parse_terminate_after(text: &str) -> Result<TerminateAfter, String> {
-    crate::sync::locks::Blockers::parse_terminate_after(text).map(TerminateAfter)
+    crate::session::locks::Blockers::parse_terminate_after(text).map(TerminateAfter)
 }
 
 fn parse_positive_duration(text: &str) -> Result<Duration, String> {
@@ -764,31 +779,6 @@ fn parse_positive_duration(text: &str) -> Result<Duration, String> {
 }
 
 // ---- end of the blocking-sessions block -----------------------------------------------
-
-/// Parses `250ms`, `5s`, `5m`, `1h` or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration like 250ms, 5s or 5m"))?;
-    // A year is more than any sensible period, and keeps `Instant + period` far from overflow.
-    const MAX_MILLIS: u64 = 365 * 24 * 3_600_000;
-    let millis = match unit {
-        "ms" => Some(value),
-        "" | "s" => value.checked_mul(1_000),
-        "m" => value.checked_mul(60_000),
-        "h" => value.checked_mul(3_600_000),
-        _ => return Err(format!("unknown unit in `{text}` (use ms, s, m or h)")),
-    };
-    millis
-        .filter(|&ms| ms <= MAX_MILLIS)
-        .map(Duration::from_millis)
-        .ok_or_else(|| format!("`{text}` is too long (at most a year)"))
-}
 
 #[cfg(test)]
 mod tests {
@@ -883,7 +873,7 @@ mod tests {
             }
         };
         let default = parse(&[]).unwrap();
-        assert_eq!(default, crate::sync::locks::Blockers::default());
+        assert_eq!(default, crate::session::locks::Blockers::default());
         let off = parse(&["--terminate-blockers-after", "off"]).unwrap();
         assert_eq!(off.terminate_after, None);
         let zero = parse(&["--terminate-blockers-after", "0"]).unwrap();
@@ -896,7 +886,7 @@ mod tests {
         ]);
         assert_eq!(
             set.unwrap(),
-            crate::sync::locks::Blockers {
+            crate::session::locks::Blockers {
                 lock_wait: Duration::from_secs(60),
                 terminate_after: Some(Duration::from_secs(3)),
             }

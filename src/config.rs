@@ -15,28 +15,13 @@ use anyhow::{Context, bail};
 use nix::unistd::{Gid, Uid, User};
 
 use crate::error::Failure;
-use crate::overlap::{self, Published, Twin};
+use crate::overlap::{self, Pair};
 use crate::secret::{self, Secret};
+pub use crate::secret::{RoleSpec, SecretRef};
 
 /// PostgreSQL's identifier limit (NAMEDATALEN - 1); longer names are truncated by the
 /// server, which would silently sync the wrong role.
 pub const MAX_ROLE_BYTES: usize = 63;
-
-/// Where a role's secret comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SecretRef {
-    /// Looked up as `NAME`, then `NAME.txt`, in the secret directories.
-    Name(String),
-    /// An explicit path.
-    Path(PathBuf),
-}
-
-/// One role to keep in step with one secret.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RoleSpec {
-    pub name: String,
-    pub secret: SecretRef,
-}
 
 /// Where the server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,7 +72,7 @@ pub struct ConfigSettings {
 #[derive(Debug, Clone)]
 pub struct OverlapConfig {
     /// One per role of the role map except the superuser, in role map order.
-    pub twins: Vec<Twin>,
+    pub pairs: Vec<Pair>,
     /// `pg_service.conf`, looked up like every secret.
     pub service_file: SecretRef,
 }
@@ -97,8 +82,9 @@ pub struct OverlapConfig {
 pub struct SecretSet {
     /// Each login and its password: the role map, then (overlap mode) the twins.
     pub entries: Vec<(RoleSpec, Secret)>,
-    /// Overlap mode: the published login of each overlapped role (empty otherwise).
-    pub published: Vec<Published>,
+    /// Overlap mode: each overlapped role's pair, with its published login as
+    /// `pg_service.conf` says (empty otherwise).
+    pub published: Vec<Pair>,
 }
 
 /// The default of `--min-password-length`: far below the 32 characters `generate` writes,
@@ -254,22 +240,18 @@ impl Config {
             .map(|spec| read(spec, "role"))
             .collect::<anyhow::Result<Vec<_>>>()?;
         // With no role to overlap (only the superuser), there is nothing to publish.
-        let Some(overlap) = self.overlap.as_ref().filter(|o| !o.twins.is_empty()) else {
+        let Some(overlap) = self.overlap.as_ref().filter(|o| !o.pairs.is_empty()) else {
             return Ok(SecretSet {
                 entries,
                 published: Vec::new(),
             });
         };
-        for twin in &overlap.twins {
-            let spec = RoleSpec {
-                name: twin.login.clone(),
-                secret: twin.secret.clone(),
-            };
-            entries.push(read(&spec, "twin login")?);
+        for pair in &overlap.pairs {
+            entries.push(read(&pair.twin_spec(), "twin login")?);
         }
         let path = self.resolve(&overlap.service_file)?;
         let file = overlap::read_service_file(&path)?;
-        let published = overlap::check_published(&path, &file, &overlap.twins, &entries)?;
+        let published = overlap::check_published(&path, &file, &overlap.pairs, &entries)?;
         Ok(SecretSet { entries, published })
     }
 
@@ -284,9 +266,9 @@ impl Config {
         if let Some(overlap) = &self.overlap {
             files.extend(
                 overlap
-                    .twins
+                    .pairs
                     .iter()
-                    .map(|t| (t.login.clone(), t.secret.clone())),
+                    .map(|p| (p.twin.clone(), p.twin_secret.clone())),
             );
             files.push((
                 overlap::SERVICE_FILE.to_owned(),
@@ -329,23 +311,47 @@ fn overlap_config(
     superuser: &str,
     suffix: &str,
 ) -> anyhow::Result<OverlapConfig> {
-    let mut twins: Vec<Twin> = Vec::new();
+    let mut pairs: Vec<Pair> = Vec::new();
     for role in roles.iter().filter(|r| r.name != superuser) {
-        let twin = Twin::of(role, suffix).context("--overlap")?;
-        if roles.iter().any(|r| r.name == twin.login) || twins.iter().any(|t| t.login == twin.login)
-        {
+        let pair = Pair::of(role, suffix).context("--overlap")?;
+        if roles.iter().any(|r| r.name == pair.twin) || pairs.iter().any(|p| p.twin == pair.twin) {
             bail!(
                 "--overlap: the twin login {:?} of role {:?} is also a configured role",
-                twin.login,
+                pair.twin,
                 role.name
             );
         }
-        twins.push(twin);
+        pairs.push(pair);
     }
     Ok(OverlapConfig {
-        twins,
+        pairs,
         service_file: SecretRef::Name(overlap::SERVICE_FILE.to_owned()),
     })
+}
+
+/// Parses `250ms`, `5s`, `5m`, `1h` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 250ms, 5s or 5m"))?;
+    // A year is more than any sensible period, and keeps `Instant + period` far from overflow.
+    const MAX_MILLIS: u64 = 365 * 24 * 3_600_000;
+    let millis = match unit {
+        "ms" => Some(value),
+        "" | "s" => value.checked_mul(1_000),
+        "m" => value.checked_mul(60_000),
+        "h" => value.checked_mul(3_600_000),
+        _ => return Err(format!("unknown unit in `{text}` (use ms, s, m or h)")),
+    };
+    millis
+        .filter(|&ms| ms <= MAX_MILLIS)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("`{text}` is too long (at most a year)"))
 }
 
 /// Refuses a value shorter than `min` characters. The message gives lengths, never the value.
@@ -605,11 +611,11 @@ mod tests {
     #[test]
     fn overlap_twins_every_role_but_the_superuser() {
         let c = config(|s| s.overlap = true).unwrap();
-        let twins = &c.overlap.as_ref().unwrap().twins;
-        let logins: Vec<&str> = twins.iter().map(|t| t.login.as_str()).collect();
+        let pairs = &c.overlap.as_ref().unwrap().pairs;
+        let logins: Vec<&str> = pairs.iter().map(|p| p.twin.as_str()).collect();
         assert_eq!(logins, ["appuser_alt", "backupuser_alt"]);
         assert_eq!(
-            twins[0].secret,
+            pairs[0].twin_secret,
             SecretRef::Name("postgres_app_user_alt_pw".into())
         );
         let files: Vec<String> = c.secret_files().into_iter().map(|(l, _)| l).collect();

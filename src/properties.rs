@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 
-use crate::cli::parse_duration;
+use crate::config::parse_duration;
 use crate::config::{MAX_ROLE_BYTES, SecretRef, check_role_name, parse_role_spec};
 use crate::postmaster::{self, PidFile, PmStatus, Readiness};
 use crate::secret::{self, MAX_SECRET_BYTES};
-use crate::sync::locks::Blockers;
+use crate::session::locks::Blockers;
 
 /// The longest accepted duration (a year), as `parse_duration` documents it.
 const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);

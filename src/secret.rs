@@ -22,6 +22,22 @@ use zeroize::{Zeroize, Zeroizing};
 /// Largest accepted secret file.
 pub const MAX_SECRET_BYTES: usize = 4096;
 
+/// Where a role's secret comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretRef {
+    /// Looked up as `NAME`, then `NAME.txt`, in the secret directories.
+    Name(String),
+    /// An explicit path.
+    Path(PathBuf),
+}
+
+/// One role to keep in step with one secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleSpec {
+    pub name: String,
+    pub secret: SecretRef,
+}
+
 /// A password or other secret value. Redacted when formatted, zeroized when dropped.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(Zeroizing<String>);

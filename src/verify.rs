@@ -40,12 +40,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::{Client, NoTls};
 use zeroize::Zeroizing;
 
-use crate::config::{Config, ConfigSettings, Host, SecretRef};
+use crate::config::{Config, ConfigSettings, Host, RoleSpec, SecretRef, SecretSet};
 use crate::error::Failure;
-use crate::overlap;
 use crate::secret::{self, Secret};
+use crate::session::connect;
 use crate::sync::ReportFormat;
-use crate::sync::connect;
 
 /// Where verify logs in when no `--host`/`PG_VERIFY_HOST` is given (tried first).
 const DEFAULT_HOST: &str = "127.0.0.1";
@@ -112,7 +111,7 @@ async fn verify(args: VerifySettings) -> anyhow::Result<u8> {
     let probe_role = secrets.entries.first().map(|(spec, _)| spec.name.as_str());
     config.host = Host::Tcp(choose_host(&config, &candidates, probe_role).await);
     let mut checks = Vec::new();
-    for (spec, secret, what) in overlap::logins_to_verify(&secrets, args.staged) {
+    for (spec, secret, what) in logins_to_verify(&secrets, args.staged) {
         let mut check = check_role(&config, &spec.name, secret).await;
         check.detail.push_str(what);
         checks.push(check);
@@ -122,6 +121,25 @@ async fn verify(args: VerifySettings) -> anyhow::Result<u8> {
     }
     report(&checks, args.format)?;
     verdict(&checks, &connect::describe(&config))
+}
+
+/// What `verify` checks, with a note for its report: without overlap every login of the
+/// set; with it the published login of each overlapped role (its password is the one
+/// `pg_service.conf` holds, checked equal on reading) and every other role (the
+/// superuser), plus with `staged` each unpublished login with its file's password.
+fn logins_to_verify(set: &SecretSet, staged: bool) -> Vec<(&RoleSpec, &Secret, &'static str)> {
+    set.entries
+        .iter()
+        .filter_map(|(spec, secret)| {
+            let name = spec.name.as_str();
+            match set.published.iter().find(|p| p.which(name).is_some()) {
+                None => Some((spec, secret, "")),
+                Some(p) if p.published_login() == name => Some((spec, secret, ", published")),
+                Some(_) if staged => Some((spec, secret, ", unpublished")),
+                Some(_) => None,
+            }
+        })
+        .collect()
 }
 
 /// Prints the report on stdout.
@@ -397,7 +415,7 @@ async fn login(
         .ssl_mode(tokio_postgres::config::SslMode::Disable)
         .password(password.expose());
     let attempt = async {
-        let stream = crate::sync::connect::tcp_stream(host, config.port).await?;
+        let stream = crate::session::connect::tcp_stream(host, config.port).await?;
         let scram_done = Arc::new(AtomicBool::new(false));
         let watched = Watched {
             inner: stream,
@@ -593,6 +611,49 @@ fn reachable_non_loopback(
 
 #[cfg(test)]
 mod tests {
+    use crate::config::SecretRef;
+
+    fn entry(name: &str, value: &str) -> (RoleSpec, Secret) {
+        (
+            RoleSpec {
+                name: name.into(),
+                secret: SecretRef::Name(format!("{name}_pw")),
+            },
+            Secret::new(value.into()),
+        )
+    }
+
+    #[test]
+    fn verify_checks_the_published_logins_and_with_staged_the_others() {
+        let entries = vec![
+            entry("postgres", "a"),
+            entry("app", "b"),
+            entry("app_alt", "c"),
+        ];
+        let mut pair = crate::overlap::Pair::of(&entries[1].0, "_alt").unwrap();
+        pair.published = crate::overlap::Login::Twin;
+        let set = SecretSet {
+            entries,
+            published: vec![pair],
+        };
+        let names = |staged| -> Vec<String> {
+            logins_to_verify(&set, staged)
+                .iter()
+                .map(|(spec, _, note)| format!("{}{note}", spec.name))
+                .collect()
+        };
+        assert_eq!(names(false), ["postgres", "app_alt, published"]);
+        assert_eq!(
+            names(true),
+            ["postgres", "app, unpublished", "app_alt, published"]
+        );
+        let plain = SecretSet {
+            entries: set.entries.clone(),
+            published: Vec::new(),
+        };
+        assert_eq!(logins_to_verify(&plain, true).len(), 3);
+    }
+
     use super::*;
 
     #[test]

@@ -10,31 +10,24 @@
 //! every input that can be refused is checked before the first write. This file holds the
 //! flow of each mode (its options are parsed in `cli.rs`); the submodules hold the pieces,
 //! each with its own tests. Overlap mode's files (twin passwords, `pg_service.conf`) are
-//! `overlap`'s, which also lends `rotate` the lock, backup and writes of this module.
+//! `overlap::files`'; the secrets directory itself (lock, handles, atomic writes, backups,
+//! catalog, checks, values) is `store`'s, shared with `rotate`.
 
-mod atomic;
-mod backup;
-mod catalog;
-mod check;
-mod clock;
-mod dirfd;
 mod envfile;
 mod k8s;
 mod oidc;
-pub mod overlap;
-mod random;
 
 use std::io::{IsTerminal, Write};
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use nix::fcntl::{Flock, FlockArg};
 
 use crate::error::Failure;
+use crate::overlap::files as overlap;
 use crate::secret::Secret;
-use catalog::{ENTRIES, Entry, Kind};
-use dirfd::Dir;
+use crate::store::catalog::{ENTRIES, Entry, Kind};
+use crate::store::dirfd::{self, Dir};
+use crate::store::{Action, Locked, atomic, backup, check, random};
 
 /// What `generate` was asked to do: one field per option of `GenerateSettings` in `cli.rs`
 /// (see there for what each means). Conflicts between them are checked by `effective`.
@@ -73,7 +66,7 @@ pub struct GenerateSettings {
 fn overlap_pairs(
     args: &GenerateSettings,
     keys: Option<&Dir>,
-) -> anyhow::Result<Option<Vec<overlap::Pair>>> {
+) -> anyhow::Result<Option<Vec<crate::overlap::Pair>>> {
     let has_service_file = match keys {
         Some(keys) => keys.kind(crate::overlap::SERVICE_FILE)? != dirfd::Kind::Missing,
         None => false,
@@ -214,51 +207,6 @@ impl Existing {
     }
 }
 
-/// The secrets directory under the run's exclusive lock, with `keys/` (and `backups/` once
-/// it exists) opened through the root's handle.
-struct Locked {
-    _lock: Flock<OwnedFd>,
-    root: Dir,
-    keys: Dir,
-    backups: Option<Dir>,
-}
-
-/// Holds an exclusive `flock` on the secrets directory for the whole run, so two runs
-/// cannot interleave their writes or remove each other's temp files as leftovers. The
-/// lock is on the directory's own handle (opened without following a link), not a file.
-fn lock_and_prepare(dir: &Path) -> anyhow::Result<Locked> {
-    let root = Dir::create_path(dir, atomic::DIR_MODE)?;
-    let lock = Flock::lock(root.try_clone_fd()?, FlockArg::LockExclusiveNonblock).map_err(
-        |(_, errno)| {
-            anyhow::anyhow!(
-                "another `generate` is running on {} ({errno})",
-                dir.display()
-            )
-        },
-    )?;
-    let keys = root.private_subdir("keys", atomic::DIR_MODE)?;
-    let backups = root.subdir(backup::DIR)?;
-    // Temp files of a killed run are incomplete by definition: remove them.
-    atomic::remove_leftovers(&keys)?;
-    if let Some(backups) = &backups {
-        atomic::remove_leftovers(backups)?;
-    }
-    Ok(Locked {
-        _lock: lock,
-        root,
-        keys,
-        backups,
-    })
-}
-
-/// What a run does to one file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    Create,
-    Replace,
-    Keep,
-}
-
 /// The action for each catalog file given which files exist now in `keys` (`None`: no
 /// `keys/` yet). Anything but a regular file under a catalog name (a link, say) is
 /// refused: keeping it would chmod, and backing it up would copy, what it points at.
@@ -360,7 +308,8 @@ fn generate(args: &GenerateSettings) -> anyhow::Result<Locked> {
     };
     drop(existing);
 
-    let mut locked = lock_and_prepare(&args.dir)?;
+    let mut locked = crate::store::lock(&args.dir)?;
+    overlap::refuse_while_pending(&locked.root)?;
     let keys = &locked.keys;
     // New values, made before anything is written; `None` keeps the current file.
     let mut writes: Vec<(Entry, Action, Secret)> = Vec::new();
@@ -522,11 +471,7 @@ fn back_up_current(locked: &mut Locked, suffix: &str, say: impl Fn(&str)) -> any
     if files.is_empty() {
         return Ok(0);
     }
-    let backups = match &mut locked.backups {
-        Some(backups) => backups,
-        none => none.insert(locked.root.private_subdir(backup::DIR, atomic::DIR_MODE)?),
-    };
-    let made = backup::create(backups, &locked.keys, &files)?;
+    let made = locked.backup(&files)?;
     say(&format!(
         "backed up {} files to {}",
         files.len(),
@@ -541,7 +486,7 @@ fn backup_only(dir: &Path, suffix: &str) -> anyhow::Result<Locked> {
     if let Some(keys) = Existing::open(dir)?.keys {
         overlap::present_files(&keys, suffix)?;
     }
-    let mut locked = lock_and_prepare(dir)?;
+    let mut locked = crate::store::lock(dir)?;
     if back_up_current(&mut locked, suffix, |line| println!("{line}"))? == 0 {
         println!(
             "no secret files in {} to back up",
@@ -581,7 +526,8 @@ fn restore(args: &GenerateSettings, name: Option<&str>) -> anyhow::Result<Locked
         }
     }
     drop(existing);
-    let mut locked = lock_and_prepare(&args.dir)?;
+    let mut locked = crate::store::lock(&args.dir)?;
+    overlap::refuse_while_pending(&locked.root)?;
     back_up_current(&mut locked, &args.twin_suffix, |line| println!("{line}"))?;
     for file in &files {
         let value = source_keys

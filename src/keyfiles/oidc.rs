@@ -18,11 +18,11 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::termios::{LocalFlags, SetArg, Termios, tcgetattr, tcsetattr};
 use zeroize::Zeroizing;
 
-use super::check::is_placeholder;
-use super::dirfd::{Dir, read_followed_file};
 use super::envfile::{self, EnvFile};
 use crate::error::Failure;
 use crate::secret::{MAX_SECRET_BYTES, Secret};
+use crate::store::check::is_placeholder;
+use crate::store::dirfd::{Dir, read_followed_file};
 
 /// What is wrong with a value for a secret file, if anything (never quoting it).
 pub fn value_problem(value: &str) -> Option<&'static str> {

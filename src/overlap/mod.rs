@@ -1,13 +1,20 @@
-//! Overlap mode's vocabulary: every application role gets a twin login, and the login that
-//! applications must use right now is published in one `pg_service.conf`.
+//! Overlap mode: every application role gets a twin login, and the login that applications
+//! must use right now is published in one `pg_service.conf`.
 //!
 //! PostgreSQL keeps one password per role, so a password change always has a moment when
 //! some client holds the other one. Two logins for one identity remove that moment: a new
 //! password is staged on the login nobody uses, checked, and only then published; the login
 //! that stopped being published keeps working until the server expires it (`VALID UNTIL`).
-//! This module owns the names that follow from a role (the twin login, its password file,
-//! the service file); `service_file` owns the published-credential file itself.
+//!
+//! This module is the whole feature but its command line: the pair of logins (`Pair`: the
+//! role, its twin, their password files, which one is published), the names that follow
+//! from a role, and the check of the published credentials against the password files
+//! (here); the libpq service file (`service_file`); what the sync transaction does to the
+//! logins on the server (`server`); and the files `generate --overlap` writes (`files`).
+//! `rotate` (the staged rotation) and `verify --overlap` use it.
 
+pub mod files;
+pub mod server;
 pub mod service_file;
 
 use std::io::Read;
@@ -16,8 +23,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use zeroize::Zeroizing;
 
-use crate::config::{RoleSpec, SecretRef};
-use crate::secret::Secret;
+use crate::secret::{RoleSpec, Secret, SecretRef};
 use service_file::ServiceFile;
 
 /// Default suffix of a role's twin login (`appuser` → `appuser_alt`).
@@ -73,22 +79,47 @@ pub fn twin_secret_path(path: &std::path::Path, suffix: &str) -> Option<PathBuf>
     Some(path.with_file_name(format!("{}{ext}", twin_secret_name(stem, suffix))))
 }
 
-/// The twin of one overlapped role, as configured: its login and where its password is.
+/// Which of a role's two logins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Login {
+    /// The role itself.
+    Role,
+    /// Its twin login.
+    Twin,
+}
+
+impl Login {
+    /// The other login of the pair.
+    pub fn other(self) -> Login {
+        match self {
+            Login::Role => Login::Twin,
+            Login::Twin => Login::Role,
+        }
+    }
+}
+
+/// One overlapped role: its two logins, their password files, and which of them
+/// `pg_service.conf` publishes. The one type every part of overlap mode speaks of.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Twin {
+pub struct Pair {
     /// The role (the identity both logins act as).
     pub role: String,
     /// The twin login (`<role><suffix>`).
-    pub login: String,
+    pub twin: String,
+    /// The role's password file.
+    pub role_secret: SecretRef,
     /// The twin's password file (`twin_secret_name` / `twin_secret_path` of the role's).
-    pub secret: SecretRef,
+    pub twin_secret: SecretRef,
+    /// The login applications use now. As configured, before `pg_service.conf` is read,
+    /// the role's own login: what `generate --overlap` first publishes.
+    pub published: Login,
 }
 
-impl Twin {
-    /// The twin of `role` with `suffix`; refused when its name would not fit.
-    pub fn of(role: &RoleSpec, suffix: &str) -> anyhow::Result<Twin> {
-        let login = twin_login(&role.name, suffix)?;
-        let secret = match &role.secret {
+impl Pair {
+    /// The pair of `role` with `suffix`; refused when its twin's name would not fit.
+    pub fn of(role: &RoleSpec, suffix: &str) -> anyhow::Result<Pair> {
+        let twin = twin_login(&role.name, suffix)?;
+        let twin_secret = match &role.secret {
             SecretRef::Name(name) => SecretRef::Name(twin_secret_name(name, suffix)),
             SecretRef::Path(path) => {
                 SecretRef::Path(twin_secret_path(path, suffix).with_context(|| {
@@ -99,39 +130,65 @@ impl Twin {
                 })?)
             }
         };
-        Ok(Twin {
+        Ok(Pair {
             role: role.name.clone(),
-            login,
-            secret,
+            twin,
+            role_secret: role.secret.clone(),
+            twin_secret,
+            published: Login::Role,
         })
     }
-}
 
-/// Which login of an overlapped role is published right now (from `pg_service.conf`,
-/// already checked against the password files). Holds no password.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Published {
-    pub role: String,
-    pub twin: String,
-    /// `role` or `twin`.
-    pub login: String,
-}
+    /// The name of `which` login.
+    pub fn login(&self, which: Login) -> &str {
+        match which {
+            Login::Role => &self.role,
+            Login::Twin => &self.twin,
+        }
+    }
 
-impl Published {
-    /// The login applications are not told to use: the one a rotation re-keys next.
-    pub fn unpublished(&self) -> &str {
-        if self.login == self.role {
-            &self.twin
+    /// The password file of `which` login.
+    pub fn secret(&self, which: Login) -> &SecretRef {
+        match which {
+            Login::Role => &self.role_secret,
+            Login::Twin => &self.twin_secret,
+        }
+    }
+
+    /// Which login of the pair `login` is, if it is one.
+    pub fn which(&self, login: &str) -> Option<Login> {
+        if login == self.role {
+            Some(Login::Role)
+        } else if login == self.twin {
+            Some(Login::Twin)
         } else {
-            &self.role
+            None
+        }
+    }
+
+    /// The login applications are told to use.
+    pub fn published_login(&self) -> &str {
+        self.login(self.published)
+    }
+
+    /// The login applications are not told to use: the one a rotation re-keys next.
+    pub fn unpublished_login(&self) -> &str {
+        self.login(self.published.other())
+    }
+
+    /// The twin's password file as a role spec (how the sync reads and sets it).
+    pub fn twin_spec(&self) -> RoleSpec {
+        RoleSpec {
+            name: self.twin.clone(),
+            secret: self.twin_secret.clone(),
         }
     }
 }
 
 /// Largest accepted service file: far more than one section per role needs, small enough
 /// that a wrong mount (a log, a dump) is refused instead of read. The one limit for every
-/// reader of the file: the sync here, `generate` and `rotate` in `keyfiles::overlap`.
-pub const MAX_SERVICE_FILE_BYTES: usize = 64 * 1024;
+/// reader of the file, the sync's and the secrets directory's (`store::MAX_FILE_BYTES`).
+pub const MAX_SERVICE_FILE_BYTES: usize = crate::store::MAX_FILE_BYTES;
 
 /// Reads and parses the service file at `path`. Errors name the file, never its content.
 pub fn read_service_file(path: &Path) -> anyhow::Result<ServiceFile> {
@@ -162,48 +219,38 @@ pub fn read_service_file(path: &Path) -> anyhow::Result<ServiceFile> {
     service_file::parse(text).with_context(|| format!("reading {shown}"))
 }
 
-/// Which of a role's two logins a section of `pg_service.conf` publishes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Login {
-    /// The role itself.
-    Role,
-    /// Its twin login.
-    Twin,
-}
-
 /// Checks the section `[role]` of the service file `file` (named `shown` in messages): it
-/// must publish `role` or its twin login `twin`, with exactly that login's password.
-/// `password_file` gives, for the published login's name, its password and how a message
-/// names its file (`None`: no password file for it). Says which login is published.
-/// Messages name the service file, the section, the login and the password file, never a
-/// password. The one check of a section: the sync's (`check_published`) and `rotate`'s.
+/// must publish the pair's role or its twin, with exactly that login's password, and hold
+/// no key libpq would refuse (`service_file::check_keys`). `password_file` gives, for the
+/// published login, its password and how a message names its file (`None`: no password
+/// file for it). Returns the pair with its published login. Messages name the service
+/// file, the section, the login and the password file, never a password. The one check of
+/// a section: the sync's (`check_published`), `rotate`'s and `generate --verify`'s.
 pub fn check_section<'a>(
     shown: &str,
     file: &ServiceFile,
-    role: &str,
-    twin: &str,
-    password_file: impl FnOnce(&str) -> Option<(&'a Secret, String)>,
-) -> anyhow::Result<Login> {
+    pair: &Pair,
+    password_file: impl FnOnce(Login) -> Option<(&'a Secret, String)>,
+) -> anyhow::Result<Pair> {
+    let role = &pair.role;
     let Some(section) = file.get(role) else {
         bail!("{shown}: no section [{role}] publishes a login of role {role:?}");
     };
+    service_file::check_keys(section).with_context(|| format!("{shown}: section [{role}]"))?;
     let Some(login) = section.user.as_deref() else {
         bail!("{shown}: section [{role}] has no user=");
     };
-    let published = if login == role {
-        Login::Role
-    } else if login == twin {
-        Login::Twin
-    } else {
+    let Some(published) = pair.which(login) else {
         bail!(
             "{shown}: section [{role}] publishes login {login:?}, which is neither the role \
-             nor its twin {twin:?}"
+             nor its twin {:?}",
+            pair.twin
         );
     };
     let Some(password) = &section.password else {
         bail!("{shown}: section [{role}] has no password=");
     };
-    let Some((expected, expected_file)) = password_file(login) else {
+    let Some((expected, expected_file)) = password_file(published) else {
         bail!("{shown}: section [{role}]: no password file for login {login:?}");
     };
     if password != expected {
@@ -212,64 +259,34 @@ pub fn check_section<'a>(
              password file ({expected_file})"
         );
     }
-    Ok(published)
+    Ok(Pair {
+        published,
+        ..pair.clone()
+    })
 }
 
-/// Checks the published credentials against the password files and says, per twin's role,
-/// which login is published. The whole set is refused when a role has no section, the
+/// Checks the published credentials against the password files and returns the pairs with
+/// their published logins. The whole set is refused when a role has no section, the
 /// section names a login other than the role or its twin, or its password differs from
 /// that login's password file: applications would use a credential the server does not
 /// get. Messages name the file, the section and the login, never a password.
 pub fn check_published(
     path: &Path,
     file: &ServiceFile,
-    twins: &[Twin],
+    pairs: &[Pair],
     secrets: &[(RoleSpec, Secret)],
-) -> anyhow::Result<Vec<Published>> {
+) -> anyhow::Result<Vec<Pair>> {
     let shown = path.display().to_string();
-    twins
+    pairs
         .iter()
-        .map(|twin| {
-            let published = check_section(&shown, file, &twin.role, &twin.login, |login| {
+        .map(|pair| {
+            check_section(&shown, file, pair, |which| {
+                let login = pair.login(which);
                 secrets
                     .iter()
                     .find(|(spec, _)| spec.name == login)
                     .map(|(spec, secret)| (secret, describe_ref(&spec.secret)))
-            })?;
-            Ok(Published {
-                role: twin.role.clone(),
-                twin: twin.login.clone(),
-                login: match published {
-                    Login::Role => twin.role.clone(),
-                    Login::Twin => twin.login.clone(),
-                },
             })
-        })
-        .collect()
-}
-
-/// What `verify` checks, with a note for its report: without overlap every login of the
-/// set; with it the published login of each overlapped role (its password is the one
-/// `pg_service.conf` holds, checked equal on reading) and every other role (the
-/// superuser), plus with `staged` each unpublished login with its file's password.
-pub fn logins_to_verify(
-    set: &crate::config::SecretSet,
-    staged: bool,
-) -> Vec<(&RoleSpec, &Secret, &'static str)> {
-    set.entries
-        .iter()
-        .filter_map(|(spec, secret)| {
-            let name = spec.name.as_str();
-            let pair = set
-                .published
-                .iter()
-                .find(|p| p.role == name || p.twin == name);
-            match pair {
-                None => Some((spec, secret, "")),
-                Some(p) if p.login == name => Some((spec, secret, ", published")),
-                Some(_) if staged => Some((spec, secret, ", unpublished")),
-                Some(_) => None,
-            }
         })
         .collect()
 }
@@ -325,18 +342,18 @@ mod tests {
 
     #[test]
     fn published_credentials_must_match_the_password_files() {
-        let twins = [Twin::of(&entry("app", "").0, "_alt").unwrap()];
-        assert_eq!(twins[0].secret, SecretRef::Name("app_alt_pw".into()));
+        let twins = [Pair::of(&entry("app", "").0, "_alt").unwrap()];
+        assert_eq!(twins[0].twin_secret, SecretRef::Name("app_alt_pw".into()));
         let secrets = [entry("app", "one s3cret"), entry("app_alt", "two s3cret")];
         let path = Path::new("/k/pg_service.conf");
         let check = |text: &str| {
             check_published(path, &service_file::parse(text).unwrap(), &twins, &secrets)
         };
         let ok = check("[app]\nuser=app_alt\npassword=two s3cret\n").unwrap();
-        assert_eq!(ok[0].login, "app_alt");
-        assert_eq!(ok[0].unpublished(), "app");
+        assert_eq!(ok[0].published_login(), "app_alt");
+        assert_eq!(ok[0].unpublished_login(), "app");
         assert_eq!(
-            check("[app]\nuser=app\npassword=one s3cret\n").unwrap()[0].unpublished(),
+            check("[app]\nuser=app\npassword=one s3cret\n").unwrap()[0].unpublished_login(),
             "app_alt"
         );
         for (text, needle) in [
@@ -377,37 +394,5 @@ mod tests {
             err.starts_with("reading ") && err.contains("absent"),
             "{err}"
         );
-    }
-
-    #[test]
-    fn verify_checks_the_published_logins_and_with_staged_the_others() {
-        let set = crate::config::SecretSet {
-            entries: vec![
-                entry("postgres", "a"),
-                entry("app", "b"),
-                entry("app_alt", "c"),
-            ],
-            published: vec![Published {
-                role: "app".into(),
-                twin: "app_alt".into(),
-                login: "app_alt".into(),
-            }],
-        };
-        let names = |staged| -> Vec<String> {
-            logins_to_verify(&set, staged)
-                .iter()
-                .map(|(spec, _, note)| format!("{}{note}", spec.name))
-                .collect()
-        };
-        assert_eq!(names(false), ["postgres", "app_alt, published"]);
-        assert_eq!(
-            names(true),
-            ["postgres", "app, unpublished", "app_alt, published"]
-        );
-        let plain = crate::config::SecretSet {
-            entries: set.entries.clone(),
-            published: Vec::new(),
-        };
-        assert_eq!(logins_to_verify(&plain, true).len(), 3);
     }
 }

@@ -84,6 +84,74 @@ impl ServiceFile {
     }
 }
 
+/// The connection keywords libpq accepts in a service file besides `user` and `password`
+/// (PostgreSQL 14-18, the union: a newer client's keyword is accepted, since the file
+/// cannot know which libpq reads it). libpq refuses any other key ("syntax error in
+/// service file"), so every application using the section would fail. `service` and
+/// `servicefile` are not here: libpq does not nest services (refused by `parse` too).
+const LIBPQ_KEYS: [&str; 47] = [
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "passfile",
+    "channel_binding",
+    "connect_timeout",
+    "client_encoding",
+    "options",
+    "application_name",
+    "fallback_application_name",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+    "replication",
+    "gssencmode",
+    "sslmode",
+    "sslnegotiation",
+    "sslcompression",
+    "sslcert",
+    "sslkey",
+    "sslpassword",
+    "sslcertmode",
+    "sslrootcert",
+    "sslcrl",
+    "sslcrldir",
+    "sslsni",
+    "requirepeer",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+    "krbsrvname",
+    "gsslib",
+    "gssdelegation",
+    "target_session_attrs",
+    "load_balance_hosts",
+    "require_auth",
+    "min_protocol_version",
+    "max_protocol_version",
+    "oauth_issuer",
+    "oauth_client_id",
+    "oauth_client_secret",
+    "oauth_scope",
+    "scram_client_key",
+    "scram_server_key",
+    "sslkeylogfile",
+];
+
+/// Refuses a key of `section` that libpq does not accept, naming the key (never a value).
+pub fn check_keys(section: &Section) -> anyhow::Result<()> {
+    for (key, _) in &section.other {
+        if !LIBPQ_KEYS.contains(&key.as_str()) {
+            bail!(
+                "{key:?} is not a connection keyword libpq accepts: every application \
+                 using this section would fail to connect"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Parses a service file (see the module comment for the accepted subset).
 pub fn parse(text: &str) -> anyhow::Result<ServiceFile> {
     let mut file = ServiceFile::default();

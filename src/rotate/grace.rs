@@ -1,14 +1,17 @@
 //! Stage 1 of a rotation: ask the server whether a login about to be re-keyed may still
 //! be in use. The answer is its `VALID UNTIL`, which the sync sets when the login stops
 //! being published and which the server compares with its own clock: no state of ours.
+//! Asked as the superuser only, in the one pinned superuser session (`session::superuser`):
+//! an application's login, or a session the application's database could steer, would
+//! let the application answer for itself. The sessions still open on a login about to be
+//! re-keyed are reported (the sync ends them when it applies the stage).
 
 use anyhow::Context;
 
-use super::set::{Overlapped, RoleSet};
+use super::set::RoleSet;
 use crate::config::Config;
 use crate::error::Failure;
-use crate::secret::Secret;
-use crate::sync::connect::{self, Auth};
+use crate::session::{self, connect};
 
 /// What the server says about a login that would be re-keyed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,43 +85,36 @@ pub(super) async fn check_grace(config: &Config, set: &RoleSet, force: bool) -> 
     .context(Failure::Config)
 }
 
-/// Reads `pg_roles.rolvaliduntil` of `logins` (any login may read `pg_roles`), logged
-/// in with the superuser's password or else with a published credential.
+/// Reads `rolvaliduntil` of `logins` and how many client sessions each has open, as the
+/// superuser; prints the sessions.
 async fn login_states(
     config: &Config,
     set: &RoleSet,
     logins: &[String],
 ) -> anyhow::Result<Vec<LoginState>> {
-    let mut candidates: Vec<(&str, &Secret)> = Vec::new();
-    if let Some(password) = &set.superuser_password {
-        candidates.push((&set.superuser, password));
-    }
-    candidates.extend(set.roles.iter().map(Overlapped::published));
-    let mut reasons = Vec::new();
-    let mut client = None;
-    for (user, password) in candidates {
-        match connect::connect(config, user, &Auth::Password(password, "secret file")).await {
-            Ok(c) => {
-                client = Some(c);
-                break;
-            }
-            Err(err) => reasons.push(format!("as {user:?}: {err:#}")),
-        }
-    }
-    let client = client
-        .ok_or_else(|| anyhow::anyhow!("{}", reasons.join("; ")))
-        .with_context(|| format!("logging in at {}", connect::describe(config)))
-        .context(Failure::Connect)?;
+    let Some(password) = &set.superuser_password else {
+        return Err(anyhow::anyhow!(
+            "no password file for the superuser {:?} in the secrets directory: rotate asks \
+             the server as the superuser only",
+            set.superuser
+        ))
+        .context(Failure::Connect);
+    };
+    let client = session::superuser(config, &[(password, "superuser password file")], None)
+        .await
+        .with_context(|| format!("logging in at {}", connect::describe(config)))?;
     // Compared on the server, with its clock: the grace deadline was set by its clock too.
     // Bounded like a connect: a superuser's lock on pg_authid would otherwise hold this
-    // read, and with it generate's lock on the directory, for as long as it lasts.
+    // read, and with it the lock on the secrets directory, for as long as it lasts.
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&logins];
     let query = client.query(
-        "SELECT rolname::text, \
-                (rolvaliduntil IS NULL OR rolvaliduntil = 'infinity') AS open, \
-                coalesce(rolvaliduntil > now(), false) AS running, \
-                coalesce(rolvaliduntil::text, '') AS until \
-           FROM pg_roles WHERE rolname::text = ANY($1::text[])",
+        "SELECT r.rolname::text, \
+                (r.rolvaliduntil IS NULL OR r.rolvaliduntil = 'infinity') AS open, \
+                coalesce(r.rolvaliduntil > now(), false) AS running, \
+                coalesce(r.rolvaliduntil::text, '') AS until, \
+                (SELECT count(*) FROM pg_stat_activity a \
+                 WHERE a.usesysid = r.oid AND a.backend_type = 'client backend') AS sessions \
+           FROM pg_authid r WHERE r.rolname = ANY($1::text[])",
         &params,
     );
     let rows = tokio::time::timeout(config.connect_timeout, query)
@@ -130,8 +126,18 @@ async fn login_states(
             )
         })
         .and_then(|rows| rows.map_err(anyhow::Error::from))
-        .context("reading the logins' VALID UNTIL from pg_roles")
+        .context("reading the logins' VALID UNTIL and sessions")
         .context(Failure::Sql)?;
+    for row in &rows {
+        let sessions: i64 = row.get(4);
+        if sessions > 0 {
+            println!(
+                "login {:?}: {sessions} session(s) still open on it, opened with its \
+                 retired password; the sync ends them when it applies the stage",
+                row.get::<_, String>(0)
+            );
+        }
+    }
     Ok(logins
         .iter()
         .map(|login| {

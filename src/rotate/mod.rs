@@ -45,12 +45,12 @@ use anyhow::Context;
 
 use crate::config::{Config, ConfigSettings, Host};
 use crate::error::Failure;
-use crate::keyfiles::overlap as files;
-use crate::sync::connect;
+use crate::overlap::files::PENDING_FILE;
+use crate::session::connect;
 use crate::verify::{Login, checked_login};
 use grace::check_grace;
 use set::RoleSet;
-use stage::{PENDING_FILE, Pending, Staged, finish_published, publish, remove_pending, rollback};
+use stage::{Pending, Staged, finish_published, publish, remove_pending, rollback};
 
 /// How often the wait step retries the staged logins.
 const POLL: Duration = Duration::from_millis(500);
@@ -122,46 +122,46 @@ async fn rotate(settings: RotateSettings) -> anyhow::Result<u8> {
     }
     // The same lock as `generate`: nothing else writes the set while a rotation runs.
     // Every file below is reached through the handles it holds, never through a link.
-    let mut locked = files::lock(&settings.dir).context(Failure::Config)?;
+    let mut locked = crate::store::lock(&settings.dir).context(Failure::Config)?;
     match phase {
         Phase::Abort => {
-            let pending = Pending::read(locked.root())?;
+            let pending = Pending::read(&locked.root)?;
             // A run killed between its publish and the record's removal: the rotation is
             // done, and rolling the staged files back under the new pg_service.conf would
             // leave a set the sync refuses (see `finish_published`).
-            if pending.already_published(locked.keys())? {
-                finish_published(locked.root(), &pending)?;
+            if pending.already_published(&locked.keys)? {
+                finish_published(&locked.root, &pending)?;
                 return Ok(0);
             }
             rollback(&locked, &pending)?;
             return Ok(0);
         }
         Phase::PublishOnly => {
-            let pending = Pending::read(locked.root())?;
+            let pending = Pending::read(&locked.root)?;
             // The same state: the staged logins are no longer the unpublished ones, which
             // `staged_from_files` would refuse, so there would be no way forward at all.
-            if pending.already_published(locked.keys())? {
-                finish_published(locked.root(), &pending)?;
+            if pending.already_published(&locked.keys)? {
+                finish_published(&locked.root, &pending)?;
                 return Ok(0);
             }
             pending.check_staged(&locked)?;
-            let set = RoleSet::read(&config, locked.keys(), &settings.twin_suffix)?;
+            let set = RoleSet::read(&config, &locked.keys, &settings.twin_suffix)?;
             let staged = pending.staged_from_files(&set)?;
-            publish(locked.keys(), &set, &staged)?;
-            remove_pending(locked.root())?;
+            publish(&locked.keys, &set, &staged)?;
+            remove_pending(&locked.root)?;
             return Ok(0);
         }
         Phase::Full | Phase::StageOnly => {}
     }
-    if Pending::exists(locked.root())? {
+    if Pending::exists(&locked.root)? {
         return Err(anyhow::anyhow!(
             "a staged rotation is pending ({}): finish it with `rotate --publish-only` or \
              undo it with `rotate --abort`",
-            locked.root().shown(PENDING_FILE)
+            locked.root.shown(PENDING_FILE)
         ))
         .context(Failure::Config);
     }
-    let set = RoleSet::read(&config, locked.keys(), &settings.twin_suffix)?;
+    let set = RoleSet::read(&config, &locked.keys, &settings.twin_suffix)?;
     check_grace(&config, &set, settings.force).await?;
     let (pending, staged) = stage::stage(&mut locked, &set, &settings.twin_suffix)?;
     if phase == Phase::StageOnly {
@@ -188,8 +188,8 @@ async fn rotate(settings: RotateSettings) -> anyhow::Result<u8> {
             }
         }
     }
-    publish(locked.keys(), &set, &staged)?;
-    remove_pending(locked.root())?;
+    publish(&locked.keys, &set, &staged)?;
+    remove_pending(&locked.root)?;
     check_published(&config, &staged).await
 }
 

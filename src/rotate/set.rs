@@ -7,45 +7,47 @@ use anyhow::{Context, bail};
 
 use crate::config::{Config, SecretRef};
 use crate::error::Failure;
-use crate::keyfiles::overlap::{self as files, Dir};
-use crate::overlap::{self, SERVICE_FILE, service_file};
+use crate::overlap::{self, Login, Pair, SERVICE_FILE, files, service_file};
 use crate::secret::Secret;
+use crate::store::{self, Dir};
 
-/// One overlapped role as the files describe it now.
-pub(super) struct Overlapped {
-    pub(super) role: String,
-    pub(super) twin: String,
-    /// File names in `keys/`.
-    pub(super) role_file: String,
-    pub(super) twin_file: String,
-    pub(super) role_password: Secret,
-    pub(super) twin_password: Secret,
-    /// Whether `pg_service.conf` publishes the twin (else the role itself).
-    pub(super) twin_published: bool,
+/// One overlapped role as the files in `keys/` describe it now: its pair (with the
+/// published login), each login's file name there and password.
+pub(super) struct PairFiles {
+    pub(super) pair: Pair,
+    role_file: String,
+    twin_file: String,
+    role_password: Secret,
+    twin_password: Secret,
 }
 
-impl Overlapped {
-    /// The login a rotation re-keys, and its file.
-    pub(super) fn unpublished(&self) -> (&str, &str) {
-        if self.twin_published {
-            (&self.role, &self.role_file)
-        } else {
-            (&self.twin, &self.twin_file)
+impl PairFiles {
+    /// The file name in `keys/` of `which` login.
+    pub(super) fn file(&self, which: Login) -> &str {
+        match which {
+            Login::Role => &self.role_file,
+            Login::Twin => &self.twin_file,
         }
     }
 
-    pub(super) fn published(&self) -> (&str, &Secret) {
-        if self.twin_published {
-            (&self.twin, &self.twin_password)
-        } else {
-            (&self.role, &self.role_password)
+    /// The password `which` login's file holds.
+    pub(super) fn password(&self, which: Login) -> &Secret {
+        match which {
+            Login::Role => &self.role_password,
+            Login::Twin => &self.twin_password,
         }
+    }
+
+    /// The login a rotation re-keys, and its file.
+    pub(super) fn unpublished(&self) -> (&str, &str) {
+        let which = self.pair.published.other();
+        (self.pair.login(which), self.file(which))
     }
 }
 
 /// The overlapped roles and `pg_service.conf`, checked for consistency.
 pub(super) struct RoleSet {
-    pub(super) roles: Vec<Overlapped>,
+    pub(super) roles: Vec<PairFiles>,
     pub(super) service: service_file::ServiceFile,
     pub(super) superuser: String,
     pub(super) superuser_password: Option<Secret>,
@@ -57,7 +59,7 @@ impl RoleSet {
     }
 
     fn read_inner(config: &Config, keys: &Dir, suffix: &str) -> anyhow::Result<RoleSet> {
-        let text = files::read_exact(keys, SERVICE_FILE).with_context(|| {
+        let text = store::read_exact(keys, SERVICE_FILE).with_context(|| {
             format!(
                 "reading {} (create it with `generate --overlap`)",
                 keys.shown(SERVICE_FILE)
@@ -77,44 +79,39 @@ impl RoleSet {
         })?;
         let mut roles = Vec::new();
         for spec in config.roles.iter().filter(|r| r.name != config.superuser) {
-            let twin = overlap::twin_login(&spec.name, suffix)?;
+            let pair = Pair::of(spec, suffix)?;
             let (role_file, twin_file) = pair_files(keys, &spec.secret, suffix)
                 .with_context(|| format!("the files of role {:?}", spec.name))?;
             let role_password = files::read_secret(keys, &role_file)?;
             let twin_password = files::read_secret(keys, &twin_file)?;
-            let published = overlap::check_section(
-                &keys.shown(SERVICE_FILE),
-                &service,
-                &spec.name,
-                &twin,
-                |login| {
-                    Some(if login == twin {
-                        (&twin_password, twin_file.clone())
-                    } else {
-                        (&role_password, role_file.clone())
+            let pair =
+                overlap::check_section(&keys.shown(SERVICE_FILE), &service, &pair, |which| {
+                    Some(match which {
+                        Login::Role => (&role_password, role_file.clone()),
+                        Login::Twin => (&twin_password, twin_file.clone()),
                     })
-                },
-            )
-            .context("the set is inconsistent (restore it or run `generate --overlap --force`)")?;
-            roles.push(Overlapped {
-                role: spec.name.clone(),
-                twin,
+                })
+                .context(
+                    "the set is inconsistent (restore it or run `generate --overlap --force`)",
+                )?;
+            roles.push(PairFiles {
+                pair,
                 role_file,
                 twin_file,
                 role_password,
                 twin_password,
-                twin_published: published == overlap::Login::Twin,
             });
         }
         if roles.is_empty() {
             bail!("no overlapped roles: every configured role is the superuser");
         }
-        // Only to ask the server about grace periods; a published login serves as well.
+        // To ask the server about grace periods and sessions, as the superuser only: an
+        // application's login could be answered by what the application controls.
         let superuser_password = match &config.superuser_secret {
             SecretRef::Name(name) => locate(keys, name)
                 .ok()
                 .and_then(|file| files::read_secret(keys, &file).ok()),
-            SecretRef::Path(_) => None,
+            SecretRef::Path(_) => config.superuser_password().and_then(Result::ok),
         };
         Ok(RoleSet {
             roles,

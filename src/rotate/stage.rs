@@ -10,13 +10,10 @@ use zeroize::Zeroizing;
 
 use super::set::RoleSet;
 use crate::error::Failure;
-use crate::keyfiles::overlap::{self as files, Dir, Locked};
+use crate::overlap::files::{self, PENDING_FILE};
 use crate::overlap::{SERVICE_FILE, service_file};
 use crate::secret::Secret;
-
-/// The record of a stage that is neither published nor rolled back, in the secrets
-/// directory (beside `keys/`, so it is never delivered with the secrets).
-pub const PENDING_FILE: &str = "rotate-pending.json";
+use crate::store::{self, Dir, Locked};
 
 /// A login staged with a new password.
 pub(super) struct Staged {
@@ -37,12 +34,66 @@ pub(super) struct Pending {
     created: Vec<String>,
     /// (role, staged login, its file).
     logins: Vec<(String, String, String)>,
+    /// Each file the stage wrote, as it was right after: a rollback never restores a file
+    /// that changed since (someone else wrote it, and their value would be lost).
+    #[serde(default)]
+    written: Vec<(String, FileId)>,
+}
+
+/// Which version of a file this is: an atomic write makes a new inode, and an in-place
+/// write changes the modification time or size. No value, nothing derived from one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct FileId {
+    inode: u64,
+    size: i64,
+    mtime: i64,
+    mtime_nsec: i64,
+}
+
+impl FileId {
+    /// The version of `dir/name` now (`None`: no file there).
+    fn of(dir: &Dir, name: &str) -> anyhow::Result<Option<FileId>> {
+        Ok(dir.stat(name)?.map(|st| FileId {
+            inode: st.st_ino,
+            size: st.st_size,
+            mtime: st.st_mtime,
+            mtime_nsec: st.st_mtime_nsec,
+        }))
+    }
 }
 
 impl Pending {
+    fn write(&self, root: &Dir) -> anyhow::Result<()> {
+        let record = serde_json::to_vec_pretty(self).context("writing the rotation record")?;
+        store::write(root, PENDING_FILE, &record)
+    }
+
+    /// Refuses a rollback when a file the stage wrote has changed since (nothing is
+    /// restored then): restoring it would throw away someone else's newer value, a
+    /// `generate --force` after a leak, say.
+    fn check_unchanged(&self, keys: &Dir) -> anyhow::Result<()> {
+        let mut changed = Vec::new();
+        for (file, id) in &self.written {
+            if FileId::of(keys, file)? != Some(*id) {
+                changed.push(keys.shown(file));
+            }
+        }
+        if changed.is_empty() {
+            return Ok(());
+        }
+        Err(anyhow::anyhow!(
+            "{} changed since the stage (written by someone else): not rolling back, so as \
+             not to undo a newer value; nothing was restored. Check them, then restore what \
+             should be from backups/{} (`generate --restore`) and remove {PENDING_FILE}",
+            changed.join(", "),
+            self.backup
+        ))
+        .context(Failure::Config)
+    }
+
     pub(super) fn read(root: &Dir) -> anyhow::Result<Pending> {
         let shown = root.shown(PENDING_FILE);
-        let bytes = files::read_exact(root, PENDING_FILE)
+        let bytes = store::read_exact(root, PENDING_FILE)
             .with_context(|| format!("no staged rotation to finish ({shown})"))
             .context(Failure::Config)?;
         serde_json::from_slice(&bytes)
@@ -97,7 +148,7 @@ impl Pending {
     /// The bytes `file` held before the stage, from its backup (`backup_keys`, the
     /// backup's `keys/`).
     fn before_stage(&self, backup_keys: &Dir, file: &str) -> anyhow::Result<Zeroizing<Vec<u8>>> {
-        files::read_exact(backup_keys, file)
+        store::read_exact(backup_keys, file)
             .with_context(|| format!("reading {file} from backup {}", self.backup))
     }
 
@@ -107,7 +158,7 @@ impl Pending {
     /// has the old one the server let expire; publishing it would hand applications a
     /// login that fails until the next sync.
     pub(super) fn check_staged(&self, locked: &Locked) -> anyhow::Result<()> {
-        let keys = locked.keys();
+        let keys = &locked.keys;
         let backup_keys = locked
             .backup_keys(&self.backup)
             .with_context(|| {
@@ -125,7 +176,7 @@ impl Pending {
                 continue;
             }
             let before = self.before_stage(&backup_keys, file)?;
-            let now = files::read_exact(keys, file)?;
+            let now = store::read_exact(keys, file)?;
             if *before == *now {
                 return Err(anyhow::anyhow!(
                     "the stage did not finish: {} (login {login:?}) still holds its password \
@@ -145,10 +196,9 @@ impl Pending {
         self.logins
             .iter()
             .map(|(role, login, file)| {
-                let known = set
-                    .roles
-                    .iter()
-                    .any(|r| r.role == *role && r.unpublished() == (login.as_str(), file.as_str()));
+                let known = set.roles.iter().any(|r| {
+                    r.pair.role == *role && r.unpublished() == (login.as_str(), file.as_str())
+                });
                 if !known {
                     bail!(
                         "the staged login {login:?} of role {role:?} is no longer the \
@@ -159,9 +209,8 @@ impl Pending {
                     role: role.clone(),
                     login: login.clone(),
                     file: file.clone(),
-                    password: match set.roles.iter().find(|r| r.role == *role) {
-                        Some(r) if r.twin_published => r.role_password.clone(),
-                        Some(r) => r.twin_password.clone(),
+                    password: match set.roles.iter().find(|r| r.pair.role == *role) {
+                        Some(r) => r.password(r.pair.published.other()).clone(),
                         None => bail!("role {role:?} is no longer configured"),
                     },
                 })
@@ -181,9 +230,9 @@ pub(super) fn stage(
     let mut writes: Vec<(String, Secret)> = Vec::new();
     for role in &set.roles {
         let (login, file) = role.unpublished();
-        let password = files::new_password()?;
+        let password = crate::store::random::password()?;
         staged.push(Staged {
-            role: role.role.clone(),
+            role: role.pair.role.clone(),
             login: login.to_owned(),
             file: file.to_owned(),
             password: password.clone(),
@@ -198,15 +247,16 @@ pub(super) fn stage(
     published_text(set, &staged)?;
 
     // Refuses a link among the set's files before anything is written.
-    let mut present = files::present_files(locked.keys(), suffix)?;
+    let mut present = files::present_files(&locked.keys, suffix)?;
     for file in set.files() {
         if !present.contains(&file) {
             present.push(file);
         }
     }
-    let backup = locked.backup(&present)?;
+    let names: Vec<&str> = present.iter().map(String::as_str).collect();
+    let backup = locked.backup(&names)?.name;
     println!("backed up {} files to backups/{backup}", present.len());
-    let pending = Pending {
+    let mut pending = Pending {
         backup,
         files: writes.iter().map(|(f, _)| f.clone()).collect(),
         created: writes
@@ -218,12 +268,18 @@ pub(super) fn stage(
             .iter()
             .map(|s| (s.role.clone(), s.login.clone(), s.file.clone()))
             .collect(),
+        written: Vec::new(),
     };
-    let record = serde_json::to_vec_pretty(&pending).context("writing the rotation record")?;
-    files::write(locked.root(), PENDING_FILE, &record)?;
+    // First the record (a run killed from here on can be aborted), then the values, then
+    // the record again with the versions the stage wrote.
+    pending.write(&locked.root)?;
     for (file, value) in &writes {
-        files::write(locked.keys(), file, value.expose().as_bytes())?;
+        store::write(&locked.keys, file, value.expose().as_bytes())?;
+        if let Some(id) = FileId::of(&locked.keys, file)? {
+            pending.written.push((file.clone(), id));
+        }
     }
+    pending.write(&locked.root)?;
     for s in &staged {
         println!(
             "staged a new password for login {:?} (role {:?}) in keys/{}",
@@ -242,7 +298,8 @@ pub(super) fn stage(
 /// Puts every staged file back from the stage's backup, byte for byte, removes the files
 /// the stage created and the record. `pg_service.conf` was never written by the stage.
 pub(super) fn rollback(locked: &Locked, pending: &Pending) -> anyhow::Result<()> {
-    let keys = locked.keys();
+    let keys = &locked.keys;
+    pending.check_unchanged(keys)?;
     let backup_keys = locked.backup_keys(&pending.backup)?;
     let mut restored = 0;
     for file in &pending.files {
@@ -251,11 +308,11 @@ pub(super) fn rollback(locked: &Locked, pending: &Pending) -> anyhow::Result<()>
             continue;
         }
         let bytes = pending.before_stage(&backup_keys, file)?;
-        files::write(keys, file, &bytes)?;
+        store::write(keys, file, &bytes)?;
         restored += 1;
     }
     keys.sync()?;
-    remove_pending(locked.root())?;
+    remove_pending(&locked.root)?;
     println!(
         "rolled back: restored {restored} staged files from backups/{} byte for byte; the \
          published credentials were not changed",
@@ -305,7 +362,7 @@ fn published_text(set: &RoleSet, staged: &[Staged]) -> anyhow::Result<Zeroizing<
 /// Stage 5: one atomic rewrite of `pg_service.conf`, other sections and settings kept.
 pub(super) fn publish(keys: &Dir, set: &RoleSet, staged: &[Staged]) -> anyhow::Result<()> {
     let text = published_text(set, staged)?;
-    files::write(keys, SERVICE_FILE, text.as_bytes())?;
+    store::write(keys, SERVICE_FILE, text.as_bytes())?;
     for s in staged {
         println!(
             "published login {:?} for role {:?} in keys/{SERVICE_FILE}",
@@ -328,6 +385,7 @@ mod tests {
                 ("a".into(), "a_alt".into(), "a_alt.txt".into()),
                 ("b".into(), "b_alt".into(), "b_alt.txt".into()),
             ],
+            written: Vec::new(),
         }
     }
 

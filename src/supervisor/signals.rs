@@ -92,7 +92,7 @@ impl Signals {
     }
 }
 
-/// One of the crate's two `unsafe` blocks (the other: `sync::connect`'s per-thread credentials). tokio 1.54 deprecated the safe `AsyncFd::new` as unsound
+/// One of the crate's two `unsafe` blocks (the other: `session::connect`'s per-thread credentials). tokio 1.54 deprecated the safe `AsyncFd::new` as unsound
 /// (tokio#8587) in favour of the `unsafe` `AsyncFd::register_with_interest`, and there is no
 /// safe way left to poll a signalfd in the runtime.
 fn register(fd: SignalFd) -> anyhow::Result<AsyncFd<SignalFd>> {

@@ -8,9 +8,6 @@
 //! not already match. A failure rolls the whole set back, so the old passwords keep working.
 //! Overlap mode's twins and `VALID UNTIL` rules (`overlap`) run inside the same transaction.
 
-pub mod connect;
-pub mod locks;
-mod overlap;
 mod recorded;
 pub mod scram;
 pub mod sql;
@@ -24,8 +21,9 @@ use tokio_postgres::Client;
 
 use crate::config::{Config, ConfigSettings, RoleSpec, SecretSet};
 use crate::error::Failure;
+use crate::overlap::server::{self as overlap, Applied, Policy};
 use crate::secret::Secret;
-use connect::Auth;
+use crate::session::{self, locks};
 pub use recorded::{log_report, sync_and_record};
 
 /// The line operators grep for after a sync.
@@ -116,6 +114,10 @@ pub struct Options {
     pub dry_run: bool,
     /// What to do about sessions that hold the locks the sync needs.
     pub blockers: locks::Blockers,
+    /// Overlap mode: keep the sessions of a login whose grace is over (`--keep-retired-sessions`).
+    pub keep_retired_sessions: bool,
+    /// Overlap mode: undo an administrator's lockout of a login (`--override-lockouts`).
+    pub override_lockouts: bool,
 }
 
 /// Which roles a sync sends to the server, and whether it checks their stored verifiers
@@ -169,13 +171,60 @@ impl Syncer {
     /// Reads every secret (all must be valid), connects, applies every role
     /// (`Scope::CheckAll`). Nothing is applied on any error.
     pub async fn sync(&mut self) -> anyhow::Result<Report> {
-        let secrets = self.config.load_secrets()?;
-        self.apply(&secrets, Scope::CheckAll).await
+        self.sync_files(Scope::CheckAll)
+            .await?
+            .context("no set was applied")
+    }
+
+    /// Reads the secret files and applies them as `scope` says (`Ok(None)`: with
+    /// `Scope::ChangedOnly`, the files hold the last applied set, and nothing was sent).
+    /// The transaction reads the files again once it holds the sync lock, and applies only
+    /// if they are still what was read: a sync queued behind another (a one-shot `sync`
+    /// behind the watcher, say) never puts back an older set than the files hold. When they
+    /// changed meanwhile, the new set is read and applied instead (a few times at most).
+    pub async fn sync_files(&mut self, scope: Scope) -> anyhow::Result<Option<Report>> {
+        let mut attempt = 1;
+        loop {
+            let secrets = self.config.load_secrets()?;
+            if scope == Scope::ChangedOnly && !set_changed(self.last_applied(), &secrets) {
+                return Ok(None);
+            }
+            match self.apply_checked(&secrets, scope, true).await {
+                Err(err)
+                    if err.downcast_ref::<FilesChanged>().is_some() && attempt < STALE_ATTEMPTS =>
+                {
+                    tracing::info!(
+                        "the secret files changed while the sync waited for its lock; reading them again"
+                    );
+                    attempt += 1;
+                }
+                result => return result.map(Some),
+            }
+        }
+    }
+
+    /// Applies the set this process applied last again, in one transaction, to every
+    /// role: what a resync does while the files are mid-change (they must not be read
+    /// then). Nothing is compared with the files: a newer set there is pending, and is
+    /// applied when it settles.
+    pub async fn reapply_last(&mut self) -> anyhow::Result<Option<Report>> {
+        let Some(set) = self.last_applied().cloned() else {
+            return Ok(None);
+        };
+        self.apply_checked(&set, Scope::CheckAll, false)
+            .await
+            .map(Some)
     }
 
     /// Applies an already validated set of secrets in one transaction, to the roles `scope`
-    /// says, and remembers the set as applied.
-    pub async fn apply(&mut self, set: &SecretSet, scope: Scope) -> anyhow::Result<Report> {
+    /// says, and remembers the set as applied. With `check_files`, the transaction reads
+    /// the files again under its lock and fails with `FilesChanged` when they differ.
+    async fn apply_checked(
+        &mut self,
+        set: &SecretSet,
+        scope: Scope,
+        check_files: bool,
+    ) -> anyhow::Result<Report> {
         // Before the first apply there is nothing to compare with: every role is checked.
         let scope = match self.last_applied() {
             None => Scope::CheckAll,
@@ -194,8 +243,26 @@ impl Syncer {
         };
         // The whole set still offers the superuser's (possibly new) password to log in.
         let client = self.connect_superuser(secrets).await?;
-        let logins = overlap::Logins::new(&self.config, set, self.last_applied());
-        let report = apply(self, &client, secrets, roles, &logins, scope).await?;
+        let leftovers = match &self.config.overlap {
+            Some(_) => Vec::new(),
+            None => overlap::possible_leftovers(
+                &self.config.roles,
+                &self.config.superuser,
+                &self.config.twin_suffix,
+            ),
+        };
+        let logins = overlap::Logins::new(
+            applied(set),
+            leftovers,
+            self.last_applied().map(applied),
+            Policy {
+                grace: self.config.grace,
+                end_retired_sessions: !self.options.keep_retired_sessions && !self.options.dry_run,
+                override_lockouts: self.options.override_lockouts,
+            },
+        );
+        let fresh = check_files.then_some(set);
+        let report = apply(self, &client, secrets, roles, &logins, scope, fresh).await?;
         self.applied(set);
         Ok(report)
     }
@@ -220,9 +287,9 @@ impl Syncer {
         self.last_applied().map(|set| set.entries.as_slice())
     }
 
-    /// Connects as the superuser: OS identity, then the password from its file, then the
-    /// remembered one. The session is then pinned to the catalog, the login's own role and
-    /// default timeouts (`sql::PIN_FIRST`, `sql::PINNED_SESSION`) before anything else runs.
+    /// Connects as the superuser to the configured database: with the password of
+    /// `secrets` (the set about to be applied), else its file, else the last applied one.
+    /// The one pinned way (`session::superuser`).
     pub async fn connect_superuser(
         &self,
         secrets: &[(RoleSpec, Secret)],
@@ -238,48 +305,52 @@ impl Syncer {
         secrets: &[(RoleSpec, Secret)],
         dbname: Option<String>,
     ) -> anyhow::Result<Client> {
-        let from_set = secrets
-            .iter()
-            .find(|(r, _)| r.name == self.config.superuser)
-            .map(|(_, s)| s.clone());
+        let superuser = |set: &[(RoleSpec, Secret)]| {
+            set.iter()
+                .find(|(r, _)| r.name == self.config.superuser)
+                .map(|(_, s)| s.clone())
+        };
         // When the superuser is not in the synced set, its file is still a way in.
-        let from_file = match from_set {
+        let from_file = match superuser(secrets) {
             Some(secret) => Some(secret),
             None => self.config.superuser_password().and_then(Result::ok),
         };
-        let mut methods = vec![Auth::Identity];
+        let remembered = self.last_entries().and_then(superuser);
+        let mut passwords = Vec::new();
         if let Some(secret) = &from_file {
-            methods.push(Auth::Password(secret, "superuser password file"));
+            passwords.push((secret, "superuser password file"));
         }
-        let remembered = self
-            .last_entries()
-            .and_then(|set| set.iter().find(|(r, _)| r.name == self.config.superuser))
-            .map(|(_, secret)| secret);
-        if let Some(secret) = remembered
-            && Some(secret) != from_file.as_ref()
+        if let Some(secret) = &remembered
+            && remembered != from_file
         {
-            methods.push(Auth::Password(secret, "last applied superuser password"));
+            passwords.push((secret, "last applied superuser password"));
         }
-        let other;
-        let config = match dbname {
-            Some(dbname) => {
-                other = Config {
-                    dbname,
-                    ..self.config.clone()
-                };
-                &other
-            }
-            None => &self.config,
-        };
-        let client = connect::connect_any(config, &self.config.superuser, &methods).await?;
-        for statement in [sql::PIN_FIRST, sql::PINNED_SESSION] {
-            client
-                .batch_execute(statement)
-                .await
-                .context("pinning the search path, role and timeouts of the session")
-                .context(Failure::Sql)?;
-        }
-        Ok(client)
+        session::superuser(&self.config, &passwords, dbname).await
+    }
+}
+
+/// How many times a sync whose files changed while it waited for its lock reads them again.
+const STALE_ATTEMPTS: u32 = 5;
+
+/// The secret files no longer hold the set a sync was about to apply (read again under
+/// its lock): it applied nothing.
+#[derive(Debug)]
+pub struct FilesChanged;
+
+impl fmt::Display for FilesChanged {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "the secret files changed while the sync waited for its lock; nothing was applied",
+        )
+    }
+}
+
+impl std::error::Error for FilesChanged {}
+
+fn applied(set: &SecretSet) -> Applied<'_> {
+    Applied {
+        entries: &set.entries,
+        pairs: &set.published,
     }
 }
 
@@ -323,6 +394,7 @@ async fn apply(
     secrets: &[(RoleSpec, Secret)],
     logins: &overlap::Logins<'_>,
     scope: Scope,
+    fresh: Option<&SecretSet>,
 ) -> anyhow::Result<Report> {
     let options = syncer.options;
     // A standby cannot take ALTER ROLE; its passwords arrive through replication. One round
@@ -362,6 +434,7 @@ async fn apply(
             options,
             scope,
             iterations,
+            fresh: fresh.map(|set| (&syncer.config, set)),
         };
         match transaction(client, &plan, &mut watchdog, &mut report).await {
             Ok(()) => return Ok(report),
@@ -398,6 +471,8 @@ struct Plan<'a> {
     scope: Scope,
     /// PBKDF2 rounds of new verifiers (the server's `scram_iterations`).
     iterations: u32,
+    /// The files to read again under the lock, and the set they must still hold.
+    fresh: Option<(&'a Config, &'a SecretSet)>,
 }
 
 async fn transaction(
@@ -406,13 +481,6 @@ async fn transaction(
     watchdog: &mut locks::Watchdog<'_>,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let Plan {
-        secrets,
-        logins,
-        options,
-        scope,
-        iterations,
-    } = *plan;
     // `Client::transaction` needs `&mut`; the explicit BEGIN keeps `Client` shareable.
     // Any early return drops the connection's transaction state with ROLLBACK below.
     client
@@ -424,95 +492,15 @@ async fn transaction(
         .await
         .context("starting the transaction")?;
     let result = async {
-        // A message of their own, before anything that can wait: a setting only applies to
-        // statements received after it (sending it in one batch with ALTER ROLE would log
-        // the batch), and a lock wait reads the timeouts when it starts. The server-side
-        // bounds sit a little beyond the watchdog's, which gives up first and says why.
-        let settings: Vec<String> = sql::QUIET_SETTINGS
-            .iter()
-            .map(|s| (*s).to_owned())
-            .chain(sql::bounds(
-                options.blockers.total_wait() + std::time::Duration::from_secs(1),
-            ))
-            .collect();
-        client
-            .batch_execute(&settings.join("; "))
-            .await
-            .context("suppressing statement logging and bounding the transaction's waits")?;
-        watchdog
-            .guard(
-                "taking the sync lock",
-                client.execute(
-                    "SELECT pg_advisory_xact_lock($1)",
-                    &[&sql::ADVISORY_LOCK_KEY],
-                ),
-            )
-            .await?;
+        begin_locked(client, plan, watchdog).await?;
+        let logins = plan.logins;
         // Overlap mode: twins created or repaired first, so their passwords are set below
         // like every other login's; a twin created now gets its password even when only
         // other files changed.
-        let prepared = logins.prepare(client, &mut report.logins).await?;
-        let secrets = &logins.adjust(secrets, &prepared);
-        let names: Vec<String> = secrets.iter().map(|(r, _)| r.name.clone()).collect();
-        // One round trip for both: tokio-postgres pipelines concurrent queries.
-        let (rows, leftovers) = tokio::try_join!(
-            async {
-                client
-                    .query(
-                        "SELECT rolname::text, rolpassword FROM pg_authid \
-                         WHERE rolname = ANY($1::text[])",
-                        &[&names],
-                    )
-                    .await
-                    .context("reading the stored password verifiers (pg_authid)")
-            },
-            logins.find_leftovers(client),
-        )?;
-        let current: HashMap<String, Option<String>> =
-            rows.iter().map(|row| (row.get(0), row.get(1))).collect();
-
-        let missing: Vec<&str> = names
-            .iter()
-            .filter(|n| !current.contains_key(*n))
-            .map(String::as_str)
-            .collect();
-        if options.strict && !missing.is_empty() {
-            return Err(anyhow::anyhow!(
-                "role(s) {missing:?} do not exist (--strict)"
-            ))
-            .context(Failure::MissingRole);
-        }
-        // PBKDF2 costs milliseconds per role: off the runtime's thread, so that in `run`
-        // signals keep being forwarded and children reaped while a large set is planned.
-        let owned = secrets.to_vec();
-        let dry_run = options.dry_run;
-        let steps = tokio::task::spawn_blocking(move || {
-            plan_steps(&owned, &current, dry_run, scope, iterations)
-        })
-        .await
-        .context("planning the password changes")??;
-        for ((spec, _), step) in secrets.iter().zip(steps) {
-            let status = match step {
-                Step::Keep(status) => status,
-                Step::Set(verifier) => {
-                    let statement = sql::alter_role_password(&spec.name, &verifier);
-                    watchdog
-                        .guard(
-                            &format!("setting the password of role {:?}", spec.name),
-                            client.batch_execute(&statement),
-                        )
-                        .await?;
-                    Status::Changed
-                }
-            };
-            if status == Status::Missing {
-                tracing::warn!(role = ?spec.name, "role does not exist; skipped");
-            }
-            report.roles.push(RoleOutcome {
-                role: spec.name.clone(),
-                status,
-            });
-        }
+        let prepared = logins.prepare(client, watchdog, &mut report.logins).await?;
+        let secrets = &logins.adjust(plan.secrets, &prepared);
+        let leftovers = logins.find_leftovers(client, watchdog).await?;
+        set_passwords(client, plan, secrets, watchdog, report).await?;
         // Who may log in until when: the same transaction, so a publish switch and the
         // passwords it relies on are in force together, or not at all.
         let changed: Vec<&str> = report
@@ -521,10 +509,10 @@ async fn transaction(
             .chain(report.roles_with(Status::WouldChange))
             .collect();
         let lines = logins
-            .valid_until(client, &changed, &prepared, &leftovers)
+            .valid_until(client, watchdog, &changed, &prepared, &leftovers)
             .await?;
         report.logins.extend(lines);
-        if options.dry_run {
+        if plan.options.dry_run {
             bail!(DryRun);
         }
         client.batch_execute("COMMIT").await.context("committing")
@@ -542,6 +530,125 @@ async fn transaction(
                 Err(err)
             }
         }
+    }
+}
+
+/// The transaction's first steps: statement logging off and its waits bounded, the sync
+/// lock taken, and (`plan.fresh`) the files read again under the lock.
+async fn begin_locked(
+    client: &Client,
+    plan: &Plan<'_>,
+    watchdog: &mut locks::Watchdog<'_>,
+) -> anyhow::Result<()> {
+    // A message of their own, before anything that can wait: a setting only applies to
+    // statements received after it (sending it in one batch with ALTER ROLE would log
+    // the batch), and a lock wait reads the timeouts when it starts. The server-side
+    // bounds sit a little beyond the watchdog's, which gives up first and says why.
+    let settings: Vec<String> = sql::QUIET_SETTINGS
+        .iter()
+        .map(|s| (*s).to_owned())
+        .chain(sql::bounds(
+            plan.options.blockers.total_wait() + std::time::Duration::from_secs(1),
+        ))
+        .collect();
+    client
+        .batch_execute(&settings.join("; "))
+        .await
+        .context("suppressing statement logging and bounding the transaction's waits")?;
+    watchdog
+        .guard(
+            "taking the sync lock",
+            client.execute(
+                "SELECT pg_advisory_xact_lock($1)",
+                &[&sql::ADVISORY_LOCK_KEY],
+            ),
+        )
+        .await?;
+    // Whoever held the lock may have applied newer files than this sync read: what is
+    // applied is decided from files read now, under the lock. (A file unreadable now is
+    // mid-change: read again too.)
+    if let Some((config, set)) = plan.fresh
+        && config.load_secrets().ok().as_ref() != Some(set)
+    {
+        bail!(FilesChanged);
+    }
+    Ok(())
+}
+
+/// Reads the stored verifiers of `secrets`, plans each role's step off the runtime's
+/// thread, and sends the new verifiers; one outcome per role in `report`.
+async fn set_passwords(
+    client: &Client,
+    plan: &Plan<'_>,
+    secrets: &[(RoleSpec, Secret)],
+    watchdog: &mut locks::Watchdog<'_>,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let names: Vec<String> = secrets.iter().map(|(r, _)| r.name.clone()).collect();
+    let rows = watchdog
+        .guard(
+            "reading the stored password verifiers (pg_authid)",
+            client.query(
+                "SELECT rolname::text, rolpassword FROM pg_authid \
+                 WHERE rolname = ANY($1::text[])",
+                &[&names],
+            ),
+        )
+        .await?;
+    let current: HashMap<String, Option<String>> =
+        rows.iter().map(|row| (row.get(0), row.get(1))).collect();
+    let missing: Vec<&str> = names
+        .iter()
+        .filter(|n| !current.contains_key(*n))
+        .map(String::as_str)
+        .collect();
+    if plan.options.strict && !missing.is_empty() {
+        return Err(anyhow::anyhow!(
+            "role(s) {missing:?} do not exist (--strict)"
+        ))
+        .context(Failure::MissingRole);
+    }
+    // PBKDF2 costs milliseconds per role: off the runtime's thread, so that in `run`
+    // signals keep being forwarded and children reaped while a large set is planned.
+    let owned = secrets.to_vec();
+    let (dry_run, scope, iterations) = (plan.options.dry_run, plan.scope, plan.iterations);
+    let steps = tokio::task::spawn_blocking(move || {
+        plan_steps(&owned, &current, dry_run, scope, iterations)
+    })
+    .await
+    .context("planning the password changes")??;
+    for ((spec, _), step) in secrets.iter().zip(steps) {
+        let status = match step {
+            Step::Keep(status) => status,
+            Step::Set(verifier) => {
+                let statement = sql::alter_role_password(&spec.name, &verifier);
+                watchdog
+                    .guard(
+                        &format!("setting the password of role {:?}", spec.name),
+                        client.batch_execute(&statement),
+                    )
+                    .await?;
+                Status::Changed
+            }
+        };
+        if status == Status::Missing {
+            tracing::warn!(role = ?spec.name, "role does not exist; skipped");
+        }
+        report.roles.push(RoleOutcome {
+            role: spec.name.clone(),
+            status,
+        });
+    }
+    Ok(())
+}
+
+impl overlap::Guard for locks::Watchdog<'_> {
+    fn guard<T>(
+        &mut self,
+        what: &str,
+        statement: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> impl std::future::Future<Output = anyhow::Result<T>> {
+        locks::Watchdog::guard(self, what, statement)
     }
 }
 
@@ -690,11 +797,9 @@ mod tests {
         assert!(set_changed(Some(&old_set), &whole(&[("postgres", "a")])));
         // So is another published login with the same passwords.
         let mut switched = old_set.clone();
-        switched.published.push(crate::overlap::Published {
-            role: "appuser".into(),
-            twin: "appuser_alt".into(),
-            login: "appuser_alt".into(),
-        });
+        let mut pair = crate::overlap::Pair::of(&switched.entries[1].0, "_alt").unwrap();
+        pair.published = crate::overlap::Login::Twin;
+        switched.published.push(pair);
         assert!(set_changed(Some(&old_set), &switched));
         // So is a role whose secret moved to another file with the same value.
         let mut moved = old.clone();

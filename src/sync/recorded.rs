@@ -5,7 +5,7 @@
 
 use crate::state::{Snapshot, StateFile};
 
-use super::{Report, Scope, Syncer, set_changed};
+use super::{Report, Scope, Syncer};
 
 /// One sync of the current secret files, recorded in `state`.
 ///
@@ -21,14 +21,7 @@ pub async fn sync_and_record(
 ) -> anyhow::Result<Option<Report>> {
     // Taken before the read, so `health` can tell whether a file changed after it.
     let snapshot = Snapshot::take(&syncer.config);
-    let result = async {
-        let secrets = syncer.config.load_secrets()?;
-        if scope == Scope::ChangedOnly && !set_changed(syncer.last_applied(), &secrets) {
-            return Ok(None);
-        }
-        syncer.apply(&secrets, scope).await.map(Some)
-    }
-    .await;
+    let result = syncer.sync_files(scope).await;
     let standby = result
         .as_ref()
         .ok()

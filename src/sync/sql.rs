@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use postgres_protocol::escape::{escape_identifier, escape_literal};
 
+use crate::session::locks::SYNCHRONOUS_COMMIT_LOCAL;
+
 /// Key of the transaction-scoped advisory lock that serialises concurrent syncs
 /// (`run`'s watcher and a `docker exec … sync` racing on the same roles).
 pub const ADVISORY_LOCK_KEY: i64 = 0x7067_7077_7379_6e63; // "pgpwsync"
@@ -58,36 +60,6 @@ pub fn bounds(lock_timeout: Duration) -> [String; 4] {
         format!("SET LOCAL {SYNCHRONOUS_COMMIT_LOCAL}"),
     ]
 }
-
-/// A commit that waits for no standby (see `bounds`); the watchdog's `ROLLBACK PREPARED`
-/// sets it for its session too, since ending a transaction waits the same way.
-pub const SYNCHRONOUS_COMMIT_LOCAL: &str = "synchronous_commit = local";
-
-/// Sent first on every connection the sync opens as the superuser, before any other
-/// statement. The database it connects to may be owned by an ordinary login (a
-/// `PGDATABASE` naming the application's database), and a database's owner can attach
-/// settings to it that every session there starts with: a `search_path` naming one of its
-/// schemas before `pg_catalog` would make our unqualified `pg_is_in_recovery()`,
-/// `pg_authid`, `pg_blocking_pids()` … resolve to its functions and views, run with
-/// superuser rights; a `role` would run the whole sync as that login; a read-only default
-/// or tiny timeouts would make every sync fail.
-///
-/// `PIN_FIRST` goes alone, first: a multi-statement message is one transaction, which a
-/// `transaction_timeout` (17+) of a millisecond ends, with the connection. It is a single
-/// cheap statement, fully qualified (the search path is not pinned yet; `IS NOT NULL` is
-/// no operator that could be looked up), that clears the setting where it exists.
-pub const PIN_FIRST: &str = "\
-    SELECT pg_catalog.set_config('transaction_timeout', '0', false) \
-    WHERE pg_catalog.current_setting('transaction_timeout', true) IS NOT NULL";
-
-/// Then the rest: the search path is set to the catalog alone (`pg_temp` named last, so no
-/// temporary relation comes first), `SET ROLE NONE` returns to the login's own role
-/// (`RESET ROLE` would return to the database's setting), and the settings that could stop
-/// the sync get their defaults (its own bounds come later, with `SET LOCAL`).
-pub const PINNED_SESSION: &str = "\
-    SET search_path = pg_catalog, pg_temp; SET ROLE NONE; \
-    SET default_transaction_read_only = off; SET statement_timeout = 0; \
-    SET lock_timeout = 0; SET idle_in_transaction_session_timeout = 0";
 
 /// Sent before `BEGIN`: whether a whole transaction is sampled for logging is decided when
 /// it starts, so this one cannot be a `SET LOCAL` inside it. The connection is the sync's

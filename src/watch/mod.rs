@@ -43,8 +43,9 @@ use crate::backoff::Backoff;
 use crate::config::{Config, ConfigSettings};
 use crate::error::Failure;
 use crate::postmaster;
+use crate::session::connect;
 use crate::state::{Snapshot, StateFile};
-use crate::sync::{Options, Report, Scope, Syncer, connect, log_report, sync_and_record};
+use crate::sync::{Options, Report, Scope, Syncer, log_report, sync_and_record};
 use debounce::{Debouncer, Due};
 use watches::Watches;
 
@@ -710,36 +711,32 @@ impl Loop<'_> {
             self.reconcile(trigger, Instant::now()).await;
             return;
         }
-        let Some(set) = self.syncer.last_applied().cloned() else {
+        if self.syncer.last_applied().is_none() {
             tracing::debug!(
                 trigger = trigger.describe(),
                 "secret files are changing and nothing was applied yet; the change is read \
                  when it settles"
             );
             return;
-        };
+        }
         tracing::info!(
             "secret files are changing; the {} re-applies the last applied set instead of \
              reading them",
             trigger.describe()
         );
         let applying = Instant::now();
-        let result = self.syncer.apply(&set, Scope::CheckAll).await;
+        let result = self.syncer.reapply_last().await;
         match &result {
             // The files were not read: only a failure is worth recording for `health`,
             // and what the server said about recovery (a promotion).
-            Ok(report) => self.state.record_standby(report.standby),
+            Ok(report) => self
+                .state
+                .record_standby(report.as_ref().is_some_and(|r| r.standby)),
             Err(_) => self
                 .state
                 .record_sync_of(Snapshot::take(&self.syncer.config), false, None),
         }
-        self.outcome(
-            result.map(Some),
-            trigger,
-            Scope::CheckAll,
-            applying,
-            applying,
-        );
+        self.outcome(result, trigger, Scope::CheckAll, applying, applying);
     }
 
     async fn check_promotion(&mut self) {

@@ -165,7 +165,7 @@ pub fn list_files(keys: Option<&Dir>, files: &[&str]) -> anyhow::Result<Vec<Stri
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keyfiles::catalog::Kind;
+    use crate::store::catalog::Kind;
 
     const PASSWORD: Entry = Entry {
         file: "p.txt",

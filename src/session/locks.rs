@@ -30,6 +30,10 @@ use anyhow::{Context, anyhow};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Error};
 
+/// A commit that waits for no standby (see `sync::sql::bounds`); the watchdog's
+/// `ROLLBACK PREPARED` sets it for its session too, since ending a transaction waits the same way.
+pub const SYNCHRONOUS_COMMIT_LOCAL: &str = "synchronous_commit = local";
+
 /// How long a statement waits before the watchdog first looks for blockers: a concurrent
 /// sync (the advisory lock's purpose) usually finishes well before this.
 const FIRST_LOOK: Duration = Duration::from_secs(1);
@@ -78,7 +82,7 @@ impl Blockers {
     pub fn parse_terminate_after(text: &str) -> Result<Option<Duration>, String> {
         match text.trim() {
             "off" | "never" | "no" | "false" => Ok(None),
-            other => crate::cli::parse_duration(other).map(|d| Some(d).filter(|d| !d.is_zero())),
+            other => crate::config::parse_duration(other).map(|d| Some(d).filter(|d| !d.is_zero())),
         }
     }
 }
@@ -567,7 +571,7 @@ impl<'a> Watchdog<'a> {
         // (`sql::bounds`); a message of its own, since ROLLBACK PREPARED refuses to run
         // inside the implicit transaction of a multi-statement message.
         client
-            .batch_execute(&format!("SET {}", super::sql::SYNCHRONOUS_COMMIT_LOCAL))
+            .batch_execute(&format!("SET {}", SYNCHRONOUS_COMMIT_LOCAL))
             .await
             .context("setting synchronous_commit = local before ROLLBACK PREPARED")?;
         // A utility statement takes no parameters: the global id goes in as a literal.

@@ -1,8 +1,7 @@
 //! Overlap mode's files in a secrets directory: each application role's twin-login password
 //! file and `pg_service.conf`, which `generate --overlap` creates beside the catalog's
-//! eleven files, backs up, verifies, lists and puts into the Kubernetes Secret; plus the
-//! handful of directory operations `rotate` reuses (lock, complete backup, atomic write,
-//! new values), so a rotation writes its files exactly as `generate` does.
+//! eleven files, backs up, verifies, lists and puts into the Kubernetes Secret, and which
+//! `rotate` rewrites (through the same `store` handles, backups and atomic writes).
 //!
 //! On a first run `pg_service.conf` publishes every role's own login: the twin starts
 //! unused, so the first `rotate` can stage it at once. Whenever `generate` itself gives a
@@ -10,51 +9,50 @@
 //! `pg_service.conf` is rewritten to publish the role's own login with that password, in
 //! the same run and after the password files, so the set on disk is always consistent.
 //!
-//! Like the rest of `generate`, every file is reached through the `keys/` directory's
-//! handle (`Dir`), never through a link.
-
-use std::path::Path;
+//! Every file is reached through the `keys/` directory's handle (`Dir`), never through a
+//! link.
 
 use anyhow::Context;
 use zeroize::Zeroizing;
 
-use super::catalog::{ENTRIES, Entry, Kind};
-use super::dirfd::Kind as FileKind;
-use super::{Action, atomic, backup, check, random};
+use super::{Login, Pair, SERVICE_FILE, service_file};
 use crate::error::Failure;
-use crate::overlap::{self, MAX_SERVICE_FILE_BYTES, SERVICE_FILE, service_file};
-use crate::secret::Secret;
+use crate::secret::{RoleSpec, Secret, SecretRef};
+use crate::store::catalog::{ENTRIES, Entry, Kind};
+use crate::store::dirfd::{Dir, Kind as FileKind};
+use crate::store::{Action, atomic, backup, check, random};
 
-pub use super::dirfd::Dir;
-
-/// One overlapped role and the secret name of its own password (`postgres_app_user_pw`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pair {
-    pub role: String,
-    pub twin: String,
-    pub key: String,
-    pub twin_key: String,
+/// The secret name of `which` login of a pair `generate` made (`postgres_app_user_pw`).
+fn key(pair: &Pair, which: Login) -> &str {
+    match pair.secret(which) {
+        SecretRef::Name(name) => name,
+        // `default_pairs` names every secret; a path has no key.
+        SecretRef::Path(path) => path.to_str().unwrap_or_default(),
+    }
 }
 
-impl Pair {
-    /// The pair of `role` whose password is the secret `key`, with its twin named by `suffix`.
-    pub fn new(role: &str, key: &str, suffix: &str) -> anyhow::Result<Pair> {
-        Ok(Pair {
-            role: role.to_owned(),
-            twin: overlap::twin_login(role, suffix)?,
-            key: key.to_owned(),
-            twin_key: overlap::twin_secret_name(key, suffix),
-        })
-    }
+/// The file name `generate` uses for `which` login of `pair` (`KEY.txt`).
+pub fn file(pair: &Pair, which: Login) -> String {
+    format!("{}.txt", key(pair, which))
+}
 
-    /// File names `generate` uses (`KEY.txt`).
-    pub fn file(&self) -> String {
-        format!("{}.txt", self.key)
-    }
+/// The record of a staged rotation that is neither published nor rolled back, in the
+/// secrets directory (beside `keys/`, so it is never delivered with the secrets). `rotate`
+/// writes it; `generate` refuses to write while it exists.
+pub const PENDING_FILE: &str = "rotate-pending.json";
 
-    pub fn twin_file(&self) -> String {
-        format!("{}.txt", self.twin_key)
+/// Refuses to write the set while a staged rotation is pending in `root`: a regenerated
+/// file would be lost to the stage's rollback, or published unchecked.
+pub fn refuse_while_pending(root: &Dir) -> anyhow::Result<()> {
+    if root.stat(PENDING_FILE)?.is_some() {
+        return Err(anyhow::anyhow!(
+            "a staged rotation is pending ({}): finish it with `rotate --publish-only` or \
+             undo it with `rotate --abort` first; nothing was written",
+            root.shown(PENDING_FILE)
+        ))
+        .context(Failure::Config);
     }
+    Ok(())
 }
 
 /// The overlapped roles among `generate`'s files: the application and read-only roles,
@@ -66,12 +64,21 @@ pub fn default_pairs(
     temporal: Option<&str>,
     suffix: &str,
 ) -> anyhow::Result<Vec<Pair>> {
+    let pair = |role: &str, key: &str| {
+        Pair::of(
+            &RoleSpec {
+                name: role.to_owned(),
+                secret: SecretRef::Name(key.to_owned()),
+            },
+            suffix,
+        )
+    };
     let mut pairs = vec![
-        Pair::new(app, "postgres_app_user_pw", suffix)?,
-        Pair::new(read_only, "postgres_app_ro_pw", suffix)?,
+        pair(app, "postgres_app_user_pw")?,
+        pair(read_only, "postgres_app_ro_pw")?,
     ];
     if let Some(temporal) = temporal.filter(|t| !t.is_empty()) {
-        pairs.push(Pair::new(temporal, "postgres_temporal_pw", suffix)?);
+        pairs.push(pair(temporal, "postgres_temporal_pw")?);
     }
     for (i, pair) in pairs.iter().enumerate() {
         if pairs[..i]
@@ -93,7 +100,7 @@ fn candidate_files(suffix: &str) -> Vec<String> {
     ENTRIES
         .iter()
         .filter(|e| e.kind == Kind::Password)
-        .map(|e| format!("{}.txt", overlap::twin_secret_name(e.key(), suffix)))
+        .map(|e| format!("{}.txt", super::twin_secret_name(e.key(), suffix)))
         .chain(std::iter::once(SERVICE_FILE.to_owned()))
         .collect()
 }
@@ -137,7 +144,7 @@ pub fn plan(
     let mut kept = Vec::new();
     let mut changed_keys: Vec<String> = catalog.iter().map(|(e, ..)| e.key().to_owned()).collect();
     for pair in pairs {
-        let file = pair.twin_file();
+        let file = file(pair, Login::Twin);
         let action = match (backup::present(keys, &file)?, force) {
             (false, _) => Action::Create,
             (true, true) => Action::Replace,
@@ -152,7 +159,7 @@ pub fn plan(
             action,
             value: Zeroizing::new(value.expose().as_bytes().to_vec()),
         });
-        changed_keys.push(pair.twin_key.clone());
+        changed_keys.push(key(pair, Login::Twin).to_owned());
     }
 
     let (mut service, action) = if backup::present(keys, SERVICE_FILE)? {
@@ -174,11 +181,8 @@ pub fn plan(
             .get(&pair.role)
             .and_then(|s| s.user.clone())
             .map(|user| {
-                if user == pair.twin {
-                    pair.twin_key.clone()
-                } else {
-                    pair.key.clone()
-                }
+                let which = pair.which(&user).unwrap_or(Login::Role);
+                key(pair, which).to_owned()
             });
         let stale = match &published {
             None => true,
@@ -187,9 +191,12 @@ pub fn plan(
         if !stale {
             continue;
         }
-        let password = match catalog.iter().find(|(e, ..)| e.key() == pair.key) {
+        let password = match catalog
+            .iter()
+            .find(|(e, ..)| e.key() == key(pair, Login::Role))
+        {
             Some((_, _, value)) => value.clone(),
-            None => read_secret(keys, &pair.file())
+            None => read_secret(keys, &file(pair, Login::Role))
                 .with_context(|| format!("the password of role {:?}", pair.role))
                 .context(Failure::Config)?,
         };
@@ -211,7 +218,7 @@ pub fn plan(
 
 /// `keys/name` as text, read through the directory's handle (bounded, zeroized).
 fn read_text(keys: &Dir, name: &str) -> anyhow::Result<Zeroizing<String>> {
-    let bytes = read_exact(keys, name)?;
+    let bytes = crate::store::read_exact(keys, name)?;
     let text = std::str::from_utf8(&bytes)
         .with_context(|| format!("{} is not valid UTF-8", keys.shown(name)))?;
     Ok(Zeroizing::new(text.to_owned()))
@@ -232,7 +239,7 @@ pub fn problems(keys: Option<&Dir>, pairs: Option<&[Pair]>, suffix: &str) -> Vec
     let mut problems = Vec::new();
     let exists = |file: &str| keys.is_some_and(|k| !matches!(k.kind(file), Ok(FileKind::Missing)));
     let twin_files: Vec<String> = match pairs {
-        Some(pairs) => pairs.iter().map(Pair::twin_file).collect(),
+        Some(pairs) => pairs.iter().map(|p| file(p, Login::Twin)).collect(),
         None => candidate_files(suffix)
             .into_iter()
             .filter(|f| f != SERVICE_FILE && exists(f))
@@ -276,39 +283,33 @@ pub fn problems(keys: Option<&Dir>, pairs: Option<&[Pair]>, suffix: &str) -> Vec
     };
     for pair in pairs.unwrap_or_default() {
         if let Err(problem) = check_section(keys, &service, pair) {
-            problems.push(format!("{SERVICE_FILE}: [{}] {problem}", pair.role));
+            problems.push(problem);
         }
     }
     problems
 }
 
-/// Whether `pair`'s section publishes one of its two logins with that login's password.
+/// Whether `pair`'s section publishes one of its two logins with that login's password:
+/// the sync's own check of a section (`overlap::check_section`).
 fn check_section(
     keys: &Dir,
     service: &service_file::ServiceFile,
     pair: &Pair,
 ) -> Result<(), String> {
-    let section = service.get(&pair.role).ok_or("is missing")?;
-    let user = section.user.as_deref().ok_or("has no user=")?;
-    let key = if user == pair.role {
-        &pair.key
-    } else if user == pair.twin {
-        &pair.twin_key
-    } else {
-        return Err(format!(
-            "publishes login {user:?}, which is neither {:?} nor {:?}",
-            pair.role, pair.twin
-        ));
+    let password = |which| {
+        let name = file(pair, which);
+        read_secret(keys, &name).ok().map(|secret| (secret, name))
     };
-    let password = section.password.as_ref().ok_or("has no password=")?;
-    let stored =
-        check::read_value(keys, &format!("{key}.txt")).map_err(|err| format!("{err:#}"))?;
-    if *stored != password.expose().as_bytes() {
-        return Err(format!(
-            "the password of login {user:?} differs from {key}.txt"
-        ));
-    }
-    Ok(())
+    let (role_pw, twin_pw) = (password(Login::Role), password(Login::Twin));
+    super::check_section(SERVICE_FILE, service, pair, |which| {
+        let found = match which {
+            Login::Role => role_pw.as_ref(),
+            Login::Twin => twin_pw.as_ref(),
+        };
+        found.map(|(secret, name)| (secret, name.clone()))
+    })
+    .map(|_| ())
+    .map_err(|err| format!("{err:#}"))
 }
 
 /// Missing / not a regular file (a link is not followed) / mode other than 0600.
@@ -338,7 +339,7 @@ pub fn list(
     suffix: &str,
 ) -> anyhow::Result<Vec<String>> {
     let mut files: Vec<String> = match pairs {
-        Some(pairs) => pairs.iter().map(Pair::twin_file).collect(),
+        Some(pairs) => pairs.iter().map(|p| file(p, Login::Twin)).collect(),
         None => Vec::new(),
     };
     for file in candidate_files(suffix) {
@@ -377,74 +378,6 @@ pub fn manifest_values(
     Ok(values)
 }
 
-// ---- what `rotate` reuses --------------------------------------------------------------
-
-/// `generate`'s exclusive lock on the secrets directory, with its handles.
-pub struct Locked(super::Locked);
-
-impl Locked {
-    /// The secrets directory itself (for the rotation's record).
-    pub fn root(&self) -> &Dir {
-        &self.0.root
-    }
-
-    /// Its `keys/`.
-    pub fn keys(&self) -> &Dir {
-        &self.0.keys
-    }
-
-    /// The `keys/` of backup `name`, opened without following a link.
-    pub fn backup_keys(&self, name: &str) -> anyhow::Result<Dir> {
-        self.0
-            .backups
-            .as_ref()
-            .and_then(|b| b.subdir(name).transpose())
-            .transpose()?
-            .and_then(|b| b.subdir("keys").transpose())
-            .transpose()?
-            .with_context(|| format!("backup {name} (or its keys/) is missing"))
-    }
-
-    /// A complete, durable backup of `files` (names in `keys/`); returns its name.
-    pub fn backup(&mut self, files: &[String]) -> anyhow::Result<String> {
-        let locked = &mut self.0;
-        let backups = match &mut locked.backups {
-            Some(backups) => backups,
-            none => none.insert(locked.root.private_subdir(backup::DIR, atomic::DIR_MODE)?),
-        };
-        let names: Vec<&str> = files.iter().map(String::as_str).collect();
-        Ok(backup::create(backups, &locked.keys, &names)?.name)
-    }
-}
-
-/// Holds `generate`'s exclusive lock on the secrets directory `root` (and prepares
-/// `keys/` as `generate` does), so a rotation and a `generate` never interleave.
-pub fn lock(root: &Path) -> anyhow::Result<Locked> {
-    let locked = super::lock_and_prepare(root)?;
-    // `rotate` also writes its record (`rotate-pending.json`) in the directory itself: the
-    // temp file of a run killed while writing it is removed here, as `keys/`'s are.
-    atomic::remove_leftovers(&locked.root)?;
-    Ok(Locked(locked))
-}
-
-/// Replaces `dir/name` atomically and durably (mode 0600; a link there is replaced, never
-/// written through).
-pub fn write(dir: &Dir, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
-    atomic::write_atomic(dir, name, bytes).with_context(|| format!("writing {}", dir.shown(name)))
-}
-
-/// A file's exact bytes (for a byte-for-byte restore), bounded by the largest file of the
-/// set (`pg_service.conf`'s limit); never through a link.
-pub fn read_exact(dir: &Dir, name: &str) -> anyhow::Result<Zeroizing<Vec<u8>>> {
-    dir.read_file(name, MAX_SERVICE_FILE_BYTES)?
-        .with_context(|| format!("{} is missing", dir.shown(name)))
-}
-
-/// A new database password, as `generate` makes them.
-pub fn new_password() -> anyhow::Result<Secret> {
-    random::password()
-}
-
 /// The catalog files a rotation regenerates as single-login secrets (every random value
 /// except those in `exclude`), each with a new value; OIDC values are never generated.
 pub fn single_login_values(exclude: &[String]) -> anyhow::Result<Vec<(String, Secret)>> {
@@ -465,6 +398,7 @@ pub fn single_login_values(exclude: &[String]) -> anyhow::Result<Vec<(String, Se
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn pairs() -> Vec<Pair> {
         default_pairs("appuser", "backupuser", None, "_alt").unwrap()
@@ -474,8 +408,8 @@ mod tests {
     fn pairs_name_twins_and_refuse_clashes() {
         let p = pairs();
         assert_eq!(p[0].twin, "appuser_alt");
-        assert_eq!(p[0].twin_file(), "postgres_app_user_alt_pw.txt");
-        assert_eq!(p[1].twin_key, "postgres_app_ro_alt_pw");
+        assert_eq!(file(&p[0], Login::Twin), "postgres_app_user_alt_pw.txt");
+        assert_eq!(key(&p[1], Login::Twin), "postgres_app_ro_alt_pw");
         assert_eq!(default_pairs("a", "b", Some("t"), "_x").unwrap().len(), 3);
         assert!(default_pairs("a", "a_alt", None, "_alt").is_err());
         assert!(default_pairs("a", "a", None, "_alt").is_err());

@@ -1,0 +1,1099 @@
+//! Overlap mode inside the sync transaction: the twin logins themselves (created, checked,
+//! repaired, settings mirrored) before the passwords, and who may log in until when
+//! (`VALID UNTIL`), and which sessions of a retired login end, after them, so that a
+//! publish switch and the passwords it relies on commit together. Also what a sync
+//! *without* overlap does to twins an earlier overlap mode left.
+//!
+//! Everything here runs in the caller's transaction, after its advisory lock and with its
+//! statement logging off, and every statement goes through the caller's `Guard` (the
+//! watchdog that names, and past its limit ends, the sessions a statement waits for); no
+//! statement here carries a password or verifier (the twin's password is set by the
+//! ordinary password step). Every decision is derived from the files and the server's
+//! catalogs, with one exception a restart can only make more cautious: a long-running
+//! process leaves a pending stage alone while other files change (`settled`).
+//!
+//! A twin is ours or refused. The sync creates it (`CREATE ROLE twin LOGIN INHERIT`,
+//! `GRANT role TO twin`, the per-role setting `role=<role>`) and marks it with a comment
+//! (`COMMENT ON ROLE`), which only a superuser or a holder of CREATEROLE can write on a
+//! role, and a twin may hold neither. A role that already carries the twin's name without
+//! that mark is refused and granted nothing, whatever it says of itself: a login can set
+//! its own `role=` setting, and on PostgreSQL 15 and older a role can grant membership in
+//! itself. (A twin made before the mark existed is recognised by a membership that a
+//! superuser granted, and marked.) A twin with any attribute beyond LOGIN INHERIT, or a
+//! member of other roles, would be more than the role: refused too.
+//!
+//! Why the twin acts as the role: the `role` setting runs `SET ROLE role` at session start,
+//! so `current_user` is the role and what it creates is the role's; `RESET ROLE`,
+//! `DISCARD ALL` and `RESET ALL` return to that session default (only `SET ROLE NONE`
+//! returns to the twin itself, which may do no more than the role: it is only a member).
+//!
+//! Why the settings are copied as catalog rows (`pg_db_role_setting`) rather than re-set:
+//! `ALTER ROLE twin SET x FROM CURRENT` would first run the role's values in our session,
+//! and an ordinary role may set its own values (our `statement_timeout`, say);
+//! `ALTER ROLE twin SET x = '<text>'` from the stored text would re-quote list settings
+//! such as `search_path`. A superuser may write that catalog, and the rows are read as
+//! they are at each login, so a copy is exact by construction.
+//!
+//! An administrator's lockout stands: a published login whose `VALID UNTIL` has passed
+//! (the sync never sets a past one on a published login) or a twin made NOLOGIN by
+//! someone else is kept as it is and reported, unless `override_lockouts`.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use postgres_protocol::escape::{escape_identifier, escape_literal};
+use tokio_postgres::Client;
+use tokio_postgres::types::ToSql;
+
+use super::{Pair, twin_login};
+use crate::secret::{RoleSpec, Secret};
+
+/// Runs one statement of the transaction, bounding and watching its wait for other
+/// sessions (the sync's watchdog). Every statement here goes through it.
+pub trait Guard {
+    fn guard<T>(
+        &mut self,
+        what: &str,
+        statement: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> impl Future<Output = anyhow::Result<T>>;
+}
+
+/// How the transaction treats logins beyond their passwords (flags of `sync`, `run`,
+/// `watch`).
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// How long a login that stopped being published keeps working.
+    pub grace: Duration,
+    /// End the sessions still open on a login whose grace is over (and on a login being
+    /// re-keyed, which were opened with its retired password).
+    pub end_retired_sessions: bool,
+    /// Undo an administrator's lockout (`VALID UNTIL` in the past on a published login,
+    /// NOLOGIN on a twin) instead of keeping it.
+    pub override_lockouts: bool,
+}
+
+/// What the transaction does to logins besides their passwords.
+pub struct Logins<'a> {
+    /// Overlap on: each overlapped role's pair, with its published login (empty when off).
+    pairs: &'a [Pair],
+    /// Overlap off: (role, twin) pairs whose twin, if it is ours, is retired.
+    leftovers: Vec<(String, String)>,
+    /// Every login of the set with its password (a twin created now needs its own).
+    entries: &'a [(RoleSpec, Secret)],
+    /// Unpublished logins this process applied last time with the same password and the
+    /// same published login beside them: nothing happened to them since, so their
+    /// `VALID UNTIL` is left as the last sync set it (a pending stage keeps `infinity`).
+    settled: Vec<String>,
+    policy: Policy,
+}
+
+/// The set a sync applies, as far as logins go: every login with its password, and (overlap
+/// on) the pairs with their published logins.
+#[derive(Clone, Copy)]
+pub struct Applied<'a> {
+    pub entries: &'a [(RoleSpec, Secret)],
+    pub pairs: &'a [Pair],
+}
+
+/// What `prepare` found: twins made now, and twins whose role does not exist (left alone:
+/// their password is not set either).
+#[derive(Debug, Default)]
+pub struct Prepared {
+    pub created: Vec<String>,
+    pub orphaned: Vec<String>,
+}
+
+/// A twin an earlier overlap mode left (overlap off), as `find_leftovers` found it.
+pub struct Leftover {
+    role: String,
+    twin: String,
+    /// No `VALID UNTIL`, or `infinity`.
+    endless: bool,
+    /// Its `VALID UNTIL` has passed.
+    expired: bool,
+    can_login: bool,
+}
+
+/// The comment that marks a twin as ours (see the module comment).
+fn mark(role: &str) -> String {
+    format!("pg-password-sync: twin login of role {role:?}")
+}
+
+/// The mark of a twin this sync retired with NOLOGIN when overlap mode was turned off; a
+/// NOLOGIN under any other comment is an administrator's lockout.
+fn retired_mark(role: &str) -> String {
+    format!("{}; NOLOGIN since overlap mode was turned off", mark(role))
+}
+
+/// The twins that overlap mode, now off, may have left: one per role of the role map but
+/// the superuser (a name that would not fit cannot have been made).
+pub fn possible_leftovers(
+    roles: &[RoleSpec],
+    superuser: &str,
+    suffix: &str,
+) -> Vec<(String, String)> {
+    roles
+        .iter()
+        .filter(|r| r.name != superuser)
+        .filter_map(|r| {
+            twin_login(&r.name, suffix)
+                .ok()
+                .map(|t| (r.name.clone(), t))
+        })
+        .collect()
+}
+
+impl<'a> Logins<'a> {
+    /// What the transaction does for `set` (overlap on: its pairs; off: `leftovers`);
+    /// `last` is the set this process applied last (`None` after a start: everything is
+    /// then derived from the server alone).
+    pub fn new(
+        set: Applied<'a>,
+        leftovers: Vec<(String, String)>,
+        last: Option<Applied<'_>>,
+        policy: Policy,
+    ) -> Logins<'a> {
+        Logins {
+            pairs: set.pairs,
+            leftovers,
+            entries: set.entries,
+            settled: last.map_or_else(Vec::new, |last| settled(last, set)),
+            policy,
+        }
+    }
+
+    /// Creates missing twins, refuses a twin name held by a role that is not ours (or a
+    /// twin that holds more than LOGIN INHERIT), repairs ours (membership, `role` setting,
+    /// LOGIN unless locked out, INHERIT), and mirrors each role's settings and connection
+    /// limit onto its twin.
+    pub async fn prepare(
+        &self,
+        client: &Client,
+        guard: &mut impl Guard,
+        lines: &mut Vec<String>,
+    ) -> anyhow::Result<Prepared> {
+        let mut prepared = Prepared::default();
+        for pair in self.pairs {
+            let (role, twin) = (&pair.role, &pair.twin);
+            let Some(mut state) = Catalog::read(client, guard, role, twin).await? else {
+                // The role is missing (reported by the password step): leave its twin.
+                prepared.orphaned.push(twin.clone());
+                continue;
+            };
+            let created = state.twin.is_none();
+            if created {
+                create_twin(client, guard, pair).await?;
+                lines.push(format!(
+                    "login {twin:?}: created as the twin of role {role:?}"
+                ));
+                prepared.created.push(twin.clone());
+                state = Catalog::read(client, guard, role, twin)
+                    .await?
+                    .context("reading the twin just created")?;
+            }
+            let repairs = self.repair(client, guard, pair, &state, lines).await?;
+            if !created && !repairs.is_empty() {
+                lines.push(format!(
+                    "login {twin:?}: brought in line with role {role:?} ({})",
+                    repairs.join(", ")
+                ));
+            }
+        }
+        Ok(prepared)
+    }
+
+    /// Brings an existing twin (ours, or refused here) in line with its role; says what
+    /// was repaired.
+    async fn repair(
+        &self,
+        client: &Client,
+        guard: &mut impl Guard,
+        pair: &Pair,
+        state: &Catalog,
+        lines: &mut Vec<String>,
+    ) -> anyhow::Result<Vec<&'static str>> {
+        let (role, twin) = (&pair.role, &pair.twin);
+        let t = state.twin.as_ref().context("reading the twin's row")?;
+        t.check_ours(role, twin)?;
+        let mut repairs = Vec::new();
+        let retired_by_us = t.comment.as_deref() == Some(retired_mark(role).as_str());
+        if retired_by_us || t.comment.as_deref() != Some(mark(role).as_str()) {
+            // Made before the mark existed, or retired by overlap mode turned off.
+            comment(client, guard, twin, &mark(role)).await?;
+            repairs.push("marked as ours");
+        }
+        if !t.member {
+            let grant = format!(
+                "GRANT {} TO {}",
+                escape_identifier(role),
+                escape_identifier(twin)
+            );
+            exec(client, guard, &grant, twin).await?;
+            repairs.push("member of the role");
+        }
+        let unlock = !t.can_login && (retired_by_us || self.policy.override_lockouts);
+        if !t.can_login && !unlock {
+            lines.push(locked_out_line(twin, "NOLOGIN"));
+        }
+        if !t.inherit || unlock {
+            let login = if t.can_login || unlock { " LOGIN" } else { "" };
+            let alter = format!("ALTER ROLE {}{login} INHERIT", escape_identifier(twin));
+            exec(client, guard, &alter, twin).await?;
+            repairs.push(if unlock { "LOGIN" } else { "INHERIT" });
+        }
+        if t.connlimit != state.role_connlimit {
+            let alter = format!(
+                "ALTER ROLE {} CONNECTION LIMIT {}",
+                escape_identifier(twin),
+                state.role_connlimit
+            );
+            exec(client, guard, &alter, twin).await?;
+            repairs.push("connection limit");
+        }
+        if mirror_settings(client, guard, role, state.role_oid, t.oid).await? {
+            repairs.push("settings");
+        }
+        Ok(repairs)
+    }
+
+    /// The logins whose passwords the transaction sets: `secrets` (what the scope chose)
+    /// plus twins created now, minus twins whose role is missing.
+    pub fn adjust(
+        &self,
+        secrets: &[(RoleSpec, Secret)],
+        prepared: &Prepared,
+    ) -> Vec<(RoleSpec, Secret)> {
+        let created = self.entries.iter().filter(|(spec, _)| {
+            prepared.created.contains(&spec.name) && !secrets.iter().any(|(s, _)| s == spec)
+        });
+        secrets
+            .iter()
+            .chain(created)
+            .filter(|(spec, _)| !prepared.orphaned.contains(&spec.name))
+            .cloned()
+            .collect()
+    }
+
+    /// Overlap off: the twins an earlier overlap mode left that are ours (marked, or made
+    /// before the mark with a superuser's grant and the `role` setting; never a
+    /// superuser), for `valid_until`. Nothing is read with overlap on. What it reads is
+    /// not touched by the password step, so the caller sends it beside the verifier query
+    /// instead of adding a round trip to every sync.
+    pub async fn find_leftovers(
+        &self,
+        client: &Client,
+        guard: &mut impl Guard,
+    ) -> anyhow::Result<Vec<Leftover>> {
+        if self.leftovers.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (roles, twins): (Vec<&str>, Vec<&str>) = self
+            .leftovers
+            .iter()
+            .map(|(r, t)| (r.as_str(), t.as_str()))
+            .unzip();
+        let marks: Vec<String> = roles.iter().map(|r| mark(r)).collect();
+        let retired: Vec<String> = roles.iter().map(|r| retired_mark(r)).collect();
+        let params: [&(dyn ToSql + Sync); 4] = [&roles, &twins, &marks, &retired];
+        let rows = guard
+            .guard(
+                "looking for twins left by overlap mode",
+                client.query(
+                    "SELECT p.role, t.rolname::text, \
+                            t.rolvaliduntil IS NULL OR t.rolvaliduntil = 'infinity', \
+                            coalesce(t.rolvaliduntil < now(), false), t.rolcanlogin \
+                     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) \
+                          AS p(role, twin, mark, retired) \
+                     JOIN pg_authid r ON r.rolname = p.role \
+                     JOIN pg_authid t ON t.rolname = p.twin \
+                     LEFT JOIN pg_shdescription d \
+                          ON d.objoid = t.oid AND d.classoid = 'pg_authid'::regclass \
+                     WHERE NOT t.rolsuper AND (d.description IN (p.mark, p.retired) \
+                        OR (EXISTS (SELECT 1 FROM pg_auth_members m \
+                                    JOIN pg_authid g ON g.oid = m.grantor \
+                                    WHERE m.roleid = r.oid AND m.member = t.oid \
+                                      AND g.rolsuper) \
+                            AND EXISTS (SELECT 1 FROM pg_db_role_setting s \
+                                        WHERE s.setrole = t.oid AND s.setdatabase = 0 \
+                                          AND ('role=' || r.rolname) = ANY (s.setconfig))))",
+                    &params,
+                ),
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| Leftover {
+                role: row.get(0),
+                twin: row.get(1),
+                endless: row.get(2),
+                expired: row.get(3),
+                can_login: row.get(4),
+            })
+            .collect())
+    }
+
+    /// Sets who may log in until when, after the passwords (`changed`: logins whose
+    /// password this transaction set), then ends the sessions of retired logins. Overlap
+    /// on, per role:
+    /// - the published login never expires; but one whose `VALID UNTIL` has passed while
+    ///   its password did not change was locked out by someone else, and stays so;
+    /// - the other one, when its password was just set, never expires if it had expired
+    ///   or had an end before (a stage: a retired login re-keyed, about to be published);
+    ///   if it had no end it expires now (a stage rolled back, or changed again: nothing
+    ///   brings a retired password back);
+    /// - when its password was not set, it is left alone if this process applied it last
+    ///   time beside the same published login (`settled`: a pending stage keeps
+    ///   `infinity`), gets `now + grace` when it had no end (it was published until now),
+    ///   and is otherwise left alone (grace running or over; a twin created unpublished
+    ///   starts expired).
+    ///
+    /// Overlap off: each of `leftovers` (`find_leftovers`) gets `now + grace` if it had no
+    /// end, and NOLOGIN once that has passed; never dropped (it may own objects, and
+    /// dropping is the operator's call).
+    pub async fn valid_until(
+        &self,
+        client: &Client,
+        guard: &mut impl Guard,
+        changed: &[&str],
+        prepared: &Prepared,
+        leftovers: &[Leftover],
+    ) -> anyhow::Result<Vec<String>> {
+        let mut lines = Vec::new();
+        let mut grace = GraceEnd::new(self.policy.grace);
+        let mut retired = Vec::new();
+        if !self.pairs.is_empty() {
+            let until = Until::read(client, guard, self.pairs).await?;
+            for pair in self.pairs {
+                let step = Step {
+                    changed,
+                    prepared,
+                    until: &until,
+                };
+                self.pair_valid_until(
+                    client,
+                    guard,
+                    pair,
+                    step,
+                    &mut grace,
+                    &mut lines,
+                    &mut retired,
+                )
+                .await?;
+            }
+        }
+        for left in leftovers {
+            retire_leftover(client, guard, left, &mut grace, &mut lines).await?;
+            if left.expired {
+                retired.push(left.twin.clone());
+            }
+        }
+        lines.extend(self.end_sessions(client, guard, &retired).await?);
+        Ok(lines)
+    }
+
+    /// `valid_until` for one pair; pushes the logins whose sessions are retired.
+    #[allow(clippy::too_many_arguments)]
+    async fn pair_valid_until(
+        &self,
+        client: &Client,
+        guard: &mut impl Guard,
+        pair: &Pair,
+        step: Step<'_>,
+        grace: &mut GraceEnd,
+        lines: &mut Vec<String>,
+        retired: &mut Vec<String>,
+    ) -> anyhow::Result<()> {
+        let published = pair.published_login();
+        let unpublished = pair.unpublished_login();
+        let (Some(p), Some(u)) = (step.until.get(published), step.until.get(unpublished)) else {
+            return Ok(());
+        };
+        let p_changed = step.changed.contains(&published);
+        if p.expired && !p_changed && !self.policy.override_lockouts {
+            lines.push(locked_out_line(published, "VALID UNTIL in the past"));
+        } else if !p.infinity {
+            set_valid_until(client, guard, published, "infinity").await?;
+            lines.push(format!(
+                "login {published:?}: published; valid until infinity"
+            ));
+        }
+        let u_changed = step.changed.contains(&unpublished);
+        if step.prepared.created.iter().any(|c| c == unpublished) {
+            // Created unpublished, already expired: nothing to grace.
+        } else if u_changed && !u.endless {
+            set_valid_until(client, guard, unpublished, "infinity").await?;
+            lines.push(format!(
+                "login {unpublished:?}: staged (new password, not published yet); \
+                 valid until infinity"
+            ));
+            // Its sessions were opened with the retired password.
+            retired.push(unpublished.to_owned());
+        } else if u_changed {
+            let now = grace.now(client, guard).await?;
+            set_valid_until(client, guard, unpublished, &now).await?;
+            lines.push(format!(
+                "login {unpublished:?}: new password while it never expired (a stage \
+                 rolled back or changed again); expired now, so a retired password never \
+                 comes back"
+            ));
+            retired.push(unpublished.to_owned());
+        } else if self.settled.iter().any(|l| l == unpublished) {
+            // Nothing happened to it since the last sync of this process.
+        } else if u.endless {
+            let at = grace.end(client, guard).await?;
+            set_valid_until(client, guard, unpublished, &at).await?;
+            lines.push(format!(
+                "login {unpublished:?}: no longer published; valid until {at}"
+            ));
+        } else if u.expired {
+            retired.push(unpublished.to_owned());
+        }
+        Ok(())
+    }
+
+    /// Ends the client sessions of `logins` (non-superuser only; never our own), or with
+    /// `end_retired_sessions` off only reports them. A login whose grace is over must not
+    /// keep sessions that hold connection slots (its connection limit is its staged
+    /// successor's too) or outlive the rotation that retired its password.
+    async fn end_sessions(
+        &self,
+        client: &Client,
+        guard: &mut impl Guard,
+        logins: &[String],
+    ) -> anyhow::Result<Vec<String>> {
+        if logins.is_empty() {
+            return Ok(Vec::new());
+        }
+        let end = self.policy.end_retired_sessions;
+        let rows = guard
+            .guard(
+                "ending the sessions of retired logins",
+                client.query(
+                    "SELECT a.usename::text, a.pid, \
+                            CASE WHEN $2 THEN pg_terminate_backend(a.pid) ELSE false END \
+                     FROM pg_stat_activity a JOIN pg_authid r ON r.oid = a.usesysid \
+                     WHERE r.rolname = ANY($1::text[]) AND NOT r.rolsuper \
+                       AND a.backend_type = 'client backend' AND a.pid <> pg_backend_pid() \
+                     ORDER BY 1, 2",
+                    &[&logins, &end],
+                ),
+            )
+            .await?;
+        let mut by_login: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+        for row in &rows {
+            by_login.entry(row.get(0)).or_default().push(row.get(1));
+        }
+        Ok(by_login
+            .into_iter()
+            .map(|(login, pids)| {
+                let pids: Vec<String> = pids.iter().map(i32::to_string).collect();
+                if end {
+                    format!(
+                        "login {login:?}: retired; ended its {} remaining session(s) (pid {})",
+                        pids.len(),
+                        pids.join(", ")
+                    )
+                } else {
+                    format!(
+                        "login {login:?}: retired; {} session(s) still open (pid {}), kept \
+                         (--keep-retired-sessions)",
+                        pids.len(),
+                        pids.join(", ")
+                    )
+                }
+            })
+            .collect())
+    }
+}
+
+/// The per-statement inputs of `pair_valid_until`.
+#[derive(Clone, Copy)]
+struct Step<'a> {
+    changed: &'a [&'a str],
+    prepared: &'a Prepared,
+    until: &'a Until,
+}
+
+/// Overlap off: one leftover twin's grace, then NOLOGIN (marked as ours).
+async fn retire_leftover(
+    client: &Client,
+    guard: &mut impl Guard,
+    left: &Leftover,
+    grace: &mut GraceEnd,
+    lines: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let twin = &left.twin;
+    if left.endless {
+        let at = grace.end(client, guard).await?;
+        set_valid_until(client, guard, twin, &at).await?;
+        lines.push(format!(
+            "login {twin:?}: overlap mode is off; this twin is valid until {at}"
+        ));
+    } else if left.expired && left.can_login {
+        let alter = format!("ALTER ROLE {} NOLOGIN", escape_identifier(twin));
+        exec(client, guard, &alter, twin).await?;
+        comment(client, guard, twin, &retired_mark(&left.role)).await?;
+        lines.push(format!(
+            "login {twin:?}: overlap mode is off and its grace is over; NOLOGIN \
+             (kept, not dropped)"
+        ));
+    }
+    Ok(())
+}
+
+fn locked_out_line(login: &str, how: &str) -> String {
+    format!(
+        "login {login:?}: locked out ({how}, set outside pg-password-sync); kept \
+         (--override-lockouts restores it)"
+    )
+}
+
+/// The unpublished logins of `set` that `last` already had, unpublished beside the same
+/// published login and with the same password.
+fn settled(last: Applied<'_>, set: Applied<'_>) -> Vec<String> {
+    let password = |entries: &[(RoleSpec, Secret)], login: &str| {
+        entries
+            .iter()
+            .find(|(spec, _)| spec.name == login)
+            .map(|(_, secret)| secret.clone())
+    };
+    set.pairs
+        .iter()
+        .filter(|p| last.pairs.contains(p))
+        .map(Pair::unpublished_login)
+        .filter(|u| {
+            password(last.entries, u).is_some()
+                && password(last.entries, u) == password(set.entries, u)
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A twin's row, as `Catalog::read` found it.
+struct TwinRow {
+    oid: u32,
+    superuser: bool,
+    can_login: bool,
+    inherit: bool,
+    connlimit: i32,
+    /// Attributes a twin must not have (CREATEROLE, CREATEDB, REPLICATION, BYPASSRLS).
+    extra: Vec<&'static str>,
+    comment: Option<String>,
+    /// A member of the role.
+    member: bool,
+    /// A member of the role by a superuser's grant, with the `role=<role>` setting: a twin
+    /// made before the mark existed.
+    made_before_mark: bool,
+    /// Other roles it is a member of.
+    other_roles: Vec<String>,
+}
+
+impl TwinRow {
+    /// Refuses a twin that is not ours or holds more than the role (see the module
+    /// comment). Nothing has been written when this refuses.
+    fn check_ours(&self, role: &str, twin: &str) -> anyhow::Result<()> {
+        if self.superuser {
+            bail!(
+                "role {twin:?} is a superuser: refusing to use it as the twin login of \
+                 {role:?} (choose another --twin-suffix)"
+            );
+        }
+        let marked = self.comment.as_deref() == Some(mark(role).as_str())
+            || self.comment.as_deref() == Some(retired_mark(role).as_str());
+        if !marked && !self.made_before_mark {
+            bail!(
+                "role {twin:?} exists but was not created by pg-password-sync (it does not \
+                 carry our mark): refusing to make it the twin of {role:?}, to grant it \
+                 anything or to give it a password (rename or drop it, or choose another \
+                 --twin-suffix)"
+            );
+        }
+        if !self.extra.is_empty() {
+            bail!(
+                "twin login {twin:?} has {}: a twin is LOGIN INHERIT and nothing more, or \
+                 it could do more than role {role:?}; refusing (remove with ALTER ROLE)",
+                self.extra.join(", ")
+            );
+        }
+        if !self.other_roles.is_empty() {
+            bail!(
+                "twin login {twin:?} is also a member of {:?}: it could do more than role \
+                 {role:?}; refusing (REVOKE those memberships)",
+                self.other_roles
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A role's and its twin's rows, as `prepare` needs them.
+struct Catalog {
+    role_oid: u32,
+    role_connlimit: i32,
+    /// `None`: no role holds the twin's name.
+    twin: Option<TwinRow>,
+}
+
+impl Catalog {
+    /// The role's and twin's rows; `None` when the role does not exist.
+    async fn read(
+        client: &Client,
+        guard: &mut impl Guard,
+        role: &str,
+        twin: &str,
+    ) -> anyhow::Result<Option<Catalog>> {
+        let row = guard
+            .guard(
+                &format!("reading role {role:?} and its twin {twin:?}"),
+                client.query_opt(CATALOG_QUERY, &[&role, &twin]),
+            )
+            .await?;
+        Ok(row.map(|row| {
+            let twin = row.get::<_, Option<u32>>(2).map(|oid| {
+                let extra = [
+                    (7, "CREATEROLE"),
+                    (8, "CREATEDB"),
+                    (9, "REPLICATION"),
+                    (10, "BYPASSRLS"),
+                ]
+                .into_iter()
+                .filter(|(i, _)| row.get::<_, bool>(*i))
+                .map(|(_, name)| name)
+                .collect();
+                TwinRow {
+                    oid,
+                    superuser: row.get(3),
+                    can_login: row.get(4),
+                    inherit: row.get(5),
+                    connlimit: row.get(6),
+                    extra,
+                    comment: row.get(11),
+                    member: row.get(12),
+                    made_before_mark: row.get::<_, bool>(13) && row.get::<_, bool>(14),
+                    other_roles: row.get(15),
+                }
+            });
+            Catalog {
+                role_oid: row.get(0),
+                role_connlimit: row.get(1),
+                twin,
+            }
+        }))
+    }
+}
+
+/// `$1` the role, `$2` the twin: one row when the role exists, the twin's columns NULL
+/// when no role holds its name.
+const CATALOG_QUERY: &str = "\
+    SELECT r.oid, r.rolconnlimit, t.oid, t.rolsuper, t.rolcanlogin, t.rolinherit, \
+           t.rolconnlimit, t.rolcreaterole, t.rolcreatedb, t.rolreplication, t.rolbypassrls, \
+           (SELECT d.description FROM pg_shdescription d \
+            WHERE d.objoid = t.oid AND d.classoid = 'pg_authid'::regclass), \
+           EXISTS (SELECT 1 FROM pg_auth_members m \
+                   WHERE m.roleid = r.oid AND m.member = t.oid), \
+           EXISTS (SELECT 1 FROM pg_auth_members m JOIN pg_authid g ON g.oid = m.grantor \
+                   WHERE m.roleid = r.oid AND m.member = t.oid AND g.rolsuper), \
+           EXISTS (SELECT 1 FROM pg_db_role_setting s \
+                   WHERE s.setrole = t.oid AND s.setdatabase = 0 \
+                     AND ('role=' || r.rolname) = ANY (s.setconfig)), \
+           ARRAY(SELECT g.rolname::text FROM pg_auth_members m \
+                 JOIN pg_authid g ON g.oid = m.roleid \
+                 WHERE m.member = t.oid AND m.roleid <> r.oid ORDER BY 1) \
+    FROM pg_authid r LEFT JOIN pg_authid t ON t.rolname = $2 \
+    WHERE r.rolname = $1";
+
+/// Creates `pair`'s twin, marked as ours and a member of the role. No password here: the
+/// password step sets it with the other logins. A twin nobody is told to use never needs
+/// to log in until it is staged, so an unpublished one starts expired.
+async fn create_twin(client: &Client, guard: &mut impl Guard, pair: &Pair) -> anyhow::Result<()> {
+    let (role, twin) = (&pair.role, &pair.twin);
+    let expiry = if pair.published_login() == twin {
+        ""
+    } else {
+        " VALID UNTIL '-infinity'"
+    };
+    let create = format!(
+        "CREATE ROLE {} LOGIN INHERIT{expiry}",
+        escape_identifier(twin)
+    );
+    exec(client, guard, &create, twin).await?;
+    comment(client, guard, twin, &mark(role)).await?;
+    let grant = format!(
+        "GRANT {} TO {}",
+        escape_identifier(role),
+        escape_identifier(twin)
+    );
+    exec(client, guard, &grant, twin).await
+}
+
+async fn comment(
+    client: &Client,
+    guard: &mut impl Guard,
+    twin: &str,
+    text: &str,
+) -> anyhow::Result<()> {
+    let statement = format!(
+        "COMMENT ON ROLE {} IS {}",
+        escape_identifier(twin),
+        escape_literal(text)
+    );
+    exec(client, guard, &statement, twin).await
+}
+
+/// Each overlapped login's `VALID UNTIL`, read once per transaction.
+struct Until(BTreeMap<String, UntilRow>);
+
+#[derive(Clone, Copy)]
+struct UntilRow {
+    /// No `VALID UNTIL`, or `infinity`.
+    endless: bool,
+    /// Exactly `infinity`.
+    infinity: bool,
+    /// In the past.
+    expired: bool,
+}
+
+impl Until {
+    async fn read(
+        client: &Client,
+        guard: &mut impl Guard,
+        pairs: &[Pair],
+    ) -> anyhow::Result<Until> {
+        let names: Vec<&str> = pairs
+            .iter()
+            .flat_map(|p| [p.role.as_str(), p.twin.as_str()])
+            .collect();
+        let rows = guard
+            .guard(
+                "reading the logins' VALID UNTIL",
+                client.query(
+                    "SELECT rolname::text, rolvaliduntil IS NULL OR rolvaliduntil = 'infinity', \
+                     coalesce(rolvaliduntil = 'infinity', false), \
+                     coalesce(rolvaliduntil < now(), false) \
+                     FROM pg_authid WHERE rolname = ANY($1::text[])",
+                    &[&names],
+                ),
+            )
+            .await?;
+        Ok(Until(
+            rows.iter()
+                .map(|r| {
+                    let row = UntilRow {
+                        endless: r.get(1),
+                        infinity: r.get(2),
+                        expired: r.get(3),
+                    };
+                    (r.get(0), row)
+                })
+                .collect(),
+        ))
+    }
+
+    fn get(&self, login: &str) -> Option<UntilRow> {
+        self.0.get(login).copied()
+    }
+}
+
+/// Per-database and global settings rows, sorted: (database oid, `name=value` entries).
+type SettingRows = Vec<(u32, Vec<String>)>;
+
+/// What the twin's `pg_db_role_setting` rows must be: the role's, with `role=<role>`
+/// (replacing any `role=` of its own) in the global row.
+fn twin_settings(role: &str, mut rows: SettingRows) -> SettingRows {
+    let act_as = format!("role={role}");
+    if !rows.iter().any(|(db, _)| *db == 0) {
+        rows.push((0, Vec::new()));
+    }
+    for (db, config) in &mut rows {
+        if *db == 0 {
+            config.retain(|entry| !entry.starts_with("role="));
+            config.push(act_as.clone());
+        }
+    }
+    rows.sort();
+    rows
+}
+
+/// Makes the twin's settings rows a copy of the role's (plus `role=`); true when written.
+async fn mirror_settings(
+    client: &Client,
+    guard: &mut impl Guard,
+    role: &str,
+    role_oid: u32,
+    twin_oid: u32,
+) -> anyhow::Result<bool> {
+    // One read of both logins' rows, in the caller's transaction like the writes below.
+    let rows = guard
+        .guard(
+            &format!("reading the settings of role {role:?} and of its twin"),
+            client.query(
+                "SELECT setrole, setdatabase, setconfig FROM pg_db_role_setting \
+                 WHERE setrole IN ($1, $2)",
+                &[&role_oid, &twin_oid],
+            ),
+        )
+        .await?;
+    let (mut of_role, mut current) = (SettingRows::new(), SettingRows::new());
+    for row in &rows {
+        let entry = (
+            row.get(1),
+            row.get::<_, Option<Vec<String>>>(2).unwrap_or_default(),
+        );
+        if row.get::<_, u32>(0) == role_oid {
+            of_role.push(entry);
+        } else {
+            current.push(entry);
+        }
+    }
+    of_role.sort();
+    current.sort();
+    let wanted = twin_settings(role, of_role);
+    if current == wanted {
+        return Ok(false);
+    }
+    let what = format!("copying the settings of role {role:?} to its twin");
+    guard
+        .guard(
+            &what,
+            client.execute(
+                "DELETE FROM pg_db_role_setting WHERE setrole = $1",
+                &[&twin_oid],
+            ),
+        )
+        .await?;
+    for (db, config) in &wanted {
+        guard
+            .guard(
+                &what,
+                client.execute(
+                    "INSERT INTO pg_db_role_setting (setdatabase, setrole, setconfig) \
+                     VALUES ($1, $2, $3)",
+                    &[db, &twin_oid, config],
+                ),
+            )
+            .await?;
+    }
+    Ok(true)
+}
+
+/// `now() + grace` and `now()` as the server writes them, each computed once per
+/// transaction. On the server: its clock is the one that enforces VALID UNTIL.
+struct GraceEnd {
+    grace: Duration,
+    end: Option<String>,
+    now: Option<String>,
+}
+
+impl GraceEnd {
+    fn new(grace: Duration) -> GraceEnd {
+        GraceEnd {
+            grace,
+            end: None,
+            now: None,
+        }
+    }
+
+    async fn end(&mut self, client: &Client, guard: &mut impl Guard) -> anyhow::Result<String> {
+        if self.end.is_none() {
+            self.end = Some(server_time(client, guard, self.grace).await?);
+        }
+        self.end
+            .clone()
+            .context("computing the end of the grace period")
+    }
+
+    async fn now(&mut self, client: &Client, guard: &mut impl Guard) -> anyhow::Result<String> {
+        if self.now.is_none() {
+            self.now = Some(server_time(client, guard, Duration::ZERO).await?);
+        }
+        self.now.clone().context("reading the server's time")
+    }
+}
+
+async fn server_time(
+    client: &Client,
+    guard: &mut impl Guard,
+    after: Duration,
+) -> anyhow::Result<String> {
+    let row = guard
+        .guard(
+            "computing the end of the grace period",
+            client.query_one(
+                "SELECT (now() + make_interval(secs => $1))::text",
+                &[&after.as_secs_f64()],
+            ),
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+async fn set_valid_until(
+    client: &Client,
+    guard: &mut impl Guard,
+    login: &str,
+    at: &str,
+) -> anyhow::Result<()> {
+    let alter = format!(
+        "ALTER ROLE {} VALID UNTIL {}",
+        escape_identifier(login),
+        escape_literal(at)
+    );
+    exec(client, guard, &alter, login).await
+}
+
+async fn exec(
+    client: &Client,
+    guard: &mut impl Guard,
+    statement: &str,
+    login: &str,
+) -> anyhow::Result<()> {
+    guard
+        .guard(
+            &format!("updating login {login:?}"),
+            client.batch_execute(statement),
+        )
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::overlap::Login;
+    use crate::secret::SecretRef;
+
+    fn set(app: &str, app_alt: &str, published: Login) -> (Vec<(RoleSpec, Secret)>, Vec<Pair>) {
+        let entry = |name: &str, value: &str| {
+            (
+                RoleSpec {
+                    name: name.into(),
+                    secret: SecretRef::Name(format!("{name}_pw")),
+                },
+                Secret::new(value.into()),
+            )
+        };
+        let entries = vec![entry("app", app), entry("app_alt", app_alt)];
+        let mut pair = Pair::of(&entries[0].0, "_alt").unwrap();
+        pair.published = published;
+        (entries, vec![pair])
+    }
+
+    fn applied(set: &(Vec<(RoleSpec, Secret)>, Vec<Pair>)) -> Applied<'_> {
+        Applied {
+            entries: &set.0,
+            pairs: &set.1,
+        }
+    }
+
+    #[test]
+    fn an_unpublished_login_is_settled_only_when_nothing_happened_to_it() {
+        let last = set("a", "b", Login::Role);
+        let settled_with = |new| settled(applied(&last), applied(&new));
+        assert_eq!(settled_with(set("a", "b", Login::Role)), ["app_alt"]);
+        // Another role's file changed: still settled.
+        assert_eq!(settled_with(set("a2", "b", Login::Role)), ["app_alt"]);
+        // Its own password changed, or the published login switched: not settled.
+        assert!(settled_with(set("a", "b2", Login::Role)).is_empty());
+        assert!(settled_with(set("a", "b", Login::Twin)).is_empty());
+    }
+
+    #[test]
+    fn twin_settings_copy_the_role_and_act_as_it() {
+        assert_eq!(
+            twin_settings("app", Vec::new()),
+            [(0, vec!["role=app".to_owned()])]
+        );
+        let role = vec![
+            (5, vec!["work_mem=8MB".to_owned()]),
+            (
+                0,
+                vec![
+                    "search_path=\"My Schema\", public".to_owned(),
+                    "role=other".to_owned(),
+                ],
+            ),
+        ];
+        assert_eq!(
+            twin_settings("app", role),
+            [
+                (
+                    0,
+                    vec![
+                        "search_path=\"My Schema\", public".to_owned(),
+                        "role=app".to_owned()
+                    ]
+                ),
+                (5, vec!["work_mem=8MB".to_owned()]),
+            ]
+        );
+    }
+
+    #[test]
+    fn only_our_plain_twins_pass() {
+        let ours = || TwinRow {
+            oid: 1,
+            superuser: false,
+            can_login: true,
+            inherit: true,
+            connlimit: -1,
+            extra: Vec::new(),
+            comment: Some(mark("app")),
+            member: true,
+            made_before_mark: false,
+            other_roles: Vec::new(),
+        };
+        assert!(ours().check_ours("app", "app_alt").is_ok());
+        let retired = TwinRow {
+            comment: Some(retired_mark("app")),
+            ..ours()
+        };
+        assert!(retired.check_ours("app", "app_alt").is_ok());
+        let legacy = TwinRow {
+            comment: None,
+            made_before_mark: true,
+            ..ours()
+        };
+        assert!(legacy.check_ours("app", "app_alt").is_ok());
+        for (row, needle) in [
+            (
+                TwinRow {
+                    comment: None,
+                    ..ours()
+                },
+                "not created by pg-password-sync",
+            ),
+            (
+                TwinRow {
+                    comment: Some(mark("other")),
+                    ..ours()
+                },
+                "not created by pg-password-sync",
+            ),
+            (
+                TwinRow {
+                    extra: vec!["BYPASSRLS"],
+                    ..ours()
+                },
+                "has BYPASSRLS",
+            ),
+            (
+                TwinRow {
+                    other_roles: vec!["pg_read_all_data".into()],
+                    ..ours()
+                },
+                "also a member",
+            ),
+            (
+                TwinRow {
+                    superuser: true,
+                    ..ours()
+                },
+                "is a superuser",
+            ),
+        ] {
+            let err = row.check_ours("app", "app_alt").unwrap_err().to_string();
+            assert!(err.contains(needle) && err.contains("\"app_alt\""), "{err}");
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! Sessions with the server: how to connect (`connect`), the one way to open a superuser
+//! session (`superuser`), and the watchdog that bounds every wait of the sync's statements
+//! on other sessions (`locks`).
+//!
+//! Every command that talks to the server as the superuser (`sync`, `run`, `watch`,
+//! `rotate`) opens its session here, and the session is pinned before its first statement
+//! runs: the database it connects to may be owned by an ordinary login (a `PGDATABASE`
+//! naming the application's database), and a database's owner can attach settings to it
+//! that every session there starts with (`ALTER DATABASE … SET`): a `search_path` naming
+//! one of its schemas before `pg_catalog` would make our unqualified `now()`,
+//! `pg_authid`, `pg_blocking_pids()` … resolve to its functions and views, run with
+//! superuser rights; a `role` would run the whole session as that login; a read-only
+//! default or tiny timeouts would make every statement fail.
+
+pub mod connect;
+pub mod locks;
+
+use anyhow::Context;
+use tokio_postgres::Client;
+
+use crate::config::Config;
+use crate::error::Failure;
+use crate::secret::Secret;
+use connect::Auth;
+
+/// Sent first on every superuser session, before any other statement. A single cheap
+/// statement, fully qualified (the search path is not pinned yet; `IS NOT NULL` is no
+/// operator that could be looked up), that clears `transaction_timeout` (17+) where it
+/// exists: it goes alone because a multi-statement message is one transaction, which a
+/// `transaction_timeout` of a millisecond would end, with the connection.
+const PIN_FIRST: &str = "\
+    SELECT pg_catalog.set_config('transaction_timeout', '0', false) \
+    WHERE pg_catalog.current_setting('transaction_timeout', true) IS NOT NULL";
+
+/// Then the rest: the search path is set to the catalog alone (`pg_temp` named last, so no
+/// temporary relation comes first), `SET ROLE NONE` returns to the login's own role
+/// (`RESET ROLE` would return to the database's setting), and the settings that could stop
+/// a statement get their defaults (the sync's own bounds come later, with `SET LOCAL`).
+/// Statement logging is left to the transaction that sends something worth hiding
+/// (`sync::sql::QUIET_SETTINGS`): nothing else a superuser session sends carries a secret.
+const PINNED_SESSION: &str = "\
+    SET search_path = pg_catalog, pg_temp; SET ROLE NONE; \
+    SET default_transaction_read_only = off; SET statement_timeout = 0; \
+    SET lock_timeout = 0; SET idle_in_transaction_session_timeout = 0";
+
+/// Opens a superuser session on `config`'s server (`dbname`: another database of it),
+/// trying the OS identity first, then each password in turn, and pins it before anything
+/// else runs. Errors are `Failure::Connect` (no way in) or `Failure::Sql` (pinning failed).
+pub async fn superuser(
+    config: &Config,
+    passwords: &[(&Secret, &'static str)],
+    dbname: Option<String>,
+) -> anyhow::Result<Client> {
+    let mut methods = vec![Auth::Identity];
+    methods.extend(
+        passwords
+            .iter()
+            .map(|(secret, label)| Auth::Password(secret, label)),
+    );
+    let other;
+    let config = match dbname {
+        Some(dbname) => {
+            other = Config {
+                dbname,
+                ..config.clone()
+            };
+            &other
+        }
+        None => config,
+    };
+    let client = connect::connect_any(config, &config.superuser, &methods).await?;
+    for statement in [PIN_FIRST, PINNED_SESSION] {
+        client
+            .batch_execute(statement)
+            .await
+            .context("pinning the search path, role and timeouts of the session")
+            .context(Failure::Sql)?;
+    }
+    Ok(client)
+}
