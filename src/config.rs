@@ -85,6 +85,9 @@ pub struct SecretSet {
     /// Overlap mode: each overlapped role's pair, with its published login as
     /// `pg_service.conf` says (empty otherwise).
     pub published: Vec<Pair>,
+    /// Overlap mode: `pg_service.conf` as read (its sections say how applications
+    /// connect, which `verify --overlap` follows).
+    pub service: Option<overlap::service_file::ServiceFile>,
 }
 
 /// The default of `--min-password-length`: far below the 32 characters `generate` writes,
@@ -244,6 +247,7 @@ impl Config {
             return Ok(SecretSet {
                 entries,
                 published: Vec::new(),
+                service: None,
             });
         };
         for pair in &overlap.pairs {
@@ -252,7 +256,11 @@ impl Config {
         let path = self.resolve(&overlap.service_file)?;
         let file = overlap::read_service_file(&path)?;
         let published = overlap::check_published(&path, &file, &overlap.pairs, &entries)?;
-        Ok(SecretSet { entries, published })
+        Ok(SecretSet {
+            entries,
+            published,
+            service: Some(file),
+        })
     }
 
     /// Every file a sync reads, labelled with the login (or, for the service file, the

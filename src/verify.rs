@@ -42,6 +42,7 @@ use zeroize::Zeroizing;
 
 use crate::config::{Config, ConfigSettings, Host, RoleSpec, SecretRef, SecretSet};
 use crate::error::Failure;
+use crate::overlap::service_file::Section;
 use crate::secret::{self, Secret};
 use crate::session::connect;
 use crate::sync::ReportFormat;
@@ -112,7 +113,18 @@ async fn verify(args: VerifySettings) -> anyhow::Result<u8> {
     config.host = Host::Tcp(choose_host(&config, &candidates, probe_role).await);
     let mut checks = Vec::new();
     for (spec, secret, what) in logins_to_verify(&secrets, args.staged) {
-        let mut check = check_role(&config, &spec.name, secret).await;
+        let published = secrets
+            .published
+            .iter()
+            .find(|p| p.published_login() == spec.name);
+        let section = published.and_then(|p| secrets.service.as_ref()?.get(&p.role));
+        let mut check = match section.map(|section| through_section(&config, section)) {
+            None => check_role(&config, &spec.name, secret).await,
+            Some(Ok(through)) => check_role(&through, &spec.name, secret).await,
+            Some(Err(why)) => {
+                RoleCheck::new(&spec.name, Status::Failed, &connect::describe(&config), why)
+            }
+        };
         check.detail.push_str(what);
         checks.push(check);
     }
@@ -121,6 +133,47 @@ async fn verify(args: VerifySettings) -> anyhow::Result<u8> {
     }
     report(&checks, args.format)?;
     verdict(&checks, &connect::describe(&config))
+}
+
+/// The connection an application makes through its `pg_service.conf` section: the
+/// section's `host` (or `hostaddr`), `port` and `dbname` replace verify's own, as libpq
+/// lets them. A section verify cannot follow is an error saying why (an application may
+/// still connect, but nothing here proves it): a socket directory or several hosts, or an
+/// `sslmode` that demands TLS, which verify's SCRAM-only login does not speak.
+fn through_section(config: &Config, section: &Section) -> Result<Config, String> {
+    let setting = |key: &str| {
+        section
+            .other
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    };
+    let mut through = config.clone();
+    let name = &section.name;
+    if let Some(host) = setting("hostaddr").or(setting("host")) {
+        if host.starts_with('/') || host.contains(',') {
+            return Err(format!(
+                "pg_service.conf section [{name}] connects to {host:?}: verify follows one \
+                 TCP host only, so what applications get is not checked"
+            ));
+        }
+        through.host = Host::Tcp(host.to_owned());
+    }
+    if let Some(port) = setting("port") {
+        through.port = port.parse().map_err(|_| {
+            format!("pg_service.conf section [{name}]: port {port:?} is not a port number")
+        })?;
+    }
+    if let Some(dbname) = setting("dbname") {
+        through.dbname = dbname.to_owned();
+    }
+    if let Some(mode @ ("require" | "verify-ca" | "verify-full")) = setting("sslmode") {
+        return Err(format!(
+            "pg_service.conf section [{name}] asks for sslmode={mode}, which verify does \
+             not speak: what applications get is not checked"
+        ));
+    }
+    Ok(through)
 }
 
 /// What `verify` checks, with a note for its report: without overlap every login of the
@@ -624,6 +677,42 @@ mod tests {
     }
 
     #[test]
+    fn a_section_is_followed_as_libpq_does_or_refused_with_a_reason() {
+        let config = Config::from_settings(&crate::config::test_settings()).unwrap();
+        let section = |other: &[(&str, &str)]| Section {
+            name: "app".into(),
+            user: Some("app".into()),
+            password: None,
+            other: other
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        };
+        let through = through_section(
+            &config,
+            &section(&[
+                ("host", "db.example"),
+                ("port", "6432"),
+                ("dbname", "appdb"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(through.host, Host::Tcp("db.example".into()));
+        assert_eq!((through.port, through.dbname.as_str()), (6432, "appdb"));
+        let same = through_section(&config, &section(&[("sslmode", "prefer")])).unwrap();
+        assert_eq!((same.host, same.port), (config.host.clone(), config.port));
+        for (other, needle) in [
+            (("port", "x"), "not a port number"),
+            (("host", "/run/postgresql"), "one TCP host"),
+            (("host", "a,b"), "one TCP host"),
+            (("sslmode", "verify-full"), "sslmode=verify-full"),
+        ] {
+            let err = through_section(&config, &section(&[other])).unwrap_err();
+            assert!(err.contains(needle) && err.contains("[app]"), "{err}");
+        }
+    }
+
+    #[test]
     fn verify_checks_the_published_logins_and_with_staged_the_others() {
         let entries = vec![
             entry("postgres", "a"),
@@ -635,6 +724,7 @@ mod tests {
         let set = SecretSet {
             entries,
             published: vec![pair],
+            service: None,
         };
         let names = |staged| -> Vec<String> {
             logins_to_verify(&set, staged)
@@ -650,6 +740,7 @@ mod tests {
         let plain = SecretSet {
             entries: set.entries.clone(),
             published: Vec::new(),
+            service: None,
         };
         assert_eq!(logins_to_verify(&plain, true).len(), 3);
     }

@@ -98,7 +98,7 @@ fn generate_overlap_creates_twin_files_and_a_service_file_publishing_each_role_i
     std::fs::write(source.keys().join("postgres_app_user_pw.txt"), &other).unwrap();
     let bad = run(generate_cmd(source.path(), &["--verify", "--overlap"]));
     let bad = bad.expect_code(7);
-    bad.expect_stdout("[appuser] the password of login \"appuser\" differs");
+    bad.expect_stdout("section [appuser]: the password for login \"appuser\" differs");
     std::fs::write(source.keys().join("postgres_app_user_pw.txt"), &published).unwrap();
 
     // The Kubernetes Secret carries the twin files and the service file.

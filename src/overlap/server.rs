@@ -9,8 +9,9 @@
 //! watchdog that names, and past its limit ends, the sessions a statement waits for); no
 //! statement here carries a password or verifier (the twin's password is set by the
 //! ordinary password step). Every decision is derived from the files and the server's
-//! catalogs, with one exception a restart can only make more cautious: a long-running
-//! process leaves a pending stage alone while other files change (`settled`).
+//! catalogs alone, so a restart or a one-shot `sync` decides as a long-running process
+//! does: the one fact the files cannot tell, that an unpublished login was staged and
+//! waits for its publish, is kept on the server in the twin's mark (`Mark::Staged`).
 //!
 //! A twin is ours or refused. The sync creates it (`CREATE ROLE twin LOGIN INHERIT`,
 //! `GRANT role TO twin`, the per-role setting `role=<role>`) and marks it with a comment
@@ -82,10 +83,6 @@ pub struct Logins<'a> {
     leftovers: Vec<(String, String)>,
     /// Every login of the set with its password (a twin created now needs its own).
     entries: &'a [(RoleSpec, Secret)],
-    /// Unpublished logins this process applied last time with the same password and the
-    /// same published login beside them: nothing happened to them since, so their
-    /// `VALID UNTIL` is left as the last sync set it (a pending stage keeps `infinity`).
-    settled: Vec<String>,
     policy: Policy,
 }
 
@@ -116,15 +113,44 @@ pub struct Leftover {
     can_login: bool,
 }
 
-/// The comment that marks a twin as ours (see the module comment).
-fn mark(role: &str) -> String {
-    format!("pg-password-sync: twin login of role {role:?}")
+/// What the comment on a twin says: that it is ours (see the module comment), and the
+/// one piece of state the server keeps for the pair. Only a superuser (or a holder of
+/// CREATEROLE, which a twin may not have) can write it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Mark {
+    /// Ours, nothing pending.
+    Plain,
+    /// Ours, and this login of the pair is staged: it got a new password (and `infinity`)
+    /// while unpublished, and is not published yet. What tells a pending stage from a
+    /// login published until now after a restart, and a stage rolled back from a new one.
+    Staged(String),
+    /// Ours, made NOLOGIN by a sync with overlap mode off. A NOLOGIN under any other
+    /// comment is an administrator's lockout.
+    Retired,
 }
 
-/// The mark of a twin this sync retired with NOLOGIN when overlap mode was turned off; a
-/// NOLOGIN under any other comment is an administrator's lockout.
-fn retired_mark(role: &str) -> String {
-    format!("{}; NOLOGIN since overlap mode was turned off", mark(role))
+impl Mark {
+    fn text(&self, role: &str) -> String {
+        let mark = format!("pg-password-sync: twin login of role {role:?}");
+        match self {
+            Mark::Plain => mark,
+            Mark::Staged(login) => format!("{mark}; staged login {login:?}"),
+            Mark::Retired => format!("{mark}; NOLOGIN since overlap mode was turned off"),
+        }
+    }
+
+    /// The mark `comment` is for the twin of `pair` (`None`: not ours).
+    fn read(pair: &Pair, comment: Option<&str>) -> Option<Mark> {
+        let comment = comment?;
+        [
+            Mark::Plain,
+            Mark::Retired,
+            Mark::Staged(pair.role.clone()),
+            Mark::Staged(pair.twin.clone()),
+        ]
+        .into_iter()
+        .find(|mark| mark.text(&pair.role) == comment)
+    }
 }
 
 /// The twins that overlap mode, now off, may have left: one per role of the role map but
@@ -146,20 +172,12 @@ pub fn possible_leftovers(
 }
 
 impl<'a> Logins<'a> {
-    /// What the transaction does for `set` (overlap on: its pairs; off: `leftovers`);
-    /// `last` is the set this process applied last (`None` after a start: everything is
-    /// then derived from the server alone).
-    pub fn new(
-        set: Applied<'a>,
-        leftovers: Vec<(String, String)>,
-        last: Option<Applied<'_>>,
-        policy: Policy,
-    ) -> Logins<'a> {
+    /// What the transaction does for `set` (overlap on: its pairs; off: `leftovers`).
+    pub fn new(set: Applied<'a>, leftovers: Vec<(String, String)>, policy: Policy) -> Logins<'a> {
         Logins {
             pairs: set.pairs,
             leftovers,
             entries: set.entries,
-            settled: last.map_or_else(Vec::new, |last| settled(last, set)),
             policy,
         }
     }
@@ -216,12 +234,13 @@ impl<'a> Logins<'a> {
     ) -> anyhow::Result<Vec<&'static str>> {
         let (role, twin) = (&pair.role, &pair.twin);
         let t = state.twin.as_ref().context("reading the twin's row")?;
-        t.check_ours(role, twin)?;
+        let mark = Mark::read(pair, t.comment.as_deref());
+        t.check_ours(pair)?;
         let mut repairs = Vec::new();
-        let retired_by_us = t.comment.as_deref() == Some(retired_mark(role).as_str());
-        if retired_by_us || t.comment.as_deref() != Some(mark(role).as_str()) {
+        let retired_by_us = mark == Some(Mark::Retired);
+        if mark.is_none() || retired_by_us {
             // Made before the mark existed, or retired by overlap mode turned off.
-            comment(client, guard, twin, &mark(role)).await?;
+            comment(client, guard, twin, &Mark::Plain.text(role)).await?;
             repairs.push("marked as ours");
         }
         if !t.member {
@@ -294,8 +313,8 @@ impl<'a> Logins<'a> {
             .iter()
             .map(|(r, t)| (r.as_str(), t.as_str()))
             .unzip();
-        let marks: Vec<String> = roles.iter().map(|r| mark(r)).collect();
-        let retired: Vec<String> = roles.iter().map(|r| retired_mark(r)).collect();
+        let marks: Vec<String> = roles.iter().map(|r| Mark::Plain.text(r)).collect();
+        let retired: Vec<String> = roles.iter().map(|r| Mark::Retired.text(r)).collect();
         let params: [&(dyn ToSql + Sync); 4] = [&roles, &twins, &marks, &retired];
         let rows = guard
             .guard(
@@ -311,6 +330,7 @@ impl<'a> Logins<'a> {
                      LEFT JOIN pg_shdescription d \
                           ON d.objoid = t.oid AND d.classoid = 'pg_authid'::regclass \
                      WHERE NOT t.rolsuper AND (d.description IN (p.mark, p.retired) \
+                        OR starts_with(d.description, p.mark || '; staged login ') \
                         OR (EXISTS (SELECT 1 FROM pg_auth_members m \
                                     JOIN pg_authid g ON g.oid = m.grantor \
                                     WHERE m.roleid = r.oid AND m.member = t.oid \
@@ -340,14 +360,13 @@ impl<'a> Logins<'a> {
     /// - the published login never expires; but one whose `VALID UNTIL` has passed while
     ///   its password did not change was locked out by someone else, and stays so;
     /// - the other one, when its password was just set, never expires if it had expired
-    ///   or had an end before (a stage: a retired login re-keyed, about to be published);
-    ///   if it had no end it expires now (a stage rolled back, or changed again: nothing
-    ///   brings a retired password back);
-    /// - when its password was not set, it is left alone if this process applied it last
-    ///   time beside the same published login (`settled`: a pending stage keeps
-    ///   `infinity`), gets `now + grace` when it had no end (it was published until now),
-    ///   and is otherwise left alone (grace running or over; a twin created unpublished
-    ///   starts expired).
+    ///   or had an end before (a stage: a retired login re-keyed, about to be published;
+    ///   the twin's mark records it as staged); if it was staged, it expires now (a stage
+    ///   rolled back, or changed again: nothing brings a retired password back);
+    /// - a staged login is left alone until it is published (a pending stage keeps
+    ///   `infinity`, across restarts too); any other unpublished login with no end gets
+    ///   `now + grace` (it was published until now), and is otherwise left alone (grace
+    ///   running or over; a twin created unpublished starts expired).
     ///
     /// Overlap off: each of `leftovers` (`find_leftovers`) gets `now + grace` if it had no
     /// end, and NOLOGIN once that has passed; never dropped (it may own objects, and
@@ -410,6 +429,11 @@ impl<'a> Logins<'a> {
         let (Some(p), Some(u)) = (step.until.get(published), step.until.get(unpublished)) else {
             return Ok(());
         };
+        let mark = step
+            .until
+            .get(&pair.twin)
+            .and_then(|t| Mark::read(pair, t.comment.as_deref()));
+        let staged = |login: &str| matches!(&mark, Some(Mark::Staged(l)) if l == login);
         let p_changed = step.changed.contains(&published);
         if p.expired && !p_changed && !self.policy.override_lockouts {
             lines.push(locked_out_line(published, "VALID UNTIL in the past"));
@@ -419,29 +443,38 @@ impl<'a> Logins<'a> {
                 "login {published:?}: published; valid until infinity"
             ));
         }
+        if staged(published) {
+            // The stage was published: nothing is pending any more.
+            comment(client, guard, &pair.twin, &Mark::Plain.text(&pair.role)).await?;
+        }
         let u_changed = step.changed.contains(&unpublished);
         if step.prepared.created.iter().any(|c| c == unpublished) {
             // Created unpublished, already expired: nothing to grace.
         } else if u_changed && !u.endless {
             set_valid_until(client, guard, unpublished, "infinity").await?;
+            let staged_mark = Mark::Staged(unpublished.to_owned());
+            comment(client, guard, &pair.twin, &staged_mark.text(&pair.role)).await?;
             lines.push(format!(
                 "login {unpublished:?}: staged (new password, not published yet); \
                  valid until infinity"
             ));
             // Its sessions were opened with the retired password.
             retired.push(unpublished.to_owned());
-        } else if u_changed {
+        } else if u_changed && staged(unpublished) {
+            // A stage rolled back (or changed again) before its publish: the password
+            // it gets back is the retired one, which must not come back at all.
             let now = grace.now(client, guard).await?;
             set_valid_until(client, guard, unpublished, &now).await?;
+            comment(client, guard, &pair.twin, &Mark::Plain.text(&pair.role)).await?;
             lines.push(format!(
-                "login {unpublished:?}: new password while it never expired (a stage \
-                 rolled back or changed again); expired now, so a retired password never \
-                 comes back"
+                "login {unpublished:?}: its stage was rolled back (new password before its \
+                 publish); expired now, so a retired password never comes back"
             ));
             retired.push(unpublished.to_owned());
-        } else if self.settled.iter().any(|l| l == unpublished) {
-            // Nothing happened to it since the last sync of this process.
+        } else if staged(unpublished) {
+            // A stage waiting for its publish, however long this process has run.
         } else if u.endless {
+            // Published until now (its password may have changed with the switch).
             let at = grace.end(client, guard).await?;
             set_valid_until(client, guard, unpublished, &at).await?;
             lines.push(format!(
@@ -534,7 +567,7 @@ async fn retire_leftover(
     } else if left.expired && left.can_login {
         let alter = format!("ALTER ROLE {} NOLOGIN", escape_identifier(twin));
         exec(client, guard, &alter, twin).await?;
-        comment(client, guard, twin, &retired_mark(&left.role)).await?;
+        comment(client, guard, twin, &Mark::Retired.text(&left.role)).await?;
         lines.push(format!(
             "login {twin:?}: overlap mode is off and its grace is over; NOLOGIN \
              (kept, not dropped)"
@@ -548,27 +581,6 @@ fn locked_out_line(login: &str, how: &str) -> String {
         "login {login:?}: locked out ({how}, set outside pg-password-sync); kept \
          (--override-lockouts restores it)"
     )
-}
-
-/// The unpublished logins of `set` that `last` already had, unpublished beside the same
-/// published login and with the same password.
-fn settled(last: Applied<'_>, set: Applied<'_>) -> Vec<String> {
-    let password = |entries: &[(RoleSpec, Secret)], login: &str| {
-        entries
-            .iter()
-            .find(|(spec, _)| spec.name == login)
-            .map(|(_, secret)| secret.clone())
-    };
-    set.pairs
-        .iter()
-        .filter(|p| last.pairs.contains(p))
-        .map(Pair::unpublished_login)
-        .filter(|u| {
-            password(last.entries, u).is_some()
-                && password(last.entries, u) == password(set.entries, u)
-        })
-        .map(str::to_owned)
-        .collect()
 }
 
 /// A twin's row, as `Catalog::read` found it.
@@ -593,15 +605,15 @@ struct TwinRow {
 impl TwinRow {
     /// Refuses a twin that is not ours or holds more than the role (see the module
     /// comment). Nothing has been written when this refuses.
-    fn check_ours(&self, role: &str, twin: &str) -> anyhow::Result<()> {
+    fn check_ours(&self, pair: &Pair) -> anyhow::Result<()> {
+        let (role, twin) = (&pair.role, &pair.twin);
+        let marked = Mark::read(pair, self.comment.as_deref()).is_some();
         if self.superuser {
             bail!(
                 "role {twin:?} is a superuser: refusing to use it as the twin login of \
                  {role:?} (choose another --twin-suffix)"
             );
         }
-        let marked = self.comment.as_deref() == Some(mark(role).as_str())
-            || self.comment.as_deref() == Some(retired_mark(role).as_str());
         if !marked && !self.made_before_mark {
             bail!(
                 "role {twin:?} exists but was not created by pg-password-sync (it does not \
@@ -719,7 +731,7 @@ async fn create_twin(client: &Client, guard: &mut impl Guard, pair: &Pair) -> an
         escape_identifier(twin)
     );
     exec(client, guard, &create, twin).await?;
-    comment(client, guard, twin, &mark(role)).await?;
+    comment(client, guard, twin, &Mark::Plain.text(role)).await?;
     let grant = format!(
         "GRANT {} TO {}",
         escape_identifier(role),
@@ -745,7 +757,6 @@ async fn comment(
 /// Each overlapped login's `VALID UNTIL`, read once per transaction.
 struct Until(BTreeMap<String, UntilRow>);
 
-#[derive(Clone, Copy)]
 struct UntilRow {
     /// No `VALID UNTIL`, or `infinity`.
     endless: bool,
@@ -753,6 +764,8 @@ struct UntilRow {
     infinity: bool,
     /// In the past.
     expired: bool,
+    /// The comment on the login (a twin's mark).
+    comment: Option<String>,
 }
 
 impl Until {
@@ -769,10 +782,13 @@ impl Until {
             .guard(
                 "reading the logins' VALID UNTIL",
                 client.query(
-                    "SELECT rolname::text, rolvaliduntil IS NULL OR rolvaliduntil = 'infinity', \
-                     coalesce(rolvaliduntil = 'infinity', false), \
-                     coalesce(rolvaliduntil < now(), false) \
-                     FROM pg_authid WHERE rolname = ANY($1::text[])",
+                    "SELECT a.rolname::text, \
+                            a.rolvaliduntil IS NULL OR a.rolvaliduntil = 'infinity', \
+                            coalesce(a.rolvaliduntil = 'infinity', false), \
+                            coalesce(a.rolvaliduntil < now(), false), d.description \
+                     FROM pg_authid a LEFT JOIN pg_shdescription d \
+                          ON d.objoid = a.oid AND d.classoid = 'pg_authid'::regclass \
+                     WHERE a.rolname = ANY($1::text[])",
                     &[&names],
                 ),
             )
@@ -784,6 +800,7 @@ impl Until {
                         endless: r.get(1),
                         infinity: r.get(2),
                         expired: r.get(3),
+                        comment: r.get(4),
                     };
                     (r.get(0), row)
                 })
@@ -791,8 +808,8 @@ impl Until {
         ))
     }
 
-    fn get(&self, login: &str) -> Option<UntilRow> {
-        self.0.get(login).copied()
+    fn get(&self, login: &str) -> Option<&UntilRow> {
+        self.0.get(login)
     }
 }
 
@@ -960,42 +977,32 @@ async fn exec(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::overlap::Login;
     use crate::secret::SecretRef;
 
-    fn set(app: &str, app_alt: &str, published: Login) -> (Vec<(RoleSpec, Secret)>, Vec<Pair>) {
-        let entry = |name: &str, value: &str| {
-            (
-                RoleSpec {
-                    name: name.into(),
-                    secret: SecretRef::Name(format!("{name}_pw")),
-                },
-                Secret::new(value.into()),
-            )
-        };
-        let entries = vec![entry("app", app), entry("app_alt", app_alt)];
-        let mut pair = Pair::of(&entries[0].0, "_alt").unwrap();
-        pair.published = published;
-        (entries, vec![pair])
-    }
-
-    fn applied(set: &(Vec<(RoleSpec, Secret)>, Vec<Pair>)) -> Applied<'_> {
-        Applied {
-            entries: &set.0,
-            pairs: &set.1,
-        }
-    }
-
     #[test]
-    fn an_unpublished_login_is_settled_only_when_nothing_happened_to_it() {
-        let last = set("a", "b", Login::Role);
-        let settled_with = |new| settled(applied(&last), applied(&new));
-        assert_eq!(settled_with(set("a", "b", Login::Role)), ["app_alt"]);
-        // Another role's file changed: still settled.
-        assert_eq!(settled_with(set("a2", "b", Login::Role)), ["app_alt"]);
-        // Its own password changed, or the published login switched: not settled.
-        assert!(settled_with(set("a", "b2", Login::Role)).is_empty());
-        assert!(settled_with(set("a", "b", Login::Twin)).is_empty());
+    fn a_mark_is_read_back_only_for_its_role_and_logins() {
+        let pair = Pair::of(
+            &RoleSpec {
+                name: "app".into(),
+                secret: SecretRef::Name("app_pw".into()),
+            },
+            "_alt",
+        )
+        .unwrap();
+        for mark in [
+            Mark::Plain,
+            Mark::Retired,
+            Mark::Staged("app".into()),
+            Mark::Staged("app_alt".into()),
+        ] {
+            let text = mark.text("app");
+            assert_eq!(Mark::read(&pair, Some(&text)), Some(mark.clone()));
+            assert_eq!(Mark::read(&pair, Some(&mark.text("app2"))), None);
+        }
+        let foreign = Mark::Staged("mallory".into()).text("app");
+        assert_eq!(Mark::read(&pair, Some(&foreign)), None);
+        assert_eq!(Mark::read(&pair, Some("anything")), None);
+        assert_eq!(Mark::read(&pair, None), None);
     }
 
     #[test]
@@ -1038,23 +1045,36 @@ mod tests {
             inherit: true,
             connlimit: -1,
             extra: Vec::new(),
-            comment: Some(mark("app")),
+            comment: Some(Mark::Plain.text("app")),
             member: true,
             made_before_mark: false,
             other_roles: Vec::new(),
         };
-        assert!(ours().check_ours("app", "app_alt").is_ok());
-        let retired = TwinRow {
-            comment: Some(retired_mark("app")),
+        let pair = Pair::of(
+            &RoleSpec {
+                name: "app".into(),
+                secret: SecretRef::Name("app_pw".into()),
+            },
+            "_alt",
+        )
+        .unwrap();
+        assert!(ours().check_ours(&pair).is_ok());
+        let staged = TwinRow {
+            comment: Some(Mark::Staged("app_alt".into()).text("app")),
             ..ours()
         };
-        assert!(retired.check_ours("app", "app_alt").is_ok());
+        assert!(staged.check_ours(&pair).is_ok());
+        let retired = TwinRow {
+            comment: Some(Mark::Retired.text("app")),
+            ..ours()
+        };
+        assert!(retired.check_ours(&pair).is_ok());
         let legacy = TwinRow {
             comment: None,
             made_before_mark: true,
             ..ours()
         };
-        assert!(legacy.check_ours("app", "app_alt").is_ok());
+        assert!(legacy.check_ours(&pair).is_ok());
         for (row, needle) in [
             (
                 TwinRow {
@@ -1065,7 +1085,7 @@ mod tests {
             ),
             (
                 TwinRow {
-                    comment: Some(mark("other")),
+                    comment: Some(Mark::Plain.text("other")),
                     ..ours()
                 },
                 "not created by pg-password-sync",
@@ -1092,7 +1112,7 @@ mod tests {
                 "is a superuser",
             ),
         ] {
-            let err = row.check_ours("app", "app_alt").unwrap_err().to_string();
+            let err = row.check_ours(&pair).unwrap_err().to_string();
             assert!(err.contains(needle) && err.contains("\"app_alt\""), "{err}");
         }
     }

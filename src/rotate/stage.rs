@@ -70,11 +70,18 @@ impl Pending {
 
     /// Refuses a rollback when a file the stage wrote has changed since (nothing is
     /// restored then): restoring it would throw away someone else's newer value, a
-    /// `generate --force` after a leak, say.
-    fn check_unchanged(&self, keys: &Dir) -> anyhow::Result<()> {
+    /// `generate --force` after a leak, say. A file that holds its pre-stage bytes again
+    /// loses nothing by the restore.
+    fn check_unchanged(&self, keys: &Dir, backup_keys: &Dir) -> anyhow::Result<()> {
         let mut changed = Vec::new();
         for (file, id) in &self.written {
-            if FileId::of(keys, file)? != Some(*id) {
+            if FileId::of(keys, file)? == Some(*id) {
+                continue;
+            }
+            let back_to_before = !self.created.contains(file)
+                && keys.read_file(file, store::MAX_FILE_BYTES)?.as_deref()
+                    == Some(&*self.before_stage(backup_keys, file)?);
+            if !back_to_before {
                 changed.push(keys.shown(file));
             }
         }
@@ -299,8 +306,8 @@ pub(super) fn stage(
 /// the stage created and the record. `pg_service.conf` was never written by the stage.
 pub(super) fn rollback(locked: &Locked, pending: &Pending) -> anyhow::Result<()> {
     let keys = &locked.keys;
-    pending.check_unchanged(keys)?;
     let backup_keys = locked.backup_keys(&pending.backup)?;
+    pending.check_unchanged(keys, &backup_keys)?;
     let mut restored = 0;
     for file in &pending.files {
         if pending.created.contains(file) {

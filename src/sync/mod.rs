@@ -254,7 +254,6 @@ impl Syncer {
         let logins = overlap::Logins::new(
             applied(set),
             leftovers,
-            self.last_applied().map(applied),
             Policy {
                 grace: self.config.grace,
                 end_retired_sessions: !self.options.keep_retired_sessions && !self.options.dry_run,
@@ -780,6 +779,7 @@ mod tests {
     #[test]
     fn set_changes_are_detected_per_role() {
         let whole = |values: &[(&str, &str)]| SecretSet {
+            service: None,
             entries: set(values),
             published: Vec::new(),
         };
