@@ -3,15 +3,16 @@
 //!
 //! It replaces the template's bash/openssl `generate_secrets.sh` and keeps its flags so
 //! runbooks keep working, while fixing its defects: values come from the OS CSPRNG without
-//! modulo bias (`random`), files are replaced atomically and durably (`atomic`), a complete
-//! durable backup exists before the first overwrite (`backup`), the user secrets file is
-//! parsed instead of sourced (`envfile`), and no value is ever printed: reports name files
-//! and actions only. Nothing under the directory is reached through a link (`dirfd`), and
-//! every input that can be refused is checked before the first write. This file holds the
-//! flow of each mode (its options are parsed in `cli.rs`); the submodules hold the pieces,
-//! each with its own tests. Overlap mode's files (twin passwords, `pg_service.conf`) are
-//! `overlap::files`'; the secrets directory itself (lock, handles, atomic writes, backups,
-//! catalog, checks, values) is `store`'s, shared with `rotate`.
+//! modulo bias (`store::random`), files are replaced atomically and durably
+//! (`store::atomic`), a complete durable backup exists before the first overwrite
+//! (`store::backup`), the user secrets file is parsed instead of sourced (`envfile`), and no
+//! value is ever printed: reports name files and actions only. Nothing under the directory
+//! is reached through a link (`store::dirfd`), and every input that can be refused is
+//! checked before the first write. This file holds the flow of each mode (its options are
+//! parsed in `cli.rs`); the submodules hold the pieces, each with its own tests. Overlap
+//! mode's files (twin passwords, `pg_service.conf`) are `overlap::files`'; the secrets
+//! directory itself is `store`'s, shared with `rotate`. While a staged rotation is pending,
+//! nothing is written.
 
 mod envfile;
 mod k8s;
