@@ -4,6 +4,10 @@
 //! against the password files and read as real libpq (psql) reads it, `verify --overlap`,
 //! and turning overlap off.
 //!
+//! The last section holds the attacks on the sync: a twin name someone else holds, a twin
+//! given powers, a login holding its row against the overlap statements, a one-shot sync
+//! racing a watcher, an administrator's lockout, a service file libpq reads differently.
+//!
 //! Every wait is a poll for the observable outcome under a generous liveness bound.
 
 mod common;
@@ -11,6 +15,8 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use common::relay::Relay;
+use common::session::Session;
 use common::*;
 
 /// The overlapped roles of these tests and their password files (the superuser is not in
@@ -119,9 +125,15 @@ impl Setup {
     }
 
     fn command(&self, sub: &str, extra: &[&str]) -> std::process::Command {
+        self.command_at(self.cluster.conn_args(), sub, extra)
+    }
+
+    /// `command` reaching the server through `conn` (`--pghost`, `--pgport`, …) instead of
+    /// the cluster's socket.
+    fn command_at(&self, conn: Vec<String>, sub: &str, extra: &[&str]) -> std::process::Command {
         let mut cmd = bin();
         cmd.arg(sub)
-            .args(self.cluster.conn_args())
+            .args(conn)
             .arg("--keys-dir")
             .arg(self.keys.path())
             .arg("--secrets-source-dir")
@@ -793,7 +805,7 @@ fn a_twin_name_held_by_someone_elses_role_or_a_superuser_is_refused() {
         out.expect_stderr(if what == "superuser" {
             "is a superuser"
         } else {
-            "is not a twin"
+            "not created by pg-password-sync"
         });
         // Nothing applied: the role keeps its old password, the other role's twin was
         // not created, and the foreign role got no password.
@@ -854,12 +866,20 @@ fn a_stage_rolled_back_to_the_old_password_does_not_live_on() {
     let rolled_back = s.sync(&["--grace", "1h"]);
     let rolled_back = rolled_back.expect_ok();
     rolled_back.expect_stdout("rolled back");
-    let until = s.valid_until("appuser_alt");
-    assert!(!until.is_empty() && !until.contains("infinity"), "{until}");
+    // The retired password is back in its file, and the server had the login open-ended
+    // (`infinity`, from the stage): a grace would bring the retired password back to life
+    // for as long. It is expired at once instead.
     assert_eq!(
-        s.value("SELECT (rolvaliduntil > now() + interval '50 minutes')::text FROM pg_authid WHERE rolname = 'appuser_alt'"),
+        s.value(
+            "SELECT (rolvaliduntil <= now())::text FROM pg_authid WHERE rolname = 'appuser_alt'"
+        ),
         "true",
-        "the grace is --grace long"
+        "the login of a rolled-back stage is not expired (VALID UNTIL {:?})",
+        s.valid_until("appuser_alt")
+    );
+    assert!(
+        s.login("appuser_alt").is_err(),
+        "the retired password logs in again after the rollback"
     );
     s.assert_login("appuser");
     s.leaks(&[&staged, &rolled_back]);
@@ -930,4 +950,407 @@ fn pgaudit_auditing_everything_sees_the_changes_but_no_password_or_verifier() {
             "a part of a stored verifier reached the audit log"
         );
     }
+}
+
+// ---- Attacks on the sync side ----------------------------------------------------------
+
+/// `rolname`'s row of `pg_authid`, one column: `column` as text.
+fn authid(s: &Setup, login: &str, column: &str) -> String {
+    s.value(&format!(
+        "SELECT ({column})::text FROM pg_authid WHERE rolname = {}",
+        quote_literal(login)
+    ))
+}
+
+/// Whether `member` is a member of `role`, as the server says (`pg_has_role … MEMBER`).
+fn is_member(s: &Setup, member: &str, role: &str) -> bool {
+    s.value(&format!(
+        "SELECT pg_has_role({}, {}, 'MEMBER')::text",
+        quote_literal(member),
+        quote_literal(role)
+    )) == "true"
+}
+
+/// The sync refused the role that holds the twin name `appuser_alt` as not ours, and
+/// changed nothing: exit 5 naming it, its stored password as it was (`before`, compared
+/// and never printed), the role's new password not applied, no other twin created.
+#[track_caller]
+fn assert_refused_as_foreign(s: &Setup, out: Run, before: &Option<String>) -> Run {
+    let out = out.expect_code(5);
+    out.expect_stderr("appuser_alt");
+    out.expect_stderr("not created by pg-password-sync");
+    assert!(
+        s.cluster.rolpassword("appuser_alt") == *before,
+        "the sync gave the foreign role a password"
+    );
+    assert!(
+        s.login("appuser").is_err(),
+        "the role's password was applied"
+    );
+    assert_eq!(
+        s.value("SELECT count(*) FROM pg_roles WHERE rolname = 'backupuser_alt'"),
+        "0"
+    );
+    out
+}
+
+/// A login someone else made under the twin's name sets itself to act as the role
+/// (`ALTER ROLE self SET role = …` needs no privilege): the sync must not take it for a
+/// twin and GRANT it the role, which would hand the role's rights to whoever owns it.
+#[test]
+fn a_role_holding_the_twin_name_that_we_did_not_create_is_refused_and_granted_nothing() {
+    let s = setup(|role| role.to_owned());
+    let foreign = unique("foreign login pw");
+    s.cluster.create_roles(&[("appuser_alt", &foreign)]);
+    // Logged in as itself, with no privilege at all.
+    session(
+        s.cluster.port,
+        "appuser_alt",
+        &foreign,
+        &["ALTER ROLE appuser_alt SET role = 'appuser'"],
+    );
+    s.cluster.clear_log();
+    let before = s.cluster.rolpassword("appuser_alt");
+    assert!(!is_member(&s, "appuser_alt", "appuser"));
+
+    let out = assert_refused_as_foreign(&s, s.sync(&[]), &before);
+    assert!(
+        !is_member(&s, "appuser_alt", "appuser"),
+        "the sync granted the role to a login it did not create"
+    );
+    s.leaks(&[&out]);
+}
+
+/// A login someone else made under the twin's name and that is a member of the role:
+/// still not ours. On PostgreSQL 14 and older the application login itself can make it a
+/// member (a session user could grant membership in its own role); from 15 on the server
+/// refuses that, and only an administrator's grant makes this state.
+#[test]
+fn a_member_of_the_role_holding_the_twin_name_that_we_did_not_create_is_refused() {
+    let s = setup(|role| role.to_owned());
+    let foreign = unique("foreign login pw");
+    let app = unique("app login pw");
+    s.cluster
+        .create_roles(&[("appuser_alt", &foreign), ("appuser", &app)]);
+    let grant = "GRANT appuser TO appuser_alt";
+    let by_the_app = Session::connect(s.cluster.port, "appuser", &app).exec(grant);
+    if pg_major() <= 14 {
+        by_the_app.unwrap();
+    } else {
+        let err = by_the_app.expect_err("PostgreSQL 15+ refuses a self-grant");
+        assert!(err.contains("SQLSTATE 42501"), "{err}");
+        s.cluster.psql(grant);
+    }
+    s.cluster.clear_log();
+    let before = s.cluster.rolpassword("appuser_alt");
+    assert!(is_member(&s, "appuser_alt", "appuser"));
+
+    let out = assert_refused_as_foreign(&s, s.sync(&[]), &before);
+    s.leaks(&[&out]);
+}
+
+/// A twin the sync created, later given an attribute that reaches beyond its role
+/// (CREATEROLE, CREATEDB, REPLICATION, BYPASSRLS) by someone with the rights to: the sync
+/// would hand a login with those powers to whoever holds the published password.
+#[test]
+fn a_twin_given_powers_beyond_its_role_is_refused_naming_the_power() {
+    let mut s = setup(|role| role.to_owned());
+    s.sync(&[]).expect_ok();
+    // A stage the refused syncs must not apply.
+    s.stage("appuser_alt");
+    let mut runs = Vec::new();
+    for power in ["CREATEROLE", "CREATEDB", "REPLICATION", "BYPASSRLS"] {
+        s.cluster.psql(&format!("ALTER ROLE appuser_alt {power}"));
+        s.cluster.clear_log();
+        let out = s.sync(&[]);
+        let out = out.expect_code(5);
+        out.expect_stderr("appuser_alt");
+        out.expect_stderr(power);
+        assert!(
+            s.login("appuser_alt").is_err(),
+            "{power}: the staged password was applied"
+        );
+        s.cluster.psql(&format!("ALTER ROLE appuser_alt NO{power}"));
+        runs.push(out);
+    }
+    s.cluster.clear_log();
+    let refs: Vec<&Run> = runs.iter().collect();
+    s.leaks(&refs);
+}
+
+/// What tells the sync's twins from anyone else's: a comment on the role (`pg_authid`'s
+/// shared description) that only a superuser or a CREATEROLE login may write, so the
+/// application login cannot put it on a role of its choosing.
+#[test]
+fn a_twin_the_sync_creates_is_marked_as_its_own_and_the_app_login_cannot_forge_the_mark() {
+    let s = setup(twin);
+    let out = s.sync(&[]).expect_ok();
+    let mark = s.value(
+        "SELECT coalesce(shobj_description(oid, 'pg_authid'), '') FROM pg_authid \
+         WHERE rolname = 'appuser_alt'",
+    );
+    assert!(
+        mark.starts_with("pg-password-sync"),
+        "the twin carries no mark of the sync: {mark:?}"
+    );
+    // Both logins of the role, with the passwords now in force.
+    for login in ["appuser", "appuser_alt"] {
+        let session = Session::connect(s.cluster.port, login, s.pw.get(login));
+        for target in ["appuser_alt", "backupuser_alt"] {
+            let err = session
+                .exec(&format!(
+                    "COMMENT ON ROLE {target} IS 'pg-password-sync twin'"
+                ))
+                .expect_err("an application login commented on a role");
+            assert!(err.contains("SQLSTATE 42501"), "{login} on {target}: {err}");
+        }
+    }
+    assert_eq!(
+        s.value(
+            "SELECT shobj_description(oid, 'pg_authid') FROM pg_authid \
+             WHERE rolname = 'appuser_alt'"
+        ),
+        mark
+    );
+    s.leaks(&[&out]);
+}
+
+/// The twin published and the role's own login about to retire: `appuser` already holds
+/// its file's password, so the sync's only write to its `pg_authid` row is `VALID UNTIL`
+/// (an overlap statement, not a password statement). A session of `appuser` with that
+/// password (leaked: the retirement is the answer to it) holds the row with an
+/// uncommitted change of its own password, as any login may.
+fn row_held_against_the_retirement() -> (Setup, Session) {
+    let s = setup(twin);
+    s.cluster.create_roles(&[("appuser", s.pw.get("appuser"))]);
+    let hostile = Session::connect(s.cluster.port, "appuser", s.pw.get("appuser"));
+    hostile.lock_own_row(&unique("hostile other"));
+    s.cluster.clear_log();
+    (s, hostile)
+}
+
+#[test]
+fn a_login_holding_its_row_against_the_overlap_statements_is_ended_like_any_blocker() {
+    let (s, hostile) = row_held_against_the_retirement();
+    let out = s.sync(&[
+        "--terminate-blockers-after",
+        "1s",
+        "--lock-wait-timeout",
+        "3s",
+    ]);
+    let out = out.expect_ok();
+    out.expect_stderr(&format!(
+        "pid {} (role \"appuser\", \"idle in transaction\" for ",
+        hostile.pid
+    ))
+    .expect_stderr("ended blocking non-superuser sessions: ");
+    assert!(!hostile.alive(), "the blocking session was ended");
+    let until = s.valid_until("appuser");
+    assert!(
+        !until.is_empty() && until != "infinity",
+        "the retiring login got no end: {until:?}"
+    );
+    s.assert_login("appuser_alt");
+    s.leaks(&[&out]);
+}
+
+#[test]
+fn with_ending_sessions_off_a_login_holding_its_row_against_the_overlap_statements_is_named() {
+    let (s, hostile) = row_held_against_the_retirement();
+    let out = s.sync(&[
+        "--terminate-blockers-after",
+        "off",
+        "--lock-wait-timeout",
+        "2s",
+    ]);
+    let out = out.expect_code(5);
+    out.expect_stderr(&format!("pid {} (role \"appuser\", ", hostile.pid))
+        .expect_stderr("--terminate-blockers-after is off");
+    assert!(hostile.alive(), "nothing ends a session when it is off");
+    // Nothing applied: the twin was not created.
+    assert_eq!(
+        s.value("SELECT count(*) FROM pg_roles WHERE rolname = 'appuser_alt'"),
+        "0"
+    );
+    s.leaks(&[&out]);
+}
+
+/// A one-shot `sync` reads the files, then connects and queues for the sync lock; a
+/// watcher that applies a newer rotation in the meantime must not see it undone by the
+/// older values. The one-shot sync connects over TCP through a relay that holds its
+/// connection until the watcher has applied the new value, which makes the race exact.
+#[test]
+fn a_one_shot_sync_never_undoes_a_rotation_the_watcher_applied_while_it_connected() {
+    let mut s = setup(|role| role.to_owned());
+    // Over TCP the superuser logs in with its password file (peer is for the socket).
+    let superuser = unique("superuser pw");
+    s.keys.write("postgres_password", &superuser);
+    s.cluster.psql(&format!(
+        "ALTER ROLE postgres PASSWORD {}",
+        quote_literal(&superuser)
+    ));
+    s.cluster.clear_log();
+    let (watch, _state) = watcher(&s, "1h");
+    wait_until(LIMIT, "the first sync", || {
+        s.login("appuser").is_ok() && s.valid_until("appuser_alt") == "-infinity"
+    });
+
+    let relay = Relay::hold(s.cluster.port);
+    let conn = vec![
+        "--pghost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "--pgport".to_owned(),
+        relay.port.to_string(),
+    ];
+    let one_shot =
+        Running::spawn(s.command_at(conn, "sync", &["--overlap", "--connect-timeout", "60s"]))
+            .with_server_log(&s.cluster.log);
+    // It has read the files (the twin's old value among them) and is connecting.
+    wait_until(LIMIT, "the one-shot sync to connect", || {
+        relay.accepted() > 0
+    });
+    // A rotation stages the twin; the watcher applies it.
+    s.stage("appuser_alt");
+    wait_until(LIMIT, "the watcher to apply the stage", || {
+        s.login("appuser_alt").is_ok()
+    });
+    relay.release();
+    let out = one_shot.finish(LIMIT * 4).expect_ok();
+
+    assert!(
+        s.login("appuser_alt").is_ok(),
+        "the one-shot sync put back the twin's password from before the rotation"
+    );
+    watch.signal(nix::sys::signal::Signal::SIGTERM);
+    let stopped = watch.finish(LIMIT).expect_ok();
+    assert_no_leak(&[&superuser], Some(&s.cluster), &[&out, &stopped]);
+    s.leaks(&[&out, &stopped]);
+}
+
+/// An administrator locks a login out (`VALID UNTIL` in the past on the published login,
+/// or `NOLOGIN` on a twin, published or not), say to stop a leaked credential at once: the
+/// next sync must not undo it, and says so; `--override-lockouts` lifts it.
+#[test]
+fn an_administrators_lockout_of_a_login_stands_until_the_sync_is_told_to_override_it() {
+    /// One lockout: which login is published, the administrator's statement, the login it
+    /// locks out, and whether it is in force.
+    struct Lockout {
+        published: fn(&str) -> String,
+        statement: &'static str,
+        login: &'static str,
+        in_force: fn(&Setup) -> bool,
+    }
+    let expired = |s: &Setup| authid(s, "appuser", "rolvaliduntil = '2000-01-01'") == "true";
+    let no_login = |s: &Setup| authid(s, "appuser_alt", "rolcanlogin") == "false";
+    let cases = [
+        Lockout {
+            published: |role| role.to_owned(),
+            statement: "ALTER ROLE appuser VALID UNTIL '2000-01-01'",
+            login: "appuser",
+            in_force: expired,
+        },
+        Lockout {
+            published: |role| role.to_owned(),
+            statement: "ALTER ROLE appuser_alt NOLOGIN",
+            login: "appuser_alt",
+            in_force: no_login,
+        },
+        Lockout {
+            published: twin,
+            statement: "ALTER ROLE appuser_alt NOLOGIN",
+            login: "appuser_alt",
+            in_force: no_login,
+        },
+    ];
+    for Lockout {
+        published,
+        statement,
+        login,
+        in_force: locked,
+    } in cases
+    {
+        let what = format!("{statement} (published: {})", published("appuser"));
+        let s = setup(published);
+        s.sync(&[]).expect_ok();
+        s.cluster.psql(statement);
+        s.cluster.clear_log();
+        assert!(locked(&s), "{what}");
+
+        let out = s.sync(&[]).expect_ok();
+        assert!(locked(&s), "{what}: the sync lifted the lockout");
+        out.expect_stdout_line(&["locked out", &format!("{login:?}")]);
+        if published("appuser") == login {
+            assert!(
+                s.login(login).is_err(),
+                "{what}: the locked-out login works"
+            );
+        }
+
+        let lifted = s.sync(&["--override-lockouts"]).expect_ok();
+        assert!(!locked(&s), "{what}: --override-lockouts left it");
+        if published("appuser") == login {
+            s.assert_login(login);
+            assert_eq!(s.valid_until(login), "infinity", "{what}");
+        }
+        s.leaks(&[&out, &lifted]);
+    }
+}
+
+/// `pg_service.conf` as libpq reads it: a key libpq does not know makes every application
+/// connection through the section fail ("syntax error in service file"), so the set is
+/// refused like any other that applications cannot use.
+#[test]
+fn a_service_file_setting_libpq_does_not_know_is_refused_and_nothing_is_applied() {
+    let s = setup(|role| role.to_owned());
+    let published: Vec<(&str, String)> = ROLES.iter().map(|(r, _)| (*r, (*r).to_owned())).collect();
+    let text = s
+        .service_text(&published)
+        .replacen("[appuser]\n", "[appuser]\nfoo=bar\n", 1);
+    s.keys.write_raw("pg_service.conf", text.as_bytes());
+    let libpq = libpq_login(&s, "appuser");
+    assert!(
+        libpq.as_ref().is_err_and(|e| e.contains("syntax error")),
+        "libpq: {libpq:?}"
+    );
+    let out = s.sync(&[]);
+    let out = out.expect_code(3);
+    out.expect_stderr("pg_service.conf");
+    out.expect_stderr("foo");
+    assert!(out.stdout.is_empty(), "{}", out.describe());
+    assert!(s.login("appuser").is_err(), "a password was applied");
+    assert_eq!(
+        s.value("SELECT count(*) FROM pg_roles WHERE rolname LIKE '%\\_alt'"),
+        "0",
+        "a twin was created"
+    );
+    s.leaks(&[&out]);
+}
+
+/// A section whose credentials are right but whose connection settings send applications
+/// elsewhere (`port=1`, a key libpq accepts): the sync has nothing to refuse, but `verify
+/// --overlap`, the check that applications can log in, must connect through the section
+/// as libpq does and fail.
+#[test]
+fn verify_overlap_logs_in_through_the_published_section_as_libpq_does() {
+    let s = setup(|role| role.to_owned());
+    let published: Vec<(&str, String)> = ROLES.iter().map(|(r, _)| (*r, (*r).to_owned())).collect();
+    let text = s
+        .service_text(&published)
+        .replacen("[appuser]\n", "[appuser]\nport=1\n", 1);
+    s.keys.write_raw("pg_service.conf", text.as_bytes());
+    let synced = s.sync(&[]).expect_ok();
+    s.assert_login("appuser");
+    // What an application gets through the section.
+    let libpq = libpq_login(&s, "appuser");
+    assert!(libpq.is_err(), "libpq logged in through port 1: {libpq:?}");
+
+    let verified = run(s.command("verify", &["--overlap"]));
+    let verified = verified.expect_code(7);
+    verified.expect_stderr("appuser");
+    assert!(
+        !verified.stdout.contains("role \"appuser\": ok"),
+        "{}",
+        verified.describe()
+    );
+    s.leaks(&[&synced, &verified]);
 }

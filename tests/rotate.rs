@@ -5,6 +5,10 @@
 //! (`--stage-only`, `--publish-only`, `--abort`), and `rotate` SIGKILLed at moments spread
 //! over every stage (the set stays one the sync accepts, `--abort` ends a pending record).
 //!
+//! The last section holds the attacks on a rotation: a function the application plants
+//! in its database, a missing superuser password file, sessions kept open on a retired
+//! login, `generate` or a changed file under a pending stage, an aborted stage.
+//!
 //! Most tests play the sync's database side by hand (`act_as_sync`, `apply_stage_by_hand`)
 //! so that they test `rotate` alone; the tests named `with_the_sync_…` run the real
 //! `watch --overlap` and check the whole cycle, grace enforced by the server included.
@@ -14,6 +18,7 @@ mod overlap_fixture;
 
 use std::time::Duration;
 
+use common::session::Session;
 use common::*;
 use overlap_fixture::*;
 
@@ -394,6 +399,36 @@ fn a_split_rotation_stages_then_publishes_or_aborts() {
 
 // ---- with the sync side (`watch --overlap`) ------------------------------------------
 
+/// One-shot `sync --overlap` over the keys of `source`, plus `extra`.
+fn overlap_sync(cluster: &Cluster, source: &Source, extra: &[&str]) -> Run {
+    let mut cmd = bin();
+    cmd.arg("sync")
+        .args(cluster.conn_args())
+        .arg("--keys-dir")
+        .arg(source.keys())
+        .arg("--secrets-source-dir")
+        .arg(source.path().join("no-source-dir"))
+        .arg("--overlap")
+        .args(extra);
+    cluster.run(cmd)
+}
+
+/// The secret values of the set as it is now, for leak checks (never printed): every
+/// file's but `pg_service.conf`'s, which repeats the login files' values, and the OIDC
+/// files', which are the fixture's constants that other tests' processes carry.
+fn set_values(source: &Source) -> Vec<String> {
+    source
+        .snapshot()
+        .into_iter()
+        .filter(|(file, _)| file != SERVICE_FILE && !OIDC_FILES.contains(&file.as_str()))
+        .map(|(file, value)| {
+            // (Not `unwrap`: the error's Debug holds the bytes.)
+            let text = String::from_utf8(value).unwrap_or_else(|_| panic!("{file} is not UTF-8"));
+            text.trim_end_matches(['\n', '\r']).to_owned()
+        })
+        .collect()
+}
+
 /// `watch --overlap --grace GRACE` over `keys`.
 fn overlap_watcher(
     cluster: &Cluster,
@@ -681,30 +716,11 @@ impl Crashes<'_> {
 
     /// One-shot `sync --overlap` over the keys (the sync the invariants are about).
     fn sync(&mut self) -> Run {
-        let none = self.source.path().join("no-source-dir");
-        let mut cmd = bin();
-        cmd.arg("sync")
-            .args(self.cluster.conn_args())
-            .arg("--keys-dir")
-            .arg(self.source.keys())
-            .arg("--secrets-source-dir")
-            .arg(none)
-            .args(["--overlap", "--grace", "60s"]);
-        self.cluster.run(cmd)
+        overlap_sync(self.cluster, self.source, &["--grace", "60s"])
     }
 
     fn remember_values(&mut self) {
-        for (file, value) in self.source.snapshot() {
-            if file == SERVICE_FILE || OIDC_FILES.contains(&file.as_str()) {
-                // The service file repeats the login files' values; the OIDC values are
-                // the fixture's constants, which other tests' processes carry.
-                continue;
-            }
-            // (Not `unwrap`: the error's Debug holds the bytes.)
-            let text = String::from_utf8(value).unwrap_or_else(|_| panic!("{file} is not UTF-8"));
-            self.secrets
-                .insert(text.trim_end_matches(['\n', '\r']).to_owned());
-        }
+        self.secrets.extend(set_values(self.source));
     }
 
     /// Checks every invariant after a rotation that ended (killed or not) at `what`,
@@ -1019,4 +1035,310 @@ fn rotate_killed_at_any_moment_leaves_a_consistent_set_and_working_published_log
         landed.len() >= 5 && landed.contains_key("published, record not yet removed"),
         "the kills did not spread over the stages: {landed:?}"
     );
+}
+
+// ---- Attacks on the rotate side ------------------------------------------------------
+
+/// Whether `role` is a superuser now.
+fn is_superuser(cluster: &Cluster, role: &str) -> bool {
+    cluster.psql(&format!(
+        "SELECT rolsuper::text FROM pg_roles WHERE rolname = {}",
+        quote_literal(role)
+    )) == "true"
+}
+
+/// `rotate` asks the server as the superuser; pointed at the application's database
+/// (`PGDATABASE`), it connects where the application login owns the `public` schema and
+/// may set the database's `search_path`. A `public.now()` found before the catalog's would
+/// run with the superuser's rights. Whatever rotate then does, it must not run it.
+#[test]
+fn rotate_never_runs_a_function_the_application_planted_in_its_database_as_the_superuser() {
+    let (cluster, source) = prepared("'-infinity'");
+    let db = cluster.app_owned_database();
+    // As appuser, with only the rights of the database's owner: a function that makes the
+    // application login a superuser when a superuser calls it, then answers as `now()`.
+    cluster.psql_in(
+        db,
+        "SET ROLE appuser;\n\
+         CREATE FUNCTION public.now() RETURNS timestamptz LANGUAGE plpgsql SECURITY INVOKER \
+           AS $$ BEGIN \
+             IF (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN \
+               EXECUTE 'ALTER ROLE appuser SUPERUSER'; END IF; \
+             RETURN pg_catalog.now(); END $$;\n\
+         ALTER DATABASE appdb SET search_path = public, pg_catalog;",
+    );
+    cluster.clear_log();
+    assert!(!is_superuser(&cluster, "appuser"));
+
+    let mut cmd = rotate_cmd(source.path(), cluster.port, &["--stage-only"]);
+    cmd.env("PGDATABASE", db);
+    let out = cluster.run(cmd);
+    assert!(
+        !is_superuser(&cluster, "appuser"),
+        "rotate ran the application's function as the superuser\n{}",
+        out.describe()
+    );
+    let values = set_values(&source);
+    let values: Vec<&str> = values.iter().map(String::as_str).collect();
+    assert_no_leak(&values, None, &[&out]);
+}
+
+/// Without the superuser's password file `rotate` cannot ask the server as the
+/// superuser; logging in with an application's published credential instead would read
+/// the catalog through a session the application controls (its role's and database's
+/// settings). It fails, naming the superuser, before anything is written.
+#[test]
+fn without_the_superusers_password_file_rotate_fails_naming_it_before_writing_anything() {
+    let (cluster, source) = prepared("'-infinity'");
+    std::fs::remove_file(source.keys().join("postgres_password.txt")).unwrap();
+    let before = source.snapshot();
+    let backups = source.backups().len();
+    let out = cluster.run(rotate_cmd(source.path(), cluster.port, &["--stage-only"]));
+    let out = out.expect_code(4);
+    out.expect_stderr("superuser");
+    assert_same_files(&source.snapshot(), &before, "files changed");
+    assert_eq!(source.backups().len(), backups, "a backup was made");
+    assert!(!source.path().join("rotate-pending.json").exists());
+    let values = set_values(&source);
+    let values: Vec<&str> = values.iter().map(String::as_str).collect();
+    assert_no_leak(&values, None, &[&out]);
+}
+
+/// A rotation has retired `appuser` (CONNECTION LIMIT 2, which the sync copies to its
+/// twin): the watcher (grace 3 s) ended its grace, but two sessions an application opened
+/// with its password before the publish (a pool, or whoever holds the leaked password)
+/// are still connected, and would be for as long as they like.
+struct Retired {
+    cluster: Cluster,
+    source: Source,
+    watcher: Running,
+    _state: tempfile::TempDir,
+    sessions: Vec<Session>,
+    runs: Vec<Run>,
+}
+
+/// The sessions of `login` the server has now.
+fn sessions_of(cluster: &Cluster, login: &str) -> usize {
+    cluster
+        .psql(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = {}",
+            quote_literal(login)
+        ))
+        .parse()
+        .unwrap()
+}
+
+fn retired_with_open_sessions() -> Retired {
+    let cluster = Cluster::start_default();
+    create_app_roles(&cluster);
+    cluster.psql("ALTER ROLE appuser CONNECTION LIMIT 2");
+    let source = Source::generate();
+    let (mut watcher, state) = overlap_watcher(&cluster, &source.keys(), "3s");
+    assert_still_running(&mut watcher);
+    let old = source.value("postgres_app_user_pw.txt");
+    wait_until(Duration::from_secs(30), "the first sync", || {
+        cluster.login("appuser", &old).is_ok()
+    });
+    assert_eq!(
+        cluster.psql("SELECT rolconnlimit FROM pg_roles WHERE rolname = 'appuser_alt'"),
+        "2"
+    );
+    let sessions: Vec<_> = (0..2)
+        .map(|_| Session::connect(cluster.port, "appuser", &old))
+        .collect();
+    // The rotation that publishes the twin and retires `appuser`.
+    let rotated = cluster.run(rotate_cmd(source.path(), cluster.port, &["--wait", "60s"]));
+    let rotated = rotated.expect_ok();
+    assert_eq!(source.published("appuser").0, "appuser_alt");
+    wait_until(
+        Duration::from_secs(30),
+        "the grace of the retired login to end",
+        || {
+            cluster.psql(
+                "SELECT coalesce(rolvaliduntil < now(), false)::text FROM pg_authid \
+                 WHERE rolname = 'appuser'",
+            ) == "true"
+        },
+    );
+    assert_eq!(sessions_of(&cluster, "appuser"), 2);
+    Retired {
+        cluster,
+        source,
+        watcher,
+        _state: state,
+        sessions,
+        runs: vec![rotated],
+    }
+}
+
+impl Retired {
+    /// Stops the watcher and checks that no value of the set reached any output.
+    fn finish(mut self) {
+        self.watcher.signal(nix::sys::signal::Signal::SIGTERM);
+        let stopped = self.watcher.finish(Duration::from_secs(30));
+        self.runs.push(stopped.expect_ok());
+        let values = set_values(&self.source);
+        let values: Vec<&str> = values.iter().map(String::as_str).collect();
+        let runs: Vec<&Run> = self.runs.iter().collect();
+        assert_no_leak(&values, Some(&self.cluster), &runs);
+    }
+}
+
+#[test]
+fn a_sync_after_the_grace_ends_the_sessions_of_the_retired_login_so_it_can_be_rekeyed() {
+    let mut r = retired_with_open_sessions();
+    let out = overlap_sync(&r.cluster, &r.source, &[]).expect_ok();
+    wait_until(
+        Duration::from_secs(15),
+        "the sessions of the retired login to end",
+        || sessions_of(&r.cluster, "appuser") == 0,
+    );
+    assert!(
+        out.line_with(&["retired", "\"appuser\""]).is_some(),
+        "the sync did not say it ended the retired login's sessions\n{}",
+        out.describe()
+    );
+    assert!(r.sessions.iter().all(|s| !s.alive()));
+
+    // The next rotation re-keys `appuser`, and its staged login logs in (its connection
+    // limit is no longer taken by the retired sessions).
+    let rekeyed = r.cluster.run(rotate_cmd(
+        r.source.path(),
+        r.cluster.port,
+        &["--wait", "60s"],
+    ));
+    let rekeyed = rekeyed.expect_ok();
+    rekeyed.expect_stdout("login \"appuser\" logs in with its staged password");
+    let (user, password) = r.source.published("appuser");
+    assert_eq!(user, "appuser");
+    r.cluster.assert_login(&user, &password);
+    r.runs.push(out);
+    r.runs.push(rekeyed);
+    r.finish();
+}
+
+#[test]
+fn with_keep_retired_sessions_the_sync_leaves_the_sessions_of_a_retired_login_open() {
+    let mut r = retired_with_open_sessions();
+    let out = overlap_sync(&r.cluster, &r.source, &["--keep-retired-sessions"]).expect_ok();
+    assert!(r.sessions.iter().all(Session::alive));
+    assert_eq!(sessions_of(&r.cluster, "appuser"), 2);
+    r.runs.push(out);
+    r.finish();
+}
+
+/// `generate --force` over a set with a staged rotation pending would replace the staged
+/// values (and everything else), and a later `rotate --abort` would then restore the set
+/// from before the stage, the very values the rotation was retiring. It is refused, with
+/// nothing written.
+#[test]
+fn generate_refuses_to_overwrite_a_set_whose_staged_rotation_is_pending() {
+    let (cluster, source) = prepared("'-infinity'");
+    let before = source.snapshot();
+    cluster
+        .run(rotate_cmd(source.path(), cluster.port, &["--stage-only"]))
+        .expect_ok();
+    let staged = source.snapshot();
+    let backups = source.backups().len();
+
+    let out = run(generate_cmd(source.path(), &["--force", "--overlap"]));
+    let out = out.expect_code(3);
+    out.expect_stderr("rotate-pending.json");
+    assert_same_files(
+        &source.snapshot(),
+        &staged,
+        "generate wrote over a pending stage",
+    );
+    assert_eq!(source.backups().len(), backups, "a backup was made");
+    assert!(source.path().join("rotate-pending.json").exists());
+    out.assert_output_free_of(staged.values().map(Vec::as_slice));
+
+    // The stage is still the rotation's to finish or undo.
+    run(rotate_cmd(source.path(), cluster.port, &["--abort"])).expect_ok();
+    assert_same_files(
+        &source.snapshot(),
+        &before,
+        "--abort did not restore the set",
+    );
+}
+
+/// A staged file that someone changed after the stage (a new value renamed into place):
+/// `rotate --abort` would put the pre-stage value back over it, undoing a change it knows
+/// nothing of. It is refused naming the file, restores nothing and keeps the record.
+#[test]
+fn abort_refuses_to_roll_back_over_a_staged_file_changed_since_the_stage() {
+    let (cluster, source) = prepared("'-infinity'");
+    cluster
+        .run(rotate_cmd(source.path(), cluster.port, &["--stage-only"]))
+        .expect_ok();
+    let (_, _, _, twin_file) = PAIRS[0];
+    let theirs = unique("someone else's value, long enough");
+    source.write(twin_file, &theirs);
+    let before_abort = source.snapshot();
+
+    let out = run(rotate_cmd(source.path(), cluster.port, &["--abort"]));
+    let out = out.expect_code(3);
+    out.expect_stderr(twin_file)
+        .expect_stderr("changed since the stage");
+    assert_same_files(&source.snapshot(), &before_abort, "--abort restored files");
+    assert!(
+        source.path().join("rotate-pending.json").exists(),
+        "--abort removed the record"
+    );
+    out.assert_output_free_of(before_abort.values().map(Vec::as_slice));
+}
+
+/// With the real sync: a stage the watcher applied (the staged logins log in, open-ended),
+/// then `rotate --abort`. The rollback puts each unpublished login's password from before
+/// the stage back in its file, and the sync applies it; that retired password must not
+/// come back to life (the login was expired before the stage).
+#[test]
+fn with_the_sync_an_aborted_stage_never_revives_the_retired_password_of_its_login() {
+    let cluster = Cluster::start_default();
+    create_app_roles(&cluster);
+    let source = Source::generate();
+    let (mut watcher, _state) = overlap_watcher(&cluster, &source.keys(), "60s");
+    assert_still_running(&mut watcher);
+    wait_until(Duration::from_secs(30), "the first sync", || {
+        PAIRS.iter().all(|(role, ..)| {
+            let (login, password) = source.published(role);
+            cluster.login(&login, &password).is_ok()
+        })
+    });
+    let retired: Vec<String> = PAIRS.iter().map(|p| source.value(p.3)).collect();
+
+    let staging = cluster.run(rotate_cmd(source.path(), cluster.port, &["--stage-only"]));
+    let staging = staging.expect_ok();
+    let staged: Vec<String> = PAIRS.iter().map(|p| source.value(p.3)).collect();
+    for ((_, twin, ..), password) in PAIRS.iter().zip(&staged) {
+        wait_until(
+            Duration::from_secs(30),
+            "the watcher to apply the stage",
+            || cluster.login(twin, password).is_ok(),
+        );
+    }
+
+    let aborted = cluster.run(rotate_cmd(source.path(), cluster.port, &["--abort"]));
+    let aborted = aborted.expect_ok();
+    for (((_, twin, _, twin_file), old), new) in PAIRS.iter().zip(&retired).zip(&staged) {
+        assert!(
+            source.value(twin_file) == *old,
+            "{twin_file}: --abort did not restore it"
+        );
+        wait_until(
+            Duration::from_secs(30),
+            "the watcher to apply the rollback",
+            || cluster.login(twin, new).is_err(),
+        );
+        assert!(
+            cluster.login(twin, old).is_err(),
+            "the retired password of {twin} logs in again after the aborted stage"
+        );
+    }
+    watcher.signal(nix::sys::signal::Signal::SIGTERM);
+    let stopped = watcher.finish(Duration::from_secs(30)).expect_ok();
+    let mut values = set_values(&source);
+    values.extend(staged);
+    let values: Vec<&str> = values.iter().map(String::as_str).collect();
+    assert_no_leak(&values, Some(&cluster), &[&staging, &aborted, &stopped]);
 }

@@ -7,6 +7,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
+use common::session::{SYNC_LOCK, Session};
 use common::*;
 use nix::sys::signal::Signal;
 
@@ -609,120 +610,6 @@ fn the_server_under_test_is_the_major_pg_bindir_names() {
 
 // ---- Hostile sessions: bounded rotation time, deadlocks, odd role names, iterations ----
 
-/// The advisory lock key the sync takes (published, so any login can take it too).
-const SYNC_LOCK: &str = "x'7067707773796e63'::bigint";
-
-/// A statement's result, as sent back by a `Session`.
-type Reply = std::sync::mpsc::Receiver<Result<(), String>>;
-
-/// A statement for a `Session`'s thread, and where its result goes.
-type Request = (String, std::sync::mpsc::Sender<Result<(), String>>);
-
-/// A login session of its own (TCP, password), on a thread of its own: each statement is
-/// sent at once and its result comes back on a channel, so a statement that waits for a
-/// lock does not stop the test.
-struct Session {
-    pid: i32,
-    tx: Option<tokio::sync::mpsc::UnboundedSender<Request>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Session {
-    fn connect(port: u16, role: &str, password: &str) -> Session {
-        let (pid_tx, pid_rx) = std::sync::mpsc::channel();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Request>();
-        let (role, password) = (role.to_owned(), password.to_owned());
-        let thread = std::thread::spawn(move || {
-            block_on(async move {
-                let mut config = tcp_login_config(port, &role, &password);
-                config.application_name("hostile test session");
-                let (client, connection) = match config.connect(tokio_postgres::NoTls).await {
-                    Ok(pair) => pair,
-                    Err(err) => {
-                        let _ = pid_tx.send(Err(err.to_string()));
-                        return;
-                    }
-                };
-                tokio::spawn(connection);
-                let pid: i32 = client
-                    .query_one("SELECT pg_backend_pid()", &[])
-                    .await
-                    .unwrap()
-                    .get(0);
-                let _ = pid_tx.send(Ok(pid));
-                let client = std::sync::Arc::new(client);
-                while let Some((sql, reply)) = rx.recv().await {
-                    let client = client.clone();
-                    tokio::spawn(async move {
-                        let result = client.batch_execute(&sql).await.map_err(|e| e.to_string());
-                        let _ = reply.send(result);
-                    });
-                }
-            });
-        });
-        let pid = pid_rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("session thread answered")
-            .expect("session logged in");
-        Session {
-            pid,
-            tx: Some(tx),
-            thread: Some(thread),
-        }
-    }
-
-    /// Sends a statement without waiting for it.
-    fn send(&self, sql: &str) -> Reply {
-        let (reply_tx, reply_rx) = std::sync::mpsc::channel();
-        self.tx
-            .as_ref()
-            .unwrap()
-            .send((sql.to_owned(), reply_tx))
-            .unwrap();
-        reply_rx
-    }
-
-    /// Runs a statement and waits (bounded) for its result.
-    fn exec(&self, sql: &str) -> Result<(), String> {
-        self.send(sql)
-            .recv_timeout(Duration::from_secs(60))
-            .expect("statement finished")
-    }
-
-    /// Takes the sync's advisory lock for the session (a session-level lock: it is held
-    /// until the session ends).
-    fn hold_sync_lock(&self) {
-        self.exec(&format!("SELECT pg_advisory_lock({SYNC_LOCK})"))
-            .unwrap();
-    }
-
-    /// Opens a transaction that changes appuser's password to `other`, holding its
-    /// pg_authid row locked until the transaction ends (the login's own right).
-    fn lock_own_row(&self, other: &str) {
-        self.exec("BEGIN").unwrap();
-        self.exec(&format!(
-            "ALTER ROLE appuser PASSWORD {}",
-            quote_literal(other)
-        ))
-        .unwrap();
-    }
-
-    /// Whether the server still serves this session.
-    fn alive(&self) -> bool {
-        self.exec("SELECT 1").is_ok()
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        // Ends the command loop; the runtime then drops the connection.
-        self.tx.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 /// Gives `role` a known password (test setup, then the log is cleared) and returns it.
 fn known_password(cluster: &Cluster, role: &str) -> String {
     let password = unique("hostile-own");
@@ -1048,18 +935,11 @@ fn a_watcher_rotation_held_up_by_the_leaked_login_is_applied_and_the_log_says_wh
     assert_no_leak(&all, Some(&cluster), &[&out]);
 }
 
-/// A database owned by the application login, which the sync is pointed at (`PGDATABASE`
-/// set to the application's database is common).
-fn app_owned_database(cluster: &Cluster) -> &'static str {
-    cluster.psql("CREATE DATABASE appdb OWNER appuser");
-    "appdb"
-}
-
 #[test]
 fn a_database_owner_cannot_plant_functions_the_superuser_sync_runs() {
     let (cluster, keys, secrets) = started();
     known_password(&cluster, "appuser");
-    let db = app_owned_database(&cluster);
+    let db = cluster.app_owned_database();
     // Everything below is done as appuser (SET ROLE): what the owner of the database the
     // sync connects to can do with only its own rights. Each planted function makes its
     // caller's role, when that is a superuser, grant superuser to appuser, then behaves
@@ -1094,7 +974,7 @@ fn a_database_owner_cannot_plant_functions_the_superuser_sync_runs() {
 fn a_database_owner_cannot_make_the_superuser_sync_run_as_itself_or_fail() {
     let (cluster, keys, secrets) = started();
     known_password(&cluster, "appuser");
-    let db = app_owned_database(&cluster);
+    let db = cluster.app_owned_database();
     // `role` set for the database: every session there starts with SET ROLE appuser, and
     // the superuser is a member of every role, so its sessions would too. Read-only
     // transactions and tiny timeouts would make every sync fail.

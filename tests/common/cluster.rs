@@ -293,6 +293,14 @@ impl Cluster {
         self.clear_log();
     }
 
+    /// Creates `appdb`, owned by the application login `appuser` (which must exist), and
+    /// returns its name: a binary pointed at the application's database (`PGDATABASE`, as
+    /// is common) connects where that login may attach settings and plant functions.
+    pub fn app_owned_database(&self) -> &'static str {
+        self.psql("CREATE DATABASE appdb OWNER appuser");
+        "appdb"
+    }
+
     /// The stored verifier of a role (None for NULL; panics when the role is absent).
     pub fn rolpassword(&self, role: &str) -> Option<String> {
         let out = self.psql(&format!(

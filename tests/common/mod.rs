@@ -9,6 +9,9 @@
 //! - `keys`: secret-file directories (`Keys`) and the four default roles.
 //! - `leaks`: the checks that no secret reached a log, an output or any process's
 //!   argv/environment.
+//! - `session`: login sessions of the test's own that stay open while the binary runs
+//!   (`session::Session`, not re-exported: `terminal` has a `Session` too).
+//! - `relay`: a TCP relay that holds a client's connections until the test releases them.
 //! - `users`: running as the server's OS user when the tests run as root.
 //! - `terminal`: a command on a pseudo-terminal (prompts, echo).
 //! - `k8s`: Kubernetes' AtomicWriter, for Secret volume updates.
@@ -19,6 +22,8 @@ pub mod k8s;
 pub mod keys;
 pub mod leaks;
 pub mod process;
+pub mod relay;
+pub mod session;
 pub mod standby;
 pub mod terminal;
 pub mod users;

@@ -265,6 +265,27 @@ impl Run {
         self
     }
 
+    /// Asserts that one line of stdout holds every one of `words` (a report line that
+    /// names a login and says what happened to it), showing the whole record otherwise.
+    #[track_caller]
+    pub fn expect_stdout_line(&self, words: &[&str]) -> &Run {
+        assert!(
+            self.stdout
+                .lines()
+                .any(|line| words.iter().all(|word| line.contains(word))),
+            "no line of stdout holds all of {words:?}\n{self}"
+        );
+        self
+    }
+
+    /// The first line of stdout, else of stderr, that holds every one of `words`.
+    pub fn line_with(&self, words: &[&str]) -> Option<&str> {
+        self.stdout
+            .lines()
+            .chain(self.stderr.lines())
+            .find(|line| words.iter().all(|word| line.contains(word)))
+    }
+
     /// Asserts that stderr contains `needle`, showing the whole record otherwise.
     #[track_caller]
     pub fn expect_stderr(&self, needle: &str) -> &Run {

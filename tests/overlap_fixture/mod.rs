@@ -95,6 +95,16 @@ impl Source {
         text.trim_end_matches(['\n', '\r']).to_owned()
     }
 
+    /// Replaces a secret file of `keys/` with `value` and a newline (0600, written to a
+    /// temp file and renamed into place), as a tool other than ours would.
+    pub fn write(&self, file: &str, value: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = self.keys().join(format!(".{file}.test-tmp"));
+        std::fs::write(&tmp, format!("{value}\n")).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::rename(&tmp, self.keys().join(file)).unwrap();
+    }
+
     /// Every regular, non-hidden file of `keys/` and its bytes.
     pub fn snapshot(&self) -> BTreeMap<String, Vec<u8>> {
         snapshot(&self.keys())
