@@ -182,6 +182,16 @@ impl<'a> Logins<'a> {
         }
     }
 
+    /// Both logins of each pair: whether a login's password really changed decides its
+    /// `VALID UNTIL` (a stage, a stage rolled back, a lockout lifted by a new password),
+    /// so the sync compares their stored verifiers whatever the scope.
+    pub fn logins(&self) -> Vec<String> {
+        self.pairs
+            .iter()
+            .flat_map(|p| [p.role.clone(), p.twin.clone()])
+            .collect()
+    }
+
     /// Creates missing twins, refuses a twin name held by a role that is not ours (or a
     /// twin that holds more than LOGIN INHERIT), repairs ours (membership, `role` setting,
     /// LOGIN unless locked out, INHERIT), and mirrors each role's settings and connection

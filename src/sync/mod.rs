@@ -610,9 +610,16 @@ async fn set_passwords(
     // PBKDF2 costs milliseconds per role: off the runtime's thread, so that in `run`
     // signals keep being forwarded and children reaped while a large set is planned.
     let owned = secrets.to_vec();
-    let (dry_run, scope, iterations) = (plan.options.dry_run, plan.scope, plan.iterations);
+    // Overlap mode's logins are always compared: whether one of them really got a new
+    // password decides its VALID UNTIL (a stage, or a stage rolled back), and another
+    // sync may have applied the same files a moment ago.
+    let checked: Vec<String> = match plan.scope {
+        Scope::CheckAll => secrets.iter().map(|(r, _)| r.name.clone()).collect(),
+        Scope::ChangedOnly => plan.logins.logins(),
+    };
+    let (dry_run, iterations) = (plan.options.dry_run, plan.iterations);
     let steps = tokio::task::spawn_blocking(move || {
-        plan_steps(&owned, &current, dry_run, scope, iterations)
+        plan_steps(&owned, &current, dry_run, &checked, iterations)
     })
     .await
     .context("planning the password changes")??;
@@ -659,7 +666,7 @@ enum Step {
     Set(String),
 }
 
-/// Decides every role's step. Checking a stored verifier and making a new one are
+/// Decides every role's step; the stored verifiers of `checked` are compared first. Checking a stored verifier and making a new one are
 /// `iterations` PBKDF2 rounds each, the bulk of a large sync's time, so big role sets are
 /// spread over the available cores. A stored verifier with fewer rounds than the server's
 /// `scram_iterations` counts as changed: it is re-made at the configured strength.
@@ -667,13 +674,13 @@ fn plan_steps(
     secrets: &[(RoleSpec, Secret)],
     current: &HashMap<String, Option<String>>,
     dry_run: bool,
-    scope: Scope,
+    checked: &[String],
     iterations: u32,
 ) -> anyhow::Result<Vec<Step>> {
     parallel_map(secrets, |(spec, secret)| match current.get(&spec.name) {
         None => Ok(Step::Keep(Status::Missing)),
         Some(Some(stored))
-            if scope == Scope::CheckAll && scram::is_current(stored, secret, iterations) =>
+            if checked.contains(&spec.name) && scram::is_current(stored, secret, iterations) =>
         {
             Ok(Step::Keep(Status::Unchanged))
         }
@@ -841,20 +848,21 @@ mod tests {
             .iter()
             .map(|n| (spec(n), secret.clone()))
             .collect();
-        let steps = plan_steps(&secrets, &current, false, Scope::CheckAll, 4096).unwrap();
+        let all: Vec<String> = secrets.iter().map(|(r, _)| r.name.clone()).collect();
+        let steps = plan_steps(&secrets, &current, false, &all, 4096).unwrap();
         assert!(matches!(steps[0], Step::Keep(Status::Unchanged)));
         assert!(matches!(&steps[1], Step::Set(v) if scram::verifies(v, &secret)));
         assert!(matches!(steps[2], Step::Set(_)));
         assert!(matches!(steps[3], Step::Keep(Status::Missing)));
-        let dry = plan_steps(&secrets, &current, true, Scope::CheckAll, 4096).unwrap();
+        let dry = plan_steps(&secrets, &current, true, &all, 4096).unwrap();
         assert!(matches!(dry[1], Step::Keep(Status::WouldChange)));
         // Known to have changed: a new verifier even where the stored one still matches;
         // a missing role stays missing.
-        let known = plan_steps(&secrets, &current, false, Scope::ChangedOnly, 4096).unwrap();
+        let known = plan_steps(&secrets, &current, false, &[], 4096).unwrap();
         assert!(matches!(&known[0], Step::Set(v) if scram::verifies(v, &secret)));
         assert!(matches!(known[3], Step::Keep(Status::Missing)));
         // The server asks for more rounds than the stored verifier has: re-made with them.
-        let stronger = plan_steps(&secrets, &current, false, Scope::CheckAll, 8192).unwrap();
+        let stronger = plan_steps(&secrets, &current, false, &all, 8192).unwrap();
         assert!(
             matches!(&stronger[0], Step::Set(v) if v.starts_with("SCRAM-SHA-256$8192:")
                 && scram::verifies(v, &secret))
