@@ -38,7 +38,7 @@ unpublished login gets a new password; it is published in pg_service.conf only o
 server accepts it (README: "Rotation without failed logins").
 
   compose --overlap
-           1. pg-password-sync rotate --dir DIR --host PG_HOST --port PG_PORT --wait TIMEOUT
+           1. pg-password-sync rotate --dir DIR --pghost PG_HOST --pgport PG_PORT --wait TIMEOUT
               (on this host, through the port compose.yaml publishes: refuses while a
               login to re-key is in its grace period; stages, waits until the staged
               logins work, publishes; rolls back on timeout)
@@ -243,7 +243,7 @@ rotate_k8s() {
 # --- overlap mode --------------------------------------------------------------------
 
 rotate_args() {
-    ROT=("$BIN" rotate --dir "$SECRETS_DIR" --host "$PG_HOST" --port "$PG_PORT")
+    ROT=("$BIN" rotate --dir "$SECRETS_DIR" --pghost "$PG_HOST" --pgport "$PG_PORT")
 }
 
 rotate_compose_overlap() {

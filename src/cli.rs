@@ -29,14 +29,13 @@ use crate::watch::{WatchOptions, WatchSettings};
 /// Passwords are sent to the server only as client-side SCRAM-SHA-256 verifiers inside one
 /// transaction with statement logging suppressed; no password is ever printed or passed
 /// through argv or the environment.
-///
-/// Exit codes: 0 ok; 1 unexpected error; 2 bad command line; 3 bad configuration or secret
-/// file; 4 cannot connect or authenticate; 5 SQL failure; 6 missing role under --strict;
-/// 7 verify failed; 8 not healthy; 130 interrupted at a `generate` prompt. `run` exits with
-/// its child's status (128+N when the child was killed by signal N, 127 when CMD is not
-/// found, 126 when it cannot be executed).
 #[derive(Debug, Parser)]
-#[command(name = "pg-password-sync", version, max_term_width = 100)]
+#[command(
+    name = "pg-password-sync",
+    version,
+    max_term_width = 100,
+    after_help = crate::error::exit_codes_help()
+)]
 pub struct Cli {
     /// Log line format on stderr.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -451,13 +450,23 @@ pub struct RotateArgs {
     pub dir: PathBuf,
 
     /// Server host for the checks, reached over TCP as the applications reach it (use an
-    /// address whose pg_hba.conf line asks for a password).
-    #[arg(long, env = "PGHOST", default_value = "127.0.0.1")]
-    pub host: String,
+    /// address whose pg_hba.conf line asks for a password). `--host` is the same.
+    #[arg(
+        long = "pghost",
+        alias = "host",
+        env = "PGHOST",
+        default_value = "127.0.0.1"
+    )]
+    pub pghost: String,
 
-    /// Server port.
-    #[arg(long, env = "PGPORT", default_value_t = 5432)]
-    pub port: u16,
+    /// Server port. `--port` is the same.
+    #[arg(
+        long = "pgport",
+        alias = "port",
+        env = "PGPORT",
+        default_value_t = 5432
+    )]
+    pub pgport: u16,
 
     /// Database to log in to.
     #[arg(long, env = "PGDATABASE", default_value = "postgres")]
@@ -508,11 +517,6 @@ pub struct RotateArgs {
     /// Give up connecting after this long (per attempt).
     #[arg(long, env = "PG_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
-
-    /// Accepted so that one environment (PG_PASSWORD_SYNC_OVERLAP=true) serves every
-    /// command; rotate always works in overlap mode.
-    #[arg(long, env = "PG_PASSWORD_SYNC_OVERLAP", value_parser = BoolishValueParser::new())]
-    pub overlap: bool,
 }
 
 impl From<LogFormat> for crate::logging::Format {
@@ -740,8 +744,8 @@ impl From<RotateArgs> for RotateSettings {
                 app_db_ro_user: args.role_map.named.app_db_ro_user,
                 temporal_db_user: args.role_map.named.temporal_db_user,
                 roles: args.role_map.roles,
-                pghost: args.host,
-                pgport: args.port,
+                pghost: args.pghost,
+                pgport: args.pgport,
                 // Unused: rotate never looks at a data directory or a socket.
                 pgdata: PathBuf::from("/nonexistent"),
                 dbname: args.dbname,
@@ -784,6 +788,21 @@ fn parse_positive_duration(text: &str) -> Result<Duration, String> {
 mod tests {
     use super::*;
     use clap::{CommandFactory, FromArgMatches};
+
+    #[test]
+    fn rotate_takes_the_server_flags_of_every_other_command_and_its_old_names() {
+        let parse = |args: &[&str]| {
+            let mut full = vec!["pg-password-sync", "rotate"];
+            full.extend(args);
+            match Cli::try_parse_from(full).unwrap().command {
+                Command::Rotate(args) => (args.pghost, args.pgport),
+                _ => unreachable!(),
+            }
+        };
+        let new = parse(&["--pghost", "db", "--pgport", "6543"]);
+        assert_eq!(new, ("db".to_owned(), 6543));
+        assert_eq!(parse(&["--host", "db", "--port", "6543"]), new);
+    }
 
     #[test]
     fn cli_is_consistent() {

@@ -500,7 +500,7 @@ fn verify_reports_every_problem_and_exits_7() {
     .unwrap();
     fs::remove_file(keys.join("csrf_signing_secret.txt")).unwrap();
     fs::write(keys.join("oidc_keycloak_client_secret.txt"), "\n").unwrap();
-    let out = run(generate(&fx.dir, &["--verify"])).expect_code(7);
+    let out = run(generate(&fx.dir, &["--verify"])).expect_code(9);
     let mut seen = values(&[&snap]);
     seen.push(b"Short1234".to_vec());
     out.assert_output_free_of(seen.iter().map(Vec::as_slice));
@@ -528,7 +528,7 @@ fn an_oversized_file_is_a_verify_problem_and_force_replaces_it() {
     let (fx, snap) = Fixture::new().generated();
     let big = vec![b'A'; 5000];
     fs::write(fx.keys().join("redis_password.txt"), &big).unwrap();
-    let out = run(generate(&fx.dir, &["--verify"])).expect_code(7);
+    let out = run(generate(&fx.dir, &["--verify"])).expect_code(9);
     out.assert_output_free_of(values(&[&snap]).iter().map(Vec::as_slice));
     assert!(
         out.stdout
@@ -968,9 +968,10 @@ fn a_second_concurrent_run_is_refused_while_the_directory_is_locked() {
     let held = Flock::lock(fs::File::open(&fx.dir).unwrap(), FlockArg::LockExclusive)
         .map_err(|(_, e)| e)
         .unwrap();
-    let out = run(with_oidc_env(generate(&fx.dir, &["--force"]))).expect_code(1);
+    let out = run(with_oidc_env(generate(&fx.dir, &["--force"]))).expect_code(75);
     assert!(
-        out.stderr.contains("another `generate` is running"),
+        out.stderr
+            .contains("another `generate` or `rotate` is running"),
         "{out}"
     );
     assert_same_files(&snapshot(&fx.keys()), &snap, "files changed");
@@ -1502,7 +1503,7 @@ fn verify_and_list_report_a_symlinked_key_file_without_following_it() {
     let (fx, _snap) = Fixture::new().generated();
     let target = outside_target(&fx, "target.txt");
     plant_link(&fx, "csrf_signing_secret.txt", &target);
-    let out = run(generate(&fx.dir, &["--verify"])).expect_code(7);
+    let out = run(generate(&fx.dir, &["--verify"])).expect_code(9);
     assert!(
         out.stdout
             .contains("csrf_signing_secret.txt: is a symbolic link"),

@@ -102,7 +102,7 @@ fn generate_overlap_creates_twin_files_and_a_service_file_publishing_each_role_i
     let other = format!("{}x", source.value("postgres_app_user_pw.txt"));
     std::fs::write(source.keys().join("postgres_app_user_pw.txt"), &other).unwrap();
     let bad = run(generate_cmd(source.path(), &["--verify", "--overlap"]));
-    let bad = bad.expect_code(7);
+    let bad = bad.expect_code(9);
     bad.expect_stdout("section [appuser]: the password for login \"appuser\" differs");
     std::fs::write(source.keys().join("postgres_app_user_pw.txt"), &published).unwrap();
 
@@ -224,7 +224,7 @@ fn rotate_is_refused_while_a_login_to_rekey_may_be_in_use_and_force_proceeds() {
         let refused = run(rotate_cmd(source.path(), cluster.port, &["--wait", "5s"]));
         refused
             .with_server_log(&cluster.log)
-            .expect_code(3)
+            .expect_code(75)
             .expect_stderr(needle)
             .expect_stderr("nothing was written");
         assert_same_files(
@@ -369,7 +369,7 @@ fn a_split_rotation_stages_then_publishes_or_aborts() {
     assert_eq!(source.published("appuser").0, "appuser");
     // A second rotation is refused while a stage is pending.
     run(rotate_cmd(source.path(), cluster.port, &[]))
-        .expect_code(3)
+        .expect_code(75)
         .expect_stderr("a staged rotation is pending");
     // --abort restores byte for byte.
     run(rotate_cmd(source.path(), cluster.port, &["--abort"])).expect_ok();
@@ -472,7 +472,7 @@ fn with_the_sync_the_previous_login_dies_after_grace_and_a_rotation_inside_it_is
     let before = source.snapshot();
     cluster
         .run(rotate_cmd(source.path(), cluster.port, &["--wait", "5s"]))
-        .expect_code(3);
+        .expect_code(75);
     assert_same_files(&source.snapshot(), &before, "files changed");
 
     // After it, the server refuses the previous login and the published one works.
@@ -1242,7 +1242,7 @@ fn generate_refuses_to_overwrite_a_set_whose_staged_rotation_is_pending() {
     let backups = source.backups().len();
 
     let out = run(generate_cmd(source.path(), &["--force", "--overlap"]));
-    let out = out.expect_code(3);
+    let out = out.expect_code(75);
     out.expect_stderr("rotate-pending.json");
     assert_same_files(
         &source.snapshot(),

@@ -582,7 +582,7 @@ fn verify(args: &GenerateSettings) -> anyhow::Result<()> {
         problems.len(),
         keys_shown.display()
     ))
-    .context(Failure::Verify)
+    .context(Failure::BadFiles)
 }
 
 /// `--list`.

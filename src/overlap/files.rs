@@ -50,7 +50,7 @@ pub fn refuse_while_pending(root: &Dir) -> anyhow::Result<()> {
              undo it with `rotate --abort` first; nothing was written",
             root.shown(PENDING_FILE)
         ))
-        .context(Failure::Config);
+        .context(Failure::TryLater);
     }
     Ok(())
 }

@@ -82,7 +82,7 @@ pub(super) async fn check_grace(config: &Config, set: &RoleSet, force: bool) -> 
          anyway and break those applications)",
         refusals.join("; ")
     ))
-    .context(Failure::Config)
+    .context(Failure::TryLater)
 }
 
 /// Reads `rolvaliduntil` of `logins` and how many client sessions each has open, as the

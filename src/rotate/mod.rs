@@ -122,7 +122,8 @@ async fn rotate(settings: RotateSettings) -> anyhow::Result<u8> {
     }
     // The same lock as `generate`: nothing else writes the set while a rotation runs.
     // Every file below is reached through the handles it holds, never through a link.
-    let mut locked = crate::store::lock(&settings.dir).context(Failure::Config)?;
+    let mut locked =
+        crate::store::lock(&settings.dir).map_err(|err| Failure::Config.unless_classified(err))?;
     match phase {
         Phase::Abort => {
             let pending = Pending::read(&locked.root)?;
@@ -159,7 +160,7 @@ async fn rotate(settings: RotateSettings) -> anyhow::Result<u8> {
              undo it with `rotate --abort`",
             locked.root.shown(PENDING_FILE)
         ))
-        .context(Failure::Config);
+        .context(Failure::TryLater);
     }
     let set = RoleSet::read(&config, &locked.keys, &settings.twin_suffix)?;
     check_grace(&config, &set, settings.force).await?;
@@ -214,7 +215,7 @@ async fn wait_or_signal(config: &Config, staged: &[Staged], limit: Duration) -> 
                  running with --overlap, and did the new files reach it?)",
                 humanize(limit)
             ))
-            .context(Failure::Verify),
+            .context(Failure::TryLater),
         },
         _ = interrupt.recv() => interrupted(nix::sys::signal::Signal::SIGINT),
         _ = terminate.recv() => interrupted(nix::sys::signal::Signal::SIGTERM),

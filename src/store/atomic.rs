@@ -8,12 +8,10 @@
 //! remove the leftovers of a killed one. Every step goes through a `Dir` handle, so a link
 //! planted at a name is replaced, never written through.
 //!
-//! `PG_PASSWORD_SYNC_TEST_DELAY_US` is a test-only hook: when set, the write path sleeps
-//! that many microseconds between its steps, so the crash test can SIGKILL the process at
-//! moments spread across the whole sequence. Nothing else reads it; operators never set it.
-
-use std::sync::OnceLock;
-use std::time::Duration;
+//! `PG_PASSWORD_SYNC_TEST_DELAY_US` is a hook of debug builds only (the test suite's): when
+//! set, the write path sleeps that many microseconds between its steps, so the crash test
+//! can SIGKILL the process at moments spread across the whole sequence. A release build
+//! has no such hook: it reads no such variable.
 
 use anyhow::Context;
 
@@ -28,9 +26,12 @@ pub const DIR_MODE: u32 = 0o700;
 /// Marker in the names of temp files and staging directories.
 pub const TEMP_MARKER: &str = ".tmp-";
 
-/// Test-only: sleeps between the steps of a write when `PG_PASSWORD_SYNC_TEST_DELAY_US` is
-/// set, so a test can kill the process in the middle of any step. No effect otherwise.
+/// Debug builds: sleeps between the steps of a write when `PG_PASSWORD_SYNC_TEST_DELAY_US`
+/// is set, so a test can kill the process in the middle of any step. No effect otherwise.
+#[cfg(debug_assertions)]
 pub fn test_delay() {
+    use std::sync::OnceLock;
+    use std::time::Duration;
     static DELAY: OnceLock<Option<Duration>> = OnceLock::new();
     let delay = DELAY.get_or_init(|| {
         std::env::var("PG_PASSWORD_SYNC_TEST_DELAY_US")
@@ -42,6 +43,10 @@ pub fn test_delay() {
         std::thread::sleep(*delay);
     }
 }
+
+/// Release builds: nothing (the shipped binary carries no test hook).
+#[cfg(not(debug_assertions))]
+pub fn test_delay() {}
 
 /// A short random hex tag for temp names, so concurrent or leftover temps never collide.
 fn temp_tag() -> String {

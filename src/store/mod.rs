@@ -24,6 +24,8 @@ use anyhow::Context;
 use nix::fcntl::{Flock, FlockArg};
 use zeroize::Zeroizing;
 
+use crate::error::Failure;
+
 pub use dirfd::Dir;
 
 /// The largest file of the set (`pg_service.conf`, 64 KiB); the bound of `read_exact`.
@@ -58,6 +60,7 @@ pub fn lock(dir: &Path) -> anyhow::Result<Locked> {
                 "another `generate` or `rotate` is running on {} ({errno})",
                 dir.display()
             )
+            .context(Failure::TryLater)
         },
     )?;
     let keys = root.private_subdir("keys", atomic::DIR_MODE)?;

@@ -451,12 +451,7 @@ async fn apply(
                 );
                 attempt += 1;
             }
-            Err(err) => {
-                return Err(match Failure::of(&err) {
-                    Some(_) => err,
-                    None => err.context(Failure::Sql),
-                });
-            }
+            Err(err) => return Err(Failure::Sql.unless_classified(err)),
         }
     }
 }

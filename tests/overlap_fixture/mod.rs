@@ -60,7 +60,7 @@ pub fn rotate_cmd(dir: &Path, port: u16, args: &[&str]) -> Command {
     cmd.arg("rotate")
         .arg("--dir")
         .arg(dir)
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--pghost", "127.0.0.1", "--pgport", &port.to_string()])
         .args(["--connect-timeout", "10s"])
         .args(args);
     cmd
