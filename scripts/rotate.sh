@@ -35,7 +35,7 @@ than pass on a trusted connection. --verify-host names the address to use.
 Overlap mode (--overlap; the sync runs with --overlap / PG_PASSWORD_SYNC_OVERLAP=true and
 the set was made by 'generate --overlap'): no login fails during the rotation. Each role's
 unpublished login gets a new password; it is published in pg_service.conf only once the
-server accepts it (README: "Rotation without failed logins").
+server accepts it (docs/overlap.md).
 
   compose --overlap
            1. pg-password-sync rotate --dir DIR --pghost PG_HOST --pgport PG_PORT --wait TIMEOUT

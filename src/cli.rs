@@ -159,8 +159,8 @@ pub struct ConfigArgs {
 
     /// Overlap mode: every role but the superuser also has a twin login (role name +
     /// --twin-suffix, password file named like the role's with the suffix before `_pw`),
-    /// and `pg_service.conf` publishes which login applications use now. See README,
-    /// "Rotation without failed logins".
+    /// and `pg_service.conf` publishes which login applications use now. See
+    /// docs/overlap.md.
     #[arg(long, env = "PG_PASSWORD_SYNC_OVERLAP", value_parser = BoolishValueParser::new())]
     pub overlap: bool,
 

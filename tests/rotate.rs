@@ -724,7 +724,7 @@ impl Crashes<'_> {
     }
 
     /// Checks every invariant after a rotation that ended (killed or not) at `what`,
-    /// brings the set back the way the README says (`rotate --abort` while a record is
+    /// brings the set back the way docs/overlap.md says (`rotate --abort` while a record is
     /// pending), and makes the result the next round's starting set.
     fn check(&mut self, what: &str, killed: Run, backups_before: usize, recover: &str) {
         let before = self.before.clone();
@@ -990,15 +990,16 @@ fn rotate_killed_at_any_moment_leaves_a_consistent_set_and_working_published_log
     let ms = Duration::from_millis;
     crashes.kill("just after the start", ms(2), None, "--abort");
     crashes.kill("while copying the backup", zero, Some(copying), "--abort");
-    // Its temp file is left in the directory, outside keys/: before the fix nothing
-    // removed it, and the check after the last run below found it.
+    // Its temp file is left in the directory, outside keys/: the next locked run must
+    // remove it (the check after the last run below looks).
     crashes.kill("while writing the record", zero, Some(recording), "--abort");
     crashes.kill("right after the record", zero, Some(recorded), "--abort");
     crashes.kill("among the staged writes", zero, Some(staging), "--abort");
     // The last write's two trailing steps take 20 ms; then the wait begins.
     crashes.kill("in the wait", ms(25), Some(all_staged), "--abort");
-    // Before the fix, `--abort` here restored the published login's file under the new
-    // pg_service.conf (a set the sync refused) and `--publish-only` refused to go on.
+    // Published, record not yet removed: `--abort` must not restore the published login's
+    // file under the new pg_service.conf (a set the sync refuses), and `--publish-only`
+    // must go on.
     crashes.kill("after the publish", zero, Some(published_now), "--abort");
     crashes.kill(
         "after the publish",

@@ -204,7 +204,7 @@ fn forwardable_signals() -> Vec<Signal> {
 /// SIGCONT resumes nothing but is still recorded. This covers what tini's and dumb-init's
 /// suites send: SIGPIPE (Rust starts with it ignored) and the fault signals sent with
 /// `kill` (SIGSEGV and SIGBUS meet std's stack-overflow handler, the others kill a process
-/// that does not block them), which all used to be lost or fatal to `run`.
+/// that does not block them): each must reach the child, and none may end `run`.
 fn signals_reach_the_child(mode: Mode) {
     let table = forwardable_signals();
     assert_eq!(table.len(), 28);

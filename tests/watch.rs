@@ -871,8 +871,8 @@ fn a_file_rewritten_in_place_in_two_chunks_is_never_applied_half() {
 }
 
 #[test]
-fn a_slow_writer_past_the_old_maximum_wait_is_applied_only_when_it_closes() {
-    // The default quiet period (250 ms), whose maximum wait used to be 2.5 s.
+fn a_slow_writer_past_the_maximum_wait_is_applied_only_when_it_closes() {
+    // The default quiet period (250 ms): ten of them are the maximum wait, 2.5 s.
     let Synced {
         cluster,
         keys,
@@ -890,7 +890,7 @@ fn a_slow_writer_past_the_old_maximum_wait_is_applied_only_when_it_closes() {
         file.write_all(chunk.as_bytes()).unwrap();
         file.flush().unwrap();
         written.push_str(chunk);
-        // 8 × 450 ms: the writer holds the file for 3.6 s, past the old maximum wait.
+        // 8 × 450 ms: the writer holds the file for 3.6 s, past the maximum wait.
         never_logs_in(&cluster, "appuser", &written, Duration::from_millis(450));
     }
     // Still open: the old password is in force, nothing was rotated.
