@@ -24,11 +24,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 
 use crate::error::Failure;
+use crate::fileio::atomic;
+use crate::fileio::dirfd::{self, Dir};
 use crate::overlap::files as overlap;
 use crate::secret::Secret;
 use crate::store::catalog::{ENTRIES, Entry, Kind};
-use crate::store::dirfd::{self, Dir};
-use crate::store::{Action, Locked, atomic, backup, check, random};
+use crate::store::{Action, Locked, backup, check, random};
 
 /// What `generate` was asked to do: one field per option of `GenerateSettings` in `cli.rs`
 /// (see there for what each means). Conflicts between them are checked by `effective`.

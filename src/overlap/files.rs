@@ -17,10 +17,11 @@ use zeroize::Zeroizing;
 
 use super::{Login, Pair, SERVICE_FILE, service_file};
 use crate::error::Failure;
+use crate::fileio::atomic;
+use crate::fileio::dirfd::{Dir, Kind as FileKind};
 use crate::secret::{RoleSpec, Secret, SecretRef};
 use crate::store::catalog::{ENTRIES, Entry, Kind};
-use crate::store::dirfd::{Dir, Kind as FileKind};
-use crate::store::{Action, atomic, backup, check, random};
+use crate::store::{Action, backup, check, random};
 
 /// The secret name of `which` login of a pair `generate` made (`postgres_app_user_pw`).
 fn key(pair: &Pair, which: Login) -> &str {
