@@ -6,7 +6,6 @@
 //! shared harness (`common`); the fixtures here are generate's own (keys directory
 //! snapshots, backups, value formats), and none of them needs PostgreSQL.
 
-mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -16,8 +15,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use common::terminal::{Session, Terminal, echo_is_on};
-use common::*;
+use crate::common::terminal::{Session, Terminal, echo_is_on};
+use crate::common::*;
 
 const RANDOM_FILES: [&str; 8] = [
     "postgres_password.txt",

@@ -10,14 +10,13 @@
 //!
 //! Every wait is a poll for the observable outcome under a generous liveness bound.
 
-mod common;
 
 use std::path::Path;
 use std::time::Duration;
 
-use common::relay::Relay;
-use common::session::Session;
-use common::*;
+use crate::common::relay::Relay;
+use crate::common::session::Session;
+use crate::common::*;
 
 /// The overlapped roles of these tests and their password files (the superuser is not in
 /// the role map: it keeps peer access over the socket and is never overlapped).

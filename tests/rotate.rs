@@ -13,14 +13,12 @@
 //! so that they test `rotate` alone; the tests named `with_the_sync_…` run the real
 //! `watch --overlap` and check the whole cycle, grace enforced by the server included.
 
-mod common;
-mod overlap_fixture;
 
 use std::time::Duration;
 
-use common::session::Session;
-use common::*;
-use overlap_fixture::*;
+use crate::common::session::Session;
+use crate::common::*;
+use crate::common::source::*;
 
 /// Every file `generate --overlap` writes, beyond the catalog's eleven.
 const OVERLAP_FILES: [&str; 4] = [
