@@ -13,7 +13,6 @@
 //!
 //! The four delay pairs run at once, each with its own cluster, to keep the run short.
 
-
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,8 +20,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::common::k8s::SecretVolume;
-use crate::common::*;
 use crate::common::source::*;
+use crate::common::*;
 
 /// (database view delay, app view delay) in milliseconds.
 const DELAYS: [(u64, u64); 4] = [(0, 0), (0, 2000), (2000, 0), (1000, 3000)];

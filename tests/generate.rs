@@ -6,7 +6,6 @@
 //! shared harness (`common`); the fixtures here are generate's own (keys directory
 //! snapshots, backups, value formats), and none of them needs PostgreSQL.
 
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -14,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use crate::common::terminal::{Session, Terminal, echo_is_on};
 use crate::common::*;
+use base64::Engine;
 
 const RANDOM_FILES: [&str; 8] = [
     "postgres_password.txt",

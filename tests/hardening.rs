@@ -8,7 +8,6 @@
 //! `postgres`): without it they are skipped (a failure under CI, see `skip`). The attacker
 //! runs as `nobody` through `setpriv`, with Perl for its tight loop.
 
-
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

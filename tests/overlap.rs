@@ -10,7 +10,6 @@
 //!
 //! Every wait is a poll for the observable outcome under a generous liveness bound.
 
-
 use std::path::Path;
 use std::time::Duration;
 

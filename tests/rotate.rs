@@ -13,12 +13,11 @@
 //! so that they test `rotate` alone; the tests named `with_the_sync_…` run the real
 //! `watch --overlap` and check the whole cycle, grace enforced by the server included.
 
-
 use std::time::Duration;
 
 use crate::common::session::Session;
-use crate::common::*;
 use crate::common::source::*;
+use crate::common::*;
 
 /// Every file `generate --overlap` writes, beyond the catalog's eleven.
 const OVERLAP_FILES: [&str; 4] = [

@@ -10,7 +10,6 @@
 //! Every wait polls a condition; wall-clock limits are generous liveness bounds (a loaded
 //! CI machine must not fail them): how fast a stop is, `scripts/bench.sh` measures.
 
-
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -2,7 +2,6 @@
 //! change in one transaction, only SCRAM verifiers reach the server, nothing leaks, and
 //! every kind of bad input exits with its documented code.
 
-
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 

@@ -3,7 +3,6 @@
 //! connection proves nothing, so verify must call it `not verifiable` and fail, log in
 //! for real where the password is checked, and find such an address on its own.
 
-
 use crate::common::*;
 use std::time::Duration;
 

@@ -6,7 +6,6 @@
 //! Every wait is a poll for the observable outcome (a login with the new password works)
 //! under a generous liveness bound; latency itself is measured by a benchmark elsewhere.
 
-
 use std::io::Write as _;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

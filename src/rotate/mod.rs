@@ -65,10 +65,7 @@ pub struct RotateSettings {
     pub dir: PathBuf,
     /// Role map and server; its secret directories are `dir/keys` only.
     pub config: ConfigSettings,
-    pub twin_suffix: String,
     pub wait: Duration,
-    /// The sync's `--grace`, which `wait` must stay below.
-    pub grace: Duration,
     pub force: bool,
     pub stage_only: bool,
     pub publish_only: bool,
@@ -109,7 +106,7 @@ async fn rotate(settings: RotateSettings) -> anyhow::Result<u8> {
     let phase = phase(settings.stage_only, settings.publish_only, settings.abort)
         .context(Failure::Config)?;
     if matches!(phase, Phase::Full | Phase::StageOnly) {
-        check_wait(settings.wait, settings.grace).context(Failure::Config)?;
+        check_wait(settings.wait, settings.config.grace).context(Failure::Config)?;
     }
     let config = Config::from_settings(&settings.config)?;
     if let Host::Socket(dir) = &config.host {
@@ -146,7 +143,7 @@ async fn rotate(settings: RotateSettings) -> anyhow::Result<u8> {
                 return Ok(0);
             }
             pending.check_staged(&locked)?;
-            let set = RoleSet::read(&config, &locked.keys, &settings.twin_suffix)?;
+            let set = RoleSet::read(&config, &locked.keys, &config.twin_suffix)?;
             let staged = pending.staged_from_files(&set)?;
             publish(&locked.keys, &set, &staged)?;
             remove_pending(&locked.root)?;
@@ -162,9 +159,9 @@ async fn rotate(settings: RotateSettings) -> anyhow::Result<u8> {
         ))
         .context(Failure::TryLater);
     }
-    let set = RoleSet::read(&config, &locked.keys, &settings.twin_suffix)?;
+    let set = RoleSet::read(&config, &locked.keys, &config.twin_suffix)?;
     check_grace(&config, &set, settings.force).await?;
-    let (pending, staged) = stage::stage(&mut locked, &set, &settings.twin_suffix)?;
+    let (pending, staged) = stage::stage(&mut locked, &set, &config.twin_suffix)?;
     if phase == Phase::StageOnly {
         println!(
             "staged; deliver the files, check the staged logins (verify --overlap --staged), \

@@ -20,13 +20,13 @@
 #![allow(dead_code, unused_imports, unused_macros)]
 
 pub mod cluster;
-pub mod source;
 pub mod k8s;
 pub mod keys;
 pub mod leaks;
 pub mod process;
 pub mod relay;
 pub mod session;
+pub mod source;
 pub mod standby;
 pub mod terminal;
 pub mod users;
