@@ -14,10 +14,11 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::ConfigSettings;
+use crate::config::{ConfigSettings, PatroniRule, TargetSession};
 use crate::config::{DEFAULT_GRACE, parse_duration};
 use crate::health::HealthSettings;
 use crate::keyfiles::GenerateSettings;
+use crate::postmaster::PostmasterRule;
 use crate::rotate::RotateSettings;
 use crate::run::RunSettings;
 use crate::sync::{Options, SyncSettings};
@@ -132,17 +133,35 @@ pub struct ConfigArgs {
     #[command(flatten)]
     pub role_map: RoleMapArgs,
 
-    /// Server socket directory (starts with `/`) or TCP host name.
-    #[arg(long, env = "PGHOST", default_value = "/var/run/postgresql")]
+    /// Server socket directory (starts with `/`) or TCP host name; or a comma-separated
+    /// list of them, tried in order as libpq does (see --target-session-attrs).
+    #[arg(long, env = "PGHOST", default_value = crate::config::DEFAULT_SOCKET_DIR)]
     pub pghost: String,
 
-    /// Server port (also names the socket file `.s.PGSQL.<port>`).
-    #[arg(long, env = "PGPORT", default_value_t = 5432)]
-    pub pgport: u16,
+    /// Server port (also names the socket file `.s.PGSQL.<port>`): one for every host of
+    /// --pghost, or a comma-separated list with one per host.
+    #[arg(long, env = "PGPORT", default_value = "5432")]
+    pub pgport: String,
+
+    /// Which server of a --pghost list to use, as libpq's target_session_attrs: `any` (the
+    /// first that answers), `read-write` or `primary` (the first that is not a standby).
+    #[arg(
+        long,
+        env = "PGTARGETSESSIONATTRS",
+        default_value = "any",
+        value_parser = TargetSession::parse
+    )]
+    pub target_session_attrs: TargetSession,
 
     /// Data directory; its `postmaster.pid` tells when the final server is ready.
     #[arg(long, env = "PGDATA", default_value = "/var/lib/postgresql/data")]
     pub pgdata: PathBuf,
+
+    /// Whether Patroni manages the server: `auto` (PGDATA holds patroni.dynamic.json or a
+    /// postgresql.conf written by Patroni), `on` or `off`. Where it does, the default role
+    /// map leaves the superuser to Patroni (see docs/clusters.md).
+    #[arg(long, env = "PG_PASSWORD_SYNC_PATRONI", default_value = "auto", value_parser = PatroniRule::parse)]
+    pub patroni: PatroniRule,
 
     /// Database to connect to.
     #[arg(long, env = "PGDATABASE", default_value = "postgres")]
@@ -278,6 +297,17 @@ pub struct RunArgs {
     /// with backoff while postgres keeps serving.
     #[arg(long, env = "PG_PASSWORD_SYNC_EXIT_ON_FAILURE", value_parser = BoolishValueParser::new())]
     pub exit_on_sync_failure: bool,
+    /// Which postmaster is the final server to sync: `cmd` (CMD's own pid: CMD execs into
+    /// postgres, as the official entrypoint does), `descendant` (also a postmaster CMD
+    /// started that listens on TCP: Patroni, a supervisor script; never the entrypoint's
+    /// socket-only temporary server) or `any-descendant` (socket-only ones too).
+    #[arg(
+        long,
+        env = "PG_PASSWORD_SYNC_POSTMASTER",
+        default_value = "descendant",
+        value_parser = PostmasterRule::parse
+    )]
+    pub postmaster: PostmasterRule,
     /// The command to supervise.
     #[arg(last = true, value_name = "CMD")]
     pub cmd: Vec<String>,
@@ -450,7 +480,8 @@ pub struct RotateArgs {
     pub dir: PathBuf,
 
     /// Server host for the checks, reached over TCP as the applications reach it (use an
-    /// address whose pg_hba.conf line asks for a password). `--host` is the same.
+    /// address whose pg_hba.conf line asks for a password), or a comma-separated list of
+    /// hosts tried in order (see --target-session-attrs). `--host` is the same.
     #[arg(
         long = "pghost",
         alias = "host",
@@ -459,14 +490,30 @@ pub struct RotateArgs {
     )]
     pub pghost: String,
 
-    /// Server port. `--port` is the same.
+    /// Server port, or one per host of a --pghost list. `--port` is the same.
     #[arg(
         long = "pgport",
         alias = "port",
         env = "PGPORT",
-        default_value_t = 5432
+        default_value = "5432"
     )]
-    pub pgport: u16,
+    pub pgport: String,
+
+    /// Which server of a --pghost list to use: `any`, `read-write` or `primary` (libpq's
+    /// target_session_attrs).
+    #[arg(
+        long,
+        env = "PGTARGETSESSIONATTRS",
+        default_value = "any",
+        value_parser = TargetSession::parse
+    )]
+    pub target_session_attrs: TargetSession,
+
+    /// Whether Patroni manages the server (`on`, `off`; `auto` means off here: rotate has
+    /// no data directory to look at). With `on` the superuser's password file is left as
+    /// it is, as the sync leaves the superuser to Patroni.
+    #[arg(long, env = "PG_PASSWORD_SYNC_PATRONI", default_value = "auto", value_parser = PatroniRule::parse)]
+    pub patroni: PatroniRule,
 
     /// Database to log in to.
     #[arg(long, env = "PGDATABASE", default_value = "postgres")]
@@ -609,7 +656,9 @@ impl From<ConfigArgs> for ConfigSettings {
             roles: args.role_map.roles,
             pghost: args.pghost,
             pgport: args.pgport,
+            target_session_attrs: args.target_session_attrs,
             pgdata: args.pgdata,
+            patroni: args.patroni,
             dbname: args.dbname,
             sync_user: args.sync_user,
             connect_timeout: args.connect_timeout,
@@ -657,6 +706,7 @@ impl From<RunArgs> for RunSettings {
             no_watch: args.no_watch,
             no_sync: args.no_sync,
             exit_on_sync_failure: args.exit_on_sync_failure,
+            postmaster: args.postmaster,
             cmd: args.cmd,
         }
     }
@@ -746,8 +796,10 @@ impl From<RotateArgs> for RotateSettings {
                 roles: args.role_map.roles,
                 pghost: args.pghost,
                 pgport: args.pgport,
+                target_session_attrs: args.target_session_attrs,
                 // Unused: rotate never looks at a data directory or a socket.
                 pgdata: PathBuf::from("/nonexistent"),
+                patroni: args.patroni,
                 dbname: args.dbname,
                 sync_user: None,
                 connect_timeout: args.connect_timeout,
@@ -799,7 +851,7 @@ mod tests {
             }
         };
         let new = parse(&["--pghost", "db", "--pgport", "6543"]);
-        assert_eq!(new, ("db".to_owned(), 6543));
+        assert_eq!(new, ("db".to_owned(), "6543".to_owned()));
         assert_eq!(parse(&["--host", "db", "--port", "6543"]), new);
     }
 

@@ -7,6 +7,12 @@
 //! silently truncate) fail before anything touches the server. In overlap mode the set
 //! also holds each twin's password and which login `pg_service.conf` publishes, checked
 //! against the password files on every read (`SecretSet`).
+//!
+//! The server is a list, as libpq reads `PGHOST`/`PGPORT` (`Server`, tried in order, kept
+//! only when it is the kind of server `PGTARGETSESSIONATTRS` asks for), so that a command
+//! run from outside a cluster finds its leader. In a data directory Patroni manages, the
+//! default role map leaves the superuser to Patroni (`Config::synced_roles`): its
+//! `pg_rewind` and replication log in with the password in Patroni's configuration.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -32,6 +38,81 @@ pub enum Host {
     Tcp(String),
 }
 
+/// One server of the list `PGHOST`/`PGPORT` name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    pub host: Host,
+    pub port: u16,
+}
+
+/// The socket directory an empty entry of a `PGHOST` list stands for (libpq's rule: the
+/// default), and the default of `--pghost`.
+pub const DEFAULT_SOCKET_DIR: &str = "/var/run/postgresql";
+
+/// The port an empty entry of a `PGPORT` list stands for.
+pub const DEFAULT_PORT: u16 = 5432;
+
+/// Which server of the list a session may use (`PGTARGETSESSIONATTRS`, libpq's
+/// `target_session_attrs`): the first that answers (`Any`), or the first that is not a
+/// standby. libpq's `read-only`, `standby` and `prefer-standby` are refused: a password
+/// can only be set on a primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TargetSession {
+    #[default]
+    Any,
+    /// A session that accepts writes by default.
+    ReadWrite,
+    /// A server that is not in recovery.
+    Primary,
+}
+
+impl TargetSession {
+    /// Parses libpq's words.
+    pub fn parse(text: &str) -> Result<TargetSession, String> {
+        match text.trim() {
+            "" | "any" => Ok(TargetSession::Any),
+            "read-write" => Ok(TargetSession::ReadWrite),
+            "primary" => Ok(TargetSession::Primary),
+            other @ ("read-only" | "standby" | "prefer-standby") => Err(format!(
+                "`{other}` would pick a standby, where no password can be set: use \
+                 read-write, primary or any"
+            )),
+            other => Err(format!(
+                "`{other}` is not a target session kind (read-write, primary or any)"
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetSession::Any => "any",
+            TargetSession::ReadWrite => "read-write",
+            TargetSession::Primary => "primary",
+        }
+    }
+}
+
+/// Whether the data directory is Patroni's (`--patroni`): `Auto` looks at it on every read
+/// of the secrets (`patroni_manages`), the others are the operator's word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PatroniRule {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl PatroniRule {
+    pub fn parse(text: &str) -> Result<PatroniRule, String> {
+        match text.trim() {
+            "auto" => Ok(PatroniRule::Auto),
+            "on" | "true" | "yes" | "1" => Ok(PatroniRule::On),
+            "off" | "false" | "no" | "0" => Ok(PatroniRule::Off),
+            other => Err(format!("`{other}` is not auto, on or off")),
+        }
+    }
+}
+
 /// The OS identity to connect with when started as root (peer authentication).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OsIdentity {
@@ -52,9 +133,13 @@ pub struct ConfigSettings {
     pub temporal_db_user: Option<String>,
     /// `NAME=FILE` entries; when any is given they replace the default roles.
     pub roles: Vec<String>,
+    /// One host or socket directory, or a comma-separated list (libpq's form).
     pub pghost: String,
-    pub pgport: u16,
+    /// One port for every host, or one per host, comma-separated.
+    pub pgport: String,
+    pub target_session_attrs: TargetSession,
     pub pgdata: PathBuf,
+    pub patroni: PatroniRule,
     pub dbname: String,
     pub sync_user: Option<String>,
     pub connect_timeout: Duration,
@@ -105,9 +190,13 @@ pub struct Config {
     pub superuser_secret: SecretRef,
     /// Searched in order: `SECRETS_SOURCE_DIR`, then `KEYS_DIR`.
     pub secret_dirs: Vec<PathBuf>,
-    pub host: Host,
-    pub port: u16,
+    /// Tried in order (never empty); see `TargetSession`.
+    pub servers: Vec<Server>,
+    pub target: TargetSession,
     pub pgdata: PathBuf,
+    pub patroni: PatroniRule,
+    /// No `--role` was given: the roles are the named defaults, superuser first.
+    pub default_role_map: bool,
     pub dbname: String,
     pub sync_identity: Option<OsIdentity>,
     pub connect_timeout: Duration,
@@ -165,9 +254,7 @@ impl Config {
         if args.connect_timeout.is_zero() {
             bail!("--connect-timeout must be more than 0");
         }
-        if args.pghost.contains(',') {
-            bail!("PGHOST lists several hosts; give exactly one socket directory or host");
-        }
+        let servers = servers(&args.pghost, &args.pgport)?;
         let overlap = if args.overlap {
             Some(overlap_config(
                 &roles,
@@ -177,21 +264,16 @@ impl Config {
         } else {
             None
         };
-        let host = if args.pghost.starts_with('/') {
-            Host::Socket(PathBuf::from(&args.pghost))
-        } else if args.pghost.is_empty() {
-            bail!("PGHOST is empty");
-        } else {
-            Host::Tcp(args.pghost.clone())
-        };
         Ok(Config {
             roles,
             superuser: args.postgres_user.clone(),
             superuser_secret,
             secret_dirs: vec![args.secrets_source_dir.clone(), args.keys_dir.clone()],
-            host,
-            port: args.pgport,
+            servers,
+            target: args.target_session_attrs,
             pgdata: args.pgdata.clone(),
+            patroni: args.patroni,
+            default_role_map: args.roles.is_empty(),
             dbname: args.dbname.clone(),
             sync_identity: sync_identity(args.sync_user.as_deref())?,
             connect_timeout: args.connect_timeout,
@@ -200,6 +282,13 @@ impl Config {
             grace: args.grace,
             min_password_length: args.min_password_length,
         })
+    }
+
+    /// How long opening a session may take in all: the connect timeout for each server of
+    /// the list (libpq bounds each host's attempt, not the whole).
+    pub fn connect_budget(&self) -> Duration {
+        let servers = u32::try_from(self.servers.len()).unwrap_or(u32::MAX);
+        self.connect_timeout.saturating_mul(servers.max(1))
     }
 
     /// The file a secret reference points at now (lookups are repeated on every read,
@@ -242,8 +331,8 @@ impl Config {
             Ok((spec.clone(), secret))
         };
         let mut entries = self
-            .roles
-            .iter()
+            .synced_roles()
+            .into_iter()
             .map(|spec| read(spec, "role"))
             .collect::<anyhow::Result<Vec<_>>>()?;
         // With no role to overlap (only the superuser), there is nothing to publish.
@@ -265,6 +354,59 @@ impl Config {
             published,
             service: Some(file),
         })
+    }
+
+    /// Whether the superuser is left to Patroni: the role map is the default one and the
+    /// data directory is Patroni's (`--patroni`, or by default its marks: `patroni`).
+    pub fn superuser_left_to_patroni(&self) -> bool {
+        self.default_role_map && self.patroni_manages().is_some()
+    }
+
+    /// Why the data directory counts as Patroni's, if it does.
+    fn patroni_manages(&self) -> Option<&'static str> {
+        match self.patroni {
+            PatroniRule::On => Some("--patroni on"),
+            PatroniRule::Off => None,
+            PatroniRule::Auto => crate::patroni::manages(&self.pgdata),
+        }
+    }
+
+    /// The roles a sync applies and `verify` checks: the role map, without the superuser
+    /// when it is left to Patroni. Said once in the log, as is a superuser mapped
+    /// explicitly where Patroni manages the server (its password is Patroni's to know).
+    pub fn synced_roles(&self) -> Vec<&RoleSpec> {
+        let left = self.superuser_left_to_patroni();
+        if left {
+            static TOLD: std::sync::Once = std::sync::Once::new();
+            TOLD.call_once(|| {
+                tracing::info!(
+                    "PGDATA is managed by Patroni ({}): the superuser {:?} is left to \
+                     Patroni, as are its replication and rewind roles (Patroni logs in \
+                     with the passwords of its own configuration); map it with --role to \
+                     rotate it here (docs/clusters.md)",
+                    self.patroni_manages().unwrap_or_default(),
+                    self.superuser
+                );
+            });
+        } else if !self.default_role_map
+            && self.roles.iter().any(|r| r.name == self.superuser)
+            && let Some(why) = self.patroni_manages()
+        {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "PGDATA is managed by Patroni ({why}) and the role map names the \
+                     superuser {:?}: give Patroni the same password (its \
+                     postgresql.authentication), or its pg_rewind and replicas cannot log in \
+                     (docs/clusters.md)",
+                    self.superuser
+                );
+            });
+        }
+        self.roles
+            .iter()
+            .filter(|r| !(left && r.name == self.superuser))
+            .collect()
     }
 
     /// Every file a sync reads, labelled with the login (or, for the service file, the
@@ -314,6 +456,47 @@ impl Config {
         }
         dirs
     }
+}
+
+/// The servers of `PGHOST`/`PGPORT`, as libpq reads them: comma-separated hosts (a socket
+/// directory starts with `/`; an empty entry is the default socket directory) and either
+/// one port for all of them or one per host (an empty entry is 5432). A wholly empty
+/// `PGHOST` is refused: it would silently mean the default.
+pub fn servers(hosts: &str, ports: &str) -> anyhow::Result<Vec<Server>> {
+    if hosts.trim().is_empty() {
+        bail!("PGHOST is empty");
+    }
+    let hosts: Vec<&str> = hosts.split(',').map(str::trim).collect();
+    let ports: Vec<u16> = ports
+        .split(',')
+        .map(|port| match port.trim() {
+            "" => Ok(DEFAULT_PORT),
+            text => text
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p != 0)
+                .ok_or_else(|| anyhow::anyhow!("PGPORT {text:?} is not a port number")),
+        })
+        .collect::<anyhow::Result<_>>()?;
+    if ports.len() != 1 && ports.len() != hosts.len() {
+        bail!(
+            "PGPORT lists {} ports for {} hosts: give one port for all, or one per host",
+            ports.len(),
+            hosts.len()
+        );
+    }
+    Ok(hosts
+        .iter()
+        .enumerate()
+        .map(|(i, host)| Server {
+            host: match *host {
+                "" => Host::Socket(PathBuf::from(DEFAULT_SOCKET_DIR)),
+                dir if dir.starts_with('/') => Host::Socket(PathBuf::from(dir)),
+                name => Host::Tcp(name.to_owned()),
+            },
+            port: ports[if ports.len() == 1 { 0 } else { i }],
+        })
+        .collect())
 }
 
 /// The twins of every role but the superuser. A twin named like a configured role (or
@@ -462,9 +645,11 @@ pub fn test_settings() -> ConfigSettings {
         app_db_ro_user: "backupuser".into(),
         temporal_db_user: None,
         roles: Vec::new(),
-        pghost: "/var/run/postgresql".into(),
-        pgport: 5432,
+        pghost: DEFAULT_SOCKET_DIR.into(),
+        pgport: DEFAULT_PORT.to_string(),
+        target_session_attrs: TargetSession::Any,
         pgdata: "/var/lib/postgresql/data".into(),
+        patroni: PatroniRule::Auto,
         dbname: "postgres".into(),
         sync_user: Some("root".into()),
         connect_timeout: Duration::from_secs(5),
@@ -617,7 +802,85 @@ mod tests {
     #[test]
     fn unusable_connection_settings_are_config_errors() {
         assert!(config(|s| s.connect_timeout = Duration::ZERO).is_err());
-        assert!(config(|s| s.pghost = "a,b".into()).is_err());
+        assert!(config(|s| s.pghost = String::new()).is_err());
+        for (hosts, ports) in [("a,b,c", "1,2"), ("a", "x"), ("a", "0"), ("a,b", "70000,1")] {
+            let err = config(|s| {
+                s.pghost = hosts.into();
+                s.pgport = ports.into();
+            })
+            .unwrap_err();
+            assert_eq!(Failure::of(&err), Some(Failure::Config), "{hosts} {ports}");
+        }
+    }
+
+    #[test]
+    fn host_lists_pair_with_ports_as_libpq_does() {
+        let tcp = |host: &str, port| Server {
+            host: Host::Tcp(host.into()),
+            port,
+        };
+        assert_eq!(
+            servers("n1,n2,n3", "5433").unwrap(),
+            [tcp("n1", 5433), tcp("n2", 5433), tcp("n3", 5433)]
+        );
+        assert_eq!(
+            servers("n1, n2", "6001,").unwrap(),
+            [tcp("n1", 6001), tcp("n2", DEFAULT_PORT)]
+        );
+        assert_eq!(
+            servers("/s,,db", "1,2,3").unwrap(),
+            [
+                Server {
+                    host: Host::Socket("/s".into()),
+                    port: 1
+                },
+                Server {
+                    host: Host::Socket(DEFAULT_SOCKET_DIR.into()),
+                    port: 2
+                },
+                tcp("db", 3)
+            ]
+        );
+        assert!(servers("a,b", "1,2,3").is_err());
+    }
+
+    #[test]
+    fn target_session_kinds_are_libpqs_words_that_reach_a_primary() {
+        assert_eq!(TargetSession::parse("any"), Ok(TargetSession::Any));
+        assert_eq!(TargetSession::parse(""), Ok(TargetSession::Any));
+        assert_eq!(
+            TargetSession::parse("read-write"),
+            Ok(TargetSession::ReadWrite)
+        );
+        assert_eq!(TargetSession::parse("primary"), Ok(TargetSession::Primary));
+        for refused in ["read-only", "standby", "prefer-standby", "leader"] {
+            assert!(TargetSession::parse(refused).is_err(), "{refused}");
+        }
+    }
+
+    #[test]
+    fn the_superuser_is_left_to_patroni_only_with_the_default_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |rule, roles: &[&str]| {
+            let mut settings = test_settings();
+            settings.pgdata = dir.path().to_path_buf();
+            settings.patroni = rule;
+            settings.roles = roles.iter().map(|r| (*r).to_owned()).collect();
+            let c = Config::from_settings(&settings).unwrap();
+            let names: Vec<String> = c.synced_roles().iter().map(|r| r.name.clone()).collect();
+            names
+        };
+        let all = ["postgres", "appuser", "backupuser"];
+        assert_eq!(at(PatroniRule::Auto, &[]), all, "no mark: a plain server");
+        assert_eq!(at(PatroniRule::On, &[]), ["appuser", "backupuser"]);
+        std::fs::write(dir.path().join("patroni.dynamic.json"), "{}").unwrap();
+        assert_eq!(at(PatroniRule::Auto, &[]), ["appuser", "backupuser"]);
+        assert_eq!(at(PatroniRule::Off, &[]), all, "the operator's override");
+        // Mapped explicitly: the operator's choice.
+        assert_eq!(
+            at(PatroniRule::Auto, &["postgres=pw", "app=app_pw"]),
+            ["postgres", "app"]
+        );
     }
 
     #[test]
@@ -664,9 +927,10 @@ mod tests {
 
     #[test]
     fn host_kind() {
-        assert!(matches!(config(|_| {}).unwrap().host, Host::Socket(_)));
+        let first = |c: Config| c.servers[0].host.clone();
+        assert!(matches!(first(config(|_| {}).unwrap()), Host::Socket(_)));
         assert_eq!(
-            config(|s| s.pghost = "db".into()).unwrap().host,
+            first(config(|s| s.pghost = "db".into()).unwrap()),
             Host::Tcp("db".into())
         );
     }

@@ -13,6 +13,7 @@ mod health;
 mod keyfiles;
 mod logging;
 mod overlap;
+mod patroni;
 mod postmaster;
 #[cfg(test)]
 mod properties;

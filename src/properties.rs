@@ -16,7 +16,7 @@ use proptest::prelude::*;
 
 use crate::config::parse_duration;
 use crate::config::{MAX_ROLE_BYTES, SecretRef, check_role_name, parse_role_spec};
-use crate::postmaster::{self, PidFile, PmStatus, Readiness};
+use crate::postmaster::{self, Kin, PidFile, PmStatus, PostmasterRule, Readiness};
 use crate::secret::{self, MAX_SECRET_BYTES};
 use crate::session::locks::Blockers;
 
@@ -337,6 +337,7 @@ fn expected(fields: &PidFields) -> PidFile {
         pid: fields.pid,
         port: fields.port,
         socket_dir: fields.socket_dir.as_ref().map(PathBuf::from),
+        listen: Some(fields.listen.clone()).filter(|l| !l.is_empty()),
         status: fields.status.clone(),
     }
 }
@@ -382,9 +383,12 @@ proptest! {
             if file.status.is_some() {
                 prop_assert_eq!(&file, &full, "prefix {:?}", &text[..cut]);
             }
-            if let Readiness::Ready(ready) = postmaster::check(Some(&file), fields.pid) {
-                prop_assert_eq!(&ready, &full);
-                prop_assert!(full.status.as_ref().is_some_and(PmStatus::accepts_connections));
+            for kin in [Kin::Cmd, Kin::Descendant] {
+                let verdict = postmaster::check(Some(&file), fields.pid, kin, PostmasterRule::default());
+                if let Readiness::Ready(ready, _) = verdict {
+                    prop_assert_eq!(&ready, &full);
+                    prop_assert!(full.status.as_ref().is_some_and(PmStatus::accepts_connections));
+                }
             }
         }
     }

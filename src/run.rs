@@ -1,7 +1,8 @@
 //! `run`: the container's story on top of the PID-1 mechanics of `supervisor`. Start CMD
 //! (default `docker-entrypoint.sh postgres`), wait for the *final* server to be ready (its
-//! `postmaster.pid`), make the first sync (retried with backoff), then watch the secret
-//! files and re-sync; when CMD ends, stop a temporary server it left behind and exit with
+//! `postmaster.pid`: CMD itself, or a postmaster CMD started, such as Patroni's; see
+//! `postmaster::PostmasterRule`), make the first sync (retried with backoff), then watch
+//! the secret files and re-sync; when CMD ends, stop a server it left behind and exit with
 //! CMD's status (ARCHITECTURE.md, "The life of `run`").
 //!
 //! Everything here is a caller of `supervisor`: the work future (readiness → sync → watch)
@@ -12,14 +13,15 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::sync::mpsc::Receiver;
 
 use crate::backoff::Backoff;
-use crate::config::{Config, ConfigSettings, Host};
+use crate::config::{Config, ConfigSettings, Host, Server};
 use crate::error::Failure;
-use crate::postmaster::{self, PidFile};
+use crate::postmaster::{self, Kin, PidFile, PostmasterRule};
 use crate::state::StateFile;
 use crate::supervisor::{Child, Hangups, Supervisor};
 use crate::sync::{Options, Scope, Syncer, log_report, sync_and_record};
@@ -52,6 +54,8 @@ pub struct RunSettings {
     pub no_sync: bool,
     /// On a failed first sync stop postgres and exit non-zero instead of retrying.
     pub exit_on_sync_failure: bool,
+    /// Which postmaster is the final server (`--postmaster`).
+    pub postmaster: PostmasterRule,
     /// The command to supervise (empty: `DEFAULT_CMD`).
     pub cmd: Vec<String>,
 }
@@ -63,7 +67,15 @@ pub fn command(settings: RunSettings) -> anyhow::Result<u8> {
     let config = if settings.no_sync {
         None
     } else {
-        Some(Config::from_settings(&settings.config)?)
+        let config = Config::from_settings(&settings.config)?;
+        if config.servers.len() > 1 {
+            return Err(anyhow::anyhow!(
+                "PGHOST lists several servers: run syncs the one server it supervises, give \
+                 its socket directory"
+            ))
+            .context(Failure::Config);
+        }
+        Some(config)
     };
     let command = command_or_default(&settings.cmd);
     let withheld = withheld_env(&settings.config.pgdata);
@@ -128,9 +140,16 @@ async fn work(
         return Ok(());
     };
     let mut resync = resync_requests(hangups);
-    let pidfile = postmaster::wait_ready(&config.pgdata, child.pid.as_raw()).await;
+    let (pidfile, kin) =
+        postmaster::wait_ready(&config.pgdata, child.pid.as_raw(), settings.postmaster).await;
     let ready_at = Instant::now();
-    state.record_ready_pid(pidfile.pid);
+    match kin {
+        // Our child: `health` checks that the server is still that very process.
+        Kin::Cmd => state.record_ready_pid(pidfile.pid),
+        // A postmaster CMD started (Patroni): CMD may restart it (a demotion, a rewind),
+        // so `health` checks whichever postmaster the data directory names.
+        Kin::Descendant | Kin::Stranger => state.record_ready(true),
+    }
     let config = target_server(config, &pidfile);
     let mut syncer = Syncer::new(config, settings.options);
     let watching = !settings.no_watch;
@@ -221,16 +240,26 @@ fn resync_requests(mut hangups: Hangups) -> Receiver<()> {
 /// The server to connect to: the socket directory and port the final postmaster wrote,
 /// when we connect over a socket at all (a TCP `PGHOST` is the operator's explicit choice).
 fn target_server(mut config: Config, pidfile: &PidFile) -> Config {
-    if let (Host::Socket(dir), Some(socket_dir), Some(port)) =
-        (&config.host, &pidfile.socket_dir, pidfile.port)
-        && (dir != socket_dir || config.port != port)
+    if let (
+        [
+            Server {
+                host: Host::Socket(dir),
+                port: at,
+            },
+        ],
+        Some(socket_dir),
+        Some(port),
+    ) = (config.servers.as_slice(), &pidfile.socket_dir, pidfile.port)
+        && (dir != socket_dir || *at != port)
     {
         tracing::info!(
             "postmaster.pid says the server listens on {}/.s.PGSQL.{port}; using that",
             socket_dir.display()
         );
-        config.host = Host::Socket(socket_dir.clone());
-        config.port = port;
+        config.servers = vec![Server {
+            host: Host::Socket(socket_dir.clone()),
+            port,
+        }];
     }
     config
 }
@@ -303,9 +332,10 @@ async fn sync_logged(syncer: &mut Syncer, state: &StateFile) -> anyhow::Result<b
 }
 
 /// After the child is gone: if `postmaster.pid` names another live postgres (the
-/// entrypoint's temporary init server, when the entrypoint died mid-init), stop it with
-/// SIGINT (fast shutdown) and wait for it, bounded, so the data directory is left cleanly
-/// shut down. As its (sub)reaper the supervisor reaps it; `is_alive` treats a zombie as gone.
+/// entrypoint's temporary init server, when the entrypoint died mid-init, or the server of
+/// a supervisor such as Patroni that died without stopping it), stop it with SIGINT (fast
+/// shutdown) and wait for it, bounded, so the data directory is left cleanly shut down. As
+/// its (sub)reaper the supervisor reaps it; `is_alive` treats a zombie as gone.
 async fn stop_leftover_server(pgdata: &Path, child: Pid) {
     let Some(file) = postmaster::read(pgdata) else {
         return;
@@ -319,7 +349,8 @@ async fn stop_leftover_server(pgdata: &Path, child: Pid) {
     }
     tracing::warn!(
         pid = file.pid,
-        "a temporary PostgreSQL server is still running; stopping it (SIGINT)"
+        "a PostgreSQL server CMD started is still running (a temporary init server, or a \
+         supervisor's server); stopping it (SIGINT)"
     );
     if let Err(err) = kill(Pid::from_raw(file.pid), Signal::SIGINT) {
         tracing::warn!(pid = file.pid, "cannot stop it: {err}");
@@ -361,10 +392,18 @@ mod tests {
         let config = Config::from_settings(&crate::config::test_settings()).unwrap();
         let file = postmaster::parse("7\n/d\n1\n6543\n/tmp/s\n\n0 0\nready\n").unwrap();
         let moved = target_server(config.clone(), &file);
-        assert_eq!(moved.host, Host::Socket("/tmp/s".into()));
-        assert_eq!(moved.port, 6543);
+        assert_eq!(
+            moved.servers,
+            [Server {
+                host: Host::Socket("/tmp/s".into()),
+                port: 6543
+            }]
+        );
         let mut tcp = config;
-        tcp.host = Host::Tcp("db".into());
-        assert_eq!(target_server(tcp, &file).host, Host::Tcp("db".into()));
+        tcp.servers[0].host = Host::Tcp("db".into());
+        assert_eq!(
+            target_server(tcp, &file).servers[0].host,
+            Host::Tcp("db".into())
+        );
     }
 }

@@ -11,9 +11,12 @@
 //! a password: on loopback any password "works". So before a login counts, the same role
 //! must first be refused with a deliberately wrong, random password (SQLSTATE 28P01);
 //! a role whose wrong password is accepted is reported `not verifiable` and fails the run.
-//! Without an explicit `--host`, verify tries 127.0.0.1 and then this machine's own
-//! non-loopback addresses (the container's, read from the kernel with getifaddrs), and
-//! uses the first one where the server checks passwords.
+//! Verify logs in at `--host` (one host or a list), else at `PGHOST` when it names TCP
+//! hosts; else (a socket directory, as in the container) it tries 127.0.0.1 and then this
+//! machine's own non-loopback addresses (the container's, read from the kernel with
+//! getifaddrs), and uses the first one where the server checks passwords. A list of hosts
+//! is followed as libpq does (`PGTARGETSESSIONATTRS`): each server in order, the first of
+//! the kind asked for (`session::target`), and each with its own wrong-password check.
 //!
 //! A refused wrong password does not prove that the answer came from the server: anyone
 //! can listen on a port where the server does not (a local user on the machine's own
@@ -40,11 +43,14 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::{Client, NoTls};
 use zeroize::Zeroizing;
 
-use crate::config::{Config, ConfigSettings, Host, RoleSpec, SecretRef, SecretSet};
+use crate::config::{
+    Config, ConfigSettings, Host, RoleSpec, SecretRef, SecretSet, Server, TargetSession,
+};
 use crate::error::Failure;
 use crate::overlap::service_file::Section;
 use crate::secret::{self, Secret};
 use crate::session::connect;
+use crate::session::target::{self, NoTarget};
 use crate::sync::ReportFormat;
 
 /// Where verify logs in when no `--host`/`PG_VERIFY_HOST` is given (tried first).
@@ -105,12 +111,8 @@ async fn verify(args: VerifySettings) -> anyhow::Result<u8> {
         return Err(anyhow::anyhow!("--staged needs --overlap")).context(Failure::Config);
     }
     let secrets = config.load_secrets()?;
-    let candidates = match &args.host {
-        Some(host) => vec![host.clone()],
-        None => discovery_candidates(),
-    };
     let probe_role = secrets.entries.first().map(|(spec, _)| spec.name.as_str());
-    config.host = Host::Tcp(choose_host(&config, &candidates, probe_role).await);
+    config.servers = servers_to_verify(&config, &args, probe_role).await?;
     let mut checks = Vec::new();
     for (spec, secret, what) in logins_to_verify(&secrets, args.staged) {
         let published = secrets
@@ -135,10 +137,45 @@ async fn verify(args: VerifySettings) -> anyhow::Result<u8> {
     verdict(&checks, &connect::describe(&config))
 }
 
+/// Where verify logs in: `--host` (a list pairs with `PGPORT` as libpq pairs them), else
+/// `PGHOST` when every entry is a TCP host, else the first discovered address where the
+/// server checks passwords (`choose_host`), on the first port.
+async fn servers_to_verify(
+    config: &Config,
+    args: &VerifySettings,
+    probe_role: Option<&str>,
+) -> anyhow::Result<Vec<Server>> {
+    let tcp_only = |servers: &[Server]| servers.iter().all(|s| matches!(s.host, Host::Tcp(_)));
+    if let Some(hosts) = &args.host {
+        let servers =
+            crate::config::servers(hosts, &args.config.pgport).context(Failure::Config)?;
+        if !tcp_only(&servers) {
+            return Err(anyhow::anyhow!(
+                "--host names a socket directory; verify logs in over TCP, as applications do"
+            ))
+            .context(Failure::Config);
+        }
+        return Ok(servers);
+    }
+    if tcp_only(&config.servers) {
+        return Ok(config.servers.clone());
+    }
+    let port = config
+        .servers
+        .first()
+        .map_or(crate::config::DEFAULT_PORT, |s| s.port);
+    let host = choose_host(config, port, &discovery_candidates(), probe_role).await;
+    Ok(vec![Server {
+        host: Host::Tcp(host),
+        port,
+    }])
+}
+
 /// The connection an application makes through its `pg_service.conf` section: the
-/// section's `host` (or `hostaddr`), `port` and `dbname` replace verify's own, as libpq
-/// lets them. A section verify cannot follow is an error saying why (an application may
-/// still connect, but nothing here proves it): a socket directory or several hosts, or an
+/// section's `host` (or `hostaddr`), `port`, `dbname` and `target_session_attrs` replace
+/// verify's own, as libpq lets them (a list of hosts included). A section verify cannot
+/// follow is an error saying why (an application may still connect, but nothing here
+/// proves it): a socket directory, a kind of session verify does not look for, or an
 /// `sslmode` that demands TLS, which verify's SCRAM-only login does not speak.
 fn through_section(config: &Config, section: &Section) -> Result<Config, String> {
     let setting = |key: &str| {
@@ -150,19 +187,25 @@ fn through_section(config: &Config, section: &Section) -> Result<Config, String>
     };
     let mut through = config.clone();
     let name = &section.name;
-    if let Some(host) = setting("hostaddr").or(setting("host")) {
-        if host.starts_with('/') || host.contains(',') {
+    let hosts = setting("hostaddr").or(setting("host"));
+    if hosts.is_some() || setting("port").is_some() {
+        let hosts = hosts.map_or_else(|| hosts_text(config), str::to_owned);
+        let ports = setting("port").map_or_else(|| ports_text(config), str::to_owned);
+        through.servers = crate::config::servers(&hosts, &ports)
+            .map_err(|err| format!("pg_service.conf section [{name}]: {err:#}"))?;
+        if let Some(dir) = through.servers.iter().find_map(|s| match &s.host {
+            Host::Socket(dir) => Some(dir.display().to_string()),
+            Host::Tcp(_) => None,
+        }) {
             return Err(format!(
-                "pg_service.conf section [{name}] connects to {host:?}: verify follows one \
-                 TCP host only, so what applications get is not checked"
+                "pg_service.conf section [{name}] connects to the socket directory {dir:?}: \
+                 verify follows TCP hosts only, so what applications get is not checked"
             ));
         }
-        through.host = Host::Tcp(host.to_owned());
     }
-    if let Some(port) = setting("port") {
-        through.port = port.parse().map_err(|_| {
-            format!("pg_service.conf section [{name}]: port {port:?} is not a port number")
-        })?;
+    if let Some(attrs) = setting("target_session_attrs") {
+        through.target = TargetSession::parse(attrs)
+            .map_err(|why| format!("pg_service.conf section [{name}]: {why}"))?;
     }
     if let Some(dbname) = setting("dbname") {
         through.dbname = dbname.to_owned();
@@ -174,6 +217,30 @@ fn through_section(config: &Config, section: &Section) -> Result<Config, String>
         ));
     }
     Ok(through)
+}
+
+/// The hosts of `config`'s servers in libpq's list form.
+fn hosts_text(config: &Config) -> String {
+    let hosts: Vec<String> = config
+        .servers
+        .iter()
+        .map(|s| match &s.host {
+            Host::Tcp(host) => host.clone(),
+            Host::Socket(dir) => dir.display().to_string(),
+        })
+        .collect();
+    hosts.join(",")
+}
+
+/// The ports of `config`'s servers in libpq's list form (one when they all agree, so
+/// that it pairs with a section's list of hosts).
+fn ports_text(config: &Config) -> String {
+    let ports: Vec<String> = config.servers.iter().map(|s| s.port.to_string()).collect();
+    if ports.windows(2).all(|w| w[0] == w[1]) {
+        ports.first().cloned().unwrap_or_default()
+    } else {
+        ports.join(",")
+    }
 }
 
 /// What `verify` checks, with a note for its report: without overlap every login of the
@@ -259,13 +326,13 @@ enum Probe {
     Failed(anyhow::Error),
 }
 
-/// Logs in as `role` with a fresh random password that cannot be the real one.
-async fn probe(config: &Config, role: &str) -> Probe {
+/// Logs in as `role` at `server` with a fresh random password that cannot be the real one.
+async fn probe(config: &Config, server: &Server, role: &str) -> Probe {
     let decoy = match decoy_password() {
         Ok(decoy) => decoy,
         Err(err) => return Probe::Failed(err),
     };
-    match login(config, role, &decoy).await.map(|(client, _)| client) {
+    match login_one(config, server, role, &decoy).await {
         Ok(_) => Probe::Trusted,
         Err(err) if sqlstate_is(&err, &tokio_postgres::error::SqlState::INVALID_PASSWORD) => {
             Probe::Checked
@@ -292,7 +359,12 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 /// Picks the first candidate where the server checks `role`'s password. When none does,
 /// the first trusting candidate (its roles are then reported not verifiable), else the
 /// first one (its roles then report the connection error).
-async fn choose_host(config: &Config, candidates: &[String], role: Option<&str>) -> String {
+async fn choose_host(
+    config: &Config,
+    port: u16,
+    candidates: &[String],
+    role: Option<&str>,
+) -> String {
     let first = candidates
         .first()
         .cloned()
@@ -304,11 +376,13 @@ async fn choose_host(config: &Config, candidates: &[String], role: Option<&str>)
         return first;
     }
     let mut trusted = None;
-    let mut probe_config = config.clone();
     for host in candidates {
-        probe_config.host = Host::Tcp(host.clone());
-        let at = connect::describe(&probe_config);
-        match probe(&probe_config, role).await {
+        let server = Server {
+            host: Host::Tcp(host.clone()),
+            port,
+        };
+        let at = connect::describe_server(&server);
+        match probe(config, &server, role).await {
             Probe::Checked => {
                 tracing::info!("verifying at {at}: the server checks passwords there");
                 return host.clone();
@@ -342,24 +416,77 @@ pub enum Login {
 /// The one login check (also `rotate`'s): `role` must first be refused with a random
 /// wrong password, and only then log in with `secret`, over `config`'s connection.
 pub async fn checked_login(config: &Config, role: &str, secret: &Secret) -> Login {
-    match probe(config, role).await {
+    checked_login_at(config, role, secret).await.0
+}
+
+/// What one server of the list made of a checked login.
+enum Attempt {
+    Done(Login),
+    /// It is not the kind of server `PGTARGETSESSIONATTRS` asks for.
+    PassedOver(&'static str),
+    /// No connection (refused, timed out): libpq tries the next host.
+    Unreachable(anyhow::Error),
+}
+
+/// `checked_login`, and where it ended. With a list of servers, each in order (its own
+/// wrong password first) until one is the kind asked for, as libpq does: a server that
+/// answers ends the search (a wrong password, an unknown role), one that cannot be reached
+/// or is of the wrong kind does not.
+async fn checked_login_at(config: &Config, role: &str, secret: &Secret) -> (Login, String) {
+    let mut passed_over = NoTarget {
+        target: config.target,
+        standbys: 0,
+        reasons: Vec::new(),
+    };
+    for server in &config.servers {
+        let at = connect::describe_server(server);
+        match checked_login_one(config, server, role, secret).await {
+            Attempt::Done(login) => return (login, at),
+            Attempt::Unreachable(err) if config.servers.len() == 1 => {
+                return (Login::Failed(err), at);
+            }
+            Attempt::Unreachable(err) => passed_over.reasons.push(format!("{at}: {err:#}")),
+            Attempt::PassedOver(why) => {
+                passed_over.standbys += 1;
+                passed_over.reasons.push(format!("{at}: {why}"));
+            }
+        }
+    }
+    let err = anyhow::Error::new(passed_over);
+    (Login::Failed(err), connect::describe(config))
+}
+
+async fn checked_login_one(
+    config: &Config,
+    server: &Server,
+    role: &str,
+    secret: &Secret,
+) -> Attempt {
+    match probe(config, server, role).await {
         Probe::Checked => {}
-        Probe::Trusted => return Login::Trusted,
-        Probe::Failed(err) => return Login::Failed(err),
+        Probe::Trusted => return Attempt::Done(Login::Trusted),
+        Probe::Failed(err) if is_unreached(&err) => return Attempt::Unreachable(err),
+        Probe::Failed(err) => return Attempt::Done(Login::Failed(err)),
     }
     // Through the SCRAM-only login: a clear-text request is refused before anything is
     // sent, and only a completed SCRAM exchange proves the server holds the verifier.
-    match login(config, role, secret).await {
-        Ok((_, Checked::Scram)) => Login::LoggedIn,
-        Ok((_, Checked::Not)) => Login::Unchecked,
-        Err(err) => Login::Failed(err),
+    match login_one(config, server, role, secret).await {
+        Ok((connected, Checked::Scram)) => {
+            match target::check_login(&connected, config.target, config.connect_timeout).await {
+                Ok(None) => Attempt::Done(Login::LoggedIn),
+                Ok(Some(why)) => Attempt::PassedOver(why),
+                Err(err) => Attempt::Done(Login::Failed(err)),
+            }
+        }
+        Ok((_, Checked::Not)) => Attempt::Done(Login::Unchecked),
+        Err(err) => Attempt::Done(Login::Failed(err)),
     }
 }
 
 /// One login role: a wrong password must be refused, then the real one accepted.
 async fn check_role(config: &Config, role: &str, secret: &Secret) -> RoleCheck {
-    let at = connect::describe(config);
-    match checked_login(config, role, secret).await {
+    let (login, at) = checked_login_at(config, role, secret).await;
+    match login {
         Login::LoggedIn => RoleCheck::new(
             role,
             Status::Ok,
@@ -397,7 +524,7 @@ async fn check_owner(config: &Config, owner: &str) -> anyhow::Result<RoleCheck> 
         .resolve(&SecretRef::Name("postgres_app_owner_pw".into()))
         .context(Failure::Config)?;
     let secret = secret::read_file(&path).context(Failure::Config)?;
-    let result = login(config, owner, &secret).await;
+    let result = login_first(config, owner, &secret).await;
     Ok(match result {
         Ok(_) => RoleCheck::new(
             owner,
@@ -448,15 +575,47 @@ enum Checked {
     Not,
 }
 
-/// Logs in as `role` with `password` over TCP to `config`'s host, the way the
-/// application does, except that the password is sent only through SCRAM (`AuthWatch`).
-async fn login(
+/// Logs in at the first server of the list that can be reached (libpq does not try the
+/// next one after an answer, even a refusal).
+async fn login_first(config: &Config, role: &str, password: &Secret) -> anyhow::Result<Client> {
+    let mut last = None;
+    for server in &config.servers {
+        match login_one(config, server, role, password).await {
+            Err(err) if is_unreached(&err) => last = Some(err),
+            result => return result.map(|(connected, _)| connected.client),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no server to log in at")))
+}
+
+/// The TCP connection to a server could not be made (refused, unreachable, timed out):
+/// libpq then tries the next host of the list.
+#[derive(Debug)]
+struct Unreached;
+
+impl std::fmt::Display for Unreached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("no connection")
+    }
+}
+
+impl std::error::Error for Unreached {}
+
+fn is_unreached(err: &anyhow::Error) -> bool {
+    err.chain()
+        .any(|cause| cause.downcast_ref::<Unreached>().is_some())
+}
+
+/// Logs in as `role` with `password` over TCP to `server`, the way the application does,
+/// except that the password is sent only through SCRAM (`AuthWatch`).
+async fn login_one(
     config: &Config,
+    server: &Server,
     role: &str,
     password: &Secret,
-) -> anyhow::Result<(Client, Checked)> {
-    let Host::Tcp(host) = &config.host else {
-        // Verify always sets a TCP host; a socket would be the superuser's way in.
+) -> anyhow::Result<(connect::Connected, Checked)> {
+    let Host::Tcp(host) = &server.host else {
+        // Verify always sets TCP hosts; a socket would be the superuser's way in.
         anyhow::bail!("verify logs in over TCP only");
     };
     let mut pg = tokio_postgres::Config::new();
@@ -468,7 +627,9 @@ async fn login(
         .ssl_mode(tokio_postgres::config::SslMode::Disable)
         .password(password.expose());
     let attempt = async {
-        let stream = crate::session::connect::tcp_stream(host, config.port).await?;
+        let stream = connect::tcp_stream(host, server.port)
+            .await
+            .map_err(|err| err.context(Unreached))?;
         let scram_done = Arc::new(AtomicBool::new(false));
         let watched = Watched {
             inner: stream,
@@ -478,21 +639,19 @@ async fn login(
             },
         };
         let (client, connection) = pg.connect_raw(watched, NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!("connection closed: {err}");
-            }
-        });
         let checked = if scram_done.load(Ordering::Relaxed) {
             Checked::Scram
         } else {
             Checked::Not
         };
-        anyhow::Ok((client, checked))
+        anyhow::Ok((connect::started(client, connection), checked))
     };
     tokio::time::timeout(config.connect_timeout, attempt)
         .await
-        .map_err(|_| anyhow::anyhow!("timed out after {:?}", config.connect_timeout))?
+        .map_err(|_| {
+            anyhow::Error::new(Unreached)
+                .context(format!("timed out after {:?}", config.connect_timeout))
+        })?
 }
 
 /// Reads the server's messages as they pass until authentication is over (only message
@@ -697,14 +856,38 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert_eq!(through.host, Host::Tcp("db.example".into()));
-        assert_eq!((through.port, through.dbname.as_str()), (6432, "appdb"));
+        let tcp = |host: &str, port| Server {
+            host: Host::Tcp(host.into()),
+            port,
+        };
+        assert_eq!(through.servers, [tcp("db.example", 6432)]);
+        assert_eq!(through.dbname, "appdb");
         let same = through_section(&config, &section(&[("sslmode", "prefer")])).unwrap();
-        assert_eq!((same.host, same.port), (config.host.clone(), config.port));
+        assert_eq!(same.servers, config.servers);
+        // A list of hosts, paired with the section's ports as libpq pairs them, and the
+        // kind of session the application asks for.
+        let cluster = through_section(
+            &config,
+            &section(&[
+                ("host", "n1,n2,n3"),
+                ("port", "5001,5002,5003"),
+                ("target_session_attrs", "read-write"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            cluster.servers,
+            [tcp("n1", 5001), tcp("n2", 5002), tcp("n3", 5003)]
+        );
+        assert_eq!(cluster.target, TargetSession::ReadWrite);
         for (other, needle) in [
             (("port", "x"), "not a port number"),
-            (("host", "/run/postgresql"), "one TCP host"),
-            (("host", "a,b"), "one TCP host"),
+            (("host", "/run/postgresql"), "TCP hosts only"),
+            (("host", "a,/run/postgresql"), "TCP hosts only"),
+            (
+                ("target_session_attrs", "standby"),
+                "no password can be set",
+            ),
             (("sslmode", "verify-full"), "sslmode=verify-full"),
         ] {
             let err = through_section(&config, &section(&[other])).unwrap_err();

@@ -109,14 +109,7 @@ async fn rotate(settings: RotateSettings) -> anyhow::Result<u8> {
         check_wait(settings.wait, settings.config.grace).context(Failure::Config)?;
     }
     let config = Config::from_settings(&settings.config)?;
-    if let Host::Socket(dir) = &config.host {
-        return Err(anyhow::anyhow!(
-            "PGHOST/--host is a socket directory ({}); rotate checks logins over TCP as \
-             the applications make them: give a host name or address",
-            dir.display()
-        ))
-        .context(Failure::Config);
-    }
+    refuse_sockets(&config)?;
     // The same lock as `generate`: nothing else writes the set while a rotation runs.
     // Every file below is reached through the handles it holds, never through a link.
     let mut locked =
@@ -189,6 +182,23 @@ async fn rotate(settings: RotateSettings) -> anyhow::Result<u8> {
     publish(&locked.keys, &set, &staged)?;
     remove_pending(&locked.root)?;
     check_published(&config, &staged).await
+}
+
+/// rotate checks logins over TCP as the applications make them: a socket directory in
+/// the list of servers is refused.
+fn refuse_sockets(config: &Config) -> anyhow::Result<()> {
+    if let Some(dir) = config.servers.iter().find_map(|s| match &s.host {
+        Host::Socket(dir) => Some(dir),
+        Host::Tcp(_) => None,
+    }) {
+        return Err(anyhow::anyhow!(
+            "PGHOST/--host names a socket directory ({}); rotate checks logins over TCP as \
+             the applications make them: give host names or addresses",
+            dir.display()
+        ))
+        .context(Failure::Config);
+    }
+    Ok(())
 }
 
 /// Stage 4, bounded by `limit` and ended early by SIGINT/SIGTERM/SIGHUP (the caller rolls

@@ -51,6 +51,9 @@ pub(super) struct RoleSet {
     pub(super) service: service_file::ServiceFile,
     pub(super) superuser: String,
     pub(super) superuser_password: Option<Secret>,
+    /// Secrets a rotation leaves as they are besides the pairs' files: the superuser's when
+    /// it is left to Patroni (`--patroni on`), whose configuration holds the same password.
+    pub(super) left_alone: Vec<String>,
 }
 
 impl RoleSet {
@@ -113,11 +116,24 @@ impl RoleSet {
                 .and_then(|file| files::read_secret(keys, &file).ok()),
             SecretRef::Path(_) => config.superuser_password().and_then(Result::ok),
         };
+        let mut left_alone = Vec::new();
+        if config.superuser_left_to_patroni() {
+            let name = match &config.superuser_secret {
+                SecretRef::Name(name) => name.clone(),
+                SecretRef::Path(path) => file_name(path)?,
+            };
+            println!(
+                "the superuser's password ({name}) is left as it is: Patroni manages the \
+                 server (--patroni on); rotate it through Patroni (docs/clusters.md)"
+            );
+            left_alone.push(name);
+        }
         Ok(RoleSet {
             roles,
             service,
             superuser: config.superuser.clone(),
             superuser_password,
+            left_alone,
         })
     }
 

@@ -249,7 +249,9 @@ pub(super) fn stage(
     // The superuser, redis, session and CSRF secrets (and any other catalog password that
     // is not an overlapped pair's): single-login secrets, rotated as `generate --force`
     // does. A superuser file outside the catalog is left alone.
-    writes.extend(files::single_login_values(&set.files())?);
+    let mut untouched = set.files();
+    untouched.extend(set.left_alone.iter().cloned());
+    writes.extend(files::single_login_values(&untouched)?);
     // The publish's rendering, checked before the first write (then thrown away).
     published_text(set, &staged)?;
 

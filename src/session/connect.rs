@@ -9,6 +9,9 @@
 //! 3. The last superuser password this process applied (`run`/`watch` only), for a
 //!    rotation of the superuser when peer authentication is not available.
 //!
+//! With a list of servers (`PGHOST=a,b,c`) each is tried in that order by the caller
+//! (`session::superuser`), with every method, before the next: libpq's order.
+//!
 //! Passwords are handed to tokio-postgres in memory; nothing goes through argv or env.
 //! No connect blocks the runtime's thread (which forwards `run`'s signals): the socket is
 //! non-blocking, a full listen backlog is retried, and the configured connect timeout
@@ -26,7 +29,7 @@ use nix::libc;
 use socket2::{Domain, SockAddr, Socket, Type};
 use tokio_postgres::{Client, NoTls};
 
-use crate::config::{Config, Host, OsIdentity};
+use crate::config::{Config, Host, OsIdentity, Server};
 use crate::error::Failure;
 use crate::secret::Secret;
 
@@ -47,33 +50,50 @@ impl Auth<'_> {
     }
 }
 
-/// Connects as `user`, trying each method in turn. The error lists why each failed
-/// (messages from the server and the client library never contain the password).
+/// A connection with what the server reported about itself at startup (before any
+/// statement): what libpq's `target_session_attrs` looks at first.
+pub struct Connected {
+    pub client: Client,
+    /// `in_hot_standby` (PostgreSQL 14+ reports it; `None` before).
+    pub in_hot_standby: Option<bool>,
+    /// `default_transaction_read_only` (reported from 14 on).
+    pub default_read_only: Option<bool>,
+}
+
+/// Connects as `user` to `server`, trying each method in turn. The error lists why each
+/// failed (messages from the server and the client library never contain the password).
 pub async fn connect_any(
     config: &Config,
+    server: &Server,
     user: &str,
     methods: &[Auth<'_>],
-) -> anyhow::Result<Client> {
+) -> anyhow::Result<Connected> {
     let mut reasons = Vec::new();
     for auth in methods {
-        match connect(config, user, auth).await {
-            Ok(client) => {
+        match connect(config, server, user, auth).await {
+            Ok(connected) => {
                 tracing::debug!(user, method = auth.label(), "connected");
-                return Ok(client);
+                return Ok(connected);
             }
             Err(err) => reasons.push(format!("{}: {err:#}", auth.label())),
         }
     }
     Err(anyhow!("{}", reasons.join("; ")))
-        .with_context(|| format!("connecting as {user:?} to {}", describe(config)))
+        .with_context(|| format!("connecting as {user:?} to {}", describe_server(server)))
         .context(Failure::Connect)
 }
 
-/// Where the server is, for messages.
+/// Where the servers are, for messages: each of the list, in order.
 pub fn describe(config: &Config) -> String {
-    match &config.host {
-        Host::Socket(dir) => socket_path(dir, config.port).display().to_string(),
-        Host::Tcp(host) => format!("{host}:{}", config.port),
+    let all: Vec<String> = config.servers.iter().map(describe_server).collect();
+    all.join(", ")
+}
+
+/// Where one server is, for messages.
+pub fn describe_server(server: &Server) -> String {
+    match &server.host {
+        Host::Socket(dir) => socket_path(dir, server.port).display().to_string(),
+        Host::Tcp(host) => format!("{host}:{}", server.port),
     }
 }
 
@@ -82,8 +102,14 @@ pub fn socket_path(dir: &Path, port: u16) -> std::path::PathBuf {
     dir.join(format!(".s.PGSQL.{port}"))
 }
 
-/// One connection attempt, bounded by the configured connect timeout.
-pub async fn connect(config: &Config, user: &str, auth: &Auth<'_>) -> anyhow::Result<Client> {
+/// One connection attempt to `server`, bounded by the configured connect timeout (per
+/// server, as libpq's `connect_timeout`).
+pub async fn connect(
+    config: &Config,
+    server: &Server,
+    user: &str,
+    auth: &Auth<'_>,
+) -> anyhow::Result<Connected> {
     let mut pg = tokio_postgres::Config::new();
     pg.user(user)
         .dbname(&config.dbname)
@@ -93,25 +119,23 @@ pub async fn connect(config: &Config, user: &str, auth: &Auth<'_>) -> anyhow::Re
         pg.password(secret.expose());
     }
     let attempt = async {
-        let client = match &config.host {
+        let connected = match &server.host {
             Host::Socket(dir) => {
                 let identity = match auth {
                     Auth::Identity => config.sync_identity,
                     Auth::Password(..) => None,
                 };
-                let stream = connect_socket(&socket_path(dir, config.port), identity).await?;
+                let stream = connect_socket(&socket_path(dir, server.port), identity).await?;
                 let (client, connection) = pg.connect_raw(stream, NoTls).await?;
-                spawn_connection(connection);
-                client
+                started(client, connection)
             }
             Host::Tcp(host) => {
-                let stream = tcp_stream(host, config.port).await?;
+                let stream = tcp_stream(host, server.port).await?;
                 let (client, connection) = pg.connect_raw(stream, NoTls).await?;
-                spawn_connection(connection);
-                client
+                started(client, connection)
             }
         };
-        anyhow::Ok(client)
+        anyhow::Ok(connected)
     };
     tokio::time::timeout(config.connect_timeout, attempt)
         .await
@@ -155,8 +179,25 @@ pub async fn tcp_stream(host: &str, port: u16) -> anyhow::Result<tokio::net::Tcp
     Ok(stream)
 }
 
+/// A started connection: what the server reported at startup is read, then the
+/// connection is driven in the background (`spawn_connection`).
+pub fn started<S, T>(client: Client, connection: tokio_postgres::Connection<S, T>) -> Connected
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let flag = |name: &str| connection.parameter(name).map(|value| value == "on");
+    let connected = Connected {
+        client,
+        in_hot_standby: flag("in_hot_standby"),
+        default_read_only: flag("default_transaction_read_only"),
+    };
+    spawn_connection(connection);
+    connected
+}
+
 /// Drives a connection in the background; its end is logged at debug level only.
-fn spawn_connection<S, T>(connection: tokio_postgres::Connection<S, T>)
+pub fn spawn_connection<S, T>(connection: tokio_postgres::Connection<S, T>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,

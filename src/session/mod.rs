@@ -1,6 +1,6 @@
 //! Sessions with the server: how to connect (`connect`), the one way to open a superuser
-//! session (`superuser`), and the watchdog that bounds every wait of the sync's statements
-//! on other sessions (`locks`).
+//! session (`superuser`), which server of a list to use (`target`), and the watchdog that
+//! bounds every wait of the sync's statements on other sessions (`locks`).
 //!
 //! Every command that talks to the server as the superuser (`sync`, `run`, `watch`,
 //! `rotate`) opens its session here, and the session is pinned before its first statement
@@ -14,14 +14,16 @@
 
 pub mod connect;
 pub mod locks;
+pub mod target;
 
 use anyhow::Context;
 use tokio_postgres::Client;
 
-use crate::config::Config;
+use crate::config::{Config, Server};
 use crate::error::Failure;
 use crate::secret::Secret;
 use connect::Auth;
+use target::NoTarget;
 
 /// Sent first on every superuser session, before any other statement. A single cheap
 /// statement, fully qualified (the search path is not pinned yet; `IS NOT NULL` is no
@@ -45,7 +47,10 @@ const PINNED_SESSION: &str = "\
 
 /// Opens a superuser session on `config`'s server (`dbname`: another database of it),
 /// trying the OS identity first, then each password in turn, and pins it before anything
-/// else runs. Errors are `Failure::Connect` (no way in) or `Failure::Sql` (pinning failed).
+/// else runs. With a list of servers, each in order until one is the kind
+/// `PGTARGETSESSIONATTRS` asks for (`target`). Errors are `Failure::Connect` (no way in,
+/// or `NoTarget`: no server of the kind) or, with one server, `Failure::Sql` (pinning
+/// failed).
 pub async fn superuser(
     config: &Config,
     passwords: &[(&Secret, &'static str)],
@@ -68,13 +73,48 @@ pub async fn superuser(
         }
         None => config,
     };
-    let client = connect::connect_any(config, &config.superuser, &methods).await?;
+    let mut passed_over = NoTarget {
+        target: config.target,
+        standbys: 0,
+        reasons: Vec::new(),
+    };
+    for server in &config.servers {
+        let shown = connect::describe_server(server);
+        match pinned(config, server, &methods).await {
+            Ok((client, None)) => return Ok(client),
+            Ok((_, Some(why))) => {
+                passed_over.standbys += 1;
+                passed_over.reasons.push(format!("{shown}: {why}"));
+            }
+            // One server: its own error, classified as it was.
+            Err(err) if config.servers.len() == 1 => return Err(err),
+            Err(err) => passed_over.reasons.push(format!("{shown}: {err:#}")),
+        }
+    }
+    Err(anyhow::Error::new(passed_over)).context(Failure::Connect)
+}
+
+/// A pinned superuser session on `server`, and why it is not the kind asked for (`None`:
+/// it is).
+async fn pinned(
+    config: &Config,
+    server: &Server,
+    methods: &[Auth<'_>],
+) -> anyhow::Result<(Client, target::Verdict)> {
+    let connected = connect::connect_any(config, server, &config.superuser, methods).await?;
     for statement in [PIN_FIRST, PINNED_SESSION] {
-        client
+        connected
+            .client
             .batch_execute(statement)
             .await
             .context("pinning the search path, role and timeouts of the session")
             .context(Failure::Sql)?;
     }
-    Ok(client)
+    let verdict = target::check_pinned(&connected, config.target, config.connect_timeout)
+        .await
+        .context(Failure::Sql)?;
+    if let Some(why) = verdict {
+        tracing::debug!(server = %connect::describe_server(server), why, "passed over");
+    }
+    Ok((connected.client, verdict))
 }

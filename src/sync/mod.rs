@@ -242,7 +242,22 @@ impl Syncer {
             }
         };
         // The whole set still offers the superuser's (possibly new) password to log in.
-        let client = self.connect_superuser(secrets).await?;
+        let client = match self.connect_superuser(secrets).await {
+            Ok(client) => client,
+            // Every server of the list that answered is a standby (a cluster between
+            // leaders): as on one standby, nothing is attempted and the promotion of one
+            // of them is watched for.
+            Err(err) if session::target::only_standbys(&err) => {
+                tracing::info!("{err:#}");
+                self.applied(set);
+                return Ok(Report {
+                    dry_run: self.options.dry_run,
+                    standby: true,
+                    ..Report::default()
+                });
+            }
+            Err(err) => return Err(err),
+        };
         let leftovers = match &self.config.overlap {
             Some(_) => Vec::new(),
             None => overlap::possible_leftovers(

@@ -43,7 +43,7 @@ use crate::backoff::Backoff;
 use crate::config::{Config, ConfigSettings};
 use crate::error::Failure;
 use crate::postmaster;
-use crate::session::connect;
+use crate::session::{self, connect};
 use crate::state::{Snapshot, StateFile};
 use crate::sync::{Options, Report, Scope, Syncer, log_report, sync_and_record};
 use debounce::{Debouncer, Due};
@@ -207,6 +207,11 @@ async fn wait_for_server_and_sync(syncer: &mut Syncer, state: &StateFile) -> boo
                             .await
                             .unwrap_or(false);
                     }
+                    // Servers answer, all standbys: up, and a promotion to watch for.
+                    Err(probe) if session::target::only_standbys(&probe) => {
+                        state.record_ready(true);
+                        return true;
+                    }
                     Err(probe) => probe,
                 }
             }
@@ -356,7 +361,8 @@ impl PromotionWatch {
             let set = syncer
                 .last_applied()
                 .map_or(&[][..], |set| set.entries.as_slice());
-            match tokio::time::timeout(limit, syncer.connect_superuser(set)).await {
+            let budget = syncer.config.connect_budget();
+            match tokio::time::timeout(budget, syncer.connect_superuser(set)).await {
                 Ok(Ok(client)) => self.client = Some(client),
                 Ok(Err(err)) => {
                     tracing::debug!("standby check: {err:#}");

@@ -225,7 +225,7 @@ impl Watches {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Host, RoleSpec};
+    use crate::config::{Host, PatroniRule, RoleSpec, Server, TargetSession};
     use std::time::Duration;
 
     fn config(dir: &Path) -> Config {
@@ -243,9 +243,14 @@ mod tests {
             superuser: "postgres".into(),
             superuser_secret: SecretRef::Name("postgres_password".into()),
             secret_dirs: vec![dir.join("missing"), dir.to_path_buf()],
-            host: Host::Tcp("127.0.0.1".into()),
-            port: 5432,
+            servers: vec![Server {
+                host: Host::Tcp("127.0.0.1".into()),
+                port: 5432,
+            }],
+            target: TargetSession::Any,
             pgdata: dir.join("data"),
+            patroni: PatroniRule::Auto,
+            default_role_map: false,
             dbname: "postgres".into(),
             sync_identity: None,
             connect_timeout: Duration::from_secs(1),
