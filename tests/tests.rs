@@ -5,6 +5,7 @@
 
 mod common;
 
+mod clusters;
 mod fleet;
 mod generate;
 mod hardening;

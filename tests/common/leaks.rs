@@ -35,10 +35,17 @@ pub fn all_proc_strings() -> Vec<String> {
 /// in the argv/environ sampled from those runs, or in any live process's argv/environ.
 #[track_caller]
 pub fn assert_no_leak(secrets: &[&str], cluster: Option<&Cluster>, runs: &[&Run]) {
-    let mut places: Vec<(String, String)> = Vec::new();
-    if let Some(cluster) = cluster {
-        places.push(("server log".into(), cluster.log_text()));
-    }
+    let logs = cluster
+        .map(|cluster| ("server log".to_owned(), cluster.log_text()))
+        .into_iter()
+        .collect();
+    assert_no_leak_in(secrets, logs, runs);
+}
+
+/// `assert_no_leak` with any logs (place, text): a Patroni cluster's node logs, say.
+#[track_caller]
+pub fn assert_no_leak_in(secrets: &[&str], logs: Vec<(String, String)>, runs: &[&Run]) {
+    let mut places = logs;
     for run in runs {
         places.push((format!("stdout of {}", run.command), run.stdout.clone()));
         places.push((format!("stderr of {}", run.command), run.stderr.clone()));

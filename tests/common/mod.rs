@@ -6,6 +6,8 @@
 //!   subreaper, `descendants`, `wait_until`.
 //! - `cluster`: throwaway PostgreSQL clusters from `PG_BINDIR` (`Cluster`), psql, logins.
 //! - `standby`: hot standbys of a harness primary (`pg_basebackup`), and their promotion.
+//! - `patroni`: Patroni clusters on etcd (`PatroniCluster`, `Node`), their leader,
+//!   switchover, a node's failure and return.
 //! - `keys`: secret-file directories (`Keys`) and the four default roles.
 //! - `leaks`: the checks that no secret reached a log, an output or any process's
 //!   argv/environment.
@@ -23,6 +25,7 @@ pub mod cluster;
 pub mod k8s;
 pub mod keys;
 pub mod leaks;
+pub mod patroni;
 pub mod process;
 pub mod relay;
 pub mod session;
@@ -34,6 +37,7 @@ pub mod users;
 pub use cluster::*;
 pub use keys::*;
 pub use leaks::*;
+pub use patroni::*;
 pub use process::*;
 pub use standby::*;
 pub use users::*;

@@ -1,0 +1,447 @@
+//! pg-password-sync in a cluster: a real 3-node Patroni cluster on etcd (`common::patroni`)
+//! with a `watch` sidecar beside every node, the default role map, as in
+//! docs/clusters.md. Each test is one scenario: the first sync, a rotation, a switchover
+//! then a rotation, a failover with a rotation written while no leader exists (timed from
+//! the promotion to the new password in force), the old leader rejoining, overlap mode
+//! across a failover; then `run` with Patroni as its CMD, the libpq multi-host addressing
+//! of the commands run from outside during a switchover, and a client fleet behind
+//! PgBouncer through overlap-mode rotations.
+//!
+//! Every Patroni test ends with the same two checks (`Setup::finish`): no statement of
+//! pg-password-sync that writes was ever sent to a node while it was a replica (its server
+//! log, which logs every statement with the application's name, says what each node got
+//! and when it was a replica), and no secret (a rotated password, the superuser's file,
+//! Patroni's own passwords) in any server, Patroni, etcd or sidecar log, output, argv or
+//! environment.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use crate::common::*;
+
+/// Liveness bound for a password to be in force, a sidecar to report.
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// The application roles of the default role map (the superuser is Patroni's).
+const APP_ROLES: [(&str, &str); 3] = [
+    ("appuser", "postgres_app_user_pw"),
+    ("backupuser", "postgres_app_ro_pw"),
+    ("temporaluser", "postgres_temporal_pw"),
+];
+
+/// What every sidecar says once when it leaves the superuser to Patroni.
+const LEFT_TO_PATRONI: &str = "is left to Patroni";
+
+/// A 3-node Patroni cluster, the application roles, and a sidecar beside every node.
+struct Setup {
+    cluster: PatroniCluster,
+    keys: Keys,
+    /// `sidecars[i]` watches node `i`.
+    sidecars: Vec<Option<Running>>,
+    /// Every value written to a secret file, and Patroni's superuser password.
+    secrets: Vec<String>,
+    /// The application roles' passwords now, in `APP_ROLES` order.
+    app: Vec<String>,
+    /// Sidecars that were stopped or replaced, for the leak checks.
+    runs: Vec<Run>,
+}
+
+impl Setup {
+    /// The cluster, the roles and the sidecars (`extra`: more arguments for each), once the
+    /// first sync is in force on every node.
+    fn start(extra: &[&str]) -> Setup {
+        let keys = Keys::new();
+        let patroni_password = unique("patroni-superuser");
+        let cluster = PatroniCluster::start(3, &patroni_password);
+        // The superuser's file holds another password than Patroni's: the sidecars must
+        // leave the superuser alone.
+        let superuser_file = unique("superuser-file");
+        keys.write("postgres_password", &superuser_file);
+        let leader = cluster.leader().expect("a leader");
+        let throwaway = unique("throwaway");
+        let mut sql = String::new();
+        for (role, _) in APP_ROLES {
+            sql.push_str(&format!(
+                "CREATE ROLE {role} LOGIN PASSWORD {};\n",
+                quote_literal(&throwaway)
+            ));
+        }
+        cluster.nodes[leader].psql(&sql);
+        let app = keys.write_new(&APP_ROLES, "first");
+        let mut setup = Setup {
+            sidecars: Vec::new(),
+            secrets: [vec![patroni_password, superuser_file], app.clone()].concat(),
+            app,
+            keys,
+            cluster,
+            runs: Vec::new(),
+        };
+        for i in 0..setup.cluster.nodes.len() {
+            let sidecar = setup.sidecar(i, extra);
+            setup.sidecars.push(Some(sidecar));
+        }
+        setup.wait_in_force_everywhere();
+        setup
+    }
+
+    /// `watch` beside node `i`: its socket, port and data directory, the keys.
+    fn sidecar(&self, i: usize, extra: &[&str]) -> Running {
+        let node = &self.cluster.nodes[i];
+        let state = node.dir.join("sidecar-state");
+        let _ = std::fs::create_dir(&state);
+        let mut cmd = bin();
+        cmd.arg("watch")
+            .args(node.conn_args())
+            .arg("--keys-dir")
+            .arg(self.keys.path())
+            .arg("--secrets-source-dir")
+            .arg(node.dir.join("no-docker-secrets"))
+            .args(["--temporal-db-user", "temporaluser", "--debounce", "50ms"])
+            .arg("--state-dir")
+            .arg(&state)
+            .args(extra);
+        Running::spawn(cmd)
+    }
+
+    fn sidecar_log(&self, i: usize) -> String {
+        self.sidecars[i]
+            .as_ref()
+            .map(Running::stderr_so_far)
+            .unwrap_or_default()
+    }
+
+    /// Writes new passwords for every application role (renamed into place).
+    fn rotate(&mut self, prefix: &str) {
+        self.app = self.keys.write_new(&APP_ROLES, prefix);
+        self.secrets.extend(self.app.iter().cloned());
+    }
+
+    /// Whether every application role logs in on node `i` with its password now.
+    fn in_force_on(&self, i: usize) -> bool {
+        let node = &self.cluster.nodes[i];
+        APP_ROLES
+            .iter()
+            .zip(&self.app)
+            .all(|((role, _), password)| node.login(role, password).is_ok())
+    }
+
+    /// Waits until the passwords are in force on node `i`.
+    fn wait_in_force(&self, i: usize) {
+        wait_until(
+            LIMIT,
+            &format!("the passwords in force on {}", self.cluster.nodes[i].name),
+            || self.in_force_on(i),
+        );
+    }
+
+    /// Waits until the passwords are in force on every node that runs (replicas by
+    /// replication).
+    fn wait_in_force_everywhere(&self) {
+        for i in 0..self.cluster.nodes.len() {
+            if self.cluster.nodes[i].postmaster_pid().is_some() {
+                self.wait_in_force(i);
+            }
+        }
+    }
+
+    /// The superuser is still Patroni's on node `i`: Patroni's password logs in, the
+    /// superuser's file does not.
+    fn assert_superuser_is_patronis(&self, i: usize) {
+        let node = &self.cluster.nodes[i];
+        node.login("postgres", self.cluster.superuser_password())
+            .unwrap_or_else(|err| panic!("Patroni's superuser on {}: {err}", node.name));
+        assert!(
+            node.login("postgres", &self.secrets[1]).is_err(),
+            "the superuser's file was applied on {}",
+            node.name
+        );
+    }
+
+    /// Stops sidecar `i` (SIGTERM) and keeps its record.
+    fn stop_sidecar(&mut self, i: usize) {
+        if let Some(sidecar) = self.sidecars[i].take() {
+            sidecar.signal(Signal::SIGTERM);
+            self.runs.push(sidecar.finish(LIMIT).expect_ok());
+        }
+    }
+
+    /// The checks every cluster test ends with: no statement that writes ever reached a
+    /// replica, and no secret anywhere.
+    fn finish(mut self) {
+        for i in 0..self.sidecars.len() {
+            self.stop_sidecar(i);
+        }
+        for node in &self.cluster.nodes {
+            assert_nothing_written_while_replica(node);
+        }
+        let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
+        let runs: Vec<&Run> = self.runs.iter().collect();
+        assert_no_leak_in(&secrets, self.cluster.logs(), &runs);
+    }
+}
+
+/// What pg-password-sync sends to a primary to write, and never to a replica: the
+/// transaction of the sync and the statements inside it (the ones inside are not logged
+/// on a primary; on a replica the transaction would never get that far).
+const WRITES: [&str; 6] = [
+    "log_transaction_sample_rate",
+    "BEGIN",
+    "pg_advisory",
+    "ALTER ROLE",
+    "CREATE ROLE",
+    "COMMENT ON",
+];
+
+/// No statement of pg-password-sync's that writes reached `node` while it was a replica,
+/// and no write failed there for being in recovery.
+#[track_caller]
+fn assert_nothing_written_while_replica(node: &Node) {
+    let statements = node.statements_while_replica("pg-password-sync");
+    let writes: Vec<&String> = statements
+        .iter()
+        .filter(|line| WRITES.iter().any(|w| line.contains(w)))
+        .collect();
+    assert!(
+        writes.is_empty(),
+        "{} got statements that write while it was a replica: {writes:#?}",
+        node.name
+    );
+    let refused: Vec<String> = node
+        .server_lines()
+        .into_iter()
+        .filter(|l| l.contains("read-only transaction") || l.contains("recovery is in progress"))
+        .collect();
+    assert!(refused.is_empty(), "{}: {refused:#?}", node.name);
+}
+
+/// Node indexes other than `leader`.
+fn replicas(setup: &Setup, leader: usize) -> Vec<usize> {
+    (0..setup.cluster.nodes.len())
+        .filter(|&i| i != leader)
+        .collect()
+}
+
+/// The first sync with the default role map: the leader's sidecar applies the
+/// application roles' passwords, the replicas receive them by replication and their
+/// sidecars write nothing; the superuser keeps Patroni's password on every node (its
+/// pg_rewind and replicas log in with it), and every sidecar says once that it is left
+/// to Patroni.
+#[test]
+fn patroni_sidecars_make_the_first_sync_on_the_leader_only() {
+    let setup = Setup::start(&[]);
+    let leader = setup.cluster.leader().expect("a leader");
+    let log = setup.sidecar_log(leader);
+    assert!(
+        log.contains("role \"appuser\": changed"),
+        "the leader's sidecar applied the passwords:\n{log}"
+    );
+    for i in replicas(&setup, leader) {
+        let log = setup.sidecar_log(i);
+        assert!(
+            log.contains("standby") && !log.contains(": changed"),
+            "{}'s sidecar skipped the sync:\n{log}",
+            setup.cluster.nodes[i].name
+        );
+        // What the sidecar asked the replica is in its log: the check that nothing else
+        // was sent there (`finish`) looks at something.
+        let asked = setup.cluster.nodes[i].statements_while_replica("pg-password-sync");
+        assert!(
+            asked.iter().any(|l| l.contains("pg_is_in_recovery")),
+            "{asked:#?}"
+        );
+    }
+    for i in 0..3 {
+        setup.assert_superuser_is_patronis(i);
+        let log = setup.sidecar_log(i);
+        assert_eq!(log.matches(LEFT_TO_PATRONI).count(), 1, "said once:\n{log}");
+        assert!(!log.contains("role \"postgres\""), "{log}");
+    }
+    setup.finish();
+}
+
+/// A rotation: the leader's sidecar applies it, the replicas receive it by replication,
+/// and their sidecars, which see the same file change, write nothing.
+#[test]
+fn patroni_a_rotation_is_applied_by_the_leader_and_replicated() {
+    let mut setup = Setup::start(&[]);
+    let leader = setup.cluster.leader().expect("a leader");
+    let before: Vec<usize> = (0..3)
+        .map(|i| setup.sidecar_log(i).matches("standby").count())
+        .collect();
+    setup.rotate("rotated");
+    setup.wait_in_force_everywhere();
+    wait_until(LIMIT, "the leader's sidecar to report", || {
+        setup.sidecar_log(leader).contains("passwords rotated")
+    });
+    for i in replicas(&setup, leader) {
+        wait_until(LIMIT, "a replica's sidecar to skip the rotation", || {
+            setup.sidecar_log(i).matches("standby").count() > before[i]
+        });
+        let log = setup.sidecar_log(i);
+        assert!(!log.contains("passwords rotated"), "{log}");
+    }
+    setup.finish();
+}
+
+/// A switchover, then a rotation: the new leader's sidecar sees its server promoted
+/// (checking every role finds nothing to change: the passwords came by replication),
+/// then applies the rotation; the old leader, a replica now, receives it, and its sidecar
+/// writes nothing more.
+#[test]
+fn patroni_a_switchover_then_a_rotation_reach_the_new_leader() {
+    let mut setup = Setup::start(&[]);
+    let old = setup.cluster.leader().expect("a leader");
+    let new = replicas(&setup, old)[0];
+    setup.cluster.switchover(old, new);
+    assert_eq!(setup.cluster.wait_leader(None), new);
+    wait_until(
+        LIMIT,
+        "the new leader's sidecar to see the promotion",
+        || setup.sidecar_log(new).contains("promoted"),
+    );
+    wait_until(
+        CLUSTER_LIMIT,
+        "the old leader to follow the new one",
+        || setup.cluster.nodes[old].is_replica() && streams(&setup.cluster.nodes[old]),
+    );
+    let applied_by_old = setup.sidecar_log(old).matches(": changed").count();
+    setup.rotate("after-switchover");
+    setup.wait_in_force(new);
+    setup.wait_in_force_everywhere();
+    wait_until(LIMIT, "the new leader's sidecar to report", || {
+        setup.sidecar_log(new).contains("passwords rotated")
+    });
+    let log = setup.sidecar_log(old);
+    assert_eq!(
+        log.matches(": changed").count(),
+        applied_by_old,
+        "the old leader's sidecar wrote after the switchover:\n{log}"
+    );
+    for i in 0..3 {
+        setup.assert_superuser_is_patronis(i);
+    }
+    setup.finish();
+}
+
+/// When `node` stops being in recovery, seen on a connection kept for the purpose
+/// (Patroni's superuser, over TCP) and asked every 5 ms; `None` while it still is.
+fn promoted(port: u16, password: &str) -> bool {
+    block_on(async {
+        let config = tcp_login_config(port, "postgres", password);
+        let Ok((client, connection)) = config.connect(tokio_postgres::NoTls).await else {
+            return false;
+        };
+        tokio::spawn(connection);
+        client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .is_ok_and(|row| !row.get::<_, bool>(0))
+    })
+}
+
+/// A failover: the leader dies (Patroni and its postmaster killed). While no node leads,
+/// a rotation is written: the replicas' sidecars see it and skip it. When one replica is
+/// promoted, its sidecar applies the rotation within a second of the promotion (the time
+/// is printed). The promotion is the instant the server stops being in recovery; "in
+/// force" is the first login with the new password that works.
+#[test]
+fn patroni_a_rotation_written_while_no_leader_exists_is_in_force_within_a_second_of_the_promotion()
+{
+    let mut setup = Setup::start(&[]);
+    let old = setup.cluster.leader().expect("a leader");
+    let candidates = replicas(&setup, old);
+    let skipped: Vec<usize> = (0..3)
+        .map(|i| setup.sidecar_log(i).matches("standby").count())
+        .collect();
+    setup.cluster.nodes[old].kill();
+    assert_eq!(setup.cluster.leader(), None, "no leader after the kill");
+    setup.rotate("during-failover");
+    for &i in &candidates {
+        wait_until(LIMIT, "the replicas' sidecars to skip the rotation", || {
+            setup.sidecar_log(i).matches("standby").count() > skipped[i]
+        });
+    }
+    assert_eq!(
+        setup.cluster.leader(),
+        None,
+        "the rotation was written while no node led (raise the TTL?)"
+    );
+    let password = setup.cluster.superuser_password().to_owned();
+    let mut new = None;
+    let deadline = Instant::now() + CLUSTER_LIMIT;
+    while new.is_none() {
+        assert!(Instant::now() < deadline, "no replica was promoted");
+        new = candidates
+            .iter()
+            .copied()
+            .find(|&i| promoted(setup.cluster.nodes[i].port, &password));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let new = new.unwrap();
+    let promoted_at = Instant::now();
+    let node = &setup.cluster.nodes[new];
+    wait_until(LIMIT, "the rotation in force on the new leader", || {
+        node.login(APP_ROLES[0].0, &setup.app[0]).is_ok()
+    });
+    let in_force = promoted_at.elapsed();
+    eprintln!(
+        "failover: {} promoted; the rotation written while no node led was in force there \
+         {} ms after the promotion",
+        node.name,
+        in_force.as_millis()
+    );
+    assert!(
+        in_force < Duration::from_secs(1),
+        "{in_force:?} from the promotion to the new password in force:\n{}",
+        setup.sidecar_log(new)
+    );
+    setup.wait_in_force(new);
+    assert!(setup.sidecar_log(new).contains("promoted"));
+    setup.finish();
+}
+
+/// The old leader rejoins after a failover: a rotation made while it was down reaches it
+/// by replication; Patroni rewinds it (`pg_rewind` logs in to the new leader as the
+/// superuser, with the password of Patroni's configuration, which no sidecar changed) and
+/// it streams from the new leader; its sidecar, which applied the first sync when its
+/// server led, writes nothing once it is a replica.
+#[test]
+fn patroni_the_old_leader_rejoins_after_a_failover() {
+    let mut setup = Setup::start(&[]);
+    let old = setup.cluster.leader().expect("a leader");
+    setup.cluster.nodes[old].kill();
+    let new = setup.cluster.wait_leader(Some(old));
+    setup.rotate("while-the-old-leader-is-down");
+    setup.wait_in_force(new);
+    let applied_by_old = setup.sidecar_log(old).matches(": changed").count();
+    setup.cluster.nodes[old].start();
+    let started = Instant::now();
+    wait_until(CLUSTER_LIMIT, "the old leader to rejoin and stream", || {
+        setup.cluster.nodes[old].is_replica() && streams(&setup.cluster.nodes[old])
+    });
+    eprintln!(
+        "failover: {} rejoined as a replica {:?} after its Patroni started",
+        setup.cluster.nodes[old].name,
+        started.elapsed()
+    );
+    setup.wait_in_force(old);
+    let log = setup.cluster.nodes[old].log_text();
+    if log.contains("running pg_rewind") {
+        assert!(log.contains("pg_rewind exit code=0"), "pg_rewind failed");
+        eprintln!("failover: the old leader was rewound (pg_rewind as the superuser)");
+    }
+    wait_until(LIMIT, "the old leader's sidecar to see a standby", || {
+        setup.sidecar_log(old).contains("standby")
+    });
+    let sidecar = setup.sidecar_log(old);
+    assert_eq!(
+        sidecar.matches(": changed").count(),
+        applied_by_old,
+        "the old leader's sidecar wrote after the failover:\n{sidecar}"
+    );
+    for i in 0..3 {
+        setup.assert_superuser_is_patronis(i);
+    }
+    setup.finish();
+}
