@@ -445,3 +445,246 @@ fn patroni_the_old_leader_rejoins_after_a_failover() {
     }
     setup.finish();
 }
+
+/// `run` with Patroni as its CMD (one node), as PID 1 of a pid namespace where one can be
+/// made (the container's case), else as a subreaper: Patroni bootstraps the cluster and
+/// starts the postmaster, which is not CMD but a descendant of it (Patroni's helper
+/// exits, and the orphan is `run`'s); `run` takes it for the final server, makes the first
+/// sync there (leaving the superuser to Patroni), applies rotations, keeps `health` green
+/// across a restart of the server by Patroni (a new postmaster pid), and a SIGTERM
+/// reaches Patroni, which stops its server; `run` exits with Patroni's status.
+#[test]
+fn patroni_as_the_cmd_of_run_is_synced_and_stopped() {
+    let mode = if can_unshare() {
+        Mode::Pid1
+    } else {
+        Mode::Subreaper
+    };
+    let keys = Keys::new();
+    let superuser_file = unique("superuser-file");
+    keys.write("postgres_password", &superuser_file);
+    let mut app = keys.write_new(&APP_ROLES, "first");
+    let cluster = PatroniCluster::new(1, &unique("patroni-superuser"));
+    let node = &cluster.nodes[0];
+    let state = node.dir.join("run-state");
+    std::fs::create_dir(&state).unwrap();
+    let flags = |cmd: &mut std::process::Command| {
+        cmd.args(node.conn_args())
+            .arg("--keys-dir")
+            .arg(keys.path())
+            .arg("--secrets-source-dir")
+            .arg(node.dir.join("no-docker-secrets"))
+            .args(["--temporal-db-user", "temporaluser"])
+            .arg("--state-dir")
+            .arg(&state);
+    };
+    let mut cmd = mode.bin();
+    cmd.arg("run");
+    flags(&mut cmd);
+    cmd.args(["--debounce", "50ms", "--"])
+        .args(node.patroni_command());
+    let mut supervisor = Running::spawn_as(mode, cmd);
+    supervisor.wait_stderr(CLUSTER_LIMIT, "first sync done");
+    let log = supervisor.stderr_so_far();
+    assert!(log.contains("a postmaster CMD started"), "{log}");
+    assert_eq!(log.matches(LEFT_TO_PATRONI).count(), 1, "{log}");
+    // `health` where `run` runs: inside its pid namespace, as `docker exec` would.
+    let pid = supervisor.pid().to_string();
+    let health = || {
+        let mut cmd = bin();
+        if mode == Mode::Pid1 {
+            cmd = std::process::Command::new("nsenter");
+            cmd.env_clear()
+                .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+                .args(["-t", &pid, "--pid", "--mount", BIN]);
+        }
+        cmd.arg("health");
+        flags(&mut cmd);
+        run(cmd)
+    };
+    // The roles exist once Patroni has bootstrapped; their passwords follow the files.
+    wait_until(CLUSTER_LIMIT, "Patroni to lead", || node.is_leader());
+    let throwaway = unique("throwaway");
+    for (role, _) in APP_ROLES {
+        node.psql(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD {}",
+            quote_literal(&throwaway)
+        ));
+    }
+    let mut secrets = vec![superuser_file.clone()];
+    secrets.extend(app.iter().cloned());
+    let mut rotate = |prefix: &str| {
+        app = keys.write_new(&APP_ROLES, prefix);
+        secrets.extend(app.iter().cloned());
+        for ((role, _), password) in APP_ROLES.iter().zip(&app) {
+            wait_until(LIMIT, "the rotation in force", || {
+                node.login(role, password).is_ok()
+            });
+        }
+    };
+    rotate("rotated");
+    let healthy = health().expect_ok();
+    // Patroni restarts its server: another postmaster, which `health` accepts.
+    let before = node.postmaster_pid_line();
+    cluster.restart(0);
+    wait_until(CLUSTER_LIMIT, "the restarted server", || {
+        node.postmaster_pid_line()
+            .is_some_and(|pid| Some(&pid) != before.as_ref())
+            && node.psql_output("SELECT 1").status.success()
+    });
+    rotate("after-restart");
+    let healthy_again = health().expect_ok();
+    node.login("postgres", cluster.superuser_password())
+        .expect("the superuser is Patroni's");
+    assert!(node.login("postgres", &superuser_file).is_err());
+
+    supervisor.assert_alive();
+    supervisor.signal(Signal::SIGTERM);
+    let out = supervisor.finish(CLUSTER_LIMIT).expect_ok();
+    assert!(
+        out.stderr.contains("received SIGTERM") || out.stderr.contains("SIGTERM"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(node.postmaster_pid(), None, "Patroni stopped its server");
+    secrets.push(cluster.superuser_password().to_owned());
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    assert_no_leak_in(&secrets, cluster.logs(), &[&out, &healthy, &healthy_again]);
+}
+
+/// The commands run from outside the cluster, pointed at every node with libpq's
+/// multi-host form (`PGHOST=h1,h2,h3`, `PGPORT=p1,p2,p3`), through a switchover. The list
+/// starts with replicas: with `PGTARGETSESSIONATTRS=any` the first server that answers is
+/// used (a replica: the sync is skipped there), with `read-write` the leader. A `watch`
+/// pointed at the list applies a rotation written during the switchover on the new
+/// leader; one-shot `sync` runs during the switchover never write to a replica; after
+/// it, `sync` and `verify` with the same settings reach the new leader.
+#[test]
+fn patroni_commands_from_outside_follow_the_leader_through_a_switchover() {
+    let keys = Keys::new();
+    // From outside, the superuser logs in over TCP with the password Patroni has.
+    let patroni_password = unique("patroni-superuser");
+    keys.write("postgres_password", &patroni_password);
+    let mut app = keys.write_new(&APP_ROLES, "first");
+    let mut secrets = vec![patroni_password.clone()];
+    secrets.extend(app.iter().cloned());
+    let cluster = PatroniCluster::start(3, &patroni_password);
+    let leader = cluster.leader().expect("a leader");
+    let throwaway = unique("throwaway");
+    for (role, _) in APP_ROLES {
+        cluster.nodes[leader].psql(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD {}",
+            quote_literal(&throwaway)
+        ));
+    }
+    // Replicas first, the leader last.
+    let mut order: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    order.push(leader);
+    let hosts = vec!["127.0.0.1"; 3].join(",");
+    let ports: Vec<String> = order
+        .iter()
+        .map(|&i| cluster.nodes[i].port.to_string())
+        .collect();
+    let ports = ports.join(",");
+    let state = tempfile::tempdir().unwrap();
+    let outside = |command: &str, target: &str| {
+        let mut cmd = bin();
+        cmd.arg(command)
+            .args(["--pghost", &hosts, "--pgport", &ports])
+            .args(["--target-session-attrs", target, "--patroni", "on"])
+            .args(["--pgdata", "/nonexistent"])
+            .arg("--keys-dir")
+            .arg(keys.path())
+            .arg("--secrets-source-dir")
+            .arg(state.path().join("none"))
+            .args(["--temporal-db-user", "temporaluser"]);
+        cmd
+    };
+    let in_force_on = |i: usize, app: &[String]| {
+        APP_ROLES
+            .iter()
+            .zip(app)
+            .all(|((role, _), pw)| cluster.nodes[i].login(role, pw).is_ok())
+    };
+    let mut runs = Vec::new();
+    // `any`: the first server, a replica.
+    let any = run(outside("sync", "any")).expect_ok();
+    any.expect_stdout("standby");
+    assert!(!in_force_on(leader, &app));
+    // `read-write`: the leader.
+    let rw = run(outside("sync", "read-write")).expect_ok();
+    rw.expect_stdout_line(&["appuser", "changed"]);
+    assert!(in_force_on(leader, &app));
+    runs.extend([any, rw]);
+
+    let mut watch = outside("watch", "read-write");
+    watch
+        .args(["--debounce", "50ms", "--state-dir"])
+        .arg(state.path());
+    let watcher = Running::spawn(watch);
+    watcher.wait_stderr(LIMIT, "watching 1 secret director");
+    let new = order[0];
+    let switching = std::thread::scope(|scope| {
+        let switchover = scope.spawn(|| cluster.switchover(leader, new));
+        // Written while the switchover runs, for the watcher; the one-shot syncs meanwhile
+        // look after the third role only, so that what the watcher applies is its own.
+        let rotated = keys.write_new(&APP_ROLES[..2], "during-switchover");
+        app.splice(..2, rotated);
+        secrets.extend(app.iter().cloned());
+        let mut during = Vec::new();
+        while !switchover.is_finished() {
+            let mut sync = outside("sync", "read-write");
+            sync.args(["--role", "temporaluser=postgres_temporal_pw"]);
+            during.push(run(sync));
+        }
+        switchover.join().expect("the switchover");
+        during
+    });
+    assert_eq!(cluster.wait_leader(None), new);
+    wait_until(LIMIT, "the rotation in force on the new leader", || {
+        in_force_on(new, &app)
+    });
+    let codes: Vec<Option<i32>> = switching.iter().map(Run::code).collect();
+    eprintln!("switchover: one-shot syncs during it exited with {codes:?}");
+
+    for out in &switching {
+        assert!(
+            !out.stderr.contains("read-only") && !out.stderr.contains("recovery is in progress"),
+            "{}",
+            out.describe()
+        );
+    }
+    runs.extend(switching);
+
+    // After the switchover, the same settings reach the new leader.
+    let mut verify = outside("verify", "read-write");
+    verify.args(["--format", "json"]);
+    let verify = run(verify).expect_ok();
+    let checks: Vec<serde_json::Value> = serde_json::from_str(verify.stdout.trim()).unwrap();
+    let at = format!("127.0.0.1:{}", cluster.nodes[new].port);
+    assert_eq!(checks.len(), APP_ROLES.len(), "{}", verify.describe());
+    for check in &checks {
+        assert_eq!(check["at"], at.as_str(), "{}", verify.describe());
+        assert_eq!(check["ok"], true, "{}", verify.describe());
+    }
+    let watcher_log = watcher.stderr_so_far();
+    watcher.signal(Signal::SIGTERM);
+    let watched = watcher.finish(LIMIT).expect_ok();
+    app = keys.write_new(&APP_ROLES, "after-switchover");
+    secrets.extend(app.iter().cloned());
+    let after = run(outside("sync", "read-write")).expect_ok();
+    after.expect_stdout_line(&["appuser", "changed"]);
+    assert!(in_force_on(new, &app));
+    assert!(
+        watcher_log.contains("passwords rotated: appuser, backupuser changed"),
+        "the outside watcher applied the rotation:\n{watcher_log}"
+    );
+    runs.extend([verify, watched, after]);
+
+    for node in &cluster.nodes {
+        assert_nothing_written_while_replica(node);
+    }
+    let runs: Vec<&Run> = runs.iter().collect();
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    assert_no_leak_in(&secrets, cluster.logs(), &runs);
+}

@@ -157,13 +157,22 @@ impl Node {
         }
     }
 
-    /// The pid `postmaster.pid` names while that process lives.
+    /// The pid `postmaster.pid` names while that process lives and is this node's server
+    /// (its command line names the data directory): a server that ran in another pid
+    /// namespace (under `run` as PID 1) left a pid that means something else here.
     pub fn postmaster_pid(&self) -> Option<i32> {
         let text = std::fs::read_to_string(self.data.join("postmaster.pid")).ok()?;
         let pid: i32 = text.lines().next()?.trim().parse().ok()?;
-        std::path::Path::new(&format!("/proc/{pid}"))
-            .exists()
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        String::from_utf8_lossy(&cmdline)
+            .contains(&self.data.display().to_string())
             .then_some(pid)
+    }
+
+    /// The first line of `postmaster.pid` (a pid in the server's own pid namespace).
+    pub fn postmaster_pid_line(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.data.join("postmaster.pid")).ok()?;
+        text.lines().next().map(str::to_owned)
     }
 
     /// Whether Patroni says this node holds the leader key.
@@ -418,7 +427,8 @@ impl Drop for PatroniCluster {
         // this cluster's directory goes before the servers are stopped.
         kill_patronis_under(self.root.path());
         for node in &self.nodes {
-            if node.data.join("postmaster.pid").exists() {
+            // pg_ctl signals the pid of postmaster.pid: only when it is this server's.
+            if node.postmaster_pid().is_some() {
                 let _ = as_server_user(pg_bin("pg_ctl"))
                     .arg("-D")
                     .arg(&node.data)
