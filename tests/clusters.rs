@@ -580,7 +580,7 @@ fn patroni_commands_from_outside_follow_the_leader_through_a_switchover() {
     // Replicas first, the leader last.
     let mut order: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
     order.push(leader);
-    let hosts = vec!["127.0.0.1"; 3].join(",");
+    let hosts = ["127.0.0.1"; 3].join(",");
     let ports: Vec<String> = order
         .iter()
         .map(|&i| cluster.nodes[i].port.to_string())
