@@ -688,3 +688,159 @@ fn patroni_commands_from_outside_follow_the_leader_through_a_switchover() {
     let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
     assert_no_leak_in(&secrets, cluster.logs(), &runs);
 }
+
+/// How long a login stays valid once it is no longer published, in the overlap test:
+/// longer than a failover and its checks, so that the grace runs across it.
+const OVERLAP_GRACE: Duration = Duration::from_secs(15);
+
+/// Overlap mode across a failover. The sidecars run with `--overlap`; `rotate` runs from
+/// outside with every node in `PGHOST` and `PGTARGETSESSIONATTRS=read-write` (and
+/// `--patroni on`: the superuser's file, which is Patroni's password, stays as it is). It
+/// stages each role's twin, which the leader's sidecar creates and marks, and publishes it;
+/// the leader's sidecar starts the retired login's grace. Then the leader dies. On the
+/// new leader the twins, their mark, the published logins and the grace are the same
+/// (replicated catalogs): the published logins work, the retired ones until their grace
+/// ends and no longer after. A second rotation then finds the new leader.
+#[test]
+fn patroni_overlap_twins_published_login_and_grace_survive_a_failover() {
+    let source = crate::common::source::Source::generate();
+    let patroni_password = source.value("postgres_password.txt");
+    let mut cluster = PatroniCluster::start(3, &patroni_password);
+    let mut secrets: Vec<String> = Vec::new();
+    // The database passwords (the OIDC values come from constants other tests use too).
+    let mut remember = |source: &crate::common::source::Source| {
+        for (name, value) in source.snapshot() {
+            if !name.starts_with("postgres_") {
+                continue;
+            }
+            let value = String::from_utf8_lossy(&value).trim_end().to_owned();
+            if value.len() >= 12 && !secrets.contains(&value) {
+                secrets.push(value);
+            }
+        }
+    };
+    remember(&source);
+    let old = cluster.leader().expect("a leader");
+    let throwaway = unique("throwaway");
+    for role in ["appuser", "backupuser"] {
+        cluster.nodes[old].psql(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD {}",
+            quote_literal(&throwaway)
+        ));
+    }
+    let grace = format!("{}s", OVERLAP_GRACE.as_secs());
+    let sidecars: Vec<Running> = cluster
+        .nodes
+        .iter()
+        .map(|node| {
+            let state = node.dir.join("sidecar-state");
+            std::fs::create_dir(&state).unwrap();
+            let mut cmd = bin();
+            cmd.arg("watch")
+                .args(node.conn_args())
+                .arg("--keys-dir")
+                .arg(source.keys())
+                .arg("--secrets-source-dir")
+                .arg(node.dir.join("none"))
+                .args(["--overlap", "--grace", &grace, "--debounce", "50ms"])
+                .arg("--state-dir")
+                .arg(&state);
+            Running::spawn(cmd)
+        })
+        .collect();
+    let published_work_on = |cluster: &PatroniCluster, i: usize| {
+        ["appuser", "backupuser"].iter().all(|role| {
+            let (login, password) = source.published(role);
+            cluster.nodes[i].login(&login, &password).is_ok()
+        })
+    };
+    for i in 0..3 {
+        wait_until(LIMIT, "the published logins everywhere", || {
+            published_work_on(&cluster, i)
+        });
+    }
+    let (hosts, ports) = cluster.host_list();
+    let rotate = || {
+        let mut cmd = bin();
+        cmd.arg("rotate")
+            .arg("--dir")
+            .arg(source.path())
+            .args(["--pghost", &hosts, "--pgport", &ports])
+            .args(["--target-session-attrs", "read-write", "--patroni", "on"])
+            .args([
+                "--wait",
+                "10s",
+                "--grace",
+                &grace,
+                "--connect-timeout",
+                "10s",
+            ]);
+        run(cmd)
+    };
+    let retired: Vec<(String, String)> = ["appuser", "backupuser"]
+        .iter()
+        .map(|role| source.published(role))
+        .collect();
+    let first = rotate().expect_ok();
+    first.expect_stdout("the superuser's password");
+    remember(&source);
+    assert_eq!(source.published("appuser").0, "appuser_alt");
+    // The leader's sidecar starts the grace of the logins no longer published.
+    let until = "SELECT rolname || ' ' || rolvaliduntil FROM pg_authid \
+                 WHERE rolname IN ('appuser', 'backupuser') AND rolvaliduntil IS NOT NULL \
+                 AND rolvaliduntil <> 'infinity' ORDER BY 1";
+    wait_until(LIMIT, "the grace of the retired logins", || {
+        cluster.nodes[old].psql(until).lines().count() == 2
+    });
+    let deadlines = cluster.nodes[old].psql(until);
+    let marks = "SELECT count(*) FROM pg_authid WHERE rolname IN ('appuser_alt', 'backupuser_alt') \
+                 AND shobj_description(oid, 'pg_authid') LIKE 'pg-password-sync%'";
+    assert_eq!(cluster.nodes[old].psql(marks), "2");
+    let published_at = Instant::now();
+
+    cluster.nodes[old].kill();
+    let new = cluster.wait_leader(Some(old));
+    let node = &cluster.nodes[new];
+    eprintln!(
+        "overlap: {} leads {:?} after the publish",
+        node.name,
+        published_at.elapsed()
+    );
+    assert_eq!(node.psql(marks), "2", "the twins and their mark");
+    assert_eq!(
+        node.psql(until),
+        deadlines,
+        "the same grace on the new leader"
+    );
+    assert!(
+        published_at.elapsed() < OVERLAP_GRACE,
+        "the grace outlived the failover"
+    );
+    for (login, password) in &retired {
+        node.login(login, password)
+            .unwrap_or_else(|err| panic!("{login} inside its grace: {err}"));
+    }
+    assert!(published_work_on(&cluster, new));
+    wait_until(OVERLAP_GRACE + LIMIT, "the grace to end", || {
+        retired.iter().all(|(l, p)| node.login(l, p).is_err())
+    });
+    assert!(published_work_on(&cluster, new));
+
+    // The next rotation re-keys the retired logins on the new leader.
+    let second = rotate().expect_ok();
+    remember(&source);
+    assert_eq!(source.published("appuser").0, "appuser");
+    assert!(published_work_on(&cluster, new));
+
+    let mut runs = vec![first, second];
+    for sidecar in sidecars {
+        sidecar.signal(Signal::SIGTERM);
+        runs.push(sidecar.finish(LIMIT).expect_ok());
+    }
+    for node in &cluster.nodes {
+        assert_nothing_written_while_replica(node);
+    }
+    let runs: Vec<&Run> = runs.iter().collect();
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    assert_no_leak_in(&secrets, cluster.logs(), &runs);
+}
