@@ -844,3 +844,272 @@ fn patroni_overlap_twins_published_login_and_grace_survive_a_failover() {
     let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
     assert_no_leak_in(&secrets, cluster.logs(), &runs);
 }
+
+/// PgBouncer on the loopback in front of `cluster`, authenticating clients with SCRAM
+/// against the server's own verifiers (`auth_query` through a SECURITY DEFINER function
+/// that returns no verifier for a login whose VALID UNTIL has passed), as
+/// docs/clusters.md configures it.
+struct PgBouncer {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: std::process::Child,
+}
+
+impl PgBouncer {
+    fn start(cluster: &Cluster) -> PgBouncer {
+        let auth_password = unique("pgbouncer-auth");
+        cluster.psql(&format!(
+            "CREATE ROLE pgbouncer_auth LOGIN PASSWORD {};
+             CREATE SCHEMA pgbouncer AUTHORIZATION postgres;
+             CREATE FUNCTION pgbouncer.get_auth(p_usename text)
+               RETURNS TABLE (username text, password text)
+               LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $$
+                 SELECT rolname::text,
+                        CASE WHEN rolvaliduntil IS NULL OR rolvaliduntil > now()
+                             THEN rolpassword END
+                   FROM pg_authid
+                  WHERE rolname = p_usename AND rolcanlogin AND NOT rolsuper $$;
+             REVOKE ALL ON FUNCTION pgbouncer.get_auth(text) FROM PUBLIC;
+             GRANT USAGE ON SCHEMA pgbouncer TO pgbouncer_auth;
+             GRANT EXECUTE ON FUNCTION pgbouncer.get_auth(text) TO pgbouncer_auth;",
+            quote_literal(&auth_password)
+        ));
+        let dir = server_dir("pps-pgbouncer-");
+        let port = free_port();
+        let users = dir.path().join("userlist.txt");
+        write_as_server(&users, &format!("\"pgbouncer_auth\" \"{auth_password}\"\n"));
+        std::fs::set_permissions(&users, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let ini = format!(
+            "[databases]
+postgres = host=127.0.0.1 port={server} dbname=postgres
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = {users}
+auth_user = pgbouncer_auth
+auth_query = SELECT username, password FROM pgbouncer.get_auth($1)
+pool_mode = session
+max_client_conn = 100
+default_pool_size = 20
+server_idle_timeout = 10
+logfile = {log}
+pidfile = {pid}
+",
+            server = cluster.port,
+            users = users.display(),
+            log = dir.path().join("pgbouncer.log").display(),
+            pid = dir.path().join("pgbouncer.pid").display(),
+        );
+        let config = dir.path().join("pgbouncer.ini");
+        write_as_server(&config, &ini);
+        let program = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or("pgbouncer");
+        let child = as_server_user(program)
+            .arg(&config)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting pgbouncer (scripts/test.sh installs it)");
+        let bouncer = PgBouncer { dir, port, child };
+        wait_until(LIMIT, "pgbouncer to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        cluster.clear_log();
+        bouncer
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pgbouncer.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Points every role's section of `pg_service.conf` at PgBouncer (host, port, dbname),
+/// as the applications' service file does behind a pooler; `rotate` keeps them.
+fn through_pooler(source: &crate::common::source::Source, port: u16) {
+    use crate::common::source::SERVICE_FILE;
+    let path = source.keys().join(SERVICE_FILE);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut out = String::new();
+    for line in text.lines() {
+        out.push_str(line);
+        out.push('\n');
+        if line.starts_with('[') {
+            out.push_str(&format!("host=127.0.0.1\nport={port}\ndbname=postgres\n"));
+        }
+    }
+    let tmp = source.keys().join(".pg_service.conf.tmp");
+    std::fs::write(&tmp, out).unwrap();
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+}
+
+/// One login through libpq (`psql`) as `role`'s section of the service file says.
+fn login_through_service(service_file: &std::path::Path, role: &str) -> Result<(), String> {
+    let out = std::process::Command::new(pg_bin("psql"))
+        .args(["-X", "-q", "-A", "-t", "-c", "SELECT current_user"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("PGSERVICEFILE", service_file)
+        .env("PGSERVICE", role)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .unwrap();
+    let who = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if out.status.success() && who == role {
+        Ok(())
+    } else {
+        // psql's messages name logins, never passwords.
+        Err(format!(
+            "{role}: {who} {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// A client fleet behind PgBouncer through overlap-mode rotations: four workers log in
+/// without pause through the pooler, each with its role's section of `pg_service.conf`
+/// (host and port: PgBouncer's), while `rotate` stages, waits for and publishes new
+/// logins three times and the sync retires the old ones after their grace. No login
+/// fails. PgBouncer takes each login's current SCRAM verifier from the server
+/// (`auth_query`), so a staged login works through it as soon as the sync has set it, and
+/// a retired one stops working once its grace has passed.
+#[test]
+fn pgbouncer_a_client_fleet_sees_no_failed_login_through_overlap_rotations() {
+    use crate::common::source::{PAIRS, SERVICE_FILE, Source, create_app_roles};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let cluster = Cluster::start_default();
+    create_app_roles(&cluster);
+    let bouncer = PgBouncer::start(&cluster);
+    let source = Source::generate();
+    through_pooler(&source, bouncer.port);
+    let state = tempfile::tempdir().unwrap();
+    let mut watch = bin();
+    watch
+        .arg("watch")
+        .args(cluster.conn_args())
+        .arg("--keys-dir")
+        .arg(source.keys())
+        .arg("--secrets-source-dir")
+        .arg(state.path().join("none"))
+        .args(["--overlap", "--grace", "4s", "--debounce", "50ms"])
+        .arg("--state-dir")
+        .arg(state.path());
+    let watcher = Running::spawn(watch).with_server_log(&cluster.log);
+    let service_file = source.keys().join(SERVICE_FILE);
+    for (role, ..) in PAIRS {
+        wait_until(LIMIT, "the published logins through the pooler", || {
+            login_through_service(&service_file, role).is_ok()
+        });
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let workers: Vec<std::thread::JoinHandle<u64>> = (0..4)
+        .map(|i| {
+            let (role, ..) = PAIRS[i % PAIRS.len()];
+            let (stop, failed, errors) = (stop.clone(), failed.clone(), errors.clone());
+            let service_file = service_file.clone();
+            std::thread::spawn(move || {
+                let mut logins = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    if let Err(err) = login_through_service(&service_file, role) {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        errors.lock().unwrap().push(err);
+                    }
+                    logins += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                logins
+            })
+        })
+        .collect();
+    let mut retired = Vec::new();
+    for _ in 0..3 {
+        retired = PAIRS
+            .iter()
+            .map(|(role, ..)| source.published(role))
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = run(crate::common::source::rotate_cmd(
+                source.path(),
+                cluster.port,
+                &["--wait", "30s"],
+            ));
+            if out.code() == Some(0) {
+                break;
+            }
+            // 75: a login to re-key is still inside its grace.
+            assert_eq!(out.code(), Some(75), "{}", out.describe());
+            assert!(Instant::now() < deadline, "{}", out.describe());
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let logins: Vec<u64> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    let failed = failed.load(Ordering::Relaxed);
+    eprintln!(
+        "pgbouncer: {failed} failed of {} logins through the pooler over 3 rotations",
+        logins.iter().sum::<u64>()
+    );
+    assert!(
+        logins.iter().all(|&n| n >= 10),
+        "a worker barely ran: {logins:?}"
+    );
+    assert_eq!(failed, 0, "{:?}", errors.lock().unwrap());
+
+    // A login retired by the last rotation stops working through the pooler once its
+    // grace has passed: PgBouncer gets no verifier for it.
+    let (login, password) = &retired[0];
+    let (role, ..) = PAIRS[0];
+    wait_until(
+        LIMIT,
+        "the retired login to be refused through the pooler",
+        || {
+            let mut probe = String::new();
+            probe.push_str(&format!(
+            "[{role}]\nhost=127.0.0.1\nport={}\ndbname=postgres\nuser={login}\npassword={password}\n",
+            bouncer.port
+        ));
+            let file = state.path().join("retired.conf");
+            std::fs::write(&file, probe).unwrap();
+            login_through_service(&file, role).is_err()
+        },
+    );
+    let _ = std::fs::remove_file(state.path().join("retired.conf"));
+    watcher.signal(Signal::SIGTERM);
+    let out = watcher.finish(LIMIT).expect_ok();
+    let values: Vec<String> = source
+        .snapshot()
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("postgres_"))
+        .map(|(_, v)| String::from_utf8_lossy(&v).trim_end().to_owned())
+        .collect();
+    let mut secrets: Vec<&str> = values.iter().map(String::as_str).collect();
+    secrets.push(password);
+    assert_no_leak_in(
+        &secrets,
+        vec![
+            ("server log".into(), cluster.log_text()),
+            ("pgbouncer's log".into(), bouncer.log()),
+        ],
+        &[&out],
+    );
+}
