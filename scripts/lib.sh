@@ -95,6 +95,15 @@ ensure_pgaudit() {
     apt_install postgresql-15-pgaudit
 }
 
+# ensure_cluster_tools: Debian's Patroni, etcd and PgBouncer, for the cluster tests
+# (tests/clusters.rs: a 3-node Patroni cluster on etcd, a client fleet behind PgBouncer).
+# The tests start their own on free loopback ports, as the postgres OS user; where an init
+# system starts the packages' own services, those keep their usual ports.
+ensure_cluster_tools() {
+    ensure_commands patroni:patroni etcd:etcd-server /usr/sbin/pgbouncer:pgbouncer \
+        nsenter:util-linux
+}
+
 # release_bin: the path of the binary `cargo build --release` makes. .cargo/config.toml
 # builds for the host's target triple explicitly, so it is
 # <target dir>/<host triple>/release/pg-password-sync; the target dir is cargo's own answer

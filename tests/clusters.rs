@@ -1113,3 +1113,39 @@ fn pgbouncer_a_client_fleet_sees_no_failed_login_through_overlap_rotations() {
         &[&out],
     );
 }
+
+/// The rule of Patroni's data directory on a plain server with its mark: the default role
+/// map leaves the superuser alone, saying so once; `--patroni off` (the operator's
+/// override) syncs it; so does a role map that names it, with a warning.
+#[test]
+fn a_data_directory_with_patronis_mark_leaves_the_superuser_unless_told_otherwise() {
+    let cluster = Cluster::start_default();
+    let keys = Keys::new();
+    cluster.create_throwaway_roles(DEFAULT_ROLES.iter().map(|(role, _)| *role));
+    let secrets = keys.write_new(&DEFAULT_ROLES, "patroni-rule");
+    write_as_server(&cluster.data.join("patroni.dynamic.json"), "{}");
+    let superuser = cluster.rolpassword("postgres");
+    let sync = |extra: &[&str]| {
+        let mut cmd = bin_for("sync", &cluster, &keys);
+        cmd.args(extra);
+        cluster.run(cmd).expect_ok()
+    };
+    let left = sync(&[]);
+    left.expect_stdout_line(&["appuser", "changed"]);
+    assert!(!left.stdout.contains("\"postgres\""), "{}", left.describe());
+    assert_eq!(left.stderr.matches(LEFT_TO_PATRONI).count(), 1, "{left}");
+    assert!(left.stderr.contains("patroni.dynamic.json"), "{left}");
+    assert_eq!(cluster.rolpassword("postgres"), superuser);
+    let off = sync(&["--patroni", "off"]);
+    off.expect_stdout_line(&["postgres", "changed"]);
+    cluster.assert_login("postgres", &secrets[0]);
+    keys.write("postgres_password", &unique("mapped"));
+    let mapped = sync(&["--role", "postgres=postgres_password"]);
+    mapped.expect_stdout_line(&["postgres", "changed"]);
+    assert!(mapped.stderr.contains("names the superuser"), "{mapped}");
+    assert_no_leak(
+        &secrets.iter().map(String::as_str).collect::<Vec<_>>(),
+        Some(&cluster),
+        &[&left, &off, &mapped],
+    );
+}
