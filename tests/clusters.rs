@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
+use crate::common::source::{PAIRS, SERVICE_FILE, Source, create_app_roles, rotate_cmd};
 use crate::common::*;
 
 /// Liveness bound for a password to be in force, a sidecar to report.
@@ -43,8 +44,6 @@ struct Setup {
     secrets: Vec<String>,
     /// The application roles' passwords now, in `APP_ROLES` order.
     app: Vec<String>,
-    /// Sidecars that were stopped or replaced, for the leak checks.
-    runs: Vec<Run>,
 }
 
 impl Setup {
@@ -59,15 +58,7 @@ impl Setup {
         let superuser_file = unique("superuser-file");
         keys.write("postgres_password", &superuser_file);
         let leader = cluster.leader().expect("a leader");
-        let throwaway = unique("throwaway");
-        let mut sql = String::new();
-        for (role, _) in APP_ROLES {
-            sql.push_str(&format!(
-                "CREATE ROLE {role} LOGIN PASSWORD {};\n",
-                quote_literal(&throwaway)
-            ));
-        }
-        cluster.nodes[leader].psql(&sql);
+        create_roles(&cluster.nodes[leader], &APP_ROLES.map(|(role, _)| role));
         let app = keys.write_new(&APP_ROLES, "first");
         let mut setup = Setup {
             sidecars: Vec::new(),
@@ -75,7 +66,6 @@ impl Setup {
             app,
             keys,
             cluster,
-            runs: Vec::new(),
         };
         for i in 0..setup.cluster.nodes.len() {
             let sidecar = setup.sidecar(i, extra);
@@ -85,23 +75,11 @@ impl Setup {
         setup
     }
 
-    /// `watch` beside node `i`: its socket, port and data directory, the keys.
+    /// `watch` beside node `i`, with the temporal role too.
     fn sidecar(&self, i: usize, extra: &[&str]) -> Running {
-        let node = &self.cluster.nodes[i];
-        let state = node.dir.join("sidecar-state");
-        let _ = std::fs::create_dir(&state);
-        let mut cmd = bin();
-        cmd.arg("watch")
-            .args(node.conn_args())
-            .arg("--keys-dir")
-            .arg(self.keys.path())
-            .arg("--secrets-source-dir")
-            .arg(node.dir.join("no-docker-secrets"))
-            .args(["--temporal-db-user", "temporaluser", "--debounce", "50ms"])
-            .arg("--state-dir")
-            .arg(&state)
-            .args(extra);
-        Running::spawn(cmd)
+        let mut args = vec!["--temporal-db-user", "temporaluser"];
+        args.extend(extra);
+        sidecar_at(&self.cluster.nodes[i], self.keys.path(), &args)
     }
 
     fn sidecar_log(&self, i: usize) -> String {
@@ -158,27 +136,65 @@ impl Setup {
         );
     }
 
-    /// Stops sidecar `i` (SIGTERM) and keeps its record.
-    fn stop_sidecar(&mut self, i: usize) {
-        if let Some(sidecar) = self.sidecars[i].take() {
-            sidecar.signal(Signal::SIGTERM);
-            self.runs.push(sidecar.finish(LIMIT).expect_ok());
-        }
-    }
-
-    /// The checks every cluster test ends with: no statement that writes ever reached a
-    /// replica, and no secret anywhere.
+    /// The checks every cluster test ends with (`finish`).
     fn finish(mut self) {
-        for i in 0..self.sidecars.len() {
-            self.stop_sidecar(i);
-        }
-        for node in &self.cluster.nodes {
-            assert_nothing_written_while_replica(node);
-        }
-        let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
-        let runs: Vec<&Run> = self.runs.iter().collect();
-        assert_no_leak_in(&secrets, self.cluster.logs(), &runs);
+        let sidecars = self.sidecars.iter_mut().filter_map(Option::take).collect();
+        finish(&self.cluster, sidecars, Vec::new(), &self.secrets);
     }
+}
+
+/// Creates LOGIN `roles` on `node` (the leader) with a throwaway password.
+fn create_roles(node: &Node, roles: &[&str]) {
+    let throwaway = unique("throwaway");
+    let sql: String = roles
+        .iter()
+        .map(|role| {
+            format!(
+                "CREATE ROLE {role} LOGIN PASSWORD {};\n",
+                quote_literal(&throwaway)
+            )
+        })
+        .collect();
+    node.psql(&sql);
+}
+
+/// `watch` beside `node`: its socket, port and data directory, the secrets in `keys`,
+/// a 50 ms debounce, plus `extra`.
+fn sidecar_at(node: &Node, keys: &std::path::Path, extra: &[&str]) -> Running {
+    let state = node.dir.join("sidecar-state");
+    let _ = std::fs::create_dir(&state);
+    let mut cmd = bin();
+    cmd.arg("watch")
+        .args(node.conn_args())
+        .arg("--keys-dir")
+        .arg(keys)
+        .arg("--secrets-source-dir")
+        .arg(node.dir.join("no-docker-secrets"))
+        .args(["--debounce", "50ms", "--state-dir"])
+        .arg(&state)
+        .args(extra);
+    Running::spawn(cmd)
+}
+
+/// The checks every Patroni test ends with: the sidecars stop cleanly (SIGTERM, exit 0),
+/// no statement that writes ever reached a replica, and no secret anywhere (the logs of
+/// every node and of etcd, the outputs of `runs` and the sidecars, any process).
+fn finish(
+    cluster: &PatroniCluster,
+    sidecars: Vec<Running>,
+    mut runs: Vec<Run>,
+    secrets: &[String],
+) {
+    for sidecar in sidecars {
+        sidecar.signal(Signal::SIGTERM);
+        runs.push(sidecar.finish(LIMIT).expect_ok());
+    }
+    for node in &cluster.nodes {
+        assert_nothing_written_while_replica(node);
+    }
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    let runs: Vec<&Run> = runs.iter().collect();
+    assert_no_leak_in(&secrets, cluster.logs(), &runs);
 }
 
 /// What pg-password-sync sends to a primary to write, and never to a replica: the
@@ -463,67 +479,23 @@ fn patroni_as_the_cmd_of_run_is_synced_and_stopped() {
     let keys = Keys::new();
     let superuser_file = unique("superuser-file");
     keys.write("postgres_password", &superuser_file);
-    let mut app = keys.write_new(&APP_ROLES, "first");
+    let mut secrets = vec![superuser_file.clone()];
+    secrets.extend(keys.write_new(&APP_ROLES, "first"));
     let cluster = PatroniCluster::new(1, &unique("patroni-superuser"));
+    secrets.push(cluster.superuser_password().to_owned());
     let node = &cluster.nodes[0];
-    let state = node.dir.join("run-state");
-    std::fs::create_dir(&state).unwrap();
-    let flags = |cmd: &mut std::process::Command| {
-        cmd.args(node.conn_args())
-            .arg("--keys-dir")
-            .arg(keys.path())
-            .arg("--secrets-source-dir")
-            .arg(node.dir.join("no-docker-secrets"))
-            .args(["--temporal-db-user", "temporaluser"])
-            .arg("--state-dir")
-            .arg(&state);
-    };
-    let mut cmd = mode.bin();
-    cmd.arg("run");
-    flags(&mut cmd);
-    cmd.args(["--debounce", "50ms", "--"])
-        .args(node.patroni_command());
-    let mut supervisor = Running::spawn_as(mode, cmd);
-    supervisor.wait_stderr(CLUSTER_LIMIT, "first sync done");
-    let log = supervisor.stderr_so_far();
+    let under = UnderRun::start(mode, node, &keys);
+    under
+        .supervisor
+        .wait_stderr(CLUSTER_LIMIT, "first sync done");
+    let log = under.supervisor.stderr_so_far();
     assert!(log.contains("a postmaster CMD started"), "{log}");
     assert_eq!(log.matches(LEFT_TO_PATRONI).count(), 1, "{log}");
-    // `health` where `run` runs: inside its pid namespace, as `docker exec` would.
-    let pid = supervisor.pid().to_string();
-    let health = || {
-        let mut cmd = bin();
-        if mode == Mode::Pid1 {
-            cmd = std::process::Command::new("nsenter");
-            cmd.env_clear()
-                .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-                .args(["-t", &pid, "--pid", "--mount", BIN]);
-        }
-        cmd.arg("health");
-        flags(&mut cmd);
-        run(cmd)
-    };
     // The roles exist once Patroni has bootstrapped; their passwords follow the files.
     wait_until(CLUSTER_LIMIT, "Patroni to lead", || node.is_leader());
-    let throwaway = unique("throwaway");
-    for (role, _) in APP_ROLES {
-        node.psql(&format!(
-            "CREATE ROLE {role} LOGIN PASSWORD {}",
-            quote_literal(&throwaway)
-        ));
-    }
-    let mut secrets = vec![superuser_file.clone()];
-    secrets.extend(app.iter().cloned());
-    let mut rotate = |prefix: &str| {
-        app = keys.write_new(&APP_ROLES, prefix);
-        secrets.extend(app.iter().cloned());
-        for ((role, _), password) in APP_ROLES.iter().zip(&app) {
-            wait_until(LIMIT, "the rotation in force", || {
-                node.login(role, password).is_ok()
-            });
-        }
-    };
-    rotate("rotated");
-    let healthy = health().expect_ok();
+    create_roles(node, &APP_ROLES.map(|(role, _)| role));
+    secrets.extend(rotate_on(node, &keys, "rotated"));
+    let healthy = under.health().expect_ok();
     // Patroni restarts its server: another postmaster, which `health` accepts.
     let before = node.postmaster_pid_line();
     cluster.restart(0);
@@ -532,24 +504,84 @@ fn patroni_as_the_cmd_of_run_is_synced_and_stopped() {
             .is_some_and(|pid| Some(&pid) != before.as_ref())
             && node.psql_output("SELECT 1").status.success()
     });
-    rotate("after-restart");
-    let healthy_again = health().expect_ok();
+    secrets.extend(rotate_on(node, &keys, "after-restart"));
+    let healthy_again = under.health().expect_ok();
     node.login("postgres", cluster.superuser_password())
         .expect("the superuser is Patroni's");
     assert!(node.login("postgres", &superuser_file).is_err());
 
+    let mut supervisor = under.supervisor;
     supervisor.assert_alive();
     supervisor.signal(Signal::SIGTERM);
     let out = supervisor.finish(CLUSTER_LIMIT).expect_ok();
-    assert!(
-        out.stderr.contains("received SIGTERM") || out.stderr.contains("SIGTERM"),
-        "{}",
-        out.describe()
-    );
+    assert!(out.stderr.contains("SIGTERM"), "{}", out.describe());
     assert_eq!(node.postmaster_pid(), None, "Patroni stopped its server");
-    secrets.push(cluster.superuser_password().to_owned());
     let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
     assert_no_leak_in(&secrets, cluster.logs(), &[&out, &healthy, &healthy_again]);
+}
+
+/// `run -- patroni …` for one node, and `health` where it runs.
+struct UnderRun<'a> {
+    supervisor: Running,
+    mode: Mode,
+    node: &'a Node,
+    keys: &'a Keys,
+}
+
+impl<'a> UnderRun<'a> {
+    fn start(mode: Mode, node: &'a Node, keys: &'a Keys) -> UnderRun<'a> {
+        std::fs::create_dir(node.dir.join("run-state")).unwrap();
+        let mut cmd = mode.bin();
+        cmd.arg("run");
+        run_flags(&mut cmd, node, keys);
+        cmd.args(["--debounce", "50ms", "--"])
+            .args(node.patroni_command());
+        UnderRun {
+            supervisor: Running::spawn_as(mode, cmd),
+            mode,
+            node,
+            keys,
+        }
+    }
+
+    /// `health` where `run` runs: inside its pid namespace, as `docker exec` would.
+    fn health(&self) -> Run {
+        let mut cmd = bin();
+        if self.mode == Mode::Pid1 {
+            cmd = std::process::Command::new("nsenter");
+            cmd.env_clear()
+                .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+                .args(["-t", &self.supervisor.pid().to_string()])
+                .args(["--pid", "--mount", BIN]);
+        }
+        cmd.arg("health");
+        run_flags(&mut cmd, self.node, self.keys);
+        run(cmd)
+    }
+}
+
+/// The flags `run` and `health` share: the node, the keys, the state directory.
+fn run_flags(cmd: &mut std::process::Command, node: &Node, keys: &Keys) {
+    cmd.args(node.conn_args())
+        .arg("--keys-dir")
+        .arg(keys.path())
+        .arg("--secrets-source-dir")
+        .arg(node.dir.join("no-docker-secrets"))
+        .args(["--temporal-db-user", "temporaluser"])
+        .arg("--state-dir")
+        .arg(node.dir.join("run-state"));
+}
+
+/// Writes new passwords for the application roles and waits until they log in on
+/// `node`; returns them.
+fn rotate_on(node: &Node, keys: &Keys, prefix: &str) -> Vec<String> {
+    let app = keys.write_new(&APP_ROLES, prefix);
+    for ((role, _), password) in APP_ROLES.iter().zip(&app) {
+        wait_until(LIMIT, "the rotation in force", || {
+            node.login(role, password).is_ok()
+        });
+    }
+    app
 }
 
 /// The commands run from outside the cluster, pointed at every node with libpq's
@@ -570,123 +602,146 @@ fn patroni_commands_from_outside_follow_the_leader_through_a_switchover() {
     secrets.extend(app.iter().cloned());
     let cluster = PatroniCluster::start(3, &patroni_password);
     let leader = cluster.leader().expect("a leader");
-    let throwaway = unique("throwaway");
-    for (role, _) in APP_ROLES {
-        cluster.nodes[leader].psql(&format!(
-            "CREATE ROLE {role} LOGIN PASSWORD {}",
-            quote_literal(&throwaway)
-        ));
-    }
+    create_roles(&cluster.nodes[leader], &APP_ROLES.map(|(role, _)| role));
     // Replicas first, the leader last.
     let mut order: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
     order.push(leader);
-    let hosts = ["127.0.0.1"; 3].join(",");
-    let ports: Vec<String> = order
-        .iter()
-        .map(|&i| cluster.nodes[i].port.to_string())
-        .collect();
-    let ports = ports.join(",");
-    let state = tempfile::tempdir().unwrap();
-    let outside = |command: &str, target: &str| {
-        let mut cmd = bin();
-        cmd.arg(command)
-            .args(["--pghost", &hosts, "--pgport", &ports])
-            .args(["--target-session-attrs", target, "--patroni", "on"])
-            .args(["--pgdata", "/nonexistent"])
-            .arg("--keys-dir")
-            .arg(keys.path())
-            .arg("--secrets-source-dir")
-            .arg(state.path().join("none"))
-            .args(["--temporal-db-user", "temporaluser"]);
-        cmd
-    };
+    let outside = Outside::new(&cluster, &order, &keys);
     let in_force_on = |i: usize, app: &[String]| {
         APP_ROLES
             .iter()
             .zip(app)
             .all(|((role, _), pw)| cluster.nodes[i].login(role, pw).is_ok())
     };
-    let mut runs = Vec::new();
-    // `any`: the first server, a replica.
-    let any = run(outside("sync", "any")).expect_ok();
+    // `any`: the first server, a replica; `read-write`: the leader.
+    let any = run(outside.command("sync", "any")).expect_ok();
     any.expect_stdout("standby");
     assert!(!in_force_on(leader, &app));
-    // `read-write`: the leader.
-    let rw = run(outside("sync", "read-write")).expect_ok();
+    let rw = run(outside.command("sync", "read-write")).expect_ok();
     rw.expect_stdout_line(&["appuser", "changed"]);
     assert!(in_force_on(leader, &app));
-    runs.extend([any, rw]);
 
-    let mut watch = outside("watch", "read-write");
+    let mut watch = outside.command("watch", "read-write");
     watch
         .args(["--debounce", "50ms", "--state-dir"])
-        .arg(state.path());
+        .arg(outside.state.path());
     let watcher = Running::spawn(watch);
     watcher.wait_stderr(LIMIT, "watching 1 secret director");
     let new = order[0];
-    let switching = std::thread::scope(|scope| {
-        let switchover = scope.spawn(|| cluster.switchover(leader, new));
-        // Written while the switchover runs, for the watcher; the one-shot syncs meanwhile
-        // look after the third role only, so that what the watcher applies is its own.
-        let rotated = keys.write_new(&APP_ROLES[..2], "during-switchover");
-        app.splice(..2, rotated);
-        secrets.extend(app.iter().cloned());
-        let mut during = Vec::new();
-        while !switchover.is_finished() {
-            let mut sync = outside("sync", "read-write");
-            sync.args(["--role", "temporaluser=postgres_temporal_pw"]);
-            during.push(run(sync));
-        }
-        switchover.join().expect("the switchover");
-        during
-    });
+    let (rotated, during) = switchover_with_syncs(&cluster, leader, new, &outside, &keys);
+    app.splice(..2, rotated);
+    secrets.extend(app.iter().cloned());
     assert_eq!(cluster.wait_leader(None), new);
     wait_until(LIMIT, "the rotation in force on the new leader", || {
         in_force_on(new, &app)
     });
-    let codes: Vec<Option<i32>> = switching.iter().map(Run::code).collect();
-    eprintln!("switchover: one-shot syncs during it exited with {codes:?}");
+    let watcher_log = watcher.stderr_so_far();
+    assert!(
+        watcher_log.contains("passwords rotated: appuser, backupuser changed"),
+        "the outside watcher applied the rotation:\n{watcher_log}"
+    );
 
-    for out in &switching {
+    // After the switchover, the same settings reach the new leader.
+    let verify = outside.verify_at(&cluster.nodes[new]);
+    watcher.signal(Signal::SIGTERM);
+    let watched = watcher.finish(LIMIT).expect_ok();
+    app = keys.write_new(&APP_ROLES, "after-switchover");
+    secrets.extend(app.iter().cloned());
+    let after = run(outside.command("sync", "read-write")).expect_ok();
+    after.expect_stdout_line(&["appuser", "changed"]);
+    assert!(in_force_on(new, &app));
+    let mut runs = vec![any, rw, verify, watched, after];
+    runs.extend(during);
+    finish(&cluster, Vec::new(), runs, &secrets);
+}
+
+/// Commands run from outside the cluster, pointed at every node of it (in `order`) with
+/// libpq's multi-host form.
+struct Outside<'a> {
+    hosts: String,
+    ports: String,
+    keys: &'a Keys,
+    state: tempfile::TempDir,
+}
+
+impl<'a> Outside<'a> {
+    fn new(cluster: &PatroniCluster, order: &[usize], keys: &'a Keys) -> Outside<'a> {
+        let ports: Vec<String> = order
+            .iter()
+            .map(|&i| cluster.nodes[i].port.to_string())
+            .collect();
+        Outside {
+            hosts: vec!["127.0.0.1"; order.len()].join(","),
+            ports: ports.join(","),
+            keys,
+            state: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// `command` with the host list, `PGTARGETSESSIONATTRS=target` and `--patroni on`
+    /// (there is no data directory to look at from outside).
+    fn command(&self, command: &str, target: &str) -> std::process::Command {
+        let mut cmd = bin();
+        cmd.arg(command)
+            .args(["--pghost", &self.hosts, "--pgport", &self.ports])
+            .args(["--target-session-attrs", target, "--patroni", "on"])
+            .args(["--pgdata", "/nonexistent"])
+            .arg("--keys-dir")
+            .arg(self.keys.path())
+            .arg("--secrets-source-dir")
+            .arg(self.state.path().join("none"))
+            .args(["--temporal-db-user", "temporaluser"]);
+        cmd
+    }
+
+    /// `verify` with `read-write`: every role logs in, at `leader`.
+    fn verify_at(&self, leader: &Node) -> Run {
+        let mut verify = self.command("verify", "read-write");
+        verify.args(["--format", "json"]);
+        let verify = run(verify).expect_ok();
+        let checks: Vec<serde_json::Value> = serde_json::from_str(verify.stdout.trim()).unwrap();
+        let at = format!("127.0.0.1:{}", leader.port);
+        assert_eq!(checks.len(), APP_ROLES.len(), "{}", verify.describe());
+        for check in &checks {
+            assert_eq!(check["at"], at.as_str(), "{}", verify.describe());
+            assert_eq!(check["ok"], true, "{}", verify.describe());
+        }
+        verify
+    }
+}
+
+/// A switchover from `leader` to `new` with, while it runs, new passwords for the first
+/// two application roles (returned) and one-shot syncs of the third role only (so that
+/// what a watcher applies meanwhile is its own), none of which writes to a replica.
+fn switchover_with_syncs(
+    cluster: &PatroniCluster,
+    leader: usize,
+    new: usize,
+    outside: &Outside,
+    keys: &Keys,
+) -> (Vec<String>, Vec<Run>) {
+    let (rotated, during) = std::thread::scope(|scope| {
+        let switchover = scope.spawn(|| cluster.switchover(leader, new));
+        let rotated = keys.write_new(&APP_ROLES[..2], "during-switchover");
+        let mut during = Vec::new();
+        while !switchover.is_finished() {
+            let mut sync = outside.command("sync", "read-write");
+            sync.args(["--role", "temporaluser=postgres_temporal_pw"]);
+            during.push(run(sync));
+        }
+        switchover.join().expect("the switchover");
+        (rotated, during)
+    });
+    let codes: Vec<Option<i32>> = during.iter().map(Run::code).collect();
+    eprintln!("switchover: one-shot syncs during it exited with {codes:?}");
+    for out in &during {
         assert!(
             !out.stderr.contains("read-only") && !out.stderr.contains("recovery is in progress"),
             "{}",
             out.describe()
         );
     }
-    runs.extend(switching);
-
-    // After the switchover, the same settings reach the new leader.
-    let mut verify = outside("verify", "read-write");
-    verify.args(["--format", "json"]);
-    let verify = run(verify).expect_ok();
-    let checks: Vec<serde_json::Value> = serde_json::from_str(verify.stdout.trim()).unwrap();
-    let at = format!("127.0.0.1:{}", cluster.nodes[new].port);
-    assert_eq!(checks.len(), APP_ROLES.len(), "{}", verify.describe());
-    for check in &checks {
-        assert_eq!(check["at"], at.as_str(), "{}", verify.describe());
-        assert_eq!(check["ok"], true, "{}", verify.describe());
-    }
-    let watcher_log = watcher.stderr_so_far();
-    watcher.signal(Signal::SIGTERM);
-    let watched = watcher.finish(LIMIT).expect_ok();
-    app = keys.write_new(&APP_ROLES, "after-switchover");
-    secrets.extend(app.iter().cloned());
-    let after = run(outside("sync", "read-write")).expect_ok();
-    after.expect_stdout_line(&["appuser", "changed"]);
-    assert!(in_force_on(new, &app));
-    assert!(
-        watcher_log.contains("passwords rotated: appuser, backupuser changed"),
-        "the outside watcher applied the rotation:\n{watcher_log}"
-    );
-    runs.extend([verify, watched, after]);
-
-    for node in &cluster.nodes {
-        assert_nothing_written_while_replica(node);
-    }
-    let runs: Vec<&Run> = runs.iter().collect();
-    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
-    assert_no_leak_in(&secrets, cluster.logs(), &runs);
+    (rotated, during)
 }
 
 /// How long a login stays valid once it is no longer published, in the overlap test:
@@ -703,99 +758,34 @@ const OVERLAP_GRACE: Duration = Duration::from_secs(15);
 /// ends and no longer after. A second rotation then finds the new leader.
 #[test]
 fn patroni_overlap_twins_published_login_and_grace_survive_a_failover() {
-    let source = crate::common::source::Source::generate();
-    let patroni_password = source.value("postgres_password.txt");
-    let mut cluster = PatroniCluster::start(3, &patroni_password);
-    let mut secrets: Vec<String> = Vec::new();
-    // The database passwords (the OIDC values come from constants other tests use too).
-    let mut remember = |source: &crate::common::source::Source| {
-        for (name, value) in source.snapshot() {
-            if !name.starts_with("postgres_") {
-                continue;
-            }
-            let value = String::from_utf8_lossy(&value).trim_end().to_owned();
-            if value.len() >= 12 && !secrets.contains(&value) {
-                secrets.push(value);
-            }
-        }
-    };
-    remember(&source);
+    let source = Source::generate();
+    let mut secrets = Vec::new();
+    remember(&source, &mut secrets);
+    let mut cluster = PatroniCluster::start(3, &source.value("postgres_password.txt"));
     let old = cluster.leader().expect("a leader");
-    let throwaway = unique("throwaway");
-    for role in ["appuser", "backupuser"] {
-        cluster.nodes[old].psql(&format!(
-            "CREATE ROLE {role} LOGIN PASSWORD {}",
-            quote_literal(&throwaway)
-        ));
-    }
+    create_roles(&cluster.nodes[old], &["appuser", "backupuser"]);
     let grace = format!("{}s", OVERLAP_GRACE.as_secs());
     let sidecars: Vec<Running> = cluster
         .nodes
         .iter()
-        .map(|node| {
-            let state = node.dir.join("sidecar-state");
-            std::fs::create_dir(&state).unwrap();
-            let mut cmd = bin();
-            cmd.arg("watch")
-                .args(node.conn_args())
-                .arg("--keys-dir")
-                .arg(source.keys())
-                .arg("--secrets-source-dir")
-                .arg(node.dir.join("none"))
-                .args(["--overlap", "--grace", &grace, "--debounce", "50ms"])
-                .arg("--state-dir")
-                .arg(&state);
-            Running::spawn(cmd)
-        })
+        .map(|node| sidecar_at(node, &source.keys(), &["--overlap", "--grace", &grace]))
         .collect();
-    let published_work_on = |cluster: &PatroniCluster, i: usize| {
-        ["appuser", "backupuser"].iter().all(|role| {
-            let (login, password) = source.published(role);
-            cluster.nodes[i].login(&login, &password).is_ok()
-        })
-    };
     for i in 0..3 {
         wait_until(LIMIT, "the published logins everywhere", || {
-            published_work_on(&cluster, i)
+            published_work_on(&cluster.nodes[i], &source)
         });
     }
-    let (hosts, ports) = cluster.host_list();
-    let rotate = || {
-        let mut cmd = bin();
-        cmd.arg("rotate")
-            .arg("--dir")
-            .arg(source.path())
-            .args(["--pghost", &hosts, "--pgport", &ports])
-            .args(["--target-session-attrs", "read-write", "--patroni", "on"])
-            .args([
-                "--wait",
-                "10s",
-                "--grace",
-                &grace,
-                "--connect-timeout",
-                "10s",
-            ]);
-        run(cmd)
-    };
-    let retired: Vec<(String, String)> = ["appuser", "backupuser"]
-        .iter()
-        .map(|role| source.published(role))
-        .collect();
-    let first = rotate().expect_ok();
+    let retired: Vec<(String, String)> = OVERLAPPED.map(|role| source.published(role)).into();
+    let first = rotate_through_list(&cluster, &source);
     first.expect_stdout("the superuser's password");
-    remember(&source);
+    remember(&source, &mut secrets);
     assert_eq!(source.published("appuser").0, "appuser_alt");
     // The leader's sidecar starts the grace of the logins no longer published.
-    let until = "SELECT rolname || ' ' || rolvaliduntil FROM pg_authid \
-                 WHERE rolname IN ('appuser', 'backupuser') AND rolvaliduntil IS NOT NULL \
-                 AND rolvaliduntil <> 'infinity' ORDER BY 1";
     wait_until(LIMIT, "the grace of the retired logins", || {
-        cluster.nodes[old].psql(until).lines().count() == 2
+        cluster.nodes[old].psql(GRACE_DEADLINES).lines().count() == 2
     });
-    let deadlines = cluster.nodes[old].psql(until);
-    let marks = "SELECT count(*) FROM pg_authid WHERE rolname IN ('appuser_alt', 'backupuser_alt') \
-                 AND shobj_description(oid, 'pg_authid') LIKE 'pg-password-sync%'";
-    assert_eq!(cluster.nodes[old].psql(marks), "2");
+    let deadlines = cluster.nodes[old].psql(GRACE_DEADLINES);
+    assert_eq!(cluster.nodes[old].psql(MARKED_TWINS), "2");
     let published_at = Instant::now();
 
     cluster.nodes[old].kill();
@@ -806,12 +796,8 @@ fn patroni_overlap_twins_published_login_and_grace_survive_a_failover() {
         node.name,
         published_at.elapsed()
     );
-    assert_eq!(node.psql(marks), "2", "the twins and their mark");
-    assert_eq!(
-        node.psql(until),
-        deadlines,
-        "the same grace on the new leader"
-    );
+    assert_eq!(node.psql(MARKED_TWINS), "2", "the twins and their mark");
+    assert_eq!(node.psql(GRACE_DEADLINES), deadlines, "the same grace");
     assert!(
         published_at.elapsed() < OVERLAP_GRACE,
         "the grace outlived the failover"
@@ -820,29 +806,71 @@ fn patroni_overlap_twins_published_login_and_grace_survive_a_failover() {
         node.login(login, password)
             .unwrap_or_else(|err| panic!("{login} inside its grace: {err}"));
     }
-    assert!(published_work_on(&cluster, new));
+    assert!(published_work_on(node, &source));
     wait_until(OVERLAP_GRACE + LIMIT, "the grace to end", || {
         retired.iter().all(|(l, p)| node.login(l, p).is_err())
     });
-    assert!(published_work_on(&cluster, new));
+    assert!(published_work_on(node, &source));
 
     // The next rotation re-keys the retired logins on the new leader.
-    let second = rotate().expect_ok();
-    remember(&source);
+    let second = rotate_through_list(&cluster, &source);
+    remember(&source, &mut secrets);
     assert_eq!(source.published("appuser").0, "appuser");
-    assert!(published_work_on(&cluster, new));
+    assert!(published_work_on(node, &source));
+    finish(&cluster, sidecars, vec![first, second], &secrets);
+}
 
-    let mut runs = vec![first, second];
-    for sidecar in sidecars {
-        sidecar.signal(Signal::SIGTERM);
-        runs.push(sidecar.finish(LIMIT).expect_ok());
+/// The roles overlap mode twins in these tests (`generate --overlap`'s default map).
+const OVERLAPPED: [&str; 2] = ["appuser", "backupuser"];
+
+/// The logins whose grace is running, and until when.
+const GRACE_DEADLINES: &str = "SELECT rolname || ' ' || rolvaliduntil FROM pg_authid \
+     WHERE rolname IN ('appuser', 'backupuser') AND rolvaliduntil IS NOT NULL \
+     AND rolvaliduntil <> 'infinity' ORDER BY 1";
+
+/// How many twins exist and carry the sync's mark.
+const MARKED_TWINS: &str = "SELECT count(*) FROM pg_authid \
+     WHERE rolname IN ('appuser_alt', 'backupuser_alt') \
+     AND shobj_description(oid, 'pg_authid') LIKE 'pg-password-sync%'";
+
+/// Adds the database passwords of `source` to `secrets` (the OIDC values are constants
+/// other tests use too, and would be found in their processes).
+fn remember(source: &Source, secrets: &mut Vec<String>) {
+    for (name, value) in source.snapshot() {
+        let value = String::from_utf8_lossy(&value).trim_end().to_owned();
+        if name.starts_with("postgres_") && !secrets.contains(&value) {
+            secrets.push(value);
+        }
     }
-    for node in &cluster.nodes {
-        assert_nothing_written_while_replica(node);
-    }
-    let runs: Vec<&Run> = runs.iter().collect();
-    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
-    assert_no_leak_in(&secrets, cluster.logs(), &runs);
+}
+
+/// Whether every overlapped role's published credential logs in on `node`.
+fn published_work_on(node: &Node, source: &Source) -> bool {
+    OVERLAPPED.iter().all(|role| {
+        let (login, password) = source.published(role);
+        node.login(&login, &password).is_ok()
+    })
+}
+
+/// `rotate` from outside with every node in `PGHOST`, `read-write`, and `--patroni on`.
+fn rotate_through_list(cluster: &PatroniCluster, source: &Source) -> Run {
+    let (hosts, ports) = cluster.host_list();
+    let grace = format!("{}s", OVERLAP_GRACE.as_secs());
+    let mut cmd = bin();
+    cmd.arg("rotate")
+        .arg("--dir")
+        .arg(source.path())
+        .args(["--pghost", &hosts, "--pgport", &ports])
+        .args(["--target-session-attrs", "read-write", "--patroni", "on"])
+        .args([
+            "--wait",
+            "10s",
+            "--grace",
+            &grace,
+            "--connect-timeout",
+            "10s",
+        ]);
+    run(cmd).expect_ok()
 }
 
 /// PgBouncer on the loopback in front of `cluster`, authenticating clients with SCRAM
@@ -939,8 +967,7 @@ impl Drop for PgBouncer {
 
 /// Points every role's section of `pg_service.conf` at PgBouncer (host, port, dbname),
 /// as the applications' service file does behind a pooler; `rotate` keeps them.
-fn through_pooler(source: &crate::common::source::Source, port: u16) {
-    use crate::common::source::SERVICE_FILE;
+fn through_pooler(source: &Source, port: u16) {
     let path = source.keys().join(SERVICE_FILE);
     let text = std::fs::read_to_string(&path).unwrap();
     let mut out = String::new();
@@ -989,10 +1016,6 @@ fn login_through_service(service_file: &std::path::Path, role: &str) -> Result<(
 /// a retired one stops working once its grace has passed.
 #[test]
 fn pgbouncer_a_client_fleet_sees_no_failed_login_through_overlap_rotations() {
-    use crate::common::source::{PAIRS, SERVICE_FILE, Source, create_app_roles};
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-
     let cluster = Cluster::start_default();
     create_app_roles(&cluster);
     let bouncer = PgBouncer::start(&cluster);
@@ -1017,54 +1040,17 @@ fn pgbouncer_a_client_fleet_sees_no_failed_login_through_overlap_rotations() {
             login_through_service(&service_file, role).is_ok()
         });
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let failed = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let workers: Vec<std::thread::JoinHandle<u64>> = (0..4)
-        .map(|i| {
-            let (role, ..) = PAIRS[i % PAIRS.len()];
-            let (stop, failed, errors) = (stop.clone(), failed.clone(), errors.clone());
-            let service_file = service_file.clone();
-            std::thread::spawn(move || {
-                let mut logins = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    if let Err(err) = login_through_service(&service_file, role) {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                        errors.lock().unwrap().push(err);
-                    }
-                    logins += 1;
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                logins
-            })
-        })
-        .collect();
+    let fleet = Fleet::start(&service_file);
     let mut retired = Vec::new();
     for _ in 0..3 {
         retired = PAIRS
             .iter()
             .map(|(role, ..)| source.published(role))
             .collect();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let out = run(crate::common::source::rotate_cmd(
-                source.path(),
-                cluster.port,
-                &["--wait", "30s"],
-            ));
-            if out.code() == Some(0) {
-                break;
-            }
-            // 75: a login to re-key is still inside its grace.
-            assert_eq!(out.code(), Some(75), "{}", out.describe());
-            assert!(Instant::now() < deadline, "{}", out.describe());
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        rotate_when_allowed(&source, cluster.port);
     }
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    let logins: Vec<u64> = workers.into_iter().map(|w| w.join().unwrap()).collect();
-    let failed = failed.load(Ordering::Relaxed);
+    let (logins, failed, errors) = fleet.stop();
     eprintln!(
         "pgbouncer: {failed} failed of {} logins through the pooler over 3 rotations",
         logins.iter().sum::<u64>()
@@ -1073,45 +1059,100 @@ fn pgbouncer_a_client_fleet_sees_no_failed_login_through_overlap_rotations() {
         logins.iter().all(|&n| n >= 10),
         "a worker barely ran: {logins:?}"
     );
-    assert_eq!(failed, 0, "{:?}", errors.lock().unwrap());
+    assert_eq!(failed, 0, "{errors:?}");
 
     // A login retired by the last rotation stops working through the pooler once its
     // grace has passed: PgBouncer gets no verifier for it.
     let (login, password) = &retired[0];
-    let (role, ..) = PAIRS[0];
+    let probe = state.path().join("retired.conf");
+    std::fs::write(
+        &probe,
+        format!(
+            "[{}]\nhost=127.0.0.1\nport={}\ndbname=postgres\nuser={login}\npassword={password}\n",
+            PAIRS[0].0, bouncer.port
+        ),
+    )
+    .unwrap();
     wait_until(
         LIMIT,
         "the retired login to be refused through the pooler",
-        || {
-            let mut probe = String::new();
-            probe.push_str(&format!(
-            "[{role}]\nhost=127.0.0.1\nport={}\ndbname=postgres\nuser={login}\npassword={password}\n",
-            bouncer.port
-        ));
-            let file = state.path().join("retired.conf");
-            std::fs::write(&file, probe).unwrap();
-            login_through_service(&file, role).is_err()
-        },
+        || login_through_service(&probe, PAIRS[0].0).is_err(),
     );
-    let _ = std::fs::remove_file(state.path().join("retired.conf"));
+    std::fs::remove_file(&probe).unwrap();
     watcher.signal(Signal::SIGTERM);
     let out = watcher.finish(LIMIT).expect_ok();
-    let values: Vec<String> = source
-        .snapshot()
-        .into_iter()
-        .filter(|(name, _)| name.starts_with("postgres_"))
-        .map(|(_, v)| String::from_utf8_lossy(&v).trim_end().to_owned())
-        .collect();
-    let mut secrets: Vec<&str> = values.iter().map(String::as_str).collect();
-    secrets.push(password);
-    assert_no_leak_in(
-        &secrets,
-        vec![
-            ("server log".into(), cluster.log_text()),
-            ("pgbouncer's log".into(), bouncer.log()),
-        ],
-        &[&out],
-    );
+    let mut secrets = vec![password.clone()];
+    remember(&source, &mut secrets);
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    let logs = vec![
+        ("server log".to_owned(), cluster.log_text()),
+        ("pgbouncer's log".to_owned(), bouncer.log()),
+    ];
+    assert_no_leak_in(&secrets, logs, &[&out]);
+}
+
+/// Four workers logging in without pause through `service_file` (each with one role's
+/// section, in turn), counting failures.
+struct Fleet {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    failed: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    workers: Vec<std::thread::JoinHandle<u64>>,
+}
+
+impl Fleet {
+    fn start(service_file: &std::path::Path) -> Fleet {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let failed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let workers = (0..4)
+            .map(|i| {
+                let (role, ..) = PAIRS[i % PAIRS.len()];
+                let (stop, failed) = (stop.clone(), failed.clone());
+                let service_file = service_file.to_path_buf();
+                std::thread::spawn(move || {
+                    let mut logins = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        if let Err(err) = login_through_service(&service_file, role) {
+                            failed.lock().unwrap().push(err);
+                        }
+                        logins += 1;
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    logins
+                })
+            })
+            .collect();
+        Fleet {
+            stop,
+            failed,
+            workers,
+        }
+    }
+
+    /// Stops the workers: the logins of each, the number of failures, their messages.
+    fn stop(self) -> (Vec<u64>, u64, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let logins = self
+            .workers
+            .into_iter()
+            .map(|w| w.join().unwrap())
+            .collect();
+        let failed = self.failed.lock().unwrap().clone();
+        (logins, failed.len() as u64, failed)
+    }
+}
+
+/// Runs `rotate` until it is allowed (75: a login to re-key is still inside its grace).
+fn rotate_when_allowed(source: &Source, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = run(rotate_cmd(source.path(), port, &["--wait", "30s"]));
+        if out.code() == Some(0) {
+            return;
+        }
+        assert_eq!(out.code(), Some(75), "{}", out.describe());
+        assert!(Instant::now() < deadline, "{}", out.describe());
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 /// The rule of Patroni's data directory on a plain server with its mark: the default role

@@ -484,9 +484,33 @@ fn node(
     for d in [&dir, &sock] {
         assert!(as_server_user("mkdir").arg(d).status().unwrap().success());
     }
-    let (port, api_port) = (free_port(), free_port());
-    let data = dir.join("data");
-    let yaml = format!(
+    let node = Node {
+        name: name.to_owned(),
+        log: dir.join("patroni.log"),
+        config: dir.join("patroni.yml"),
+        data: dir.join("data"),
+        dir,
+        sock,
+        port: free_port(),
+        api_port: free_port(),
+        patroni: None,
+    };
+    let yaml = patroni_yaml(&node, scope, etcd_port)
+        .replace("{superuser_password}", superuser_password)
+        .replace("{replication_password}", replication_password);
+    write_as_server(&node.config, &yaml);
+    std::fs::set_permissions(
+        &node.config,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    node
+}
+
+/// Patroni's configuration of `node`, with `{superuser_password}` and
+/// `{replication_password}` left for the caller to fill in.
+fn patroni_yaml(node: &Node, scope: &str, etcd_port: u16) -> String {
+    format!(
         "scope: {scope}
 name: {name}
 log:
@@ -517,10 +541,10 @@ postgresql:
   authentication:
     superuser:
       username: postgres
-      password: '{superuser_password}'
+      password: '{{superuser_password}}'
     replication:
       username: {REPLICATION_ROLE}
-      password: '{replication_password}'
+      password: '{{replication_password}}'
   parameters:
     unix_socket_directories: '{sock}'
     password_encryption: scram-sha-256
@@ -539,26 +563,15 @@ postgresql:
   pg_ident:
     - harness {os_user} postgres
 ",
-        data = data.display(),
+        name = node.name,
+        api_port = node.api_port,
+        port = node.port,
+        data = node.data.display(),
         bin_dir = pg_bindir().display(),
-        pgpass = dir.join("pgpass").display(),
-        sock = sock.display(),
+        pgpass = node.dir.join("pgpass").display(),
+        sock = node.sock.display(),
         os_user = server_os_user(),
-    );
-    let config = dir.join("patroni.yml");
-    write_as_server(&config, &yaml);
-    std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    Node {
-        name: name.to_owned(),
-        log: dir.join("patroni.log"),
-        dir,
-        data,
-        sock,
-        port,
-        api_port,
-        config,
-        patroni: None,
-    }
+    )
 }
 
 /// One HTTP/1.0 request to 127.0.0.1:`port` (Patroni's REST API, etcd): the status code
