@@ -856,6 +856,53 @@ mod tests {
     }
 
     #[test]
+    fn host_lists_target_kinds_patroni_and_the_postmaster_rule_reach_the_settings() {
+        let cli = Cli::try_parse_from([
+            "pg-password-sync",
+            "watch",
+            "--pghost",
+            "n1,n2,n3",
+            "--pgport",
+            "5001,5002,5003",
+            "--target-session-attrs",
+            "read-write",
+            "--patroni",
+            "on",
+        ])
+        .unwrap();
+        let Command::Watch(args) = cli.command else {
+            unreachable!()
+        };
+        let settings = WatchSettings::from(args).config;
+        assert_eq!(
+            (settings.pghost.as_str(), settings.pgport.as_str()),
+            ("n1,n2,n3", "5001,5002,5003")
+        );
+        assert_eq!(settings.target_session_attrs, TargetSession::ReadWrite);
+        assert_eq!(settings.patroni, PatroniRule::On);
+        assert!(crate::config::Config::from_settings(&settings).is_ok());
+        for refused in [
+            ["--target-session-attrs", "standby"],
+            ["--patroni", "maybe"],
+        ] {
+            let mut argv = vec!["pg-password-sync", "sync"];
+            argv.extend(refused);
+            assert!(Cli::try_parse_from(argv).is_err(), "{refused:?}");
+        }
+        let run = |rule: &[&str]| {
+            let mut argv = vec!["pg-password-sync", "run"];
+            argv.extend(rule);
+            argv.extend(["--", "patroni", "p.yml"]);
+            match Cli::try_parse_from(argv).unwrap().command {
+                Command::Run(args) => RunSettings::from(args).postmaster,
+                _ => unreachable!(),
+            }
+        };
+        assert_eq!(run(&[]), PostmasterRule::Descendant);
+        assert_eq!(run(&["--postmaster", "cmd"]), PostmasterRule::Cmd);
+    }
+
+    #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
     }

@@ -88,10 +88,23 @@ pub async fn superuser(
             }
             // One server: its own error, classified as it was.
             Err(err) if config.servers.len() == 1 => return Err(err),
-            Err(err) => passed_over.reasons.push(format!("{shown}: {err:#}")),
+            Err(err) => passed_over
+                .reasons
+                .push(format!("{shown}: {}", unclassed(&err))),
         }
     }
     Err(anyhow::Error::new(passed_over)).context(Failure::Connect)
+}
+
+/// An error's chain without its failure class (the whole list gets one).
+fn unclassed(err: &anyhow::Error) -> String {
+    let classes = [Failure::Connect.to_string(), Failure::Sql.to_string()];
+    let causes: Vec<String> = err
+        .chain()
+        .map(ToString::to_string)
+        .filter(|cause| !classes.contains(cause))
+        .collect();
+    causes.join(": ")
 }
 
 /// A pinned superuser session on `server`, and why it is not the kind asked for (`None`:
