@@ -8,6 +8,7 @@
 //! (the `From` impls at the end) into the plain settings struct its module owns, so the
 //! domain modules never depend on the command line.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use crate::config::ConfigSettings;
 use crate::config::parse_duration;
 use crate::health::HealthSettings;
 use crate::keyfiles::GenerateSettings;
+use crate::metrics::MetricsSettings;
 use crate::rotate::RotateSettings;
 use crate::run::RunSettings;
 use crate::sync::{Options, SyncSettings};
@@ -237,6 +239,20 @@ pub struct WatchOptionsArgs {
         default_value = "/run/pg-password-sync"
     )]
     pub state_dir: PathBuf,
+    /// Serve Prometheus metrics (GET /metrics, text format) on ADDR:PORT, e.g.
+    /// `127.0.0.1:9753` or `[::]:9753`. Off by default: no listener unless asked. See
+    /// docs/metrics.md.
+    #[arg(
+        long,
+        value_name = "ADDR:PORT",
+        env = "PG_PASSWORD_SYNC_METRICS_LISTEN"
+    )]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Write the same metrics to FILE after every sync (a temp file renamed over it), for
+    /// node_exporter's textfile collector (a `*.prom` name in its directory). Off by
+    /// default.
+    #[arg(long, value_name = "FILE", env = "PG_PASSWORD_SYNC_METRICS_FILE")]
+    pub metrics_file: Option<PathBuf>,
 }
 
 // ---- Rules for the values of secret files (`run`, `watch`, `sync`) ----------------------
@@ -644,6 +660,10 @@ impl From<WatchOptionsArgs> for WatchOptions {
             debounce: args.debounce,
             resync_interval: args.resync_interval,
             state_dir: args.state_dir,
+            metrics: MetricsSettings {
+                listen: args.metrics_listen,
+                file: args.metrics_file,
+            },
         }
     }
 }

@@ -11,6 +11,7 @@ mod error;
 mod health;
 mod keyfiles;
 mod logging;
+mod metrics;
 mod overlap;
 mod postmaster;
 #[cfg(test)]

@@ -823,6 +823,71 @@ impl Until {
     }
 }
 
+/// One login as the server has it now, read outside any sync (`read_logins`) for those who
+/// report on the logins (`status`, the metrics); nothing here decides anything.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoginFacts {
+    pub login: String,
+    /// Whether a role of that name exists.
+    pub exists: bool,
+    /// `VALID UNTIL` as Unix seconds: `+inf` for none or `infinity`, `-inf` for
+    /// `-infinity` (a twin created unpublished).
+    pub valid_until: f64,
+    /// `VALID UNTIL` as the server writes it (`None`: no end).
+    pub valid_until_text: Option<String>,
+    pub can_login: bool,
+    /// Client sessions open on the login.
+    pub sessions: i64,
+    /// The comment on the login (a twin's mark: see `staged_login`).
+    pub comment: Option<String>,
+}
+
+/// What the server says of `logins`, one entry each in that order, in one catalog read
+/// (no lock taken, no row written; the caller bounds the wait).
+pub async fn read_logins(client: &Client, logins: &[String]) -> anyhow::Result<Vec<LoginFacts>> {
+    let rows = client
+        .query(
+            "SELECT n.login, a.oid IS NOT NULL, \
+                    CASE WHEN a.rolvaliduntil IS NULL OR a.rolvaliduntil = 'infinity' \
+                              THEN 'Infinity'::float8 \
+                         WHEN a.rolvaliduntil = '-infinity' THEN '-Infinity'::float8 \
+                         ELSE extract(epoch FROM a.rolvaliduntil)::float8 END, \
+                    a.rolvaliduntil::text, coalesce(a.rolcanlogin, false), \
+                    (SELECT count(*) FROM pg_stat_activity s \
+                     WHERE s.usesysid = a.oid AND s.backend_type = 'client backend'), \
+                    d.description \
+             FROM unnest($1::text[]) WITH ORDINALITY AS n(login, i) \
+             LEFT JOIN pg_authid a ON a.rolname = n.login \
+             LEFT JOIN pg_shdescription d \
+                  ON d.objoid = a.oid AND d.classoid = 'pg_authid'::regclass \
+             ORDER BY n.i",
+            &[&logins],
+        )
+        .await
+        .context("reading the logins' VALID UNTIL and sessions")?;
+    Ok(rows
+        .iter()
+        .map(|row| LoginFacts {
+            login: row.get(0),
+            exists: row.get(1),
+            valid_until: row.get(2),
+            valid_until_text: row.get(3),
+            can_login: row.get(4),
+            sessions: row.get(5),
+            comment: row.get(6),
+        })
+        .collect())
+}
+
+/// The login of `pair` whose stage is pending (new password, not published yet), as the
+/// twin's mark says; `None` when nothing is pending or the comment is not our mark.
+pub fn staged_login(pair: &Pair, twin_comment: Option<&str>) -> Option<String> {
+    match Mark::read(pair, twin_comment) {
+        Some(Mark::Staged(login)) => Some(login),
+        _ => None,
+    }
+}
+
 /// Per-database and global settings rows, sorted: (database oid, `name=value` entries).
 type SettingRows = Vec<(u32, Vec<String>)>;
 

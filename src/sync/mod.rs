@@ -12,6 +12,7 @@ mod recorded;
 pub mod scram;
 pub mod sql;
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::fmt;
 
@@ -68,6 +69,11 @@ pub struct Report {
     /// VALID UNTIL set, NOLOGIN), one line each; never a password or verifier.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub logins: Vec<String>,
+    /// Roles whose password was set again although their secret had not changed since this
+    /// process last applied it: someone changed it on the server behind our back (drift),
+    /// and the sync restored it. Only a long-running process knows what it applied last.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub restored: Vec<String>,
     /// The server is a standby (read-only): nothing was attempted.
     pub standby: bool,
     pub dry_run: bool,
@@ -157,6 +163,9 @@ pub struct Syncer {
     pub config: Config,
     pub options: Options,
     last_applied: Option<SecretSet>,
+    /// What the watchdogs of the syncs since the last `take_tally` saw of blocking
+    /// sessions, failed syncs included.
+    tally: Cell<locks::Tally>,
 }
 
 impl Syncer {
@@ -165,7 +174,13 @@ impl Syncer {
             config,
             options,
             last_applied: None,
+            tally: Cell::new(locks::Tally::default()),
         }
+    }
+
+    /// The blocking sessions seen and ended by the syncs since the last call.
+    pub fn take_tally(&self) -> locks::Tally {
+        self.tally.take()
     }
 
     /// Reads every secret (all must be valid), connects, applies every role
@@ -261,7 +276,8 @@ impl Syncer {
             },
         );
         let fresh = check_files.then_some(set);
-        let report = apply(self, &client, secrets, roles, &logins, scope, fresh).await?;
+        let mut report = apply(self, &client, secrets, roles, &logins, scope, fresh).await?;
+        report.restored = restored(self.last_entries(), secrets, &report);
         self.applied(set);
         Ok(report)
     }
@@ -380,6 +396,27 @@ pub fn set_changed(last: Option<&SecretSet>, new: &SecretSet) -> bool {
     }
 }
 
+/// The roles `report` changed whose secret in `secrets` is the one `last` applied (none
+/// before the first apply: a change then may be a rotation made while nobody watched).
+fn restored(
+    last: Option<&[(RoleSpec, Secret)]>,
+    secrets: &[(RoleSpec, Secret)],
+    report: &Report,
+) -> Vec<String> {
+    let Some(last) = last else {
+        return Vec::new();
+    };
+    let changed: Vec<&str> = changed_since(Some(last), secrets)
+        .map(|(spec, _)| spec.name.as_str())
+        .collect();
+    report
+        .changed()
+        .into_iter()
+        .filter(|role| !changed.contains(role))
+        .map(str::to_owned)
+        .collect()
+}
+
 /// How many times a sync the server chose as a deadlock's victim is tried again (within
 /// the same total wait).
 const DEADLOCK_ATTEMPTS: u32 = 3;
@@ -421,21 +458,33 @@ async fn apply(
         Box::new(move |dbname| Box::pin(syncer.connect_superuser_to(login, dbname))),
     );
     watchdog.set_backend_pid(row.get(2));
+    let plan = Plan {
+        secrets,
+        logins,
+        options,
+        scope,
+        iterations,
+        fresh: fresh.map(|set| (&syncer.config, set)),
+    };
+    let result = attempts(client, &plan, &mut watchdog).await;
+    // Failed syncs count too: a blocker that made the sync give up is the one to know of.
+    syncer.tally.set(syncer.tally.get().add(watchdog.tally()));
+    result
+}
+
+/// The transaction, tried again when the server chose it as a deadlock's victim.
+async fn attempts(
+    client: &Client,
+    plan: &Plan<'_>,
+    watchdog: &mut locks::Watchdog<'_>,
+) -> anyhow::Result<Report> {
     let mut attempt = 1;
     loop {
         let mut report = Report {
-            dry_run: options.dry_run,
+            dry_run: plan.options.dry_run,
             ..Report::default()
         };
-        let plan = Plan {
-            secrets,
-            logins,
-            options,
-            scope,
-            iterations,
-            fresh: fresh.map(|set| (&syncer.config, set)),
-        };
-        match transaction(client, &plan, &mut watchdog, &mut report).await {
+        match transaction(client, plan, watchdog, &mut report).await {
             Ok(()) => return Ok(report),
             // The server rolled the sync back to break a deadlock with another session (it
             // normally picks the other one: see `sql::bounds`). The other session has its

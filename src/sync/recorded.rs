@@ -27,6 +27,9 @@ pub async fn sync_and_record(
         .ok()
         .and_then(|report| report.as_ref().map(|r| r.standby));
     state.record_sync_of(snapshot, result.is_ok(), standby);
+    if let Ok(Some(report)) = &result {
+        state.record_changed(&report.changed());
+    }
     result
 }
 
