@@ -22,6 +22,7 @@ use crate::keyfiles::GenerateSettings;
 use crate::metrics::MetricsSettings;
 use crate::rotate::RotateSettings;
 use crate::run::RunSettings;
+use crate::status::StatusSettings;
 use crate::sync::{Options, SyncSettings};
 use crate::verify::VerifySettings;
 use crate::watch::{WatchOptions, WatchSettings};
@@ -66,6 +67,10 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Exit 0 only if postgres is ready and the last sync of the current secrets succeeded.
     Health(HealthArgs),
+    /// Per role: its logins, which one is published, VALID UNTIL, sessions on each, the
+    /// last change applied, a pending stage (a table, or --format json); exit codes as
+    /// `health`'s. Reads the server as the superuser and the state file; prints no secret.
+    Status(StatusArgs),
     /// Create, back up, verify, list and restore the secret files (run on the host).
     Generate(GenerateArgs),
     /// Overlap mode's staged rotation of `generate`'s directory (run on the host): give the
@@ -343,6 +348,22 @@ pub struct HealthArgs {
         default_value = "/run/pg-password-sync"
     )]
     pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Directory holding the state file written by `run`/`watch`.
+    #[arg(
+        long,
+        env = "PG_PASSWORD_SYNC_STATE_DIR",
+        default_value = "/run/pg-password-sync"
+    )]
+    pub state_dir: PathBuf,
+    /// Output format on stdout: a table, or one JSON object.
+    #[arg(long, env = "PG_PASSWORD_SYNC_REPORT_FORMAT", value_enum, default_value_t = ReportFormat::Text)]
+    pub format: ReportFormat,
 }
 
 /// Options of `generate`.
@@ -719,6 +740,16 @@ impl From<HealthArgs> for HealthSettings {
         HealthSettings {
             config: args.config.into(),
             state_dir: args.state_dir,
+        }
+    }
+}
+
+impl From<StatusArgs> for StatusSettings {
+    fn from(args: StatusArgs) -> Self {
+        StatusSettings {
+            config: args.config.into(),
+            state_dir: args.state_dir,
+            format: args.format.into(),
         }
     }
 }

@@ -22,6 +22,7 @@ mod runtime;
 mod secret;
 mod session;
 mod state;
+mod status;
 mod store;
 mod supervisor;
 mod sync;
@@ -65,6 +66,7 @@ fn dispatch(command: Command) -> anyhow::Result<u8> {
         Command::Watch(args) => watch::command(args.into()),
         Command::Verify(args) => verify::command(args.into()),
         Command::Health(args) => health::command(args.into()),
+        Command::Status(args) => status::command(args.into()),
         Command::Generate(args) => keyfiles::command(args.into()),
         Command::Rotate(args) => rotate::command(args.into()),
     }

@@ -113,6 +113,12 @@ struct Exposition {
     registry: Registry,
     /// Read when the text is made: readiness and recovery as `health` would see them.
     state: StateFile,
+    sync: SyncSeries,
+    logins: LoginSeries,
+}
+
+/// The series of the server and the syncs.
+struct SyncSeries {
     ready: IntGauge,
     standby: IntGauge,
     last_attempt: Gauge,
@@ -124,6 +130,10 @@ struct Exposition {
     blocked: IntCounter,
     ended: IntCounter,
     drift: IntCounterVec,
+}
+
+/// Overlap mode's series of the logins (no series at all when it is off).
+struct LoginSeries {
     published: IntGaugeVec,
     valid_until: GaugeVec,
     sessions: IntGaugeVec,
@@ -146,23 +156,23 @@ fn opts(name: &str, help: &str) -> Opts {
     Opts::new(format!("pg_password_sync_{name}"), help)
 }
 
-impl Exposition {
-    /// Every series with the labels the configuration knows, at their start values.
-    fn new(config: &Config, state: StateFile) -> anyhow::Result<Exposition> {
-        let r = Registry::new();
+impl SyncSeries {
+    fn new(r: &Registry) -> anyhow::Result<SyncSeries> {
         let info = opts("build_info", "The running version (always 1).")
             .const_label("version", env!("CARGO_PKG_VERSION"));
-        register(&r, IntGauge::with_opts(info))?.set(1);
-        let gauge = |name: &str, help: &str| register(&r, Gauge::with_opts(opts(name, help)));
-        let int_gauge =
-            |name: &str, help: &str| register(&r, IntGauge::with_opts(opts(name, help)));
+        register(r, IntGauge::with_opts(info))?.set(1);
+        let gauge = |name: &str, help: &str| register(r, Gauge::with_opts(opts(name, help)));
+        let int_gauge = |name: &str, help: &str| register(r, IntGauge::with_opts(opts(name, help)));
+        let counter = |name: &str, help: &str| register(r, IntCounter::with_opts(opts(name, help)));
         let counters = |name: &str, help: &str, labels: &[&str]| {
-            register(&r, IntCounterVec::new(opts(name, help), labels))
+            register(r, IntCounterVec::new(opts(name, help), labels))
         };
-        let per_login = |name: &str, help: &str| {
-            register(&r, IntGaugeVec::new(opts(name, help), &["role", "login"]))
-        };
-        let e = Exposition {
+        let buckets = HistogramOpts::new(
+            "pg_password_sync_file_event_to_commit_seconds",
+            "Time from the first event of a file change to the commit of its sync.",
+        )
+        .buckets(EVENT_TO_COMMIT_BUCKETS.to_vec());
+        Ok(SyncSeries {
             ready: int_gauge("server_ready", "1 when the server accepts connections.")?,
             standby: int_gauge("server_standby", "1 when the server is a standby.")?,
             last_attempt: gauge(
@@ -184,55 +194,60 @@ impl Exposition {
                 &["role"],
             )?,
             failures: counters("sync_failures_total", "Failed syncs by class.", &["class"])?,
-            event_to_commit: register(
-                &r,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        "pg_password_sync_file_event_to_commit_seconds",
-                        "Time from the first event of a file change to the commit of its sync.",
-                    )
-                    .buckets(EVENT_TO_COMMIT_BUCKETS.to_vec()),
-                ),
+            event_to_commit: register(r, Histogram::with_opts(buckets))?,
+            blocked: counter(
+                "blocking_sessions_total",
+                "Sessions (or prepared transactions) that held a sync up.",
             )?,
-            blocked: register(
-                &r,
-                IntCounter::with_opts(opts(
-                    "blocking_sessions_total",
-                    "Sessions (or prepared transactions) that held a sync up.",
-                )),
-            )?,
-            ended: register(
-                &r,
-                IntCounter::with_opts(opts(
-                    "blocking_sessions_ended_total",
-                    "Blocking sessions ended (or prepared transactions rolled back).",
-                )),
+            ended: counter(
+                "blocking_sessions_ended_total",
+                "Blocking sessions ended (or prepared transactions rolled back).",
             )?,
             drift: counters(
                 "drift_restored_total",
                 "Passwords restored after a change on the server behind our back, by role.",
                 &["role"],
             )?,
-            published: per_login(
-                "login_published",
-                "Overlap mode: 1 for the login pg_service.conf publishes, 0 for the other.",
+        })
+    }
+}
+
+impl LoginSeries {
+    fn new(r: &Registry) -> anyhow::Result<LoginSeries> {
+        let labels = ["role", "login"];
+        Ok(LoginSeries {
+            published: register(
+                r,
+                IntGaugeVec::new(
+                    opts(
+                        "login_published",
+                        "Overlap mode: 1 for the login pg_service.conf publishes, 0 for the other.",
+                    ),
+                    &labels,
+                ),
             )?,
             valid_until: register(
-                &r,
+                r,
                 GaugeVec::new(
                     opts(
                         "login_valid_until_timestamp_seconds",
                         "Overlap mode: the login's VALID UNTIL as Unix time (+Inf: none).",
                     ),
-                    &["role", "login"],
+                    &labels,
                 ),
             )?,
-            sessions: per_login(
-                "login_sessions",
-                "Overlap mode: client sessions open per login.",
+            sessions: register(
+                r,
+                IntGaugeVec::new(
+                    opts(
+                        "login_sessions",
+                        "Overlap mode: client sessions open per login.",
+                    ),
+                    &labels,
+                ),
             )?,
             stage_pending: register(
-                &r,
+                r,
                 IntGaugeVec::new(
                     opts(
                         "stage_pending",
@@ -241,7 +256,18 @@ impl Exposition {
                     &["role"],
                 ),
             )?,
-            registry: r,
+        })
+    }
+}
+
+impl Exposition {
+    /// Every series with the labels the configuration knows, at their start values.
+    fn new(config: &Config, state: StateFile) -> anyhow::Result<Exposition> {
+        let registry = Registry::new();
+        let e = Exposition {
+            sync: SyncSeries::new(&registry)?,
+            logins: LoginSeries::new(&registry)?,
+            registry,
             state,
         };
         e.preset(config);
@@ -252,33 +278,41 @@ impl Exposition {
     fn preset(&self, config: &Config) {
         for trigger in Trigger::ALL {
             for result in ["success", "failure"] {
-                self.syncs.with_label_values(&[trigger.label(), result]);
+                self.sync
+                    .syncs
+                    .with_label_values(&[trigger.label(), result]);
             }
         }
         for class in CLASSES {
-            self.failures.with_label_values(&[class]);
+            self.sync.failures.with_label_values(&[class]);
         }
         for login in logins(config) {
-            self.changes.with_label_values(&[&login]);
-            self.drift.with_label_values(&[&login]);
+            self.sync.changes.with_label_values(&[&login]);
+            self.sync.drift.with_label_values(&[&login]);
         }
         for pair in pairs(config) {
             for login in [&pair.role, &pair.twin] {
                 let labels = [pair.role.as_str(), login.as_str()];
-                self.published.with_label_values(&labels).set(0);
+                self.logins.published.with_label_values(&labels).set(0);
                 // Unknown until the server is read.
-                self.valid_until.with_label_values(&labels).set(f64::NAN);
-                self.sessions.with_label_values(&labels).set(0);
+                self.logins
+                    .valid_until
+                    .with_label_values(&labels)
+                    .set(f64::NAN);
+                self.logins.sessions.with_label_values(&labels).set(0);
             }
-            self.stage_pending.with_label_values(&[&pair.role]).set(0);
+            self.logins
+                .stage_pending
+                .with_label_values(&[&pair.role])
+                .set(0);
         }
     }
 
     /// The text exposition of every series, readiness and recovery as recorded now.
     fn render(&self) -> Vec<u8> {
         let state = self.state.snapshot();
-        self.ready.set(i64::from(state.ready));
-        self.standby.set(i64::from(state.standby));
+        self.sync.ready.set(i64::from(state.ready));
+        self.sync.standby.set(i64::from(state.standby));
         let mut text = Vec::new();
         if let Err(err) = TextEncoder::new().encode(&self.registry.gather(), &mut text) {
             // Only a metric the encoder cannot write (none of ours) fails here.
@@ -378,16 +412,17 @@ impl Metrics {
         };
         let e = &on.exposition;
         let now = unix_now();
-        e.last_attempt.set(now);
+        e.sync.last_attempt.set(now);
         let tally = syncer.take_tally();
-        e.blocked.inc_by(tally.blocked);
-        e.ended.inc_by(tally.ended);
+        e.sync.blocked.inc_by(tally.blocked);
+        e.sync.ended.inc_by(tally.ended);
         match result {
             Ok(report) => {
-                e.syncs
+                e.sync
+                    .syncs
                     .with_label_values(&[trigger.label(), "success"])
                     .inc();
-                e.last_success.set(now);
+                e.sync.last_success.set(now);
                 if let Some(report) = report {
                     e.count_report(report, trigger, since);
                 }
@@ -398,17 +433,18 @@ impl Metrics {
                     for which in [Login::Role, Login::Twin] {
                         let labels = [pair.role.as_str(), pair.login(which)];
                         let published = i64::from(pair.published == which);
-                        e.published.with_label_values(&labels).set(published);
+                        e.logins.published.with_label_values(&labels).set(published);
                     }
                 }
                 // What the sync did to the logins is read back at once.
                 on.next_logins = on.next_logins.map(|_| Instant::now());
             }
             Err(err) => {
-                e.syncs
+                e.sync
+                    .syncs
                     .with_label_values(&[trigger.label(), "failure"])
                     .inc();
-                e.failures.with_label_values(&[class_of(err)]).inc();
+                e.sync.failures.with_label_values(&[class_of(err)]).inc();
             }
         }
         on.write_file();
@@ -467,15 +503,19 @@ impl Metrics {
                 } else {
                     f64::NAN
                 };
-                e.valid_until.with_label_values(&labels).set(until);
-                e.sessions.with_label_values(&labels).set(fact.sessions);
+                e.logins.valid_until.with_label_values(&labels).set(until);
+                e.logins
+                    .sessions
+                    .with_label_values(&labels)
+                    .set(fact.sessions);
             }
             let comment = facts
                 .iter()
                 .find(|f| f.login == pair.twin)
                 .and_then(|f| f.comment.as_deref());
             let pending = i64::from(staged_login(pair, comment).is_some());
-            e.stage_pending
+            e.logins
+                .stage_pending
                 .with_label_values(&[&pair.role])
                 .set(pending);
         }
@@ -488,15 +528,17 @@ impl Exposition {
     fn count_report(&self, report: &Report, trigger: Trigger, since: Instant) {
         let changed = report.changed();
         for role in &changed {
-            self.changes.with_label_values(&[role]).inc();
+            self.sync.changes.with_label_values(&[role]).inc();
         }
         for role in &report.restored {
-            self.drift.with_label_values(&[role]).inc();
+            self.sync.drift.with_label_values(&[role]).inc();
         }
         // The rotations the watcher logs as "ms from first event to commit".
         let rotated = !changed.is_empty() || !report.logins.is_empty();
         if trigger == Trigger::File && !report.standby && rotated {
-            self.event_to_commit.observe(since.elapsed().as_secs_f64());
+            self.sync
+                .event_to_commit
+                .observe(since.elapsed().as_secs_f64());
         }
     }
 }
