@@ -95,6 +95,15 @@ ensure_pgaudit() {
     apt_install postgresql-15-pgaudit
 }
 
+# ensure_prometheus: Debian's prometheus package, for the metrics tests (tests/metrics.rs):
+# `promtool check metrics` judges the exposition, and a Prometheus server the test starts
+# on a free loopback port (temp config and data dir) scrapes a sidecar. The package's own
+# service is not needed: where invoke-rc.d may start it (no policy-rc.d), it listens on
+# :9090, which no test uses.
+ensure_prometheus() {
+    ensure_commands promtool:prometheus prometheus:prometheus
+}
+
 # release_bin: the path of the binary `cargo build --release` makes. .cargo/config.toml
 # builds for the host's target triple explicitly, so it is
 # <target dir>/<host triple>/release/pg-password-sync; the target dir is cargo's own answer

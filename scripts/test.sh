@@ -10,7 +10,7 @@ usage() {
 Usage: scripts/test.sh
 
 Everything CI checks, on a fresh machine: installs what is missing (PostgreSQL 15 and its
-pgaudit, the postgres OS user, the servers of the other majors, lint tools), then
+pgaudit, the postgres OS user, the servers of the other majors, Prometheus, lint tools), then
 formatting, clippy, the whole test suite on PostgreSQL 15, the sync, run and watch tests
 on every other supported major (scripts/pg-majors.sh), the linters, and the end-to-end
 container test when a Docker engine answers.
@@ -26,6 +26,7 @@ ensure_postgres
 ensure_pgaudit
 # iptables: the test of a server that falls silent over TCP (tests/hardening.rs).
 ensure_commands iptables:iptables
+ensure_prometheus
 
 step "cargo fmt --check"
 cargo fmt --check

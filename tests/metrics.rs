@@ -771,3 +771,56 @@ fn without_the_flags_there_is_no_listener_and_no_file() {
         "the check finds a listener"
     );
 }
+
+#[test]
+fn a_password_restored_after_drift_and_a_blocking_session_ended_are_counted() {
+    let cluster = Cluster::start_default();
+    cluster.create_throwaway_roles(["appuser", "backupuser", "temporaluser"]);
+    let keys = Keys::new();
+    let secrets = keys.write_new(&DEFAULT_ROLES, "drift");
+    let state = tempfile::tempdir().unwrap();
+    let file = state.path().join("pps.prom");
+    let mut cmd = bin_for("watch", &cluster, &keys);
+    cmd.args(["--state-dir", state.path().to_str().unwrap()])
+        .args(["--metrics-file", file.to_str().unwrap()])
+        .args(["--terminate-blockers-after", "1s"]);
+    let watcher = Running::spawn(cmd).with_server_log(&cluster.log);
+    wait_until(LIMIT, "the first sync", || {
+        cluster.login("appuser", &secrets[1]).is_ok()
+    });
+    watcher.wait_stderr(LIMIT, "watching");
+    let value = |series: &str| sample(&std::fs::read_to_string(&file).unwrap_or_default(), series);
+
+    // Someone sets another password behind our back; the next full resync restores it.
+    cluster.create_throwaway_roles(["appuser"]);
+    watcher.signal(Signal::SIGHUP);
+    wait_until(LIMIT, "the drift to be counted", || {
+        value("pg_password_sync_drift_restored_total{role=\"appuser\"}") == Some(1.0)
+    });
+    cluster.assert_login("appuser", &secrets[1]);
+    assert_eq!(
+        value("pg_password_sync_syncs_total{result=\"success\",trigger=\"sighup\"}"),
+        Some(1.0)
+    );
+
+    // A login holding the sync's lock is named, then ended, and the resync goes through.
+    let blocker = Session::connect(cluster.port, "appuser", &secrets[1]);
+    blocker.hold_sync_lock();
+    watcher.signal(Signal::SIGHUP);
+    wait_until(LIMIT, "the blocker to be counted and ended", || {
+        value("pg_password_sync_blocking_sessions_total") == Some(1.0)
+            && value("pg_password_sync_blocking_sessions_ended_total") == Some(1.0)
+    });
+    assert!(!blocker.alive(), "the blocking session was ended");
+    wait_until(LIMIT, "the blocked resync to succeed", || {
+        value("pg_password_sync_syncs_total{result=\"success\",trigger=\"sighup\"}") == Some(2.0)
+    });
+    let text = std::fs::read_to_string(&file).unwrap();
+    let (ok, said) = promtool_check(text.as_bytes());
+    assert!(ok, "{said}");
+    watcher.signal(Signal::SIGTERM);
+    let stopped = watcher.finish(LIMIT).expect_ok();
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    assert_no_leak(&secrets, None, &[&stopped]);
+    assert!(secrets.iter().all(|s| !text.contains(s)));
+}
