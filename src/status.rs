@@ -43,10 +43,27 @@ struct Status {
     /// Its summary, or why not healthy.
     health: String,
     /// The state of `run`/`watch`, or why there is none to trust.
-    state: Result<StateView, String>,
+    state: Part<StateView>,
     /// Whether the server is a standby, or why it could not be asked.
-    server: Result<ServerView, String>,
+    server: Part<ServerView>,
     roles: Vec<RoleView>,
+}
+
+/// A part of the status: what was read, or (in JSON `{"error": …}`) why it was not.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum Part<T> {
+    Read(T),
+    Unread { error: String },
+}
+
+impl<T> From<Result<T, String>> for Part<T> {
+    fn from(result: Result<T, String>) -> Part<T> {
+        match result {
+            Ok(value) => Part::Read(value),
+            Err(error) => Part::Unread { error },
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -98,8 +115,8 @@ pub fn command(settings: StatusSettings) -> anyhow::Result<u8> {
     print(&status, settings.format)?;
     let unhealthy = match (&status.healthy, &status.server) {
         (false, _) => Some(status.health.clone()),
-        (true, Err(why)) => Some(format!("the server could not be read: {why}")),
-        (true, Ok(_)) => None,
+        (true, Part::Unread { error }) => Some(format!("the server could not be read: {error}")),
+        (true, Part::Read(_)) => None,
     };
     match unhealthy {
         None => Ok(0),
@@ -229,13 +246,15 @@ fn build(
     Status {
         healthy: verdict.is_ok(),
         health: verdict.unwrap_or_else(|why| why),
-        state: state.map(|s| StateView {
-            ready: s.ready,
-            standby: s.standby,
-            last_sync_ok: s.last_sync.as_ref().map(|l| l.ok),
-            last_sync_at_ms: s.last_sync.as_ref().map(|l| l.at_ms),
-        }),
-        server: server.map(|s| ServerView { standby: s.standby }),
+        state: state
+            .map(|s| StateView {
+                ready: s.ready,
+                standby: s.standby,
+                last_sync_ok: s.last_sync.as_ref().map(|l| l.ok),
+                last_sync_at_ms: s.last_sync.as_ref().map(|l| l.at_ms),
+            })
+            .into(),
+        server: server.map(|s| ServerView { standby: s.standby }).into(),
         roles,
     }
 }
@@ -267,7 +286,7 @@ fn text(status: &Status) -> Vec<String> {
         status.health
     )];
     lines.push(match &status.state {
-        Ok(s) => format!(
+        Part::Read(s) => format!(
             "state: {}, last sync {}",
             if s.ready { "ready" } else { "not ready" },
             match (s.last_sync_ok, s.last_sync_at_ms) {
@@ -276,11 +295,11 @@ fn text(status: &Status) -> Vec<String> {
                 _ => "none yet".to_owned(),
             }
         ),
-        Err(why) => format!("state: {why}"),
+        Part::Unread { error } => format!("state: {error}"),
     });
     lines.push(match &status.server {
-        Ok(s) => format!("server: {}", if s.standby { "standby" } else { "primary" }),
-        Err(why) => format!("server: not read: {why}"),
+        Part::Read(s) => format!("server: {}", if s.standby { "standby" } else { "primary" }),
+        Part::Unread { error } => format!("server: not read: {error}"),
     });
     let mut rows = vec![
         [

@@ -824,3 +824,36 @@ fn a_password_restored_after_drift_and_a_blocking_session_ended_are_counted() {
     assert_no_leak(&secrets, None, &[&stopped]);
     assert!(secrets.iter().all(|s| !text.contains(s)));
 }
+
+#[test]
+fn the_example_alert_rules_of_the_docs_pass_promtool() {
+    let page =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).unwrap();
+    let rules = page
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a yaml block in docs/metrics.md");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rules.yml");
+    std::fs::write(&file, rules).unwrap();
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .expect("running promtool");
+    assert!(
+        out.status.success(),
+        "promtool check rules refused docs/metrics.md's rules:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for alert in [
+        "PgPasswordSyncNoSuccessfulSync",
+        "PgPasswordSyncRotationFailing",
+        "PgPasswordSyncRetiringLoginInUse",
+        "PgPasswordSyncPublishedLoginExpiring",
+    ] {
+        assert!(rules.contains(alert), "{alert}");
+    }
+}
