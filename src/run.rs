@@ -196,7 +196,8 @@ async fn work(
 }
 
 /// The resyncs of `run` when the files are not watched: on SIGHUP, every `period`, and
-/// when a standby is promoted; until the requests' sender is gone.
+/// when a standby is promoted; until the requests' sender is gone. The metrics' reads of
+/// the overlap logins go on meanwhile.
 async fn resync_loop(
     syncer: &mut Syncer,
     recorders: &mut Recorders<'_>,
@@ -206,6 +207,7 @@ async fn resync_loop(
 ) {
     let mut promotion = standby.then(PromotionWatch::new);
     loop {
+        let logins_at = recorders.metrics.logins_due();
         let trigger = tokio::select! {
             message = resync.recv() => match message {
                 Some(()) => Trigger::Sighup,
@@ -217,6 +219,10 @@ async fn resync_loop(
             () = wait_promoted(promotion.as_mut(), syncer) => {
                 tracing::info!("the server is no longer a standby (promoted): syncing every role");
                 Trigger::Promotion
+            }
+            () = sleep_until(logins_at) => {
+                recorders.metrics.refresh_logins(syncer).await;
+                continue;
             }
         };
         let started = Instant::now();
@@ -230,6 +236,14 @@ async fn resync_loop(
         };
         // At most one resync a second, as in the watch loop; requests meanwhile merge.
         tokio::time::sleep_until((started + RESYNC_SPACING).into()).await;
+    }
+}
+
+/// Sleeps until `deadline`; forever when there is none.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
