@@ -25,8 +25,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::config::Config;
@@ -108,7 +108,8 @@ fn class_of(err: &anyhow::Error) -> &'static str {
 }
 
 /// Every series, registered once; shared by the work (which updates them) and the listener
-/// (which renders them).
+/// (which renders them). Only the crate's `f64` types: each metric type is its own copy of
+/// the crate's generic code in PID 1's binary, and every byte of code is resident memory.
 struct Exposition {
     registry: Registry,
     /// Read when the text is made: readiness and recovery as `health` would see them.
@@ -119,25 +120,25 @@ struct Exposition {
 
 /// The series of the server and the syncs.
 struct SyncSeries {
-    ready: IntGauge,
-    standby: IntGauge,
+    ready: Gauge,
+    standby: Gauge,
     last_attempt: Gauge,
     last_success: Gauge,
-    syncs: IntCounterVec,
-    changes: IntCounterVec,
-    failures: IntCounterVec,
+    syncs: CounterVec,
+    changes: CounterVec,
+    failures: CounterVec,
     event_to_commit: Histogram,
-    blocked: IntCounter,
-    ended: IntCounter,
-    drift: IntCounterVec,
+    blocked: Counter,
+    ended: Counter,
+    drift: CounterVec,
 }
 
 /// Overlap mode's series of the logins (no series at all when it is off).
 struct LoginSeries {
-    published: IntGaugeVec,
+    published: GaugeVec,
     valid_until: GaugeVec,
-    sessions: IntGaugeVec,
-    stage_pending: IntGaugeVec,
+    sessions: GaugeVec,
+    stage_pending: GaugeVec,
 }
 
 /// Registers `metric` with `registry` and returns it.
@@ -160,12 +161,11 @@ impl SyncSeries {
     fn new(r: &Registry) -> anyhow::Result<SyncSeries> {
         let info = opts("build_info", "The running version (always 1).")
             .const_label("version", env!("CARGO_PKG_VERSION"));
-        register(r, IntGauge::with_opts(info))?.set(1);
+        register(r, Gauge::with_opts(info))?.set(1.0);
         let gauge = |name: &str, help: &str| register(r, Gauge::with_opts(opts(name, help)));
-        let int_gauge = |name: &str, help: &str| register(r, IntGauge::with_opts(opts(name, help)));
-        let counter = |name: &str, help: &str| register(r, IntCounter::with_opts(opts(name, help)));
+        let counter = |name: &str, help: &str| register(r, Counter::with_opts(opts(name, help)));
         let counters = |name: &str, help: &str, labels: &[&str]| {
-            register(r, IntCounterVec::new(opts(name, help), labels))
+            register(r, CounterVec::new(opts(name, help), labels))
         };
         let buckets = HistogramOpts::new(
             "pg_password_sync_file_event_to_commit_seconds",
@@ -173,8 +173,8 @@ impl SyncSeries {
         )
         .buckets(EVENT_TO_COMMIT_BUCKETS.to_vec());
         Ok(SyncSeries {
-            ready: int_gauge("server_ready", "1 when the server accepts connections.")?,
-            standby: int_gauge("server_standby", "1 when the server is a standby.")?,
+            ready: gauge("server_ready", "1 when the server accepts connections.")?,
+            standby: gauge("server_standby", "1 when the server is a standby.")?,
             last_attempt: gauge(
                 "last_sync_attempt_timestamp_seconds",
                 "Unix time of the last sync attempt (0: none yet).",
@@ -218,7 +218,7 @@ impl LoginSeries {
         Ok(LoginSeries {
             published: register(
                 r,
-                IntGaugeVec::new(
+                GaugeVec::new(
                     opts(
                         "login_published",
                         "Overlap mode: 1 for the login pg_service.conf publishes, 0 for the other.",
@@ -238,7 +238,7 @@ impl LoginSeries {
             )?,
             sessions: register(
                 r,
-                IntGaugeVec::new(
+                GaugeVec::new(
                     opts(
                         "login_sessions",
                         "Overlap mode: client sessions open per login.",
@@ -248,7 +248,7 @@ impl LoginSeries {
             )?,
             stage_pending: register(
                 r,
-                IntGaugeVec::new(
+                GaugeVec::new(
                     opts(
                         "stage_pending",
                         "Overlap mode: 1 while a staged login waits for its publish.",
@@ -293,26 +293,26 @@ impl Exposition {
         for pair in pairs(config) {
             for login in [&pair.role, &pair.twin] {
                 let labels = [pair.role.as_str(), login.as_str()];
-                self.logins.published.with_label_values(&labels).set(0);
+                self.logins.published.with_label_values(&labels).set(0.0);
                 // Unknown until the server is read.
                 self.logins
                     .valid_until
                     .with_label_values(&labels)
                     .set(f64::NAN);
-                self.logins.sessions.with_label_values(&labels).set(0);
+                self.logins.sessions.with_label_values(&labels).set(0.0);
             }
             self.logins
                 .stage_pending
                 .with_label_values(&[&pair.role])
-                .set(0);
+                .set(0.0);
         }
     }
 
     /// The text exposition of every series, readiness and recovery as recorded now.
     fn render(&self) -> Vec<u8> {
         let state = self.state.snapshot();
-        self.sync.ready.set(i64::from(state.ready));
-        self.sync.standby.set(i64::from(state.standby));
+        self.sync.ready.set(f64::from(u8::from(state.ready)));
+        self.sync.standby.set(f64::from(u8::from(state.standby)));
         let mut text = Vec::new();
         if let Err(err) = TextEncoder::new().encode(&self.registry.gather(), &mut text) {
             // Only a metric the encoder cannot write (none of ours) fails here.
@@ -414,8 +414,8 @@ impl Metrics {
         let now = unix_now();
         e.sync.last_attempt.set(now);
         let tally = syncer.take_tally();
-        e.sync.blocked.inc_by(tally.blocked);
-        e.sync.ended.inc_by(tally.ended);
+        e.sync.blocked.inc_by(tally.blocked as f64);
+        e.sync.ended.inc_by(tally.ended as f64);
         match result {
             Ok(report) => {
                 e.sync
@@ -432,7 +432,7 @@ impl Metrics {
                 for pair in &on.pairs {
                     for which in [Login::Role, Login::Twin] {
                         let labels = [pair.role.as_str(), pair.login(which)];
-                        let published = i64::from(pair.published == which);
+                        let published = f64::from(u8::from(pair.published == which));
                         e.logins.published.with_label_values(&labels).set(published);
                     }
                 }
@@ -507,13 +507,13 @@ impl Metrics {
                 e.logins
                     .sessions
                     .with_label_values(&labels)
-                    .set(fact.sessions);
+                    .set(fact.sessions as f64);
             }
             let comment = facts
                 .iter()
                 .find(|f| f.login == pair.twin)
                 .and_then(|f| f.comment.as_deref());
-            let pending = i64::from(staged_login(pair, comment).is_some());
+            let pending = f64::from(u8::from(staged_login(pair, comment).is_some()));
             e.logins
                 .stage_pending
                 .with_label_values(&[&pair.role])
