@@ -206,6 +206,8 @@ async fn resync_loop(
     standby: bool,
 ) {
     let mut promotion = standby.then(PromotionWatch::new);
+    // A deadline, not a sleep made anew each turn: the metrics' reads must not postpone it.
+    let mut periodic_at = period.map(|p| Instant::now() + p);
     loop {
         let logins_at = recorders.metrics.logins_due();
         let trigger = tokio::select! {
@@ -213,9 +215,7 @@ async fn resync_loop(
                 Some(()) => Trigger::Sighup,
                 None => break,
             },
-            () = tokio::time::sleep(period.unwrap_or_default()), if period.is_some() => {
-                Trigger::Periodic
-            }
+            () = sleep_until(periodic_at) => Trigger::Periodic,
             () = wait_promoted(promotion.as_mut(), syncer) => {
                 tracing::info!("the server is no longer a standby (promoted): syncing every role");
                 Trigger::Promotion
@@ -236,6 +236,7 @@ async fn resync_loop(
         };
         // At most one resync a second, as in the watch loop; requests meanwhile merge.
         tokio::time::sleep_until((started + RESYNC_SPACING).into()).await;
+        periodic_at = period.map(|p| Instant::now() + p);
     }
 }
 
