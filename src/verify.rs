@@ -664,17 +664,8 @@ fn reachable_non_loopback(
 
 #[cfg(test)]
 mod tests {
-    use crate::config::SecretRef;
 
-    fn entry(name: &str, value: &str) -> (RoleSpec, Secret) {
-        (
-            RoleSpec {
-                name: name.into(),
-                secret: SecretRef::Name(format!("{name}_pw")),
-            },
-            Secret::new(value.into()),
-        )
-    }
+    use crate::secret::test_entry as entry;
 
     #[test]
     fn a_section_is_followed_as_libpq_does_or_refused_with_a_reason() {

@@ -446,6 +446,24 @@ fn overlap_watcher(
     (Running::spawn(cmd), state)
 }
 
+/// A cluster with the app roles, a secrets directory from `generate --overlap`, and a
+/// running `watch --overlap` (grace 60 s) that has applied it: every published login logs
+/// in.
+fn watched_source() -> (Cluster, Source, Running, tempfile::TempDir) {
+    let cluster = Cluster::start_default();
+    create_app_roles(&cluster);
+    let source = Source::generate();
+    let (mut watcher, state) = overlap_watcher(&cluster, &source.keys(), "60s");
+    assert_still_running(&mut watcher);
+    wait_until(Duration::from_secs(30), "the first sync", || {
+        PAIRS.iter().all(|(role, ..)| {
+            let (login, password) = source.published(role);
+            cluster.login(&login, &password).is_ok()
+        })
+    });
+    (cluster, source, watcher, state)
+}
+
 #[test]
 fn with_the_sync_the_previous_login_dies_after_grace_and_a_rotation_inside_it_is_refused() {
     let cluster = Cluster::start_default();
@@ -942,17 +960,7 @@ fn changed(s: &Source, before: &std::collections::BTreeMap<String, Vec<u8>>, fil
 /// published one), the published logins log in, and no value reaches any output.
 #[test]
 fn rotate_killed_at_any_moment_leaves_a_consistent_set_and_working_published_logins() {
-    let cluster = Cluster::start_default();
-    create_app_roles(&cluster);
-    let source = Source::generate();
-    let (mut watcher, _state) = overlap_watcher(&cluster, &source.keys(), "60s");
-    assert_still_running(&mut watcher);
-    wait_until(Duration::from_secs(30), "the first sync", || {
-        PAIRS.iter().all(|(role, ..)| {
-            let (login, password) = source.published(role);
-            cluster.login(&login, &password).is_ok()
-        })
-    });
+    let (cluster, source, _watcher, _state) = watched_source();
     let mut crashes = Crashes {
         cluster: &cluster,
         source: &source,
@@ -1292,17 +1300,7 @@ fn abort_refuses_to_roll_back_over_a_staged_file_changed_since_the_stage() {
 /// come back to life (the login was expired before the stage).
 #[test]
 fn with_the_sync_an_aborted_stage_never_revives_the_retired_password_of_its_login() {
-    let cluster = Cluster::start_default();
-    create_app_roles(&cluster);
-    let source = Source::generate();
-    let (mut watcher, _state) = overlap_watcher(&cluster, &source.keys(), "60s");
-    assert_still_running(&mut watcher);
-    wait_until(Duration::from_secs(30), "the first sync", || {
-        PAIRS.iter().all(|(role, ..)| {
-            let (login, password) = source.published(role);
-            cluster.login(&login, &password).is_ok()
-        })
-    });
+    let (cluster, source, watcher, _state) = watched_source();
     let retired: Vec<String> = PAIRS.iter().map(|p| source.value(p.3)).collect();
 
     let staging = cluster.run(rotate_cmd(source.path(), cluster.port, &["--stage-only"]));

@@ -756,12 +756,24 @@ async fn comment(
     twin: &str,
     text: &str,
 ) -> anyhow::Result<()> {
+    role_literal(client, guard, "COMMENT ON ROLE", twin, "IS", text).await
+}
+
+/// `<head> "login" <keyword> '<literal>'`, quoted once here, through `exec`.
+async fn role_literal(
+    client: &Client,
+    guard: &mut impl Guard,
+    head: &str,
+    login: &str,
+    keyword: &str,
+    literal: &str,
+) -> anyhow::Result<()> {
     let statement = format!(
-        "COMMENT ON ROLE {} IS {}",
-        escape_identifier(twin),
-        escape_literal(text)
+        "{head} {} {keyword} {}",
+        escape_identifier(login),
+        escape_literal(literal)
     );
-    exec(client, guard, &statement, twin).await
+    exec(client, guard, &statement, login).await
 }
 
 /// Each overlapped login's `VALID UNTIL`, read once per transaction.
@@ -962,12 +974,7 @@ async fn set_valid_until(
     login: &str,
     at: &str,
 ) -> anyhow::Result<()> {
-    let alter = format!(
-        "ALTER ROLE {} VALID UNTIL {}",
-        escape_identifier(login),
-        escape_literal(at)
-    );
-    exec(client, guard, &alter, login).await
+    role_literal(client, guard, "ALTER ROLE", login, "VALID UNTIL", at).await
 }
 
 async fn exec(
