@@ -1342,3 +1342,63 @@ fn with_the_sync_an_aborted_stage_never_revives_the_retired_password_of_its_logi
     let values: Vec<&str> = values.iter().map(String::as_str).collect();
     assert_no_leak(&values, Some(&cluster), &[&staging, &aborted, &stopped]);
 }
+
+/// The wrong order: overlap mode switched on in the files (`generate --overlap`) and a
+/// rotation staged before any sync ran with `--overlap`, so the twins do not exist yet.
+/// The sync then creates each twin from its file, which holds the staged password, and a
+/// twin created unpublished starts expired: the stage could never log in, the rotation
+/// would time out, and its rollback would reach the sync as a new "stage" of a password
+/// nobody staged. `rotate` must refuse to stage a login the server does not have yet.
+#[test]
+fn rotate_refuses_to_stage_a_twin_the_sync_has_not_created_yet() {
+    let cluster = Cluster::start_default();
+    create_app_roles(&cluster);
+    let source = Source::generate();
+    // The sync so far runs without overlap mode: roles and superuser synced, no twins.
+    let plain = run_sync_without_overlap(&cluster, &source);
+    assert_eq!(
+        cluster.psql("SELECT count(*) FROM pg_roles WHERE rolname LIKE '%\\_alt'"),
+        "0"
+    );
+    let before = source.snapshot();
+
+    let refused = cluster.run(rotate_cmd(source.path(), cluster.port, &["--stage-only"]));
+    let refused = refused.expect_code(3);
+    refused
+        .expect_stderr("appuser_alt")
+        .expect_stderr("nothing was written");
+    assert_same_files(&source.snapshot(), &before, "a refused rotation wrote files");
+    assert!(
+        !source.path().join("rotate-pending.json").exists(),
+        "a refused rotation left a record"
+    );
+
+    // Once the overlap sync has created the twins, the same rotation stages and its
+    // staged logins log in.
+    let created = overlap_sync(&cluster, &source, &[]).expect_ok();
+    let staging = cluster.run(rotate_cmd(source.path(), cluster.port, &["--stage-only"]));
+    let staging = staging.expect_ok();
+    let applied = overlap_sync(&cluster, &source, &[]).expect_ok();
+    for (_, twin, _, twin_file) in PAIRS {
+        cluster.assert_login(twin, &source.value(twin_file));
+    }
+    let values = set_values(&source);
+    let values: Vec<&str> = values.iter().map(String::as_str).collect();
+    assert_no_leak(
+        &values,
+        Some(&cluster),
+        &[&plain, &refused, &created, &staging, &applied],
+    );
+}
+
+/// One-shot `sync` without overlap mode over the keys of `source`.
+fn run_sync_without_overlap(cluster: &Cluster, source: &Source) -> Run {
+    let mut cmd = bin();
+    cmd.arg("sync")
+        .args(cluster.conn_args())
+        .arg("--keys-dir")
+        .arg(source.keys())
+        .arg("--secrets-source-dir")
+        .arg(source.path().join("no-source-dir"));
+    cluster.run(cmd).expect_ok()
+}
