@@ -1354,3 +1354,82 @@ fn verify_overlap_logs_in_through_the_published_section_as_libpq_does() {
     );
     s.leaks(&[&synced, &verified]);
 }
+
+// ---- Attacks on the mark and the stage rule (second round) -------------------------------
+
+/// The twin published, the role's own login `appuser` retired with a grace: its password
+/// (still in its file until the next rotation stages it) is the leaked one. Returns the
+/// setup after the publish, with `appuser`'s grace running for `grace`.
+fn retired_role(grace: &str) -> Setup {
+    let mut s = setup(|role| role.to_owned());
+    s.sync(&[]).expect_ok();
+    s.stage("appuser_alt");
+    s.sync(&["--grace", grace]).expect_ok();
+    s.publish(&[
+        ("appuser", "appuser_alt".to_owned()),
+        ("backupuser", "backupuser".to_owned()),
+    ]);
+    s.sync(&["--grace", grace])
+        .expect_ok()
+        .expect_stdout("no longer published");
+    let until = s.valid_until("appuser");
+    assert!(!until.is_empty() && until != "infinity", "{until:?}");
+    s
+}
+
+/// A retired login changes its own password (any login may), in a session opened with its
+/// retired (leaked) password while its grace runs. Its file still holds the retired
+/// password, so the sync restores that one: a restore, not a stage. Taken for a stage, it
+/// gives the retired password `VALID UNTIL infinity`, the very thing the grace exists to
+/// end; the next rotation is then refused (the login looks published) or, forced, sees
+/// its own stage expired as "rolled back".
+#[test]
+fn a_retired_login_changing_its_own_password_inside_its_grace_does_not_cancel_the_grace() {
+    let s = retired_role("1h");
+    let grace_end = s.valid_until("appuser");
+    let leaked = Session::connect(s.cluster.port, "appuser", s.pw.get("appuser"));
+    leaked
+        .exec(&format!(
+            "ALTER ROLE appuser PASSWORD {}",
+            quote_literal(&unique("chosen by the leaker"))
+        ))
+        .unwrap();
+    s.cluster.clear_log();
+    let restored = s.sync(&["--grace", "1h"]).expect_ok();
+    assert_eq!(
+        s.valid_until("appuser"),
+        grace_end,
+        "restoring the retired login's password changed its end: {}",
+        restored.describe()
+    );
+    s.assert_login("appuser");
+    s.assert_login("appuser_alt");
+    s.leaks(&[&restored]);
+}
+
+/// The same after the grace: a session opened inside it outlives it (until a sync ends
+/// it) and changes the login's password. The sync's restore must leave the login expired,
+/// and end that session.
+#[test]
+fn a_session_outliving_its_logins_grace_cannot_bring_the_retired_password_back() {
+    let s = retired_role("3s");
+    let leaked = Session::connect(s.cluster.port, "appuser", s.pw.get("appuser"));
+    wait_until(LIMIT, "the grace to end", || s.login("appuser").is_err());
+    leaked
+        .exec(&format!(
+            "ALTER ROLE appuser PASSWORD {}",
+            quote_literal(&unique("chosen by the leaker"))
+        ))
+        .unwrap();
+    s.cluster.clear_log();
+    let after = s.sync(&["--grace", "3s"]).expect_ok();
+    assert!(
+        s.login("appuser").is_err(),
+        "the retired password logs in again, valid until {:?}: {}",
+        s.valid_until("appuser"),
+        after.describe()
+    );
+    assert!(!leaked.alive(), "the leaked session outlived the sync");
+    s.assert_login("appuser_alt");
+    s.leaks(&[&after]);
+}
