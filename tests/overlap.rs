@@ -1433,3 +1433,92 @@ fn a_session_outliving_its_logins_grace_cannot_bring_the_retired_password_back()
     s.assert_login("appuser_alt");
     s.leaks(&[&after]);
 }
+
+/// A stage reaches the server through two syncs: a one-shot `sync --overlap` applies it
+/// first, then a watcher whose last applied set is older (it held the change back: an
+/// in-place write waits for its quiet period, here a long `--debounce`) applies the same
+/// files. The second one finds the staged password already stored: nothing changed, so
+/// the stage stays a stage (`infinity`, the staged login logs in), and is not taken for a
+/// stage rolled back (expired at once) or re-keyed (its sessions ended).
+#[test]
+fn a_stage_another_sync_already_applied_stays_staged_when_the_watcher_applies_it_again() {
+    let mut s = setup(|role| role.to_owned());
+    let state = tempfile::tempdir().unwrap();
+    let mut cmd = s.command(
+        "watch",
+        &[
+            "--overlap",
+            "--grace",
+            "1h",
+            "--debounce",
+            "4s",
+            "--state-dir",
+            state.path().to_str().unwrap(),
+        ],
+    );
+    // Its debug log says when a transaction was applied, even one that changed nothing.
+    cmd.env("RUST_LOG", "debug");
+    let watch = Running::spawn(cmd);
+    let applied = |watch: &Running| {
+        watch
+            .stderr_so_far()
+            .matches("sync transaction done")
+            .count()
+    };
+    watch.wait_stderr(LIMIT, "watching 1 secret directory");
+    wait_until(LIMIT, "the watcher's first sync", || {
+        s.valid_until("appuser_alt") == "-infinity"
+    });
+    let before = applied(&watch);
+
+    // The stage, written in place: the watcher waits for its quiet period.
+    let staged = unique("appuser_alt staged in place");
+    let file = s.keys.path().join("postgres_app_user_alt_pw.txt");
+    let mut writer = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&file)
+        .unwrap();
+    std::io::Write::write_all(&mut writer, format!("{staged}\n").as_bytes()).unwrap();
+    drop(writer);
+    s.pw.set("appuser_alt", staged);
+    // Meanwhile a one-shot sync applies it.
+    let one_shot = s.sync(&["--grace", "1h"]).expect_ok();
+    one_shot.expect_stdout("login \"appuser_alt\": staged");
+    assert_eq!(
+        applied(&watch),
+        before,
+        "the watcher applied the stage before the one-shot sync: the test proves nothing"
+    );
+    s.assert_login("appuser_alt");
+    let session = Session::connect(s.cluster.port, "appuser_alt", s.pw.get("appuser_alt"));
+
+    // The watcher applies the same files from its older set.
+    wait_until(LIMIT, "the watcher to apply the stage too", || {
+        applied(&watch) > before
+    });
+    assert_eq!(
+        s.valid_until("appuser_alt"),
+        "infinity",
+        "the watcher's second apply of the stage ended it\n{}",
+        watch.stderr_so_far()
+    );
+    s.assert_login("appuser_alt");
+    assert!(
+        session.alive(),
+        "the watcher ended a session of the staged login"
+    );
+    assert!(
+        authid(&s, "appuser_alt", "shobj_description(oid, 'pg_authid')").contains("staged"),
+        "the mark no longer records the stage"
+    );
+    drop(session);
+    watch.signal(nix::sys::signal::Signal::SIGTERM);
+    let stopped = watch.finish(LIMIT).expect_ok();
+    assert!(
+        !stopped.stderr.contains("rolled back"),
+        "{}",
+        stopped.describe()
+    );
+    s.leaks(&[&one_shot, &stopped]);
+}
