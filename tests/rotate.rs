@@ -1367,7 +1367,11 @@ fn rotate_refuses_to_stage_a_twin_the_sync_has_not_created_yet() {
     refused
         .expect_stderr("appuser_alt")
         .expect_stderr("nothing was written");
-    assert_same_files(&source.snapshot(), &before, "a refused rotation wrote files");
+    assert_same_files(
+        &source.snapshot(),
+        &before,
+        "a refused rotation wrote files",
+    );
     assert!(
         !source.path().join("rotate-pending.json").exists(),
         "a refused rotation left a record"
