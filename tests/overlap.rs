@@ -1442,6 +1442,20 @@ fn a_session_outliving_its_logins_grace_cannot_bring_the_retired_password_back()
 /// stage rolled back (expired at once) or re-keyed (its sessions ended).
 #[test]
 fn a_stage_another_sync_already_applied_stays_staged_when_the_watcher_applies_it_again() {
+    stage_applied_by_a_one_shot_sync_then_by_the_watcher(false);
+}
+
+/// The same, with a full resync (SIGHUP; the periodic one alike) inside the watcher's
+/// quiet period: the files are mid-change, so the watcher re-applies its last applied
+/// set, which is older than what the one-shot sync applied from newer files. An earlier
+/// reader must not undo a later writer: the stage must not be rolled back (expired, its
+/// sessions ended) while its files still hold it.
+#[test]
+fn a_resync_inside_the_watchers_quiet_period_never_undoes_a_stage_another_sync_applied() {
+    stage_applied_by_a_one_shot_sync_then_by_the_watcher(true);
+}
+
+fn stage_applied_by_a_one_shot_sync_then_by_the_watcher(resync_between: bool) {
     let mut s = setup(|role| role.to_owned());
     let state = tempfile::tempdir().unwrap();
     let mut cmd = s.command(
@@ -1493,9 +1507,26 @@ fn a_stage_another_sync_already_applied_stays_staged_when_the_watcher_applies_it
     s.assert_login("appuser_alt");
     let session = Session::connect(s.cluster.port, "appuser_alt", s.pw.get("appuser_alt"));
 
+    if resync_between {
+        watch.signal(nix::sys::signal::Signal::SIGHUP);
+        watch.wait_stderr(LIMIT, "re-applies the last applied set");
+        wait_until(LIMIT, "the watcher's resync", || applied(&watch) > before);
+        assert_eq!(
+            s.valid_until("appuser_alt"),
+            "infinity",
+            "the watcher's resync of its older set ended the stage another sync applied\n{}",
+            watch.stderr_so_far()
+        );
+        s.assert_login("appuser_alt");
+        assert!(
+            session.alive(),
+            "the watcher's resync ended a session of the staged login"
+        );
+    }
     // The watcher applies the same files from its older set.
+    let resynced = applied(&watch);
     wait_until(LIMIT, "the watcher to apply the stage too", || {
-        applied(&watch) > before
+        applied(&watch) > resynced
     });
     assert_eq!(
         s.valid_until("appuser_alt"),

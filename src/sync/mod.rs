@@ -207,13 +207,38 @@ impl Syncer {
     /// role: what a resync does while the files are mid-change (they must not be read
     /// then). Nothing is compared with the files: a newer set there is pending, and is
     /// applied when it settles.
+    ///
+    /// Overlap mode's pairs are left out (their logins' passwords and `VALID UNTIL`): that
+    /// set may be older than what another sync (a one-shot `sync`) already applied from
+    /// the newer files, and for a pair an older password is no mere restore: it would
+    /// take a stage applied since for a stage rolled back (expired at once, its sessions
+    /// ended), or re-publish a retired login. The settled change, or the next full resync,
+    /// checks them.
     pub async fn reapply_last(&mut self) -> anyhow::Result<Option<Report>> {
         let Some(set) = self.last_applied().cloned() else {
             return Ok(None);
         };
-        self.apply_checked(&set, Scope::CheckAll, false)
-            .await
-            .map(Some)
+        let pair_logins: Vec<&str> = set
+            .published
+            .iter()
+            .flat_map(|p| [p.role.as_str(), p.twin.as_str()])
+            .collect();
+        let outside_pairs = SecretSet {
+            entries: set
+                .entries
+                .iter()
+                .filter(|(spec, _)| !pair_logins.contains(&spec.name.as_str()))
+                .cloned()
+                .collect(),
+            published: Vec::new(),
+            service: None,
+        };
+        let report = self
+            .apply_checked(&outside_pairs, Scope::CheckAll, false)
+            .await;
+        // Still the whole set: the pairs' values were applied by an earlier sync.
+        self.last_applied = Some(set);
+        report.map(Some)
     }
 
     /// Applies an already validated set of secrets in one transaction, to the roles `scope`
