@@ -1553,3 +1553,70 @@ fn stage_applied_by_a_one_shot_sync_then_by_the_watcher(resync_between: bool) {
     );
     s.leaks(&[&one_shot, &stopped]);
 }
+
+/// A SCRAM-SHA-256 verifier of `password` with `iterations` rounds, as any tool (or a
+/// server with another `scram_iterations`) may have stored it.
+fn verifier_with(password: &str, iterations: u32) -> String {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use hmac::{Hmac, KeyInit, Mac};
+    use sha2::{Digest, Sha256};
+    let salt = *b"sixteen byte slt";
+    let mut salted = [0u8; 32];
+    pbkdf2::pbkdf2_hmac::<Sha256>(password.as_bytes(), &salt, iterations, &mut salted);
+    let hmac = |message: &[u8]| {
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&salted).unwrap();
+        mac.update(message);
+        mac.finalize().into_bytes().to_vec()
+    };
+    format!(
+        "SCRAM-SHA-256${iterations}:{}${}:{}",
+        STANDARD.encode(salt),
+        STANDARD.encode(Sha256::digest(hmac(b"Client Key"))),
+        STANDARD.encode(hmac(b"Server Key"))
+    )
+}
+
+/// The sync re-makes a stored verifier weaker than the server's `scram_iterations` (an
+/// administrator raising it on PostgreSQL 16+ makes every stored verifier weaker; on 15 a
+/// verifier made elsewhere with fewer rounds). The password stays the same: that is no
+/// new password, so it must neither open a retired login for good (a "stage") nor lift an
+/// administrator's lockout of the published one ("a lockout lifted by a new password").
+#[test]
+fn a_verifier_remade_at_the_servers_strength_is_no_new_password_for_the_overlap_rules() {
+    let s = retired_role("1h");
+    let grace_end = s.valid_until("appuser");
+    // The published login locked out by an administrator.
+    s.cluster
+        .psql("ALTER ROLE appuser_alt VALID UNTIL '2000-01-01'");
+    for login in ["appuser", "appuser_alt"] {
+        let weak = verifier_with(s.pw.get(login), 1024);
+        s.cluster.psql(&format!(
+            "ALTER ROLE {login} PASSWORD {}",
+            quote_literal(&weak)
+        ));
+    }
+    s.cluster.clear_log();
+    let out = s.sync(&["--grace", "1h"]).expect_ok();
+    for login in ["appuser", "appuser_alt"] {
+        assert!(
+            authid(&s, login, "rolpassword").starts_with("SCRAM-SHA-256$4096:"),
+            "{login}: the weak verifier was not re-made: {}",
+            out.describe()
+        );
+    }
+    assert_eq!(
+        s.valid_until("appuser"),
+        grace_end,
+        "re-making the retired login's verifier changed its end: {}",
+        out.describe()
+    );
+    assert_eq!(
+        authid(&s, "appuser_alt", "rolvaliduntil = '2000-01-01'"),
+        "true",
+        "re-making the locked-out login's verifier lifted the lockout: {}",
+        out.describe()
+    );
+    out.expect_stdout_line(&["locked out", "\"appuser_alt\""]);
+    s.leaks(&[&out]);
+}

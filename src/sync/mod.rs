@@ -71,6 +71,10 @@ pub struct Report {
     /// The server is a standby (read-only): nothing was attempted.
     pub standby: bool,
     pub dry_run: bool,
+    /// Roles whose verifier was re-made (or would be) only to reach the server's
+    /// `scram_iterations`: changed, but not to a new password.
+    #[serde(skip)]
+    pub strengthened: Vec<String>,
 }
 
 impl Report {
@@ -526,11 +530,13 @@ async fn transaction(
         let leftovers = logins.find_leftovers(client, watchdog).await?;
         set_passwords(client, plan, secrets, watchdog, report).await?;
         // Who may log in until when: the same transaction, so a publish switch and the
-        // passwords it relies on are in force together, or not at all.
+        // passwords it relies on are in force together, or not at all. A verifier only
+        // re-made at the server's strength holds no new password.
         let changed: Vec<&str> = report
             .changed()
             .into_iter()
             .chain(report.roles_with(Status::WouldChange))
+            .filter(|role| !report.strengthened.iter().any(|s| s == role))
             .collect();
         let lines = logins
             .valid_until(client, watchdog, &changed, &prepared, &leftovers)
@@ -649,9 +655,13 @@ async fn set_passwords(
     .await
     .context("planning the password changes")??;
     for ((spec, _), step) in secrets.iter().zip(steps) {
+        if matches!(step, Step::Strengthen(_)) {
+            report.strengthened.push(spec.name.clone());
+        }
         let status = match step {
             Step::Keep(status) => status,
-            Step::Set(verifier) => {
+            Step::Strengthen(None) => Status::WouldChange,
+            Step::Set(verifier) | Step::Strengthen(Some(verifier)) => {
                 let statement = sql::alter_role_password(&spec.name, &verifier);
                 watchdog
                     .guard(
@@ -689,12 +699,19 @@ enum Step {
     Keep(Status),
     /// Store this (freshly made) verifier.
     Set(String),
+    /// The stored verifier holds the role's password with fewer rounds than the server's
+    /// `scram_iterations`: store this one, made at the server's strength (`None`: dry
+    /// run). The same password: no new password as far as overlap mode's rules go (a
+    /// stage, a lockout lifted by a new password).
+    Strengthen(Option<String>),
 }
 
 /// Decides every role's step; the stored verifiers of `checked` are compared first. Checking a stored verifier and making a new one are
 /// `iterations` PBKDF2 rounds each, the bulk of a large sync's time, so big role sets are
 /// spread over the available cores. A stored verifier with fewer rounds than the server's
-/// `scram_iterations` counts as changed: it is re-made at the configured strength.
+/// `scram_iterations` counts as changed: it is re-made at the configured strength (a
+/// `Step::Strengthen` when it still holds the role's password: one PBKDF2 at its own,
+/// lower, count tells).
 fn plan_steps(
     secrets: &[(RoleSpec, Secret)],
     current: &HashMap<String, Option<String>>,
@@ -708,6 +725,17 @@ fn plan_steps(
             if checked.contains(&spec.name) && scram::is_current(stored, secret, iterations) =>
         {
             Ok(Step::Keep(Status::Unchanged))
+        }
+        Some(Some(stored))
+            if checked.contains(&spec.name)
+                && !scram::strong_enough(stored, iterations)
+                && scram::verifies(stored, secret) =>
+        {
+            if dry_run {
+                Ok(Step::Strengthen(None))
+            } else {
+                scram::make_verifier(secret, iterations).map(|v| Step::Strengthen(Some(v)))
+            }
         }
         Some(_) if dry_run => Ok(Step::Keep(Status::WouldChange)),
         Some(_) => scram::make_verifier(secret, iterations).map(Step::Set),
@@ -889,8 +917,13 @@ mod tests {
         // The server asks for more rounds than the stored verifier has: re-made with them.
         let stronger = plan_steps(&secrets, &current, false, &all, 8192).unwrap();
         assert!(
-            matches!(&stronger[0], Step::Set(v) if v.starts_with("SCRAM-SHA-256$8192:")
+            matches!(&stronger[0], Step::Strengthen(Some(v)) if v.starts_with("SCRAM-SHA-256$8192:")
                 && scram::verifies(v, &secret))
         );
+        // Another password: a new one, whatever the rounds.
+        assert!(matches!(&stronger[1], Step::Set(v) if scram::verifies(v, &secret)));
+        let dry = plan_steps(&secrets, &current, true, &all, 8192).unwrap();
+        assert!(matches!(dry[0], Step::Strengthen(None)));
+        assert!(matches!(dry[1], Step::Keep(Status::WouldChange)));
     }
 }
