@@ -1620,3 +1620,33 @@ fn a_verifier_remade_at_the_servers_strength_is_no_new_password_for_the_overlap_
     out.expect_stdout_line(&["locked out", "\"appuser_alt\""]);
     s.leaks(&[&out]);
 }
+
+/// An administrator locks the published login out because its password leaked (`VALID
+/// UNTIL` in the past). A session the leaker opened before the lockout changes the
+/// login's own password; the sync restores the file's (leaked) password. That restore is
+/// no new password: taken for one ("a lockout lifted by a new password"), it gives the
+/// leaked password `infinity` again.
+#[test]
+fn a_locked_out_login_changing_its_own_password_does_not_lift_its_lockout() {
+    let s = setup(|role| role.to_owned());
+    s.sync(&[]).expect_ok();
+    let leaked = Session::connect(s.cluster.port, "appuser", s.pw.get("appuser"));
+    s.cluster
+        .psql("ALTER ROLE appuser VALID UNTIL '2000-01-01'");
+    leaked
+        .exec(&format!(
+            "ALTER ROLE appuser PASSWORD {}",
+            quote_literal(&unique("chosen by the leaker"))
+        ))
+        .unwrap();
+    s.cluster.clear_log();
+    let out = s.sync(&[]).expect_ok();
+    assert!(
+        s.login("appuser").is_err(),
+        "the leaked password logs in again, valid until {:?}: {}",
+        s.valid_until("appuser"),
+        out.describe()
+    );
+    out.expect_stdout_line(&["locked out", "\"appuser\""]);
+    s.leaks(&[&out]);
+}
