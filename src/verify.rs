@@ -173,7 +173,43 @@ fn through_section(config: &Config, section: &Section) -> Result<Config, String>
              not speak: what applications get is not checked"
         ));
     }
+    // Any other setting libpq accepts may make every application's login fail on its own
+    // (`channel_binding=require` without TLS, `target_session_attrs=standby`, a startup
+    // option, a replication connection, a value libpq refuses): only those known not to
+    // are passed over.
+    if let Some((key, _)) = section
+        .other
+        .iter()
+        .find(|(key, value)| !passed_over(key, value))
+    {
+        return Err(format!(
+            "pg_service.conf section [{name}] sets {key}, which verify does not follow: what \
+             applications get is not checked"
+        ));
+    }
     Ok(through)
+}
+
+/// Whether verify may pass over a section's `key=value` (or follows it): a setting that
+/// cannot by itself make a password login over TCP without TLS fail, with a value libpq
+/// accepts. Names the cases; anything else is not followed.
+fn passed_over(key: &str, value: &str) -> bool {
+    let integer = || value.trim().parse::<i32>().is_ok();
+    match key {
+        "host" | "hostaddr" | "port" | "dbname" => true,
+        "application_name" | "fallback_application_name" | "passfile" => true,
+        "connect_timeout"
+        | "keepalives"
+        | "keepalives_idle"
+        | "keepalives_interval"
+        | "keepalives_count"
+        | "tcp_user_timeout" => integer(),
+        "sslmode" => matches!(value, "disable" | "allow" | "prefer"),
+        "channel_binding" | "gssencmode" => matches!(value, "disable" | "prefer"),
+        "target_session_attrs" => value == "any",
+        "load_balance_hosts" => matches!(value, "disable" | "random"),
+        _ => false,
+    }
 }
 
 /// What `verify` checks, with a note for its report: without overlap every login of the
@@ -699,13 +735,30 @@ mod tests {
         .unwrap();
         assert_eq!(through.host, Host::Tcp("db.example".into()));
         assert_eq!((through.port, through.dbname.as_str()), (6432, "appdb"));
-        let same = through_section(&config, &section(&[("sslmode", "prefer")])).unwrap();
+        let same = through_section(
+            &config,
+            &section(&[
+                ("sslmode", "prefer"),
+                ("application_name", "app"),
+                ("connect_timeout", "10"),
+                ("target_session_attrs", "any"),
+            ]),
+        )
+        .unwrap();
         assert_eq!((same.host, same.port), (config.host.clone(), config.port));
         for (other, needle) in [
             (("port", "x"), "not a port number"),
             (("host", "/run/postgresql"), "one TCP host"),
             (("host", "a,b"), "one TCP host"),
             (("sslmode", "verify-full"), "sslmode=verify-full"),
+            (("channel_binding", "require"), "sets channel_binding"),
+            (
+                ("target_session_attrs", "standby"),
+                "sets target_session_attrs",
+            ),
+            (("options", "-c role=x"), "sets options"),
+            (("replication", "true"), "sets replication"),
+            (("connect_timeout", "soon"), "sets connect_timeout"),
         ] {
             let err = through_section(&config, &section(&[other])).unwrap_err();
             assert!(err.contains(needle) && err.contains("[app]"), "{err}");

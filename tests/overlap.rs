@@ -1650,3 +1650,42 @@ fn a_locked_out_login_changing_its_own_password_does_not_lift_its_lockout() {
     out.expect_stdout_line(&["locked out", "\"appuser\""]);
     s.leaks(&[&out]);
 }
+
+/// A section whose credentials are right and whose host and port are verify's own, but
+/// with a setting that makes libpq fail every login through it (channel binding demanded
+/// over a connection without TLS, a standby demanded of a primary, a startup option
+/// naming no role, a replication connection the login may not make). `verify --overlap`
+/// does not follow these: it must not report the role as ok, which would tell the
+/// operator (or `scripts/rotate.sh`, polling it before a publish) that applications log in.
+#[test]
+fn verify_overlap_never_calls_ok_a_section_libpq_cannot_log_in_with() {
+    let s = setup(|role| role.to_owned());
+    let published: Vec<(&str, String)> = ROLES.iter().map(|(r, _)| (*r, (*r).to_owned())).collect();
+    let mut runs = vec![s.sync(&[]).expect_ok()];
+    for setting in [
+        "channel_binding=require",
+        "target_session_attrs=standby",
+        "options=-c role=no_such_role",
+        "replication=true",
+    ] {
+        let text = s.service_text(&published).replacen(
+            "[appuser]\n",
+            &format!("[appuser]\n{setting}\n"),
+            1,
+        );
+        s.keys.write_raw("pg_service.conf", text.as_bytes());
+        let libpq = libpq_login(&s, "appuser");
+        assert!(libpq.is_err(), "{setting}: libpq logged in: {libpq:?}");
+        let verified = run(s.command("verify", &["--overlap", "--host", "127.0.0.1"]));
+        assert!(
+            !verified.stdout.contains("role \"appuser\": ok"),
+            "{setting}: verify called it ok\n{}",
+            verified.describe()
+        );
+        let verified = verified.expect_code(7);
+        verified.expect_stdout("appuser");
+        runs.push(verified);
+    }
+    let refs: Vec<&Run> = runs.iter().collect();
+    s.leaks(&refs);
+}
