@@ -150,6 +150,15 @@ fn through_section(config: &Config, section: &Section) -> Result<Config, String>
     };
     let mut through = config.clone();
     let name = &section.name;
+    if let Some(addr) = setting("hostaddr")
+        && addr.parse::<std::net::IpAddr>().is_err()
+    {
+        // libpq takes only a numeric address there, and fails every login otherwise.
+        return Err(format!(
+            "pg_service.conf section [{name}]: hostaddr {addr:?} is not a numeric address, \
+             which libpq refuses"
+        ));
+    }
     if let Some(host) = setting("hostaddr").or(setting("host")) {
         if host.starts_with('/') || host.contains(',') {
             return Err(format!(
@@ -759,6 +768,7 @@ mod tests {
             (("options", "-c role=x"), "sets options"),
             (("replication", "true"), "sets replication"),
             (("connect_timeout", "soon"), "sets connect_timeout"),
+            (("hostaddr", "db.example"), "not a numeric address"),
         ] {
             let err = through_section(&config, &section(&[other])).unwrap_err();
             assert!(err.contains(needle) && err.contains("[app]"), "{err}");
