@@ -1689,3 +1689,71 @@ fn verify_overlap_never_calls_ok_a_section_libpq_cannot_log_in_with() {
     let refs: Vec<&Run> = runs.iter().collect();
     s.leaks(&refs);
 }
+
+/// The watcher applies a settled change but queues behind another session's sync lock;
+/// meanwhile a writer starts rewriting the unpublished twin's file in place (a stage
+/// arriving through a single-file bind mount) and has written part of it. The watcher's
+/// read under the lock sees the files changed: it must not take the half-written value
+/// then (the watcher takes an in-place write only once its writer closed it and it stood
+/// still), which would stage the half value and take the whole one, when it comes, for a
+/// stage changed again (expired at once).
+#[test]
+fn the_read_under_the_sync_lock_never_takes_a_file_its_writer_still_writes() {
+    let mut s = setup(|role| role.to_owned());
+    let (watch, _state) = watcher(&s, "1h");
+    watch.wait_stderr(LIMIT, "watching 1 secret directory");
+    wait_until(LIMIT, "the watcher's first sync", || {
+        s.login("appuser").is_ok() && s.valid_until("appuser_alt") == "-infinity"
+    });
+    // Another session holds the sync lock (any login may take it).
+    let holder = Session::connect(s.cluster.port, "appuser", s.pw.get("appuser"));
+    holder.hold_sync_lock();
+    // A settled change the watcher reads, then queues with behind the lock.
+    s.stage("backupuser_alt");
+    wait_until(LIMIT, "the watcher to queue for the sync lock", || {
+        s.value("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted") == "1"
+    });
+    // The twin's stage, written in place: the first part only, the writer still at it.
+    let whole = unique("appuser_alt staged in two parts");
+    let (first, rest) = whole.split_at(whole.len() / 2 + 6);
+    let (first, rest) = (first.to_owned(), rest.to_owned());
+    let path = s.keys.path().join("postgres_app_user_alt_pw.txt");
+    let mut writer = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    std::io::Write::write_all(&mut writer, first.as_bytes()).unwrap();
+    std::io::Write::flush(&mut writer).unwrap();
+    holder
+        .exec(&format!(
+            "SELECT pg_advisory_unlock({})",
+            common::session::SYNC_LOCK
+        ))
+        .unwrap();
+    // It has the lock now, and finds the files changed.
+    wait_until(LIMIT, "the watcher to take the sync lock", || {
+        s.value("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == "0"
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        s.cluster.login("appuser_alt", &first).is_err(),
+        "the half-written value was applied\n{}",
+        watch.stderr_so_far()
+    );
+    // The writer finishes: the whole value is the stage.
+    std::io::Write::write_all(&mut writer, format!("{rest}\n").as_bytes()).unwrap();
+    drop(writer);
+    s.pw.set("appuser_alt", whole);
+    wait_until(LIMIT, "the whole staged value to log in", || {
+        s.login("appuser_alt").is_ok()
+    });
+    assert_eq!(s.valid_until("appuser_alt"), "infinity");
+    // The change the watcher queued with is applied too (with the settled write).
+    s.assert_login("backupuser_alt");
+    drop(holder);
+    watch.signal(nix::sys::signal::Signal::SIGTERM);
+    let stopped = watch.finish(LIMIT).expect_ok();
+    assert_no_leak(&[&first], Some(&s.cluster), &[&stopped]);
+    s.leaks(&[&stopped]);
+}

@@ -175,7 +175,7 @@ impl Syncer {
     /// Reads every secret (all must be valid), connects, applies every role
     /// (`Scope::CheckAll`). Nothing is applied on any error.
     pub async fn sync(&mut self) -> anyhow::Result<Report> {
-        self.sync_files(Scope::CheckAll)
+        self.sync_files(Scope::CheckAll, Reread::AtOnce)
             .await?
             .context("no set was applied")
     }
@@ -185,8 +185,13 @@ impl Syncer {
     /// The transaction reads the files again once it holds the sync lock, and applies only
     /// if they are still what was read: a sync queued behind another (a one-shot `sync`
     /// behind the watcher, say) never puts back an older set than the files hold. When they
-    /// changed meanwhile, the new set is read and applied instead (a few times at most).
-    pub async fn sync_files(&mut self, scope: Scope) -> anyhow::Result<Option<Report>> {
+    /// changed meanwhile, nothing is applied; `reread` says whether the new set is read
+    /// and applied at once (a few times at most), or left to the caller (`FilesChanged`).
+    pub async fn sync_files(
+        &mut self,
+        scope: Scope,
+        reread: Reread,
+    ) -> anyhow::Result<Option<Report>> {
         let mut attempt = 1;
         loop {
             let secrets = self.config.load_secrets()?;
@@ -195,7 +200,9 @@ impl Syncer {
             }
             match self.apply_checked(&secrets, scope, true).await {
                 Err(err)
-                    if err.downcast_ref::<FilesChanged>().is_some() && attempt < STALE_ATTEMPTS =>
+                    if err.downcast_ref::<FilesChanged>().is_some()
+                        && reread == Reread::AtOnce
+                        && attempt < STALE_ATTEMPTS =>
                 {
                     tracing::info!(
                         "the secret files changed while the sync waited for its lock; reading them again"
@@ -359,6 +366,18 @@ impl Syncer {
 
 /// How many times a sync whose files changed while it waited for its lock reads them again.
 const STALE_ATTEMPTS: u32 = 5;
+
+/// What a sync does when the files changed while it waited for its lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reread {
+    /// Reads them again at once: a one-shot `sync`, and the first sync of `run` and
+    /// `watch`, which take the files as they find them.
+    AtOnce,
+    /// Applies nothing (`FilesChanged`): the watch loop, whose file events say when the
+    /// change is complete (a file written in place is taken only once its writer closed
+    /// it and it stood still, and a read now could take half of it).
+    WhenSettled,
+}
 
 /// The secret files no longer hold the set a sync was about to apply (read again under
 /// its lock): it applied nothing.
