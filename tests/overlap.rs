@@ -1757,3 +1757,36 @@ fn the_read_under_the_sync_lock_never_takes_a_file_its_writer_still_writes() {
     assert_no_leak(&[&first], Some(&s.cluster), &[&stopped]);
     s.leaks(&[&stopped]);
 }
+
+/// The sync pointed at the application's database (`PGDATABASE`), whose owner, the
+/// application login, sets `idle_session_timeout` for every session there: a session idle
+/// for a millisecond between two statements (between its login and its first statement,
+/// or between the statements that pin it) is ended by the server, and the sync fails,
+/// again and again (the old passwords stay, a stage never applies). The pinned superuser
+/// session must not be at the mercy of it.
+#[test]
+fn a_database_owners_idle_session_timeout_never_ends_the_superuser_session() {
+    let s = setup(|role| role.to_owned());
+    s.cluster.create_roles(&[("appuser", s.pw.get("appuser"))]);
+    let db = s.cluster.app_owned_database();
+    s.cluster.psql_in(
+        db,
+        "SET ROLE appuser; ALTER DATABASE appdb SET idle_session_timeout = '1ms';",
+    );
+    s.cluster.clear_log();
+    let mut runs = Vec::new();
+    for _ in 0..30 {
+        let mut cmd = s.command("sync", &["--overlap"]);
+        cmd.env("PGDATABASE", db);
+        let out = run(cmd);
+        assert!(
+            out.code() == Some(0),
+            "a sync failed in the application's database\n{}",
+            out.describe()
+        );
+        runs.push(out);
+    }
+    s.assert_login("appuser");
+    let refs: Vec<&Run> = runs.iter().collect();
+    s.leaks(&refs);
+}

@@ -82,12 +82,24 @@ pub fn socket_path(dir: &Path, port: u16) -> std::path::PathBuf {
     dir.join(format!(".s.PGSQL.{port}"))
 }
 
+/// Settings sent in the startup packet, which take precedence over a database's and a
+/// role's settings (`ALTER DATABASE … SET`): `idle_session_timeout` (PostgreSQL 14+)
+/// ends a session idle between two statements, and a database owner setting it to a
+/// millisecond would end our sessions before any statement could clear it (between the
+/// login and the first statement, or between two statements that pin the session). The
+/// other settings such an owner can attach are cleared by the pinning statements
+/// (`session::superuser`), which need no idle-free moment.
+const STARTUP_OPTIONS: &str = "-c idle_session_timeout=0";
+
 /// One connection attempt, bounded by the configured connect timeout.
 pub async fn connect(config: &Config, user: &str, auth: &Auth<'_>) -> anyhow::Result<Client> {
     let mut pg = tokio_postgres::Config::new();
     pg.user(user)
         .dbname(&config.dbname)
         .application_name("pg-password-sync")
+        // Sent with the login, so it is in force before the session's first idle moment
+        // (see `STARTUP_OPTIONS`).
+        .options(STARTUP_OPTIONS)
         .connect_timeout(config.connect_timeout);
     if let Auth::Password(secret, _) = auth {
         pg.password(secret.expose());
