@@ -1406,3 +1406,34 @@ fn run_sync_without_overlap(cluster: &Cluster, source: &Source) -> Run {
         .arg(source.path().join("no-source-dir"));
     cluster.run(cmd).expect_ok()
 }
+
+/// While a staged rotation is pending, its backup is what `rotate --abort` restores byte
+/// for byte (and what `--publish-only` checks the stage against). A routine tidy-up,
+/// `generate --backup-only --keep-backups 1`, must not prune it: the stage could then be
+/// neither undone nor finished.
+#[test]
+fn generate_never_prunes_the_backup_of_a_pending_stage() {
+    let (cluster, source) = prepared("'-infinity'");
+    let before = source.snapshot();
+    cluster
+        .run(rotate_cmd(source.path(), cluster.port, &["--stage-only"]))
+        .expect_ok();
+    let stage_backup = source.backups().pop().unwrap();
+
+    let tidy = run(generate_cmd(
+        source.path(),
+        &["--backup-only", "--keep-backups", "1"],
+    ));
+    assert!(
+        stage_backup.exists(),
+        "the pending stage's backup was pruned\n{}",
+        tidy.describe()
+    );
+    let aborted = run(rotate_cmd(source.path(), cluster.port, &["--abort"]));
+    aborted.expect_ok();
+    assert_same_files(
+        &source.snapshot(),
+        &before,
+        "--abort did not restore the set",
+    );
+}
