@@ -1790,3 +1790,37 @@ fn a_database_owners_idle_session_timeout_never_ends_the_superuser_session() {
     let refs: Vec<&Run> = runs.iter().collect();
     s.leaks(&refs);
 }
+
+/// Whoever holds a twin's password (a leaked one) can, on PostgreSQL 14 and older, grant
+/// membership in the twin to another role it controls (a session user may grant its own
+/// role; from 15 on only an administrator can). The twin is a member of the role with
+/// INHERIT, so that other role gets the role's rights for good, past every rotation of
+/// the twin's password. A twin is ours and LOGIN INHERIT and nothing more: the sync takes
+/// such memberships back (naming them), whoever granted them.
+#[test]
+fn a_membership_in_a_twin_is_taken_back_so_the_roles_rights_do_not_outlive_a_rotation() {
+    let s = setup(twin);
+    s.sync(&[]).expect_ok();
+    let grant = "GRANT appuser_alt TO backupuser";
+    let by_the_twin = Session::connect(s.cluster.port, "appuser_alt", s.pw.get("appuser_alt"))
+        .exec(&format!("SET ROLE NONE; {grant}"));
+    if pg_major() <= 14 {
+        by_the_twin.unwrap();
+    } else {
+        let err = by_the_twin.expect_err("PostgreSQL 15+ refuses a self-grant");
+        assert!(err.contains("SQLSTATE 42501"), "{err}");
+        s.cluster.psql(grant);
+    }
+    s.cluster.clear_log();
+    assert!(is_member(&s, "backupuser", "appuser"));
+
+    let out = s.sync(&[]).expect_ok();
+    assert!(
+        !is_member(&s, "backupuser", "appuser"),
+        "another role keeps the role's rights through the twin: {}",
+        out.describe()
+    );
+    out.expect_stdout_line(&["\"appuser_alt\"", "\"backupuser\""]);
+    s.assert_login("appuser_alt");
+    s.leaks(&[&out]);
+}
