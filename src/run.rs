@@ -22,7 +22,7 @@ use crate::error::Failure;
 use crate::postmaster::{self, PidFile};
 use crate::state::StateFile;
 use crate::supervisor::{Child, Hangups, Supervisor};
-use crate::sync::{Options, Scope, Syncer, log_report, sync_and_record};
+use crate::sync::{Options, Reread, Scope, Syncer, log_report, sync_and_record};
 use crate::watch::{
     PromotionWatch, RESYNC_SPACING, Requested, WatchOptions, request_resync, resync_channel,
     watch_loop,
@@ -287,7 +287,7 @@ async fn first_sync_with_retry(
 /// whether the server is a standby (the sync was skipped).
 async fn sync_logged(syncer: &mut Syncer, state: &StateFile) -> anyhow::Result<bool> {
     let started = Instant::now();
-    match sync_and_record(syncer, state, Scope::CheckAll).await {
+    match sync_and_record(syncer, state, Scope::CheckAll, Reread::AtOnce).await {
         Ok(report) => {
             if let Some(report) = &report {
                 log_report(report);

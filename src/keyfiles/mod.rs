@@ -112,6 +112,17 @@ fn generate_files(args: &GenerateSettings) -> anyhow::Result<()> {
         generate(args)?
     };
     if let Some(keep) = args.keep_backups {
+        // A pending stage's backup is what `rotate --abort` restores and `--publish-only`
+        // checks: pruning it would leave a stage that can be neither undone nor finished.
+        if locked.root.stat(overlap::PENDING_FILE)?.is_some() {
+            return Err(anyhow::anyhow!(
+                "a staged rotation is pending ({}): not pruning backups, since its rollback \
+                 needs its own; finish it with `rotate --publish-only` or undo it with \
+                 `rotate --abort` first",
+                locked.root.shown(overlap::PENDING_FILE)
+            ))
+            .context(Failure::Config);
+        }
         for name in backup::prune(locked.backups.as_ref(), keep as usize)? {
             report(args, &format!("removed old backup {name}"));
         }
