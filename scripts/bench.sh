@@ -343,7 +343,7 @@ if want fleet; then
     step "client fleet: failed logins per rotation, overlap and single-login (tests/fleet.rs)"
     : >"$RES/fleet.jsonl"
     if ! PG_PASSWORD_SYNC_FLEET_REPORT="$RES/fleet.jsonl" \
-        interruptible cargo test --quiet --test fleet -- --nocapture >"$OUT/logs/fleet.log" 2>&1; then
+        interruptible cargo test --quiet --test tests -- fleet:: --nocapture >"$OUT/logs/fleet.log" 2>&1; then
         echo "the fleet test failed (see $OUT/logs/fleet.log); its figures are reported anyway" >&2
     fi
 fi

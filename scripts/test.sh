@@ -46,7 +46,7 @@ if [[ -n "$majors" ]]; then
     for major in $majors; do
         step "sync, run and watch tests on PostgreSQL $major"
         PG_BINDIR="$(scripts/pg-majors.sh bindir "$major")" \
-            cargo test --test sync --test run --test watch
+            cargo test --test tests -- sync:: run:: watch::
     done
 fi
 

@@ -16,7 +16,7 @@ use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::ConfigSettings;
-use crate::config::parse_duration;
+use crate::config::{DEFAULT_GRACE, parse_duration};
 use crate::health::HealthSettings;
 use crate::keyfiles::GenerateSettings;
 use crate::metrics::MetricsSettings;
@@ -188,7 +188,7 @@ pub struct SyncOptionsArgs {
     /// How long a login that stopped being published keeps working (its VALID UNTIL is set
     /// to now + this when the sync sees the switch), e.g. `15m`. Also the time a twin left
     /// by an earlier overlap mode keeps working after overlap is turned off.
-    #[arg(long, env = "PG_PASSWORD_SYNC_GRACE", default_value = "15m", value_parser = parse_duration)]
+    #[arg(long, env = "PG_PASSWORD_SYNC_GRACE", default_value = DEFAULT_GRACE, value_parser = parse_duration)]
     pub grace: Duration,
     /// Overlap mode: keep the sessions still open on a login whose grace is over. By
     /// default the sync ends them (pg_terminate_backend; non-superuser only, named in the
@@ -528,7 +528,7 @@ pub struct RotateArgs {
 
     /// The sync's --grace (same variable): --wait must be shorter. rotate only compares
     /// the two; the sync is what applies it.
-    #[arg(long, env = "PG_PASSWORD_SYNC_GRACE", default_value = "15m", value_parser = parse_duration)]
+    #[arg(long, env = "PG_PASSWORD_SYNC_GRACE", default_value = DEFAULT_GRACE, value_parser = parse_duration)]
     pub grace: Duration,
 
     /// Re-key the unpublished logins even when the server says they may still be in use
@@ -653,7 +653,7 @@ impl From<ConfigArgs> for ConfigSettings {
             overlap: args.overlap,
             twin_suffix: args.twin_suffix,
             // Only the syncing commands take --grace (`sync_config`); unused elsewhere.
-            grace: Duration::from_secs(15 * 60),
+            grace: parse_duration(DEFAULT_GRACE).unwrap_or_default(),
             // `verify` and `health` check what is there; the commands that apply passwords
             // set their own minimum (`SecretValueArgs`, `sync_config`).
             min_password_length: 0,
@@ -804,15 +804,14 @@ impl From<RotateArgs> for RotateSettings {
                 connect_timeout: args.connect_timeout,
                 // rotate reads the overlap files itself (`rotate::set`).
                 overlap: false,
-                twin_suffix: args.twin_suffix.clone(),
+                twin_suffix: args.twin_suffix,
+                // The sync's --grace, which --wait must stay below.
                 grace: args.grace,
                 // rotate writes fresh generated passwords; it checks no length itself.
                 min_password_length: 0,
             },
             dir: args.dir,
-            twin_suffix: args.twin_suffix,
             wait: args.wait,
-            grace: args.grace,
             force: args.force,
             stage_only: args.stage_only,
             publish_only: args.publish_only,

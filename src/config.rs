@@ -90,6 +90,10 @@ pub struct SecretSet {
     pub service: Option<overlap::service_file::ServiceFile>,
 }
 
+/// The default of `--grace` (`sync`, `run`, `watch`, and `rotate`, whose `--wait` must stay
+/// below it).
+pub const DEFAULT_GRACE: &str = "15m";
+
 /// The default of `--min-password-length`: far below the 32 characters `generate` writes,
 /// far above what a writer that died after a byte or two leaves behind.
 pub const DEFAULT_MIN_PASSWORD_LENGTH: usize = 12;
@@ -466,7 +470,7 @@ pub fn test_settings() -> ConfigSettings {
         connect_timeout: Duration::from_secs(5),
         overlap: false,
         twin_suffix: overlap::DEFAULT_TWIN_SUFFIX.into(),
-        grace: Duration::from_secs(900),
+        grace: parse_duration(DEFAULT_GRACE).unwrap(),
         min_password_length: DEFAULT_MIN_PASSWORD_LENGTH,
     }
 }

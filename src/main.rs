@@ -8,6 +8,7 @@ mod backoff;
 mod cli;
 mod config;
 mod error;
+mod fileio;
 mod health;
 mod keyfiles;
 mod logging;

@@ -116,14 +116,11 @@ pub fn read(pgdata: &Path) -> Option<PidFile> {
         .and_then(parse)
 }
 
-/// Reads the file without ever blocking: the data directory belongs to the server's OS
-/// user, and a FIFO put there must not freeze `run` (see `secret::open_regular`).
-fn read_text(path: &Path) -> std::io::Result<String> {
-    use std::io::Read;
-    let (file, _) = crate::secret::open_regular(path)?;
-    let mut text = String::new();
-    file.take(64 * 1024).read_to_string(&mut text)?;
-    Ok(text)
+/// Reads the file without ever blocking (`fileio`): the data directory belongs to the
+/// server's OS user, and a FIFO put there must not freeze `run`.
+fn read_text(path: &Path) -> anyhow::Result<String> {
+    let bytes = crate::fileio::dirfd::read_followed_file(path, 64 * 1024)?;
+    Ok(String::from_utf8(bytes.to_vec())?)
 }
 
 /// Whether `pid` names a live (not zombie) process. `kill(pid, 0)` says whether the pid
@@ -194,10 +191,10 @@ pub async fn wait_ready(pgdata: &Path, child: i32) -> PidFile {
     loop {
         let verdict = match read_text(&path) {
             Ok(text) => check(parse(&text).as_ref(), child),
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => check(None, child),
+            Err(err) if err.downcast_ref::<Errno>() == Some(&Errno::ENOENT) => check(None, child),
             // Not found is normal before the first start; anything else (permissions) would
             // otherwise wait forever in silence.
-            Err(err) => Readiness::Waiting(format!("cannot read {}: {err}", path.display())),
+            Err(err) => Readiness::Waiting(format!("cannot read {}: {err:#}", path.display())),
         };
         match verdict {
             Readiness::Ready(file) => {

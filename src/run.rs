@@ -23,7 +23,7 @@ use crate::metrics::{self, Metrics, Trigger};
 use crate::postmaster::{self, PidFile};
 use crate::state::StateFile;
 use crate::supervisor::{Child, Hangups, Supervisor};
-use crate::sync::{Options, Scope, Syncer, log_report, sync_and_record};
+use crate::sync::{Options, Reread, Scope, Syncer, log_report, sync_and_record};
 use crate::watch::{
     PromotionWatch, RESYNC_SPACING, Recorders, Requested, WatchOptions, request_resync,
     resync_channel, watch_loop,
@@ -358,7 +358,7 @@ async fn sync_logged(
     trigger: Trigger,
 ) -> anyhow::Result<bool> {
     let started = Instant::now();
-    let result = sync_and_record(syncer, recorders.state, Scope::CheckAll).await;
+    let result = sync_and_record(syncer, recorders.state, Scope::CheckAll, Reread::AtOnce).await;
     recorders.metrics.record(trigger, &result, started, syncer);
     match result {
         Ok(report) => {

@@ -9,14 +9,9 @@
 //! open descriptor (regular file, size) before a byte is read.
 
 use std::fmt;
-use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, anyhow, bail};
-use nix::fcntl::{OFlag, open};
-use nix::libc;
-use nix::sys::stat::{Mode, fstat};
+use anyhow::{Context, bail};
 use zeroize::{Zeroize, Zeroizing};
 
 /// Largest accepted secret file.
@@ -83,46 +78,14 @@ pub fn locate(name: &str, dirs: &[&Path]) -> Result<PathBuf, Vec<PathBuf>> {
     Err(tried)
 }
 
-/// Reads and validates one secret file.
+/// Reads and validates one secret file: opened without blocking and judged on the open
+/// descriptor, bounded, through `fileio` like every file. Links are followed: a Kubernetes
+/// secret volume reaches every file through the `..data` link.
 pub fn read_file(path: &Path) -> anyhow::Result<Secret> {
     let shown = path.display();
-    let (file, size) =
-        open_regular(path).with_context(|| format!("reading secret file {shown}"))?;
-    if size > MAX_SECRET_BYTES as u64 {
-        return Err(anyhow!("is larger than {MAX_SECRET_BYTES} bytes"))
-            .with_context(|| format!("secret file {shown}"));
-    }
-    // Read one byte past the limit so a file that grew since the check is detected
-    // without reading it all. Sized for the largest accepted file, so reading never
-    // reallocates and frees a copy of the secret without zeroizing it.
-    let mut bytes = Zeroizing::new(Vec::with_capacity(MAX_SECRET_BYTES + 1));
-    file.take(MAX_SECRET_BYTES as u64 + 1)
-        .read_to_end(&mut bytes)
+    let mut bytes = crate::fileio::dirfd::read_followed_file(path, MAX_SECRET_BYTES)
         .with_context(|| format!("reading secret file {shown}"))?;
     parse(std::mem::take(&mut *bytes)).with_context(|| format!("secret file {shown}"))
-}
-
-/// Opens a file that must be a regular file, without ever blocking, and returns it with
-/// its size. What is judged is the open descriptor (`fstat`), not a path looked at
-/// earlier: a FIFO or device swapped in between a check and the open would otherwise be
-/// opened, and opening a FIFO for reading waits for a writer, which would freeze the
-/// runtime's only thread (and PID 1's signal forwarding with it). `O_NONBLOCK` makes that
-/// open return at once; on a regular file it changes nothing. Links are followed: a
-/// Kubernetes secret volume reaches every file through the `..data` link.
-pub fn open_regular(path: &Path) -> std::io::Result<(File, u64)> {
-    let fd = open(
-        path,
-        OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
-    let stat = fstat(&fd)?;
-    if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "is not a regular file",
-        ));
-    }
-    Ok((File::from(fd), stat.st_size as u64))
 }
 
 /// Applies the value rules to a file's bytes. Errors describe the problem, never the value.
@@ -162,9 +125,24 @@ fn check(bytes: &[u8]) -> Result<(), String> {
     }
 }
 
+/// A role spec (`NAME` read from `NAME_pw`) and its secret, for the unit tests of every
+/// module that needs a set.
+#[cfg(test)]
+pub fn test_entry(name: &str, value: &str) -> (RoleSpec, Secret) {
+    (
+        RoleSpec {
+            name: name.into(),
+            secret: SecretRef::Name(format!("{name}_pw")),
+        },
+        Secret::new(value.into()),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::sys::stat::Mode;
+    use std::fs::File;
 
     fn ok(bytes: &[u8]) -> String {
         parse(bytes.to_vec()).unwrap().expose().to_owned()
@@ -225,7 +203,7 @@ mod tests {
     fn read_file_names_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let msg = format!("{:#}", read_file(dir.path()).unwrap_err());
-        assert!(msg.contains("is not a regular file"), "{msg}");
+        assert!(msg.contains("is a directory, not a file"), "{msg}");
         let path = dir.path().join("empty");
         std::fs::write(&path, "\n").unwrap();
         let msg = format!("{:#}", read_file(&path).unwrap_err());

@@ -20,12 +20,12 @@
 //! Nobody else may steer these writes or forge what `health` reads. The directory is
 //! opened once, with `O_DIRECTORY|O_NOFOLLOW`, and judged on that descriptor: it must
 //! belong to our effective uid and be writable by no one else. Every later name is
-//! resolved relative to the descriptor (`openat`/`renameat`/`unlinkat`), so swapping the
-//! directory's path afterwards changes nothing, and the temp file is created with
-//! `O_CREAT|O_EXCL|O_NOFOLLOW`, so a planted link or file is never written through. The
-//! reader applies the same rules on its own descriptors and trusts a state file only when
-//! it and its directory belong to one uid (root or the reader's own), are writable by that
-//! uid alone, and the file is a regular file.
+//! resolved relative to the descriptor, through `fileio::dirfd::Dir` like every file of
+//! this program, so swapping the directory's path afterwards changes nothing, and the temp
+//! file is created with `O_CREAT|O_EXCL|O_NOFOLLOW`, so a planted link or file is never
+//! written through. The reader applies the same rules on its own descriptors and trusts a
+//! state file only when it and its directory belong to one uid (root or the reader's own),
+//! are writable by that uid alone, and the file is a regular file with one name.
 //!
 //! Health fails closed: when a write fails (a full or read-only file system), the stale
 //! file is removed (an unlink needs no space) and an empty marker is left, so `health`
@@ -33,7 +33,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, DirBuilder, File};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -42,13 +42,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow, bail};
 use nix::errno::Errno;
-use nix::fcntl::{AtFlags, OFlag, open, openat, renameat};
+use nix::fcntl::{AtFlags, OFlag, open};
 use nix::libc;
-use nix::sys::stat::{FileStat, Mode, fchmod, fstat, fstatat};
-use nix::unistd::{AccessFlags, Uid, UnlinkatFlags, faccessat, fsync, unlinkat};
+use nix::sys::stat::{FileStat, Mode, fstat};
+use nix::unistd::{AccessFlags, Uid, faccessat};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
+use crate::fileio::dirfd::Dir;
 
 /// The file name inside the state directory.
 pub const FILE_NAME: &str = "state.json";
@@ -157,7 +158,7 @@ pub struct StateFile {
     pub path: PathBuf,
     /// The checked state directory, opened once; `None` when no candidate was usable
     /// (logged at start; nothing is written then and `health` reports no state).
-    dir: Option<Arc<OwnedFd>>,
+    dir: Option<Arc<Dir>>,
     state: Arc<Mutex<State>>,
 }
 
@@ -171,7 +172,7 @@ impl StateFile {
         for candidate in &candidates {
             match open_own_dir(candidate) {
                 Ok(fd) => {
-                    chosen = Some((candidate.clone(), fd));
+                    chosen = Some((candidate.clone(), Dir::from_checked(fd, candidate.clone())));
                     break;
                 }
                 Err(err) => reasons.push(format!("{err:#}")),
@@ -182,7 +183,7 @@ impl StateFile {
             ..State::default()
         }));
         match chosen {
-            Some((path, fd)) => {
+            Some((path, dir)) => {
                 if path != candidates[0] {
                     tracing::info!(
                         "state dir not usable ({}); using {}",
@@ -192,7 +193,7 @@ impl StateFile {
                 }
                 StateFile {
                     path: path.join(FILE_NAME),
-                    dir: Some(Arc::new(fd)),
+                    dir: Some(Arc::new(dir)),
                     state,
                 }
             }
@@ -331,16 +332,13 @@ pub fn load(dir: &Path) -> Result<(PathBuf, State), String> {
             continue;
         }
         let path = candidate.join(FILE_NAME);
-        // O_NOFOLLOW: a link is not the writer's file; O_NONBLOCK: a FIFO cannot stall us.
-        let flags = OFlag::O_RDONLY
-            | OFlag::O_NOFOLLOW
-            | OFlag::O_NONBLOCK
-            | OFlag::O_NOCTTY
-            | OFlag::O_CLOEXEC;
-        let file = match openat(&fd, FILE_NAME, flags, Mode::empty()) {
-            Ok(file) => file,
-            Err(Errno::ENOENT) => {
-                if fstatat(&fd, UNWRITABLE_NAME, AtFlags::AT_SYMLINK_NOFOLLOW).is_ok() {
+        let dir = Dir::from_checked(fd, candidate.clone());
+        // Never through a link, a FIFO cannot stall us, a file with two names is refused:
+        // none of them is the writer's file.
+        let file = match dir.open_file(FILE_NAME) {
+            Ok(Some((file, _))) => file,
+            Ok(None) => {
+                if matches!(dir.stat(UNWRITABLE_NAME), Ok(Some(_))) {
                     return Err(format!(
                         "the state file {} could not be written (the log of `run`/`watch` \
                          says why)",
@@ -349,13 +347,7 @@ pub fn load(dir: &Path) -> Result<(PathBuf, State), String> {
                 }
                 continue;
             }
-            Err(Errno::ELOOP) => {
-                return Err(format!(
-                    "{} is a symbolic link: not trusted",
-                    path.display()
-                ));
-            }
-            Err(err) => return Err(format!("opening {}: {err}", path.display())),
+            Err(err) => return Err(format!("{err:#}: not trusted")),
         };
         return read_trusted(file, &path, stat.st_uid).map(|state| (path, state));
     }
@@ -371,7 +363,7 @@ pub fn load(dir: &Path) -> Result<(PathBuf, State), String> {
 
 /// Reads a state file opened in a trusted directory owned by `dir_owner`, after checking
 /// the open file itself.
-fn read_trusted(file: OwnedFd, path: &Path, dir_owner: u32) -> Result<State, String> {
+fn read_trusted(file: File, path: &Path, dir_owner: u32) -> Result<State, String> {
     let stat = fstat(&file).map_err(|err| format!("checking {}: {err}", path.display()))?;
     if let Some(problem) = reader_file_problem(stat.st_uid, stat.st_mode, dir_owner) {
         return Err(format!("{} {problem}", path.display()));
@@ -383,8 +375,7 @@ fn read_trusted(file: OwnedFd, path: &Path, dir_owner: u32) -> Result<State, Str
         ));
     }
     let mut text = String::new();
-    File::from(file)
-        .take(MAX_STATE_BYTES)
+    file.take(MAX_STATE_BYTES)
         .read_to_string(&mut text)
         .map_err(|err| format!("reading the state file {}: {err}", path.display()))?;
     serde_json::from_str(&text)
@@ -507,64 +498,38 @@ fn writable_by_others(mode: u32) -> Option<String> {
     (mode & 0o022 != 0).then(|| format!("is writable by other users (mode {:o})", mode & 0o7777))
 }
 
-/// temp file → fsync → rename → fsync of the directory, all relative to `dir`.
-fn write_atomic(dir: &OwnedFd, state: &State) -> anyhow::Result<()> {
+/// temp file → fsync → rename → fsync of the directory, all through `dir`. The temp name
+/// is fixed per process, so a crashed earlier process with our pid (PID 1 is always 1)
+/// leaves nothing behind for long.
+fn write_atomic(dir: &Dir, state: &State) -> anyhow::Result<()> {
     let tmp = format!(".{FILE_NAME}.{}.tmp", std::process::id());
     let mut text = serde_json::to_vec_pretty(state).context("serialising the state")?;
     text.push(b'\n');
     let result = (|| {
-        // A temp file left by a crash of an earlier process with our pid (PID 1 is always
-        // 1) would stop O_EXCL below. `unlinkat` removes the name itself, never what a
-        // link points to, and only we can write this directory.
-        match unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
-            Ok(()) | Err(Errno::ENOENT) => {}
-            Err(err) => return Err(err).with_context(|| format!("removing an old {tmp}")),
-        }
-        // O_EXCL|O_NOFOLLOW: only a file this call creates is written, never an existing
-        // file or the target of a link.
-        let fd = openat(
-            dir,
-            tmp.as_str(),
-            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::from_bits_truncate(0o644),
-        )
-        .with_context(|| format!("creating {tmp}"))?;
+        // The name itself goes, never what a link points to; only we can write here.
+        dir.remove_file(&tmp)?;
         // 0644 whatever the umask: `health` may run as another user; nothing secret here.
-        fchmod(&fd, Mode::from_bits_truncate(0o644)).context("setting the state file mode")?;
-        let mut file = File::from(fd);
-        file.write_all(&text)
-            .with_context(|| format!("writing {tmp}"))?;
-        file.sync_all().with_context(|| format!("syncing {tmp}"))?;
-        renameat(dir, tmp.as_str(), dir, FILE_NAME)
-            .with_context(|| format!("renaming {tmp} onto {FILE_NAME}"))?;
-        fsync(dir).context("syncing the state directory")
+        dir.create_synced(&tmp, 0o644, &text, || {})?;
+        dir.rename(&tmp, FILE_NAME)?;
+        dir.sync()
     })();
     if result.is_err() {
-        let _ = unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+        let _ = dir.remove_file(&tmp);
     } else {
         // A write succeeded again: the marker of an earlier failure is obsolete.
-        let _ = unlinkat(dir, UNWRITABLE_NAME, UnlinkatFlags::NoRemoveDir);
+        let _ = dir.remove_file(UNWRITABLE_NAME);
     }
     result
 }
 
 /// After a failed write: removes the stale state file (an unlink needs no free space, so
 /// this works on a full file system) and leaves the empty marker `health` reports.
-fn fail_closed(dir: &OwnedFd) -> anyhow::Result<()> {
-    match unlinkat(dir, FILE_NAME, UnlinkatFlags::NoRemoveDir) {
-        Ok(()) | Err(Errno::ENOENT) => {}
-        Err(err) => return Err(err).context("removing the stale state file"),
-    }
-    // Best effort: an empty file needs an inode but no data block. Without it `health`
-    // still reports unhealthy ("no state file").
-    if let Ok(fd) = openat(
-        dir,
-        UNWRITABLE_NAME,
-        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::from_bits_truncate(0o644),
-    ) {
-        let _ = fchmod(&fd, Mode::from_bits_truncate(0o644));
-    }
+fn fail_closed(dir: &Dir) -> anyhow::Result<()> {
+    dir.remove_file(FILE_NAME)
+        .context("removing the stale state file")?;
+    // Best effort (it may exist already): an empty file needs an inode but no data block.
+    // Without it `health` still reports unhealthy ("no state file").
+    let _ = dir.create_synced(UNWRITABLE_NAME, 0o644, b"", || {});
     Ok(())
 }
 

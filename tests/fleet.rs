@@ -13,18 +13,15 @@
 //!
 //! The four delay pairs run at once, each with its own cluster, to keep the run short.
 
-mod common;
-mod overlap_fixture;
-
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::k8s::SecretVolume;
-use common::*;
-use overlap_fixture::*;
+use crate::common::k8s::SecretVolume;
+use crate::common::source::*;
+use crate::common::*;
 
 /// (database view delay, app view delay) in milliseconds.
 const DELAYS: [(u64, u64); 4] = [(0, 0), (0, 2000), (2000, 0), (1000, 3000)];
@@ -50,20 +47,20 @@ struct Delivery {
 impl Delivery {
     fn start(source: PathBuf, view: &Path, delay: Duration) -> Delivery {
         let mut volume = SecretVolume::new(view);
-        let mut last = overlap_fixture::snapshot(&source);
+        let mut last = crate::common::source::snapshot(&source);
         update(&mut volume, &last);
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = std::thread::spawn(move || {
             let mut queue: VecDeque<(Instant, BTreeMap<String, Vec<u8>>)> = VecDeque::new();
             while !stopping.load(Ordering::Relaxed) {
-                let now = overlap_fixture::snapshot(&source);
+                let now = crate::common::source::snapshot(&source);
                 if now != last {
                     // A writer replaces several files one after another: deliver a state
                     // that held still for a moment, as a Secret update is one object
                     // (rotate's stage is one update, its publish the next).
                     std::thread::sleep(SETTLE);
-                    if overlap_fixture::snapshot(&source) == now {
+                    if crate::common::source::snapshot(&source) == now {
                         queue.push_back((Instant::now() + delay, now.clone()));
                         last = now;
                     }

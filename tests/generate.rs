@@ -6,8 +6,6 @@
 //! shared harness (`common`); the fixtures here are generate's own (keys directory
 //! snapshots, backups, value formats), and none of them needs PostgreSQL.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -15,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::common::terminal::{Session, Terminal, echo_is_on};
+use crate::common::*;
 use base64::Engine;
-use common::terminal::{Session, Terminal, echo_is_on};
-use common::*;
 
 const RANDOM_FILES: [&str; 8] = [
     "postgres_password.txt",

@@ -9,8 +9,6 @@
 //! two delays the attack test measures are printed; what it asserts is that both happen
 //! while the attack goes on, well inside the time the attack lasts.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -19,8 +17,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::session::Session;
-use common::*;
+use crate::common::session::Session;
+use crate::common::*;
 use nix::sys::signal::Signal;
 
 /// Liveness bound for anything a watcher, the server or Prometheus must get to.

@@ -10,15 +10,13 @@
 //! Every wait polls a condition; wall-clock limits are generous liveness bounds (a loaded
 //! CI machine must not fail them): how fast a stop is, `scripts/bench.sh` measures.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 

@@ -2,13 +2,11 @@
 //! change in one transaction, only SCRAM verifiers reach the server, nothing leaks, and
 //! every kind of bad input exits with its documented code.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use common::session::{SYNC_LOCK, Session};
-use common::*;
+use crate::common::session::{SYNC_LOCK, Session};
+use crate::common::*;
 use nix::sys::signal::Signal;
 
 /// Creates the four default roles with old passwords and writes new ones to `keys`.

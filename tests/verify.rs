@@ -3,9 +3,7 @@
 //! connection proves nothing, so verify must call it `not verifiable` and fail, log in
 //! for real where the password is checked, and find such an address on its own.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::time::Duration;
 
 /// The official image's pg_hba.conf in substance: trust on the socket and on loopback,

@@ -6,15 +6,13 @@
 //! Every wait is a poll for the observable outcome (a login with the new password works)
 //! under a generous liveness bound; latency itself is measured by a benchmark elsewhere.
 
-mod common;
-
 use std::io::Write as _;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::k8s::SecretVolume;
-use common::*;
+use crate::common::k8s::SecretVolume;
+use crate::common::*;
 use nix::sys::signal::Signal;
 
 /// Liveness bound for a rotation to be in force (debounce is 50 ms in these tests).

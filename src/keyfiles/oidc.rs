@@ -20,9 +20,9 @@ use zeroize::Zeroizing;
 
 use super::envfile::{self, EnvFile};
 use crate::error::Failure;
+use crate::fileio::dirfd::{Dir, read_followed_file};
 use crate::secret::{MAX_SECRET_BYTES, Secret};
 use crate::store::check::is_placeholder;
-use crate::store::dirfd::{Dir, read_followed_file};
 
 /// What is wrong with a value for a secret file, if anything (never quoting it).
 pub fn value_problem(value: &str) -> Option<&'static str> {

@@ -31,11 +31,13 @@ use prometheus::{
 
 use crate::config::Config;
 use crate::error::Failure;
+use crate::fileio::atomic;
+use crate::fileio::dirfd::Dir;
 use crate::overlap::server::{read_logins, staged_login};
 use crate::overlap::{Login, Pair};
 use crate::session::locks;
 use crate::state::StateFile;
-use crate::sync::{Report, Syncer};
+use crate::sync::{FilesChanged, Report, Syncer};
 
 /// How often the overlap logins are read again between syncs: about a scrape interval, so
 /// that the sessions still open on a retiring login are current when its grace ends.
@@ -411,11 +413,18 @@ impl Metrics {
             return;
         };
         let e = &on.exposition;
-        let now = unix_now();
-        e.sync.last_attempt.set(now);
         let tally = syncer.take_tally();
         e.sync.blocked.inc_by(tally.blocked as f64);
         e.sync.ended.inc_by(tally.ended as f64);
+        // Files that changed while the sync queued for its lock: nothing was applied and
+        // nothing failed; the sync that applies them once they settle is the one counted.
+        if let Err(err) = result
+            && err.downcast_ref::<FilesChanged>().is_some()
+        {
+            return;
+        }
+        let now = unix_now();
+        e.sync.last_attempt.set(now);
         match result {
             Ok(report) => {
                 e.sync
@@ -564,36 +573,23 @@ impl On {
     }
 }
 
-/// Writes `text` to `path` as a whole: a temp file beside it (a name node_exporter skips,
-/// created new, links not followed), then a rename over it, so a reader sees the old text
-/// or the new one. No fsync: the file is rewritten after every sync and worth nothing
-/// after a crash, and a flush would hold the runtime's thread (in `run`, PID 1's signal
-/// forwarding) for as long as the disk takes.
+/// Writes `text` to `path` as a whole, through `fileio`: a new temp file beside it (a
+/// hidden name node_exporter skips, created new, links not followed), then a rename over
+/// it, so a reader sees the old text or the new one. Mode 0644: the collector reading it
+/// is usually another user, and it holds no secret. The directory is not synced: the file
+/// is rewritten after every sync and worth nothing after a crash.
 fn write_atomic(path: &Path, text: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
     let name = path
         .file_name()
+        .and_then(|name| name.to_str())
         .with_context(|| format!("{} names no file", path.display()))?;
-    let temp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
-    // A leftover of a killed write, or a planted name: removed, never written through.
-    let _ = std::fs::remove_file(&temp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
-        .open(&temp)
-        .with_context(|| format!("creating {}", temp.display()))?;
-    let written = file
-        .write_all(text)
-        .with_context(|| format!("writing {}", temp.display()))
-        .and_then(|()| {
-            std::fs::rename(&temp, path)
-                .with_context(|| format!("renaming {} to {}", temp.display(), path.display()))
-        });
+    let dir = Dir::open_followed(path.parent().unwrap_or(Path::new("")))?;
+    let temp = atomic::temp_name(name);
+    let written = dir
+        .create_synced(&temp, 0o644, text, || {})
+        .and_then(|()| dir.rename(&temp, name));
     if written.is_err() {
-        let _ = std::fs::remove_file(&temp);
+        let _ = dir.remove_file(&temp);
     }
     written
 }
@@ -661,17 +657,18 @@ mod tests {
     }
 
     #[test]
-    fn the_file_is_replaced_whole_and_a_planted_temp_link_is_not_followed() {
+    fn the_file_is_replaced_whole_and_a_planted_link_is_replaced_not_followed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pg_password_sync.prom");
         let target = dir.path().join("target");
         std::fs::write(&target, "keep").unwrap();
-        std::os::unix::fs::symlink(&target, dir.path().join(".pg_password_sync.prom.tmp")).unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
         write_atomic(&path, b"a 1\n").unwrap();
         write_atomic(&path, b"a 2\n").unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "a 2\n");
+        assert!(!std::fs::symlink_metadata(&path).unwrap().is_symlink());
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-        assert_eq!(names.len(), 2, "the temp file is gone");
+        assert_eq!(names.len(), 2, "no temp file is left");
     }
 }

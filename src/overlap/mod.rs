@@ -17,11 +17,9 @@ pub mod files;
 pub mod server;
 pub mod service_file;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use zeroize::Zeroizing;
 
 use crate::secret::{RoleSpec, Secret, SecretRef};
 use service_file::ServiceFile;
@@ -190,30 +188,13 @@ impl Pair {
 /// reader of the file, the sync's and the secrets directory's (`store::MAX_FILE_BYTES`).
 pub const MAX_SERVICE_FILE_BYTES: usize = crate::store::MAX_FILE_BYTES;
 
-/// Reads and parses the service file at `path`. Errors name the file, never its content.
+/// Reads and parses the service file at `path`, as every secret file is read (`fileio`:
+/// without blocking, judged on the descriptor, bounded). Errors name the file, never its
+/// content.
 pub fn read_service_file(path: &Path) -> anyhow::Result<ServiceFile> {
     let shown = path.display();
-    // Opened without blocking and judged on the descriptor, like every secret file: a FIFO
-    // named here must not freeze the runtime's only thread (and PID 1's signal forwarding).
-    let (file, _) = match crate::secret::open_regular(path) {
-        Ok(opened) => opened,
-        // `open_regular`'s own refusal, not an errno.
-        Err(err)
-            if err.kind() == std::io::ErrorKind::InvalidInput && err.raw_os_error().is_none() =>
-        {
-            bail!("{shown} is not a regular file")
-        }
-        Err(err) => return Err(err).with_context(|| format!("reading {shown}")),
-    };
-    // Sized for the largest accepted file, so reading never reallocates (leaving a copy of
-    // the passwords un-zeroized) and a huge file is not allocated for.
-    let mut bytes = Zeroizing::new(Vec::with_capacity(MAX_SERVICE_FILE_BYTES + 1));
-    file.take(MAX_SERVICE_FILE_BYTES as u64 + 1)
-        .read_to_end(&mut bytes)
+    let bytes = crate::fileio::dirfd::read_followed_file(path, MAX_SERVICE_FILE_BYTES)
         .with_context(|| format!("reading {shown}"))?;
-    if bytes.len() > MAX_SERVICE_FILE_BYTES {
-        bail!("{shown} is larger than {MAX_SERVICE_FILE_BYTES} bytes");
-    }
     let text =
         std::str::from_utf8(&bytes).map_err(|_| anyhow::anyhow!("{shown} is not valid UTF-8"))?;
     service_file::parse(text).with_context(|| format!("reading {shown}"))
@@ -330,15 +311,7 @@ mod tests {
         );
     }
 
-    fn entry(name: &str, value: &str) -> (RoleSpec, Secret) {
-        (
-            RoleSpec {
-                name: name.into(),
-                secret: SecretRef::Name(format!("{name}_pw")),
-            },
-            Secret::new(value.into()),
-        )
-    }
+    use crate::secret::test_entry as entry;
 
     #[test]
     fn published_credentials_must_match_the_password_files() {
@@ -383,11 +356,11 @@ mod tests {
         // No writer ever opens it: a blocking open would hang this test.
         let err = format!("{:#}", read_service_file(&fifo).unwrap_err());
         assert!(
-            err.ends_with("pg_service.conf is not a regular file"),
+            err.contains("pg_service.conf is not a regular file"),
             "{err}"
         );
         let err = format!("{:#}", read_service_file(dir.path()).unwrap_err());
-        assert!(err.ends_with("is not a regular file"), "{err}");
+        assert!(err.contains("is a directory, not a file"), "{err}");
         let missing = dir.path().join("absent");
         let err = format!("{:#}", read_service_file(&missing).unwrap_err());
         assert!(

@@ -18,10 +18,12 @@
 //! (`COMMENT ON ROLE`), which only a superuser or a holder of CREATEROLE can write on a
 //! role, and a twin may hold neither. A role that already carries the twin's name without
 //! that mark is refused and granted nothing, whatever it says of itself: a login can set
-//! its own `role=` setting, and on PostgreSQL 15 and older a role can grant membership in
+//! its own `role=` setting, and on PostgreSQL 14 and older a role can grant membership in
 //! itself. (A twin made before the mark existed is recognised by a membership that a
 //! superuser granted, and marked.) A twin with any attribute beyond LOGIN INHERIT, or a
-//! member of other roles, would be more than the role: refused too.
+//! member of other roles, would be more than the role: refused too. A role that is a
+//! member of a twin would hold the role's rights through it: every such membership is
+//! revoked (on 14 and older the twin's own login can grant one).
 //!
 //! Why the twin acts as the role: the `role` setting runs `SET ROLE role` at session start,
 //! so `current_user` is the role and what it creates is the role's; `RESET ROLE`,
@@ -247,6 +249,28 @@ impl<'a> Logins<'a> {
         let mark = Mark::read(pair, t.comment.as_deref());
         t.check_ours(pair)?;
         let mut repairs = Vec::new();
+        // Nobody is a member of a twin: through it a member would hold the role's rights,
+        // past every rotation of the twin's password (on PostgreSQL 14 and older the twin
+        // itself can grant it, so a leaked twin password could leave a lasting member).
+        for (member, grantor) in &t.members {
+            let by = grantor
+                .as_deref()
+                .map(|g| format!(" GRANTED BY {}", escape_identifier(g)))
+                .unwrap_or_default();
+            let revoke = format!(
+                "REVOKE {} FROM {}{by} CASCADE",
+                escape_identifier(twin),
+                escape_identifier(member)
+            );
+            exec(client, guard, &revoke, twin).await?;
+            lines.push(format!(
+                "login {twin:?}: took back the membership of role {member:?} in it (a twin \
+                 has no members: through it they held the rights of role {role:?})"
+            ));
+        }
+        if !t.members.is_empty() {
+            repairs.push("memberships in it taken back");
+        }
         let retired_by_us = mark == Some(Mark::Retired);
         if mark.is_none() || retired_by_us {
             // Made before the mark existed, or retired by overlap mode turned off.
@@ -610,6 +634,9 @@ struct TwinRow {
     made_before_mark: bool,
     /// Other roles it is a member of.
     other_roles: Vec<String>,
+    /// Roles that are members of it, each with the grantor of that membership (`None`: a
+    /// grantor since dropped).
+    members: Vec<(String, Option<String>)>,
 }
 
 impl TwinRow {
@@ -695,6 +722,11 @@ impl Catalog {
                     member: row.get(12),
                     made_before_mark: row.get::<_, bool>(13) && row.get::<_, bool>(14),
                     other_roles: row.get(15),
+                    members: row
+                        .get::<_, Vec<String>>(16)
+                        .into_iter()
+                        .zip(row.get::<_, Vec<Option<String>>>(17))
+                        .collect(),
                 }
             });
             Catalog {
@@ -722,7 +754,14 @@ const CATALOG_QUERY: &str = "\
                      AND ('role=' || r.rolname) = ANY (s.setconfig)), \
            ARRAY(SELECT g.rolname::text FROM pg_auth_members m \
                  JOIN pg_authid g ON g.oid = m.roleid \
-                 WHERE m.member = t.oid AND m.roleid <> r.oid ORDER BY 1) \
+                 WHERE m.member = t.oid AND m.roleid <> r.oid ORDER BY 1), \
+           ARRAY(SELECT x.rolname::text FROM pg_auth_members m \
+                 JOIN pg_authid x ON x.oid = m.member \
+                 WHERE m.roleid = t.oid ORDER BY m.member, m.grantor), \
+           ARRAY(SELECT g.rolname::text FROM pg_auth_members m \
+                 JOIN pg_authid x ON x.oid = m.member \
+                 LEFT JOIN pg_authid g ON g.oid = m.grantor \
+                 WHERE m.roleid = t.oid ORDER BY m.member, m.grantor) \
     FROM pg_authid r LEFT JOIN pg_authid t ON t.rolname = $2 \
     WHERE r.rolname = $1";
 
@@ -756,12 +795,24 @@ async fn comment(
     twin: &str,
     text: &str,
 ) -> anyhow::Result<()> {
+    role_literal(client, guard, "COMMENT ON ROLE", twin, "IS", text).await
+}
+
+/// `<head> "login" <keyword> '<literal>'`, quoted once here, through `exec`.
+async fn role_literal(
+    client: &Client,
+    guard: &mut impl Guard,
+    head: &str,
+    login: &str,
+    keyword: &str,
+    literal: &str,
+) -> anyhow::Result<()> {
     let statement = format!(
-        "COMMENT ON ROLE {} IS {}",
-        escape_identifier(twin),
-        escape_literal(text)
+        "{head} {} {keyword} {}",
+        escape_identifier(login),
+        escape_literal(literal)
     );
-    exec(client, guard, &statement, twin).await
+    exec(client, guard, &statement, login).await
 }
 
 /// Each overlapped login's `VALID UNTIL`, read once per transaction.
@@ -1027,12 +1078,7 @@ async fn set_valid_until(
     login: &str,
     at: &str,
 ) -> anyhow::Result<()> {
-    let alter = format!(
-        "ALTER ROLE {} VALID UNTIL {}",
-        escape_identifier(login),
-        escape_literal(at)
-    );
-    exec(client, guard, &alter, login).await
+    role_literal(client, guard, "ALTER ROLE", login, "VALID UNTIL", at).await
 }
 
 async fn exec(
@@ -1124,6 +1170,7 @@ mod tests {
             member: true,
             made_before_mark: false,
             other_roles: Vec::new(),
+            members: Vec::new(),
         };
         let pair = Pair::of(
             &RoleSpec {

@@ -13,11 +13,11 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use super::atomic::{self, create_synced, test_delay};
 use super::catalog;
 use super::clock::Utc;
-use super::dirfd::{Dir, Kind};
 use crate::error::Failure;
+use crate::fileio::atomic::{self, create_synced, test_delay};
+use crate::fileio::dirfd::{Dir, Kind};
 
 /// Prefix of every backup directory name.
 pub const PREFIX: &str = "backup-";

@@ -10,7 +10,7 @@ use zeroize::Zeroizing;
 
 use super::catalog::{ENTRIES, Entry};
 use super::clock::Utc;
-use super::dirfd::{Dir, Kind};
+use crate::fileio::dirfd::{Dir, Kind};
 use crate::secret::MAX_SECRET_BYTES;
 
 /// Values that template files ship with and that must never reach production (compared

@@ -1,20 +1,19 @@
 //! The secrets directory on the host, as `generate` and `rotate` both use it: one lock,
-//! one way to reach a file, one way to replace it, one backup.
+//! one backup, one catalog.
 //!
 //! Everything under the directory is reached through directory handles opened without
-//! following a link (`dirfd`); files are replaced atomically and durably (`atomic`); a
-//! complete, durable backup is made before anything is overwritten (`backup`). The catalog
+//! following a link, and files are replaced atomically and durably (`fileio`, the one
+//! file-access layer); a complete, durable backup is made before anything is overwritten
+//! (`backup`). The catalog
 //! of the eleven files (`catalog`), their checks (`check`), fresh values (`random`) and the
 //! clock of backup names (`clock`) live here too, because both commands write the same set.
 //! The lock (`lock`) is an exclusive `flock` on the directory's own handle for the whole run,
 //! so a `generate` and a `rotate` never interleave their writes.
 
-pub mod atomic;
 pub mod backup;
 pub mod catalog;
 pub mod check;
 pub mod clock;
-pub mod dirfd;
 pub mod random;
 
 use std::os::fd::OwnedFd;
@@ -26,7 +25,8 @@ use zeroize::Zeroizing;
 
 use crate::error::Failure;
 
-pub use dirfd::Dir;
+use crate::fileio::atomic;
+pub use crate::fileio::dirfd::Dir;
 
 /// The largest file of the set (`pg_service.conf`, 64 KiB); the bound of `read_exact`.
 pub const MAX_FILE_BYTES: usize = 64 * 1024;

@@ -46,7 +46,9 @@ use crate::metrics::{self, Metrics, MetricsSettings};
 use crate::postmaster;
 use crate::session::connect;
 use crate::state::{Snapshot, StateFile};
-use crate::sync::{Options, Report, Scope, Syncer, log_report, sync_and_record};
+use crate::sync::{
+    FilesChanged, Options, Report, Reread, Scope, Syncer, log_report, sync_and_record,
+};
 use debounce::{Debouncer, Due};
 use watches::Watches;
 
@@ -207,7 +209,7 @@ async fn wait_for_server_and_sync(
     let mut announced = false;
     loop {
         let attempt = Instant::now();
-        let result = sync_and_record(syncer, state, Scope::CheckAll).await;
+        let result = sync_and_record(syncer, state, Scope::CheckAll, Reread::AtOnce).await;
         metrics.record(metrics::Trigger::Start, &result, attempt, syncer);
         let error = match result {
             Ok(report) => {
@@ -825,7 +827,8 @@ impl Loop<'_> {
         self.watches.arm(&self.syncer.config);
         let scope = trigger.scope();
         let applying = Instant::now();
-        let result = sync_and_record(self.syncer, self.state, scope).await;
+        // A change that came while it waited for the sync lock is applied when it settles.
+        let result = sync_and_record(self.syncer, self.state, scope, Reread::WhenSettled).await;
         self.outcome(result, trigger, scope, since, applying);
     }
 
@@ -877,12 +880,22 @@ impl Loop<'_> {
             }
             Err(err) => {
                 let delay = self.retries.backoff.next_delay();
-                tracing::warn!(
-                    "applying the secret files failed (trigger: {}); retrying in {} ms: \
-                     {err:#}",
-                    trigger.describe(),
-                    delay.as_millis()
-                );
+                if err.downcast_ref::<FilesChanged>().is_some() {
+                    // Not a failure: the files changed while the sync queued for its lock.
+                    // The pending change is applied when it settles (the retry waits for
+                    // it, or finds none and reads the files).
+                    tracing::info!(
+                        "{err} (trigger: {}); applying them once they settle",
+                        trigger.describe()
+                    );
+                } else {
+                    tracing::warn!(
+                        "applying the secret files failed (trigger: {}); retrying in {} ms: \
+                         {err:#}",
+                        trigger.describe(),
+                        delay.as_millis()
+                    );
+                }
                 self.retries.pending = Some(Retry {
                     at: Instant::now() + delay,
                     scope,

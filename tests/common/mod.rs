@@ -1,5 +1,5 @@
-//! The one test harness: every integration test file declares `mod common;` and
-//! `use common::*;`, and drives the real binary (`BIN`) through it.
+//! The one test harness of the one integration test binary (`tests/tests.rs`): every test
+//! module does `use crate::common::*;` and drives the real binary (`BIN`) through it.
 //!
 //! - `process`: the binary (`bin`, `Mode`), running it to completion (`run` → `Run`) or in
 //!   the background (`Running`), `both_modes!` for tests of `run` as PID 1 and as a
@@ -15,6 +15,8 @@
 //! - `users`: running as the server's OS user when the tests run as root.
 //! - `terminal`: a command on a pseudo-terminal (prompts, echo).
 //! - `k8s`: Kubernetes' AtomicWriter, for Secret volume updates.
+//! - `source`: overlap mode's secrets directories made by `generate --overlap` (`Source`),
+//!   the `rotate` command line, and a stand-in for the sync's database side.
 #![allow(dead_code, unused_imports, unused_macros)]
 
 pub mod cluster;
@@ -24,6 +26,7 @@ pub mod leaks;
 pub mod process;
 pub mod relay;
 pub mod session;
+pub mod source;
 pub mod standby;
 pub mod terminal;
 pub mod users;

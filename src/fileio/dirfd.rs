@@ -55,8 +55,8 @@ impl Kind {
             Kind::File => "is a file, not a directory",
             Kind::Dir => "is a directory, not a file",
             Kind::Symlink => {
-                "is a symbolic link, which `generate` does not follow (put the file or \
-                 directory itself there, or name its real path)"
+                "is a symbolic link, which is not followed here (put the file or directory \
+                 itself there, or name its real path)"
             }
             Kind::Other => "is not a regular file (a FIFO, socket or device)",
         }
@@ -85,6 +85,12 @@ fn or_dot(path: &Path) -> &Path {
 }
 
 impl Dir {
+    /// A directory its caller opened itself (without following a link) and judged by rules
+    /// of its own, such as the state directory's owner and mode; `path` is for messages.
+    pub fn from_checked(fd: OwnedFd, path: PathBuf) -> Dir {
+        Dir { fd, path }
+    }
+
     /// Opens the directory `path` names; `None` if it does not exist. Its last component
     /// must be a directory, not a link to one.
     pub fn open_path(path: &Path) -> anyhow::Result<Option<Dir>> {

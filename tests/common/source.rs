@@ -1,13 +1,12 @@
-//! Shared by the overlap-mode tests (`rotate.rs`, `fleet.rs`): a secrets directory made
+//! Overlap mode's part of the harness (`rotate`, `fleet`): a secrets directory made
 //! by `generate --overlap`, the `rotate` command line, and a stand-in for the sync's
 //! database side where a test must not depend on it.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::common::*;
+use super::*;
 
 /// OIDC values the tests provide through the environment (generate needs them).
 pub const OIDC_ENV: [(&str, &str); 3] = [
