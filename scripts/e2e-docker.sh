@@ -22,10 +22,11 @@
 # Every line of docker/Dockerfile runs. The Compose file is used as shipped, with an
 # override file (written to the temp dir) for what a local test must change: the image
 # name and those two build arguments, a container name, labels for the cleanup, the test's
-# init SQL (docker/test/initdb.d) mounted beside the image's own init script, and
-# CAP_SYS_PTRACE for the leak scan. The published port is a free one on 127.0.0.1
-# (POSTGRES_HOST_PORT=0), the secrets directory (SECRETS_DIR) a temp dir; everything else
-# runs on the project's Docker network.
+# init SQL (docker/test/initdb.d) mounted beside the image's own init script,
+# CAP_SYS_PTRACE for the leak scan, and a health check interval of 1 s instead of 10 s
+# (the first probe comes one interval after the start). The published port is a free one
+# on 127.0.0.1 (POSTGRES_HOST_PORT=0), the secrets directory (SECRETS_DIR) a temp dir;
+# everything else runs on the project's Docker network.
 #
 # Checks, in order (each failure shows the container's state and log):
 #   1. compose up: the first sync, every role logs in from a second container;
@@ -36,15 +37,15 @@
 #   5. the PostgreSQL 18 layout (PGDATA, where the volume is mounted);
 #   6. verify reports trusted loopback as not verifiable, checks the container's address
 #      on its own, and fails wrong passwords there;
-#   7. the image run by itself refuses a volume at /var/lib/postgresql/data (18+);
-#   8. the port is published on 127.0.0.1 only; verify from the host passes through it;
+#   7. the port is published on 127.0.0.1 only; verify from the host passes through it;
+#   8. healthy (compose.yaml's health check), no zombies;
 #   9. `scripts/rotate.sh compose`: the new passwords log in within 2 s of the rename, the
 #      old one is refused, rotate.sh sees health and verify pass, no restart;
 #  10. SIGHUP reloads postgres without a restart;
-#  11. healthy (compose.yaml's health check), no zombies;
-#  12. compose stop sends SIGINT, postgres shuts down cleanly within 2 s of it; compose
+#  11. compose stop sends SIGINT, postgres shuts down cleanly within 2 s of it; compose
 #      start needs no crash recovery, syncs and is healthy again;
-#  13. no secret in any argv, environment or log after the restart;
+#  12. no secret in any argv, environment or log after the restart;
+#  13. the image run by itself refuses a volume at /var/lib/postgresql/data (18+);
 #  14. compose down -v leaves no container, network or volume.
 #
 # Usage: scripts/e2e-docker.sh [--base-only]
@@ -241,6 +242,9 @@ WORK=""
 BIN=""
 COMPOSE=()
 CLIENT_STARTER=""
+REFUSAL_PROBE=""
+# 1 once `compose down` has run (the cleanup need not run it again).
+STACK_DOWN=0
 # docker/compose.yaml, or for E2E_PG_MAJOR <= 17 the copy edited for that layout.
 COMPOSE_FILE="$REPO_ROOT/docker/compose.yaml"
 PASSED=()
@@ -266,8 +270,13 @@ cleanup() {
         log "E2E_KEEP=1: leaving the Compose project $PREFIX, containers, volumes and networks labelled $LABEL, and $WORK"
         return "$rc"
     fi
+    # Background starts first, so that nothing they make comes after the removal.
+    local pid
+    for pid in "$CLIENT_STARTER" "$REFUSAL_PROBE"; do
+        [[ -z "$pid" ]] || wait "$pid" 2>/dev/null || true
+    done
     docker rm -f -v "$CLIENT" >/dev/null 2>&1 || true
-    if [[ -n "$WORK" && -f "$WORK/compose.override.yaml" && ${#COMPOSE[@]} -gt 0 ]]; then
+    if ((STACK_DOWN == 0)) && [[ -n "$WORK" && -f "$WORK/compose.override.yaml" && ${#COMPOSE[@]} -gt 0 ]]; then
         compose down -v --remove-orphans -t 10 >/dev/null 2>&1 || true
     fi
     # Whatever is left (an interrupted `up`, the refusal test's volume).
@@ -414,7 +423,6 @@ health_exec_ok() { health_exec >/dev/null 2>&1; }
 health_is() { [[ "$(docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{end}}' "$DB")" == "$1" ]]; }
 sync_logged_or_dead() { log_has 'Password synchronization complete.' || ! is_running; }
 healthy_or_dead() { health_is healthy || ! is_running; }
-health_exec_ok_or_dead() { health_exec_ok || ! is_running; }
 # Every test after the first needs the container from the first one.
 require_running() { is_running || fail "the database container is not running"; }
 
@@ -463,7 +471,7 @@ ensure_compose() {
         fi
         COMPOSE=(docker-compose)
     fi
-    log "compose client: $("${COMPOSE[@]}" version --short 2>/dev/null || echo "${COMPOSE[*]}")"
+    log "compose client: ${COMPOSE[*]}"
 }
 
 # docker_build LOG ARG… : the classic builder, its output in $WORK/LOG (the end shown on failure).
@@ -545,6 +553,10 @@ $context
     # the non-dumpable PID 1.
     cap_add:
       - SYS_PTRACE
+    # Test only: the health check as shipped but probed every second (Docker probes first
+    # one interval after the start, and Engine 20.10 knows no start_interval).
+    healthcheck:
+      interval: 1s
     volumes:
       # The test's roles, beside the image's own zz-unset-password.sh.
       - "$REPO_ROOT/docker/test/initdb.d/10-roles.sql:/docker-entrypoint-initdb.d/10-roles.sql:ro"
@@ -594,9 +606,6 @@ start_stack() {
 # Tests
 # ---------------------------------------------------------------------------------------
 
-# docker_json FORMAT OBJECT : `docker inspect -f '{{json FORMAT}}'` of an image or container.
-docker_json() { docker inspect -f "{{json $1}}" "$2"; }
-
 # expect WHAT ACTUAL EXPECTED : fails (with both) unless they are equal.
 expect() {
     [[ "$2" == "$3" ]] || { fail "$1 is $2, expected $3"; return 1; }
@@ -608,35 +617,42 @@ expect() {
 # image), and the running container is that image with compose.yaml's settings.
 test_image_is_the_products() {
     require_running || return 1
-    local img=$PRODUCT_IMAGE var
-    expect "the image's ENTRYPOINT" "$(docker_json .Config.Entrypoint "$img")" '["pg-password-sync","run","--"]' || return 1
-    expect "the image's CMD" "$(docker_json .Config.Cmd "$img")" '["docker-entrypoint.sh","postgres"]' || return 1
-    expect "the image's STOPSIGNAL" "$(docker_json .Config.StopSignal "$img")" '"SIGINT"' || return 1
-    expect "the image's HEALTHCHECK" "$(docker_json .Config.Healthcheck "$img")" \
+    local img=$PRODUCT_IMAGE var config
+    # One inspect each (image, container), one exec: this check runs on every CI run.
+    config="$(docker image inspect -f '{{json .Config.Entrypoint}} {{json .Config.Cmd}} {{json .Config.StopSignal}} {{json .Config.User}}
+{{json .Config.Healthcheck}}
+{{json .Config.Env}}' "$img")" || { fail "cannot inspect $img"; return 1; }
+    expect "the image's ENTRYPOINT, CMD, STOPSIGNAL and USER" "$(sed -n 1p <<<"$config")" \
+        '["pg-password-sync","run","--"] ["docker-entrypoint.sh","postgres"] "SIGINT" ""' || return 1
+    expect "the image's HEALTHCHECK" "$(sed -n 2p <<<"$config")" \
         '{"Test":["CMD","pg-password-sync","health"],"Interval":10000000000,"Timeout":5000000000,"StartPeriod":60000000000,"Retries":3}' || return 1
-    expect "the image's USER" "$(docker_json .Config.User "$img")" '""' || return 1
     for var in KEYS_DIR=/app/keys APP_DB_USER=appuser APP_DB_RO_USER=backupuser POSTGRES_USER=postgres \
         PGHOST=/var/run/postgresql PGPORT=5432; do
-        docker_json .Config.Env "$img" | grep -F "\"$var\"" >/dev/null || { fail "no ENV $var in the image"; return 1; }
+        sed -n 3p <<<"$config" | grep -F "\"$var\"" >/dev/null || { fail "no ENV $var in the image"; return 1; }
     done
-    # The container: this image, compose.yaml's stop signal and health check.
-    expect "the container's image" "$(docker inspect -f '{{.Config.Image}}' "$DB")" "$img" || return 1
-    expect "the container's stop signal" "$(docker_json .Config.StopSignal "$DB")" '"SIGINT"' || return 1
-    expect "the container's health check" "$(docker_json .Config.Healthcheck.Test "$DB")" '["CMD","pg-password-sync","health"]' || return 1
-    # PID 1 is ENTRYPOINT + CMD, as root; the binary is the host's, byte for byte.
-    expect "PID 1" "$(docker exec "$DB" sh -c 'tr "\0" " " </proc/1/cmdline; stat -c "uid %u" /proc/1')" \
-        "pg-password-sync run -- docker-entrypoint.sh postgres uid 0" || return 1
-    expect "the image's binary" "$(docker exec "$DB" sha256sum /usr/local/bin/pg-password-sync | cut -d' ' -f1)" \
-        "$(sha256sum "$BIN" | cut -d' ' -f1)" || return 1
-    # COPY docker/initdb/zz-unset-password.sh: the same bytes, no exec bit (it is sourced).
-    docker exec -i "$DB" cmp -s - /docker-entrypoint-initdb.d/zz-unset-password.sh \
-        <"$REPO_ROOT/docker/initdb/zz-unset-password.sh" || { fail "zz-unset-password.sh in the image differs"; return 1; }
-    expect "the init script's mode" "$(docker exec "$DB" stat -c %a /docker-entrypoint-initdb.d/zz-unset-password.sh)" 644 || return 1
+    # The container: this image, compose.yaml's stop signal and health check (probed every
+    # second by the override).
+    expect "the container's image, stop signal and health check" \
+        "$(docker inspect -f '{{.Config.Image}} {{.Config.StopSignal}} {{json .Config.Healthcheck}}' "$DB")" \
+        "$img SIGINT "'{"Test":["CMD","pg-password-sync","health"],"Interval":1000000000,"Timeout":5000000000,"StartPeriod":60000000000,"Retries":3}' || return 1
+    # PID 1 is ENTRYPOINT + CMD, as root; the binary is the host's, byte for byte; the init
+    # script is docker/initdb/zz-unset-password.sh (on stdin), without the exec bit.
+    # shellcheck disable=SC2016 # expanded by the container's shell
+    expect "PID 1, the binary and the init script" "$(docker exec -i "$DB" sh -c '
+        tr "\0" " " </proc/1/cmdline; stat -c "uid %u" /proc/1
+        sha256sum /usr/local/bin/pg-password-sync | cut -d" " -f1
+        f=/docker-entrypoint-initdb.d/zz-unset-password.sh
+        if cmp -s - "$f"; then echo "init script as in the repository, mode $(stat -c %a "$f")"; fi' \
+        <"$REPO_ROOT/docker/initdb/zz-unset-password.sh")" \
+        "pg-password-sync run -- docker-entrypoint.sh postgres uid 0
+$(sha256sum "$BIN" | cut -d' ' -f1)
+init script as in the repository, mode 644" || return 1
     log "  ENTRYPOINT, CMD, ENV, STOPSIGNAL, HEALTHCHECK, no USER, the host's binary, the init script"
 }
 
 test_initial_sync() {
     start_stack || { fail "compose up failed"; return 1; }
+    start_refusal_probe
     wait_until 90000 sync_logged_or_dead
     wait "$CLIENT_STARTER" || { cat "$WORK/client.log" >&2; fail "the client container did not start"; return 1; }
     is_running || { fail "container exited before the first sync"; return 1; }
@@ -798,11 +814,10 @@ test_clean_stop_and_restart() {
         { fail "the restart did not log 'database system was shut down at'"; return 1; }
     wait_until 30000 log_count_above 'Password synchronization complete.' "$sync_before" ||
         { fail "no sync after the restart"; return 1; }
-    # The state file of the previous start is still in the container's /run: health (what
-    # the health check runs; compose.yaml's first probe comes 10 s after the start) must
+    # The state file of the previous start is still in the container's /run: health must
     # follow the new process, and be healthy again once it has synced.
-    wait_until 30000 health_exec_ok_or_dead
-    health_exec_ok || { fail "not healthy within 30 s of the restart: $(health_exec 2>&1)"; return 1; }
+    wait_until 30000 healthy_or_dead
+    health_is healthy || { fail "not healthy within 30 s of the restart"; return 1; }
 }
 
 test_no_secret_leaks() {
@@ -893,21 +908,39 @@ test_verify_not_fooled_by_trust() {
 }
 
 # The official 18+ image refuses to initialise beside a volume mounted the pre-18 way
-# (the product image run by itself, without compose: its ENTRYPOINT, CMD and ENV).
-test_refuses_old_mount() {
-    local vol="$PREFIX-old" out code=0 found
+# (the product image run by itself, without compose: its ENTRYPOINT, CMD and ENV). Started
+# in the background beside the stack's first start (start_refusal_probe); the check reads
+# what it left in $WORK/refusal.*.
+run_refusal_probe() {
+    local vol="$PREFIX-old" code=0
     docker volume create --label "$LABEL" "$vol" >/dev/null
-    out="$(timeout 120 docker run --rm --label "$LABEL" --name "$PREFIX-old" \
+    timeout 120 docker run --rm --label "$LABEL" --name "$PREFIX-old" \
         -v "$vol:/var/lib/postgresql/data" \
         -v "$WORK/keys:/app/keys:ro" \
         -e POSTGRES_PASSWORD_FILE=/app/keys/postgres_password.txt \
-        "$PRODUCT_IMAGE" 2>&1)" || code=$?
-    printf '%s\n' "$out" | grep -F 'docker-entrypoint' | sed 's/^/    | /' >&2
+        "$PRODUCT_IMAGE" >"$WORK/refusal.out" 2>&1 || code=$?
+    echo "$code" >"$WORK/refusal.code"
+    docker run --rm --label "$LABEL" --entrypoint find -v "$vol:/check" "$PRODUCT_IMAGE" \
+        /check -name PG_VERSION >"$WORK/refusal.found" 2>&1
+}
+start_refusal_probe() {
+    ((PG_MAJOR >= 18)) || return 0
+    run_refusal_probe &
+    REFUSAL_PROBE=$!
+}
+
+test_refuses_old_mount() {
+    local code found
+    if [[ -z "$REFUSAL_PROBE" ]] || ! wait "$REFUSAL_PROBE"; then
+        printf '[e2e-docker]   FAIL: the probe did not run to its end\n' >&2
+        return 1
+    fi
+    code="$(<"$WORK/refusal.code")"
+    grep -F 'docker-entrypoint' "$WORK/refusal.out" | sed 's/^/    | /' >&2
     ((code == 1)) || { printf '[e2e-docker]   FAIL: exit %s (expected 1)\n' "$code" >&2; return 1; }
-    grep -F "/var/lib/postgresql/data (a mount that PostgreSQL $PG_MAJOR does not use)" <<<"$out" >/dev/null ||
+    grep -F "/var/lib/postgresql/data (a mount that PostgreSQL $PG_MAJOR does not use)" "$WORK/refusal.out" >/dev/null ||
         { printf '[e2e-docker]   FAIL: no refusal naming the /var/lib/postgresql/data mount\n' >&2; return 1; }
-    found="$(docker run --rm --label "$LABEL" --entrypoint find -v "$vol:/check" "$PRODUCT_IMAGE" \
-        /check -name PG_VERSION)"
+    found="$(<"$WORK/refusal.found")"
     [[ -z "$found" ]] || { printf '[e2e-docker]   FAIL: a cluster was initialised anyway: %s\n' "$found" >&2; return 1; }
     log "  refused with exit 1, nothing initialised"
 }
@@ -937,6 +970,7 @@ test_compose_down() {
     # The client joined the project's network from outside compose: it goes first.
     docker rm -f -v "$CLIENT" >/dev/null 2>&1 || true
     compose down -v >"$WORK/down.log" 2>&1 || { cat "$WORK/down.log" >&2; fail "compose down failed"; return 1; }
+    STACK_DOWN=1
     left="$(docker ps -aq --filter "label=com.docker.compose.project=$PREFIX")$(
         docker network ls -q --filter "label=com.docker.compose.project=$PREFIX")$(
         docker volume ls -q --filter "label=com.docker.compose.project=$PREFIX")"
@@ -981,16 +1015,15 @@ main() {
     run_test "PostgreSQL $PG_MAJOR layout: PGDATA $PGDATA_IN_IMAGE, volume at $DATA_VOLUME" test_data_layout
     run_test "official pg_hba.conf: verify refuses trusted loopback, checks the container's address" \
         test_verify_not_fooled_by_trust
+    run_test "published on 127.0.0.1 only, passwords checked through it" test_published_port
+    run_test "healthy, no zombies" test_healthy_no_zombies
+    run_test "live rotation with scripts/rotate.sh compose, without restart" test_live_rotation
+    run_test "SIGHUP reloads postgres" test_sighup_reload
+    run_test "compose stop is clean (SIGINT), start without recovery" test_clean_stop_and_restart
+    run_test "no secret in argv, environment or log after the restart" test_no_secret_leaks
     if ((PG_MAJOR >= 18)); then
         run_test "a volume at /var/lib/postgresql/data is refused (18+)" test_refuses_old_mount
     fi
-    run_test "published on 127.0.0.1 only, passwords checked through it" test_published_port
-    run_test "live rotation with scripts/rotate.sh compose, without restart" test_live_rotation
-    run_test "SIGHUP reloads postgres" test_sighup_reload
-    # Here, not earlier: compose.yaml's health check probes first 10 s after the start.
-    run_test "healthy, no zombies" test_healthy_no_zombies
-    run_test "compose stop is clean (SIGINT), start without recovery" test_clean_stop_and_restart
-    run_test "no secret in argv, environment or log after the restart" test_no_secret_leaks
     run_test "compose down -v removes the stack" test_compose_down
 
     local name
