@@ -2,8 +2,8 @@
 # End-to-end container test of pg-password-sync against a real Docker engine: what a user
 # runs, with what the README says. It builds the product image from docker/Dockerfile
 # itself (through docker/compose.yaml's build section), brings the stack up with
-# docker/compose.yaml, rotates with `scripts/rotate.sh compose`, stops and starts the
-# service with compose, and takes the stack down with `compose down -v`.
+# docker/compose.yaml, rotates with `scripts/rotate.sh compose`, and takes the stack down
+# with `compose down -v`.
 #
 # Needs no registry. docker/Dockerfile's two base images are build arguments; the test
 # points them at local stand-ins (docker/test/Dockerfile), built from two base images that
@@ -42,11 +42,12 @@
 #   9. `scripts/rotate.sh compose`: the new passwords log in within 2 s of the rename, the
 #      old one is refused, rotate.sh sees health and verify pass, no restart;
 #  10. SIGHUP reloads postgres without a restart;
-#  11. compose stop sends SIGINT, postgres shuts down cleanly within 2 s of it; compose
-#      start needs no crash recovery, syncs and is healthy again;
+#  11. docker stop sends the container's stop signal, SIGINT; postgres shuts down cleanly
+#      within 2 s of it; the restart needs no crash recovery, syncs and is healthy again;
 #  12. no secret in any argv, environment or log after the restart;
 #  13. the image run by itself refuses a volume at /var/lib/postgresql/data (18+);
-#  14. compose down -v leaves no container, network or volume.
+#  14. compose down -v stops postgres with SIGINT, exit code 0, and leaves no container,
+#      network or volume.
 #
 # Usage: scripts/e2e-docker.sh [--base-only]
 #   --base-only   only make sure the two base images exist (build them when missing), then exit
@@ -242,6 +243,8 @@ WORK=""
 BIN=""
 COMPOSE=()
 CLIENT_STARTER=""
+POSTGRES_BUILD=""
+STANDIN_ARGS=()
 REFUSAL_PROBE=""
 # 1 once `compose down` has run (the cleanup need not run it again).
 STACK_DOWN=0
@@ -272,7 +275,7 @@ cleanup() {
     fi
     # Background starts first, so that nothing they make comes after the removal.
     local pid
-    for pid in "$CLIENT_STARTER" "$REFUSAL_PROBE"; do
+    for pid in "$POSTGRES_BUILD" "$CLIENT_STARTER" "$REFUSAL_PROBE"; do
         [[ -z "$pid" ]] || wait "$pid" 2>/dev/null || true
     done
     docker rm -f -v "$CLIENT" >/dev/null 2>&1 || true
@@ -484,11 +487,32 @@ docker_build() {
     }
 }
 
-# The two stand-ins docker/Dockerfile starts from, then docker/Dockerfile itself, built
+# The build arguments of docker/test/Dockerfile (both targets).
+standin_args() {
+    STANDIN_ARGS=(--build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "TOOLBOX_IMAGE=$TOOLBOX_IMAGE"
+        --build-arg "PG_MAJOR=$PG_MAJOR" --build-arg "PGDATA=$PGDATA_IN_IMAGE"
+        --build-arg "DATA_VOLUME=$DATA_VOLUME")
+}
+
+# The stand-in for postgres:<major>-bookworm: needs no binary, so it is built (in the
+# background) while cargo builds one.
+build_standin_postgres() {
+    local ctx="$WORK/image-postgres" started=$SECONDS
+    mkdir -p "$ctx"
+    cp "$REPO_ROOT/docker/test/Dockerfile" "$REPO_ROOT/docker/test/docker-entrypoint.sh" "$ctx/"
+    standin_args
+    docker_build standin-postgres.log "${STANDIN_ARGS[@]}" --target postgres -t "$STANDIN_POSTGRES" "$ctx" ||
+        die "docker build of $STANDIN_POSTGRES failed"
+    log "$STANDIN_POSTGRES built FROM $BASE_IMAGE in $((SECONDS - started)) s"
+}
+
+# The stand-in for rust:1-bookworm with the binary, then docker/Dockerfile itself, built
 # the way a user builds it: `compose build` with compose.yaml's build section.
 build_images() {
-    local ctx="$WORK/image" started=$SECONDS src_files=()
+    local ctx="$WORK/image-rust" started=$SECONDS src_files=()
     mkdir -p "$ctx/prebuilt"
+    # (The postgres stage comes first in the file: the classic builder walks it again,
+    # from its cache, so its COPY source must be here too.)
     cp -r "$REPO_ROOT/docker/test/Dockerfile" "$REPO_ROOT/docker/test/docker-entrypoint.sh" \
         "$REPO_ROOT/docker/test/toolchain" "$ctx/"
     cp "$BIN" "$ctx/prebuilt/pg-password-sync"
@@ -497,15 +521,10 @@ build_images() {
     mapfile -t src_files < <(cd "$REPO_ROOT" && find src -type f | LC_ALL=C sort)
     (cd "$REPO_ROOT" && sha256sum Cargo.toml Cargo.lock rust-toolchain.toml .cargo/config.toml \
         "${src_files[@]}") >"$ctx/prebuilt/crate.sha256"
-    local args=(--build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "TOOLBOX_IMAGE=$TOOLBOX_IMAGE"
-        --build-arg "PG_MAJOR=$PG_MAJOR"
-        --build-arg "PGDATA=$PGDATA_IN_IMAGE" --build-arg "DATA_VOLUME=$DATA_VOLUME")
-    log "building the stand-ins $STANDIN_POSTGRES FROM $BASE_IMAGE and $STANDIN_RUST FROM $TOOLBOX_IMAGE"
-    docker_build standin-postgres.log "${args[@]}" --target postgres -t "$STANDIN_POSTGRES" "$ctx" ||
-        die "docker build of $STANDIN_POSTGRES failed"
-    docker_build standin-rust.log "${args[@]}" --target rust -t "$STANDIN_RUST" "$ctx" ||
+    standin_args
+    docker_build standin-rust.log "${STANDIN_ARGS[@]}" --target rust -t "$STANDIN_RUST" "$ctx" ||
         die "docker build of $STANDIN_RUST failed"
-    log "stand-ins built in $((SECONDS - started)) s; building $PRODUCT_IMAGE from docker/Dockerfile (compose build)"
+    log "$STANDIN_RUST built FROM $TOOLBOX_IMAGE in $((SECONDS - started)) s; building $PRODUCT_IMAGE from docker/Dockerfile (compose build)"
     started=$SECONDS
     compose build "$SERVICE" >"$WORK/build.log" 2>&1 || {
         tail -n 30 "$WORK/build.log" >&2
@@ -777,36 +796,50 @@ test_sighup_reload() {
 }
 
 
+# stop_record SINCE : the engine's own record of the container's last stop after SINCE (a
+# `date +%s.%N`): "MS SIGNAL EXIT", the milliseconds from the stop signal to PID 1's exit,
+# the signal's number, the exit code.
+stop_record() {
+    local events action ns attr kill_ns="" signal="" die_ns="" code=""
+    events="$(docker events --since "$1" --until "$(date +%s.%N)" --filter "container=$DB" \
+        --filter event=kill --filter event=die \
+        --format '{{.Action}} {{.TimeNano}} {{index .Actor.Attributes "signal"}}{{index .Actor.Attributes "exitCode"}}')"
+    while read -r action ns attr; do
+        case "$action" in
+            kill) [[ -n "$kill_ns" ]] || { kill_ns=$ns signal=$attr; } ;;
+            die) die_ns=$ns code=$attr ;;
+        esac
+    done <<<"$events"
+    [[ -n "$kill_ns" && -n "$die_ns" ]] || return 1
+    echo "$(((die_ns - kill_ns) / 1000000)) $signal $code"
+}
+
 test_clean_stop_and_restart() {
     require_running || return 1
-    local since stopped_ms code ready_before sync_before down_before clean_before kill finished
+    local since record stopped_ms signal code ready_before sync_before down_before clean_before
     ready_before="$(log_count 'database system is ready to accept connections')"
     sync_before="$(log_count 'Password synchronization complete.')"
     down_before="$(log_count 'database system is shut down')"
     clean_before="$(log_count 'database system was shut down at')"
     since="$(date +%s.%N)"
-    # `compose stop` waits up to compose.yaml's stop_grace_period (2 min) before SIGKILL:
-    # the measurement below, not the wait, is what must be short.
-    compose stop "$SERVICE" >"$WORK/stop.log" 2>&1 || { cat "$WORK/stop.log" >&2; fail "compose stop failed"; return 1; }
-    code="$(docker inspect -f '{{.State.ExitCode}}' "$DB")"
-    # The engine's own record: the signal it sent (2 = SIGINT) and when, and when PID 1 exited.
-    kill="$(docker events --since "$since" --until "$(date +%s.%N)" --filter "container=$DB" \
-        --filter event=kill --format '{{.TimeNano}} {{index .Actor.Attributes "signal"}}' | head -n 1)"
-    finished="$(date -d "$(docker inspect -f '{{.State.FinishedAt}}' "$DB")" +%s%N)"
-    [[ "$kill" =~ ^[0-9]+\ ([0-9]+)$ ]] || { fail "no kill event for the stop ('$kill')"; return 1; }
-    [[ "${BASH_REMATCH[1]}" == 2 ]] || { fail "compose stop sent signal ${BASH_REMATCH[1]}, expected 2 (SIGINT)"; return 1; }
-    stopped_ms=$(((finished - ${kill%% *}) / 1000000))
+    # The stop signal is the container's (compose.yaml's stop_signal, the image's
+    # STOPSIGNAL). docker stop's default timeout (10 s): a PID 1 that ignored the signal
+    # would be SIGKILLed only after it (compose stop would wait stop_grace_period, 2 min).
+    docker stop "$DB" >/dev/null || { fail "docker stop failed"; return 1; }
+    record="$(stop_record "$since")" || { fail "no kill and die events for the stop"; return 1; }
+    read -r stopped_ms signal code <<<"$record"
     STOP_MS=$stopped_ms
-    log "  SIGINT to exit ${stopped_ms} ms, exit code $code"
-    [[ "$code" == 0 ]] || { fail "exit code $code after compose stop (expected 0)"; return 1; }
+    log "  signal $signal, exit code $code ${stopped_ms} ms later"
+    [[ "$signal" == 2 ]] || { fail "docker stop sent signal $signal, expected 2 (SIGINT)"; return 1; }
+    [[ "$code" == 0 ]] || { fail "exit code $code after docker stop (expected 0)"; return 1; }
     ((stopped_ms < STOP_DEADLINE_MS)) || { fail "the stop took ${stopped_ms} ms (limit $STOP_DEADLINE_MS)"; return 1; }
     log_count_above 'database system is shut down' "$down_before" ||
         { fail "postgres did not log a completed shutdown before the container exited"; return 1; }
-    compose start "$SERVICE" >"$WORK/start.log" 2>&1 || { cat "$WORK/start.log" >&2; fail "compose start failed"; return 1; }
+    docker start "$DB" >/dev/null || { fail "docker start failed"; return 1; }
     wait_until 60000 log_count_above 'database system is ready to accept connections' "$ready_before" ||
         { fail "postgres not ready within 60 s of the restart"; return 1; }
     if log_has 'not properly shut down' || log_has 'automatic recovery in progress'; then
-        fail "crash recovery after compose stop"
+        fail "crash recovery after docker stop"
         return 1
     fi
     # Positive evidence: the startup found a cleanly shut down cluster.
@@ -963,19 +996,25 @@ test_published_port() {
     log "  published at $published only; every role verified from the host"
 }
 
-# `compose down -v` takes the stack down: no container, network or volume of the project left.
+# `compose down -v` takes the stack down: postgres stops cleanly (SIGINT, exit code 0), and
+# no container, network or volume of the project is left.
 test_compose_down() {
     require_running || return 1
-    local left
+    local since left record stopped_ms signal code
     # The client joined the project's network from outside compose: it goes first.
     docker rm -f -v "$CLIENT" >/dev/null 2>&1 || true
+    since="$(date +%s.%N)"
     compose down -v >"$WORK/down.log" 2>&1 || { cat "$WORK/down.log" >&2; fail "compose down failed"; return 1; }
     STACK_DOWN=1
+    record="$(stop_record "$since")" || { fail "no kill and die events for compose down"; return 1; }
+    read -r stopped_ms signal code <<<"$record"
+    [[ "$signal" == 2 && "$code" == 0 ]] ||
+        { printf '[e2e-docker]   FAIL: compose down: signal %s, exit code %s (expected 2, 0)\n' "$signal" "$code" >&2; return 1; }
     left="$(docker ps -aq --filter "label=com.docker.compose.project=$PREFIX")$(
         docker network ls -q --filter "label=com.docker.compose.project=$PREFIX")$(
         docker volume ls -q --filter "label=com.docker.compose.project=$PREFIX")"
     [[ -z "$left" ]] || { printf '[e2e-docker]   FAIL: compose down left %s\n' "$left" >&2; return 1; }
-    log "  container, network and volume removed"
+    log "  signal $signal, exit code $code ${stopped_ms} ms later; container, network and volume removed"
 }
 
 main() {
@@ -1000,9 +1039,12 @@ main() {
 
     ensure_compose
     trap cleanup EXIT
-    build_binary
     WORK="$(mktemp -d /tmp/pg-password-sync-e2e.XXXXXX)"
     chmod 0700 "$WORK"
+    build_standin_postgres &
+    POSTGRES_BUILD=$!
+    build_binary
+    wait "$POSTGRES_BUILD" || die "the stand-in $STANDIN_POSTGRES was not built"
     setup
     build_images
 
@@ -1019,12 +1061,12 @@ main() {
     run_test "healthy, no zombies" test_healthy_no_zombies
     run_test "live rotation with scripts/rotate.sh compose, without restart" test_live_rotation
     run_test "SIGHUP reloads postgres" test_sighup_reload
-    run_test "compose stop is clean (SIGINT), start without recovery" test_clean_stop_and_restart
+    run_test "docker stop is clean (SIGINT), restart without recovery" test_clean_stop_and_restart
     run_test "no secret in argv, environment or log after the restart" test_no_secret_leaks
     if ((PG_MAJOR >= 18)); then
         run_test "a volume at /var/lib/postgresql/data is refused (18+)" test_refuses_old_mount
     fi
-    run_test "compose down -v removes the stack" test_compose_down
+    run_test "compose down -v stops cleanly and removes the stack" test_compose_down
 
     local name
     for name in "${FAILED[@]}"; do
