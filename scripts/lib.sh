@@ -48,6 +48,18 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
+# apt_download DIR PKG…: fetch Debian packages' .deb files into DIR without installing
+# them (to unpack elsewhere); `apt-get update` first when apt knows no such package yet.
+apt_download() {
+    local dir=$1
+    shift
+    (cd "$dir" && apt-get download -qq "$@" 2>/dev/null) && return 0
+    [[ "$(id -u)" -eq 0 && "$apt_updated" -eq 0 ]] || return 1
+    apt-get update -qq
+    apt_updated=1
+    (cd "$dir" && apt-get download -qq "$@")
+}
+
 # pip_install PKG…: install PyPI tools with python3's pip (installing python3/pip first).
 pip_install() {
     command -v python3 >/dev/null || apt_install python3

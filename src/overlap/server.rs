@@ -41,7 +41,7 @@
 //! (the sync never sets a past one on a published login) or a twin made NOLOGIN by
 //! someone else is kept as it is and reported, unless `override_lockouts`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::time::Duration;
 
@@ -50,7 +50,7 @@ use postgres_protocol::escape::{escape_identifier, escape_literal};
 use tokio_postgres::Client;
 use tokio_postgres::types::ToSql;
 
-use super::{Pair, twin_login};
+use super::{Login, Pair, twin_login};
 use crate::secret::{RoleSpec, Secret};
 
 /// Runs one statement of the transaction, bounding and watching its wait for other
@@ -141,9 +141,11 @@ impl Mark {
         }
     }
 
-    /// The mark `comment` is for the twin of `pair` (`None`: not ours).
+    /// The mark `comment` is for the twin of `pair` (`None`: not ours), whatever salts it
+    /// records (`Recorded::read`).
     fn read(pair: &Pair, comment: Option<&str>) -> Option<Mark> {
         let comment = comment?;
+        let comment = comment.rsplit_once(SALTS).map_or(comment, |(head, _)| head);
         [
             Mark::Plain,
             Mark::Retired,
@@ -153,6 +155,72 @@ impl Mark {
         .into_iter()
         .find(|mark| mark.text(&pair.role) == comment)
     }
+}
+
+/// Where a mark records the salts of the verifiers the sync last stored for the pair.
+const SALTS: &str = "; verifier salts ";
+
+/// The salts of the verifiers the sync last stored for a pair's two logins, as its mark
+/// records them: how the sync tells a password it set (its salt still there) from one set
+/// behind its back (another salt), which it restores without taking it for a stage or a
+/// lifted lockout. A salt is no secret: the server sends it to anyone who starts a SCRAM
+/// login as the role.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recorded {
+    role: Option<String>,
+    twin: Option<String>,
+}
+
+impl Recorded {
+    fn read(comment: Option<&str>) -> Recorded {
+        let Some((_, salts)) = comment.and_then(|c| c.rsplit_once(SALTS)) else {
+            return Recorded::default();
+        };
+        let salt = |s: Option<&str>| s.filter(|s| *s != "-").map(str::to_owned);
+        let mut parts = salts.split(' ');
+        Recorded {
+            role: salt(parts.next()),
+            twin: salt(parts.next()),
+        }
+    }
+
+    fn text(&self) -> String {
+        if self.role.is_none() && self.twin.is_none() {
+            return String::new();
+        }
+        let salt = |s: &Option<String>| s.clone().unwrap_or_else(|| "-".to_owned());
+        format!("{SALTS}{} {}", salt(&self.role), salt(&self.twin))
+    }
+
+    /// What to record after the password step: the salts it left, or, for a login it did
+    /// not look at, the one recorded.
+    fn after(&self, pair: &Pair, salts: &HashMap<String, Salts>) -> Recorded {
+        let after = |login: &str| {
+            salts.get(login).map_or_else(
+                || self.of(pair, login).map(str::to_owned),
+                |s| s.after.clone(),
+            )
+        };
+        Recorded {
+            role: after(&pair.role),
+            twin: after(&pair.twin),
+        }
+    }
+
+    fn of(&self, pair: &Pair, login: &str) -> Option<&str> {
+        match pair.which(login)? {
+            Login::Role => self.role.as_deref(),
+            Login::Twin => self.twin.as_deref(),
+        }
+    }
+}
+
+/// What the password step found and left for one login: the salt of the stored verifier
+/// before the transaction, and after it (the one it set, or the same).
+#[derive(Debug, Clone, Default)]
+pub struct Salts {
+    pub before: Option<String>,
+    pub after: Option<String>,
 }
 
 /// The twins that overlap mode, now off, may have left: one per role of the role map but
@@ -274,7 +342,7 @@ impl<'a> Logins<'a> {
         let retired_by_us = mark == Some(Mark::Retired);
         if mark.is_none() || retired_by_us {
             // Made before the mark existed, or retired by overlap mode turned off.
-            comment(client, guard, twin, &Mark::Plain.text(role)).await?;
+            comment_on(client, guard, twin, &Mark::Plain.text(role)).await?;
             repairs.push("marked as ours");
         }
         if !t.member {
@@ -363,8 +431,8 @@ impl<'a> Logins<'a> {
                      JOIN pg_authid t ON t.rolname = p.twin \
                      LEFT JOIN pg_shdescription d \
                           ON d.objoid = t.oid AND d.classoid = 'pg_authid'::regclass \
-                     WHERE NOT t.rolsuper AND (d.description IN (p.mark, p.retired) \
-                        OR starts_with(d.description, p.mark || '; staged login ') \
+                     WHERE NOT t.rolsuper AND (d.description = p.mark \
+                        OR starts_with(d.description, p.mark || '; ') \
                         OR (EXISTS (SELECT 1 FROM pg_auth_members m \
                                     JOIN pg_authid g ON g.oid = m.grantor \
                                     WHERE m.roleid = r.oid AND m.member = t.oid \
@@ -410,6 +478,7 @@ impl<'a> Logins<'a> {
         client: &Client,
         guard: &mut impl Guard,
         changed: &[&str],
+        salts: &HashMap<String, Salts>,
         prepared: &Prepared,
         leftovers: &[Leftover],
     ) -> anyhow::Result<Vec<String>> {
@@ -421,6 +490,7 @@ impl<'a> Logins<'a> {
             for pair in self.pairs {
                 let step = Step {
                     changed,
+                    salts,
                     prepared,
                     until: &until,
                 };
@@ -463,12 +533,11 @@ impl<'a> Logins<'a> {
         let (Some(p), Some(u)) = (step.until.get(published), step.until.get(unpublished)) else {
             return Ok(());
         };
-        let mark = step
-            .until
-            .get(&pair.twin)
-            .and_then(|t| Mark::read(pair, t.comment.as_deref()));
-        let staged = |login: &str| matches!(&mark, Some(Mark::Staged(l)) if l == login);
-        let p_changed = step.changed.contains(&published);
+        let comment = step.until.get(&pair.twin).and_then(|t| t.comment.clone());
+        let mut mark = Mark::read(pair, comment.as_deref()).unwrap_or(Mark::Plain);
+        let recorded = Recorded::read(comment.as_deref());
+        let p_changed = new_password(pair, published, step, &recorded, lines);
+        let u_changed = new_password(pair, unpublished, step, &recorded, lines);
         if p.expired && !p_changed && !self.policy.override_lockouts {
             lines.push(locked_out_line(published, "VALID UNTIL in the past"));
         } else if !p.infinity {
@@ -477,35 +546,34 @@ impl<'a> Logins<'a> {
                 "login {published:?}: published; valid until infinity"
             ));
         }
-        if staged(published) {
+        if mark == Mark::Staged(published.to_owned()) {
             // The stage was published: nothing is pending any more.
-            comment(client, guard, &pair.twin, &Mark::Plain.text(&pair.role)).await?;
+            mark = Mark::Plain;
         }
-        let u_changed = step.changed.contains(&unpublished);
+        let staged = mark == Mark::Staged(unpublished.to_owned());
         if step.prepared.created.iter().any(|c| c == unpublished) {
             // Created unpublished, already expired: nothing to grace.
         } else if u_changed && !u.endless {
             set_valid_until(client, guard, unpublished, "infinity").await?;
-            let staged_mark = Mark::Staged(unpublished.to_owned());
-            comment(client, guard, &pair.twin, &staged_mark.text(&pair.role)).await?;
+            mark = Mark::Staged(unpublished.to_owned());
             lines.push(format!(
                 "login {unpublished:?}: staged (new password, not published yet); \
                  valid until infinity"
             ));
             // Its sessions were opened with the retired password.
             retired.push(unpublished.to_owned());
-        } else if u_changed && staged(unpublished) {
+        } else if u_changed && staged {
             // A stage rolled back (or changed again) before its publish: the password
             // it gets back is the retired one, which must not come back at all.
             let now = grace.now(client, guard).await?;
             set_valid_until(client, guard, unpublished, &now).await?;
-            comment(client, guard, &pair.twin, &Mark::Plain.text(&pair.role)).await?;
+            mark = Mark::Plain;
             lines.push(format!(
                 "login {unpublished:?}: its stage was rolled back (new password before its \
                  publish); expired now, so a retired password never comes back"
             ));
             retired.push(unpublished.to_owned());
-        } else if staged(unpublished) {
+        } else if staged {
             // A stage waiting for its publish, however long this process has run.
         } else if u.endless {
             // Published until now (its password may have changed with the switch).
@@ -516,6 +584,15 @@ impl<'a> Logins<'a> {
             ));
         } else if u.expired {
             retired.push(unpublished.to_owned());
+        }
+        // The mark as it now is: its state, and the salts of what the password step left.
+        let text = format!(
+            "{}{}",
+            mark.text(&pair.role),
+            recorded.after(pair, step.salts).text()
+        );
+        if comment.as_deref() != Some(text.as_str()) {
+            comment_on(client, guard, &pair.twin, &text).await?;
         }
         Ok(())
     }
@@ -575,10 +652,35 @@ impl<'a> Logins<'a> {
     }
 }
 
+/// Whether `login` of `pair` got a new password from the files in this transaction: set,
+/// and not set by someone else since the sync last stored it (its salt is not the one
+/// recorded), which is only restored, no new password for the `VALID UNTIL` rules.
+fn new_password(
+    pair: &Pair,
+    login: &str,
+    step: Step<'_>,
+    recorded: &Recorded,
+    lines: &mut Vec<String>,
+) -> bool {
+    let set = step.changed.contains(&login);
+    let drifted = set
+        && recorded.of(pair, login).is_some_and(|ours| {
+            step.salts.get(login).and_then(|s| s.before.as_deref()) != Some(ours)
+        });
+    if drifted {
+        lines.push(format!(
+            "login {login:?}: its password was changed outside pg-password-sync; restored, \
+             its VALID UNTIL kept"
+        ));
+    }
+    set && !drifted
+}
+
 /// The per-statement inputs of `pair_valid_until`.
 #[derive(Clone, Copy)]
 struct Step<'a> {
     changed: &'a [&'a str],
+    salts: &'a HashMap<String, Salts>,
     prepared: &'a Prepared,
     until: &'a Until,
 }
@@ -601,7 +703,7 @@ async fn retire_leftover(
     } else if left.expired && left.can_login {
         let alter = format!("ALTER ROLE {} NOLOGIN", escape_identifier(twin));
         exec(client, guard, &alter, twin).await?;
-        comment(client, guard, twin, &Mark::Retired.text(&left.role)).await?;
+        comment_on(client, guard, twin, &Mark::Retired.text(&left.role)).await?;
         lines.push(format!(
             "login {twin:?}: overlap mode is off and its grace is over; NOLOGIN \
              (kept, not dropped)"
@@ -780,7 +882,7 @@ async fn create_twin(client: &Client, guard: &mut impl Guard, pair: &Pair) -> an
         escape_identifier(twin)
     );
     exec(client, guard, &create, twin).await?;
-    comment(client, guard, twin, &Mark::Plain.text(role)).await?;
+    comment_on(client, guard, twin, &Mark::Plain.text(role)).await?;
     let grant = format!(
         "GRANT {} TO {}",
         escape_identifier(role),
@@ -789,7 +891,7 @@ async fn create_twin(client: &Client, guard: &mut impl Guard, pair: &Pair) -> an
     exec(client, guard, &grant, twin).await
 }
 
-async fn comment(
+async fn comment_on(
     client: &Client,
     guard: &mut impl Guard,
     twin: &str,
@@ -1124,6 +1226,32 @@ mod tests {
         assert_eq!(Mark::read(&pair, Some(&foreign)), None);
         assert_eq!(Mark::read(&pair, Some("anything")), None);
         assert_eq!(Mark::read(&pair, None), None);
+    }
+
+    #[test]
+    fn the_salts_a_mark_records_read_back_beside_its_state() {
+        let pair = Pair::of(&crate::secret::test_entry("app", "").0, "_alt").unwrap();
+        let recorded = Recorded {
+            role: Some("c2FsdA==".into()),
+            twin: None,
+        };
+        let text = format!(
+            "{}{}",
+            Mark::Staged("app_alt".into()).text("app"),
+            recorded.text()
+        );
+        assert_eq!(Recorded::read(Some(&text)), recorded);
+        assert_eq!(recorded.of(&pair, "app"), Some("c2FsdA=="));
+        assert_eq!(recorded.of(&pair, "app_alt"), None);
+        assert_eq!(
+            Mark::read(&pair, Some(&text)),
+            Some(Mark::Staged("app_alt".into()))
+        );
+        assert_eq!(Recorded::default().text(), "");
+        assert_eq!(
+            Recorded::read(Some(&Mark::Plain.text("app"))),
+            Recorded::default()
+        );
     }
 
     #[test]

@@ -591,7 +591,7 @@ async fn transaction(
         let prepared = logins.prepare(client, watchdog, &mut report.logins).await?;
         let secrets = &logins.adjust(plan.secrets, &prepared);
         let leftovers = logins.find_leftovers(client, watchdog).await?;
-        set_passwords(client, plan, secrets, watchdog, report).await?;
+        let salts = set_passwords(client, plan, secrets, watchdog, report).await?;
         // Who may log in until when: the same transaction, so a publish switch and the
         // passwords it relies on are in force together, or not at all. A verifier only
         // re-made at the server's strength holds no new password.
@@ -602,7 +602,7 @@ async fn transaction(
             .filter(|role| !report.strengthened.iter().any(|s| s == role))
             .collect();
         let lines = logins
-            .valid_until(client, watchdog, &changed, &prepared, &leftovers)
+            .valid_until(client, watchdog, &changed, &salts, &prepared, &leftovers)
             .await?;
         report.logins.extend(lines);
         if plan.options.dry_run {
@@ -669,14 +669,15 @@ async fn begin_locked(
 }
 
 /// Reads the stored verifiers of `secrets`, plans each role's step off the runtime's
-/// thread, and sends the new verifiers; one outcome per role in `report`.
+/// thread, and sends the new verifiers; one outcome per role in `report`. Returns, per
+/// role, the salt of its stored verifier before and after (overlap mode records them).
 async fn set_passwords(
     client: &Client,
     plan: &Plan<'_>,
     secrets: &[(RoleSpec, Secret)],
     watchdog: &mut locks::Watchdog<'_>,
     report: &mut Report,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<HashMap<String, overlap::Salts>> {
     let names: Vec<String> = secrets.iter().map(|(r, _)| r.name.clone()).collect();
     let rows = watchdog
         .guard(
@@ -690,6 +691,7 @@ async fn set_passwords(
         .await?;
     let current: HashMap<String, Option<String>> =
         rows.iter().map(|row| (row.get(0), row.get(1))).collect();
+    let mut salts = salts_of(&current);
     let missing: Vec<&str> = names
         .iter()
         .filter(|n| !current.contains_key(*n))
@@ -725,6 +727,9 @@ async fn set_passwords(
             Step::Keep(status) => status,
             Step::Strengthen(None) => Status::WouldChange,
             Step::Set(verifier) | Step::Strengthen(Some(verifier)) => {
+                if let Some(entry) = salts.get_mut(&spec.name) {
+                    entry.after = scram::salt_of(&verifier).map(str::to_owned);
+                }
                 let statement = sql::alter_role_password(&spec.name, &verifier);
                 watchdog
                     .guard(
@@ -743,7 +748,25 @@ async fn set_passwords(
             status,
         });
     }
-    Ok(())
+    Ok(salts)
+}
+
+/// Per role, the salt of its stored verifier, before and (until a new one is set) after.
+fn salts_of(current: &HashMap<String, Option<String>>) -> HashMap<String, overlap::Salts> {
+    current
+        .iter()
+        .map(|(name, stored)| {
+            let before = stored
+                .as_deref()
+                .and_then(scram::salt_of)
+                .map(str::to_owned);
+            let salts = overlap::Salts {
+                after: before.clone(),
+                before,
+            };
+            (name.clone(), salts)
+        })
+        .collect()
 }
 
 impl overlap::Guard for locks::Watchdog<'_> {

@@ -83,6 +83,15 @@ pub struct Verifier {
     pub server_key: Vec<u8>,
 }
 
+/// The salt of a stored SCRAM verifier as stored (base64), without decoding anything;
+/// `None` for anything else. The server sends it to whoever starts a SCRAM login as the
+/// role: no secret.
+pub fn salt_of(stored: &str) -> Option<&str> {
+    let rest = stored.strip_prefix(PREFIX)?;
+    let (params, _) = rest.split_once('$')?;
+    params.split_once(':').map(|(_, salt)| salt)
+}
+
 /// Parses a stored verifier; `None` for anything else (MD5, plaintext, NULL, malformed).
 pub fn parse_verifier(stored: &str) -> Option<Verifier> {
     let rest = stored.strip_prefix(PREFIX)?;
