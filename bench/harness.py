@@ -215,6 +215,21 @@ def rename_rotate(keys_dir, name, value):
     return t_swap
 
 
+def scrape(port):
+    """One GET /metrics on the loopback; the body's size in bytes."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"GET /metrics answered {response.status}")
+        return len(body)
+    finally:
+        conn.close()
+
+
 def cmd_life(a):
     result = {"label": a.label}
     t0 = time.monotonic()
@@ -255,6 +270,11 @@ def cmd_life(a):
         for mark in MARKS:
             t = tap.first(mark)
             result[f"{mark}_logged_ms"] = None if t is None else round((t - t0) * 1000, 1)
+
+        if a.scrape_port:
+            # The listener's code is resident only once it has served: scrape as Prometheus
+            # would before the RSS is sampled.
+            result["scrape_bytes"] = [scrape(a.scrape_port) for _ in range(3)]
 
         # Steady RSS: let the post-sync work settle, then take the median of a few samples.
         time.sleep(a.settle)
@@ -437,6 +457,7 @@ def fleet_lines(fleet):
 def cmd_summary(a):
     d = a.dir
     ours = [r for r in load(f"{d}/startup.jsonl") if r["label"] == "ours"]
+    ours_metrics = [r for r in load(f"{d}/startup.jsonl") if r["label"] == "ours_metrics"]
     base = [r for r in load(f"{d}/startup.jsonl") if r["label"] == "baseline"]
     tini = load(f"{d}/tini.jsonl")
     rot = load(f"{d}/rotation.jsonl")
@@ -447,8 +468,8 @@ def cmd_summary(a):
     def ok(rows):
         return [r for r in rows if "error" not in r]
 
-    errors = [f"{r['label']}: {r['error']}" for r in ours + base + tini + rot + rot_rename
-              if "error" in r]
+    errors = [f"{r['label']}: {r['error']}"
+              for r in ours + ours_metrics + base + tini + rot + rot_rename if "error" in r]
 
     rot_samples = [x for r in ok(rot) for x in r.get("rotation_ms", [])]
     rot_rename_samples = [x for r in ok(rot_rename) for x in r.get("rotation_ms", [])]
@@ -469,10 +490,12 @@ def cmd_summary(a):
                  "baseline_ms": med([r["stop_ms"] for r in base_stop]),
                  "baseline_clean": (all(r["clean"] for r in base_stop) if base_stop else None)},
         "rss_kib": {"ours": med([r["rss_kib"] for r in ok(ours)]),
+                    "ours_metrics": med([r["rss_kib"] for r in ok(ours_metrics)]),
                     "tini": med([r["rss_kib"] for r in ok(tini)]),
                     "baseline": med([r["rss_kib"] for r in ok(base)])},
         "pid1_threads": {k: med([r["status"].get("Threads") for r in ok(rows) if "status" in r])
-                         for k, rows in (("ours", ours), ("tini", tini), ("baseline", base))},
+                         for k, rows in (("ours", ours), ("ours_metrics", ours_metrics),
+                                         ("tini", tini), ("baseline", base))},
         "binary_bytes": meta.get("binary_bytes"),
         "roles_1000_ms": {"ours": med(roles_ours), "psql_batch": med(roles_psql)},
     }
@@ -513,7 +536,8 @@ def cmd_summary(a):
         "rotation_login_attempt_ms": med([x for r in ok(rot)
                                           for x in r.get("rotation_login_attempt_ms", [])]),
         "rss_anon_kib": {k: med([r["status"].get("RssAnon") for r in ok(rows) if "status" in r])
-                         for k, rows in (("ours", ours), ("tini", tini), ("baseline", base))},
+                         for k, rows in (("ours", ours), ("ours_metrics", ours_metrics),
+                                         ("tini", tini), ("baseline", base))},
     }
     summary_file = dict(summary)
     summary_file["meta"] = dict(meta, errors=errors, breakdown=breakdown,
@@ -569,6 +593,11 @@ def cmd_summary(a):
         f"{fmt(ratio(rss['baseline'], rss['ours']), '×')} |",
         f"| … of which anonymous (private) memory | {fmt(breakdown['rss_anon_kib']['ours'], ' KiB')} | "
         f"{fmt(breakdown['rss_anon_kib']['baseline'], ' KiB')} | — |",
+        f"| PID 1 VmRSS with `--metrics-listen`, after 3 scrapes (anonymous: "
+        f"{fmt(breakdown['rss_anon_kib']['ours_metrics'], ' KiB')}; threads: "
+        f"{fmt(threads['ours_metrics'])}) | {fmt(rss['ours_metrics'], ' KiB')} | "
+        f"{fmt(rss['baseline'], ' KiB')} (bash) | "
+        f"{fmt(ratio(rss['baseline'], rss['ours_metrics']), '×')} |",
         f"| PID 1 threads, steady after sync (tini: {fmt(threads['tini'])}) | "
         f"{fmt(threads['ours'])} | {fmt(threads['baseline'])} (bash) | — |",
         f"| stripped release binary | {fmt(s['binary_bytes'], ' B')} | — | — |",
@@ -621,6 +650,8 @@ def main():
     life.add_argument("--rotation-timeout", type=float, default=10.0)
     life.add_argument("--rotation-interval", type=float, default=0.005)
     life.add_argument("--rotation-gap", type=float, default=0.3)
+    life.add_argument("--scrape-port", type=int,
+                      help="GET 127.0.0.1:PORT/metrics three times before the RSS samples")
     life.add_argument("cmd", nargs=argparse.REMAINDER)
 
     tm = sub.add_parser("time")

@@ -17,7 +17,8 @@ shared and noisy: never compare numbers from different runs).
 Scenarios (details in bench/README.md): startup -> first login with the new password, as
 PID 1 of a new PID namespace; Kubernetes `..data` rotation -> first login with the new
 password; stop (ours: SIGINT; baseline: what `docker stop` does) and the cluster state
-afterwards; PID 1's steady RSS and thread count (ours, tini, the baseline's bash); 1,000
+afterwards; PID 1's steady RSS and thread count (ours with the metrics listener off and
+on, tini, the baseline's bash); 1,000
 roles rotated by one `sync` against one psql batch; the stripped binary size; failed
 logins per rotation of a client fleet, overlap mode against single-login mode
 (tests/fleet.rs).
@@ -182,13 +183,25 @@ life() {
 }
 
 # --------------------------------------------------------------------------- startup, RSS, stop
-step "startup → first login with the new password, RSS, stop: ours and the baseline, $STARTUP_REPS interleaved runs each (the baseline's stop, grace ${GRACE} s, timed in $BASELINE_STOP_REPS)"
+step "startup → first login with the new password, RSS, stop: ours (metrics listener off, and on), and the baseline, $STARTUP_REPS interleaved runs each (the baseline's stop, grace ${GRACE} s, timed in $BASELINE_STOP_REPS)"
 ours_run() {
     new_instance "ours-$1"
     postgres_cmd
     life ours "$RES/startup.jsonl" --user appuser --password-file "$KEYS/postgres_app_user_pw.txt" \
         --stop-signal INT --grace 30 -- "$BIN" run -- "${POSTGRES_CMD[@]}"
     rm -rf "$WORK/ours-$1"
+}
+# The same with the metrics listener on (scraped three times before the RSS is sampled).
+ours_metrics_run() {
+    local mport
+    new_instance "ours-metrics-$1"
+    postgres_cmd
+    mport="$(free_port)"
+    life ours_metrics "$RES/startup.jsonl" --user appuser \
+        --password-file "$KEYS/postgres_app_user_pw.txt" --scrape-port "$mport" \
+        --stop-signal INT --grace 30 -- "$BIN" run --metrics-listen "127.0.0.1:$mport" \
+        -- "${POSTGRES_CMD[@]}"
+    rm -rf "$WORK/ours-metrics-$1"
 }
 baseline_run() {
     new_instance "baseline-$1"
@@ -204,9 +217,11 @@ for i in $(seq 1 "$STARTUP_REPS"); do
     want startup || break
     if ((i % 2 == 1)); then
         ours_run "$i"
+        ours_metrics_run "$i"
         baseline_run "$i"
     else
         baseline_run "$i"
+        ours_metrics_run "$i"
         ours_run "$i"
     fi
 done

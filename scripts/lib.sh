@@ -48,6 +48,18 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
+# apt_download DIR PKG…: fetch Debian packages' .deb files into DIR without installing
+# them (to unpack elsewhere); `apt-get update` first when apt knows no such package yet.
+apt_download() {
+    local dir=$1
+    shift
+    (cd "$dir" && apt-get download -qq "$@" 2>/dev/null) && return 0
+    [[ "$(id -u)" -eq 0 && "$apt_updated" -eq 0 ]] || return 1
+    apt-get update -qq
+    apt_updated=1
+    (cd "$dir" && apt-get download -qq "$@")
+}
+
 # pip_install PKG…: install PyPI tools with python3's pip (installing python3/pip first).
 pip_install() {
     command -v python3 >/dev/null || apt_install python3
@@ -102,6 +114,15 @@ ensure_pgaudit() {
 ensure_cluster_tools() {
     ensure_commands patroni:patroni etcd:etcd-server /usr/sbin/pgbouncer:pgbouncer \
         nsenter:util-linux
+}
+
+# ensure_prometheus: Debian's prometheus package, for the metrics tests (tests/metrics.rs):
+# `promtool check metrics` judges the exposition, and a Prometheus server the test starts
+# on a free loopback port (temp config and data dir) scrapes a sidecar. The package's own
+# service is not needed: where invoke-rc.d may start it (no policy-rc.d), it listens on
+# :9090, which no test uses.
+ensure_prometheus() {
+    ensure_commands promtool:prometheus prometheus:prometheus
 }
 
 # release_bin: the path of the binary `cargo build --release` makes. .cargo/config.toml

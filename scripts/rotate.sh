@@ -55,7 +55,8 @@ server accepts it (docs/overlap.md).
 Options:
   --overlap           overlap mode (above); also PG_PASSWORD_SYNC_OVERLAP=true
   --pg-host HOST      overlap: server address for the host-side checks (default 127.0.0.1)
-  --pg-port PORT      overlap: its port (compose default 5432; k8s default: a
+  --pg-port PORT      overlap: its port (compose default: \$POSTGRES_HOST_PORT, the port
+                      compose.yaml publishes, else 5432; k8s default: a
                       'kubectl port-forward' to POD on local port 15432)
   --dir DIR           secrets directory for 'generate --dir'; the files are in DIR/keys
                       (default: \$SECRETS_DIR or \$PG_PASSWORD_SYNC_SECRETS_DIR, else
@@ -248,7 +249,9 @@ rotate_args() {
 
 rotate_compose_overlap() {
     [[ -f "$COMPOSE_FILE" ]] || die "compose file not found: $COMPOSE_FILE"
-    [[ -n "$PG_PORT" ]] || PG_PORT=5432
+    # compose.yaml publishes 127.0.0.1:${POSTGRES_HOST_PORT:-5432}.
+    [[ -n "$PG_PORT" ]] || PG_PORT="${POSTGRES_HOST_PORT:-5432}"
+    [[ "$PG_PORT" != 0 ]] || die "POSTGRES_HOST_PORT=0 publishes a port Docker picks: give it with --pg-port (docker compose port $SERVICE 5432)"
     rotate_args
     # The keys directory mount shows the new files at once; rotate itself waits until the
     # server accepts every staged login (over the published port, where pg_hba.conf asks

@@ -11,7 +11,7 @@ Usage: scripts/test.sh
 
 Everything CI checks, on a fresh machine: installs what is missing (PostgreSQL 15 and its
 pgaudit, the postgres OS user, Patroni, etcd and PgBouncer for the cluster tests, the
-servers of the other majors, lint tools), then
+servers of the other majors, Prometheus, lint tools), then
 formatting, clippy, the whole test suite on PostgreSQL 15, the sync, run and watch tests
 on every other supported major (scripts/pg-majors.sh), the linters, and the end-to-end
 container test when a Docker engine answers.
@@ -28,6 +28,7 @@ ensure_pgaudit
 ensure_cluster_tools
 # iptables: the test of a server that falls silent over TCP (tests/hardening.rs).
 ensure_commands iptables:iptables
+ensure_prometheus
 
 step "cargo fmt --check"
 cargo fmt --check

@@ -8,6 +8,7 @@
 //! (the `From` impls at the end) into the plain settings struct its module owns, so the
 //! domain modules never depend on the command line.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -18,9 +19,11 @@ use crate::config::{ConfigSettings, PatroniRule, TargetSession};
 use crate::config::{DEFAULT_GRACE, parse_duration};
 use crate::health::HealthSettings;
 use crate::keyfiles::GenerateSettings;
+use crate::metrics::MetricsSettings;
 use crate::postmaster::PostmasterRule;
 use crate::rotate::RotateSettings;
 use crate::run::RunSettings;
+use crate::status::StatusSettings;
 use crate::sync::{Options, SyncSettings};
 use crate::verify::VerifySettings;
 use crate::watch::{WatchOptions, WatchSettings};
@@ -65,6 +68,10 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Exit 0 only if postgres is ready and the last sync of the current secrets succeeded.
     Health(HealthArgs),
+    /// Per role: its logins, which one is published, VALID UNTIL, sessions on each, the
+    /// last change applied, a pending stage (a table, or --format json); exit codes as
+    /// `health`'s. Reads the server as the superuser and the state file; prints no secret.
+    Status(StatusArgs),
     /// Create, back up, verify, list and restore the secret files (run on the host).
     Generate(GenerateArgs),
     /// Overlap mode's staged rotation of `generate`'s directory (run on the host): give the
@@ -256,6 +263,20 @@ pub struct WatchOptionsArgs {
         default_value = "/run/pg-password-sync"
     )]
     pub state_dir: PathBuf,
+    /// Serve Prometheus metrics (GET /metrics, text format) on ADDR:PORT, e.g.
+    /// `127.0.0.1:9753` or `[::]:9753`. Off by default: no listener unless asked. See
+    /// docs/metrics.md.
+    #[arg(
+        long,
+        value_name = "ADDR:PORT",
+        env = "PG_PASSWORD_SYNC_METRICS_LISTEN"
+    )]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Write the same metrics to FILE after every sync (a temp file renamed over it), for
+    /// node_exporter's textfile collector (a `*.prom` name in its directory). Off by
+    /// default.
+    #[arg(long, value_name = "FILE", env = "PG_PASSWORD_SYNC_METRICS_FILE")]
+    pub metrics_file: Option<PathBuf>,
 }
 
 // ---- Rules for the values of secret files (`run`, `watch`, `sync`) ----------------------
@@ -357,6 +378,22 @@ pub struct HealthArgs {
         default_value = "/run/pg-password-sync"
     )]
     pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Directory holding the state file written by `run`/`watch`.
+    #[arg(
+        long,
+        env = "PG_PASSWORD_SYNC_STATE_DIR",
+        default_value = "/run/pg-password-sync"
+    )]
+    pub state_dir: PathBuf,
+    /// Output format on stdout: a table, or one JSON object.
+    #[arg(long, env = "PG_PASSWORD_SYNC_REPORT_FORMAT", value_enum, default_value_t = ReportFormat::Text)]
+    pub format: ReportFormat,
 }
 
 /// Options of `generate`.
@@ -693,6 +730,10 @@ impl From<WatchOptionsArgs> for WatchOptions {
             debounce: args.debounce,
             resync_interval: args.resync_interval,
             state_dir: args.state_dir,
+            metrics: MetricsSettings {
+                listen: args.metrics_listen,
+                file: args.metrics_file,
+            },
         }
     }
 }
@@ -749,6 +790,16 @@ impl From<HealthArgs> for HealthSettings {
         HealthSettings {
             config: args.config.into(),
             state_dir: args.state_dir,
+        }
+    }
+}
+
+impl From<StatusArgs> for StatusSettings {
+    fn from(args: StatusArgs) -> Self {
+        StatusSettings {
+            config: args.config.into(),
+            state_dir: args.state_dir,
+            format: args.format.into(),
         }
     }
 }

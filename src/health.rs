@@ -47,7 +47,7 @@ pub fn command(settings: HealthSettings) -> anyhow::Result<u8> {
 }
 
 /// The verdict: a summary when healthy, the reason otherwise.
-fn evaluate(args: &HealthSettings) -> Result<String, String> {
+pub fn evaluate(args: &HealthSettings) -> Result<String, String> {
     // Only a state file of a trusted writer counts (ours or root's, in a directory no
     // one else can write): anything else is the reason for "unhealthy".
     let (path, state) = state::load(&args.state_dir)?;

@@ -12,6 +12,7 @@ mod fileio;
 mod health;
 mod keyfiles;
 mod logging;
+mod metrics;
 mod overlap;
 mod patroni;
 mod postmaster;
@@ -23,6 +24,7 @@ mod runtime;
 mod secret;
 mod session;
 mod state;
+mod status;
 mod store;
 mod supervisor;
 mod sync;
@@ -66,6 +68,7 @@ fn dispatch(command: Command) -> anyhow::Result<u8> {
         Command::Watch(args) => watch::command(args.into()),
         Command::Verify(args) => verify::command(args.into()),
         Command::Health(args) => health::command(args.into()),
+        Command::Status(args) => status::command(args.into()),
         Command::Generate(args) => keyfiles::command(args.into()),
         Command::Rotate(args) => rotate::command(args.into()),
     }

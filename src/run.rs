@@ -21,13 +21,14 @@ use tokio::sync::mpsc::Receiver;
 use crate::backoff::Backoff;
 use crate::config::{Config, ConfigSettings, Host, Server};
 use crate::error::Failure;
+use crate::metrics::{self, Metrics, Trigger};
 use crate::postmaster::{self, Kin, PidFile, PostmasterRule};
 use crate::state::StateFile;
 use crate::supervisor::{Child, Hangups, Supervisor};
-use crate::sync::{Options, Scope, Syncer, log_report, sync_and_record};
+use crate::sync::{Options, Reread, Scope, Syncer, log_report, sync_and_record};
 use crate::watch::{
-    PromotionWatch, RESYNC_SPACING, Requested, WatchOptions, request_resync, resync_channel,
-    watch_loop,
+    PromotionWatch, RESYNC_SPACING, Recorders, Requested, WatchOptions, request_resync,
+    resync_channel, watch_loop,
 };
 
 /// The default CMD, as in the official image (`ENTRYPOINT ["docker-entrypoint.sh"]`,
@@ -77,6 +78,17 @@ pub fn command(settings: RunSettings) -> anyhow::Result<u8> {
         }
         Some(config)
     };
+    // Bound before CMD starts: an address that cannot be had is a configuration error.
+    let listener = match &config {
+        Some(_) => metrics::bind(&settings.watch.metrics)?,
+        None => {
+            let asked = &settings.watch.metrics;
+            if asked.listen.is_some() || asked.file.is_some() {
+                tracing::warn!("--no-sync: there is no sync to report on; no metrics");
+            }
+            None
+        }
+    };
     let command = command_or_default(&settings.cmd);
     let withheld = withheld_env(&settings.config.pgdata);
     // The state file belongs to the sync: with --no-sync there is nothing to report.
@@ -92,7 +104,7 @@ pub fn command(settings: RunSettings) -> anyhow::Result<u8> {
     supervisor.run(
         &command,
         withheld,
-        |child, hangups| work(child, hangups, settings, config, state),
+        |child, hangups| work(child, hangups, settings, config, state, listener),
         |child| async move {
             if let Some(state) = &after_state {
                 state.record_ready(false);
@@ -134,11 +146,13 @@ async fn work(
     settings: RunSettings,
     config: Option<Config>,
     state: Option<StateFile>,
+    listener: Option<std::net::TcpListener>,
 ) -> anyhow::Result<()> {
     let (Some(config), Some(state)) = (config, state) else {
         tracing::info!("--no-sync: supervising only");
         return Ok(());
     };
+    let mut metrics = Metrics::start(&settings.watch.metrics, listener, &config, &state)?;
     let mut resync = resync_requests(hangups);
     let (pidfile, kin) =
         postmaster::wait_ready(&config.pgdata, child.pid.as_raw(), settings.postmaster).await;
@@ -153,16 +167,17 @@ async fn work(
     let config = target_server(config, &pidfile);
     let mut syncer = Syncer::new(config, settings.options);
     let watching = !settings.no_watch;
-    let standby = first_sync_with_retry(
-        &mut syncer,
-        &state,
-        &mut resync,
-        settings.exit_on_sync_failure,
+    let mut recorders = Recorders {
+        state: &state,
+        metrics: &mut metrics,
+    };
+    let first = FirstSync {
+        exit_on_failure: settings.exit_on_sync_failure,
         watching,
         ready_at,
-    )
-    .await;
-    let standby = match standby {
+    };
+    let standby = match first_sync_with_retry(&mut syncer, &mut recorders, &mut resync, first).await
+    {
         Ok(standby) => standby,
         Err(err) => {
             // --exit-on-sync-failure: stop postgres the fast way; the supervisor returns
@@ -174,7 +189,17 @@ async fn work(
     };
     if watching {
         tracing::info!("watching the secret files");
-        let watched = watch_loop(&mut syncer, &settings.watch, &state, &mut resync, standby);
+        let recorders = Recorders {
+            state: &state,
+            metrics: recorders.metrics,
+        };
+        let watched = watch_loop(
+            &mut syncer,
+            &settings.watch,
+            recorders,
+            &mut resync,
+            standby,
+        );
         if let Err(err) = watched.await {
             tracing::error!(
                 "watching the secret files stopped: {err:#}; \
@@ -185,17 +210,44 @@ async fn work(
     // --no-watch: SIGHUP still re-syncs, and a standby's promotion. A watch that gave up
     // (no inotify instance left, say) keeps the periodic resync too.
     let period = Some(settings.watch.resync_interval).filter(|p| watching && !p.is_zero());
+    resync_loop(&mut syncer, &mut recorders, &mut resync, period, standby).await;
+    Ok(())
+}
+
+/// The resyncs of `run` when the files are not watched: on SIGHUP, every `period`, and
+/// when a standby is promoted; until the requests' sender is gone. The metrics' reads of
+/// the overlap logins go on meanwhile.
+async fn resync_loop(
+    syncer: &mut Syncer,
+    recorders: &mut Recorders<'_>,
+    resync: &mut Receiver<()>,
+    period: Option<Duration>,
+    standby: bool,
+) {
     let mut promotion = standby.then(PromotionWatch::new);
+    // A deadline, not a sleep made anew each turn: the metrics' reads must not postpone it.
+    let mut periodic_at = period.map(|p| Instant::now() + p);
     loop {
-        tokio::select! {
-            message = resync.recv() => if message.is_none() { break },
-            () = tokio::time::sleep(period.unwrap_or_default()), if period.is_some() => {}
-            () = wait_promoted(promotion.as_mut(), &syncer) => {
+        let logins_at = recorders.metrics.logins_due();
+        let trigger = tokio::select! {
+            message = resync.recv() => match message {
+                Some(()) => Trigger::Sighup,
+                None => break,
+            },
+            () = sleep_until(periodic_at) => Trigger::Periodic,
+            () = wait_promoted(promotion.as_mut(), syncer) => {
                 tracing::info!("the server is no longer a standby (promoted): syncing every role");
+                Trigger::Promotion
             }
-        }
+            () = sleep_until(logins_at) => {
+                recorders.metrics.refresh_logins(syncer).await;
+                continue;
+            }
+        };
         let started = Instant::now();
-        let standby = sync_logged(&mut syncer, &state).await.unwrap_or(false);
+        let standby = sync_logged(syncer, recorders, trigger)
+            .await
+            .unwrap_or(false);
         promotion = match promotion {
             Some(watch) if standby => Some(watch),
             None if standby => Some(PromotionWatch::new()),
@@ -203,8 +255,16 @@ async fn work(
         };
         // At most one resync a second, as in the watch loop; requests meanwhile merge.
         tokio::time::sleep_until((started + RESYNC_SPACING).into()).await;
+        periodic_at = period.map(|p| Instant::now() + p);
     }
-    Ok(())
+}
+
+/// Sleeps until `deadline`; forever when there is none.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Returns when the watched standby is promoted; never when there is none.
@@ -272,26 +332,24 @@ fn target_server(mut config: Config, pidfile: &PidFile) -> Config {
 /// every other failure to the watch loop.) Returns whether the server is a standby.
 async fn first_sync_with_retry(
     syncer: &mut Syncer,
-    state: &StateFile,
+    recorders: &mut Recorders<'_>,
     resync: &mut Receiver<()>,
-    exit_on_failure: bool,
-    watching: bool,
-    ready_at: Instant,
+    first: FirstSync,
 ) -> anyhow::Result<bool> {
     let mut backoff = Backoff::new(FIRST_SYNC_RETRY_MIN, FIRST_SYNC_RETRY_MAX);
     loop {
         // A SIGHUP that arrived while waiting is answered by this very attempt.
         while resync.try_recv().is_ok() {}
-        match sync_logged(syncer, state).await {
+        match sync_logged(syncer, recorders, Trigger::Start).await {
             Ok(standby) => {
                 tracing::info!(
-                    after_ready_ms = ready_at.elapsed().as_millis() as u64,
+                    after_ready_ms = first.ready_at.elapsed().as_millis() as u64,
                     "first sync done"
                 );
                 return Ok(standby);
             }
-            Err(err) if exit_on_failure => return Err(err),
-            Err(err) if watching && Failure::of(&err) == Some(Failure::Config) => {
+            Err(err) if first.exit_on_failure => return Err(err),
+            Err(err) if first.watching && Failure::of(&err) == Some(Failure::Config) => {
                 tracing::info!("waiting for valid secret files");
                 // The data directory says whether it is a standby, for the promotion watch.
                 let pgdata = &syncer.config.pgdata;
@@ -312,11 +370,26 @@ async fn first_sync_with_retry(
     }
 }
 
+/// How `run`'s first sync goes: `--exit-on-sync-failure`, whether the files are watched
+/// afterwards, and when the server was ready.
+#[derive(Debug, Clone, Copy)]
+struct FirstSync {
+    exit_on_failure: bool,
+    watching: bool,
+    ready_at: Instant,
+}
+
 /// One sync of every role, recorded and logged (the report, or the failure). Returns
 /// whether the server is a standby (the sync was skipped).
-async fn sync_logged(syncer: &mut Syncer, state: &StateFile) -> anyhow::Result<bool> {
+async fn sync_logged(
+    syncer: &mut Syncer,
+    recorders: &mut Recorders<'_>,
+    trigger: Trigger,
+) -> anyhow::Result<bool> {
     let started = Instant::now();
-    match sync_and_record(syncer, state, Scope::CheckAll).await {
+    let result = sync_and_record(syncer, recorders.state, Scope::CheckAll, Reread::AtOnce).await;
+    recorders.metrics.record(trigger, &result, started, syncer);
+    match result {
         Ok(report) => {
             if let Some(report) = &report {
                 log_report(report);

@@ -125,6 +125,19 @@ fn check(bytes: &[u8]) -> Result<(), String> {
     }
 }
 
+/// A role spec (`NAME` read from `NAME_pw`) and its secret, for the unit tests of every
+/// module that needs a set.
+#[cfg(test)]
+pub fn test_entry(name: &str, value: &str) -> (RoleSpec, Secret) {
+    (
+        RoleSpec {
+            name: name.into(),
+            secret: SecretRef::Name(format!("{name}_pw")),
+        },
+        Secret::new(value.into()),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,6 +31,7 @@
 //! file is removed (an unlink needs no space) and an empty marker is left, so `health`
 //! reports that the state could not be written instead of the last outcome it recorded.
 
+use std::collections::BTreeMap;
 use std::fs::{self, DirBuilder, File};
 use std::io::Read;
 use std::os::fd::OwnedFd;
@@ -137,6 +138,10 @@ pub struct State {
     #[serde(default)]
     pub standby: bool,
     pub last_sync: Option<LastSync>,
+    /// Per login, when this process last set its password (Unix time in milliseconds), for
+    /// `status`. Absent in files written before it was recorded.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub changed_at_ms: BTreeMap<String, u64>,
 }
 
 /// Left empty (it needs no space) beside the state file when a write failed, so that
@@ -240,6 +245,28 @@ impl StateFile {
                 files: snapshot.0,
             });
         });
+    }
+
+    /// Records that the passwords of `logins` were just set (nothing is written when none
+    /// was).
+    pub fn record_changed(&self, logins: &[&str]) {
+        if logins.is_empty() {
+            return;
+        }
+        let at = now_ms();
+        self.update(|state| {
+            for login in logins {
+                state.changed_at_ms.insert((*login).to_owned(), at);
+            }
+        });
+    }
+
+    /// What this process has recorded so far (the in-memory copy of the file).
+    pub fn snapshot(&self) -> State {
+        match self.state.lock() {
+            Ok(state) => state.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 
     /// Records whether the server is a standby, for a sync that did not read the files

@@ -22,24 +22,20 @@
 //! can listen on a port where the server does not (a local user on the machine's own
 //! address, when postgres listens on loopback only; whoever a `--host` name resolves to),
 //! refuse the decoy, and ask for the real password in clear text. So verify logs in
-//! through `AuthWatch`, which fails the connection before anything is sent when the
+//! through `session::auth_watch`, which fails the connection before anything is sent when the
 //! server asks for the password in clear text or as MD5: a password leaves only through
 //! SCRAM, which never reveals it and whose final message proves that the server holds
 //! the role's verifier (tokio-postgres checks that signature). A login counts as `ok` only
 //! when it went through that exchange: a stand-in that refuses each decoy and lets each
 //! real login in without asking for anything proves nothing, and is `not verifiable`.
 
-use std::io;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context as TaskContext, Poll, ready};
 
 use anyhow::Context;
 use nix::net::if_::InterfaceFlags;
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::{Client, NoTls};
 use zeroize::Zeroizing;
 
@@ -49,6 +45,7 @@ use crate::config::{
 use crate::error::Failure;
 use crate::overlap::service_file::Section;
 use crate::secret::{self, Secret};
+use crate::session::auth_watch::Watched;
 use crate::session::connect;
 use crate::session::target::{self, NoTarget};
 use crate::sync::ReportFormat;
@@ -187,6 +184,17 @@ fn through_section(config: &Config, section: &Section) -> Result<Config, String>
     };
     let mut through = config.clone();
     let name = &section.name;
+    // libpq takes only numeric addresses there, and fails every login otherwise.
+    if let Some(addr) = setting("hostaddr")
+        && addr
+            .split(',')
+            .any(|a| a.trim().parse::<std::net::IpAddr>().is_err())
+    {
+        return Err(format!(
+            "pg_service.conf section [{name}]: hostaddr {addr:?} is not a numeric address, \
+             which libpq refuses"
+        ));
+    }
     let hosts = setting("hostaddr").or(setting("host"));
     if hosts.is_some() || setting("port").is_some() {
         let hosts = hosts.map_or_else(|| hosts_text(config), str::to_owned);
@@ -216,6 +224,20 @@ fn through_section(config: &Config, section: &Section) -> Result<Config, String>
              not speak: what applications get is not checked"
         ));
     }
+    // Any other setting libpq accepts may make every application's login fail on its own
+    // (`channel_binding=require` without TLS, `target_session_attrs=standby`, a startup
+    // option, a replication connection, a value libpq refuses): only those known not to
+    // are passed over.
+    if let Some((key, _)) = section
+        .other
+        .iter()
+        .find(|(key, value)| !passed_over(key, value))
+    {
+        return Err(format!(
+            "pg_service.conf section [{name}] sets {key}, which verify does not follow: what \
+             applications get is not checked"
+        ));
+    }
     Ok(through)
 }
 
@@ -240,6 +262,29 @@ fn ports_text(config: &Config) -> String {
         ports.first().cloned().unwrap_or_default()
     } else {
         ports.join(",")
+    }
+}
+
+/// Whether verify may pass over a section's `key=value` (or follows it): a setting that
+/// cannot by itself make a password login over TCP without TLS fail, with a value libpq
+/// accepts. Names the cases; anything else is not followed.
+fn passed_over(key: &str, value: &str) -> bool {
+    let integer = || value.trim().parse::<i32>().is_ok();
+    match key {
+        "host" | "hostaddr" | "port" | "dbname" => true,
+        "application_name" | "fallback_application_name" | "passfile" => true,
+        "connect_timeout"
+        | "keepalives"
+        | "keepalives_idle"
+        | "keepalives_interval"
+        | "keepalives_count"
+        | "tcp_user_timeout" => integer(),
+        "sslmode" => matches!(value, "disable" | "allow" | "prefer"),
+        "channel_binding" | "gssencmode" => matches!(value, "disable" | "prefer"),
+        // Followed (`through_section`) when it is a kind verify looks for.
+        "target_session_attrs" => TargetSession::parse(value).is_ok(),
+        "load_balance_hosts" => matches!(value, "disable" | "random"),
+        _ => false,
     }
 }
 
@@ -607,7 +652,7 @@ fn is_unreached(err: &anyhow::Error) -> bool {
 }
 
 /// Logs in as `role` with `password` over TCP to `server`, the way the application does,
-/// except that the password is sent only through SCRAM (`AuthWatch`).
+/// except that the password is sent only through SCRAM (`session::auth_watch`).
 async fn login_one(
     config: &Config,
     server: &Server,
@@ -622,7 +667,7 @@ async fn login_one(
     pg.user(role)
         .dbname(&config.dbname)
         .application_name("pg-password-sync")
-        // No SSLRequest: its one-byte answer is no message, and `AuthWatch` reads the
+        // No SSLRequest: its one-byte answer is no message, and `Watched` reads the
         // stream from its first byte as messages (NoTls would skip it anyway).
         .ssl_mode(tokio_postgres::config::SslMode::Disable)
         .password(password.expose());
@@ -631,13 +676,7 @@ async fn login_one(
             .await
             .map_err(|err| err.context(Unreached))?;
         let scram_done = Arc::new(AtomicBool::new(false));
-        let watched = Watched {
-            inner: stream,
-            watch: AuthWatch {
-                scram_done: scram_done.clone(),
-                ..AuthWatch::default()
-            },
-        };
+        let watched = Watched::reporting(stream, scram_done.clone());
         let (client, connection) = pg.connect_raw(watched, NoTls).await?;
         let checked = if scram_done.load(Ordering::Relaxed) {
             Checked::Scram
@@ -652,123 +691,6 @@ async fn login_one(
             anyhow::Error::new(Unreached)
                 .context(format!("timed out after {:?}", config.connect_timeout))
         })?
-}
-
-/// Reads the server's messages as they pass until authentication is over (only message
-/// heads are kept, at most 9 bytes) and refuses the two requests that would send the
-/// password itself: `AuthenticationCleartextPassword` (3) and `AuthenticationMD5Password`
-/// (5: a hash under a salt the listener picks, open to offline guessing and to relaying
-/// to the real server). SASL (10–12) and anything else pass; `AuthenticationOk` (0) ends
-/// the watch, and `scram_done` tells whether a SCRAM exchange reached its final message
-/// (12) before it. The sync stores SCRAM verifiers, for which the server asks for SCRAM under
-/// both `scram-sha-256` and `md5` lines; only a `password` line asks for clear text.
-#[derive(Debug, Default)]
-struct AuthWatch {
-    head: Vec<u8>,
-    /// Bytes of the current message still to pass unread.
-    skip: usize,
-    done: bool,
-    scram_done: Arc<AtomicBool>,
-}
-
-impl AuthWatch {
-    /// Takes the next bytes from the server.
-    fn feed(&mut self, mut bytes: &[u8]) -> Result<(), &'static str> {
-        loop {
-            if self.done {
-                return Ok(());
-            }
-            if self.skip > 0 {
-                if bytes.is_empty() {
-                    return Ok(());
-                }
-                let n = self.skip.min(bytes.len());
-                self.skip -= n;
-                bytes = &bytes[n..];
-                continue;
-            }
-            // Tag and length (5 bytes); an authentication request's code too (9).
-            let need = if self.head.len() >= 5 && self.head[0] == b'R' {
-                9
-            } else {
-                5
-            };
-            if self.head.len() < need {
-                if bytes.is_empty() {
-                    return Ok(());
-                }
-                let n = (need - self.head.len()).min(bytes.len());
-                self.head.extend_from_slice(&bytes[..n]);
-                bytes = &bytes[n..];
-                continue;
-            }
-            let len = u32::from_be_bytes([self.head[1], self.head[2], self.head[3], self.head[4]]);
-            let len = usize::try_from(len).unwrap_or(usize::MAX);
-            if self.head[0] == b'R' {
-                match u32::from_be_bytes([self.head[5], self.head[6], self.head[7], self.head[8]]) {
-                    0 => self.done = true,
-                    12 => self.scram_done.store(true, Ordering::Relaxed),
-                    3 => {
-                        return Err("the server asked for the password in clear text \
-                                    (pg_hba.conf `password`, or not the server at all); \
-                                    verify sends passwords only through SCRAM");
-                    }
-                    5 => {
-                        return Err("the server asked for an MD5 password hash (pg_hba.conf \
-                                    `md5` with an MD5 verifier, or not the server at all); \
-                                    verify sends passwords only through SCRAM");
-                    }
-                    _ => {}
-                }
-                self.skip = len.saturating_sub(8);
-            } else {
-                self.skip = len.saturating_sub(4);
-            }
-            self.head.clear();
-        }
-    }
-}
-
-/// A server connection read through an `AuthWatch`.
-struct Watched<S> {
-    inner: S,
-    watch: AuthWatch,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
-        // The bytes are checked before tokio-postgres sees them, so it never answers a
-        // refused request.
-        let this = &mut *self;
-        this.watch
-            .feed(&buf.filled()[before..])
-            .map_err(|why| io::Error::new(io::ErrorKind::PermissionDenied, why))?;
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 /// 127.0.0.1, then this machine's own addresses (see `own_addresses`).
@@ -823,17 +745,8 @@ fn reachable_non_loopback(
 
 #[cfg(test)]
 mod tests {
-    use crate::config::SecretRef;
 
-    fn entry(name: &str, value: &str) -> (RoleSpec, Secret) {
-        (
-            RoleSpec {
-                name: name.into(),
-                secret: SecretRef::Name(format!("{name}_pw")),
-            },
-            Secret::new(value.into()),
-        )
-    }
+    use crate::secret::test_entry as entry;
 
     #[test]
     fn a_section_is_followed_as_libpq_does_or_refused_with_a_reason() {
@@ -862,7 +775,16 @@ mod tests {
         };
         assert_eq!(through.servers, [tcp("db.example", 6432)]);
         assert_eq!(through.dbname, "appdb");
-        let same = through_section(&config, &section(&[("sslmode", "prefer")])).unwrap();
+        let same = through_section(
+            &config,
+            &section(&[
+                ("sslmode", "prefer"),
+                ("application_name", "app"),
+                ("connect_timeout", "10"),
+                ("target_session_attrs", "any"),
+            ]),
+        )
+        .unwrap();
         assert_eq!(same.servers, config.servers);
         // A list of hosts, paired with the section's ports as libpq pairs them, and the
         // kind of session the application asks for.
@@ -889,6 +811,11 @@ mod tests {
                 "no password can be set",
             ),
             (("sslmode", "verify-full"), "sslmode=verify-full"),
+            (("channel_binding", "require"), "sets channel_binding"),
+            (("options", "-c role=x"), "sets options"),
+            (("replication", "true"), "sets replication"),
+            (("connect_timeout", "soon"), "sets connect_timeout"),
+            (("hostaddr", "db.example"), "not a numeric address"),
         ] {
             let err = through_section(&config, &section(&[other])).unwrap_err();
             assert!(err.contains(needle) && err.contains("[app]"), "{err}");
@@ -958,54 +885,6 @@ mod tests {
         assert!(a.expose().bytes().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(a.expose(), b.expose());
         assert!(!format!("{a:?} {a}").contains(a.expose()));
-    }
-
-    /// A server message: tag, length, body.
-    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut out = vec![tag];
-        out.extend_from_slice(&(u32::try_from(body.len()).unwrap() + 4).to_be_bytes());
-        out.extend_from_slice(body);
-        out
-    }
-
-    fn auth(code: u32, rest: &[u8]) -> Vec<u8> {
-        let mut body = code.to_be_bytes().to_vec();
-        body.extend_from_slice(rest);
-        message(b'R', &body)
-    }
-
-    /// Feeds `stream` in pieces of `chunk` bytes; whether a SCRAM exchange was completed.
-    fn watch(stream: &[u8], chunk: usize) -> Result<bool, &'static str> {
-        let mut watch = AuthWatch::default();
-        stream
-            .chunks(chunk)
-            .try_for_each(|piece| watch.feed(piece))?;
-        Ok(watch.scram_done.load(Ordering::Relaxed))
-    }
-
-    #[test]
-    fn the_watch_refuses_clear_text_and_md5_requests_in_any_split() {
-        let scram = [
-            auth(10, b"SCRAM-SHA-256\0\0"),
-            auth(11, b"r=abc,s=c2FsdA==,i=4096"),
-            auth(12, b"v=sig"),
-            auth(0, b""),
-            // After AuthenticationOk nothing is looked at, a clear-text request included.
-            message(b'S', b"server_version\x0015\0"),
-            auth(3, b""),
-        ]
-        .concat();
-        let clear = [message(b'N', b"SNOTICE\0\0"), auth(3, b"")].concat();
-        let md5 = auth(5, b"salt");
-        for chunk in [1, 2, 3, 5, 8, 9, 1000] {
-            assert_eq!(watch(&scram, chunk), Ok(true), "chunk {chunk}");
-            // Let in at once (trust, or a stand-in): no SCRAM exchange.
-            assert_eq!(watch(&auth(0, b""), chunk), Ok(false));
-            assert!(watch(&clear, chunk).unwrap_err().contains("clear text"));
-            assert!(watch(&md5, chunk).unwrap_err().contains("MD5"));
-        }
-        let refused = message(b'E', b"SFATAL\0C28P01\0\0");
-        assert_eq!(watch(&refused, 3), Ok(false));
     }
 
     #[test]

@@ -1352,3 +1352,473 @@ fn verify_overlap_logs_in_through_the_published_section_as_libpq_does() {
     );
     s.leaks(&[&synced, &verified]);
 }
+
+// ---- Attacks on the mark and the stage rule (second round) -------------------------------
+
+/// The twin published, the role's own login `appuser` retired with a grace: its password
+/// (still in its file until the next rotation stages it) is the leaked one. Returns the
+/// setup after the publish, with `appuser`'s grace running for `grace`.
+fn retired_role(grace: &str) -> Setup {
+    let mut s = setup(|role| role.to_owned());
+    s.sync(&[]).expect_ok();
+    s.stage("appuser_alt");
+    s.sync(&["--grace", grace]).expect_ok();
+    s.publish(&[
+        ("appuser", "appuser_alt".to_owned()),
+        ("backupuser", "backupuser".to_owned()),
+    ]);
+    s.sync(&["--grace", grace])
+        .expect_ok()
+        .expect_stdout("no longer published");
+    let until = s.valid_until("appuser");
+    assert!(!until.is_empty() && until != "infinity", "{until:?}");
+    s
+}
+
+/// A retired login changes its own password (any login may), in a session opened with its
+/// retired (leaked) password while its grace runs. Its file still holds the retired
+/// password, so the sync restores that one: a restore, not a stage. Taken for a stage, it
+/// gives the retired password `VALID UNTIL infinity`, the very thing the grace exists to
+/// end; the next rotation is then refused (the login looks published) or, forced, sees
+/// its own stage expired as "rolled back".
+#[test]
+fn a_retired_login_changing_its_own_password_inside_its_grace_does_not_cancel_the_grace() {
+    let s = retired_role("1h");
+    let grace_end = s.valid_until("appuser");
+    let leaked = Session::connect(s.cluster.port, "appuser", s.pw.get("appuser"));
+    leaked
+        .exec(&format!(
+            "ALTER ROLE appuser PASSWORD {}",
+            quote_literal(&unique("chosen by the leaker"))
+        ))
+        .unwrap();
+    s.cluster.clear_log();
+    let restored = s.sync(&["--grace", "1h"]).expect_ok();
+    assert_eq!(
+        s.valid_until("appuser"),
+        grace_end,
+        "restoring the retired login's password changed its end: {}",
+        restored.describe()
+    );
+    s.assert_login("appuser");
+    s.assert_login("appuser_alt");
+    s.leaks(&[&restored]);
+}
+
+/// The same after the grace: a session opened inside it outlives it (until a sync ends
+/// it) and changes the login's password. The sync's restore must leave the login expired,
+/// and end that session.
+#[test]
+fn a_session_outliving_its_logins_grace_cannot_bring_the_retired_password_back() {
+    let s = retired_role("3s");
+    let leaked = Session::connect(s.cluster.port, "appuser", s.pw.get("appuser"));
+    wait_until(LIMIT, "the grace to end", || s.login("appuser").is_err());
+    leaked
+        .exec(&format!(
+            "ALTER ROLE appuser PASSWORD {}",
+            quote_literal(&unique("chosen by the leaker"))
+        ))
+        .unwrap();
+    s.cluster.clear_log();
+    let after = s.sync(&["--grace", "3s"]).expect_ok();
+    assert!(
+        s.login("appuser").is_err(),
+        "the retired password logs in again, valid until {:?}: {}",
+        s.valid_until("appuser"),
+        after.describe()
+    );
+    assert!(!leaked.alive(), "the leaked session outlived the sync");
+    s.assert_login("appuser_alt");
+    s.leaks(&[&after]);
+}
+
+/// A stage reaches the server through two syncs: a one-shot `sync --overlap` applies it
+/// first, then a watcher whose last applied set is older (it held the change back: an
+/// in-place write waits for its quiet period, here a long `--debounce`) applies the same
+/// files. The second one finds the staged password already stored: nothing changed, so
+/// the stage stays a stage (`infinity`, the staged login logs in), and is not taken for a
+/// stage rolled back (expired at once) or re-keyed (its sessions ended).
+#[test]
+fn a_stage_another_sync_already_applied_stays_staged_when_the_watcher_applies_it_again() {
+    stage_applied_by_a_one_shot_sync_then_by_the_watcher(false);
+}
+
+/// The same, with a full resync (SIGHUP; the periodic one alike) inside the watcher's
+/// quiet period: the files are mid-change, so the watcher re-applies its last applied
+/// set, which is older than what the one-shot sync applied from newer files. An earlier
+/// reader must not undo a later writer: the stage must not be rolled back (expired, its
+/// sessions ended) while its files still hold it.
+#[test]
+fn a_resync_inside_the_watchers_quiet_period_never_undoes_a_stage_another_sync_applied() {
+    stage_applied_by_a_one_shot_sync_then_by_the_watcher(true);
+}
+
+fn stage_applied_by_a_one_shot_sync_then_by_the_watcher(resync_between: bool) {
+    let mut s = setup(|role| role.to_owned());
+    let state = tempfile::tempdir().unwrap();
+    let mut cmd = s.command(
+        "watch",
+        &[
+            "--overlap",
+            "--grace",
+            "1h",
+            "--debounce",
+            "4s",
+            "--state-dir",
+            state.path().to_str().unwrap(),
+        ],
+    );
+    // Its debug log says when a transaction was applied, even one that changed nothing.
+    cmd.env("RUST_LOG", "debug");
+    let watch = Running::spawn(cmd);
+    let applied = |watch: &Running| {
+        watch
+            .stderr_so_far()
+            .matches("sync transaction done")
+            .count()
+    };
+    watch.wait_stderr(LIMIT, "watching 1 secret directory");
+    wait_until(LIMIT, "the watcher's first sync", || {
+        s.valid_until("appuser_alt") == "-infinity"
+    });
+    let before = applied(&watch);
+
+    // The stage, written in place: the watcher waits for its quiet period.
+    let staged = unique("appuser_alt staged in place");
+    let file = s.keys.path().join("postgres_app_user_alt_pw.txt");
+    let mut writer = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&file)
+        .unwrap();
+    std::io::Write::write_all(&mut writer, format!("{staged}\n").as_bytes()).unwrap();
+    drop(writer);
+    s.pw.set("appuser_alt", staged);
+    // Meanwhile a one-shot sync applies it.
+    let one_shot = s.sync(&["--grace", "1h"]).expect_ok();
+    one_shot.expect_stdout("login \"appuser_alt\": staged");
+    assert_eq!(
+        applied(&watch),
+        before,
+        "the watcher applied the stage before the one-shot sync: the test proves nothing"
+    );
+    s.assert_login("appuser_alt");
+    let session = Session::connect(s.cluster.port, "appuser_alt", s.pw.get("appuser_alt"));
+
+    if resync_between {
+        watch.signal(nix::sys::signal::Signal::SIGHUP);
+        watch.wait_stderr(LIMIT, "re-applies the last applied set");
+        wait_until(LIMIT, "the watcher's resync", || applied(&watch) > before);
+        assert_eq!(
+            s.valid_until("appuser_alt"),
+            "infinity",
+            "the watcher's resync of its older set ended the stage another sync applied\n{}",
+            watch.stderr_so_far()
+        );
+        s.assert_login("appuser_alt");
+        assert!(
+            session.alive(),
+            "the watcher's resync ended a session of the staged login"
+        );
+    }
+    // The watcher applies the same files from its older set.
+    let resynced = applied(&watch);
+    wait_until(LIMIT, "the watcher to apply the stage too", || {
+        applied(&watch) > resynced
+    });
+    assert_eq!(
+        s.valid_until("appuser_alt"),
+        "infinity",
+        "the watcher's second apply of the stage ended it\n{}",
+        watch.stderr_so_far()
+    );
+    s.assert_login("appuser_alt");
+    assert!(
+        session.alive(),
+        "the watcher ended a session of the staged login"
+    );
+    assert!(
+        authid(&s, "appuser_alt", "shobj_description(oid, 'pg_authid')").contains("staged"),
+        "the mark no longer records the stage"
+    );
+    drop(session);
+    watch.signal(nix::sys::signal::Signal::SIGTERM);
+    let stopped = watch.finish(LIMIT).expect_ok();
+    assert!(
+        !stopped.stderr.contains("rolled back"),
+        "{}",
+        stopped.describe()
+    );
+    s.leaks(&[&one_shot, &stopped]);
+}
+
+/// A SCRAM-SHA-256 verifier of `password` with `iterations` rounds, as any tool (or a
+/// server with another `scram_iterations`) may have stored it.
+fn verifier_with(password: &str, iterations: u32) -> String {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use hmac::{Hmac, KeyInit, Mac};
+    use sha2::{Digest, Sha256};
+    let salt = *b"sixteen byte slt";
+    let mut salted = [0u8; 32];
+    pbkdf2::pbkdf2_hmac::<Sha256>(password.as_bytes(), &salt, iterations, &mut salted);
+    let hmac = |message: &[u8]| {
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&salted).unwrap();
+        mac.update(message);
+        mac.finalize().into_bytes().to_vec()
+    };
+    format!(
+        "SCRAM-SHA-256${iterations}:{}${}:{}",
+        STANDARD.encode(salt),
+        STANDARD.encode(Sha256::digest(hmac(b"Client Key"))),
+        STANDARD.encode(hmac(b"Server Key"))
+    )
+}
+
+/// The sync re-makes a stored verifier weaker than the server's `scram_iterations` (an
+/// administrator raising it on PostgreSQL 16+ makes every stored verifier weaker; on 15 a
+/// verifier made elsewhere with fewer rounds). The password stays the same: that is no
+/// new password, so it must neither open a retired login for good (a "stage") nor lift an
+/// administrator's lockout of the published one ("a lockout lifted by a new password").
+#[test]
+fn a_verifier_remade_at_the_servers_strength_is_no_new_password_for_the_overlap_rules() {
+    let s = retired_role("1h");
+    let grace_end = s.valid_until("appuser");
+    // The published login locked out by an administrator.
+    s.cluster
+        .psql("ALTER ROLE appuser_alt VALID UNTIL '2000-01-01'");
+    for login in ["appuser", "appuser_alt"] {
+        let weak = verifier_with(s.pw.get(login), 1024);
+        s.cluster.psql(&format!(
+            "ALTER ROLE {login} PASSWORD {}",
+            quote_literal(&weak)
+        ));
+    }
+    s.cluster.clear_log();
+    let out = s.sync(&["--grace", "1h"]).expect_ok();
+    for login in ["appuser", "appuser_alt"] {
+        assert!(
+            authid(&s, login, "rolpassword").starts_with("SCRAM-SHA-256$4096:"),
+            "{login}: the weak verifier was not re-made: {}",
+            out.describe()
+        );
+    }
+    assert_eq!(
+        s.valid_until("appuser"),
+        grace_end,
+        "re-making the retired login's verifier changed its end: {}",
+        out.describe()
+    );
+    assert_eq!(
+        authid(&s, "appuser_alt", "rolvaliduntil = '2000-01-01'"),
+        "true",
+        "re-making the locked-out login's verifier lifted the lockout: {}",
+        out.describe()
+    );
+    out.expect_stdout_line(&["locked out", "\"appuser_alt\""]);
+    s.leaks(&[&out]);
+}
+
+/// An administrator locks the published login out because its password leaked (`VALID
+/// UNTIL` in the past). A session the leaker opened before the lockout changes the
+/// login's own password; the sync restores the file's (leaked) password. That restore is
+/// no new password: taken for one ("a lockout lifted by a new password"), it gives the
+/// leaked password `infinity` again.
+#[test]
+fn a_locked_out_login_changing_its_own_password_does_not_lift_its_lockout() {
+    let s = setup(|role| role.to_owned());
+    s.sync(&[]).expect_ok();
+    let leaked = Session::connect(s.cluster.port, "appuser", s.pw.get("appuser"));
+    s.cluster
+        .psql("ALTER ROLE appuser VALID UNTIL '2000-01-01'");
+    leaked
+        .exec(&format!(
+            "ALTER ROLE appuser PASSWORD {}",
+            quote_literal(&unique("chosen by the leaker"))
+        ))
+        .unwrap();
+    s.cluster.clear_log();
+    let out = s.sync(&[]).expect_ok();
+    assert!(
+        s.login("appuser").is_err(),
+        "the leaked password logs in again, valid until {:?}: {}",
+        s.valid_until("appuser"),
+        out.describe()
+    );
+    out.expect_stdout_line(&["locked out", "\"appuser\""]);
+    s.leaks(&[&out]);
+}
+
+/// A section whose credentials are right and whose host and port are verify's own, but
+/// with a setting that makes libpq fail every login through it (channel binding demanded
+/// over a connection without TLS, a standby demanded of a primary, a startup option
+/// naming no role, a replication connection the login may not make). `verify --overlap`
+/// does not follow these: it must not report the role as ok, which would tell the
+/// operator (or `scripts/rotate.sh`, polling it before a publish) that applications log in.
+#[test]
+fn verify_overlap_never_calls_ok_a_section_libpq_cannot_log_in_with() {
+    let s = setup(|role| role.to_owned());
+    let published: Vec<(&str, String)> = ROLES.iter().map(|(r, _)| (*r, (*r).to_owned())).collect();
+    let mut runs = vec![s.sync(&[]).expect_ok()];
+    for setting in [
+        "channel_binding=require",
+        "target_session_attrs=standby",
+        "options=-c role=no_such_role",
+        "replication=true",
+    ] {
+        let text = s.service_text(&published).replacen(
+            "[appuser]\n",
+            &format!("[appuser]\n{setting}\n"),
+            1,
+        );
+        s.keys.write_raw("pg_service.conf", text.as_bytes());
+        let libpq = libpq_login(&s, "appuser");
+        assert!(libpq.is_err(), "{setting}: libpq logged in: {libpq:?}");
+        let verified = run(s.command("verify", &["--overlap", "--host", "127.0.0.1"]));
+        assert!(
+            !verified.stdout.contains("role \"appuser\": ok"),
+            "{setting}: verify called it ok\n{}",
+            verified.describe()
+        );
+        let verified = verified.expect_code(7);
+        verified.expect_stdout("appuser");
+        runs.push(verified);
+    }
+    let refs: Vec<&Run> = runs.iter().collect();
+    s.leaks(&refs);
+}
+
+/// The watcher applies a settled change but queues behind another session's sync lock;
+/// meanwhile a writer starts rewriting the unpublished twin's file in place (a stage
+/// arriving through a single-file bind mount) and has written part of it. The watcher's
+/// read under the lock sees the files changed: it must not take the half-written value
+/// then (the watcher takes an in-place write only once its writer closed it and it stood
+/// still), which would stage the half value and take the whole one, when it comes, for a
+/// stage changed again (expired at once).
+#[test]
+fn the_read_under_the_sync_lock_never_takes_a_file_its_writer_still_writes() {
+    let mut s = setup(|role| role.to_owned());
+    let (watch, _state) = watcher(&s, "1h");
+    watch.wait_stderr(LIMIT, "watching 1 secret directory");
+    wait_until(LIMIT, "the watcher's first sync", || {
+        s.login("appuser").is_ok() && s.valid_until("appuser_alt") == "-infinity"
+    });
+    // Another session holds the sync lock (any login may take it).
+    let holder = Session::connect(s.cluster.port, "appuser", s.pw.get("appuser"));
+    holder.hold_sync_lock();
+    // A settled change the watcher reads, then queues with behind the lock.
+    s.stage("backupuser_alt");
+    wait_until(LIMIT, "the watcher to queue for the sync lock", || {
+        s.value("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted") == "1"
+    });
+    // The twin's stage, written in place: the first part only, the writer still at it.
+    let whole = unique("appuser_alt staged in two parts");
+    let (first, rest) = whole.split_at(whole.len() / 2 + 6);
+    let (first, rest) = (first.to_owned(), rest.to_owned());
+    let path = s.keys.path().join("postgres_app_user_alt_pw.txt");
+    let mut writer = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    std::io::Write::write_all(&mut writer, first.as_bytes()).unwrap();
+    std::io::Write::flush(&mut writer).unwrap();
+    holder
+        .exec(&format!(
+            "SELECT pg_advisory_unlock({})",
+            crate::common::session::SYNC_LOCK
+        ))
+        .unwrap();
+    // It has the lock now, and finds the files changed.
+    wait_until(LIMIT, "the watcher to take the sync lock", || {
+        s.value("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == "0"
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        s.cluster.login("appuser_alt", &first).is_err(),
+        "the half-written value was applied\n{}",
+        watch.stderr_so_far()
+    );
+    // The writer finishes: the whole value is the stage.
+    std::io::Write::write_all(&mut writer, format!("{rest}\n").as_bytes()).unwrap();
+    drop(writer);
+    s.pw.set("appuser_alt", whole);
+    wait_until(LIMIT, "the whole staged value to log in", || {
+        s.login("appuser_alt").is_ok()
+    });
+    assert_eq!(s.valid_until("appuser_alt"), "infinity");
+    // The change the watcher queued with is applied too (with the settled write).
+    s.assert_login("backupuser_alt");
+    drop(holder);
+    watch.signal(nix::sys::signal::Signal::SIGTERM);
+    let stopped = watch.finish(LIMIT).expect_ok();
+    assert_no_leak(&[&first], Some(&s.cluster), &[&stopped]);
+    s.leaks(&[&stopped]);
+}
+
+/// The sync pointed at the application's database (`PGDATABASE`), whose owner, the
+/// application login, sets `idle_session_timeout` for every session there: a session idle
+/// for a millisecond between two statements (between its login and its first statement,
+/// or between the statements that pin it) is ended by the server, and the sync fails,
+/// again and again (the old passwords stay, a stage never applies). The pinned superuser
+/// session must not be at the mercy of it.
+#[test]
+fn a_database_owners_idle_session_timeout_never_ends_the_superuser_session() {
+    let s = setup(|role| role.to_owned());
+    s.cluster.create_roles(&[("appuser", s.pw.get("appuser"))]);
+    let db = s.cluster.app_owned_database();
+    s.cluster.psql_in(
+        db,
+        "SET ROLE appuser; ALTER DATABASE appdb SET idle_session_timeout = '1ms';",
+    );
+    s.cluster.clear_log();
+    let mut runs = Vec::new();
+    for _ in 0..30 {
+        let mut cmd = s.command("sync", &["--overlap"]);
+        cmd.env("PGDATABASE", db);
+        let out = run(cmd);
+        assert!(
+            out.code() == Some(0),
+            "a sync failed in the application's database\n{}",
+            out.describe()
+        );
+        runs.push(out);
+    }
+    s.assert_login("appuser");
+    let refs: Vec<&Run> = runs.iter().collect();
+    s.leaks(&refs);
+}
+
+/// Whoever holds a twin's password (a leaked one) can, on PostgreSQL 14 and older, grant
+/// membership in the twin to another role it controls (a session user may grant its own
+/// role; from 15 on only an administrator can). The twin is a member of the role with
+/// INHERIT, so that other role gets the role's rights for good, past every rotation of
+/// the twin's password. A twin is ours and LOGIN INHERIT and nothing more: the sync takes
+/// such memberships back (naming them), whoever granted them.
+#[test]
+fn a_membership_in_a_twin_is_taken_back_so_the_roles_rights_do_not_outlive_a_rotation() {
+    let s = setup(twin);
+    s.sync(&[]).expect_ok();
+    let grant = "GRANT appuser_alt TO backupuser";
+    let by_the_twin = Session::connect(s.cluster.port, "appuser_alt", s.pw.get("appuser_alt"))
+        .exec(&format!("SET ROLE NONE; {grant}"));
+    if pg_major() <= 14 {
+        by_the_twin.unwrap();
+    } else {
+        let err = by_the_twin.expect_err("PostgreSQL 15+ refuses a self-grant");
+        assert!(err.contains("SQLSTATE 42501"), "{err}");
+        s.cluster.psql(grant);
+    }
+    s.cluster.clear_log();
+    assert!(is_member(&s, "backupuser", "appuser"));
+
+    let out = s.sync(&[]).expect_ok();
+    assert!(
+        !is_member(&s, "backupuser", "appuser"),
+        "another role keeps the role's rights through the twin: {}",
+        out.describe()
+    );
+    out.expect_stdout_line(&["\"appuser_alt\"", "\"backupuser\""]);
+    s.assert_login("appuser_alt");
+    s.leaks(&[&out]);
+}

@@ -446,6 +446,24 @@ fn overlap_watcher(
     (Running::spawn(cmd), state)
 }
 
+/// A cluster with the app roles, a secrets directory from `generate --overlap`, and a
+/// running `watch --overlap` (grace 60 s) that has applied it: every published login logs
+/// in.
+fn watched_source() -> (Cluster, Source, Running, tempfile::TempDir) {
+    let cluster = Cluster::start_default();
+    create_app_roles(&cluster);
+    let source = Source::generate();
+    let (mut watcher, state) = overlap_watcher(&cluster, &source.keys(), "60s");
+    assert_still_running(&mut watcher);
+    wait_until(Duration::from_secs(30), "the first sync", || {
+        PAIRS.iter().all(|(role, ..)| {
+            let (login, password) = source.published(role);
+            cluster.login(&login, &password).is_ok()
+        })
+    });
+    (cluster, source, watcher, state)
+}
+
 #[test]
 fn with_the_sync_the_previous_login_dies_after_grace_and_a_rotation_inside_it_is_refused() {
     let cluster = Cluster::start_default();
@@ -942,17 +960,7 @@ fn changed(s: &Source, before: &std::collections::BTreeMap<String, Vec<u8>>, fil
 /// published one), the published logins log in, and no value reaches any output.
 #[test]
 fn rotate_killed_at_any_moment_leaves_a_consistent_set_and_working_published_logins() {
-    let cluster = Cluster::start_default();
-    create_app_roles(&cluster);
-    let source = Source::generate();
-    let (mut watcher, _state) = overlap_watcher(&cluster, &source.keys(), "60s");
-    assert_still_running(&mut watcher);
-    wait_until(Duration::from_secs(30), "the first sync", || {
-        PAIRS.iter().all(|(role, ..)| {
-            let (login, password) = source.published(role);
-            cluster.login(&login, &password).is_ok()
-        })
-    });
+    let (cluster, source, _watcher, _state) = watched_source();
     let mut crashes = Crashes {
         cluster: &cluster,
         source: &source,
@@ -1292,17 +1300,7 @@ fn abort_refuses_to_roll_back_over_a_staged_file_changed_since_the_stage() {
 /// come back to life (the login was expired before the stage).
 #[test]
 fn with_the_sync_an_aborted_stage_never_revives_the_retired_password_of_its_login() {
-    let cluster = Cluster::start_default();
-    create_app_roles(&cluster);
-    let source = Source::generate();
-    let (mut watcher, _state) = overlap_watcher(&cluster, &source.keys(), "60s");
-    assert_still_running(&mut watcher);
-    wait_until(Duration::from_secs(30), "the first sync", || {
-        PAIRS.iter().all(|(role, ..)| {
-            let (login, password) = source.published(role);
-            cluster.login(&login, &password).is_ok()
-        })
-    });
+    let (cluster, source, watcher, _state) = watched_source();
     let retired: Vec<String> = PAIRS.iter().map(|p| source.value(p.3)).collect();
 
     let staging = cluster.run(rotate_cmd(source.path(), cluster.port, &["--stage-only"]));
@@ -1339,4 +1337,200 @@ fn with_the_sync_an_aborted_stage_never_revives_the_retired_password_of_its_logi
     values.extend(staged);
     let values: Vec<&str> = values.iter().map(String::as_str).collect();
     assert_no_leak(&values, Some(&cluster), &[&staging, &aborted, &stopped]);
+}
+
+/// The wrong order: overlap mode switched on in the files (`generate --overlap`) and a
+/// rotation staged before any sync ran with `--overlap`, so the twins do not exist yet.
+/// The sync then creates each twin from its file, which holds the staged password, and a
+/// twin created unpublished starts expired: the stage could never log in, the rotation
+/// would time out, and its rollback would reach the sync as a new "stage" of a password
+/// nobody staged. `rotate` must refuse to stage a login the server does not have yet.
+#[test]
+fn rotate_refuses_to_stage_a_twin_the_sync_has_not_created_yet() {
+    let cluster = Cluster::start_default();
+    create_app_roles(&cluster);
+    let source = Source::generate();
+    // The sync so far runs without overlap mode: roles and superuser synced, no twins.
+    let plain = run_sync_without_overlap(&cluster, &source);
+    assert_eq!(
+        cluster.psql("SELECT count(*) FROM pg_roles WHERE rolname LIKE '%\\_alt'"),
+        "0"
+    );
+    let before = source.snapshot();
+
+    let refused = cluster.run(rotate_cmd(source.path(), cluster.port, &["--stage-only"]));
+    let refused = refused.expect_code(3);
+    refused
+        .expect_stderr("appuser_alt")
+        .expect_stderr("nothing was written");
+    assert_same_files(
+        &source.snapshot(),
+        &before,
+        "a refused rotation wrote files",
+    );
+    assert!(
+        !source.path().join("rotate-pending.json").exists(),
+        "a refused rotation left a record"
+    );
+
+    // Once the overlap sync has created the twins, the same rotation stages and its
+    // staged logins log in.
+    let created = overlap_sync(&cluster, &source, &[]).expect_ok();
+    let staging = cluster.run(rotate_cmd(source.path(), cluster.port, &["--stage-only"]));
+    let staging = staging.expect_ok();
+    let applied = overlap_sync(&cluster, &source, &[]).expect_ok();
+    for (_, twin, _, twin_file) in PAIRS {
+        cluster.assert_login(twin, &source.value(twin_file));
+    }
+    let values = set_values(&source);
+    let values: Vec<&str> = values.iter().map(String::as_str).collect();
+    assert_no_leak(
+        &values,
+        Some(&cluster),
+        &[&plain, &refused, &created, &staging, &applied],
+    );
+}
+
+/// One-shot `sync` without overlap mode over the keys of `source`.
+fn run_sync_without_overlap(cluster: &Cluster, source: &Source) -> Run {
+    let mut cmd = bin();
+    cmd.arg("sync")
+        .args(cluster.conn_args())
+        .arg("--keys-dir")
+        .arg(source.keys())
+        .arg("--secrets-source-dir")
+        .arg(source.path().join("no-source-dir"));
+    cluster.run(cmd).expect_ok()
+}
+
+/// While a staged rotation is pending, its backup is what `rotate --abort` restores byte
+/// for byte (and what `--publish-only` checks the stage against). A routine tidy-up,
+/// `generate --backup-only --keep-backups 1`, must not prune it: the stage could then be
+/// neither undone nor finished.
+#[test]
+fn generate_never_prunes_the_backup_of_a_pending_stage() {
+    let (cluster, source) = prepared("'-infinity'");
+    let before = source.snapshot();
+    cluster
+        .run(rotate_cmd(source.path(), cluster.port, &["--stage-only"]))
+        .expect_ok();
+    let stage_backup = source.backups().pop().unwrap();
+
+    let tidy = run(generate_cmd(
+        source.path(),
+        &["--backup-only", "--keep-backups", "1"],
+    ));
+    assert!(
+        stage_backup.exists(),
+        "the pending stage's backup was pruned\n{}",
+        tidy.describe()
+    );
+    let aborted = run(rotate_cmd(source.path(), cluster.port, &["--abort"]));
+    aborted.expect_ok();
+    assert_same_files(
+        &source.snapshot(),
+        &before,
+        "--abort did not restore the set",
+    );
+}
+
+/// A listener on the address `rotate` (or a sync over TCP) connects to that is not the
+/// server: another local user who bound the port while postgres restarts. It asks for the
+/// password in clear text (or as MD5) and keeps everything the client sends after its
+/// startup packet, for the test to look into.
+struct CleartextTrap {
+    port: u16,
+    received: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl CleartextTrap {
+    fn start(code: u32) -> CleartextTrap {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = received.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let sink = sink.clone();
+                std::thread::spawn(move || {
+                    let read_packet = |stream: &mut std::net::TcpStream| -> Option<Vec<u8>> {
+                        let mut len = [0u8; 4];
+                        stream.read_exact(&mut len).ok()?;
+                        let len = u32::from_be_bytes(len) as usize;
+                        let mut body = vec![0u8; len.checked_sub(4)?];
+                        stream.read_exact(&mut body).ok()?;
+                        Some(body)
+                    };
+                    let Some(startup) = read_packet(&mut stream) else {
+                        return;
+                    };
+                    if startup.len() == 4 {
+                        // SSLRequest / GSSENCRequest: not spoken here; then the startup.
+                        let _ = stream.write_all(b"N");
+                        if read_packet(&mut stream).is_none() {
+                            return;
+                        }
+                    }
+                    // AuthenticationCleartextPassword (3) or MD5Password (5, with a salt).
+                    let mut request = vec![b'R'];
+                    if code == 5 {
+                        request.extend_from_slice(&12u32.to_be_bytes());
+                        request.extend_from_slice(&5u32.to_be_bytes());
+                        request.extend_from_slice(b"salt");
+                    } else {
+                        request.extend_from_slice(&8u32.to_be_bytes());
+                        request.extend_from_slice(&code.to_be_bytes());
+                    }
+                    if stream.write_all(&request).is_err() {
+                        return;
+                    }
+                    let mut answer = Vec::new();
+                    let _ = stream.read_to_end(&mut answer);
+                    sink.lock().unwrap().extend_from_slice(&answer);
+                });
+            }
+        });
+        CleartextTrap { port, received }
+    }
+
+    fn received(&self) -> Vec<u8> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+/// `rotate` logs in as the superuser (its password from `DIR/keys`) to ask the server
+/// about grace periods. What answers at `--host`/`--port` may not be the server: another
+/// local user's listener there asks for the password in clear text (or for an MD5 hash of
+/// it, as good as the password against an `md5` line, and open to offline guessing). The
+/// superuser's password must never be sent to it: only a SCRAM exchange, which proves
+/// the server knows the verifier and gives the listener nothing to replay, may carry it.
+#[test]
+fn the_superusers_password_is_never_sent_to_a_listener_that_asks_for_it_in_clear_text() {
+    let source = Source::generate();
+    let superuser = source.value("postgres_password.txt");
+    for code in [3, 5] {
+        let trap = CleartextTrap::start(code);
+        let before = source.snapshot();
+        let out = run(rotate_cmd(source.path(), trap.port, &["--stage-only"]));
+        assert_ne!(out.code(), Some(0), "{}", out.describe());
+        assert_same_files(&source.snapshot(), &before, "rotate wrote files");
+        let received = trap.received();
+        let md5 = postgres_protocol::password::md5(superuser.as_bytes(), "postgres");
+        assert!(
+            !received
+                .windows(superuser.len())
+                .any(|w| w == superuser.as_bytes()),
+            "the superuser's password was sent in clear text to the listener"
+        );
+        assert!(
+            !String::from_utf8_lossy(&received).contains(&md5[3..]),
+            "an MD5 hash of the superuser's password was sent to the listener"
+        );
+        let values = set_values(&source);
+        let values: Vec<&str> = values.iter().map(String::as_str).collect();
+        assert_no_leak(&values, None, &[&out]);
+    }
 }

@@ -9,6 +9,7 @@ mod clusters;
 mod fleet;
 mod generate;
 mod hardening;
+mod metrics;
 mod overlap;
 mod rotate;
 mod run;

@@ -112,6 +112,17 @@ fn generate_files(args: &GenerateSettings) -> anyhow::Result<()> {
         generate(args)?
     };
     if let Some(keep) = args.keep_backups {
+        // A pending stage's backup is what `rotate --abort` restores and `--publish-only`
+        // checks: pruning it would leave a stage that can be neither undone nor finished.
+        if locked.root.stat(overlap::PENDING_FILE)?.is_some() {
+            return Err(anyhow::anyhow!(
+                "a staged rotation is pending ({}): not pruning backups, since its rollback \
+                 needs its own; finish it with `rotate --publish-only` or undo it with \
+                 `rotate --abort` first",
+                locked.root.shown(overlap::PENDING_FILE)
+            ))
+            .context(Failure::Config);
+        }
         for name in backup::prune(locked.backups.as_ref(), keep as usize)? {
             report(args, &format!("removed old backup {name}"));
         }
@@ -281,10 +292,48 @@ fn generate(args: &GenerateSettings) -> anyhow::Result<Locked> {
         }
         output = args.output.as_deref().map(Output::open).transpose()?;
     }
+    let oidc_values = gather_oidc(args)?;
+
+    let mut locked = crate::store::lock(&args.dir)?;
+    overlap::refuse_while_pending(&locked.root)?;
+    let keys = &locked.keys;
+    let (writes, kept) = new_values(args, keys, &oidc_values)?;
+    // Overlap files follow from the catalog values above (pg_service.conf publishes them);
+    // planned (and refused, if they must be) before the first write.
+    let (overlap_writes, overlap_kept) = match overlap_pairs(args, Some(keys))? {
+        Some(pairs) => overlap::plan(keys, &pairs, args.force, &writes)?,
+        None => (Vec::new(), Vec::new()),
+    };
+    let overwrites = writes
+        .iter()
+        .any(|(_, action, _)| *action == Action::Replace)
+        || overlap_writes.iter().any(|w| w.action == Action::Replace);
+    if overwrites && !args.no_backup {
+        back_up_current(&mut locked, &args.twin_suffix, |line| report(args, line))?;
+    }
+    let keys = &locked.keys;
+    write_values(args, keys, &writes, &overlap_writes)?;
+    let kept_files = kept
+        .iter()
+        .map(|entry| entry.file.to_owned())
+        .chain(overlap_kept);
+    for file in kept_files {
+        // By descriptor, on the file itself: never on what a link points at.
+        let fixed = keys.fix_mode(&file, atomic::FILE_MODE)?;
+        let note = if fixed { " (mode set to 0600)" } else { "" };
+        report(args, &format!("kept {}{note}", keys.shown(&file)));
+    }
+    if let Some(name) = &args.k8s_secret {
+        write_manifest(args, keys, name, output.as_ref())?;
+    }
+    Ok(locked)
+}
+
+/// The OIDC values this run needs, gathered (perhaps prompted for) before the lock, from a
+/// first look at which files exist; what is written and what is backed up is decided
+/// again under the lock, since another run may have created files in the meantime.
+fn gather_oidc(args: &GenerateSettings) -> anyhow::Result<Vec<(&'static str, Secret)>> {
     let existing = Existing::open(&args.dir)?;
-    // The OIDC values are gathered (perhaps prompted for) before the lock, from a first
-    // look at which files exist; what is written and what is backed up is decided again
-    // under the lock, since another run may have created files in the meantime.
     let oidc_vars: Vec<&'static str> = plan(existing.keys.as_ref(), args.force)?
         .iter()
         .filter_map(|(entry, action)| match (entry.kind, action) {
@@ -292,29 +341,34 @@ fn generate(args: &GenerateSettings) -> anyhow::Result<Locked> {
             _ => None,
         })
         .collect();
-    let oidc_values: Vec<(&'static str, Secret)> = if oidc_vars.is_empty() {
-        Vec::new()
-    } else {
-        let (env_path, explicit) = match &args.user_secrets_file {
-            Some(path) => (path.clone(), true),
-            None => (args.dir.join(oidc::ENV_FILE), false),
-        };
-        let file = oidc::load_env_file(existing.root.as_ref(), &env_path, explicit)?;
-        let values = oidc::collect(
-            &oidc_vars,
-            file.as_ref(),
-            &env_path,
-            oidc::interactive(args.non_interactive),
-        )?;
-        oidc_vars.iter().copied().zip(values).collect()
+    if oidc_vars.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (env_path, explicit) = match &args.user_secrets_file {
+        Some(path) => (path.clone(), true),
+        None => (args.dir.join(oidc::ENV_FILE), false),
     };
-    drop(existing);
+    let file = oidc::load_env_file(existing.root.as_ref(), &env_path, explicit)?;
+    let values = oidc::collect(
+        &oidc_vars,
+        file.as_ref(),
+        &env_path,
+        oidc::interactive(args.non_interactive),
+    )?;
+    Ok(oidc_vars.iter().copied().zip(values).collect())
+}
 
-    let mut locked = crate::store::lock(&args.dir)?;
-    overlap::refuse_while_pending(&locked.root)?;
-    let keys = &locked.keys;
-    // New values, made before anything is written; `None` keeps the current file.
-    let mut writes: Vec<(Entry, Action, Secret)> = Vec::new();
+/// A catalog file about to be written: what, how, and its new value.
+type CatalogWrite = (Entry, Action, Secret);
+
+/// The catalog files to write with their new values (made before anything is written), and
+/// the ones kept (an unchanged value is kept too).
+fn new_values(
+    args: &GenerateSettings,
+    keys: &Dir,
+    oidc_values: &[(&'static str, Secret)],
+) -> anyhow::Result<(Vec<CatalogWrite>, Vec<Entry>)> {
+    let mut writes = Vec::new();
     let mut kept = Vec::new();
     for (entry, action) in plan(Some(keys), args.force)? {
         let value = match (action, entry.kind) {
@@ -335,36 +389,30 @@ fn generate(args: &GenerateSettings) -> anyhow::Result<Locked> {
                     )
                 })?,
         };
-        if action == Action::Replace {
-            // An unchanged value is kept. A file that cannot be read as a value (one over
-            // 4096 bytes, say) is simply replaced: that is what --force is for, and the
-            // backup before the first overwrite still copies it.
-            let unchanged = check::read_value(keys, entry.file)
+        // A file that cannot be read as a value (one over 4096 bytes, say) is simply
+        // replaced: that is what --force is for, and the backup before the first
+        // overwrite still copies it.
+        let unchanged = action == Action::Replace
+            && check::read_value(keys, entry.file)
                 .is_ok_and(|current| *current == value.expose().as_bytes());
-            if unchanged {
-                kept.push(entry);
-                continue;
-            }
+        if unchanged {
+            kept.push(entry);
+        } else {
+            writes.push((entry, action, value));
         }
-        writes.push((entry, action, value));
     }
+    Ok((writes, kept))
+}
 
-    // Overlap files follow from the catalog values above (pg_service.conf publishes them);
-    // planned (and refused, if they must be) before the first write.
-    let (overlap_writes, overlap_kept) = match overlap_pairs(args, Some(keys))? {
-        Some(pairs) => overlap::plan(keys, &pairs, args.force, &writes)?,
-        None => (Vec::new(), Vec::new()),
-    };
-
-    let overwrites = writes
-        .iter()
-        .any(|(_, action, _)| *action == Action::Replace)
-        || overlap_writes.iter().any(|w| w.action == Action::Replace);
-    if overwrites && !args.no_backup {
-        back_up_current(&mut locked, &args.twin_suffix, |line| report(args, line))?;
-    }
-    let keys = &locked.keys;
-    for (entry, action, value) in &writes {
+/// Writes the catalog values, then the overlap files: pg_service.conf never publishes a
+/// password that its login's file does not hold yet.
+fn write_values(
+    args: &GenerateSettings,
+    keys: &Dir,
+    writes: &[CatalogWrite],
+    overlap_writes: &[overlap::Write],
+) -> anyhow::Result<()> {
+    for (entry, action, value) in writes {
         atomic::write_atomic(keys, entry.file, value.expose().as_bytes())
             .with_context(|| format!("writing {}", keys.shown(entry.file)))?;
         let verb = match (action, entry.is_random()) {
@@ -374,9 +422,7 @@ fn generate(args: &GenerateSettings) -> anyhow::Result<Locked> {
         };
         report(args, &format!("{verb} {}", keys.shown(entry.file)));
     }
-    // After the password files, so pg_service.conf never publishes a password that its
-    // login's file does not hold yet.
-    for write in &overlap_writes {
+    for write in overlap_writes {
         atomic::write_atomic(keys, &write.file, &write.value)
             .with_context(|| format!("writing {}", keys.shown(&write.file)))?;
         let verb = match write.action {
@@ -386,21 +432,7 @@ fn generate(args: &GenerateSettings) -> anyhow::Result<Locked> {
         };
         report(args, &format!("{verb} {}", keys.shown(&write.file)));
     }
-    let kept_files = kept
-        .iter()
-        .map(|entry| entry.file.to_owned())
-        .chain(overlap_kept);
-    for file in kept_files {
-        // By descriptor, on the file itself: never on what a link points at.
-        let fixed = keys.fix_mode(&file, atomic::FILE_MODE)?;
-        let note = if fixed { " (mode set to 0600)" } else { "" };
-        report(args, &format!("kept {}{note}", keys.shown(&file)));
-    }
-
-    if let Some(name) = &args.k8s_secret {
-        write_manifest(args, keys, name, output.as_ref())?;
-    }
-    Ok(locked)
+    Ok(())
 }
 
 /// Reports an action. The manifest may own stdout, so reports then go to stderr.

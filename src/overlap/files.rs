@@ -163,19 +163,7 @@ pub fn plan(
         changed_keys.push(key(pair, Login::Twin).to_owned());
     }
 
-    let (mut service, action) = if backup::present(keys, SERVICE_FILE)? {
-        let parsed = read_text(keys, SERVICE_FILE)
-            .and_then(|text| service_file::parse(&text))
-            .with_context(|| format!("reading {}", keys.shown(SERVICE_FILE)));
-        match parsed {
-            Ok(parsed) => (parsed, Action::Replace),
-            // `--force` is what mends a broken set; without it, say what is wrong.
-            Err(_) if force => (service_file::ServiceFile::default(), Action::Replace),
-            Err(err) => return Err(err).context(Failure::Config),
-        }
-    } else {
-        (service_file::ServiceFile::default(), Action::Create)
-    };
+    let (mut service, action) = current_service_file(keys, force)?;
     let mut republished = false;
     for pair in pairs {
         let published = service
@@ -215,6 +203,25 @@ pub fn plan(
         kept.push(SERVICE_FILE.to_owned());
     }
     Ok((writes, kept))
+}
+
+/// The service file there now, and what writing it is (`--force` mends one that does not
+/// parse; without it, what is wrong is said).
+fn current_service_file(
+    keys: &Dir,
+    force: bool,
+) -> anyhow::Result<(service_file::ServiceFile, Action)> {
+    if !backup::present(keys, SERVICE_FILE)? {
+        return Ok((service_file::ServiceFile::default(), Action::Create));
+    }
+    let parsed = read_text(keys, SERVICE_FILE)
+        .and_then(|text| service_file::parse(&text))
+        .with_context(|| format!("reading {}", keys.shown(SERVICE_FILE)));
+    match parsed {
+        Ok(parsed) => Ok((parsed, Action::Replace)),
+        Err(_) if force => Ok((service_file::ServiceFile::default(), Action::Replace)),
+        Err(err) => Err(err).context(Failure::Config),
+    }
 }
 
 /// `keys/name` as text, read through the directory's handle (bounded, zeroized).

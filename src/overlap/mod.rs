@@ -311,15 +311,7 @@ mod tests {
         );
     }
 
-    fn entry(name: &str, value: &str) -> (RoleSpec, Secret) {
-        (
-            RoleSpec {
-                name: name.into(),
-                secret: SecretRef::Name(format!("{name}_pw")),
-            },
-            Secret::new(value.into()),
-        )
-    }
+    use crate::secret::test_entry as entry;
 
     #[test]
     fn published_credentials_must_match_the_password_files() {

@@ -18,10 +18,12 @@
 //! (`COMMENT ON ROLE`), which only a superuser or a holder of CREATEROLE can write on a
 //! role, and a twin may hold neither. A role that already carries the twin's name without
 //! that mark is refused and granted nothing, whatever it says of itself: a login can set
-//! its own `role=` setting, and on PostgreSQL 15 and older a role can grant membership in
+//! its own `role=` setting, and on PostgreSQL 14 and older a role can grant membership in
 //! itself. (A twin made before the mark existed is recognised by a membership that a
 //! superuser granted, and marked.) A twin with any attribute beyond LOGIN INHERIT, or a
-//! member of other roles, would be more than the role: refused too.
+//! member of other roles, would be more than the role: refused too. A role that is a
+//! member of a twin would hold the role's rights through it: every such membership is
+//! revoked (on 14 and older the twin's own login can grant one).
 //!
 //! Why the twin acts as the role: the `role` setting runs `SET ROLE role` at session start,
 //! so `current_user` is the role and what it creates is the role's; `RESET ROLE`,
@@ -39,7 +41,7 @@
 //! (the sync never sets a past one on a published login) or a twin made NOLOGIN by
 //! someone else is kept as it is and reported, unless `override_lockouts`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::time::Duration;
 
@@ -48,7 +50,7 @@ use postgres_protocol::escape::{escape_identifier, escape_literal};
 use tokio_postgres::Client;
 use tokio_postgres::types::ToSql;
 
-use super::{Pair, twin_login};
+use super::{Login, Pair, twin_login};
 use crate::secret::{RoleSpec, Secret};
 
 /// Runs one statement of the transaction, bounding and watching its wait for other
@@ -139,9 +141,11 @@ impl Mark {
         }
     }
 
-    /// The mark `comment` is for the twin of `pair` (`None`: not ours).
+    /// The mark `comment` is for the twin of `pair` (`None`: not ours), whatever salts it
+    /// records (`Recorded::read`).
     fn read(pair: &Pair, comment: Option<&str>) -> Option<Mark> {
         let comment = comment?;
+        let comment = comment.rsplit_once(SALTS).map_or(comment, |(head, _)| head);
         [
             Mark::Plain,
             Mark::Retired,
@@ -151,6 +155,72 @@ impl Mark {
         .into_iter()
         .find(|mark| mark.text(&pair.role) == comment)
     }
+}
+
+/// Where a mark records the salts of the verifiers the sync last stored for the pair.
+const SALTS: &str = "; verifier salts ";
+
+/// The salts of the verifiers the sync last stored for a pair's two logins, as its mark
+/// records them: how the sync tells a password it set (its salt still there) from one set
+/// behind its back (another salt), which it restores without taking it for a stage or a
+/// lifted lockout. A salt is no secret: the server sends it to anyone who starts a SCRAM
+/// login as the role.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recorded {
+    role: Option<String>,
+    twin: Option<String>,
+}
+
+impl Recorded {
+    fn read(comment: Option<&str>) -> Recorded {
+        let Some((_, salts)) = comment.and_then(|c| c.rsplit_once(SALTS)) else {
+            return Recorded::default();
+        };
+        let salt = |s: Option<&str>| s.filter(|s| *s != "-").map(str::to_owned);
+        let mut parts = salts.split(' ');
+        Recorded {
+            role: salt(parts.next()),
+            twin: salt(parts.next()),
+        }
+    }
+
+    fn text(&self) -> String {
+        if self.role.is_none() && self.twin.is_none() {
+            return String::new();
+        }
+        let salt = |s: &Option<String>| s.clone().unwrap_or_else(|| "-".to_owned());
+        format!("{SALTS}{} {}", salt(&self.role), salt(&self.twin))
+    }
+
+    /// What to record after the password step: the salts it left, or, for a login it did
+    /// not look at, the one recorded.
+    fn after(&self, pair: &Pair, salts: &HashMap<String, Salts>) -> Recorded {
+        let after = |login: &str| {
+            salts.get(login).map_or_else(
+                || self.of(pair, login).map(str::to_owned),
+                |s| s.after.clone(),
+            )
+        };
+        Recorded {
+            role: after(&pair.role),
+            twin: after(&pair.twin),
+        }
+    }
+
+    fn of(&self, pair: &Pair, login: &str) -> Option<&str> {
+        match pair.which(login)? {
+            Login::Role => self.role.as_deref(),
+            Login::Twin => self.twin.as_deref(),
+        }
+    }
+}
+
+/// What the password step found and left for one login: the salt of the stored verifier
+/// before the transaction, and after it (the one it set, or the same).
+#[derive(Debug, Clone, Default)]
+pub struct Salts {
+    pub before: Option<String>,
+    pub after: Option<String>,
 }
 
 /// The twins that overlap mode, now off, may have left: one per role of the role map but
@@ -247,10 +317,32 @@ impl<'a> Logins<'a> {
         let mark = Mark::read(pair, t.comment.as_deref());
         t.check_ours(pair)?;
         let mut repairs = Vec::new();
+        // Nobody is a member of a twin: through it a member would hold the role's rights,
+        // past every rotation of the twin's password (on PostgreSQL 14 and older the twin
+        // itself can grant it, so a leaked twin password could leave a lasting member).
+        for (member, grantor) in &t.members {
+            let by = grantor
+                .as_deref()
+                .map(|g| format!(" GRANTED BY {}", escape_identifier(g)))
+                .unwrap_or_default();
+            let revoke = format!(
+                "REVOKE {} FROM {}{by} CASCADE",
+                escape_identifier(twin),
+                escape_identifier(member)
+            );
+            exec(client, guard, &revoke, twin).await?;
+            lines.push(format!(
+                "login {twin:?}: took back the membership of role {member:?} in it (a twin \
+                 has no members: through it they held the rights of role {role:?})"
+            ));
+        }
+        if !t.members.is_empty() {
+            repairs.push("memberships in it taken back");
+        }
         let retired_by_us = mark == Some(Mark::Retired);
         if mark.is_none() || retired_by_us {
             // Made before the mark existed, or retired by overlap mode turned off.
-            comment(client, guard, twin, &Mark::Plain.text(role)).await?;
+            comment_on(client, guard, twin, &Mark::Plain.text(role)).await?;
             repairs.push("marked as ours");
         }
         if !t.member {
@@ -339,8 +431,8 @@ impl<'a> Logins<'a> {
                      JOIN pg_authid t ON t.rolname = p.twin \
                      LEFT JOIN pg_shdescription d \
                           ON d.objoid = t.oid AND d.classoid = 'pg_authid'::regclass \
-                     WHERE NOT t.rolsuper AND (d.description IN (p.mark, p.retired) \
-                        OR starts_with(d.description, p.mark || '; staged login ') \
+                     WHERE NOT t.rolsuper AND (d.description = p.mark \
+                        OR starts_with(d.description, p.mark || '; ') \
                         OR (EXISTS (SELECT 1 FROM pg_auth_members m \
                                     JOIN pg_authid g ON g.oid = m.grantor \
                                     WHERE m.roleid = r.oid AND m.member = t.oid \
@@ -386,6 +478,7 @@ impl<'a> Logins<'a> {
         client: &Client,
         guard: &mut impl Guard,
         changed: &[&str],
+        salts: &HashMap<String, Salts>,
         prepared: &Prepared,
         leftovers: &[Leftover],
     ) -> anyhow::Result<Vec<String>> {
@@ -397,6 +490,7 @@ impl<'a> Logins<'a> {
             for pair in self.pairs {
                 let step = Step {
                     changed,
+                    salts,
                     prepared,
                     until: &until,
                 };
@@ -439,12 +533,11 @@ impl<'a> Logins<'a> {
         let (Some(p), Some(u)) = (step.until.get(published), step.until.get(unpublished)) else {
             return Ok(());
         };
-        let mark = step
-            .until
-            .get(&pair.twin)
-            .and_then(|t| Mark::read(pair, t.comment.as_deref()));
-        let staged = |login: &str| matches!(&mark, Some(Mark::Staged(l)) if l == login);
-        let p_changed = step.changed.contains(&published);
+        let comment = step.until.get(&pair.twin).and_then(|t| t.comment.clone());
+        let mut mark = Mark::read(pair, comment.as_deref()).unwrap_or(Mark::Plain);
+        let recorded = Recorded::read(comment.as_deref());
+        let p_changed = new_password(pair, published, step, &recorded, lines);
+        let u_changed = new_password(pair, unpublished, step, &recorded, lines);
         if p.expired && !p_changed && !self.policy.override_lockouts {
             lines.push(locked_out_line(published, "VALID UNTIL in the past"));
         } else if !p.infinity {
@@ -453,35 +546,34 @@ impl<'a> Logins<'a> {
                 "login {published:?}: published; valid until infinity"
             ));
         }
-        if staged(published) {
+        if mark == Mark::Staged(published.to_owned()) {
             // The stage was published: nothing is pending any more.
-            comment(client, guard, &pair.twin, &Mark::Plain.text(&pair.role)).await?;
+            mark = Mark::Plain;
         }
-        let u_changed = step.changed.contains(&unpublished);
+        let staged = mark == Mark::Staged(unpublished.to_owned());
         if step.prepared.created.iter().any(|c| c == unpublished) {
             // Created unpublished, already expired: nothing to grace.
         } else if u_changed && !u.endless {
             set_valid_until(client, guard, unpublished, "infinity").await?;
-            let staged_mark = Mark::Staged(unpublished.to_owned());
-            comment(client, guard, &pair.twin, &staged_mark.text(&pair.role)).await?;
+            mark = Mark::Staged(unpublished.to_owned());
             lines.push(format!(
                 "login {unpublished:?}: staged (new password, not published yet); \
                  valid until infinity"
             ));
             // Its sessions were opened with the retired password.
             retired.push(unpublished.to_owned());
-        } else if u_changed && staged(unpublished) {
+        } else if u_changed && staged {
             // A stage rolled back (or changed again) before its publish: the password
             // it gets back is the retired one, which must not come back at all.
             let now = grace.now(client, guard).await?;
             set_valid_until(client, guard, unpublished, &now).await?;
-            comment(client, guard, &pair.twin, &Mark::Plain.text(&pair.role)).await?;
+            mark = Mark::Plain;
             lines.push(format!(
                 "login {unpublished:?}: its stage was rolled back (new password before its \
                  publish); expired now, so a retired password never comes back"
             ));
             retired.push(unpublished.to_owned());
-        } else if staged(unpublished) {
+        } else if staged {
             // A stage waiting for its publish, however long this process has run.
         } else if u.endless {
             // Published until now (its password may have changed with the switch).
@@ -492,6 +584,15 @@ impl<'a> Logins<'a> {
             ));
         } else if u.expired {
             retired.push(unpublished.to_owned());
+        }
+        // The mark as it now is: its state, and the salts of what the password step left.
+        let text = format!(
+            "{}{}",
+            mark.text(&pair.role),
+            recorded.after(pair, step.salts).text()
+        );
+        if comment.as_deref() != Some(text.as_str()) {
+            comment_on(client, guard, &pair.twin, &text).await?;
         }
         Ok(())
     }
@@ -551,10 +652,35 @@ impl<'a> Logins<'a> {
     }
 }
 
+/// Whether `login` of `pair` got a new password from the files in this transaction: set,
+/// and not set by someone else since the sync last stored it (its salt is not the one
+/// recorded), which is only restored, no new password for the `VALID UNTIL` rules.
+fn new_password(
+    pair: &Pair,
+    login: &str,
+    step: Step<'_>,
+    recorded: &Recorded,
+    lines: &mut Vec<String>,
+) -> bool {
+    let set = step.changed.contains(&login);
+    let drifted = set
+        && recorded.of(pair, login).is_some_and(|ours| {
+            step.salts.get(login).and_then(|s| s.before.as_deref()) != Some(ours)
+        });
+    if drifted {
+        lines.push(format!(
+            "login {login:?}: its password was changed outside pg-password-sync; restored, \
+             its VALID UNTIL kept"
+        ));
+    }
+    set && !drifted
+}
+
 /// The per-statement inputs of `pair_valid_until`.
 #[derive(Clone, Copy)]
 struct Step<'a> {
     changed: &'a [&'a str],
+    salts: &'a HashMap<String, Salts>,
     prepared: &'a Prepared,
     until: &'a Until,
 }
@@ -577,7 +703,7 @@ async fn retire_leftover(
     } else if left.expired && left.can_login {
         let alter = format!("ALTER ROLE {} NOLOGIN", escape_identifier(twin));
         exec(client, guard, &alter, twin).await?;
-        comment(client, guard, twin, &Mark::Retired.text(&left.role)).await?;
+        comment_on(client, guard, twin, &Mark::Retired.text(&left.role)).await?;
         lines.push(format!(
             "login {twin:?}: overlap mode is off and its grace is over; NOLOGIN \
              (kept, not dropped)"
@@ -610,6 +736,9 @@ struct TwinRow {
     made_before_mark: bool,
     /// Other roles it is a member of.
     other_roles: Vec<String>,
+    /// Roles that are members of it, each with the grantor of that membership (`None`: a
+    /// grantor since dropped).
+    members: Vec<(String, Option<String>)>,
 }
 
 impl TwinRow {
@@ -695,6 +824,11 @@ impl Catalog {
                     member: row.get(12),
                     made_before_mark: row.get::<_, bool>(13) && row.get::<_, bool>(14),
                     other_roles: row.get(15),
+                    members: row
+                        .get::<_, Vec<String>>(16)
+                        .into_iter()
+                        .zip(row.get::<_, Vec<Option<String>>>(17))
+                        .collect(),
                 }
             });
             Catalog {
@@ -722,7 +856,14 @@ const CATALOG_QUERY: &str = "\
                      AND ('role=' || r.rolname) = ANY (s.setconfig)), \
            ARRAY(SELECT g.rolname::text FROM pg_auth_members m \
                  JOIN pg_authid g ON g.oid = m.roleid \
-                 WHERE m.member = t.oid AND m.roleid <> r.oid ORDER BY 1) \
+                 WHERE m.member = t.oid AND m.roleid <> r.oid ORDER BY 1), \
+           ARRAY(SELECT x.rolname::text FROM pg_auth_members m \
+                 JOIN pg_authid x ON x.oid = m.member \
+                 WHERE m.roleid = t.oid ORDER BY m.member, m.grantor), \
+           ARRAY(SELECT g.rolname::text FROM pg_auth_members m \
+                 JOIN pg_authid x ON x.oid = m.member \
+                 LEFT JOIN pg_authid g ON g.oid = m.grantor \
+                 WHERE m.roleid = t.oid ORDER BY m.member, m.grantor) \
     FROM pg_authid r LEFT JOIN pg_authid t ON t.rolname = $2 \
     WHERE r.rolname = $1";
 
@@ -741,7 +882,7 @@ async fn create_twin(client: &Client, guard: &mut impl Guard, pair: &Pair) -> an
         escape_identifier(twin)
     );
     exec(client, guard, &create, twin).await?;
-    comment(client, guard, twin, &Mark::Plain.text(role)).await?;
+    comment_on(client, guard, twin, &Mark::Plain.text(role)).await?;
     let grant = format!(
         "GRANT {} TO {}",
         escape_identifier(role),
@@ -750,18 +891,30 @@ async fn create_twin(client: &Client, guard: &mut impl Guard, pair: &Pair) -> an
     exec(client, guard, &grant, twin).await
 }
 
-async fn comment(
+async fn comment_on(
     client: &Client,
     guard: &mut impl Guard,
     twin: &str,
     text: &str,
 ) -> anyhow::Result<()> {
+    role_literal(client, guard, "COMMENT ON ROLE", twin, "IS", text).await
+}
+
+/// `<head> "login" <keyword> '<literal>'`, quoted once here, through `exec`.
+async fn role_literal(
+    client: &Client,
+    guard: &mut impl Guard,
+    head: &str,
+    login: &str,
+    keyword: &str,
+    literal: &str,
+) -> anyhow::Result<()> {
     let statement = format!(
-        "COMMENT ON ROLE {} IS {}",
-        escape_identifier(twin),
-        escape_literal(text)
+        "{head} {} {keyword} {}",
+        escape_identifier(login),
+        escape_literal(literal)
     );
-    exec(client, guard, &statement, twin).await
+    exec(client, guard, &statement, login).await
 }
 
 /// Each overlapped login's `VALID UNTIL`, read once per transaction.
@@ -820,6 +973,71 @@ impl Until {
 
     fn get(&self, login: &str) -> Option<&UntilRow> {
         self.0.get(login)
+    }
+}
+
+/// One login as the server has it now, read outside any sync (`read_logins`) for those who
+/// report on the logins (`status`, the metrics); nothing here decides anything.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoginFacts {
+    pub login: String,
+    /// Whether a role of that name exists.
+    pub exists: bool,
+    /// `VALID UNTIL` as Unix seconds: `+inf` for none or `infinity`, `-inf` for
+    /// `-infinity` (a twin created unpublished).
+    pub valid_until: f64,
+    /// `VALID UNTIL` as the server writes it (`None`: no end).
+    pub valid_until_text: Option<String>,
+    pub can_login: bool,
+    /// Client sessions open on the login.
+    pub sessions: i64,
+    /// The comment on the login (a twin's mark: see `staged_login`).
+    pub comment: Option<String>,
+}
+
+/// What the server says of `logins`, one entry each in that order, in one catalog read
+/// (no lock taken, no row written; the caller bounds the wait).
+pub async fn read_logins(client: &Client, logins: &[String]) -> anyhow::Result<Vec<LoginFacts>> {
+    let rows = client
+        .query(
+            "SELECT n.login, a.oid IS NOT NULL, \
+                    CASE WHEN a.rolvaliduntil IS NULL OR a.rolvaliduntil = 'infinity' \
+                              THEN 'Infinity'::float8 \
+                         WHEN a.rolvaliduntil = '-infinity' THEN '-Infinity'::float8 \
+                         ELSE extract(epoch FROM a.rolvaliduntil)::float8 END, \
+                    a.rolvaliduntil::text, coalesce(a.rolcanlogin, false), \
+                    (SELECT count(*) FROM pg_stat_activity s \
+                     WHERE s.usesysid = a.oid AND s.backend_type = 'client backend'), \
+                    d.description \
+             FROM unnest($1::text[]) WITH ORDINALITY AS n(login, i) \
+             LEFT JOIN pg_authid a ON a.rolname = n.login \
+             LEFT JOIN pg_shdescription d \
+                  ON d.objoid = a.oid AND d.classoid = 'pg_authid'::regclass \
+             ORDER BY n.i",
+            &[&logins],
+        )
+        .await
+        .context("reading the logins' VALID UNTIL and sessions")?;
+    Ok(rows
+        .iter()
+        .map(|row| LoginFacts {
+            login: row.get(0),
+            exists: row.get(1),
+            valid_until: row.get(2),
+            valid_until_text: row.get(3),
+            can_login: row.get(4),
+            sessions: row.get(5),
+            comment: row.get(6),
+        })
+        .collect())
+}
+
+/// The login of `pair` whose stage is pending (new password, not published yet), as the
+/// twin's mark says; `None` when nothing is pending or the comment is not our mark.
+pub fn staged_login(pair: &Pair, twin_comment: Option<&str>) -> Option<String> {
+    match Mark::read(pair, twin_comment) {
+        Some(Mark::Staged(login)) => Some(login),
+        _ => None,
     }
 }
 
@@ -962,12 +1180,7 @@ async fn set_valid_until(
     login: &str,
     at: &str,
 ) -> anyhow::Result<()> {
-    let alter = format!(
-        "ALTER ROLE {} VALID UNTIL {}",
-        escape_identifier(login),
-        escape_literal(at)
-    );
-    exec(client, guard, &alter, login).await
+    role_literal(client, guard, "ALTER ROLE", login, "VALID UNTIL", at).await
 }
 
 async fn exec(
@@ -1016,6 +1229,32 @@ mod tests {
     }
 
     #[test]
+    fn the_salts_a_mark_records_read_back_beside_its_state() {
+        let pair = Pair::of(&crate::secret::test_entry("app", "").0, "_alt").unwrap();
+        let recorded = Recorded {
+            role: Some("c2FsdA==".into()),
+            twin: None,
+        };
+        let text = format!(
+            "{}{}",
+            Mark::Staged("app_alt".into()).text("app"),
+            recorded.text()
+        );
+        assert_eq!(Recorded::read(Some(&text)), recorded);
+        assert_eq!(recorded.of(&pair, "app"), Some("c2FsdA=="));
+        assert_eq!(recorded.of(&pair, "app_alt"), None);
+        assert_eq!(
+            Mark::read(&pair, Some(&text)),
+            Some(Mark::Staged("app_alt".into()))
+        );
+        assert_eq!(Recorded::default().text(), "");
+        assert_eq!(
+            Recorded::read(Some(&Mark::Plain.text("app"))),
+            Recorded::default()
+        );
+    }
+
+    #[test]
     fn twin_settings_copy_the_role_and_act_as_it() {
         assert_eq!(
             twin_settings("app", Vec::new()),
@@ -1059,6 +1298,7 @@ mod tests {
             member: true,
             made_before_mark: false,
             other_roles: Vec::new(),
+            members: Vec::new(),
         };
         let pair = Pair::of(
             &RoleSpec {

@@ -157,123 +157,128 @@ pub fn parse(text: &str) -> anyhow::Result<ServiceFile> {
     let mut file = ServiceFile::default();
     for (index, raw) in text.split('\n').enumerate() {
         let number = index + 1;
-        // libpq measures what `fgets` read with `strlen`: a NUL ends the line there, and
-        // in a line longer than its buffer the bytes after the buffer are read as more
-        // lines. psql 15 logs in with a `user=` and `password=` hidden after NULs in a
-        // `host=` line, while a reader of whole lines sees the settings after it. Refused
-        // on every line, comments included: a NUL also hides a line's length from libpq.
-        if raw.contains('\0') {
-            bail!(
-                "{}: line {number}: holds a NUL byte, where libpq would end the line",
-                super::SERVICE_FILE
-            );
-        }
-        if raw.len() > MAX_READ_LINE_BYTES {
-            bail!(
-                "{}: line {number}: longer than {MAX_READ_LINE_BYTES} bytes, which libpq \
-                 refuses as too long",
-                super::SERVICE_FILE
-            );
-        }
-        let line = raw.trim_matches(is_libpq_space);
-        if line.starts_with(char::is_whitespace) || line.ends_with(char::is_whitespace) {
-            // libpq keeps it (psql 15 sends a password ending in U+00A0 with it, and reads
-            // neither a section nor a key behind one), while a reader of the file does not
-            // see it; and another C library's locale may count it as white space.
-            bail!(
-                "{}: line {number}: starts or ends with non-ASCII white space, which libpq \
-                 keeps as part of the line",
-                super::SERVICE_FILE
-            );
-        }
-        if line.is_empty() || line.starts_with('#') {
+        let Some(line) = setting_line(raw, number)? else {
             continue;
-        }
-        if line.starts_with("ldap") {
-            // libpq built with LDAP (Debian's is) looks such a line up as an LDAP URL that
-            // supplies the settings, and reads no further in the section when it answers.
-            bail!(
-                "{}: line {number}: a line starting with `ldap` is an LDAP lookup for libpq, \
-                 not a setting",
-                super::SERVICE_FILE
-            );
-        }
-        if let Some(rest) = line.strip_prefix('[') {
-            let Some(name) = rest.strip_suffix(']') else {
-                bail!(
-                    "{}: line {number}: a section header must be `[name]` alone",
-                    super::SERVICE_FILE
-                );
-            };
-            check_name(name).map_err(|problem| {
-                anyhow::anyhow!(
-                    "{}: line {number}: the section name {problem}",
-                    super::SERVICE_FILE
-                )
-            })?;
-            if file.get(name).is_some() {
-                // libpq stops at the second one and never reads it.
-                bail!(
-                    "{}: line {number}: section [{name}] appears twice",
-                    super::SERVICE_FILE
-                );
-            }
-            file.sections.push(Section {
-                name: name.to_owned(),
-                user: None,
-                password: None,
-                other: Vec::new(),
-            });
-            continue;
-        }
-        let Some((key, value)) = line.split_once('=') else {
-            bail!(
-                "{}: line {number}: expected `key=value` or `[name]`",
-                super::SERVICE_FILE
-            );
         };
-        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
-            // `key = value` would make libpq look up the keyword `key ` and fail.
-            bail!(
-                "{}: line {number}: the key must be lower-case letters and `_`, directly \
-                 followed by `=`",
-                super::SERVICE_FILE
-            );
-        }
-        let Some(section) = file.sections.last_mut() else {
-            bail!(
-                "{}: line {number}: a setting before the first [section]",
-                super::SERVICE_FILE
-            );
-        };
-        let repeated = match key {
-            "user" => section.user.replace(value.to_owned()).is_some(),
-            "password" => section
-                .password
-                .replace(Secret::new(value.to_owned()))
-                .is_some(),
-            // libpq refuses a nested service; PostgreSQL 19's a nested `servicefile=` too
-            // (older ones do not know the keyword).
-            "service" | "servicefile" => bail!(
-                "{}: line {number}: `{key}=` inside a service file is not allowed",
-                super::SERVICE_FILE
-            ),
-            _ if section.other.iter().any(|(k, _)| k == key) => true,
-            _ => {
-                section.other.push((key.to_owned(), value.to_owned()));
-                false
-            }
-        };
-        if repeated {
-            // libpq would use the first one; a reader of the file might believe the second.
-            bail!(
-                "{}: line {number}: `{key}` is set twice in section [{}]",
-                super::SERVICE_FILE,
-                section.name
-            );
+        match line.strip_prefix('[') {
+            Some(rest) => add_section(&mut file, rest, number)?,
+            None => add_setting(&mut file, line, number)?,
         }
     }
     Ok(file)
+}
+
+/// A problem on line `number`, named by line, never by its text (it may hold a password).
+fn at_line(number: usize, problem: &str) -> anyhow::Error {
+    anyhow::anyhow!("{}: line {number}: {problem}", super::SERVICE_FILE)
+}
+
+/// The line as libpq reads it, refused where libpq would read it otherwise than it looks;
+/// `None` for an empty line or a comment.
+fn setting_line(raw: &str, number: usize) -> anyhow::Result<Option<&str>> {
+    // libpq measures what `fgets` read with `strlen`: a NUL ends the line there, and in a
+    // line longer than its buffer the bytes after the buffer are read as more lines. psql
+    // 15 logs in with a `user=` and `password=` hidden after NULs in a `host=` line, while
+    // a reader of whole lines sees the settings after it. Refused on every line, comments
+    // included: a NUL also hides a line's length from libpq.
+    if raw.contains('\0') {
+        return Err(at_line(
+            number,
+            "holds a NUL byte, where libpq would end the line",
+        ));
+    }
+    if raw.len() > MAX_READ_LINE_BYTES {
+        return Err(at_line(
+            number,
+            &format!("longer than {MAX_READ_LINE_BYTES} bytes, which libpq refuses as too long"),
+        ));
+    }
+    let line = raw.trim_matches(is_libpq_space);
+    if line.starts_with(char::is_whitespace) || line.ends_with(char::is_whitespace) {
+        // libpq keeps it (psql 15 sends a password ending in U+00A0 with it, and reads
+        // neither a section nor a key behind one), while a reader of the file does not see
+        // it; and another C library's locale may count it as white space.
+        return Err(at_line(
+            number,
+            "starts or ends with non-ASCII white space, which libpq keeps as part of the line",
+        ));
+    }
+    if line.is_empty() || line.starts_with('#') {
+        return Ok(None);
+    }
+    if line.starts_with("ldap") {
+        // libpq built with LDAP (Debian's is) looks such a line up as an LDAP URL that
+        // supplies the settings, and reads no further in the section when it answers.
+        return Err(at_line(
+            number,
+            "a line starting with `ldap` is an LDAP lookup for libpq, not a setting",
+        ));
+    }
+    Ok(Some(line))
+}
+
+/// `[name]` (its `[` already taken): a new section.
+fn add_section(file: &mut ServiceFile, rest: &str, number: usize) -> anyhow::Result<()> {
+    let Some(name) = rest.strip_suffix(']') else {
+        return Err(at_line(number, "a section header must be `[name]` alone"));
+    };
+    check_name(name).map_err(|problem| at_line(number, &format!("the section name {problem}")))?;
+    if file.get(name).is_some() {
+        // libpq stops at the second one and never reads it.
+        return Err(at_line(number, &format!("section [{name}] appears twice")));
+    }
+    file.sections.push(Section {
+        name: name.to_owned(),
+        user: None,
+        password: None,
+        other: Vec::new(),
+    });
+    Ok(())
+}
+
+/// `key=value` in the current section.
+fn add_setting(file: &mut ServiceFile, line: &str, number: usize) -> anyhow::Result<()> {
+    let Some((key, value)) = line.split_once('=') else {
+        return Err(at_line(number, "expected `key=value` or `[name]`"));
+    };
+    if key.is_empty() || !key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+        // `key = value` would make libpq look up the keyword `key ` and fail.
+        return Err(at_line(
+            number,
+            "the key must be lower-case letters and `_`, directly followed by `=`",
+        ));
+    }
+    let Some(section) = file.sections.last_mut() else {
+        return Err(at_line(number, "a setting before the first [section]"));
+    };
+    let repeated = match key {
+        "user" => section.user.replace(value.to_owned()).is_some(),
+        "password" => section
+            .password
+            .replace(Secret::new(value.to_owned()))
+            .is_some(),
+        // libpq refuses a nested service; PostgreSQL 19's a nested `servicefile=` too
+        // (older ones do not know the keyword).
+        "service" | "servicefile" => {
+            return Err(at_line(
+                number,
+                &format!("`{key}=` inside a service file is not allowed"),
+            ));
+        }
+        _ if section.other.iter().any(|(k, _)| k == key) => true,
+        _ => {
+            section.other.push((key.to_owned(), value.to_owned()));
+            false
+        }
+    };
+    if repeated {
+        // libpq would use the first one; a reader of the file might believe the second.
+        return Err(at_line(
+            number,
+            &format!("`{key}` is set twice in section [{}]", section.name),
+        ));
+    }
+    Ok(())
 }
 
 /// Writes the file in the form `parse` reads back identically. Values libpq would read

@@ -16,7 +16,9 @@ use crate::session::{self, connect};
 /// What the server says about a login that would be re-keyed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum LoginState {
-    /// No such role yet (the sync creates the twin): nothing can be using it.
+    /// No such role yet: the sync with `--overlap` has not created the twin (or the role
+    /// does not exist). Nothing uses it, but nothing could be staged on it either: the
+    /// sync creates an unpublished twin expired, from whatever its file holds then.
     Missing,
     /// `VALID UNTIL` in the past (or `-infinity`: a twin that was never published).
     Expired,
@@ -27,7 +29,7 @@ enum LoginState {
     Until(String),
 }
 
-/// Why a login may not be re-keyed now, if it may not.
+/// Why a login may not be re-keyed now, if it may not (`--force` overrides these).
 fn refusal(login: &str, state: &LoginState) -> Option<String> {
     match state {
         LoginState::Missing | LoginState::Expired => None,
@@ -43,7 +45,23 @@ fn refusal(login: &str, state: &LoginState) -> Option<String> {
     }
 }
 
-/// Stage 1: refuses when a login to re-key may still be in use, unless `force`.
+/// Why a login can never be re-keyed now, even with `--force`: the server does not have
+/// it. The sync would create it from the staged file as an unpublished twin, which starts
+/// expired, so the stage could never log in; and the rollback of that stage would reach
+/// the sync as a change of an expired login's password, a new stage of a value nobody
+/// staged, which the sync opens for good.
+fn missing(login: &str, state: &LoginState) -> Option<String> {
+    (*state == LoginState::Missing).then(|| {
+        format!(
+            "login {login:?} does not exist on the server: the sync with --overlap has not \
+             created it yet (or its role is missing), and a login it creates from a staged \
+             file could not log in; run the sync with --overlap first"
+        )
+    })
+}
+
+/// Stage 1: refuses when a login to re-key may still be in use, unless `force`, and when
+/// the server does not have it yet, whatever `force` says.
 pub(super) async fn check_grace(config: &Config, set: &RoleSet, force: bool) -> anyhow::Result<()> {
     let logins: Vec<String> = set
         .roles
@@ -63,6 +81,18 @@ pub(super) async fn check_grace(config: &Config, set: &RoleSet, force: bool) -> 
             ));
         }
     };
+    let missing: Vec<String> = logins
+        .iter()
+        .zip(&states)
+        .filter_map(|(login, state)| missing(login, state))
+        .collect();
+    if !missing.is_empty() {
+        return Err(anyhow::anyhow!(
+            "{}; nothing was written",
+            missing.join("; ")
+        ))
+        .context(Failure::Config);
+    }
     let refusals: Vec<String> = logins
         .iter()
         .zip(&states)
@@ -163,6 +193,9 @@ mod tests {
     #[test]
     fn only_missing_or_expired_logins_may_be_rekeyed() {
         assert_eq!(refusal("a", &LoginState::Missing), None);
+        let missing = missing("a_alt", &LoginState::Missing).unwrap();
+        assert!(missing.contains("sync with --overlap first"), "{missing}");
+        assert_eq!(super::missing("a_alt", &LoginState::Expired), None);
         assert_eq!(refusal("a", &LoginState::Expired), None);
         let open = refusal("a_alt", &LoginState::Open).unwrap();
         assert!(open.contains("still published"), "{open}");

@@ -47,6 +47,7 @@ use crate::config::{Config, ConfigSettings, Host};
 use crate::error::Failure;
 use crate::overlap::files::PENDING_FILE;
 use crate::session::connect;
+use crate::store::Locked;
 use crate::verify::{Login, checked_login};
 use grace::check_grace;
 use set::RoleSet;
@@ -115,35 +116,44 @@ async fn rotate(settings: RotateSettings) -> anyhow::Result<u8> {
     let mut locked =
         crate::store::lock(&settings.dir).map_err(|err| Failure::Config.unless_classified(err))?;
     match phase {
-        Phase::Abort => {
-            let pending = Pending::read(&locked.root)?;
-            // A run killed between its publish and the record's removal: the rotation is
-            // done, and rolling the staged files back under the new pg_service.conf would
-            // leave a set the sync refuses (see `finish_published`).
-            if pending.already_published(&locked.keys)? {
-                finish_published(&locked.root, &pending)?;
-                return Ok(0);
-            }
-            rollback(&locked, &pending)?;
-            return Ok(0);
+        Phase::Abort | Phase::PublishOnly => finish_pending(&config, &locked, phase),
+        Phase::Full | Phase::StageOnly => {
+            stage_and_publish(&settings, &config, &mut locked, phase).await
         }
-        Phase::PublishOnly => {
-            let pending = Pending::read(&locked.root)?;
-            // The same state: the staged logins are no longer the unpublished ones, which
-            // `staged_from_files` would refuse, so there would be no way forward at all.
-            if pending.already_published(&locked.keys)? {
-                finish_published(&locked.root, &pending)?;
-                return Ok(0);
-            }
-            pending.check_staged(&locked)?;
-            let set = RoleSet::read(&config, &locked.keys, &config.twin_suffix)?;
-            let staged = pending.staged_from_files(&set)?;
-            publish(&locked.keys, &set, &staged)?;
-            remove_pending(&locked.root)?;
-            return Ok(0);
-        }
-        Phase::Full | Phase::StageOnly => {}
     }
+}
+
+/// `--abort` and `--publish-only`: ends the pending stage one way or the other.
+fn finish_pending(config: &Config, locked: &Locked, phase: Phase) -> anyhow::Result<u8> {
+    let pending = Pending::read(&locked.root)?;
+    // A run killed between its publish and the record's removal: the rotation is done.
+    // Rolling the staged files back under the new pg_service.conf would leave a set the
+    // sync refuses, and publishing again is impossible (the staged logins are no longer
+    // the unpublished ones): only the record goes (`finish_published`).
+    if pending.already_published(&locked.keys)? {
+        finish_published(&locked.root, &pending)?;
+        return Ok(0);
+    }
+    if phase == Phase::Abort {
+        rollback(locked, &pending)?;
+        return Ok(0);
+    }
+    pending.check_staged(locked)?;
+    let set = RoleSet::read(config, &locked.keys, &config.twin_suffix)?;
+    let staged = pending.staged_from_files(&set)?;
+    publish(&locked.keys, &set, &staged)?;
+    remove_pending(&locked.root)?;
+    Ok(0)
+}
+
+/// A full run (or `--stage-only`): grace check, backup and stage; then the wait, the
+/// publish and the final check, or a rollback.
+async fn stage_and_publish(
+    settings: &RotateSettings,
+    config: &Config,
+    locked: &mut Locked,
+    phase: Phase,
+) -> anyhow::Result<u8> {
     if Pending::exists(&locked.root)? {
         return Err(anyhow::anyhow!(
             "a staged rotation is pending ({}): finish it with `rotate --publish-only` or \
@@ -152,9 +162,9 @@ async fn rotate(settings: RotateSettings) -> anyhow::Result<u8> {
         ))
         .context(Failure::TryLater);
     }
-    let set = RoleSet::read(&config, &locked.keys, &config.twin_suffix)?;
-    check_grace(&config, &set, settings.force).await?;
-    let (pending, staged) = stage::stage(&mut locked, &set, &config.twin_suffix)?;
+    let set = RoleSet::read(config, &locked.keys, &config.twin_suffix)?;
+    check_grace(config, &set, settings.force).await?;
+    let (pending, staged) = stage::stage(locked, &set, &config.twin_suffix)?;
     if phase == Phase::StageOnly {
         println!(
             "staged; deliver the files, check the staged logins (verify --overlap --staged), \
@@ -165,23 +175,21 @@ async fn rotate(settings: RotateSettings) -> anyhow::Result<u8> {
     println!(
         "waiting up to {} for the staged logins to log in at {}",
         humanize(settings.wait),
-        connect::describe(&config)
+        connect::describe(config)
     );
-    if let Err(err) = wait_or_signal(&config, &staged, settings.wait).await {
+    if let Err(err) = wait_or_signal(config, &staged, settings.wait).await {
         // Whatever went wrong, the published credentials were never touched; put the
         // staged files back so the set is exactly what it was before.
-        match rollback(&locked, &pending) {
-            Ok(()) => return Err(err.context("the rotation was rolled back")),
-            Err(rollback_err) => {
-                return Err(err.context(format!(
-                    "rolling back failed too ({rollback_err:#}); finish with `rotate --abort`"
-                )));
-            }
-        }
+        return Err(match rollback(locked, &pending) {
+            Ok(()) => err.context("the rotation was rolled back"),
+            Err(rollback_err) => err.context(format!(
+                "rolling back failed too ({rollback_err:#}); finish with `rotate --abort`"
+            )),
+        });
     }
     publish(&locked.keys, &set, &staged)?;
     remove_pending(&locked.root)?;
-    check_published(&config, &staged).await
+    check_published(config, &staged).await
 }
 
 /// rotate checks logins over TCP as the applications make them: a socket directory in
@@ -192,7 +200,7 @@ fn refuse_sockets(config: &Config) -> anyhow::Result<()> {
         Host::Tcp(_) => None,
     }) {
         return Err(anyhow::anyhow!(
-            "PGHOST/--host names a socket directory ({}); rotate checks logins over TCP as \
+            "PGHOST/--pghost names a socket directory ({}); rotate checks logins over TCP as \
              the applications make them: give host names or addresses",
             dir.display()
         ))

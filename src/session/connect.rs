@@ -13,6 +13,9 @@
 //! (`session::superuser`), with every method, before the next: libpq's order.
 //!
 //! Passwords are handed to tokio-postgres in memory; nothing goes through argv or env.
+//! They leave only through SCRAM: every connection is read through `auth_watch`, which
+//! fails it before tokio-postgres answers a request for the password in clear text or as
+//! MD5 (what a listener that is not the server would ask for).
 //! No connect blocks the runtime's thread (which forwards `run`'s signals): the socket is
 //! non-blocking, a full listen backlog is retried, and the configured connect timeout
 //! bounds the whole attempt. Over TCP, a server that falls silent once connected (its host
@@ -29,6 +32,7 @@ use nix::libc;
 use socket2::{Domain, SockAddr, Socket, Type};
 use tokio_postgres::{Client, NoTls};
 
+use super::auth_watch::Watched;
 use crate::config::{Config, Host, OsIdentity, Server};
 use crate::error::Failure;
 use crate::secret::Secret;
@@ -102,6 +106,15 @@ pub fn socket_path(dir: &Path, port: u16) -> std::path::PathBuf {
     dir.join(format!(".s.PGSQL.{port}"))
 }
 
+/// Settings sent in the startup packet, which take precedence over a database's and a
+/// role's settings (`ALTER DATABASE … SET`): `idle_session_timeout` (PostgreSQL 14+)
+/// ends a session idle between two statements, and a database owner setting it to a
+/// millisecond would end our sessions before any statement could clear it (between the
+/// login and the first statement, or between two statements that pin the session). The
+/// other settings such an owner can attach are cleared by the pinning statements
+/// (`session::superuser`), which need no idle-free moment.
+const STARTUP_OPTIONS: &str = "-c idle_session_timeout=0";
+
 /// One connection attempt to `server`, bounded by the configured connect timeout (per
 /// server, as libpq's `connect_timeout`).
 pub async fn connect(
@@ -114,6 +127,12 @@ pub async fn connect(
     pg.user(user)
         .dbname(&config.dbname)
         .application_name("pg-password-sync")
+        // Sent with the login, so it is in force before the session's first idle moment
+        // (see `STARTUP_OPTIONS`).
+        .options(STARTUP_OPTIONS)
+        // No SSLRequest (NoTls would skip it too): `Watched` reads the stream from its
+        // first byte as messages.
+        .ssl_mode(tokio_postgres::config::SslMode::Disable)
         .connect_timeout(config.connect_timeout);
     if let Auth::Password(secret, _) = auth {
         pg.password(secret.expose());
@@ -126,12 +145,12 @@ pub async fn connect(
                     Auth::Password(..) => None,
                 };
                 let stream = connect_socket(&socket_path(dir, server.port), identity).await?;
-                let (client, connection) = pg.connect_raw(stream, NoTls).await?;
+                let (client, connection) = pg.connect_raw(Watched::new(stream), NoTls).await?;
                 started(client, connection)
             }
             Host::Tcp(host) => {
                 let stream = tcp_stream(host, server.port).await?;
-                let (client, connection) = pg.connect_raw(stream, NoTls).await?;
+                let (client, connection) = pg.connect_raw(Watched::new(stream), NoTls).await?;
                 started(client, connection)
             }
         };

@@ -26,7 +26,7 @@
 use std::fmt::{self, Write as _};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow};
+use anyhow::Context;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Error};
 
@@ -85,6 +85,43 @@ impl Blockers {
             other => crate::config::parse_duration(other).map(|d| Some(d).filter(|d| !d.is_zero())),
         }
     }
+}
+
+/// What one sync's watchdog saw: how many distinct sessions (or prepared transactions)
+/// held the sync up, and how many of them it ended (or rolled back). Summed over syncs by
+/// whoever keeps count (`Syncer::take_tally`, the metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub blocked: u64,
+    pub ended: u64,
+}
+
+impl Tally {
+    pub fn add(self, other: Tally) -> Tally {
+        Tally {
+            blocked: self.blocked + other.blocked,
+            ended: self.ended + other.ended,
+        }
+    }
+}
+
+/// The error of a sync that gave up waiting for locks (the watchdog's own limit, or the
+/// server's `lock_timeout`): its own type, so that a failure can be told apart as a lock
+/// wait from any other SQL failure (the metrics' `lock` class) without changing its text.
+#[derive(Debug)]
+pub struct GaveUp(pub String);
+
+impl fmt::Display for GaveUp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for GaveUp {}
+
+/// Whether `err` is a sync that gave up waiting for locks.
+pub fn gave_up(err: &anyhow::Error) -> bool {
+    err.downcast_ref::<GaveUp>().is_some()
 }
 
 /// One session that blocks the sync, as `pg_blocking_pids` and `pg_stat_activity` show it.
@@ -261,6 +298,8 @@ pub struct Watchdog<'a> {
     ended: Vec<i32>,
     /// Prepared transactions already rolled back, by global id.
     rolled_back: Vec<String>,
+    /// Every blocker seen (`pid:<pid>` or `gid:<global id>`), for the tally.
+    seen: Vec<String>,
 }
 
 impl<'a> Watchdog<'a> {
@@ -277,6 +316,15 @@ impl<'a> Watchdog<'a> {
             gave_up: false,
             ended: Vec::new(),
             rolled_back: Vec::new(),
+            seen: Vec::new(),
+        }
+    }
+
+    /// How many distinct blockers this watchdog saw, and how many it ended.
+    pub fn tally(&self) -> Tally {
+        Tally {
+            blocked: self.seen.len() as u64,
+            ended: (self.ended.len() + self.rolled_back.len()) as u64,
         }
     }
 
@@ -365,10 +413,10 @@ impl<'a> Watchdog<'a> {
             (false, Some(db)) => format!(" (server: {})", db.message()),
             _ => String::new(),
         };
-        Err(anyhow!(
+        Err(anyhow::Error::new(GaveUp(format!(
             "gave up after waiting {waited:.1}s for locks held by {held_by} ({why}); \
              nothing was changed{server}"
-        ))
+        ))))
         .context(what.to_owned())
     }
 
@@ -391,6 +439,15 @@ impl<'a> Watchdog<'a> {
         };
         if blockers.is_empty() {
             return;
+        }
+        for blocker in &blockers {
+            let key = match &blocker.prepared {
+                Some(prepared) => format!("gid:{}", prepared.gid),
+                None => format!("pid:{}", blocker.pid),
+            };
+            if !self.seen.contains(&key) {
+                self.seen.push(key);
+            }
         }
         let since = *self.blocked_since.get_or_insert(statement_started);
         let waited = since.elapsed();

@@ -12,6 +12,7 @@
 //! superuser rights; a `role` would run the whole session as that login; a read-only
 //! default or tiny timeouts would make every statement fail.
 
+pub mod auth_watch;
 pub mod connect;
 pub mod locks;
 pub mod target;

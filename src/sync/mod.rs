@@ -12,6 +12,7 @@ mod recorded;
 pub mod scram;
 pub mod sql;
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::fmt;
 
@@ -68,9 +69,18 @@ pub struct Report {
     /// VALID UNTIL set, NOLOGIN), one line each; never a password or verifier.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub logins: Vec<String>,
+    /// Roles whose password was set again although their secret had not changed since this
+    /// process last applied it: someone changed it on the server behind our back (drift),
+    /// and the sync restored it. Only a long-running process knows what it applied last.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub restored: Vec<String>,
     /// The server is a standby (read-only): nothing was attempted.
     pub standby: bool,
     pub dry_run: bool,
+    /// Roles whose verifier was re-made (or would be) only to reach the server's
+    /// `scram_iterations`: changed, but not to a new password.
+    #[serde(skip)]
+    pub strengthened: Vec<String>,
 }
 
 impl Report {
@@ -157,6 +167,9 @@ pub struct Syncer {
     pub config: Config,
     pub options: Options,
     last_applied: Option<SecretSet>,
+    /// What the watchdogs of the syncs since the last `take_tally` saw of blocking
+    /// sessions, failed syncs included.
+    tally: Cell<locks::Tally>,
 }
 
 impl Syncer {
@@ -165,13 +178,19 @@ impl Syncer {
             config,
             options,
             last_applied: None,
+            tally: Cell::new(locks::Tally::default()),
         }
+    }
+
+    /// The blocking sessions seen and ended by the syncs since the last call.
+    pub fn take_tally(&self) -> locks::Tally {
+        self.tally.take()
     }
 
     /// Reads every secret (all must be valid), connects, applies every role
     /// (`Scope::CheckAll`). Nothing is applied on any error.
     pub async fn sync(&mut self) -> anyhow::Result<Report> {
-        self.sync_files(Scope::CheckAll)
+        self.sync_files(Scope::CheckAll, Reread::AtOnce)
             .await?
             .context("no set was applied")
     }
@@ -181,8 +200,13 @@ impl Syncer {
     /// The transaction reads the files again once it holds the sync lock, and applies only
     /// if they are still what was read: a sync queued behind another (a one-shot `sync`
     /// behind the watcher, say) never puts back an older set than the files hold. When they
-    /// changed meanwhile, the new set is read and applied instead (a few times at most).
-    pub async fn sync_files(&mut self, scope: Scope) -> anyhow::Result<Option<Report>> {
+    /// changed meanwhile, nothing is applied; `reread` says whether the new set is read
+    /// and applied at once (a few times at most), or left to the caller (`FilesChanged`).
+    pub async fn sync_files(
+        &mut self,
+        scope: Scope,
+        reread: Reread,
+    ) -> anyhow::Result<Option<Report>> {
         let mut attempt = 1;
         loop {
             let secrets = self.config.load_secrets()?;
@@ -191,7 +215,9 @@ impl Syncer {
             }
             match self.apply_checked(&secrets, scope, true).await {
                 Err(err)
-                    if err.downcast_ref::<FilesChanged>().is_some() && attempt < STALE_ATTEMPTS =>
+                    if err.downcast_ref::<FilesChanged>().is_some()
+                        && reread == Reread::AtOnce
+                        && attempt < STALE_ATTEMPTS =>
                 {
                     tracing::info!(
                         "the secret files changed while the sync waited for its lock; reading them again"
@@ -207,13 +233,38 @@ impl Syncer {
     /// role: what a resync does while the files are mid-change (they must not be read
     /// then). Nothing is compared with the files: a newer set there is pending, and is
     /// applied when it settles.
+    ///
+    /// Overlap mode's pairs are left out (their logins' passwords and `VALID UNTIL`): that
+    /// set may be older than what another sync (a one-shot `sync`) already applied from
+    /// the newer files, and for a pair an older password is no mere restore: it would
+    /// take a stage applied since for a stage rolled back (expired at once, its sessions
+    /// ended), or re-publish a retired login. The settled change, or the next full resync,
+    /// checks them.
     pub async fn reapply_last(&mut self) -> anyhow::Result<Option<Report>> {
         let Some(set) = self.last_applied().cloned() else {
             return Ok(None);
         };
-        self.apply_checked(&set, Scope::CheckAll, false)
-            .await
-            .map(Some)
+        let pair_logins: Vec<&str> = set
+            .published
+            .iter()
+            .flat_map(|p| [p.role.as_str(), p.twin.as_str()])
+            .collect();
+        let outside_pairs = SecretSet {
+            entries: set
+                .entries
+                .iter()
+                .filter(|(spec, _)| !pair_logins.contains(&spec.name.as_str()))
+                .cloned()
+                .collect(),
+            published: Vec::new(),
+            service: None,
+        };
+        let report = self
+            .apply_checked(&outside_pairs, Scope::CheckAll, false)
+            .await;
+        // Still the whole set: the pairs' values were applied by an earlier sync.
+        self.last_applied = Some(set);
+        report.map(Some)
     }
 
     /// Applies an already validated set of secrets in one transaction, to the roles `scope`
@@ -276,7 +327,8 @@ impl Syncer {
             },
         );
         let fresh = check_files.then_some(set);
-        let report = apply(self, &client, secrets, roles, &logins, scope, fresh).await?;
+        let mut report = apply(self, &client, secrets, roles, &logins, scope, fresh).await?;
+        report.restored = restored(self.last_entries(), secrets, &report);
         self.applied(set);
         Ok(report)
     }
@@ -346,6 +398,18 @@ impl Syncer {
 /// How many times a sync whose files changed while it waited for its lock reads them again.
 const STALE_ATTEMPTS: u32 = 5;
 
+/// What a sync does when the files changed while it waited for its lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reread {
+    /// Reads them again at once: a one-shot `sync`, and the first sync of `run` and
+    /// `watch`, which take the files as they find them.
+    AtOnce,
+    /// Applies nothing (`FilesChanged`): the watch loop, whose file events say when the
+    /// change is complete (a file written in place is taken only once its writer closed
+    /// it and it stood still, and a read now could take half of it).
+    WhenSettled,
+}
+
 /// The secret files no longer hold the set a sync was about to apply (read again under
 /// its lock): it applied nothing.
 #[derive(Debug)]
@@ -395,6 +459,27 @@ pub fn set_changed(last: Option<&SecretSet>, new: &SecretSet) -> bool {
     }
 }
 
+/// The roles `report` changed whose secret in `secrets` is the one `last` applied (none
+/// before the first apply: a change then may be a rotation made while nobody watched).
+fn restored(
+    last: Option<&[(RoleSpec, Secret)]>,
+    secrets: &[(RoleSpec, Secret)],
+    report: &Report,
+) -> Vec<String> {
+    let Some(last) = last else {
+        return Vec::new();
+    };
+    let changed: Vec<&str> = changed_since(Some(last), secrets)
+        .map(|(spec, _)| spec.name.as_str())
+        .collect();
+    report
+        .changed()
+        .into_iter()
+        .filter(|role| !changed.contains(role))
+        .map(str::to_owned)
+        .collect()
+}
+
 /// How many times a sync the server chose as a deadlock's victim is tried again (within
 /// the same total wait).
 const DEADLOCK_ATTEMPTS: u32 = 3;
@@ -436,21 +521,33 @@ async fn apply(
         Box::new(move |dbname| Box::pin(syncer.connect_superuser_to(login, dbname))),
     );
     watchdog.set_backend_pid(row.get(2));
+    let plan = Plan {
+        secrets,
+        logins,
+        options,
+        scope,
+        iterations,
+        fresh: fresh.map(|set| (&syncer.config, set)),
+    };
+    let result = attempts(client, &plan, &mut watchdog).await;
+    // Failed syncs count too: a blocker that made the sync give up is the one to know of.
+    syncer.tally.set(syncer.tally.get().add(watchdog.tally()));
+    result
+}
+
+/// The transaction, tried again when the server chose it as a deadlock's victim.
+async fn attempts(
+    client: &Client,
+    plan: &Plan<'_>,
+    watchdog: &mut locks::Watchdog<'_>,
+) -> anyhow::Result<Report> {
     let mut attempt = 1;
     loop {
         let mut report = Report {
-            dry_run: options.dry_run,
+            dry_run: plan.options.dry_run,
             ..Report::default()
         };
-        let plan = Plan {
-            secrets,
-            logins,
-            options,
-            scope,
-            iterations,
-            fresh: fresh.map(|set| (&syncer.config, set)),
-        };
-        match transaction(client, &plan, &mut watchdog, &mut report).await {
+        match transaction(client, plan, watchdog, &mut report).await {
             Ok(()) => return Ok(report),
             // The server rolled the sync back to break a deadlock with another session (it
             // normally picks the other one: see `sql::bounds`). The other session has its
@@ -509,16 +606,18 @@ async fn transaction(
         let prepared = logins.prepare(client, watchdog, &mut report.logins).await?;
         let secrets = &logins.adjust(plan.secrets, &prepared);
         let leftovers = logins.find_leftovers(client, watchdog).await?;
-        set_passwords(client, plan, secrets, watchdog, report).await?;
+        let salts = set_passwords(client, plan, secrets, watchdog, report).await?;
         // Who may log in until when: the same transaction, so a publish switch and the
-        // passwords it relies on are in force together, or not at all.
+        // passwords it relies on are in force together, or not at all. A verifier only
+        // re-made at the server's strength holds no new password.
         let changed: Vec<&str> = report
             .changed()
             .into_iter()
             .chain(report.roles_with(Status::WouldChange))
+            .filter(|role| !report.strengthened.iter().any(|s| s == role))
             .collect();
         let lines = logins
-            .valid_until(client, watchdog, &changed, &prepared, &leftovers)
+            .valid_until(client, watchdog, &changed, &salts, &prepared, &leftovers)
             .await?;
         report.logins.extend(lines);
         if plan.options.dry_run {
@@ -585,14 +684,15 @@ async fn begin_locked(
 }
 
 /// Reads the stored verifiers of `secrets`, plans each role's step off the runtime's
-/// thread, and sends the new verifiers; one outcome per role in `report`.
+/// thread, and sends the new verifiers; one outcome per role in `report`. Returns, per
+/// role, the salt of its stored verifier before and after (overlap mode records them).
 async fn set_passwords(
     client: &Client,
     plan: &Plan<'_>,
     secrets: &[(RoleSpec, Secret)],
     watchdog: &mut locks::Watchdog<'_>,
     report: &mut Report,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<HashMap<String, overlap::Salts>> {
     let names: Vec<String> = secrets.iter().map(|(r, _)| r.name.clone()).collect();
     let rows = watchdog
         .guard(
@@ -606,6 +706,7 @@ async fn set_passwords(
         .await?;
     let current: HashMap<String, Option<String>> =
         rows.iter().map(|row| (row.get(0), row.get(1))).collect();
+    let mut salts = salts_of(&current);
     let missing: Vec<&str> = names
         .iter()
         .filter(|n| !current.contains_key(*n))
@@ -634,9 +735,16 @@ async fn set_passwords(
     .await
     .context("planning the password changes")??;
     for ((spec, _), step) in secrets.iter().zip(steps) {
+        if matches!(step, Step::Strengthen(_)) {
+            report.strengthened.push(spec.name.clone());
+        }
         let status = match step {
             Step::Keep(status) => status,
-            Step::Set(verifier) => {
+            Step::Strengthen(None) => Status::WouldChange,
+            Step::Set(verifier) | Step::Strengthen(Some(verifier)) => {
+                if let Some(entry) = salts.get_mut(&spec.name) {
+                    entry.after = scram::salt_of(&verifier).map(str::to_owned);
+                }
                 let statement = sql::alter_role_password(&spec.name, &verifier);
                 watchdog
                     .guard(
@@ -655,7 +763,25 @@ async fn set_passwords(
             status,
         });
     }
-    Ok(())
+    Ok(salts)
+}
+
+/// Per role, the salt of its stored verifier, before and (until a new one is set) after.
+fn salts_of(current: &HashMap<String, Option<String>>) -> HashMap<String, overlap::Salts> {
+    current
+        .iter()
+        .map(|(name, stored)| {
+            let before = stored
+                .as_deref()
+                .and_then(scram::salt_of)
+                .map(str::to_owned);
+            let salts = overlap::Salts {
+                after: before.clone(),
+                before,
+            };
+            (name.clone(), salts)
+        })
+        .collect()
 }
 
 impl overlap::Guard for locks::Watchdog<'_> {
@@ -674,12 +800,19 @@ enum Step {
     Keep(Status),
     /// Store this (freshly made) verifier.
     Set(String),
+    /// The stored verifier holds the role's password with fewer rounds than the server's
+    /// `scram_iterations`: store this one, made at the server's strength (`None`: dry
+    /// run). The same password: no new password as far as overlap mode's rules go (a
+    /// stage, a lockout lifted by a new password).
+    Strengthen(Option<String>),
 }
 
 /// Decides every role's step; the stored verifiers of `checked` are compared first. Checking a stored verifier and making a new one are
 /// `iterations` PBKDF2 rounds each, the bulk of a large sync's time, so big role sets are
 /// spread over the available cores. A stored verifier with fewer rounds than the server's
-/// `scram_iterations` counts as changed: it is re-made at the configured strength.
+/// `scram_iterations` counts as changed: it is re-made at the configured strength (a
+/// `Step::Strengthen` when it still holds the role's password: one PBKDF2 at its own,
+/// lower, count tells).
 fn plan_steps(
     secrets: &[(RoleSpec, Secret)],
     current: &HashMap<String, Option<String>>,
@@ -693,6 +826,17 @@ fn plan_steps(
             if checked.contains(&spec.name) && scram::is_current(stored, secret, iterations) =>
         {
             Ok(Step::Keep(Status::Unchanged))
+        }
+        Some(Some(stored))
+            if checked.contains(&spec.name)
+                && !scram::strong_enough(stored, iterations)
+                && scram::verifies(stored, secret) =>
+        {
+            if dry_run {
+                Ok(Step::Strengthen(None))
+            } else {
+                scram::make_verifier(secret, iterations).map(|v| Step::Strengthen(Some(v)))
+            }
         }
         Some(_) if dry_run => Ok(Step::Keep(Status::WouldChange)),
         Some(_) => scram::make_verifier(secret, iterations).map(Step::Set),
@@ -874,8 +1018,13 @@ mod tests {
         // The server asks for more rounds than the stored verifier has: re-made with them.
         let stronger = plan_steps(&secrets, &current, false, &all, 8192).unwrap();
         assert!(
-            matches!(&stronger[0], Step::Set(v) if v.starts_with("SCRAM-SHA-256$8192:")
+            matches!(&stronger[0], Step::Strengthen(Some(v)) if v.starts_with("SCRAM-SHA-256$8192:")
                 && scram::verifies(v, &secret))
         );
+        // Another password: a new one, whatever the rounds.
+        assert!(matches!(&stronger[1], Step::Set(v) if scram::verifies(v, &secret)));
+        let dry = plan_steps(&secrets, &current, true, &all, 8192).unwrap();
+        assert!(matches!(dry[0], Step::Strengthen(None)));
+        assert!(matches!(dry[1], Step::Keep(Status::WouldChange)));
     }
 }

@@ -5,7 +5,7 @@
 
 use crate::state::{Snapshot, StateFile};
 
-use super::{Report, Scope, Syncer};
+use super::{Report, Reread, Scope, Syncer};
 
 /// One sync of the current secret files, recorded in `state`.
 ///
@@ -18,15 +18,19 @@ pub async fn sync_and_record(
     syncer: &mut Syncer,
     state: &StateFile,
     scope: Scope,
+    reread: Reread,
 ) -> anyhow::Result<Option<Report>> {
     // Taken before the read, so `health` can tell whether a file changed after it.
     let snapshot = Snapshot::take(&syncer.config);
-    let result = syncer.sync_files(scope).await;
+    let result = syncer.sync_files(scope, reread).await;
     let standby = result
         .as_ref()
         .ok()
         .and_then(|report| report.as_ref().map(|r| r.standby));
     state.record_sync_of(snapshot, result.is_ok(), standby);
+    if let Ok(Some(report)) = &result {
+        state.record_changed(&report.changed());
+    }
     result
 }
 

@@ -66,8 +66,12 @@ pub fn make_verifier(password: &Secret, iterations: u32) -> anyhow::Result<Strin
 /// True when `stored` verifies `password` with at least `min_iterations` rounds: what the
 /// sync keeps unchanged. A weaker stored verifier is not even checked (no PBKDF2 spent).
 pub fn is_current(stored: &str, password: &Secret, min_iterations: u32) -> bool {
+    strong_enough(stored, min_iterations) && verifies(stored, password)
+}
+
+/// True when `stored` is a SCRAM-SHA-256 verifier with at least `min_iterations` rounds.
+pub fn strong_enough(stored: &str, min_iterations: u32) -> bool {
     parse_verifier(stored).is_some_and(|v| v.iterations >= min_iterations)
-        && verifies(stored, password)
 }
 
 /// The parts of a stored `SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>` verifier.
@@ -77,6 +81,15 @@ pub struct Verifier {
     pub salt: Vec<u8>,
     pub stored_key: Vec<u8>,
     pub server_key: Vec<u8>,
+}
+
+/// The salt of a stored SCRAM verifier as stored (base64), without decoding anything;
+/// `None` for anything else. The server sends it to whoever starts a SCRAM login as the
+/// role: no secret.
+pub fn salt_of(stored: &str) -> Option<&str> {
+    let rest = stored.strip_prefix(PREFIX)?;
+    let (params, _) = rest.split_once('$')?;
+    params.split_once(':').map(|(_, salt)| salt)
 }
 
 /// Parses a stored verifier; `None` for anything else (MD5, plaintext, NULL, malformed).

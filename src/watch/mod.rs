@@ -42,10 +42,13 @@ use tokio_postgres::Client;
 use crate::backoff::Backoff;
 use crate::config::{Config, ConfigSettings};
 use crate::error::Failure;
+use crate::metrics::{self, Metrics, MetricsSettings};
 use crate::postmaster;
 use crate::session::{self, connect};
 use crate::state::{Snapshot, StateFile};
-use crate::sync::{Options, Report, Scope, Syncer, log_report, sync_and_record};
+use crate::sync::{
+    FilesChanged, Options, Report, Reread, Scope, Syncer, log_report, sync_and_record,
+};
 use debounce::{Debouncer, Due};
 use watches::Watches;
 
@@ -85,6 +88,8 @@ pub struct WatchOptions {
     pub resync_interval: Duration,
     /// Directory for the health state file.
     pub state_dir: PathBuf,
+    /// Where the metrics go (nowhere by default).
+    pub metrics: MetricsSettings,
 }
 
 /// What `watch` was asked to do.
@@ -127,13 +132,19 @@ pub fn request_resync(tx: &Sender<()>) -> Requested {
 /// until SIGTERM or SIGINT (exit 0). SIGHUP checks every role.
 pub fn command(settings: WatchSettings) -> anyhow::Result<u8> {
     let config = Config::from_settings(&settings.config)?;
+    let listener = metrics::bind(&settings.watch.metrics)?;
     crate::runtime::new()?.block_on(sidecar(
         Syncer::new(config, settings.options),
         settings.watch,
+        listener,
     ))
 }
 
-async fn sidecar(mut syncer: Syncer, options: WatchOptions) -> anyhow::Result<u8> {
+async fn sidecar(
+    mut syncer: Syncer,
+    options: WatchOptions,
+    listener: Option<std::net::TcpListener>,
+) -> anyhow::Result<u8> {
     // Installed before anything else, so a stop during the server wait is clean too.
     let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
@@ -143,10 +154,15 @@ async fn sidecar(mut syncer: Syncer, options: WatchOptions) -> anyhow::Result<u8
     // A fresh state at once: a restarted sidecar must not inherit its predecessor's
     // "ready, synced" from a state directory that outlived it.
     state.record_ready(false);
+    let mut metrics = Metrics::start(&options.metrics, listener, &syncer.config, &state)?;
 
     let work = async {
-        let standby = wait_for_server_and_sync(&mut syncer, &state).await;
-        watch_loop(&mut syncer, &options, &state, &mut resync_rx, standby).await
+        let standby = wait_for_server_and_sync(&mut syncer, &state, &mut metrics).await;
+        let recorders = Recorders {
+            state: &state,
+            metrics: &mut metrics,
+        };
+        watch_loop(&mut syncer, &options, recorders, &mut resync_rx, standby).await
     };
     tokio::pin!(work);
     loop {
@@ -182,13 +198,20 @@ async fn sidecar(mut syncer: Syncer, options: WatchOptions) -> anyhow::Result<u8
 /// retries it with its own backoff). Contrast `run`'s first sync, which retries a failed
 /// sync itself because postgres is its child and may still be starting. Returns whether
 /// the server said it is a standby.
-async fn wait_for_server_and_sync(syncer: &mut Syncer, state: &StateFile) -> bool {
+async fn wait_for_server_and_sync(
+    syncer: &mut Syncer,
+    state: &StateFile,
+    metrics: &mut Metrics,
+) -> bool {
     let started = Instant::now();
     let mut backoff = Backoff::new(WAIT_MIN, WAIT_MAX);
     let mut progress_at = started + WAIT_PROGRESS;
     let mut announced = false;
     loop {
-        let error = match sync_and_record(syncer, state, Scope::CheckAll).await {
+        let attempt = Instant::now();
+        let result = sync_and_record(syncer, state, Scope::CheckAll, Reread::AtOnce).await;
+        metrics.record(metrics::Trigger::Start, &result, attempt, syncer);
+        let error = match result {
             Ok(report) => {
                 // Ready before the report is logged: whoever sees the line finds `health`
                 // already current (the rule of `sync_and_record`).
@@ -266,8 +289,9 @@ enum Trigger {
     Requested,
     /// The standby we were skipping became a primary.
     Promoted,
-    /// A retry after a failed apply (keeps the original trigger's scope).
-    Retry(Scope),
+    /// A retry after a failed apply (keeps the original trigger's scope, and counts as
+    /// the original trigger in the metrics).
+    Retry(Scope, metrics::Trigger),
 }
 
 impl Trigger {
@@ -279,7 +303,7 @@ impl Trigger {
             // there is no last applied set and the comparison applies it anyway); only a
             // change in between needs a connection, not a second pass over every role.
             Trigger::Start | Trigger::Files => Scope::ChangedOnly,
-            Trigger::Retry(scope) => scope,
+            Trigger::Retry(scope, _) => scope,
             // Promoted: what a standby skipped was still remembered as applied, so only
             // checking every role catches up with it.
             Trigger::Overflow | Trigger::Periodic | Trigger::Requested | Trigger::Promoted => {
@@ -296,7 +320,19 @@ impl Trigger {
             Trigger::Periodic => "periodic resync",
             Trigger::Requested => "resync request",
             Trigger::Promoted => "promotion",
-            Trigger::Retry(_) => "retry",
+            Trigger::Retry(..) => "retry",
+        }
+    }
+
+    /// The trigger the metrics count the sync under.
+    fn cause(self) -> metrics::Trigger {
+        match self {
+            Trigger::Start => metrics::Trigger::Start,
+            Trigger::Files | Trigger::Overflow => metrics::Trigger::File,
+            Trigger::Periodic => metrics::Trigger::Periodic,
+            Trigger::Requested => metrics::Trigger::Sighup,
+            Trigger::Promoted => metrics::Trigger::Promotion,
+            Trigger::Retry(_, cause) => cause,
         }
     }
 }
@@ -307,6 +343,8 @@ struct Retry {
     scope: Scope,
     /// When the rotation being retried was first seen (latency is reported from there).
     since: Instant,
+    /// What made the sync that failed.
+    cause: metrics::Trigger,
 }
 
 /// The retry schedule of failed applies: the one pending retry, if any, and the backoff
@@ -398,36 +436,32 @@ impl PromotionWatch {
     }
 }
 
+/// Where the loop records each sync's outcome: the state file `health` reads, and the
+/// metrics (off unless asked for).
+pub struct Recorders<'a> {
+    pub state: &'a StateFile,
+    pub metrics: &'a mut Metrics,
+}
+
 /// Watches the secret directories and re-syncs on change, on the periodic timer, on every
 /// request on `resync` (SIGHUP) and when a standby is promoted, recording each outcome in
-/// `state`. `standby`: the caller's first sync found a standby. Runs until an
+/// `recorders`. `standby`: the caller's first sync found a standby. Runs until an
 /// unrecoverable error; the caller drops it to stop (e.g. when the child exits).
 pub async fn watch_loop(
     syncer: &mut Syncer,
     options: &WatchOptions,
-    state: &StateFile,
+    recorders: Recorders<'_>,
     resync: &mut Receiver<()>,
     standby: bool,
 ) -> anyhow::Result<()> {
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let mut watches = Watches::new(events_tx)?;
     watches.arm(&syncer.config);
-    let (dirs, files) = watches.counts(&syncer.config);
-    tracing::info!(
-        "watching {dirs} secret director{} and {files} secret file{} (debounce {} ms, resync {})",
-        if dirs == 1 { "y" } else { "ies" },
-        if files == 1 { "" } else { "s" },
-        options.debounce.as_millis(),
-        if options.resync_interval.is_zero() {
-            "off".to_owned()
-        } else {
-            format!("every {} s", options.resync_interval.as_secs())
-        }
-    );
-
+    announce(&watches, syncer, options);
     let mut work = Loop {
         syncer,
-        state,
+        state: recorders.state,
+        metrics: recorders.metrics,
         watches,
         debouncer: Debouncer::new(options.debounce),
         stamps: None,
@@ -463,6 +497,7 @@ pub async fn watch_loop(
         let retry_at = work.retries.pending.as_ref().map(|r| r.at);
         let promotion_at = work.standby.as_ref().map(|s| s.next_check);
         let deferred_at = work.deferred_request;
+        let logins_at = work.metrics.logins_due();
         tokio::select! {
             event = events.recv() => {
                 let event = event.context("the file watcher stopped")?;
@@ -485,16 +520,26 @@ pub async fn watch_loop(
             }
             _ = tick(periodic.as_mut()) => work.full_resync(Trigger::Periodic).await,
             _ = sleep_until(promotion_at) => work.check_promotion().await,
-            _ = drift_check.tick() => {
-                // A pending burst re-arms anyway; feeding it would only stretch its quiet
-                // period (after a Kubernetes swap every file's inode has changed).
-                if !work.debouncer.pending() && work.watches.drifted(&work.syncer.config) {
-                    tracing::debug!("a watched path appeared, vanished or was replaced");
-                    work.debouncer.event(Instant::now(), false);
-                }
-            }
+            _ = drift_check.tick() => work.check_drift(),
+            _ = sleep_until(logins_at) => work.metrics.refresh_logins(work.syncer).await,
         }
     }
+}
+
+/// The loop's first line: what it watches, and how.
+fn announce(watches: &Watches, syncer: &Syncer, options: &WatchOptions) {
+    let (dirs, files) = watches.counts(&syncer.config);
+    tracing::info!(
+        "watching {dirs} secret director{} and {files} secret file{} (debounce {} ms, resync {})",
+        if dirs == 1 { "y" } else { "ies" },
+        if files == 1 { "" } else { "s" },
+        options.debounce.as_millis(),
+        if options.resync_interval.is_zero() {
+            "off".to_owned()
+        } else {
+            format!("every {} s", options.resync_interval.as_secs())
+        }
+    );
 }
 
 /// How the loop treats one notify event.
@@ -556,6 +601,7 @@ fn show(paths: &[PathBuf]) -> String {
 struct Loop<'a> {
     syncer: &'a mut Syncer,
     state: &'a StateFile,
+    metrics: &'a mut Metrics,
     watches: Watches,
     debouncer: Debouncer,
     /// The secret files' versions at the last in-place write: a burst of in-place writes
@@ -627,6 +673,16 @@ impl Loop<'_> {
         }
     }
 
+    /// A watched path appeared, vanished or was replaced: read after the quiet period. A
+    /// pending burst re-arms anyway; feeding it would only stretch its quiet period (after
+    /// a Kubernetes swap every file's inode has changed).
+    fn check_drift(&mut self) {
+        if !self.debouncer.pending() && self.watches.drifted(&self.syncer.config) {
+            tracing::debug!("a watched path appeared, vanished or was replaced");
+            self.debouncer.event(Instant::now(), false);
+        }
+    }
+
     /// Drops writers whose file has since been replaced (renamed over, swapped, deleted):
     /// whatever they still write goes to a file that is no longer the secret.
     fn prune_writers(&mut self) {
@@ -694,7 +750,10 @@ impl Loop<'_> {
 
     async fn on_retry(&mut self, retry: Retry) {
         match retry.scope {
-            Scope::CheckAll => self.full_resync(Trigger::Retry(Scope::CheckAll)).await,
+            Scope::CheckAll => {
+                self.full_resync(Trigger::Retry(Scope::CheckAll, retry.cause))
+                    .await;
+            }
             // The pending burst re-reads the changed files anyway once they settle.
             Scope::ChangedOnly if self.debouncer.pending() => {}
             Scope::ChangedOnly => {
@@ -702,7 +761,7 @@ impl Loop<'_> {
                     .debouncer
                     .take_settled()
                     .map_or(retry.since, |b| b.first.min(retry.since));
-                self.reconcile(Trigger::Retry(Scope::ChangedOnly), since)
+                self.reconcile(Trigger::Retry(Scope::ChangedOnly, retry.cause), since)
                     .await;
             }
         }
@@ -735,9 +794,13 @@ impl Loop<'_> {
         match &result {
             // The files were not read: only a failure is worth recording for `health`,
             // and what the server said about recovery (a promotion).
-            Ok(report) => self
-                .state
-                .record_standby(report.as_ref().is_some_and(|r| r.standby)),
+            Ok(report) => {
+                self.state
+                    .record_standby(report.as_ref().is_some_and(|r| r.standby));
+                if let Some(report) = report {
+                    self.state.record_changed(&report.changed());
+                }
+            }
             Err(_) => self
                 .state
                 .record_sync_of(Snapshot::take(&self.syncer.config), false, None),
@@ -770,7 +833,8 @@ impl Loop<'_> {
         self.watches.arm(&self.syncer.config);
         let scope = trigger.scope();
         let applying = Instant::now();
-        let result = sync_and_record(self.syncer, self.state, scope).await;
+        // A change that came while it waited for the sync lock is applied when it settles.
+        let result = sync_and_record(self.syncer, self.state, scope, Reread::WhenSettled).await;
         self.outcome(result, trigger, scope, since, applying);
     }
 
@@ -784,6 +848,8 @@ impl Loop<'_> {
         since: Instant,
         applying: Instant,
     ) {
+        self.metrics
+            .record(trigger.cause(), &result, since, self.syncer);
         match result {
             Ok(None) => {
                 tracing::debug!(
@@ -798,36 +864,7 @@ impl Loop<'_> {
                 }
             }
             Ok(Some(report)) => {
-                let elapsed = since.elapsed().as_millis();
-                tracing::debug!(
-                    trigger = trigger.describe(),
-                    apply_ms = applying.elapsed().as_millis(),
-                    since_first_event_ms = elapsed,
-                    "sync transaction done"
-                );
-                let changed = report.changed();
-                if report.standby {
-                    tracing::info!("server is a standby (in recovery): sync skipped");
-                } else if !changed.is_empty() || !report.logins.is_empty() {
-                    // The same per-role report and completion line as every other sync:
-                    // operators grep for `Password synchronization complete.`.
-                    log_report(&report);
-                    tracing::info!(
-                        "passwords rotated: {} changed, {elapsed} ms from first event to \
-                         commit (trigger: {})",
-                        if changed.is_empty() {
-                            "none".to_owned()
-                        } else {
-                            changed.join(", ")
-                        },
-                        trigger.describe()
-                    );
-                } else {
-                    tracing::debug!(
-                        trigger = trigger.describe(),
-                        "all passwords already in force"
-                    );
-                }
+                log_applied(&report, trigger, since, applying);
                 if report.standby {
                     self.became_standby();
                 } else {
@@ -849,20 +886,72 @@ impl Loop<'_> {
             }
             Err(err) => {
                 let delay = self.retries.backoff.next_delay();
-                tracing::warn!(
-                    "applying the secret files failed (trigger: {}); retrying in {} ms: \
-                     {err:#}",
-                    trigger.describe(),
-                    delay.as_millis()
-                );
+                if err.downcast_ref::<FilesChanged>().is_some() {
+                    // Not a failure: the files changed while the sync queued for its lock.
+                    // The pending change is applied when it settles (the retry waits for
+                    // it, or finds none and reads the files).
+                    tracing::info!(
+                        "{err} (trigger: {}); applying them once they settle",
+                        trigger.describe()
+                    );
+                } else {
+                    tracing::warn!(
+                        "applying the secret files failed (trigger: {}); retrying in {} ms: \
+                         {err:#}",
+                        trigger.describe(),
+                        delay.as_millis()
+                    );
+                }
                 self.retries.pending = Some(Retry {
                     at: Instant::now() + delay,
                     scope,
                     since,
+                    cause: trigger.cause(),
                 });
             }
         }
     }
+}
+
+/// Logs what a sync that applied did: the per-role report and completion line when it
+/// changed something (operators grep for `Password synchronization complete.`), with the
+/// time from the first file event to its commit.
+fn log_applied(report: &Report, trigger: Trigger, since: Instant, applying: Instant) {
+    let elapsed = since.elapsed().as_millis();
+    tracing::debug!(
+        trigger = trigger.describe(),
+        apply_ms = applying.elapsed().as_millis(),
+        since_first_event_ms = elapsed,
+        "sync transaction done"
+    );
+    let changed = report.changed();
+    if report.standby {
+        tracing::info!("server is a standby (in recovery): sync skipped");
+        return;
+    }
+    if !report.restored.is_empty() {
+        tracing::warn!(
+            "password of role(s) {} restored: changed on the server since this process set it",
+            report.restored.join(", ")
+        );
+    }
+    if changed.is_empty() && report.logins.is_empty() {
+        tracing::debug!(
+            trigger = trigger.describe(),
+            "all passwords already in force"
+        );
+        return;
+    }
+    log_report(report);
+    tracing::info!(
+        "passwords rotated: {} changed, {elapsed} ms from first event to commit (trigger: {})",
+        if changed.is_empty() {
+            "none".to_owned()
+        } else {
+            changed.join(", ")
+        },
+        trigger.describe()
+    );
 }
 
 /// Sleeps until `deadline`, or forever when there is none (a disabled `select!` branch).
@@ -981,7 +1070,7 @@ mod tests {
         assert_eq!(Trigger::Files.scope(), Scope::ChangedOnly);
         assert_eq!(Trigger::Start.scope(), Scope::ChangedOnly);
         assert_eq!(
-            Trigger::Retry(Scope::ChangedOnly).scope(),
+            Trigger::Retry(Scope::ChangedOnly, metrics::Trigger::File).scope(),
             Scope::ChangedOnly
         );
         for t in [
@@ -989,7 +1078,7 @@ mod tests {
             Trigger::Periodic,
             Trigger::Requested,
             Trigger::Promoted,
-            Trigger::Retry(Scope::CheckAll),
+            Trigger::Retry(Scope::CheckAll, metrics::Trigger::Periodic),
         ] {
             assert_eq!(t.scope(), Scope::CheckAll, "{t:?}");
         }
