@@ -646,9 +646,9 @@ impl std::fmt::Display for Unreached {
 
 impl std::error::Error for Unreached {}
 
+/// anyhow finds a context value (`err.context(Unreached)`) as well as a root error.
 fn is_unreached(err: &anyhow::Error) -> bool {
-    err.chain()
-        .any(|cause| cause.downcast_ref::<Unreached>().is_some())
+    err.downcast_ref::<Unreached>().is_some()
 }
 
 /// Logs in as `role` with `password` over TCP to `server`, the way the application does,
@@ -820,6 +820,18 @@ mod tests {
             let err = through_section(&config, &section(&[other])).unwrap_err();
             assert!(err.contains(needle) && err.contains("[app]"), "{err}");
         }
+    }
+
+    #[test]
+    fn an_unreached_server_is_told_apart_however_the_error_is_wrapped() {
+        let refused = anyhow::anyhow!("connection refused");
+        assert!(is_unreached(&refused.context(Unreached).context("outer")));
+        assert!(is_unreached(
+            &anyhow::Error::new(Unreached).context("timed out")
+        ));
+        assert!(!is_unreached(&anyhow::anyhow!(
+            "password authentication failed"
+        )));
     }
 
     #[test]

@@ -755,7 +755,8 @@ const OVERLAP_GRACE: Duration = Duration::from_secs(15);
 /// the leader's sidecar starts the retired login's grace. Then the leader dies. On the
 /// new leader the twins, their mark, the published logins and the grace are the same
 /// (replicated catalogs): the published logins work, the retired ones until their grace
-/// ends and no longer after. A second rotation then finds the new leader.
+/// ends and no longer after. A second rotation then finds the new leader past the dead
+/// one.
 #[test]
 fn patroni_overlap_twins_published_login_and_grace_survive_a_failover() {
     let source = Source::generate();
@@ -776,7 +777,7 @@ fn patroni_overlap_twins_published_login_and_grace_survive_a_failover() {
         });
     }
     let retired: Vec<(String, String)> = OVERLAPPED.map(|role| source.published(role)).into();
-    let first = rotate_through_list(&cluster, &source);
+    let first = rotate_through_list(&cluster, &source, old);
     first.expect_stdout("the superuser's password");
     remember(&source, &mut secrets);
     assert_eq!(source.published("appuser").0, "appuser_alt");
@@ -812,8 +813,9 @@ fn patroni_overlap_twins_published_login_and_grace_survive_a_failover() {
     });
     assert!(published_work_on(node, &source));
 
-    // The next rotation re-keys the retired logins on the new leader.
-    let second = rotate_through_list(&cluster, &source);
+    // The next rotation re-keys the retired logins on the new leader, past the old one,
+    // first in the list and down.
+    let second = rotate_through_list(&cluster, &source, old);
     remember(&source, &mut secrets);
     assert_eq!(source.published("appuser").0, "appuser");
     assert!(published_work_on(node, &source));
@@ -852,9 +854,17 @@ fn published_work_on(node: &Node, source: &Source) -> bool {
     })
 }
 
-/// `rotate` from outside with every node in `PGHOST`, `read-write`, and `--patroni on`.
-fn rotate_through_list(cluster: &PatroniCluster, source: &Source) -> Run {
-    let (hosts, ports) = cluster.host_list();
+/// `rotate` from outside with every node in `PGHOST`, node `first` first, `read-write`,
+/// and `--patroni on`.
+fn rotate_through_list(cluster: &PatroniCluster, source: &Source, first: usize) -> Run {
+    let (hosts, _) = cluster.host_list();
+    let mut order: Vec<usize> = (0..cluster.nodes.len()).filter(|&i| i != first).collect();
+    order.insert(0, first);
+    let ports: Vec<String> = order
+        .iter()
+        .map(|&i| cluster.nodes[i].port.to_string())
+        .collect();
+    let ports = ports.join(",");
     let grace = format!("{}s", OVERLAP_GRACE.as_secs());
     let mut cmd = bin();
     cmd.arg("rotate")
@@ -1189,4 +1199,45 @@ fn a_data_directory_with_patronis_mark_leaves_the_superuser_unless_told_otherwis
         Some(&cluster),
         &[&left, &off, &mapped],
     );
+}
+
+/// libpq's order past a server that is down: `sync` and `verify` with a host list whose
+/// first server does not answer (nothing listens on its port) reach the second, the
+/// `read-write` one, and verify says so.
+#[test]
+fn a_host_list_passes_over_a_server_that_is_down() {
+    let cluster = Cluster::start_default();
+    let keys = Keys::new();
+    cluster.create_throwaway_roles(DEFAULT_ROLES.iter().map(|(role, _)| *role));
+    let secrets = keys.write_new(&DEFAULT_ROLES, "host-list");
+    // Over TCP the superuser logs in with its file's password.
+    cluster.create_roles(&[("postgres", &secrets[0])]);
+    cluster.clear_log();
+    let ports = format!("{},{}", free_port(), cluster.port);
+    let command = |sub: &str| {
+        let mut cmd = bin();
+        cmd.arg(sub)
+            .args(["--pghost", "127.0.0.1,127.0.0.1", "--pgport", &ports])
+            .args(["--target-session-attrs", "read-write"])
+            .arg("--keys-dir")
+            .arg(keys.path())
+            .arg("--secrets-source-dir")
+            .arg(keys.path().join("none"))
+            .args(["--temporal-db-user", "temporaluser"]);
+        cmd
+    };
+    let sync = cluster.run(command("sync")).expect_ok();
+    sync.expect_stdout_line(&["appuser", "changed"]);
+    cluster.assert_login("appuser", &secrets[1]);
+    let mut verify = command("verify");
+    verify.args(["--format", "json"]);
+    let verify = cluster.run(verify).expect_ok();
+    let at = format!("127.0.0.1:{}", cluster.port);
+    assert_eq!(
+        verify.stdout.matches(&at).count(),
+        DEFAULT_ROLES.len(),
+        "{verify}"
+    );
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    assert_no_leak(&secrets, Some(&cluster), &[&sync, &verify]);
 }

@@ -124,7 +124,29 @@ impl std::error::Error for NoTarget {}
 
 /// Whether `err` says that every server that answered is a standby (at least one did).
 pub fn only_standbys(err: &anyhow::Error) -> bool {
-    err.chain()
-        .filter_map(|cause| cause.downcast_ref::<NoTarget>())
-        .any(|no| no.standbys > 0)
+    err.downcast_ref::<NoTarget>()
+        .is_some_and(|no| no.standbys > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Failure;
+
+    #[test]
+    fn only_standbys_is_found_under_the_context_callers_add() {
+        let no = |standbys| NoTarget {
+            target: TargetSession::ReadWrite,
+            standbys,
+            reasons: vec!["127.0.0.1:5432: a standby (in recovery)".into()],
+        };
+        let err = anyhow::Error::new(no(1))
+            .context(Failure::Connect)
+            .context("syncing");
+        assert!(only_standbys(&err));
+        assert!(format!("{err:#}").contains("no server accepts read-write sessions"));
+        // None answered: no server at all, not a cluster between leaders.
+        assert!(!only_standbys(&anyhow::Error::new(no(0))));
+        assert!(!only_standbys(&anyhow::anyhow!("refused")));
+    }
 }
