@@ -409,6 +409,19 @@ impl Config {
             .collect()
     }
 
+    /// Overlap mode's pairs (none when it is off).
+    pub fn pairs(&self) -> &[Pair] {
+        self.overlap.as_ref().map_or(&[], |o| o.pairs.as_slice())
+    }
+
+    /// Every login whose password the sync sets: the role map, then (overlap mode) each
+    /// twin.
+    pub fn logins(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.roles.iter().map(|r| r.name.clone()).collect();
+        all.extend(self.pairs().iter().map(|p| p.twin.clone()));
+        all
+    }
+
     /// Every file a sync reads, labelled with the login (or, for the service file, the
     /// file's name): the role map, then in overlap mode the twins and `pg_service.conf`.
     pub fn secret_files(&self) -> Vec<(String, SecretRef)> {

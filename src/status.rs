@@ -19,8 +19,8 @@ use serde::Serialize;
 use crate::config::{Config, ConfigSettings};
 use crate::error::Failure;
 use crate::health::{self, HealthSettings};
+use crate::overlap;
 use crate::overlap::server::{LoginFacts, read_logins, staged_login};
-use crate::overlap::{self, Pair};
 use crate::session;
 use crate::state::{self, State};
 use crate::store::clock::Utc;
@@ -141,7 +141,7 @@ async fn read_server(config: &Config) -> anyhow::Result<ServerFacts> {
     let limit = config.connect_timeout;
     let read = async {
         let row = client.query_one("SELECT pg_is_in_recovery()", &[]).await?;
-        let logins = read_logins(&client, &logins(config)).await?;
+        let logins = read_logins(&client, &config.logins()).await?;
         anyhow::Ok(ServerFacts {
             standby: row.get(0),
             logins,
@@ -152,17 +152,6 @@ async fn read_server(config: &Config) -> anyhow::Result<ServerFacts> {
         .map_err(|_| anyhow!("no answer within {limit:?} (a lock on pg_authid?)"))?
         .context("reading the logins")
         .context(Failure::Sql)
-}
-
-/// Every login: each role of the role map, then (overlap mode) each twin.
-fn logins(config: &Config) -> Vec<String> {
-    let mut all: Vec<String> = config.roles.iter().map(|r| r.name.clone()).collect();
-    all.extend(pairs(config).iter().map(|p| p.twin.clone()));
-    all
-}
-
-fn pairs(config: &Config) -> &[Pair] {
-    config.overlap.as_ref().map_or(&[], |o| o.pairs.as_slice())
 }
 
 /// Per role, the login `pg_service.conf` publishes (empty when it cannot be read).
@@ -221,7 +210,7 @@ fn build(
         .roles
         .iter()
         .map(
-            |role| match pairs(config).iter().find(|p| p.role == role.name) {
+            |role| match config.pairs().iter().find(|p| p.role == role.name) {
                 None => RoleView {
                     role: role.name.clone(),
                     stage_pending: None,

@@ -288,11 +288,11 @@ impl Exposition {
         for class in CLASSES {
             self.sync.failures.with_label_values(&[class]);
         }
-        for login in logins(config) {
+        for login in config.logins() {
             self.sync.changes.with_label_values(&[&login]);
             self.sync.drift.with_label_values(&[&login]);
         }
-        for pair in pairs(config) {
+        for pair in config.pairs() {
             for login in [&pair.role, &pair.twin] {
                 let labels = [pair.role.as_str(), login.as_str()];
                 self.logins.published.with_label_values(&labels).set(0.0);
@@ -322,18 +322,6 @@ impl Exposition {
         }
         text
     }
-}
-
-/// Every login whose password the sync sets: the role map, then in overlap mode the twins.
-fn logins(config: &Config) -> Vec<String> {
-    let mut all: Vec<String> = config.roles.iter().map(|r| r.name.clone()).collect();
-    all.extend(pairs(config).iter().map(|p| p.twin.clone()));
-    all
-}
-
-/// Overlap mode's pairs (none when it is off).
-fn pairs(config: &Config) -> &[Pair] {
-    config.overlap.as_ref().map_or(&[], |o| o.pairs.as_slice())
 }
 
 /// Binds `--metrics-listen` before anything starts, so that an address that cannot be
@@ -385,7 +373,7 @@ impl Metrics {
             let served = listener::serve(listener, exposition.clone())?;
             tracing::info!("metrics on http://{served}/metrics");
         }
-        let pairs = pairs(config).to_vec();
+        let pairs = config.pairs().to_vec();
         let mut metrics = Metrics {
             on: Some(On {
                 exposition,

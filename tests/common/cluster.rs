@@ -246,22 +246,7 @@ impl Cluster {
 
     /// `psql_output` in database `db` (psql takes the last `-d`).
     pub fn psql_output_in(&self, db: &str, sql: &str) -> std::process::Output {
-        // The SQL goes through stdin, not argv: tests pass role setup through here.
-        let mut child = psql_superuser(&self.sock, self.port)
-            .args(["-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", db])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(sql.as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
+        psql_stdin(&self.sock, self.port, db, sql)
     }
 
     /// Creates LOGIN roles with the given passwords (plaintext through psql's stdin: this
@@ -380,6 +365,27 @@ impl Drop for Cluster {
 
 /// psql as the superuser over the socket in `sock` (peer authentication as the server's
 /// OS user), without reading any psqlrc.
+/// psql as the superuser on the server at `sock`/`port`, database `db`, running `sql` sent
+/// through stdin (never argv: tests pass role setup through here); unaligned, tuples only,
+/// stopping at the first error.
+pub fn psql_stdin(sock: &Path, port: u16, db: &str, sql: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = psql_superuser(sock, port)
+        .args(["-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", db])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(sql.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
 pub fn psql_superuser(sock: &Path, port: u16) -> Command {
     let mut cmd = as_server_user(pg_bin("psql"));
     cmd.args(["-X", "-q", "-U", "postgres", "-d", "postgres", "-h"])

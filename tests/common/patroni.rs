@@ -198,20 +198,7 @@ impl Node {
     }
 
     pub fn psql_output(&self, sql: &str) -> std::process::Output {
-        let mut child = psql_superuser(&self.sock, self.port)
-            .args(["-A", "-t", "-v", "ON_ERROR_STOP=1"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(sql.as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
+        psql_stdin(&self.sock, self.port, "postgres", sql)
     }
 
     /// Logs in over TCP with SCRAM, in-process.
