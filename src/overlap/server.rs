@@ -157,14 +157,13 @@ impl Mark {
     }
 }
 
-/// Where a mark records the salts of the verifiers the sync last stored for the pair.
-const SALTS: &str = "; verifier salts ";
+/// Where a mark records the tags of the verifiers the sync last stored for the pair.
+const SALTS: &str = "; verifier tags ";
 
-/// The salts of the verifiers the sync last stored for a pair's two logins, as its mark
-/// records them: how the sync tells a password it set (its salt still there) from one set
-/// behind its back (another salt), which it restores without taking it for a stage or a
-/// lifted lockout. A salt is no secret: the server sends it to anyone who starts a SCRAM
-/// login as the role.
+/// The tags of the verifiers the sync last stored for a pair's two logins (`scram::salt_tag`:
+/// a hash of the random salt, no part of the verifier), as its mark records them: how the
+/// sync tells a password it set (its tag still there) from one set behind its back
+/// (another tag), which it restores without taking it for a stage or a lifted lockout.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recorded {
     role: Option<String>,
@@ -215,8 +214,8 @@ impl Recorded {
     }
 }
 
-/// What the password step found and left for one login: the salt of the stored verifier
-/// before the transaction, and after it (the one it set, or the same).
+/// What the password step found and left for one login: the tag (`scram::salt_tag`) of the
+/// stored verifier before the transaction, and after it (the one it set, or the same).
 #[derive(Debug, Clone, Default)]
 pub struct Salts {
     pub before: Option<String>,

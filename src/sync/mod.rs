@@ -743,7 +743,7 @@ async fn set_passwords(
             Step::Strengthen(None) => Status::WouldChange,
             Step::Set(verifier) | Step::Strengthen(Some(verifier)) => {
                 if let Some(entry) = salts.get_mut(&spec.name) {
-                    entry.after = scram::salt_of(&verifier).map(str::to_owned);
+                    entry.after = scram::salt_tag(&verifier);
                 }
                 let statement = sql::alter_role_password(&spec.name, &verifier);
                 watchdog
@@ -771,10 +771,7 @@ fn salts_of(current: &HashMap<String, Option<String>>) -> HashMap<String, overla
     current
         .iter()
         .map(|(name, stored)| {
-            let before = stored
-                .as_deref()
-                .and_then(scram::salt_of)
-                .map(str::to_owned);
+            let before = stored.as_deref().and_then(scram::salt_tag);
             let salts = overlap::Salts {
                 after: before.clone(),
                 before,

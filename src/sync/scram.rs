@@ -83,13 +83,16 @@ pub struct Verifier {
     pub server_key: Vec<u8>,
 }
 
-/// The salt of a stored SCRAM verifier as stored (base64), without decoding anything;
-/// `None` for anything else. The server sends it to whoever starts a SCRAM login as the
-/// role: no secret.
-pub fn salt_of(stored: &str) -> Option<&str> {
+/// A tag of a stored SCRAM verifier's salt: the first 8 bytes of the SHA-256 of the salt as
+/// stored, in hex; `None` for anything else. It tells one verifier from another (a new one
+/// has a new random salt) and holds no part of the verifier: it is written where anyone
+/// can read it (the twin's mark) and where an audit log records it.
+pub fn salt_tag(stored: &str) -> Option<String> {
     let rest = stored.strip_prefix(PREFIX)?;
     let (params, _) = rest.split_once('$')?;
-    params.split_once(':').map(|(_, salt)| salt)
+    let (_, salt) = params.split_once(':')?;
+    let digest = Sha256::digest(salt.as_bytes());
+    Some(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Parses a stored verifier; `None` for anything else (MD5, plaintext, NULL, malformed).
