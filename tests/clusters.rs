@@ -89,6 +89,22 @@ impl Setup {
             .unwrap_or_default()
     }
 
+    /// How many role changes the sidecar of node `i` has applied so far.
+    fn sidecar_changes(&self, i: usize) -> usize {
+        self.sidecar_log(i).matches(": changed").count()
+    }
+
+    /// The sidecar of node `i` applied nothing since it had applied `before` changes
+    /// (it no longer leads: `when`).
+    fn assert_sidecar_wrote_nothing_after(&self, i: usize, before: usize, when: &str) {
+        let log = self.sidecar_log(i);
+        assert_eq!(
+            log.matches(": changed").count(),
+            before,
+            "the old leader's sidecar wrote after the {when}:\n{log}"
+        );
+    }
+
     /// Writes new passwords for every application role (renamed into place).
     fn rotate(&mut self, prefix: &str) {
         self.app = self.keys.write_new(&APP_ROLES, prefix);
@@ -321,19 +337,14 @@ fn patroni_a_switchover_then_a_rotation_reach_the_new_leader() {
         "the old leader to follow the new one",
         || setup.cluster.nodes[old].is_replica() && streams(&setup.cluster.nodes[old]),
     );
-    let applied_by_old = setup.sidecar_log(old).matches(": changed").count();
+    let applied_by_old = setup.sidecar_changes(old);
     setup.rotate("after-switchover");
     setup.wait_in_force(new);
     setup.wait_in_force_everywhere();
     wait_until(LIMIT, "the new leader's sidecar to report", || {
         setup.sidecar_log(new).contains("passwords rotated")
     });
-    let log = setup.sidecar_log(old);
-    assert_eq!(
-        log.matches(": changed").count(),
-        applied_by_old,
-        "the old leader's sidecar wrote after the switchover:\n{log}"
-    );
+    setup.assert_sidecar_wrote_nothing_after(old, applied_by_old, "switchover");
     for i in 0..3 {
         setup.assert_superuser_is_patronis(i);
     }
@@ -430,7 +441,7 @@ fn patroni_the_old_leader_rejoins_after_a_failover() {
     let new = setup.cluster.wait_leader(Some(old));
     setup.rotate("while-the-old-leader-is-down");
     setup.wait_in_force(new);
-    let applied_by_old = setup.sidecar_log(old).matches(": changed").count();
+    let applied_by_old = setup.sidecar_changes(old);
     setup.cluster.nodes[old].start();
     let started = Instant::now();
     wait_until(CLUSTER_LIMIT, "the old leader to rejoin and stream", || {
@@ -450,12 +461,7 @@ fn patroni_the_old_leader_rejoins_after_a_failover() {
     wait_until(LIMIT, "the old leader's sidecar to see a standby", || {
         setup.sidecar_log(old).contains("standby")
     });
-    let sidecar = setup.sidecar_log(old);
-    assert_eq!(
-        sidecar.matches(": changed").count(),
-        applied_by_old,
-        "the old leader's sidecar wrote after the failover:\n{sidecar}"
-    );
+    setup.assert_sidecar_wrote_nothing_after(old, applied_by_old, "failover");
     for i in 0..3 {
         setup.assert_superuser_is_patronis(i);
     }

@@ -344,14 +344,7 @@ impl Cluster {
 
     /// Arguments for the binary that point it at this cluster.
     pub fn conn_args(&self) -> Vec<String> {
-        vec![
-            "--pghost".into(),
-            self.sock.display().to_string(),
-            "--pgport".into(),
-            self.port.to_string(),
-            "--pgdata".into(),
-            self.data.display().to_string(),
-        ]
+        conn_args(&self.sock, self.port, &self.data)
     }
 }
 
@@ -365,6 +358,19 @@ impl Drop for Cluster {
 
 /// psql as the superuser over the socket in `sock` (peer authentication as the server's
 /// OS user), without reading any psqlrc.
+/// Arguments for the binary that point it at the server on socket directory `sock`, `port`,
+/// with data directory `data`.
+pub fn conn_args(sock: &Path, port: u16, data: &Path) -> Vec<String> {
+    vec![
+        "--pghost".into(),
+        sock.display().to_string(),
+        "--pgport".into(),
+        port.to_string(),
+        "--pgdata".into(),
+        data.display().to_string(),
+    ]
+}
+
 /// psql as the superuser on the server at `sock`/`port`, database `db`, running `sql` sent
 /// through stdin (never argv: tests pass role setup through here); unaligned, tuples only,
 /// stopping at the first error.

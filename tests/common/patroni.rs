@@ -221,14 +221,7 @@ impl Node {
 
     /// Arguments that point the binary at this node's server over its socket.
     pub fn conn_args(&self) -> Vec<String> {
-        vec![
-            "--pghost".into(),
-            self.sock.display().to_string(),
-            "--pgport".into(),
-            self.port.to_string(),
-            "--pgdata".into(),
-            self.data.display().to_string(),
-        ]
+        conn_args(&self.sock, self.port, &self.data)
     }
 }
 
