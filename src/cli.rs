@@ -4,19 +4,24 @@
 //! operators. Every flag has an environment variable (flags win), matching the variables
 //! the replaced shell scripts read, so the binary is a drop-in for their container setup.
 //!
-//! This is the only module that knows clap: each subcommand's arguments are turned here
-//! (the `From` impls at the end) into the plain settings struct its module owns, so the
-//! domain modules never depend on the command line.
+//! This is the only module that knows clap, and the first of the two configuration
+//! layers: each subcommand's arguments are turned here (the conversions at the end) into
+//! the validated settings its module owns and runs on (built from `config.rs`'s types), so
+//! the domain modules never depend on the command line. Every default is written once, in
+//! the flag's attribute or as a constant the attribute names.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::{ConfigSettings, PatroniRule, TargetSession};
-use crate::config::{DEFAULT_GRACE, parse_duration};
+use anyhow::Context;
+
+use crate::config::{self, Config, Connection, NamedRoles, OsIdentity, RoleMap};
+use crate::config::{DEFAULT_GRACE, PatroniRule, TargetSession, parse_duration};
+use crate::error::Failure;
 use crate::health::HealthSettings;
 use crate::keyfiles::GenerateSettings;
 use crate::metrics::MetricsSettings;
@@ -118,6 +123,47 @@ pub struct RoleMapArgs {
     pub roles: Vec<String>,
 }
 
+/// The server besides its host, how to reach it and whether Patroni manages it: one
+/// definition for the commands that run beside it and `rotate`, which runs on the host (each
+/// names its own `--pghost` default).
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// Server port (also names the socket file `.s.PGSQL.<port>`): one for every host of
+    /// --pghost, or a comma-separated list with one per host. `--port` is the same.
+    #[arg(
+        long = "pgport",
+        alias = "port",
+        env = "PGPORT",
+        default_value = "5432"
+    )]
+    pub pgport: String,
+
+    /// Which server of a --pghost list to use, as libpq's target_session_attrs: `any` (the
+    /// first that answers), `read-write` or `primary` (the first that is not a standby).
+    #[arg(
+        long,
+        env = "PGTARGETSESSIONATTRS",
+        default_value = "any",
+        value_parser = TargetSession::parse
+    )]
+    pub target_session_attrs: TargetSession,
+
+    /// Database to connect to.
+    #[arg(long, env = "PGDATABASE", default_value = crate::config::DEFAULT_SUPERUSER)]
+    pub dbname: String,
+
+    /// Whether Patroni manages the server: `auto` (PGDATA holds patroni.dynamic.json or a
+    /// postgresql.conf written by Patroni; off for `rotate`, which has no data directory),
+    /// `on` or `off`. Where it does, the default role map leaves the superuser to Patroni
+    /// (`rotate` leaves the superuser's password file as it is); see docs/clusters.md.
+    #[arg(long, env = "PG_PASSWORD_SYNC_PATRONI", default_value = "auto", value_parser = PatroniRule::parse)]
+    pub patroni: PatroniRule,
+
+    /// Give up connecting after this long (per attempt), e.g. `5s`, `500ms`.
+    #[arg(long, env = "PG_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+}
+
 /// Where the secrets are, which roles they belong to, and where the server is.
 #[derive(Debug, Clone, Args)]
 pub struct ConfigArgs {
@@ -130,7 +176,7 @@ pub struct ConfigArgs {
     pub secrets_source_dir: PathBuf,
 
     /// Superuser role; its password comes from --postgres-password-file or `postgres_password`.
-    #[arg(long, env = "POSTGRES_USER", default_value = "postgres")]
+    #[arg(long, env = "POSTGRES_USER", default_value = crate::config::DEFAULT_SUPERUSER)]
     pub postgres_user: String,
 
     /// File holding the superuser password (instead of looking up `postgres_password`).
@@ -145,43 +191,17 @@ pub struct ConfigArgs {
     #[arg(long, env = "PGHOST", default_value = crate::config::DEFAULT_SOCKET_DIR)]
     pub pghost: String,
 
-    /// Server port (also names the socket file `.s.PGSQL.<port>`): one for every host of
-    /// --pghost, or a comma-separated list with one per host.
-    #[arg(long, env = "PGPORT", default_value = "5432")]
-    pub pgport: String,
-
-    /// Which server of a --pghost list to use, as libpq's target_session_attrs: `any` (the
-    /// first that answers), `read-write` or `primary` (the first that is not a standby).
-    #[arg(
-        long,
-        env = "PGTARGETSESSIONATTRS",
-        default_value = "any",
-        value_parser = TargetSession::parse
-    )]
-    pub target_session_attrs: TargetSession,
+    #[command(flatten)]
+    pub server: ServerArgs,
 
     /// Data directory; its `postmaster.pid` tells when the final server is ready.
     #[arg(long, env = "PGDATA", default_value = "/var/lib/postgresql/data")]
     pub pgdata: PathBuf,
 
-    /// Whether Patroni manages the server: `auto` (PGDATA holds patroni.dynamic.json or a
-    /// postgresql.conf written by Patroni), `on` or `off`. Where it does, the default role
-    /// map leaves the superuser to Patroni (see docs/clusters.md).
-    #[arg(long, env = "PG_PASSWORD_SYNC_PATRONI", default_value = "auto", value_parser = PatroniRule::parse)]
-    pub patroni: PatroniRule,
-
-    /// Database to connect to.
-    #[arg(long, env = "PGDATABASE", default_value = "postgres")]
-    pub dbname: String,
-
     /// OS user whose identity the socket connection uses when started as root, so that
     /// `local all postgres peer` admits the sync. Default: `postgres` when root.
     #[arg(long, env = "PG_PASSWORD_SYNC_USER")]
     pub sync_user: Option<String>,
-
-    /// Give up connecting after this long (per attempt), e.g. `5s`, `500ms`.
-    #[arg(long, env = "PG_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
-    pub connect_timeout: Duration,
 
     /// Overlap mode: every role but the superuser also has a twin login (role name +
     /// --twin-suffix, password file named like the role's with the suffix before `_pw`),
@@ -221,6 +241,16 @@ pub struct SyncOptionsArgs {
     /// infinity and LOGIN.
     #[arg(long, env = "PG_PASSWORD_SYNC_OVERRIDE_LOCKOUTS", value_parser = BoolishValueParser::new())]
     pub override_lockouts: bool,
+    /// Refuse (apply nothing, name the file) a role password shorter than N characters,
+    /// e.g. what a writer that died after one byte leaves behind. `0` turns it off;
+    /// `generate` writes 32.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "PG_PASSWORD_SYNC_MIN_PASSWORD_LENGTH",
+        default_value_t = crate::config::DEFAULT_MIN_PASSWORD_LENGTH
+    )]
+    pub min_password_length: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -235,8 +265,6 @@ pub struct SyncArgs {
     pub config: ConfigArgs,
     #[command(flatten)]
     pub options: SyncOptionsArgs,
-    #[command(flatten)]
-    pub values: SecretValueArgs,
     /// Report what would change; change nothing.
     #[arg(long, env = "PG_PASSWORD_SYNC_DRY_RUN", value_parser = BoolishValueParser::new())]
     pub dry_run: bool,
@@ -260,7 +288,7 @@ pub struct WatchOptionsArgs {
     #[arg(
         long,
         env = "PG_PASSWORD_SYNC_STATE_DIR",
-        default_value = "/run/pg-password-sync"
+        default_value = crate::state::DEFAULT_DIR
     )]
     pub state_dir: PathBuf,
     /// Serve Prometheus metrics (GET /metrics, text format) on ADDR:PORT, e.g.
@@ -279,25 +307,6 @@ pub struct WatchOptionsArgs {
     pub metrics_file: Option<PathBuf>,
 }
 
-// ---- Rules for the values of secret files (`run`, `watch`, `sync`) ----------------------
-
-/// What a secret file's value must be before it is applied.
-#[derive(Debug, Clone, Args)]
-pub struct SecretValueArgs {
-    /// Refuse (apply nothing, name the file) a role password shorter than N characters,
-    /// e.g. what a writer that died after one byte leaves behind. `0` turns it off;
-    /// `generate` writes 32.
-    #[arg(
-        long,
-        value_name = "N",
-        env = "PG_PASSWORD_SYNC_MIN_PASSWORD_LENGTH",
-        default_value_t = crate::config::DEFAULT_MIN_PASSWORD_LENGTH
-    )]
-    pub min_password_length: usize,
-}
-
-// ---- end of the secret value rules --------------------------------------------------------
-
 #[derive(Debug, Args)]
 pub struct RunArgs {
     #[command(flatten)]
@@ -306,8 +315,6 @@ pub struct RunArgs {
     pub options: SyncOptionsArgs,
     #[command(flatten)]
     pub watch: WatchOptionsArgs,
-    #[command(flatten)]
-    pub values: SecretValueArgs,
     /// Do not watch the secret files after the first sync.
     #[arg(long, env = "PG_PASSWORD_SYNC_NO_WATCH", value_parser = BoolishValueParser::new())]
     pub no_watch: bool,
@@ -342,8 +349,6 @@ pub struct WatchArgs {
     pub options: SyncOptionsArgs,
     #[command(flatten)]
     pub watch: WatchOptionsArgs,
-    #[command(flatten)]
-    pub values: SecretValueArgs,
 }
 
 #[derive(Debug, Args)]
@@ -375,7 +380,7 @@ pub struct HealthArgs {
     #[arg(
         long,
         env = "PG_PASSWORD_SYNC_STATE_DIR",
-        default_value = "/run/pg-password-sync"
+        default_value = crate::state::DEFAULT_DIR
     )]
     pub state_dir: PathBuf,
 }
@@ -388,7 +393,7 @@ pub struct StatusArgs {
     #[arg(
         long,
         env = "PG_PASSWORD_SYNC_STATE_DIR",
-        default_value = "/run/pg-password-sync"
+        default_value = crate::state::DEFAULT_DIR
     )]
     pub state_dir: PathBuf,
     /// Output format on stdout: a table, or one JSON object.
@@ -411,7 +416,7 @@ pub struct GenerateArgs {
         long,
         value_name = "DIR",
         env = "PG_PASSWORD_SYNC_SECRETS_DIR",
-        default_value = "infra/secrets"
+        default_value = crate::store::DEFAULT_DIR
     )]
     pub dir: PathBuf,
 
@@ -512,7 +517,7 @@ pub struct RotateArgs {
         long,
         value_name = "DIR",
         env = "PG_PASSWORD_SYNC_SECRETS_DIR",
-        default_value = "infra/secrets"
+        default_value = crate::store::DEFAULT_DIR
     )]
     pub dir: PathBuf,
 
@@ -527,37 +532,11 @@ pub struct RotateArgs {
     )]
     pub pghost: String,
 
-    /// Server port, or one per host of a --pghost list. `--port` is the same.
-    #[arg(
-        long = "pgport",
-        alias = "port",
-        env = "PGPORT",
-        default_value = "5432"
-    )]
-    pub pgport: String,
-
-    /// Which server of a --pghost list to use: `any`, `read-write` or `primary` (libpq's
-    /// target_session_attrs).
-    #[arg(
-        long,
-        env = "PGTARGETSESSIONATTRS",
-        default_value = "any",
-        value_parser = TargetSession::parse
-    )]
-    pub target_session_attrs: TargetSession,
-
-    /// Whether Patroni manages the server (`on`, `off`; `auto` means off here: rotate has
-    /// no data directory to look at). With `on` the superuser's password file is left as
-    /// it is, as the sync leaves the superuser to Patroni.
-    #[arg(long, env = "PG_PASSWORD_SYNC_PATRONI", default_value = "auto", value_parser = PatroniRule::parse)]
-    pub patroni: PatroniRule,
-
-    /// Database to log in to.
-    #[arg(long, env = "PGDATABASE", default_value = "postgres")]
-    pub dbname: String,
+    #[command(flatten)]
+    pub server: ServerArgs,
 
     /// Superuser role (never overlapped; its password file is rotated as a single login).
-    #[arg(long, env = "POSTGRES_USER", default_value = "postgres")]
+    #[arg(long, env = "POSTGRES_USER", default_value = crate::config::DEFAULT_SUPERUSER)]
     pub postgres_user: String,
 
     #[command(flatten)]
@@ -597,10 +576,6 @@ pub struct RotateArgs {
     /// is removed.
     #[arg(long, env = "PG_PASSWORD_SYNC_ROTATE_ABORT", value_parser = BoolishValueParser::new())]
     pub abort: bool,
-
-    /// Give up connecting after this long (per attempt).
-    #[arg(long, env = "PG_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
-    pub connect_timeout: Duration,
 }
 
 impl From<LogFormat> for crate::logging::Format {
@@ -611,8 +586,6 @@ impl From<LogFormat> for crate::logging::Format {
         }
     }
 }
-
-// ---- Sessions that block the sync (sync, run, watch) ---------------------------------
 
 /// What the sync does about other sessions holding the locks it needs: the advisory lock
 /// that serialises syncs, and the `pg_authid` row of a role being changed.
@@ -657,6 +630,8 @@ impl SyncOptionsArgs {
             blockers: self.blockers.policy(),
             keep_retired_sessions: self.keep_retired_sessions,
             override_lockouts: self.override_lockouts,
+            grace: self.grace,
+            min_password_length: self.min_password_length,
         }
     }
 }
@@ -680,127 +655,166 @@ impl From<ReportFormat> for crate::sync::ReportFormat {
     }
 }
 
-impl From<ConfigArgs> for ConfigSettings {
-    fn from(args: ConfigArgs) -> Self {
-        ConfigSettings {
-            keys_dir: args.keys_dir,
-            secrets_source_dir: args.secrets_source_dir,
-            postgres_user: args.postgres_user,
-            postgres_password_file: args.postgres_password_file,
-            app_db_user: args.role_map.named.app_db_user,
-            app_db_ro_user: args.role_map.named.app_db_ro_user,
-            temporal_db_user: args.role_map.named.temporal_db_user,
-            roles: args.role_map.roles,
-            pghost: args.pghost,
-            pgport: args.pgport,
-            target_session_attrs: args.target_session_attrs,
-            pgdata: args.pgdata,
-            patroni: args.patroni,
-            dbname: args.dbname,
-            sync_user: args.sync_user,
-            connect_timeout: args.connect_timeout,
-            overlap: args.overlap,
-            twin_suffix: args.twin_suffix,
-            // Only the syncing commands take --grace (`sync_config`); unused elsewhere.
-            grace: parse_duration(DEFAULT_GRACE).unwrap_or_default(),
-            // `verify` and `health` check what is there; the commands that apply passwords
-            // set their own minimum (`SecretValueArgs`, `sync_config`).
-            min_password_length: 0,
+// ---- From the command line to the settings each command runs on ---------------------
+
+impl ServerArgs {
+    /// How to reach the server(s) `pghost` names, as these flags say.
+    fn connection(
+        self,
+        pghost: &str,
+        sync_identity: Option<OsIdentity>,
+    ) -> anyhow::Result<Connection> {
+        Ok(Connection {
+            servers: config::servers(pghost, &self.pgport)?,
+            target: self.target_session_attrs,
+            dbname: self.dbname,
+            connect_timeout: self.connect_timeout,
+            sync_identity,
+        })
+    }
+}
+
+impl From<NamedRoleArgs> for NamedRoles {
+    fn from(args: NamedRoleArgs) -> Self {
+        NamedRoles {
+            app: args.app_db_user,
+            read_only: args.app_db_ro_user,
+            temporal: args.temporal_db_user,
         }
     }
 }
 
-/// The configuration of a syncing command (`run`, `watch`, `sync`): its `--grace` and the
-/// rules for the values it applies (`SecretValueArgs`).
-fn sync_config(
-    config: ConfigArgs,
-    options: &SyncOptionsArgs,
-    values: &SecretValueArgs,
-) -> ConfigSettings {
-    ConfigSettings {
-        grace: options.grace,
-        min_password_length: values.min_password_length,
-        ..ConfigSettings::from(config)
+impl ConfigArgs {
+    /// The validated configuration (a mistake is `Failure::Config`), and the data
+    /// directory.
+    fn validate(self) -> anyhow::Result<(Config, PathBuf)> {
+        let pgdata = self.pgdata.clone();
+        let config = self.config(&pgdata).context(Failure::Config)?;
+        Ok((config, pgdata))
+    }
+
+    fn config(self, pgdata: &Path) -> anyhow::Result<Config> {
+        let map = RoleMap::new(
+            &self.postgres_user,
+            self.postgres_password_file,
+            &self.role_map.named.into(),
+            &self.role_map.roles,
+        )?;
+        let identity = config::sync_identity(self.sync_user.as_deref())?;
+        let patroni = self.server.patroni.at(Some(pgdata));
+        Config::new(
+            map,
+            vec![self.secrets_source_dir, self.keys_dir],
+            self.server.connection(&self.pghost, identity)?,
+            patroni,
+            self.overlap,
+            self.twin_suffix,
+        )
     }
 }
 
-impl From<WatchOptionsArgs> for WatchOptions {
-    fn from(args: WatchOptionsArgs) -> Self {
+impl WatchOptionsArgs {
+    fn options(self, pgdata: PathBuf) -> WatchOptions {
         WatchOptions {
-            debounce: args.debounce,
-            resync_interval: args.resync_interval,
-            state_dir: args.state_dir,
+            debounce: self.debounce,
+            resync_interval: self.resync_interval,
+            state_dir: self.state_dir,
+            pgdata,
             metrics: MetricsSettings {
-                listen: args.metrics_listen,
-                file: args.metrics_file,
+                listen: self.metrics_listen,
+                file: self.metrics_file,
             },
         }
     }
 }
 
-impl From<RunArgs> for RunSettings {
-    fn from(args: RunArgs) -> Self {
-        RunSettings {
-            config: sync_config(args.config, &args.options, &args.values),
+impl TryFrom<RunArgs> for RunSettings {
+    type Error = anyhow::Error;
+
+    fn try_from(args: RunArgs) -> anyhow::Result<Self> {
+        // `--no-sync` is a plain init: the secrets' configuration is neither read nor
+        // checked.
+        let (config, pgdata) = if args.no_sync {
+            (None, args.config.pgdata)
+        } else {
+            let (config, pgdata) = args.config.validate()?;
+            (Some(config), pgdata)
+        };
+        Ok(RunSettings {
+            config,
             options: args.options.sync_options(false),
-            watch: args.watch.into(),
+            watch: args.watch.options(pgdata),
             no_watch: args.no_watch,
-            no_sync: args.no_sync,
             exit_on_sync_failure: args.exit_on_sync_failure,
             postmaster: args.postmaster,
             cmd: args.cmd,
-        }
+        })
     }
 }
 
-impl From<SyncArgs> for SyncSettings {
-    fn from(args: SyncArgs) -> Self {
-        SyncSettings {
-            config: sync_config(args.config, &args.options, &args.values),
+impl TryFrom<SyncArgs> for SyncSettings {
+    type Error = anyhow::Error;
+
+    fn try_from(args: SyncArgs) -> anyhow::Result<Self> {
+        Ok(SyncSettings {
+            config: args.config.validate()?.0,
             options: args.options.sync_options(args.dry_run),
             format: args.format.into(),
-        }
+        })
     }
 }
 
-impl From<WatchArgs> for WatchSettings {
-    fn from(args: WatchArgs) -> Self {
-        WatchSettings {
-            config: sync_config(args.config, &args.options, &args.values),
+impl TryFrom<WatchArgs> for WatchSettings {
+    type Error = anyhow::Error;
+
+    fn try_from(args: WatchArgs) -> anyhow::Result<Self> {
+        let (config, pgdata) = args.config.validate()?;
+        Ok(WatchSettings {
+            config,
             options: args.options.sync_options(false),
-            watch: args.watch.into(),
-        }
+            watch: args.watch.options(pgdata),
+        })
     }
 }
 
-impl From<VerifyArgs> for VerifySettings {
-    fn from(args: VerifyArgs) -> Self {
-        VerifySettings {
-            config: args.config.into(),
+impl TryFrom<VerifyArgs> for VerifySettings {
+    type Error = anyhow::Error;
+
+    fn try_from(args: VerifyArgs) -> anyhow::Result<Self> {
+        Ok(VerifySettings {
+            config: args.config.validate()?.0,
             host: args.host,
             owner: args.owner,
             staged: args.staged,
             format: args.format.into(),
-        }
+        })
     }
 }
 
 impl From<HealthArgs> for HealthSettings {
     fn from(args: HealthArgs) -> Self {
+        let pgdata = args.config.pgdata.clone();
         HealthSettings {
-            config: args.config.into(),
+            // A configuration that does not validate only skips the check of the secret
+            // lookup: the state file and the server still decide.
+            config: args.config.validate().ok().map(|(config, _)| config),
+            pgdata,
             state_dir: args.state_dir,
         }
     }
 }
 
-impl From<StatusArgs> for StatusSettings {
-    fn from(args: StatusArgs) -> Self {
-        StatusSettings {
-            config: args.config.into(),
+impl TryFrom<StatusArgs> for StatusSettings {
+    type Error = anyhow::Error;
+
+    fn try_from(args: StatusArgs) -> anyhow::Result<Self> {
+        let (config, pgdata) = args.config.validate()?;
+        Ok(StatusSettings {
+            config,
+            pgdata,
             state_dir: args.state_dir,
             format: args.format.into(),
-        }
+        })
     }
 }
 
@@ -824,51 +838,44 @@ impl From<GenerateArgs> for GenerateSettings {
             output: args.output,
             overlap: args.overlap,
             twin_suffix: args.twin_suffix,
-            app_db_user: args.named.app_db_user,
-            app_db_ro_user: args.named.app_db_ro_user,
-            temporal_db_user: args.named.temporal_db_user,
+            named: args.named.into(),
         }
     }
 }
 
-impl From<RotateArgs> for RotateSettings {
-    fn from(args: RotateArgs) -> Self {
-        let keys = args.dir.join("keys");
-        RotateSettings {
-            config: ConfigSettings {
-                // The secrets are generate's files, and only those.
-                keys_dir: keys.clone(),
-                secrets_source_dir: keys,
-                postgres_user: args.postgres_user,
-                postgres_password_file: None,
-                app_db_user: args.role_map.named.app_db_user,
-                app_db_ro_user: args.role_map.named.app_db_ro_user,
-                temporal_db_user: args.role_map.named.temporal_db_user,
-                roles: args.role_map.roles,
-                pghost: args.pghost,
-                pgport: args.pgport,
-                target_session_attrs: args.target_session_attrs,
-                // Unused: rotate never looks at a data directory or a socket.
-                pgdata: PathBuf::from("/nonexistent"),
-                patroni: args.patroni,
-                dbname: args.dbname,
-                sync_user: None,
-                connect_timeout: args.connect_timeout,
-                // rotate reads the overlap files itself (`rotate::set`).
-                overlap: false,
-                twin_suffix: args.twin_suffix,
-                // The sync's --grace, which --wait must stay below.
-                grace: args.grace,
-                // rotate writes fresh generated passwords; it checks no length itself.
-                min_password_length: 0,
-            },
+impl TryFrom<RotateArgs> for RotateSettings {
+    type Error = anyhow::Error;
+
+    fn try_from(args: RotateArgs) -> anyhow::Result<Self> {
+        Ok(RotateSettings {
+            config: args.config().context(Failure::Config)?,
             dir: args.dir,
             wait: args.wait,
+            grace: args.grace,
             force: args.force,
             stage_only: args.stage_only,
             publish_only: args.publish_only,
             abort: args.abort,
-        }
+        })
+    }
+}
+
+impl RotateArgs {
+    fn config(&self) -> anyhow::Result<Config> {
+        let named = self.role_map.named.clone().into();
+        let map = RoleMap::new(&self.postgres_user, None, &named, &self.role_map.roles)?;
+        Config::new(
+            map,
+            // The secrets are generate's files, and only those.
+            vec![self.dir.join("keys")],
+            // Over TCP with passwords only (sockets are refused): no identity switch.
+            self.server.clone().connection(&self.pghost, None)?,
+            // rotate runs on the host, with no data directory to look at.
+            self.server.patroni.at(None),
+            // rotate reads the overlap files itself (`rotate::set`).
+            false,
+            self.twin_suffix.clone(),
+        )
     }
 }
 
@@ -884,8 +891,6 @@ fn parse_positive_duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
-// ---- end of the blocking-sessions block -----------------------------------------------
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -897,7 +902,7 @@ mod tests {
             let mut full = vec!["pg-password-sync", "rotate"];
             full.extend(args);
             match Cli::try_parse_from(full).unwrap().command {
-                Command::Rotate(args) => (args.pghost, args.pgport),
+                Command::Rotate(args) => (args.pghost, args.server.pgport),
                 _ => unreachable!(),
             }
         };
@@ -924,14 +929,15 @@ mod tests {
         let Command::Watch(args) = cli.command else {
             unreachable!()
         };
-        let settings = WatchSettings::from(args).config;
+        let config = WatchSettings::try_from(args).unwrap().config;
+        let ports: Vec<u16> = config.connection.servers.iter().map(|s| s.port).collect();
+        assert_eq!(ports, [5001, 5002, 5003]);
         assert_eq!(
-            (settings.pghost.as_str(), settings.pgport.as_str()),
-            ("n1,n2,n3", "5001,5002,5003")
+            config.connection.servers[2].host,
+            crate::config::Host::Tcp("n3".into())
         );
-        assert_eq!(settings.target_session_attrs, TargetSession::ReadWrite);
-        assert_eq!(settings.patroni, PatroniRule::On);
-        assert!(crate::config::Config::from_settings(&settings).is_ok());
+        assert_eq!(config.connection.target, TargetSession::ReadWrite);
+        assert_eq!(config.patroni, crate::config::Patroni::On);
         for refused in [
             ["--target-session-attrs", "standby"],
             ["--patroni", "maybe"],
@@ -945,12 +951,86 @@ mod tests {
             argv.extend(rule);
             argv.extend(["--", "patroni", "p.yml"]);
             match Cli::try_parse_from(argv).unwrap().command {
-                Command::Run(args) => RunSettings::from(args).postmaster,
+                Command::Run(args) => RunSettings::try_from(args).unwrap().postmaster,
                 _ => unreachable!(),
             }
         };
         assert_eq!(run(&[]), PostmasterRule::Descendant);
         assert_eq!(run(&["--postmaster", "cmd"]), PostmasterRule::Cmd);
+    }
+
+    fn parse(argv: &[&str]) -> Command {
+        let mut full = vec!["pg-password-sync"];
+        full.extend(argv);
+        Cli::try_parse_from(full).unwrap().command
+    }
+
+    #[test]
+    fn a_configuration_mistake_fails_the_conversion_as_a_configuration_error() {
+        let mistakes: [&[&str]; 5] = [
+            &["--role", "noequals"],
+            &["--role", "a=x", "--role", "a=y"],
+            &["--pghost", ""],
+            &["--pgport", "1,2", "--pghost", "a,b,c"],
+            &["--connect-timeout", "0"],
+        ];
+        for mistake in mistakes {
+            for command in ["sync", "watch", "verify", "status", "run", "rotate"] {
+                let mut argv = vec![command];
+                argv.extend(mistake);
+                let err = match parse(&argv) {
+                    Command::Sync(a) => SyncSettings::try_from(a).err(),
+                    Command::Watch(a) => WatchSettings::try_from(a).err(),
+                    Command::Verify(a) => VerifySettings::try_from(a).err(),
+                    Command::Status(a) => StatusSettings::try_from(a).err(),
+                    Command::Run(a) => RunSettings::try_from(a).err(),
+                    Command::Rotate(a) => RotateSettings::try_from(a).err(),
+                    _ => unreachable!(),
+                };
+                let err = err.unwrap_or_else(|| panic!("{argv:?} was taken"));
+                assert_eq!(Failure::of(&err), Some(Failure::Config), "{argv:?}");
+            }
+        }
+        // `run --no-sync` is a plain init: it reads no configuration, so none can be wrong;
+        // and `health` still judges the state file.
+        let Command::Run(args) = parse(&["run", "--no-sync", "--role", "noequals"]) else {
+            unreachable!()
+        };
+        assert!(RunSettings::try_from(args).unwrap().config.is_none());
+        let Command::Health(args) = parse(&["health", "--role", "noequals"]) else {
+            unreachable!()
+        };
+        assert!(HealthSettings::from(args).config.is_none());
+    }
+
+    #[test]
+    fn the_sync_options_and_rotate_take_their_own_defaults_once() {
+        let Command::Sync(args) = parse(&["sync"]) else {
+            unreachable!()
+        };
+        let options = SyncSettings::try_from(args).unwrap().options;
+        assert_eq!(Some(options.grace), parse_duration(DEFAULT_GRACE).ok());
+        let min = crate::config::DEFAULT_MIN_PASSWORD_LENGTH;
+        assert_eq!(options.min_password_length, min);
+        let Command::Watch(args) = parse(&["watch", "--grace", "2m", "--min-password-length", "0"])
+        else {
+            unreachable!()
+        };
+        let options = WatchSettings::try_from(args).unwrap().options;
+        assert_eq!(
+            (options.grace, options.min_password_length),
+            (Duration::from_secs(120), 0)
+        );
+        let Command::Rotate(args) = parse(&["rotate", "--dir", "/s", "--grace", "1h"]) else {
+            unreachable!()
+        };
+        let rotate = RotateSettings::try_from(args).unwrap();
+        assert_eq!(rotate.grace, Duration::from_secs(3600));
+        assert_eq!(rotate.config.secret_dirs, [PathBuf::from("/s/keys")]);
+        // No data directory on the host: `auto` is off, and no identity switch.
+        assert_eq!(rotate.config.patroni, crate::config::Patroni::Off);
+        assert_eq!(rotate.config.connection.sync_identity, None);
+        assert!(rotate.config.overlap.is_none());
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! Validated configuration: which roles get which secret, and how to reach the server.
 //!
-//! Built once from the settings the command line and environment gave (`ConfigSettings`,
-//! filled in by `cli.rs`) so that every mode (`sync`, `run`, `watch`, `verify`, `health`)
-//! agrees on the role map and the secret lookup rules (ARCHITECTURE.md, "Secret files"), and
-//! so that configuration mistakes (a malformed `--role`, a role name PostgreSQL would
-//! silently truncate) fail before anything touches the server. In overlap mode the set
+//! The second of the two configuration layers: `cli.rs` parses the command line and
+//! environment (clap) and builds each command's settings from the validated types here
+//! (`RoleMap`, `servers`, `Config::new`), so that every mode (`sync`, `run`, `watch`,
+//! `verify`, `health`, `status`, `rotate`) agrees on the role map and the secret lookup
+//! rules (ARCHITECTURE.md, "Secret files"), and so that configuration mistakes (a
+//! malformed `--role`, a role name PostgreSQL would silently truncate) fail before anything
+//! touches the server. In overlap mode the set
 //! also holds each twin's password and which login `pg_service.conf` publishes, checked
 //! against the password files on every read (`SecretSet`).
 //!
@@ -23,7 +25,7 @@ use nix::unistd::{Gid, Uid, User};
 use crate::error::Failure;
 use crate::overlap::{self, Pair};
 use crate::secret::{self, Secret};
-pub use crate::secret::{RoleSpec, SecretRef};
+pub use crate::secret::{NamedRoles, RoleSpec, SecretRef};
 
 /// PostgreSQL's identifier limit (NAMEDATALEN - 1); longer names are truncated by the
 /// server, which would silently sync the wrong role.
@@ -48,6 +50,10 @@ pub struct Server {
 /// The socket directory an empty entry of a `PGHOST` list stands for (libpq's rule: the
 /// default), and the default of `--pghost`.
 pub const DEFAULT_SOCKET_DIR: &str = "/var/run/postgresql";
+
+/// The superuser role's name, and the database a session opens, unless told otherwise
+/// (`POSTGRES_USER`, `PGDATABASE`: the official image's defaults).
+pub const DEFAULT_SUPERUSER: &str = "postgres";
 
 /// The port an empty entry of a `PGPORT` list stands for.
 pub const DEFAULT_PORT: u16 = 5432;
@@ -111,6 +117,25 @@ impl PatroniRule {
             other => Err(format!("`{other}` is not auto, on or off")),
         }
     }
+
+    /// What the rule decides for a data directory (`None`: this process has none, as
+    /// `rotate` on the host, and `auto` means off).
+    pub fn at(self, pgdata: Option<&Path>) -> Patroni {
+        match (self, pgdata) {
+            (PatroniRule::Auto, Some(pgdata)) => Patroni::Detect(pgdata.to_path_buf()),
+            (PatroniRule::Auto, None) | (PatroniRule::Off, _) => Patroni::Off,
+            (PatroniRule::On, _) => Patroni::On,
+        }
+    }
+}
+
+/// Whether Patroni manages the server, as `PatroniRule::at` decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Patroni {
+    /// Look for Patroni's marks in this data directory on every read of the secrets.
+    Detect(PathBuf),
+    On,
+    Off,
 }
 
 /// The OS identity to connect with when started as root (peer authentication).
@@ -120,36 +145,71 @@ pub struct OsIdentity {
     pub gid: Gid,
 }
 
-/// The configuration as given, before validation: one field per option of `ConfigArgs`
-/// in `cli.rs` (see there for what each means and its default).
+/// Which roles get which secret: the superuser and the named roles by default, or an
+/// explicit `NAME=FILE` map; checked so that no role is configured twice and no name is
+/// one the server would refuse or truncate.
 #[derive(Debug, Clone)]
-pub struct ConfigSettings {
-    pub keys_dir: PathBuf,
-    pub secrets_source_dir: PathBuf,
-    pub postgres_user: String,
-    pub postgres_password_file: Option<PathBuf>,
-    pub app_db_user: String,
-    pub app_db_ro_user: String,
-    pub temporal_db_user: Option<String>,
-    /// `NAME=FILE` entries; when any is given they replace the default roles.
-    pub roles: Vec<String>,
-    /// One host or socket directory, or a comma-separated list (libpq's form).
-    pub pghost: String,
-    /// One port for every host, or one per host, comma-separated.
-    pub pgport: String,
-    pub target_session_attrs: TargetSession,
-    pub pgdata: PathBuf,
-    pub patroni: PatroniRule,
-    pub dbname: String,
-    pub sync_user: Option<String>,
-    pub connect_timeout: Duration,
-    /// Overlap mode: every role but the superuser gets a twin login.
-    pub overlap: bool,
-    pub twin_suffix: String,
-    /// How long a login that stopped being published keeps working.
-    pub grace: Duration,
-    /// Shortest role password accepted, in characters (`0` = no minimum).
-    pub min_password_length: usize,
+pub struct RoleMap {
+    pub roles: Vec<RoleSpec>,
+    pub superuser: String,
+    pub superuser_secret: SecretRef,
+    /// No `--role` was given: the roles are the named defaults, superuser first.
+    pub default: bool,
+}
+
+impl RoleMap {
+    /// `superuser_file` replaces the lookup of `postgres_password` (`POSTGRES_PASSWORD_FILE`);
+    /// a non-empty `explicit` map replaces the defaults, and its entry for the superuser,
+    /// if any, is the superuser's password source.
+    pub fn new(
+        superuser: &str,
+        superuser_file: Option<PathBuf>,
+        named: &NamedRoles,
+        explicit: &[String],
+    ) -> anyhow::Result<RoleMap> {
+        let superuser_default = match superuser_file {
+            Some(path) => SecretRef::Path(path),
+            None => SecretRef::Name("postgres_password".into()),
+        };
+        let roles = if explicit.is_empty() {
+            let mut roles = vec![RoleSpec {
+                name: superuser.to_owned(),
+                secret: superuser_default.clone(),
+            }];
+            roles.extend(
+                named
+                    .with_secrets()
+                    .into_iter()
+                    .map(|(name, secret)| RoleSpec {
+                        name: name.to_owned(),
+                        secret: SecretRef::Name(secret.to_owned()),
+                    }),
+            );
+            roles
+        } else {
+            explicit
+                .iter()
+                .map(|spec| parse_role_spec(spec))
+                .collect::<anyhow::Result<Vec<_>>>()?
+        };
+        for (i, spec) in roles.iter().enumerate() {
+            check_role_name(&spec.name)?;
+            if roles[..i].iter().any(|other| other.name == spec.name) {
+                bail!("role {:?} is configured twice", spec.name);
+            }
+        }
+        check_role_name(superuser)?;
+        let superuser_secret = roles
+            .iter()
+            .find(|r| r.name == superuser)
+            .map_or(superuser_default, |r| r.secret.clone());
+        Ok(RoleMap {
+            roles,
+            superuser: superuser.to_owned(),
+            superuser_secret,
+            default: explicit.is_empty(),
+        })
+    }
 }
 
 /// Overlap mode's part of the configuration: the twins, and where the published
@@ -176,13 +236,29 @@ pub struct SecretSet {
 }
 
 /// The default of `--grace` (`sync`, `run`, `watch`, and `rotate`, whose `--wait` must stay
-/// below it).
+/// below it): the one place it is written.
 pub const DEFAULT_GRACE: &str = "15m";
 
 /// The default of `--min-password-length`: far below the 32 characters `generate` writes,
 /// far above what a writer that died after a byte or two leaves behind.
 pub const DEFAULT_MIN_PASSWORD_LENGTH: usize = 12;
 
+/// How to reach the server: the list `PGHOST`/`PGPORT` name, which of them to use, and how
+/// a session logs in.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    /// Tried in order (never empty); see `TargetSession`.
+    pub servers: Vec<Server>,
+    pub target: TargetSession,
+    pub dbname: String,
+    /// Per attempt; never zero.
+    pub connect_timeout: Duration,
+    /// The OS identity a socket connection takes when started as root (`sync_identity`).
+    pub sync_identity: Option<OsIdentity>,
+}
+
+/// The validated configuration every command that reads secrets or reaches the server
+/// runs on.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub roles: Vec<RoleSpec>,
@@ -190,105 +266,57 @@ pub struct Config {
     pub superuser_secret: SecretRef,
     /// Searched in order: `SECRETS_SOURCE_DIR`, then `KEYS_DIR`.
     pub secret_dirs: Vec<PathBuf>,
-    /// Tried in order (never empty); see `TargetSession`.
-    pub servers: Vec<Server>,
-    pub target: TargetSession,
-    pub pgdata: PathBuf,
-    pub patroni: PatroniRule,
+    pub connection: Connection,
+    pub patroni: Patroni,
     /// No `--role` was given: the roles are the named defaults, superuser first.
     pub default_role_map: bool,
-    pub dbname: String,
-    pub sync_identity: Option<OsIdentity>,
-    pub connect_timeout: Duration,
     /// `Some` in overlap mode.
     pub overlap: Option<OverlapConfig>,
     /// Also used with overlap off, to find the twins an earlier overlap mode left.
     pub twin_suffix: String,
-    pub grace: Duration,
-    /// Shortest role password accepted, in characters (`0` = no minimum).
-    pub min_password_length: usize,
 }
 
 impl Config {
-    /// Validates the settings. Errors are `Failure::Config`.
-    pub fn from_settings(args: &ConfigSettings) -> anyhow::Result<Config> {
-        Self::build(args).context(Failure::Config)
-    }
-
-    fn build(args: &ConfigSettings) -> anyhow::Result<Config> {
-        let superuser_default = match &args.postgres_password_file {
-            Some(path) => SecretRef::Path(path.clone()),
-            None => SecretRef::Name("postgres_password".into()),
-        };
-        let roles = if args.roles.is_empty() {
-            let mut roles = vec![
-                RoleSpec {
-                    name: args.postgres_user.clone(),
-                    secret: superuser_default.clone(),
-                },
-                role(&args.app_db_user, "postgres_app_user_pw"),
-                role(&args.app_db_ro_user, "postgres_app_ro_pw"),
-            ];
-            if let Some(user) = args.temporal_db_user.as_deref().filter(|u| !u.is_empty()) {
-                roles.push(role(user, "postgres_temporal_pw"));
-            }
-            roles
-        } else {
-            args.roles
-                .iter()
-                .map(|spec| parse_role_spec(spec))
-                .collect::<anyhow::Result<Vec<_>>>()?
-        };
-        for (i, spec) in roles.iter().enumerate() {
-            check_role_name(&spec.name)?;
-            if roles[..i].iter().any(|other| other.name == spec.name) {
-                bail!("role {:?} is configured twice", spec.name);
-            }
-        }
-        check_role_name(&args.postgres_user)?;
-        // With an explicit map, the superuser's own entry (if any) is its password source.
-        let superuser_secret = roles
-            .iter()
-            .find(|r| r.name == args.postgres_user)
-            .map_or(superuser_default, |r| r.secret.clone());
-        if args.connect_timeout.is_zero() {
+    /// `map`'s roles, their secrets looked up in `secret_dirs` (in order), the server
+    /// `connection` reaches; in overlap mode (`overlap`) every role but the superuser is
+    /// paired with a twin named with `twin_suffix`. The caller classifies the errors (a
+    /// mistake in the configuration: `Failure::Config`).
+    pub fn new(
+        map: RoleMap,
+        secret_dirs: Vec<PathBuf>,
+        connection: Connection,
+        patroni: Patroni,
+        overlap: bool,
+        twin_suffix: String,
+    ) -> anyhow::Result<Config> {
+        if connection.connect_timeout.is_zero() {
             bail!("--connect-timeout must be more than 0");
         }
-        let servers = servers(&args.pghost, &args.pgport)?;
-        let overlap = if args.overlap {
-            Some(overlap_config(
-                &roles,
-                &args.postgres_user,
-                &args.twin_suffix,
-            )?)
+        let overlap = if overlap {
+            Some(overlap_config(&map.roles, &map.superuser, &twin_suffix)?)
         } else {
             None
         };
         Ok(Config {
-            roles,
-            superuser: args.postgres_user.clone(),
-            superuser_secret,
-            secret_dirs: vec![args.secrets_source_dir.clone(), args.keys_dir.clone()],
-            servers,
-            target: args.target_session_attrs,
-            pgdata: args.pgdata.clone(),
-            patroni: args.patroni,
-            default_role_map: args.roles.is_empty(),
-            dbname: args.dbname.clone(),
-            sync_identity: sync_identity(args.sync_user.as_deref())?,
-            connect_timeout: args.connect_timeout,
+            roles: map.roles,
+            superuser: map.superuser,
+            superuser_secret: map.superuser_secret,
+            secret_dirs,
+            connection,
+            patroni,
+            default_role_map: map.default,
             overlap,
-            twin_suffix: args.twin_suffix.clone(),
-            grace: args.grace,
-            min_password_length: args.min_password_length,
+            twin_suffix,
         })
     }
 
     /// How long opening a session may take in all: the connect timeout for each server of
     /// the list (libpq bounds each host's attempt, not the whole).
     pub fn connect_budget(&self) -> Duration {
-        let servers = u32::try_from(self.servers.len()).unwrap_or(u32::MAX);
-        self.connect_timeout.saturating_mul(servers.max(1))
+        let servers = u32::try_from(self.connection.servers.len()).unwrap_or(u32::MAX);
+        self.connection
+            .connect_timeout
+            .saturating_mul(servers.max(1))
     }
 
     /// The file a secret reference points at now (lookups are repeated on every read,
@@ -310,20 +338,20 @@ impl Config {
     /// Reads and validates every secret: each role's, and in overlap mode each twin's and
     /// the published credentials, which must agree with the password files. The first
     /// problem fails the whole set (`Failure::Config`). Besides the file rules of
-    /// `secret.rs`, every password (role or twin) must be at least `min_password_length`
-    /// characters: a writer that died after a byte must not leave a one-character password
-    /// in force.
-    pub fn load_secrets(&self) -> anyhow::Result<SecretSet> {
-        self.load_set().context(Failure::Config)
+    /// `secret.rs`, every password (role or twin) must be at least `min_length`
+    /// characters (`0`: any length): a writer that died after a byte must not leave a
+    /// one-character password in force.
+    pub fn load_secrets(&self, min_length: usize) -> anyhow::Result<SecretSet> {
+        self.load_set(min_length).context(Failure::Config)
     }
 
-    fn load_set(&self) -> anyhow::Result<SecretSet> {
+    fn load_set(&self, min_length: usize) -> anyhow::Result<SecretSet> {
         let read = |spec: &RoleSpec, what: &str| -> anyhow::Result<(RoleSpec, Secret)> {
             let secret = self
                 .resolve(&spec.secret)
                 .and_then(|path| {
                     let secret = secret::read_file(&path)?;
-                    check_length(&secret, self.min_password_length)
+                    check_length(&secret, min_length)
                         .with_context(|| format!("secret file {}", path.display()))?;
                     Ok(secret)
                 })
@@ -364,10 +392,10 @@ impl Config {
 
     /// Why the data directory counts as Patroni's, if it does.
     fn patroni_manages(&self) -> Option<&'static str> {
-        match self.patroni {
-            PatroniRule::On => Some("--patroni on"),
-            PatroniRule::Off => None,
-            PatroniRule::Auto => crate::patroni::manages(&self.pgdata),
+        match &self.patroni {
+            Patroni::On => Some("--patroni on"),
+            Patroni::Off => None,
+            Patroni::Detect(pgdata) => crate::patroni::manages(pgdata),
         }
     }
 
@@ -574,13 +602,6 @@ pub fn check_length(secret: &Secret, min: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn role(name: &str, secret: &str) -> RoleSpec {
-    RoleSpec {
-        name: name.to_owned(),
-        secret: SecretRef::Name(secret.to_owned()),
-    }
-}
-
 /// Parses `--role NAME=FILE`.
 pub fn parse_role_spec(spec: &str) -> anyhow::Result<RoleSpec> {
     let Some((name, file)) = spec.split_once('=') else {
@@ -629,7 +650,7 @@ pub fn check_role_name(name: &str) -> anyhow::Result<()> {
 
 /// Started as root, the sync connects as an unprivileged OS user so that `peer`
 /// authentication maps it to the superuser role (the image's `local all postgres peer`).
-fn sync_identity(requested: Option<&str>) -> anyhow::Result<Option<OsIdentity>> {
+pub fn sync_identity(requested: Option<&str>) -> anyhow::Result<Option<OsIdentity>> {
     if !Uid::effective().is_root() {
         return Ok(None);
     }
@@ -645,51 +666,60 @@ fn sync_identity(requested: Option<&str>) -> anyhow::Result<Option<OsIdentity>> 
     }
 }
 
-/// The command line's defaults with `--sync-user root` (no identity switch), for tests
-/// that need a `Config` without a command line.
+/// The command line's defaults as tests need them: the named roles of the replaced
+/// scripts.
 #[cfg(test)]
-pub fn test_settings() -> ConfigSettings {
-    ConfigSettings {
-        keys_dir: "/app/keys".into(),
-        secrets_source_dir: "/run/secrets".into(),
-        postgres_user: "postgres".into(),
-        postgres_password_file: None,
-        app_db_user: "appuser".into(),
-        app_db_ro_user: "backupuser".into(),
-        temporal_db_user: None,
-        roles: Vec::new(),
-        pghost: DEFAULT_SOCKET_DIR.into(),
-        pgport: DEFAULT_PORT.to_string(),
-        target_session_attrs: TargetSession::Any,
-        pgdata: "/var/lib/postgresql/data".into(),
-        patroni: PatroniRule::Auto,
-        dbname: "postgres".into(),
-        sync_user: Some("root".into()),
-        connect_timeout: Duration::from_secs(5),
-        overlap: false,
-        twin_suffix: overlap::DEFAULT_TWIN_SUFFIX.into(),
-        grace: parse_duration(DEFAULT_GRACE).unwrap(),
-        min_password_length: DEFAULT_MIN_PASSWORD_LENGTH,
+pub fn test_named_roles() -> NamedRoles {
+    NamedRoles {
+        app: "appuser".into(),
+        read_only: "backupuser".into(),
+        temporal: None,
     }
+}
+
+/// A `Config` with the command line's defaults and no identity switch, for tests that
+/// need one without a command line.
+#[cfg(test)]
+pub fn test_config() -> Config {
+    config_of(test_role_map(), false)
+}
+
+/// The default role map.
+#[cfg(test)]
+pub fn test_role_map() -> RoleMap {
+    RoleMap::new("postgres", None, &test_named_roles(), &[]).expect("valid")
+}
+
+/// `map` (in overlap mode when `overlap`) with the command line's defaults for everything
+/// else.
+#[cfg(test)]
+pub fn config_of(map: RoleMap, overlap: bool) -> Config {
+    let connection = Connection {
+        servers: servers(DEFAULT_SOCKET_DIR, &DEFAULT_PORT.to_string()).expect("valid"),
+        target: TargetSession::Any,
+        dbname: "postgres".into(),
+        connect_timeout: Duration::from_secs(5),
+        sync_identity: None,
+    };
+    let dirs = vec!["/run/secrets".into(), "/app/keys".into()];
+    let suffix = overlap::DEFAULT_TWIN_SUFFIX.into();
+    Config::new(map, dirs, connection, Patroni::Off, overlap, suffix).expect("valid")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn config(change: impl FnOnce(&mut ConfigSettings)) -> anyhow::Result<Config> {
-        let mut settings = test_settings();
-        change(&mut settings);
-        Config::from_settings(&settings)
+    /// The role map of the defaults with `named` changed, or of `explicit`.
+    fn map(explicit: &[&str], change: impl FnOnce(&mut NamedRoles)) -> anyhow::Result<RoleMap> {
+        let mut named = test_named_roles();
+        change(&mut named);
+        let explicit: Vec<String> = explicit.iter().map(|s| (*s).to_owned()).collect();
+        RoleMap::new("postgres", None, &named, &explicit)
     }
 
-    fn roles(specs: &[&str]) -> impl FnOnce(&mut ConfigSettings) {
-        let specs: Vec<String> = specs.iter().map(|s| (*s).to_owned()).collect();
-        move |s| s.roles = specs
-    }
-
-    fn names(config: &Config) -> Vec<&str> {
-        config.roles.iter().map(|r| r.name.as_str()).collect()
+    fn names(roles: &[RoleSpec]) -> Vec<&str> {
+        roles.iter().map(|r| r.name.as_str()).collect()
     }
 
     #[test]
@@ -712,12 +742,10 @@ mod tests {
     #[test]
     fn load_secrets_names_the_short_file_and_never_its_value() {
         let dir = tempfile::tempdir().unwrap();
-        let mut settings = test_settings();
-        settings.keys_dir = dir.path().to_path_buf();
-        settings.roles = vec!["appuser=app_pw".into()];
-        let c = Config::from_settings(&settings).unwrap();
+        let mut c = config_of(map(&["appuser=app_pw"], |_| {}).unwrap(), false);
+        c.secret_dirs = vec![dir.path().to_path_buf()];
         std::fs::write(dir.path().join("app_pw.txt"), "Fx\n").unwrap();
-        let err = c.load_secrets().unwrap_err();
+        let err = c.load_secrets(DEFAULT_MIN_PASSWORD_LENGTH).unwrap_err();
         let msg = format!("{err:#}");
         assert_eq!(Failure::of(&err), Some(Failure::Config));
         assert!(
@@ -725,62 +753,75 @@ mod tests {
             "{msg}"
         );
         assert!(!msg.contains("Fx"), "{msg}");
+        assert_eq!(c.load_secrets(0).unwrap().entries[0].1.expose(), "Fx");
         std::fs::write(dir.path().join("app_pw.txt"), "long enough value\n").unwrap();
-        let set = c.load_secrets().unwrap();
+        let set = c.load_secrets(DEFAULT_MIN_PASSWORD_LENGTH).unwrap();
         assert_eq!(set.entries[0].1.expose(), "long enough value");
     }
 
     #[test]
     fn default_roles_and_optional_temporal() {
-        let c = config(|_| {}).unwrap();
-        assert_eq!(names(&c), ["postgres", "appuser", "backupuser"]);
-        let c = config(|s| {
-            s.temporal_db_user = Some("temporaluser".into());
-            s.app_db_user = "app".into();
+        assert_eq!(
+            names(&map(&[], |_| {}).unwrap().roles),
+            ["postgres", "appuser", "backupuser"]
+        );
+        let m = map(&[], |n| {
+            n.temporal = Some("temporaluser".into());
+            n.app = "app".into();
         })
         .unwrap();
-        assert_eq!(names(&c), ["postgres", "app", "backupuser", "temporaluser"]);
         assert_eq!(
-            c.roles[3].secret,
+            names(&m.roles),
+            ["postgres", "app", "backupuser", "temporaluser"]
+        );
+        assert_eq!(
+            m.roles[3].secret,
             SecretRef::Name("postgres_temporal_pw".into())
         );
+        let empty = map(&[], |n| n.temporal = Some(String::new())).unwrap();
+        assert_eq!(names(&empty.roles), ["postgres", "appuser", "backupuser"]);
     }
 
     #[test]
     fn password_file_is_the_superuser_source() {
-        let c = config(|s| s.postgres_password_file = Some("/run/secrets/pw".into())).unwrap();
-        assert_eq!(c.roles[0].secret, SecretRef::Path("/run/secrets/pw".into()));
+        let file = Some(PathBuf::from("/run/secrets/pw"));
+        let m = RoleMap::new("postgres", file, &test_named_roles(), &[]).unwrap();
+        assert_eq!(m.roles[0].secret, SecretRef::Path("/run/secrets/pw".into()));
         assert_eq!(
-            c.superuser_secret,
+            m.superuser_secret,
             SecretRef::Path("/run/secrets/pw".into())
         );
-        assert!(c.watched_dirs().contains(&PathBuf::from("/run/secrets")));
+        assert!(
+            config_of(m, false)
+                .watched_dirs()
+                .contains(&PathBuf::from("/run/secrets"))
+        );
     }
 
     #[test]
     fn explicit_role_map_replaces_defaults() {
-        let c = config(roles(&["My Role=my_pw", "x=/etc/k/x.txt"])).unwrap();
-        assert_eq!(names(&c), ["My Role", "x"]);
-        assert_eq!(c.roles[1].secret, SecretRef::Path("/etc/k/x.txt".into()));
+        let m = map(&["My Role=my_pw", "x=/etc/k/x.txt"], |_| {}).unwrap();
+        assert_eq!(names(&m.roles), ["My Role", "x"]);
+        assert!(!m.default);
+        assert_eq!(m.roles[1].secret, SecretRef::Path("/etc/k/x.txt".into()));
         assert_eq!(
-            c.superuser_secret,
+            m.superuser_secret,
             SecretRef::Name("postgres_password".into())
         );
     }
 
     #[test]
-    fn bad_role_specs_are_config_errors() {
+    fn bad_role_specs_are_refused() {
         for bad in [
             "noequals",
             "=file",
             "name=",
             &format!("{}=f", "r".repeat(64)),
         ] {
-            let err = config(roles(&[bad])).unwrap_err();
-            assert_eq!(Failure::of(&err), Some(Failure::Config), "{bad}");
+            assert!(map(&[bad], |_| {}).is_err(), "{bad}");
         }
-        assert!(config(roles(&[&format!("{}=f", "r".repeat(63))])).is_ok());
-        assert!(config(roles(&["a=x", "a=y"])).is_err());
+        assert!(map(&[&format!("{}=f", "r".repeat(63))], |_| {}).is_ok());
+        assert!(map(&["a=x", "a=y"], |_| {}).is_err());
     }
 
     #[test]
@@ -792,37 +833,33 @@ mod tests {
             "app\u{85}user",
             "\r",
         ] {
-            let settings: [fn(&mut ConfigSettings, &str); 3] = [
-                |s, bad| s.app_db_user = bad.into(),
-                |s, bad| s.postgres_user = bad.into(),
-                |s, bad| s.temporal_db_user = Some(bad.into()),
+            let refused = [
+                map(&[], |n| n.app = bad.into()),
+                map(&[], |n| n.temporal = Some(bad.into())),
+                RoleMap::new(bad, None, &test_named_roles(), &[]),
+                map(&[&format!("{bad}=f")], |_| {}),
             ];
-            for set in settings {
-                let err = config(|s| set(s, bad)).unwrap_err();
-                assert_eq!(Failure::of(&err), Some(Failure::Config), "{bad:?}");
+            for err in refused.into_iter().map(Result::unwrap_err) {
                 let text = format!("{err:#}");
                 assert!(text.contains("control character"), "{text}");
                 assert!(text.contains(&format!("{bad:?}")), "{text}");
                 assert!(!text.chars().any(char::is_control), "raw: {text:?}");
             }
-            let spec = format!("{bad}=f");
-            assert!(config(roles(&[&spec])).is_err(), "{bad:?}");
         }
         // Printable Unicode, spaces and quotes stay allowed.
-        assert!(config(roles(&["Rôle \"x\" y=f"])).is_ok());
+        assert!(map(&["Rôle \"x\" y=f"], |_| {}).is_ok());
     }
 
     #[test]
-    fn unusable_connection_settings_are_config_errors() {
-        assert!(config(|s| s.connect_timeout = Duration::ZERO).is_err());
-        assert!(config(|s| s.pghost = String::new()).is_err());
+    fn unusable_connection_settings_are_refused() {
+        let mut zero = test_config().connection;
+        zero.connect_timeout = Duration::ZERO;
+        let m = map(&[], |_| {}).unwrap();
+        let suffix = overlap::DEFAULT_TWIN_SUFFIX.to_owned();
+        assert!(Config::new(m, Vec::new(), zero, Patroni::Off, false, suffix).is_err());
+        assert!(servers("", "5432").is_err());
         for (hosts, ports) in [("a,b,c", "1,2"), ("a", "x"), ("a", "0"), ("a,b", "70000,1")] {
-            let err = config(|s| {
-                s.pghost = hosts.into();
-                s.pgport = ports.into();
-            })
-            .unwrap_err();
-            assert_eq!(Failure::of(&err), Some(Failure::Config), "{hosts} {ports}");
+            assert!(servers(hosts, ports).is_err(), "{hosts} {ports}");
         }
     }
 
@@ -855,6 +892,7 @@ mod tests {
             ]
         );
         assert!(servers("a,b", "1,2,3").is_err());
+        assert_eq!(servers("db", "5432").unwrap(), [tcp("db", 5432)]);
     }
 
     #[test]
@@ -874,12 +912,9 @@ mod tests {
     #[test]
     fn the_superuser_is_left_to_patroni_only_with_the_default_map() {
         let dir = tempfile::tempdir().unwrap();
-        let at = |rule, roles: &[&str]| {
-            let mut settings = test_settings();
-            settings.pgdata = dir.path().to_path_buf();
-            settings.patroni = rule;
-            settings.roles = roles.iter().map(|r| (*r).to_owned()).collect();
-            let c = Config::from_settings(&settings).unwrap();
+        let at = |rule: PatroniRule, roles: &[&str]| {
+            let mut c = config_of(map(roles, |_| {}).unwrap(), false);
+            c.patroni = rule.at(Some(dir.path()));
             let names: Vec<String> = c.synced_roles().iter().map(|r| r.name.clone()).collect();
             names
         };
@@ -894,11 +929,27 @@ mod tests {
             at(PatroniRule::Auto, &["postgres=pw", "app=app_pw"]),
             ["postgres", "app"]
         );
+        // Without a data directory (rotate), `auto` is off.
+        assert_eq!(PatroniRule::Auto.at(None), Patroni::Off);
+        assert_eq!(PatroniRule::On.at(None), Patroni::On);
+    }
+
+    fn overlapped(explicit: &[&str]) -> anyhow::Result<Config> {
+        let c = test_config();
+        let m = map(explicit, |_| {})?;
+        Config::new(
+            m,
+            c.secret_dirs,
+            c.connection,
+            Patroni::Off,
+            true,
+            c.twin_suffix,
+        )
     }
 
     #[test]
     fn overlap_twins_every_role_but_the_superuser() {
-        let c = config(|s| s.overlap = true).unwrap();
+        let c = overlapped(&[]).unwrap();
         let pairs = &c.overlap.as_ref().unwrap().pairs;
         let logins: Vec<&str> = pairs.iter().map(|p| p.twin.as_str()).collect();
         assert_eq!(logins, ["appuser_alt", "backupuser_alt"]);
@@ -920,31 +971,10 @@ mod tests {
         );
         // A twin name over 63 bytes, or one colliding with a role, is refused.
         let long = format!("{}=f", "r".repeat(60));
-        let err = config(|s| {
-            s.overlap = true;
-            s.roles = vec![long];
-        })
-        .unwrap_err();
-        assert_eq!(Failure::of(&err), Some(Failure::Config));
+        let err = overlapped(&[&long]).unwrap_err();
         assert!(format!("{err:#}").contains("64 bytes"), "{err:#}");
-        assert!(
-            config(|s| {
-                s.overlap = true;
-                s.roles = vec!["a=x".into(), "a_alt=y".into()];
-            })
-            .is_err()
-        );
+        assert!(overlapped(&["a=x", "a_alt=y"]).is_err());
         // Off: no twins, and the long name does not matter.
-        assert!(config(|s| s.roles = vec![format!("{}=f", "r".repeat(60))]).is_ok());
-    }
-
-    #[test]
-    fn host_kind() {
-        let first = |c: Config| c.servers[0].host.clone();
-        assert!(matches!(first(config(|_| {}).unwrap()), Host::Socket(_)));
-        assert_eq!(
-            first(config(|s| s.pghost = "db".into()).unwrap()),
-            Host::Tcp("db".into())
-        );
+        assert!(map(&[&long], |_| {}).is_ok());
     }
 }

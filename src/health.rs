@@ -22,7 +22,7 @@ use std::path::PathBuf;
 
 use anyhow::anyhow;
 
-use crate::config::{Config, ConfigSettings};
+use crate::config::Config;
 use crate::error::Failure;
 use crate::postmaster;
 use crate::state::{self, Snapshot, StatStamp, State};
@@ -30,7 +30,11 @@ use crate::state::{self, Snapshot, StatStamp, State};
 /// What `health` was asked to check.
 #[derive(Debug, Clone)]
 pub struct HealthSettings {
-    pub config: ConfigSettings,
+    /// `None` when the configuration does not validate: the state file and the server
+    /// still decide, only the check of the secret lookup is skipped.
+    pub config: Option<Config>,
+    /// The data directory (`--pgdata`), when this process can see it.
+    pub pgdata: PathBuf,
     /// Directory holding the state file written by `run`/`watch`.
     pub state_dir: PathBuf,
 }
@@ -61,7 +65,7 @@ pub fn evaluate(args: &HealthSettings) -> Result<String, String> {
     if !state.ready {
         return Err("PostgreSQL is not ready yet".into());
     }
-    let pgdata = &args.config.pgdata;
+    let pgdata = &args.pgdata;
     // The data directory, when readable, is the fresher word on recovery.
     let mut standby = state.standby;
     match (postmaster::read(pgdata), state.postmaster_pid) {
@@ -82,8 +86,8 @@ pub fn evaluate(args: &HealthSettings) -> Result<String, String> {
     }
     // The lookup is redone: a new `NAME` beside `NAME.txt`, or a file appearing in
     // SECRETS_SOURCE_DIR, changes the secret in force without touching the recorded file.
-    if let Ok(config) = Config::from_settings(&args.config) {
-        lookup_verdict(&state, &Snapshot::take(&config))?;
+    if let Some(config) = &args.config {
+        lookup_verdict(&state, &Snapshot::take(config))?;
     }
     sync_verdict(&state).map(|summary| on_standby(summary, standby))
 }

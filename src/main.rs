@@ -2,7 +2,8 @@
 //!
 //! Everything with behaviour lives in the modules ARCHITECTURE.md maps; this file only wires
 //! them together, so a reader sees every mode at a glance. Each subcommand's module has the
-//! same entry, `command(settings) -> anyhow::Result<u8>`, fed by `cli.rs`'s conversion.
+//! same entry, `command(settings) -> anyhow::Result<u8>`, fed by `cli.rs`'s conversion
+//! (which validates the configuration: a mistake fails here, before any command starts).
 
 mod backoff;
 mod cli;
@@ -63,13 +64,13 @@ fn main() -> ExitCode {
 /// Runs one subcommand; `Ok` carries the exit code (non-zero for `run`'s child status).
 fn dispatch(command: Command) -> anyhow::Result<u8> {
     match command {
-        Command::Run(args) => run::command(args.into()),
-        Command::Sync(args) => sync::command(args.into()),
-        Command::Watch(args) => watch::command(args.into()),
-        Command::Verify(args) => verify::command(args.into()),
+        Command::Run(args) => run::command(args.try_into()?),
+        Command::Sync(args) => sync::command(args.try_into()?),
+        Command::Watch(args) => watch::command(args.try_into()?),
+        Command::Verify(args) => verify::command(args.try_into()?),
         Command::Health(args) => health::command(args.into()),
-        Command::Status(args) => status::command(args.into()),
+        Command::Status(args) => status::command(args.try_into()?),
         Command::Generate(args) => keyfiles::command(args.into()),
-        Command::Rotate(args) => rotate::command(args.into()),
+        Command::Rotate(args) => rotate::command(args.try_into()?),
     }
 }

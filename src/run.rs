@@ -10,7 +10,7 @@
 //! or forwards a signal; it only asks the supervisor to stop the child when a failed first
 //! sync must end the container (`--exit-on-sync-failure`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -19,7 +19,7 @@ use nix::unistd::Pid;
 use tokio::sync::mpsc::Receiver;
 
 use crate::backoff::Backoff;
-use crate::config::{Config, ConfigSettings, Host, Server};
+use crate::config::{Config, Host, Server};
 use crate::error::Failure;
 use crate::metrics::{self, Metrics, Trigger};
 use crate::postmaster::{self, Kin, PidFile, PostmasterRule};
@@ -45,14 +45,13 @@ const LEFTOVER_STOP_LIMIT: Duration = Duration::from_secs(60);
 /// What `run` was asked to do.
 #[derive(Debug, Clone)]
 pub struct RunSettings {
-    pub config: ConfigSettings,
+    /// `None` with `--no-sync`: only supervise CMD (the configuration is not read).
+    pub config: Option<Config>,
     /// How the sync applies (`--strict`, blocking sessions); `run` never dry-runs.
     pub options: Options,
     pub watch: WatchOptions,
     /// Do not watch the secret files after the first sync (SIGHUP still re-syncs).
     pub no_watch: bool,
-    /// Do not sync at all: only supervise CMD.
-    pub no_sync: bool,
     /// On a failed first sync stop postgres and exit non-zero instead of retrying.
     pub exit_on_sync_failure: bool,
     /// Which postmaster is the final server (`--postmaster`).
@@ -65,19 +64,16 @@ pub struct RunSettings {
 pub fn command(settings: RunSettings) -> anyhow::Result<u8> {
     // First, before any thread exists: every later thread inherits the mask.
     let supervisor = Supervisor::take_signals()?;
-    let config = if settings.no_sync {
-        None
-    } else {
-        let config = Config::from_settings(&settings.config)?;
-        if config.servers.len() > 1 {
-            return Err(anyhow::anyhow!(
-                "PGHOST lists several servers: run syncs the one server it supervises, give \
-                 its socket directory"
-            ))
-            .context(Failure::Config);
-        }
-        Some(config)
-    };
+    if let Some(config) = &settings.config
+        && config.connection.servers.len() > 1
+    {
+        return Err(anyhow::anyhow!(
+            "PGHOST lists several servers: run syncs the one server it supervises, give its \
+             socket directory"
+        ))
+        .context(Failure::Config);
+    }
+    let config = settings.config.clone();
     // Bound before CMD starts: an address that cannot be had is a configuration error.
     let listener = match &config {
         Some(_) => metrics::bind(&settings.watch.metrics)?,
@@ -90,7 +86,7 @@ pub fn command(settings: RunSettings) -> anyhow::Result<u8> {
         }
     };
     let command = command_or_default(&settings.cmd);
-    let withheld = withheld_env(&settings.config.pgdata);
+    let withheld = withheld_env(&settings.watch.pgdata);
     // The state file belongs to the sync: with --no-sync there is nothing to report.
     let state = config
         .as_ref()
@@ -99,7 +95,7 @@ pub fn command(settings: RunSettings) -> anyhow::Result<u8> {
         tracing::debug!(path = %state.path.display(), "state file");
         state.record_ready(false);
     }
-    let pgdata = settings.config.pgdata.clone();
+    let pgdata = settings.watch.pgdata.clone();
     let after_state = state.clone();
     supervisor.run(
         &command,
@@ -154,16 +150,8 @@ async fn work(
     };
     let mut metrics = Metrics::start(&settings.watch.metrics, listener, &config, &state)?;
     let mut resync = resync_requests(hangups);
-    let (pidfile, kin) =
-        postmaster::wait_ready(&config.pgdata, child.pid.as_raw(), settings.postmaster).await;
+    let pidfile = final_server_ready(&child, &settings, &state).await;
     let ready_at = Instant::now();
-    match kin {
-        // Our child: `health` checks that the server is still that very process.
-        Kin::Cmd => state.record_ready_pid(pidfile.pid),
-        // A postmaster CMD started (Patroni): CMD may restart it (a demotion, a rewind),
-        // so `health` checks whichever postmaster the data directory names.
-        Kin::Descendant | Kin::Stranger => state.record_ready(true),
-    }
     let config = target_server(config, &pidfile);
     let mut syncer = Syncer::new(config, settings.options);
     let watching = !settings.no_watch;
@@ -172,6 +160,7 @@ async fn work(
         metrics: &mut metrics,
     };
     let first = FirstSync {
+        pgdata: settings.watch.pgdata.clone(),
         exit_on_failure: settings.exit_on_sync_failure,
         watching,
         ready_at,
@@ -210,8 +199,36 @@ async fn work(
     // --no-watch: SIGHUP still re-syncs, and a standby's promotion. A watch that gave up
     // (no inotify instance left, say) keeps the periodic resync too.
     let period = Some(settings.watch.resync_interval).filter(|p| watching && !p.is_zero());
-    resync_loop(&mut syncer, &mut recorders, &mut resync, period, standby).await;
+    let pgdata = &settings.watch.pgdata;
+    resync_loop(
+        &mut syncer,
+        &mut recorders,
+        &mut resync,
+        period,
+        standby,
+        pgdata,
+    )
+    .await;
     Ok(())
+}
+
+/// Waits until the final server is ready, and records it in the state file.
+async fn final_server_ready(
+    child: &Child,
+    settings: &RunSettings,
+    state: &StateFile,
+) -> postmaster::PidFile {
+    let pgdata = &settings.watch.pgdata;
+    let (pidfile, kin) =
+        postmaster::wait_ready(pgdata, child.pid.as_raw(), settings.postmaster).await;
+    match kin {
+        // Our child: `health` checks that the server is still that very process.
+        Kin::Cmd => state.record_ready_pid(pidfile.pid),
+        // A postmaster CMD started (Patroni): CMD may restart it (a demotion, a rewind),
+        // so `health` checks whichever postmaster the data directory names.
+        Kin::Descendant | Kin::Stranger => state.record_ready(true),
+    }
+    pidfile
 }
 
 /// The resyncs of `run` when the files are not watched: on SIGHUP, every `period`, and
@@ -223,8 +240,9 @@ async fn resync_loop(
     resync: &mut Receiver<()>,
     period: Option<Duration>,
     standby: bool,
+    pgdata: &Path,
 ) {
-    let mut promotion = standby.then(PromotionWatch::new);
+    let mut promotion = standby.then(|| PromotionWatch::new(pgdata));
     // A deadline, not a sleep made anew each turn: the metrics' reads must not postpone it.
     let mut periodic_at = period.map(|p| Instant::now() + p);
     loop {
@@ -250,7 +268,7 @@ async fn resync_loop(
             .unwrap_or(false);
         promotion = match promotion {
             Some(watch) if standby => Some(watch),
-            None if standby => Some(PromotionWatch::new()),
+            None if standby => Some(PromotionWatch::new(pgdata)),
             _ => None,
         };
         // At most one resync a second, as in the watch loop; requests meanwhile merge.
@@ -309,14 +327,17 @@ fn target_server(mut config: Config, pidfile: &PidFile) -> Config {
         ],
         Some(socket_dir),
         Some(port),
-    ) = (config.servers.as_slice(), &pidfile.socket_dir, pidfile.port)
-        && (dir != socket_dir || *at != port)
+    ) = (
+        config.connection.servers.as_slice(),
+        &pidfile.socket_dir,
+        pidfile.port,
+    ) && (dir != socket_dir || *at != port)
     {
         tracing::info!(
             "postmaster.pid says the server listens on {}/.s.PGSQL.{port}; using that",
             socket_dir.display()
         );
-        config.servers = vec![Server {
+        config.connection.servers = vec![Server {
             host: Host::Socket(socket_dir.clone()),
             port,
         }];
@@ -352,7 +373,7 @@ async fn first_sync_with_retry(
             Err(err) if first.watching && Failure::of(&err) == Some(Failure::Config) => {
                 tracing::info!("waiting for valid secret files");
                 // The data directory says whether it is a standby, for the promotion watch.
-                let pgdata = &syncer.config.pgdata;
+                let pgdata = &first.pgdata;
                 return Ok(postmaster::is_standby(
                     pgdata,
                     postmaster::read(pgdata).as_ref(),
@@ -372,8 +393,10 @@ async fn first_sync_with_retry(
 
 /// How `run`'s first sync goes: `--exit-on-sync-failure`, whether the files are watched
 /// afterwards, and when the server was ready.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct FirstSync {
+    /// The data directory: whether the server is a standby when no sync succeeded.
+    pgdata: PathBuf,
     exit_on_failure: bool,
     watching: bool,
     ready_at: Instant,
@@ -462,20 +485,20 @@ mod tests {
 
     #[test]
     fn target_server_follows_the_pid_file_for_sockets_only() {
-        let config = Config::from_settings(&crate::config::test_settings()).unwrap();
+        let config = crate::config::test_config();
         let file = postmaster::parse("7\n/d\n1\n6543\n/tmp/s\n\n0 0\nready\n").unwrap();
         let moved = target_server(config.clone(), &file);
         assert_eq!(
-            moved.servers,
+            moved.connection.servers,
             [Server {
                 host: Host::Socket("/tmp/s".into()),
                 port: 6543
             }]
         );
         let mut tcp = config;
-        tcp.servers[0].host = Host::Tcp("db".into());
+        tcp.connection.servers[0].host = Host::Tcp("db".into());
         assert_eq!(
-            target_server(tcp, &file).servers[0].host,
+            target_server(tcp, &file).connection.servers[0].host,
             Host::Tcp("db".into())
         );
     }

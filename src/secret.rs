@@ -26,6 +26,31 @@ pub enum SecretRef {
     Path(PathBuf),
 }
 
+/// The three named roles of the replaced scripts (`APP_DB_USER`, `APP_DB_RO_USER`,
+/// `TEMPORAL_DB_USER`): the default role map, and in overlap mode the sections of
+/// `pg_service.conf` that `generate --overlap` writes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NamedRoles {
+    pub app: String,
+    pub read_only: String,
+    /// Skipped when unset or empty.
+    pub temporal: Option<String>,
+}
+
+impl NamedRoles {
+    /// Each named role and the secret file its password is in, in role map order.
+    pub fn with_secrets(&self) -> Vec<(&str, &'static str)> {
+        let mut roles = vec![
+            (self.app.as_str(), "postgres_app_user_pw"),
+            (self.read_only.as_str(), "postgres_app_ro_pw"),
+        ];
+        if let Some(temporal) = self.temporal.as_deref().filter(|t| !t.is_empty()) {
+            roles.push((temporal, "postgres_temporal_pw"));
+        }
+        roles
+    }
+}
+
 /// One role to keep in step with one secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoleSpec {

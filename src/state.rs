@@ -54,6 +54,9 @@ use crate::fileio::dirfd::Dir;
 /// The file name inside the state directory.
 pub const FILE_NAME: &str = "state.json";
 
+/// The default of `--state-dir` (`run` and `watch` write there, `health` and `status` read).
+pub const DEFAULT_DIR: &str = "/run/pg-password-sync";
+
 /// The version of one secret file a sync read (no content, no hash).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileStamp {

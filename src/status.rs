@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use anyhow::{Context, anyhow};
 use serde::Serialize;
 
-use crate::config::{Config, ConfigSettings};
+use crate::config::Config;
 use crate::error::Failure;
 use crate::health::{self, HealthSettings};
 use crate::overlap;
@@ -29,7 +29,9 @@ use crate::sync::ReportFormat;
 /// What `status` was asked to show.
 #[derive(Debug, Clone)]
 pub struct StatusSettings {
-    pub config: ConfigSettings,
+    pub config: Config,
+    /// The data directory (`--pgdata`), when this process can see it.
+    pub pgdata: PathBuf,
     /// Directory holding the state file written by `run`/`watch`.
     pub state_dir: PathBuf,
     pub format: ReportFormat,
@@ -104,14 +106,15 @@ struct LoginView {
 
 /// `pg-password-sync status`.
 pub fn command(settings: StatusSettings) -> anyhow::Result<u8> {
-    let config = Config::from_settings(&settings.config)?;
+    let config = &settings.config;
     let verdict = health::evaluate(&HealthSettings {
-        config: settings.config.clone(),
+        config: Some(config.clone()),
+        pgdata: settings.pgdata.clone(),
         state_dir: settings.state_dir.clone(),
     });
     let state = state::load(&settings.state_dir).map(|(_, state)| state);
-    let server = crate::runtime::block_on(read_server(&config)).map_err(|err| format!("{err:#}"));
-    let status = build(&config, verdict, state, server);
+    let server = crate::runtime::block_on(read_server(config)).map_err(|err| format!("{err:#}"));
+    let status = build(config, verdict, state, server);
     print(&status, settings.format)?;
     let unhealthy = match (&status.healthy, &status.server) {
         (false, _) => Some(status.health.clone()),
@@ -138,7 +141,7 @@ async fn read_server(config: &Config) -> anyhow::Result<ServerFacts> {
         .map(|secret| (secret, "superuser password file"))
         .collect();
     let client = session::superuser(config, &passwords, None).await?;
-    let limit = config.connect_timeout;
+    let limit = config.connection.connect_timeout;
     let read = async {
         let row = client.query_one("SELECT pg_is_in_recovery()", &[]).await?;
         let logins = read_logins(&client, &config.logins()).await?;

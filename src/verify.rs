@@ -39,9 +39,7 @@ use serde::Serialize;
 use tokio_postgres::{Client, NoTls};
 use zeroize::Zeroizing;
 
-use crate::config::{
-    Config, ConfigSettings, Host, RoleSpec, SecretRef, SecretSet, Server, TargetSession,
-};
+use crate::config::{Config, Host, RoleSpec, SecretRef, SecretSet, Server, TargetSession};
 use crate::error::Failure;
 use crate::overlap::service_file::Section;
 use crate::secret::{self, Secret};
@@ -87,7 +85,7 @@ impl RoleCheck {
 /// What `verify` was asked to check.
 #[derive(Debug, Clone)]
 pub struct VerifySettings {
-    pub config: ConfigSettings,
+    pub config: Config,
     /// Host to log in over TCP; `None`: find an address where the server checks passwords.
     pub host: Option<String>,
     /// A NOLOGIN owner role that must refuse login.
@@ -103,13 +101,14 @@ pub fn command(settings: VerifySettings) -> anyhow::Result<u8> {
 }
 
 async fn verify(args: VerifySettings) -> anyhow::Result<u8> {
-    let mut config = Config::from_settings(&args.config)?;
+    let mut config = args.config.clone();
     if args.staged && config.overlap.is_none() {
         return Err(anyhow::anyhow!("--staged needs --overlap")).context(Failure::Config);
     }
-    let secrets = config.load_secrets()?;
+    // Any length: verify reports whether the values in force log in, whatever they are.
+    let secrets = config.load_secrets(0)?;
     let probe_role = secrets.entries.first().map(|(spec, _)| spec.name.as_str());
-    config.servers = servers_to_verify(&config, &args, probe_role).await?;
+    config.connection.servers = servers_to_verify(&config, &args, probe_role).await?;
     let mut checks = Vec::new();
     for (spec, secret, what) in logins_to_verify(&secrets, args.staged) {
         let published = secrets
@@ -145,7 +144,7 @@ async fn servers_to_verify(
     let tcp_only = |servers: &[Server]| servers.iter().all(|s| matches!(s.host, Host::Tcp(_)));
     if let Some(hosts) = &args.host {
         let servers =
-            crate::config::servers(hosts, &args.config.pgport).context(Failure::Config)?;
+            crate::config::servers(hosts, &ports_text(config)).context(Failure::Config)?;
         if !tcp_only(&servers) {
             return Err(anyhow::anyhow!(
                 "--host names a socket directory; verify logs in over TCP, as applications do"
@@ -154,10 +153,11 @@ async fn servers_to_verify(
         }
         return Ok(servers);
     }
-    if tcp_only(&config.servers) {
-        return Ok(config.servers.clone());
+    if tcp_only(&config.connection.servers) {
+        return Ok(config.connection.servers.clone());
     }
     let port = config
+        .connection
         .servers
         .first()
         .map_or(crate::config::DEFAULT_PORT, |s| s.port);
@@ -199,12 +199,17 @@ fn through_section(config: &Config, section: &Section) -> Result<Config, String>
     if hosts.is_some() || setting("port").is_some() {
         let hosts = hosts.map_or_else(|| hosts_text(config), str::to_owned);
         let ports = setting("port").map_or_else(|| ports_text(config), str::to_owned);
-        through.servers = crate::config::servers(&hosts, &ports)
+        through.connection.servers = crate::config::servers(&hosts, &ports)
             .map_err(|err| format!("pg_service.conf section [{name}]: {err:#}"))?;
-        if let Some(dir) = through.servers.iter().find_map(|s| match &s.host {
-            Host::Socket(dir) => Some(dir.display().to_string()),
-            Host::Tcp(_) => None,
-        }) {
+        if let Some(dir) = through
+            .connection
+            .servers
+            .iter()
+            .find_map(|s| match &s.host {
+                Host::Socket(dir) => Some(dir.display().to_string()),
+                Host::Tcp(_) => None,
+            })
+        {
             return Err(format!(
                 "pg_service.conf section [{name}] connects to the socket directory {dir:?}: \
                  verify follows TCP hosts only, so what applications get is not checked"
@@ -212,11 +217,11 @@ fn through_section(config: &Config, section: &Section) -> Result<Config, String>
         }
     }
     if let Some(attrs) = setting("target_session_attrs") {
-        through.target = TargetSession::parse(attrs)
+        through.connection.target = TargetSession::parse(attrs)
             .map_err(|why| format!("pg_service.conf section [{name}]: {why}"))?;
     }
     if let Some(dbname) = setting("dbname") {
-        through.dbname = dbname.to_owned();
+        through.connection.dbname = dbname.to_owned();
     }
     if let Some(mode @ ("require" | "verify-ca" | "verify-full")) = setting("sslmode") {
         return Err(format!(
@@ -244,6 +249,7 @@ fn through_section(config: &Config, section: &Section) -> Result<Config, String>
 /// The hosts of `config`'s servers in libpq's list form.
 fn hosts_text(config: &Config) -> String {
     let hosts: Vec<String> = config
+        .connection
         .servers
         .iter()
         .map(|s| match &s.host {
@@ -257,7 +263,12 @@ fn hosts_text(config: &Config) -> String {
 /// The ports of `config`'s servers in libpq's list form (one when they all agree, so
 /// that it pairs with a section's list of hosts).
 fn ports_text(config: &Config) -> String {
-    let ports: Vec<String> = config.servers.iter().map(|s| s.port.to_string()).collect();
+    let ports: Vec<String> = config
+        .connection
+        .servers
+        .iter()
+        .map(|s| s.port.to_string())
+        .collect();
     if ports.windows(2).all(|w| w[0] == w[1]) {
         ports.first().cloned().unwrap_or_default()
     } else {
@@ -479,15 +490,15 @@ enum Attempt {
 /// or is of the wrong kind does not.
 async fn checked_login_at(config: &Config, role: &str, secret: &Secret) -> (Login, String) {
     let mut passed_over = NoTarget {
-        target: config.target,
+        target: config.connection.target,
         standbys: 0,
         reasons: Vec::new(),
     };
-    for server in &config.servers {
+    for server in &config.connection.servers {
         let at = connect::describe_server(server);
         match checked_login_one(config, server, role, secret).await {
             Attempt::Done(login) => return (login, at),
-            Attempt::Unreachable(err) if config.servers.len() == 1 => {
+            Attempt::Unreachable(err) if config.connection.servers.len() == 1 => {
                 return (Login::Failed(err), at);
             }
             Attempt::Unreachable(err) => passed_over.reasons.push(format!("{at}: {err:#}")),
@@ -517,7 +528,13 @@ async fn checked_login_one(
     // sent, and only a completed SCRAM exchange proves the server holds the verifier.
     match login_one(config, server, role, secret).await {
         Ok((connected, Checked::Scram)) => {
-            match target::check_login(&connected, config.target, config.connect_timeout).await {
+            match target::check_login(
+                &connected,
+                config.connection.target,
+                config.connection.connect_timeout,
+            )
+            .await
+            {
                 Ok(None) => Attempt::Done(Login::LoggedIn),
                 Ok(Some(why)) => Attempt::PassedOver(why),
                 Err(err) => Attempt::Done(Login::Failed(err)),
@@ -624,7 +641,7 @@ enum Checked {
 /// next one after an answer, even a refusal).
 async fn login_first(config: &Config, role: &str, password: &Secret) -> anyhow::Result<Client> {
     let mut last = None;
-    for server in &config.servers {
+    for server in &config.connection.servers {
         match login_one(config, server, role, password).await {
             Err(err) if is_unreached(&err) => last = Some(err),
             result => return result.map(|(connected, _)| connected.client),
@@ -665,7 +682,7 @@ async fn login_one(
     };
     let mut pg = tokio_postgres::Config::new();
     pg.user(role)
-        .dbname(&config.dbname)
+        .dbname(&config.connection.dbname)
         .application_name("pg-password-sync")
         // No SSLRequest: its one-byte answer is no message, and `Watched` reads the
         // stream from its first byte as messages (NoTls would skip it anyway).
@@ -685,11 +702,13 @@ async fn login_one(
         };
         anyhow::Ok((connect::started(client, connection), checked))
     };
-    tokio::time::timeout(config.connect_timeout, attempt)
+    tokio::time::timeout(config.connection.connect_timeout, attempt)
         .await
         .map_err(|_| {
-            anyhow::Error::new(Unreached)
-                .context(format!("timed out after {:?}", config.connect_timeout))
+            anyhow::Error::new(Unreached).context(format!(
+                "timed out after {:?}",
+                config.connection.connect_timeout
+            ))
         })?
 }
 
@@ -750,7 +769,7 @@ mod tests {
 
     #[test]
     fn a_section_is_followed_as_libpq_does_or_refused_with_a_reason() {
-        let config = Config::from_settings(&crate::config::test_settings()).unwrap();
+        let config = crate::config::test_config();
         let section = |other: &[(&str, &str)]| Section {
             name: "app".into(),
             user: Some("app".into()),
@@ -773,8 +792,8 @@ mod tests {
             host: Host::Tcp(host.into()),
             port,
         };
-        assert_eq!(through.servers, [tcp("db.example", 6432)]);
-        assert_eq!(through.dbname, "appdb");
+        assert_eq!(through.connection.servers, [tcp("db.example", 6432)]);
+        assert_eq!(through.connection.dbname, "appdb");
         let same = through_section(
             &config,
             &section(&[
@@ -785,7 +804,7 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert_eq!(same.servers, config.servers);
+        assert_eq!(same.connection.servers, config.connection.servers);
         // A list of hosts, paired with the section's ports as libpq pairs them, and the
         // kind of session the application asks for.
         let cluster = through_section(
@@ -798,10 +817,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            cluster.servers,
+            cluster.connection.servers,
             [tcp("n1", 5001), tcp("n2", 5002), tcp("n3", 5003)]
         );
-        assert_eq!(cluster.target, TargetSession::ReadWrite);
+        assert_eq!(cluster.connection.target, TargetSession::ReadWrite);
         for (other, needle) in [
             (("port", "x"), "not a port number"),
             (("host", "/run/postgresql"), "TCP hosts only"),

@@ -27,7 +27,7 @@ use crate::error::Failure;
 use crate::fileio::atomic;
 use crate::fileio::dirfd::{self, Dir};
 use crate::overlap::files as overlap;
-use crate::secret::Secret;
+use crate::secret::{NamedRoles, Secret};
 use crate::store::catalog::{ENTRIES, Entry, Kind};
 use crate::store::{Action, Locked, backup, check, random};
 
@@ -56,9 +56,7 @@ pub struct GenerateSettings {
     pub overlap: bool,
     pub twin_suffix: String,
     /// The overlapped roles' names (sections of `pg_service.conf`).
-    pub app_db_user: String,
-    pub app_db_ro_user: String,
-    pub temporal_db_user: Option<String>,
+    pub named: NamedRoles,
 }
 
 /// The overlapped roles of `--overlap` (None without it). A directory that already has a
@@ -76,14 +74,9 @@ fn overlap_pairs(
     if !args.overlap && !has_service_file {
         return Ok(None);
     }
-    overlap::default_pairs(
-        &args.app_db_user,
-        &args.app_db_ro_user,
-        args.temporal_db_user.as_deref(),
-        &args.twin_suffix,
-    )
-    .map(Some)
-    .context(Failure::Config)
+    overlap::default_pairs(&args.named, &args.twin_suffix)
+        .map(Some)
+        .context(Failure::Config)
 }
 
 /// `pg-password-sync generate`.

@@ -469,7 +469,7 @@ impl Metrics {
             .iter()
             .flat_map(|p| [p.role.clone(), p.twin.clone()])
             .collect();
-        let limit = syncer.config.connect_timeout;
+        let limit = syncer.config.connection.connect_timeout;
         let read = async {
             // Borrowed, not cloned: no second copy of the passwords in memory.
             let set = syncer
@@ -594,9 +594,7 @@ mod tests {
 
     fn exposition(overlap: bool) -> (tempfile::TempDir, Exposition) {
         let dir = tempfile::tempdir().unwrap();
-        let mut settings = crate::config::test_settings();
-        settings.overlap = overlap;
-        let config = Config::from_settings(&settings).unwrap();
+        let config = crate::config::config_of(crate::config::test_role_map(), overlap);
         let state = StateFile::new(dir.path());
         let e = Exposition::new(&config, state).unwrap();
         (dir, e)

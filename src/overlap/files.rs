@@ -19,7 +19,7 @@ use super::{Login, Pair, SERVICE_FILE, service_file};
 use crate::error::Failure;
 use crate::fileio::atomic;
 use crate::fileio::dirfd::{Dir, Kind as FileKind};
-use crate::secret::{RoleSpec, Secret, SecretRef};
+use crate::secret::{NamedRoles, RoleSpec, Secret, SecretRef};
 use crate::store::catalog::{ENTRIES, Entry, Kind};
 use crate::store::{Action, backup, check, random};
 
@@ -59,12 +59,7 @@ pub fn refuse_while_pending(root: &Dir) -> anyhow::Result<()> {
 /// The overlapped roles among `generate`'s files: the application and read-only roles,
 /// and the temporal role when it is configured (the superuser is never overlapped, and the
 /// owner role is NOLOGIN).
-pub fn default_pairs(
-    app: &str,
-    read_only: &str,
-    temporal: Option<&str>,
-    suffix: &str,
-) -> anyhow::Result<Vec<Pair>> {
+pub fn default_pairs(named: &NamedRoles, suffix: &str) -> anyhow::Result<Vec<Pair>> {
     let pair = |role: &str, key: &str| {
         Pair::of(
             &RoleSpec {
@@ -74,13 +69,11 @@ pub fn default_pairs(
             suffix,
         )
     };
-    let mut pairs = vec![
-        pair(app, "postgres_app_user_pw")?,
-        pair(read_only, "postgres_app_ro_pw")?,
-    ];
-    if let Some(temporal) = temporal.filter(|t| !t.is_empty()) {
-        pairs.push(pair(temporal, "postgres_temporal_pw")?);
-    }
+    let pairs = named
+        .with_secrets()
+        .into_iter()
+        .map(|(role, key)| pair(role, key))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     for (i, pair) in pairs.iter().enumerate() {
         if pairs[..i]
             .iter()
@@ -408,8 +401,16 @@ mod tests {
     use super::*;
     use std::path::Path;
 
+    fn named(app: &str, read_only: &str, temporal: Option<&str>) -> NamedRoles {
+        NamedRoles {
+            app: app.into(),
+            read_only: read_only.into(),
+            temporal: temporal.map(Into::into),
+        }
+    }
+
     fn pairs() -> Vec<Pair> {
-        default_pairs("appuser", "backupuser", None, "_alt").unwrap()
+        default_pairs(&named("appuser", "backupuser", None), "_alt").unwrap()
     }
 
     #[test]
@@ -418,10 +419,15 @@ mod tests {
         assert_eq!(p[0].twin, "appuser_alt");
         assert_eq!(file(&p[0], Login::Twin), "postgres_app_user_alt_pw.txt");
         assert_eq!(key(&p[1], Login::Twin), "postgres_app_ro_alt_pw");
-        assert_eq!(default_pairs("a", "b", Some("t"), "_x").unwrap().len(), 3);
-        assert!(default_pairs("a", "a_alt", None, "_alt").is_err());
-        assert!(default_pairs("a", "a", None, "_alt").is_err());
-        assert!(default_pairs(&"a".repeat(60), "b", None, "_alt").is_err());
+        assert_eq!(
+            default_pairs(&named("a", "b", Some("t")), "_x")
+                .unwrap()
+                .len(),
+            3
+        );
+        assert!(default_pairs(&named("a", "a_alt", None), "_alt").is_err());
+        assert!(default_pairs(&named("a", "a", None), "_alt").is_err());
+        assert!(default_pairs(&named(&"a".repeat(60), "b", None), "_alt").is_err());
     }
 
     fn write_file(keys: &Path, file: &str, value: &str) {

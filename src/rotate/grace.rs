@@ -147,12 +147,12 @@ async fn login_states(
            FROM pg_authid r WHERE r.rolname = ANY($1::text[])",
         &params,
     );
-    let rows = tokio::time::timeout(config.connect_timeout, query)
+    let rows = tokio::time::timeout(config.connection.connect_timeout, query)
         .await
         .map_err(|_| {
             anyhow::anyhow!(
                 "no answer within {:?} (a lock on pg_authid?)",
-                config.connect_timeout
+                config.connection.connect_timeout
             )
         })
         .and_then(|rows| rows.map_err(anyhow::Error::from))

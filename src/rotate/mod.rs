@@ -43,7 +43,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::config::{Config, ConfigSettings, Host};
+use crate::config::{Config, Host};
 use crate::error::Failure;
 use crate::overlap::files::PENDING_FILE;
 use crate::session::connect;
@@ -65,8 +65,11 @@ pub struct RotateSettings {
     /// `generate`'s directory: keys in `dir/keys`, backups in `dir/backups`.
     pub dir: PathBuf,
     /// Role map and server; its secret directories are `dir/keys` only.
-    pub config: ConfigSettings,
+    pub config: Config,
+    /// How long to wait for every staged login to log in (`--wait`).
     pub wait: Duration,
+    /// The sync's `--grace`, which `wait` must stay below.
+    pub grace: Duration,
     pub force: bool,
     pub stage_only: bool,
     pub publish_only: bool,
@@ -107,18 +110,18 @@ async fn rotate(settings: RotateSettings) -> anyhow::Result<u8> {
     let phase = phase(settings.stage_only, settings.publish_only, settings.abort)
         .context(Failure::Config)?;
     if matches!(phase, Phase::Full | Phase::StageOnly) {
-        check_wait(settings.wait, settings.config.grace).context(Failure::Config)?;
+        check_wait(settings.wait, settings.grace).context(Failure::Config)?;
     }
-    let config = Config::from_settings(&settings.config)?;
-    refuse_sockets(&config)?;
+    let config = &settings.config;
+    refuse_sockets(config)?;
     // The same lock as `generate`: nothing else writes the set while a rotation runs.
     // Every file below is reached through the handles it holds, never through a link.
     let mut locked =
         crate::store::lock(&settings.dir).map_err(|err| Failure::Config.unless_classified(err))?;
     match phase {
-        Phase::Abort | Phase::PublishOnly => finish_pending(&config, &locked, phase),
+        Phase::Abort | Phase::PublishOnly => finish_pending(config, &locked, phase),
         Phase::Full | Phase::StageOnly => {
-            stage_and_publish(&settings, &config, &mut locked, phase).await
+            stage_and_publish(&settings, config, &mut locked, phase).await
         }
     }
 }
@@ -195,10 +198,15 @@ async fn stage_and_publish(
 /// rotate checks logins over TCP as the applications make them: a socket directory in
 /// the list of servers is refused.
 fn refuse_sockets(config: &Config) -> anyhow::Result<()> {
-    if let Some(dir) = config.servers.iter().find_map(|s| match &s.host {
-        Host::Socket(dir) => Some(dir),
-        Host::Tcp(_) => None,
-    }) {
+    if let Some(dir) = config
+        .connection
+        .servers
+        .iter()
+        .find_map(|s| match &s.host {
+            Host::Socket(dir) => Some(dir),
+            Host::Tcp(_) => None,
+        })
+    {
         return Err(anyhow::anyhow!(
             "PGHOST/--pghost names a socket directory ({}); rotate checks logins over TCP as \
              the applications make them: give host names or addresses",

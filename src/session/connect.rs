@@ -89,7 +89,12 @@ pub async fn connect_any(
 
 /// Where the servers are, for messages: each of the list, in order.
 pub fn describe(config: &Config) -> String {
-    let all: Vec<String> = config.servers.iter().map(describe_server).collect();
+    let all: Vec<String> = config
+        .connection
+        .servers
+        .iter()
+        .map(describe_server)
+        .collect();
     all.join(", ")
 }
 
@@ -125,7 +130,7 @@ pub async fn connect(
 ) -> anyhow::Result<Connected> {
     let mut pg = tokio_postgres::Config::new();
     pg.user(user)
-        .dbname(&config.dbname)
+        .dbname(&config.connection.dbname)
         .application_name("pg-password-sync")
         // Sent with the login, so it is in force before the session's first idle moment
         // (see `STARTUP_OPTIONS`).
@@ -133,7 +138,7 @@ pub async fn connect(
         // No SSLRequest (NoTls would skip it too): `Watched` reads the stream from its
         // first byte as messages.
         .ssl_mode(tokio_postgres::config::SslMode::Disable)
-        .connect_timeout(config.connect_timeout);
+        .connect_timeout(config.connection.connect_timeout);
     if let Auth::Password(secret, _) = auth {
         pg.password(secret.expose());
     }
@@ -141,7 +146,7 @@ pub async fn connect(
         let connected = match &server.host {
             Host::Socket(dir) => {
                 let identity = match auth {
-                    Auth::Identity => config.sync_identity,
+                    Auth::Identity => config.connection.sync_identity,
                     Auth::Password(..) => None,
                 };
                 let stream = connect_socket(&socket_path(dir, server.port), identity).await?;
@@ -156,9 +161,9 @@ pub async fn connect(
         };
         anyhow::Ok(connected)
     };
-    tokio::time::timeout(config.connect_timeout, attempt)
+    tokio::time::timeout(config.connection.connect_timeout, attempt)
         .await
-        .map_err(|_| anyhow!("timed out after {:?}", config.connect_timeout))?
+        .map_err(|_| anyhow!("timed out after {:?}", config.connection.connect_timeout))?
 }
 
 /// How long a TCP peer may leave what we sent unacknowledged, or a keepalive probe

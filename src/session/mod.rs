@@ -63,23 +63,21 @@ pub async fn superuser(
             .iter()
             .map(|(secret, label)| Auth::Password(secret, label)),
     );
-    let other;
+    let mut other;
     let config = match dbname {
         Some(dbname) => {
-            other = Config {
-                dbname,
-                ..config.clone()
-            };
+            other = config.clone();
+            other.connection.dbname = dbname;
             &other
         }
         None => config,
     };
     let mut passed_over = NoTarget {
-        target: config.target,
+        target: config.connection.target,
         standbys: 0,
         reasons: Vec::new(),
     };
-    for server in &config.servers {
+    for server in &config.connection.servers {
         let shown = connect::describe_server(server);
         match pinned(config, server, &methods).await {
             Ok((client, None)) => return Ok(client),
@@ -88,7 +86,7 @@ pub async fn superuser(
                 passed_over.reasons.push(format!("{shown}: {why}"));
             }
             // One server: its own error, classified as it was.
-            Err(err) if config.servers.len() == 1 => return Err(err),
+            Err(err) if config.connection.servers.len() == 1 => return Err(err),
             Err(err) => passed_over
                 .reasons
                 .push(format!("{shown}: {}", unclassed(&err))),
@@ -124,9 +122,13 @@ async fn pinned(
             .context("pinning the search path, role and timeouts of the session")
             .context(Failure::Sql)?;
     }
-    let verdict = target::check_pinned(&connected, config.target, config.connect_timeout)
-        .await
-        .context(Failure::Sql)?;
+    let verdict = target::check_pinned(
+        &connected,
+        config.connection.target,
+        config.connection.connect_timeout,
+    )
+    .await
+    .context(Failure::Sql)?;
     if let Some(why) = verdict {
         tracing::debug!(server = %connect::describe_server(server), why, "passed over");
     }

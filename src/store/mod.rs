@@ -28,6 +28,9 @@ use crate::error::Failure;
 use crate::fileio::atomic;
 pub use crate::fileio::dirfd::Dir;
 
+/// The default of `--dir` (`generate` and `rotate`): the template's secrets directory.
+pub const DEFAULT_DIR: &str = "infra/secrets";
+
 /// The largest file of the set (`pg_service.conf`, 64 KiB); the bound of `read_exact`.
 pub const MAX_FILE_BYTES: usize = 64 * 1024;
 

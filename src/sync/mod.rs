@@ -20,7 +20,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::config::{Config, ConfigSettings, RoleSpec, SecretSet};
+use crate::config::{Config, RoleSpec, SecretSet};
 use crate::error::Failure;
 use crate::overlap::server::{self as overlap, Applied, Policy};
 use crate::secret::Secret;
@@ -128,6 +128,10 @@ pub struct Options {
     pub keep_retired_sessions: bool,
     /// Overlap mode: undo an administrator's lockout of a login (`--override-lockouts`).
     pub override_lockouts: bool,
+    /// How long a login that stopped being published keeps working (`--grace`).
+    pub grace: std::time::Duration,
+    /// Shortest role password applied, in characters (`--min-password-length`; `0`: any).
+    pub min_password_length: usize,
 }
 
 /// Which roles a sync sends to the server, and whether it checks their stored verifiers
@@ -155,7 +159,7 @@ pub enum ReportFormat {
 /// What `sync` was asked to do.
 #[derive(Debug, Clone)]
 pub struct SyncSettings {
-    pub config: ConfigSettings,
+    pub config: Config,
     pub options: Options,
     pub format: ReportFormat,
 }
@@ -209,7 +213,7 @@ impl Syncer {
     ) -> anyhow::Result<Option<Report>> {
         let mut attempt = 1;
         loop {
-            let secrets = self.config.load_secrets()?;
+            let secrets = self.config.load_secrets(self.options.min_password_length)?;
             if scope == Scope::ChangedOnly && !set_changed(self.last_applied(), &secrets) {
                 return Ok(None);
             }
@@ -321,7 +325,7 @@ impl Syncer {
             applied(set),
             leftovers,
             Policy {
-                grace: self.config.grace,
+                grace: self.options.grace,
                 end_retired_sessions: !self.options.keep_retired_sessions && !self.options.dry_run,
                 override_lockouts: self.options.override_lockouts,
             },
@@ -676,7 +680,11 @@ async fn begin_locked(
     // applied is decided from files read now, under the lock. (A file unreadable now is
     // mid-change: read again too.)
     if let Some((config, set)) = plan.fresh
-        && config.load_secrets().ok().as_ref() != Some(set)
+        && config
+            .load_secrets(plan.options.min_password_length)
+            .ok()
+            .as_ref()
+            != Some(set)
     {
         bail!(FilesChanged);
     }
@@ -881,8 +889,7 @@ impl std::error::Error for DryRun {}
 
 /// `pg-password-sync sync`: one sync against the running server, report on stdout.
 pub fn command(settings: SyncSettings) -> anyhow::Result<u8> {
-    let config = Config::from_settings(&settings.config)?;
-    let mut syncer = Syncer::new(config, settings.options);
+    let mut syncer = Syncer::new(settings.config, settings.options);
     let report = crate::runtime::block_on(syncer.sync())?;
     print_report(&report, settings.format)?;
     Ok(0)

@@ -29,7 +29,7 @@ mod debounce;
 mod watches;
 
 use std::ffi::OsStr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -40,7 +40,7 @@ use tokio::sync::mpsc::{self, Receiver, Sender};
 use tokio_postgres::Client;
 
 use crate::backoff::Backoff;
-use crate::config::{Config, ConfigSettings};
+use crate::config::Config;
 use crate::error::Failure;
 use crate::metrics::{self, Metrics, MetricsSettings};
 use crate::postmaster;
@@ -88,6 +88,9 @@ pub struct WatchOptions {
     pub resync_interval: Duration,
     /// Directory for the health state file.
     pub state_dir: PathBuf,
+    /// The data directory (`--pgdata`), when this process can see it: whether the server
+    /// is a standby, and (`run`) whether it was initialised.
+    pub pgdata: PathBuf,
     /// Where the metrics go (nowhere by default).
     pub metrics: MetricsSettings,
 }
@@ -95,7 +98,7 @@ pub struct WatchOptions {
 /// What `watch` was asked to do.
 #[derive(Debug, Clone)]
 pub struct WatchSettings {
-    pub config: ConfigSettings,
+    pub config: Config,
     /// How the sync applies (`--strict`, blocking sessions); a watcher never dry-runs.
     pub options: Options,
     pub watch: WatchOptions,
@@ -131,10 +134,9 @@ pub fn request_resync(tx: &Sender<()>) -> Requested {
 /// `pg-password-sync watch` (sidecar): wait for the server, sync, then watch and re-sync
 /// until SIGTERM or SIGINT (exit 0). SIGHUP checks every role.
 pub fn command(settings: WatchSettings) -> anyhow::Result<u8> {
-    let config = Config::from_settings(&settings.config)?;
     let listener = metrics::bind(&settings.watch.metrics)?;
     crate::runtime::new()?.block_on(sidecar(
-        Syncer::new(config, settings.options),
+        Syncer::new(settings.config, settings.options),
         settings.watch,
         listener,
     ))
@@ -226,7 +228,7 @@ async fn wait_for_server_and_sync(
                 match syncer.connect_superuser(&[]).await {
                     Ok(client) => {
                         state.record_ready(true);
-                        return in_recovery(&client, syncer.config.connect_timeout)
+                        return in_recovery(&client, syncer.config.connection.connect_timeout)
                             .await
                             .unwrap_or(false);
                     }
@@ -366,14 +368,17 @@ impl RetrySchedule {
 /// A standby being watched for its promotion (the watch loop, and `run` when it does not
 /// watch the files).
 pub struct PromotionWatch {
+    /// The data directory, when this process can see it (`standby.signal`).
+    pgdata: PathBuf,
     next_check: Instant,
     /// The kept connection of the `pg_is_in_recovery()` check (no data directory).
     client: Option<Client>,
 }
 
 impl PromotionWatch {
-    pub fn new() -> PromotionWatch {
+    pub fn new(pgdata: &Path) -> PromotionWatch {
         PromotionWatch {
+            pgdata: pgdata.to_path_buf(),
             next_check: Instant::now(),
             client: None,
         }
@@ -387,13 +392,13 @@ impl PromotionWatch {
     /// timeout; any doubt (server restarting, no answer) counts as still a standby and is
     /// checked again soon.
     async fn promoted(&mut self, syncer: &Syncer) -> bool {
-        let pgdata = &syncer.config.pgdata;
+        let pgdata = &self.pgdata;
         if postmaster::is_standby(pgdata, postmaster::read(pgdata).as_ref()) {
             self.next_check = Instant::now() + PROMOTION_POLL_FILE;
             return false;
         }
         self.next_check = Instant::now() + PROMOTION_POLL_QUERY;
-        let limit = syncer.config.connect_timeout;
+        let limit = syncer.config.connection.connect_timeout;
         if self.client.as_ref().is_none_or(Client::is_closed) {
             // Borrowed, not cloned: no second copy of the passwords in memory.
             let set = syncer
@@ -470,6 +475,7 @@ pub async fn watch_loop(
             backoff: Backoff::new(RETRY_MIN, RETRY_MAX),
         },
         standby: None,
+        pgdata: &options.pgdata,
         last_requested: None,
         deferred_request: None,
     };
@@ -610,6 +616,8 @@ struct Loop<'a> {
     retries: RetrySchedule,
     /// Set while the server is a standby: then its promotion is watched for.
     standby: Option<PromotionWatch>,
+    /// The data directory, for the promotion watch.
+    pgdata: &'a Path,
     /// When the last resync on request started (`RESYNC_SPACING` from there).
     last_requested: Option<Instant>,
     /// A request that came too soon after the last one: answered at this instant.
@@ -822,7 +830,7 @@ impl Loop<'_> {
     fn became_standby(&mut self) {
         if self.standby.is_none() {
             tracing::info!("watching the standby for its promotion");
-            self.standby = Some(PromotionWatch::new());
+            self.standby = Some(PromotionWatch::new(self.pgdata));
         }
     }
 

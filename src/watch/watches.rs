@@ -225,40 +225,22 @@ impl Watches {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Host, PatroniRule, RoleSpec, Server, TargetSession};
-    use std::time::Duration;
+    use crate::config::RoleMap;
 
     fn config(dir: &Path) -> Config {
-        Config {
-            roles: vec![
-                RoleSpec {
-                    name: "postgres".into(),
-                    secret: SecretRef::Name("postgres_password".into()),
-                },
-                RoleSpec {
-                    name: "x".into(),
-                    secret: SecretRef::Path(dir.join("sub/x_pw")),
-                },
+        let map = RoleMap::new(
+            "postgres",
+            None,
+            &crate::config::test_named_roles(),
+            &[
+                "postgres=postgres_password".into(),
+                format!("x={}", dir.join("sub/x_pw").display()),
             ],
-            superuser: "postgres".into(),
-            superuser_secret: SecretRef::Name("postgres_password".into()),
-            secret_dirs: vec![dir.join("missing"), dir.to_path_buf()],
-            servers: vec![Server {
-                host: Host::Tcp("127.0.0.1".into()),
-                port: 5432,
-            }],
-            target: TargetSession::Any,
-            pgdata: dir.join("data"),
-            patroni: PatroniRule::Auto,
-            default_role_map: false,
-            dbname: "postgres".into(),
-            sync_identity: None,
-            connect_timeout: Duration::from_secs(1),
-            overlap: None,
-            twin_suffix: "_alt".into(),
-            grace: Duration::from_secs(1),
-            min_password_length: 0,
-        }
+        )
+        .unwrap();
+        let mut config = crate::config::config_of(map, false);
+        config.secret_dirs = vec![dir.join("missing"), dir.to_path_buf()];
+        config
     }
 
     #[test]
