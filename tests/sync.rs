@@ -990,6 +990,47 @@ fn a_database_owner_cannot_make_the_superuser_sync_run_as_itself_or_fail() {
     assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
 }
 
+#[test]
+fn a_database_owner_cannot_hide_a_password_it_set_behind_the_syncs_snapshot() {
+    let (cluster, keys, secrets) = started();
+    sync_with_env(&cluster, &keys, &[]).expect_ok();
+    // The owner of the database the sync connects to makes its transactions see the
+    // catalog as it was when they began, holds the sync's lock, and sets a password of its
+    // own choosing while the sync waits for the lock.
+    let db = cluster.app_owned_database();
+    cluster.psql_in(
+        db,
+        "SET ROLE appuser; \
+         ALTER DATABASE appdb SET default_transaction_isolation = 'repeatable read';",
+    );
+    let hostile = Session::connect_in(cluster.port, "appuser", &secrets[1], db);
+    hostile.hold_sync_lock();
+    let mut cmd = bin_for("sync", &cluster, &keys);
+    cmd.env("PGDATABASE", db).env(TERMINATE_AFTER, "off");
+    let sync = Running::spawn(cmd);
+    wait_until(
+        Duration::from_secs(30),
+        "the sync to wait for its lock",
+        || {
+            cluster
+                .psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+                != "0"
+        },
+    );
+    let chosen = unique("chosen-by-the-owner");
+    hostile
+        .exec(&format!(
+            "ALTER ROLE appuser PASSWORD {}",
+            quote_literal(&chosen)
+        ))
+        .unwrap();
+    hostile.exec("SELECT pg_advisory_unlock_all()").unwrap();
+    let out = sync.finish(Duration::from_secs(45)).expect_ok();
+    cluster.assert_no_login("appuser", &chosen);
+    assert_new_passwords_log_in(&cluster, &secrets);
+    assert_no_leak(&secrets_ref(&secrets), Some(&cluster), &[&out]);
+}
+
 /// A cluster that allows prepared transactions (off by default: `max_prepared_transactions`
 /// is 0, which keeps this attack out), with the default roles set up.
 fn started_with_prepared_transactions() -> (Cluster, Keys, Vec<String>) {

@@ -10,7 +10,8 @@
 //! one of its schemas before `pg_catalog` would make our unqualified `now()`,
 //! `pg_authid`, `pg_blocking_pids()` … resolve to its functions and views, run with
 //! superuser rights; a `role` would run the whole session as that login; a read-only
-//! default or tiny timeouts would make every statement fail.
+//! default or tiny timeouts would make every statement fail; a `repeatable read` default
+//! would hide what changed while the sync waited for its lock.
 
 pub mod auth_watch;
 pub mod connect;
@@ -39,12 +40,16 @@ const PIN_FIRST: &str = "\
 /// temporary relation comes first), `SET ROLE NONE` returns to the login's own role
 /// (`RESET ROLE` would return to the database's setting), and the settings that could stop
 /// a statement get their defaults (the sync's own bounds come later, with `SET LOCAL`).
+/// Each statement sees what others committed before it (`read committed`): a
+/// `repeatable read` default would keep the catalog as it was when a transaction began,
+/// before the sync's lock was granted, hiding what a session that held the lock changed.
 /// Statement logging is left to the transaction that sends something worth hiding
 /// (`sync::sql::QUIET_SETTINGS`): nothing else a superuser session sends carries a secret.
 const PINNED_SESSION: &str = "\
     SET search_path = pg_catalog, pg_temp; SET ROLE NONE; \
     SET default_transaction_read_only = off; SET statement_timeout = 0; \
-    SET lock_timeout = 0; SET idle_in_transaction_session_timeout = 0";
+    SET lock_timeout = 0; SET idle_in_transaction_session_timeout = 0; \
+    SET default_transaction_isolation = 'read committed'";
 
 /// Opens a superuser session on `config`'s server (`dbname`: another database of it),
 /// trying the OS identity first, then each password in turn, and pins it before anything

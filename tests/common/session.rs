@@ -26,12 +26,18 @@ pub struct Session {
 
 impl Session {
     pub fn connect(port: u16, role: &str, password: &str) -> Session {
+        Self::connect_in(port, role, password, "postgres")
+    }
+
+    /// `connect`, to database `db`.
+    pub fn connect_in(port: u16, role: &str, password: &str, db: &str) -> Session {
         let (pid_tx, pid_rx) = std::sync::mpsc::channel();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Request>();
-        let (role, password) = (role.to_owned(), password.to_owned());
+        let (role, password, db) = (role.to_owned(), password.to_owned(), db.to_owned());
         let thread = std::thread::spawn(move || {
             block_on(async move {
                 let mut config = tcp_login_config(port, &role, &password);
+                config.dbname(&db);
                 config.application_name("hostile test session");
                 let (client, connection) = match config.connect(tokio_postgres::NoTls).await {
                     Ok(pair) => pair,
