@@ -979,6 +979,7 @@ fn a_database_owner_cannot_make_the_superuser_sync_run_as_itself_or_fail() {
     let mut settings = "SET ROLE appuser; ALTER DATABASE appdb SET role = 'appuser'; \
          ALTER DATABASE appdb SET default_transaction_read_only = on; \
          ALTER DATABASE appdb SET idle_in_transaction_session_timeout = '1ms'; \
+         ALTER DATABASE appdb SET statement_timeout = '1ms'; \
          ALTER DATABASE appdb SET lock_timeout = '1ms';"
         .to_owned();
     if pg_major() >= 17 {

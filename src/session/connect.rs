@@ -25,11 +25,13 @@
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use nix::libc;
 use socket2::{Domain, SockAddr, Socket, Type};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 
 use super::auth_watch::Watched;
@@ -112,29 +114,73 @@ pub fn socket_path(dir: &Path, port: u16) -> std::path::PathBuf {
 }
 
 /// Settings sent in the startup packet, which take precedence over a database's and a
-/// role's settings (`ALTER DATABASE … SET`): `idle_session_timeout` (PostgreSQL 14+)
-/// ends a session idle between two statements, and a database owner setting it to a
-/// millisecond would end our sessions before any statement could clear it (between the
-/// login and the first statement, or between two statements that pin the session). The
-/// other settings such an owner can attach are cleared by the pinning statements
-/// (`session::superuser`), which need no idle-free moment.
-const STARTUP_OPTIONS: &str = "-c idle_session_timeout=0";
+/// role's settings (`ALTER DATABASE … SET`): the timeouts a database owner could set to a
+/// millisecond so that our session ends or its first statement fails before anything could
+/// clear them (between the login and the first statement, during the statement that pins
+/// the session, or between two statements that pin it). Each exists on every supported
+/// major (14+). The other settings such an owner can attach are cleared by the pinning
+/// statements (`session::superuser`), which these let run.
+const STARTUP_OPTIONS: &str = "-c idle_session_timeout=0 -c statement_timeout=0 \
+                               -c lock_timeout=0 -c idle_in_transaction_session_timeout=0";
+
+/// `STARTUP_OPTIONS` with `transaction_timeout` (PostgreSQL 17+), which a server of an
+/// older major refuses as an unknown setting after the login.
+const STARTUP_OPTIONS_17: &str = "-c idle_session_timeout=0 -c statement_timeout=0 \
+                                  -c lock_timeout=0 -c idle_in_transaction_session_timeout=0 \
+                                  -c transaction_timeout=0";
+
+/// Whether to send `STARTUP_OPTIONS_17`: yes until a server refuses it (an older major),
+/// then not again in this process; `session::superuser` clears `transaction_timeout` in its
+/// first statement either way, and this closes the moment before it.
+static STARTUP_TRANSACTION_TIMEOUT: AtomicBool = AtomicBool::new(true);
 
 /// One connection attempt to `server`, bounded by the configured connect timeout (per
-/// server, as libpq's `connect_timeout`).
+/// server, as libpq's `connect_timeout`); on a server older than 17, a second one the
+/// first time (see `STARTUP_TRANSACTION_TIMEOUT`).
 pub async fn connect(
     config: &Config,
     server: &Server,
     user: &str,
     auth: &Auth<'_>,
 ) -> anyhow::Result<Connected> {
+    if STARTUP_TRANSACTION_TIMEOUT.load(Ordering::Relaxed) {
+        match connect_with(config, server, user, auth, STARTUP_OPTIONS_17).await {
+            Err(err) if refuses_transaction_timeout(&err) => {
+                STARTUP_TRANSACTION_TIMEOUT.store(false, Ordering::Relaxed);
+            }
+            other => return other,
+        }
+    }
+    connect_with(config, server, user, auth, STARTUP_OPTIONS).await
+}
+
+/// The server's answer to a startup packet naming a setting it does not have (42704).
+fn refuses_transaction_timeout(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<tokio_postgres::Error>()
+            .and_then(tokio_postgres::Error::as_db_error)
+            .is_some_and(|db| {
+                db.code() == &SqlState::UNDEFINED_OBJECT
+                    && db.message().contains("transaction_timeout")
+            })
+    })
+}
+
+async fn connect_with(
+    config: &Config,
+    server: &Server,
+    user: &str,
+    auth: &Auth<'_>,
+    options: &str,
+) -> anyhow::Result<Connected> {
     let mut pg = tokio_postgres::Config::new();
     pg.user(user)
         .dbname(&config.connection.dbname)
         .application_name("pg-password-sync")
-        // Sent with the login, so it is in force before the session's first idle moment
+        // Sent with the login, so they are in force before the session's first statement
         // (see `STARTUP_OPTIONS`).
-        .options(STARTUP_OPTIONS)
+        .options(options)
         // No SSLRequest (NoTls would skip it too): `Watched` reads the stream from its
         // first byte as messages.
         .ssl_mode(tokio_postgres::config::SslMode::Disable)
