@@ -16,9 +16,19 @@ formatting, clippy, the whole test suite on PostgreSQL 15, the sync, run and wat
 on every other supported major (scripts/pg-majors.sh), the linters, and the end-to-end
 container test when a Docker engine answers.
 
+After formatting and one build of the test binaries, the rest runs at once, as parallel
+jobs: the suite on 15, one job per other major, clippy, and the linters followed by the
+release build and the end-to-end test. Each job writes a log of its own, printed whole
+(with the job's outcome and duration) when the job ends; at the end a table gives every
+step's duration, and the script fails when any job failed.
+
 Environment:
   PG_TEST_MAJORS   the other majors to run the server tests on (default: "14 16 18";
                    empty: none)
+  PG_TEST_THREADS  test threads of the PostgreSQL 15 suite (default: 4)
+  PG_TEST_MAJOR_THREADS
+                   test threads of each other major's sync, run and watch tests
+                   (default: 2)
 USAGE
 }
 no_more_args "$@"
@@ -30,36 +40,185 @@ ensure_cluster_tools
 ensure_commands iptables:iptables
 ensure_prometheus
 
-step "cargo fmt --check"
-cargo fmt --check
-
-step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --quiet --all-targets -- -D warnings
-
-step "cargo test (PostgreSQL 15)"
-cargo test
-
-# The behaviour that touches the server (sync, run, watch) once more per major, with the
-# server binaries of that major; the rest of the suite does not depend on the server.
+# The behaviour that touches the server (sync, run, watch) runs once more per major, with
+# the server binaries of that major; the rest of the suite does not depend on the server.
+# Installed here, before anything runs in parallel.
 majors="${PG_TEST_MAJORS-14 16 18}"
 if [[ -n "$majors" ]]; then
     # shellcheck disable=SC2086 # a list of majors
     scripts/pg-majors.sh install $majors
-    for major in $majors; do
-        step "sync, run and watch tests on PostgreSQL $major"
-        PG_BINDIR="$(scripts/pg-majors.sh bindir "$major")" \
-            cargo test --test tests -- sync:: run:: watch::
+fi
+
+# Durations for the closing table: "SECONDS NAME" lines.
+timings=()
+started=$SECONDS
+timed() {
+    local name=$1 from=$SECONDS
+    shift
+    step "$name"
+    "$@"
+    timings+=("$((SECONDS - from)) $name")
+}
+
+timed "cargo fmt --check" cargo fmt --check
+
+# One build of both test binaries (the unit tests in src/ and tests/tests.rs); every test
+# job below runs them directly. (Through `cargo test` each job would take cargo's lock on
+# the build directory, and clippy, running beside them, holds that lock for its whole
+# compile: the jobs would wait for it.)
+unit_tests=""
+integration_tests=""
+build_tests() {
+    local name path
+    while read -r name path; do
+        case "$name" in
+            pg-password-sync) unit_tests=$path ;;
+            tests) integration_tests=$path ;;
+        esac
+    done < <(cargo test --no-run --locked --message-format=json-render-diagnostics |
+        python3 -c '
+import json, sys
+for line in sys.stdin:
+    msg = json.loads(line)
+    if msg.get("reason") == "compiler-artifact" and msg["profile"]["test"] and msg.get("executable"):
+        print(msg["target"]["name"], msg["executable"])
+')
+    [[ -x "$unit_tests" && -x "$integration_tests" ]] || {
+        echo "cargo test --no-run named no unit test or integration test binary" >&2
+        return 1
+    }
+}
+timed "cargo test --no-run (the test binaries)" build_tests
+
+# ---------------------------------------------------------------------------------------
+# The parallel part. Most of the tests wait (for servers, grace periods, timeouts), so on a
+# 2-core machine the jobs fill each other's pauses. Nothing they share collides: every
+# cluster, Patroni, etcd, PgBouncer and Prometheus of a test has a temp dir and a free port
+# of its own, the template cluster is per test process, the e2e test's Docker names carry
+# its own prefix, and the one test that needs the machine to itself for a moment (run::'s
+# use of every inotify instance of the postgres OS user) takes a lock that every test
+# process honours.
+
+logs="$(mktemp -d "${TMPDIR:-/tmp}/pg-password-sync-test.XXXXXX")"
+declare -A job_name=() job_log=() job_from=()
+# job_order: pids in starting order, for the closing table.
+job_order=()
+failed=()
+
+# Job control: every job is a process group of its own, so that an interrupt can end a
+# job with everything it started, and nothing else.
+set -m
+stop_jobs() {
+    local pid
+    for pid in "${!job_name[@]}"; do
+        kill -TERM -- "-$pid" 2>/dev/null || true
     done
-fi
+}
+trap 'stop_jobs; exit 130' INT
+trap 'stop_jobs; exit 143' TERM
 
-if [[ -x scripts/lint.sh ]]; then
-    step "lint (shellcheck, hadolint, kubernetes-validate)"
-    scripts/lint.sh
-fi
+# start_job NAME CMD…: runs CMD in the background, stdin from /dev/null, its output in a
+# log file of its own.
+start_job() {
+    local name=$1 log
+    shift
+    log="$logs/job-${#job_order[@]}.log"
+    "$@" </dev/null >"$log" 2>&1 &
+    job_name[$!]=$name
+    job_log[$!]=$log
+    job_from[$!]=$SECONDS
+    job_order+=("$!")
+    echo "started: $name (log: $log)"
+}
 
-if [[ -x scripts/e2e-docker.sh ]]; then
-    step "end-to-end on Docker"
-    scripts/e2e-docker.sh
-fi
+# wait_jobs: waits for every job; as each one ends, prints its outcome and its whole log.
+wait_jobs() {
+    local pid rc took
+    while ((${#job_name[@]} > 0)); do
+        rc=0
+        wait -n -p pid "${!job_name[@]}" || rc=$?
+        took=$((SECONDS - job_from[$pid]))
+        if ((rc == 0)); then
+            step "${job_name[$pid]}: passed in $took s"
+        else
+            step "${job_name[$pid]}: FAILED (exit $rc) in $took s"
+            failed+=("${job_name[$pid]}")
+        fi
+        cat "${job_log[$pid]}"
+        timings+=("$took ${job_name[$pid]}")
+        unset "job_name[$pid]"
+    done
+}
 
+# job_step NAME CMD…: one step of a job that runs several, with its heading in the log.
+job_step() {
+    local name=$1 from=$SECONDS rc=0
+    shift
+    step "$name"
+    "$@" || rc=$?
+    echo "($name: $((SECONDS - from)) s, exit $rc)"
+    return "$rc"
+}
+
+# The whole suite on PostgreSQL 15: the unit tests (the property tests among them), then
+# the integration tests; both run even when the first fails.
+suite_15() {
+    local rc=0
+    job_step "unit tests" "$unit_tests" || rc=1
+    job_step "integration tests (tests/tests.rs)" \
+        "$integration_tests" --test-threads "${PG_TEST_THREADS:-4}" || rc=1
+    return "$rc"
+}
+
+# The sync, run and watch tests on the server binaries of one other major.
+suite_major() {
+    local bindir
+    bindir="$(scripts/pg-majors.sh bindir "$1")"
+    PG_BINDIR="$bindir" "$integration_tests" --test-threads "${PG_TEST_MAJOR_THREADS:-2}" \
+        sync:: run:: watch::
+}
+
+# The linters, then the end-to-end test with the release binary, built here: the build
+# (LTO, one codegen unit) runs mostly on one core, beside the tests.
+lint_and_e2e() {
+    local rc=0 bin
+    if [[ -x scripts/lint.sh ]]; then
+        job_step "lint (shellcheck, hadolint, kubernetes-validate)" scripts/lint.sh || rc=1
+    fi
+    if [[ -x scripts/e2e-docker.sh ]]; then
+        if docker info >/dev/null 2>&1; then
+            job_step "cargo build --release --locked" build_release --locked || return 1
+            bin="$(release_bin)"
+            job_step "end-to-end on Docker" env PG_PASSWORD_SYNC_BIN="$bin" scripts/e2e-docker.sh || rc=1
+        else
+            # It says why it skips.
+            job_step "end-to-end on Docker" scripts/e2e-docker.sh || rc=1
+        fi
+    fi
+    return "$rc"
+}
+
+step "parallel jobs"
+start_job "PostgreSQL 15: the whole suite" suite_15
+for major in $majors; do
+    start_job "PostgreSQL $major: sync, run and watch tests" suite_major "$major"
+done
+start_job "cargo clippy --all-targets -- -D warnings" \
+    cargo clippy --quiet --locked --all-targets -- -D warnings
+start_job "lint, release build, end-to-end on Docker" lint_and_e2e
+wait_jobs
+set +m
+trap - INT TERM
+
+step "durations"
+for line in "${timings[@]}"; do
+    printf '%6s s  %s\n' "${line%% *}" "${line#* }"
+done
+printf '%6s s  %s\n' "$((SECONDS - started))" "in all (after the installs)"
+
+if ((${#failed[@]} > 0)); then
+    step "FAILED: ${failed[*]}"
+    exit 1
+fi
+rm -rf "$logs"
 step "all checks passed"
