@@ -16,11 +16,11 @@ formatting, clippy, the whole test suite on PostgreSQL 15, the sync, run and wat
 on every other supported major (scripts/pg-majors.sh), the linters, and the end-to-end
 container test when a Docker engine answers.
 
-After formatting and one build of the test binaries, the rest runs at once, as parallel
-jobs: the suite on 15, the other majors one after the other, clippy, and the linters
-followed by the release build and the end-to-end test. Each job writes a log of its own, printed whole
-(with the job's outcome and duration) when the job ends; at the end a table gives every
-step's duration, and the script fails when any job failed.
+Formatting first; then, as parallel jobs: the release build followed by the end-to-end
+test and the linters (started at once), and, after one build of the test binaries, the
+suite on 15, the other majors one after the other, and clippy. Each job writes a log of
+its own, printed whole (with the job's outcome and duration) when the job ends; at the
+end a table gives every step's duration, and the script fails when any job failed.
 
 Environment:
   PG_TEST_MAJORS   the other majors to run the server tests on (default: "14 16 18";
@@ -52,6 +52,8 @@ fi
 # Durations for the closing table: "SECONDS NAME" lines.
 timings=()
 started=$SECONDS
+failed=()
+
 timed() {
     local name=$1 from=$SECONDS
     shift
@@ -68,48 +70,13 @@ if [[ -n "${CI:-}" ]]; then
     export CARGO_INCREMENTAL=0
 fi
 
-# One build of both test binaries (the unit tests in src/ and tests/tests.rs); every test
-# job below runs them directly. (Through `cargo test` each job would take cargo's lock on
-# the build directory, and clippy, running beside them, holds that lock for its whole
-# compile: the jobs would wait for it.)
-unit_tests=""
-integration_tests=""
-build_tests() {
-    local name path
-    while read -r name path; do
-        case "$name" in
-            pg-password-sync) unit_tests=$path ;;
-            tests) integration_tests=$path ;;
-        esac
-    done < <(cargo test --no-run --locked --message-format=json-render-diagnostics |
-        python3 -c '
-import json, sys
-for line in sys.stdin:
-    msg = json.loads(line)
-    if msg.get("reason") == "compiler-artifact" and msg["profile"]["test"] and msg.get("executable"):
-        print(msg["target"]["name"], msg["executable"])
-')
-    [[ -x "$unit_tests" && -x "$integration_tests" ]] || {
-        echo "cargo test --no-run named no unit test or integration test binary" >&2
-        return 1
-    }
-}
-timed "cargo test --no-run (the test binaries)" build_tests
-
 # ---------------------------------------------------------------------------------------
-# The parallel part. Most of the tests wait (for servers, grace periods, timeouts), so on a
-# 2-core machine the jobs fill each other's pauses. Nothing they share collides: every
-# cluster, Patroni, etcd, PgBouncer and Prometheus of a test has a temp dir and a free port
-# of its own, the template cluster is per test process, the e2e test's Docker names carry
-# its own prefix, and the one test that needs the machine to itself for a moment (run::'s
-# use of every inotify instance of the postgres OS user) takes a lock that every test
-# process honours.
+# Jobs: commands run in the background, each with its output in a log file of its own,
+# printed whole (with the job's outcome and duration) when the job ends.
 
 logs="$(mktemp -d "${TMPDIR:-/tmp}/pg-password-sync-test.XXXXXX")"
 declare -A job_name=() job_log=() job_from=()
-# job_order: pids in starting order, for the closing table.
-job_order=()
-failed=()
+job_count=0
 
 # Job control: every job is a process group of its own, so that an interrupt can end a
 # job with everything it started, and nothing else.
@@ -123,17 +90,16 @@ stop_jobs() {
 trap 'stop_jobs; exit 130' INT
 trap 'stop_jobs; exit 143' TERM
 
-# start_job NAME CMD…: runs CMD in the background, stdin from /dev/null, its output in a
-# log file of its own.
+# start_job NAME CMD…: runs CMD in the background, stdin from /dev/null.
 start_job() {
     local name=$1 log
     shift
-    log="$logs/job-${#job_order[@]}.log"
+    log="$logs/job-$job_count.log"
+    job_count=$((job_count + 1))
     "$@" </dev/null >"$log" 2>&1 &
     job_name[$!]=$name
     job_log[$!]=$log
     job_from[$!]=$SECONDS
-    job_order+=("$!")
     echo "started: $name (log: $log)"
 }
 
@@ -166,6 +132,70 @@ job_step() {
     return "$rc"
 }
 
+# The end-to-end test with the release binary, built here, then the linters. The release
+# build (LTO, one codegen unit) is a minute of mostly one core: started first, beside the
+# build of the test binaries, its long single-threaded end is not what is left running at
+# the end.
+e2e_and_lint() {
+    local rc=0 bin
+    if [[ -x scripts/e2e-docker.sh ]]; then
+        if docker info >/dev/null 2>&1; then
+            job_step "cargo build --release --locked" build_release --locked || return 1
+            bin="$(release_bin)"
+            job_step "end-to-end on Docker" env PG_PASSWORD_SYNC_BIN="$bin" scripts/e2e-docker.sh || rc=1
+        else
+            # It says why it skips.
+            job_step "end-to-end on Docker" scripts/e2e-docker.sh || rc=1
+        fi
+    fi
+    if [[ -x scripts/lint.sh ]]; then
+        job_step "lint (shellcheck, hadolint, kubernetes-validate)" scripts/lint.sh || rc=1
+    fi
+    return "$rc"
+}
+start_job "release build, end-to-end on Docker, lint" e2e_and_lint
+
+# One build of both test binaries (the unit tests in src/ and tests/tests.rs); every test
+# job below runs them directly. (Through `cargo test` each job would take cargo's lock on
+# the build directory, and clippy, running beside them, holds that lock for its whole
+# compile: the jobs would wait for it.)
+unit_tests=""
+integration_tests=""
+build_tests() {
+    local name path
+    while read -r name path; do
+        case "$name" in
+            pg-password-sync) unit_tests=$path ;;
+            tests) integration_tests=$path ;;
+        esac
+    done < <(cargo test --no-run --locked --message-format=json-render-diagnostics |
+        python3 -c '
+import json, sys
+for line in sys.stdin:
+    msg = json.loads(line)
+    if msg.get("reason") == "compiler-artifact" and msg["profile"]["test"] and msg.get("executable"):
+        print(msg["target"]["name"], msg["executable"])
+')
+    [[ -x "$unit_tests" && -x "$integration_tests" ]] || {
+        echo "cargo test --no-run named no unit test or integration test binary" >&2
+        return 1
+    }
+}
+if ! timed "cargo test --no-run (the test binaries)" build_tests; then
+    failed+=("cargo test --no-run")
+    wait_jobs
+    step "FAILED: ${failed[*]}"
+    exit 1
+fi
+
+# The tests, in parallel. Most of them wait (for servers, grace periods, timeouts), so the
+# jobs fill each other's pauses. Nothing they share collides: every cluster, Patroni, etcd,
+# PgBouncer and Prometheus of a test has a temp dir and free ports of its own, the
+# template cluster is per test process, the e2e test's Docker names carry its own prefix,
+# and the one test that needs something of the machine to itself for a while (run::'s use
+# of every inotify instance of the postgres OS user) takes a lock that every test process
+# honours.
+
 # The whole suite on PostgreSQL 15: the unit tests (the property tests among them), then
 # the integration tests; both run even when the first fails.
 suite_15() {
@@ -190,35 +220,15 @@ suite_majors() {
     return "$rc"
 }
 
-# The linters, then the end-to-end test with the release binary, built here: the build
-# (LTO, one codegen unit) runs mostly on one core, beside the tests.
-lint_and_e2e() {
-    local rc=0 bin
-    if [[ -x scripts/lint.sh ]]; then
-        job_step "lint (shellcheck, hadolint, kubernetes-validate)" scripts/lint.sh || rc=1
-    fi
-    if [[ -x scripts/e2e-docker.sh ]]; then
-        if docker info >/dev/null 2>&1; then
-            job_step "cargo build --release --locked" build_release --locked || return 1
-            bin="$(release_bin)"
-            job_step "end-to-end on Docker" env PG_PASSWORD_SYNC_BIN="$bin" scripts/e2e-docker.sh || rc=1
-        else
-            # It says why it skips.
-            job_step "end-to-end on Docker" scripts/e2e-docker.sh || rc=1
-        fi
-    fi
-    return "$rc"
-}
-
-step "parallel jobs"
 start_job "PostgreSQL 15: the whole suite" suite_15
 if [[ -n "$majors" ]]; then
     # shellcheck disable=SC2086 # a list of majors
     start_job "PostgreSQL ${majors// /, }: sync, run and watch tests" suite_majors $majors
 fi
+# Clippy has no time limit to meet, the tests do (liveness bounds, a failover's): it runs
+# at a lower priority and takes the cores the tests leave.
 start_job "cargo clippy --all-targets -- -D warnings" \
-    cargo clippy --quiet --locked --all-targets -- -D warnings
-start_job "lint, release build, end-to-end on Docker" lint_and_e2e
+    nice -n 10 cargo clippy --quiet --locked --all-targets -- -D warnings
 wait_jobs
 set +m
 trap - INT TERM
