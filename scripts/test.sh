@@ -225,15 +225,25 @@ suite_majors() {
     return "$rc"
 }
 
+# Priorities (their servers inherit them): the cores are busy throughout, and the cluster
+# tests are the ones that time the product (a rotation in force within a second of a
+# promotion) and whose Patroni needs its loop on time; the other tests run at nice 5 and
+# clippy, which has no time limit, at nice 10. The release build keeps the default: it
+# must not be the last thing left running.
+# lower_priority N CMD…: CMD (a function too) at niceness N, and all it starts.
+lower_priority() {
+    renice -n "$1" -p "$BASHPID" >/dev/null
+    shift
+    "$@"
+}
 start_job "PostgreSQL 15: cluster tests (clusters::)" \
     "$integration_tests" --test-threads 2 clusters::
-start_job "PostgreSQL 15: unit tests, the other integration tests" suite_15
+start_job "PostgreSQL 15: unit tests, the other integration tests" lower_priority 5 suite_15
 if [[ -n "$majors" ]]; then
     # shellcheck disable=SC2086 # a list of majors
-    start_job "PostgreSQL ${majors// /, }: sync, run and watch tests" suite_majors $majors
+    start_job "PostgreSQL ${majors// /, }: sync, run and watch tests" \
+        lower_priority 5 suite_majors $majors
 fi
-# Clippy has no time limit to meet, the tests do (liveness bounds, a failover's): it runs
-# at a lower priority and takes the cores the tests leave.
 start_job "cargo clippy --all-targets -- -D warnings" \
     nice -n 10 cargo clippy --quiet --locked --all-targets -- -D warnings
 wait_jobs
