@@ -28,9 +28,13 @@ const DELAYS: [(u64, u64); 4] = [(0, 0), (0, 2000), (2000, 0), (1000, 3000)];
 /// Rotations per delay pair in overlap mode, and in the single-login comparison.
 const ROTATIONS: usize = 5;
 const SINGLE_LOGIN_ROTATIONS: usize = 3;
-/// Workers per delay pair, and the pause between one worker's logins.
+/// Workers per delay pair, and the pause between one worker's logins: each pair's four
+/// workers log in about a dozen times a second, a login every 80 ms or so, through every
+/// rotation. (Every login is a psql process and a server backend: at 150 ms the fleet
+/// alone kept a 2-core CI machine three-quarters busy for its minute and more, slowing
+/// every test that ran beside it.)
 const WORKERS: usize = 4;
-const PAUSE: Duration = Duration::from_millis(150);
+const PAUSE: Duration = Duration::from_millis(300);
 /// Longer than the largest delay difference (2 s) with room for a loaded machine, so an app
 /// that still uses the previous login has switched before the server retires it.
 const GRACE: &str = "6s";

@@ -657,7 +657,10 @@ impl Partition {
     const TAG: &str = "pg-password-sync-test-partition";
 
     fn rule(action: &str, direction: &str, port: u16) -> bool {
+        // `-w`: wait for the xtables lock (legacy iptables) rather than fail while another
+        // process, such as the Docker engine of the e2e test beside the suite, changes rules.
         Command::new("iptables")
+            .arg("-w")
             .args([action, "INPUT", "-p", "tcp", direction, &port.to_string()])
             .args(["-m", "comment", "--comment", Self::TAG, "-j", "DROP"])
             .output()
@@ -679,7 +682,10 @@ impl Partition {
 
     /// Removes every tagged rule (`iptables -S` prints each as the `-A …` that adds it).
     fn remove_stale() {
-        let Ok(out) = Command::new("iptables").args(["-S", "INPUT"]).output() else {
+        let Ok(out) = Command::new("iptables")
+            .args(["-w", "-S", "INPUT"])
+            .output()
+        else {
             return;
         };
         for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -687,7 +693,7 @@ impl Partition {
                 && line.contains(Self::TAG)
             {
                 let _ = Command::new("iptables")
-                    .arg("-D")
+                    .args(["-w", "-D"])
                     .args(spec.split_whitespace().map(|w| w.trim_matches('"')))
                     .output();
             }

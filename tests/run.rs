@@ -863,11 +863,32 @@ const SYSTEM_PYTHON: &str = "/usr/bin/python3";
 /// Takes every inotify instance the OS user `postgres` may have (`fs.inotify.
 /// max_user_instances`), until dropped. Only this test runs our binary as `postgres`; the
 /// servers themselves use no inotify.
-struct InotifyHog(std::process::Child);
+///
+/// The limit is the user's, machine-wide: test processes running at once (scripts/test.sh
+/// runs this test once per PostgreSQL major, in parallel) would take the instances from
+/// each other, and one's drop would hand another's `run` an inotify it must not get. So a
+/// hog holds an exclusive lock on `INOTIFY_LOCK` from before it starts until it is gone.
+struct InotifyHog {
+    child: std::process::Child,
+    _turn: std::fs::File,
+}
+
+/// The lock file of the inotify hogs of every test process on this machine (only root
+/// makes a hog: in /run, where no other user can plant a name).
+const INOTIFY_LOCK: &str = "/run/pg-password-sync-tests-inotify.lock";
 
 impl InotifyHog {
     /// `None` (the test is skipped; under CI it fails) when the limit cannot be reached.
     fn take_all() -> Option<InotifyHog> {
+        let turn = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(INOTIFY_LOCK)
+            .unwrap_or_else(|e| panic!("opening {INOTIFY_LOCK}: {e}"));
+        // Blocks while another test process holds every instance (a minute at most).
+        turn.lock()
+            .unwrap_or_else(|e| panic!("locking {INOTIFY_LOCK}: {e}"));
         const HOG: &str = r#"
 import ctypes, resource, sys
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -889,7 +910,7 @@ sys.stdin.read()
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        let hog = InotifyHog(child);
+        let hog = InotifyHog { child, _turn: turn };
         // EMFILE from the per-user limit, not from the hog's own descriptor limit: a
         // fresh process of the same user must fail too.
         let probe = as_server_user(SYSTEM_PYTHON)
@@ -911,8 +932,9 @@ sys.stdin.read()
 
 impl Drop for InotifyHog {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // The lock goes with `_turn`, after the instances are free again.
     }
 }
 
