@@ -538,11 +538,13 @@ fn unix_now() -> f64 {
         .as_secs_f64()
 }
 
-/// A child that writes the time at which SIGTERM reaches it to `out`, then exits 0
-/// (`ready` is written once its handler is in place).
+/// A child that writes the time at which SIGTERM reaches it to `out` (renamed into place,
+/// so `out` never exists half-written), then exits 0 (`ready` is written once its handler
+/// is in place).
 fn signal_recorder(out: &Path, ready: &Path) -> Vec<String> {
-    let script = "import signal, sys, time\n\
-                  def got(*_):\n    open(sys.argv[1], 'w').write(repr(time.time()))\n    sys.exit(0)\n\
+    let script = "import os, signal, sys, time\n\
+                  def got(*_):\n    open(sys.argv[1] + '.tmp', 'w').write(repr(time.time()))\n    \
+                  os.rename(sys.argv[1] + '.tmp', sys.argv[1])\n    sys.exit(0)\n\
                   signal.signal(signal.SIGTERM, got)\n\
                   open(sys.argv[2], 'w').write('ready')\n\
                   while True:\n    signal.pause()\n";
