@@ -233,8 +233,17 @@ pub(super) fn stage(
     set: &RoleSet,
     suffix: &str,
 ) -> anyhow::Result<(Pending, Vec<Staged>)> {
+    // The superuser, redis, session and CSRF secrets (and any other catalog password that
+    // is not an overlapped pair's): single-login secrets, rotated as `generate --force`
+    // does; a superuser file outside the catalog is left alone. Written first: every read
+    // of the set that sees a staged login's new file sees them too, so once the staged
+    // logins log in, the sync that applied them has applied the superuser's new password
+    // in the same transaction, and the next `rotate`, which logs in with it, finds it in
+    // force.
+    let mut untouched = set.files();
+    untouched.extend(set.left_alone.iter().cloned());
+    let mut writes: Vec<(String, Secret)> = files::single_login_values(&untouched)?;
     let mut staged = Vec::new();
-    let mut writes: Vec<(String, Secret)> = Vec::new();
     for role in &set.roles {
         let (login, file) = role.unpublished();
         let password = crate::store::random::password()?;
@@ -246,12 +255,6 @@ pub(super) fn stage(
         });
         writes.push((file.to_owned(), password));
     }
-    // The superuser, redis, session and CSRF secrets (and any other catalog password that
-    // is not an overlapped pair's): single-login secrets, rotated as `generate --force`
-    // does. A superuser file outside the catalog is left alone.
-    let mut untouched = set.files();
-    untouched.extend(set.left_alone.iter().cloned());
-    writes.extend(files::single_login_values(&untouched)?);
     // The publish's rendering, checked before the first write (then thrown away).
     published_text(set, &staged)?;
 
