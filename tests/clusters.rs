@@ -1038,17 +1038,8 @@ fn pgbouncer_a_client_fleet_sees_no_failed_login_through_overlap_rotations() {
     let source = Source::generate();
     through_pooler(&source, bouncer.port);
     let state = tempfile::tempdir().unwrap();
-    let mut watch = bin();
-    watch
-        .arg("watch")
-        .args(cluster.conn_args())
-        .arg("--keys-dir")
-        .arg(source.keys())
-        .arg("--secrets-source-dir")
-        .arg(state.path().join("none"))
-        .args(["--overlap", "--grace", "4s", "--debounce", "50ms"])
-        .arg("--state-dir")
-        .arg(state.path());
+    let mut watch = cluster.watch_command(&source.keys(), state.path());
+    watch.args(["--overlap", "--grace", "4s"]);
     let watcher = Running::spawn(watch).with_server_log(&cluster.log);
     let service_file = source.keys().join(SERVICE_FILE);
     for (role, ..) in PAIRS {

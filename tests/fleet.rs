@@ -214,17 +214,7 @@ fn fleet(mode: Mode, delays: (u64, u64)) -> Outcome {
     let _to_app = Delivery::start(source.keys(), &app_view, Duration::from_millis(delays.1));
 
     let state = tempfile::tempdir().unwrap();
-    let mut watch = bin();
-    watch
-        .arg("watch")
-        .args(cluster.conn_args())
-        .arg("--keys-dir")
-        .arg(&db_view)
-        .arg("--secrets-source-dir")
-        .arg(state.path().join("none"))
-        .args(["--debounce", "50ms"])
-        .arg("--state-dir")
-        .arg(state.path());
+    let mut watch = cluster.watch_command(&db_view, state.path());
     if mode == Mode::Overlap {
         watch.args(["--overlap", "--grace", GRACE]);
     }

@@ -346,6 +346,23 @@ impl Cluster {
     pub fn conn_args(&self) -> Vec<String> {
         conn_args(&self.sock, self.port, &self.data)
     }
+
+    /// `watch` on this cluster with the secrets of `keys` only (no source directory),
+    /// its state file in `state`, and a 50 ms quiet period; the caller adds the rest.
+    pub fn watch_command(&self, keys: &Path, state: &Path) -> Command {
+        let mut watch = bin();
+        watch
+            .arg("watch")
+            .args(self.conn_args())
+            .arg("--keys-dir")
+            .arg(keys)
+            .arg("--secrets-source-dir")
+            .arg(state.join("none"))
+            .args(["--debounce", "50ms"])
+            .arg("--state-dir")
+            .arg(state);
+        watch
+    }
 }
 
 impl Drop for Cluster {
@@ -356,8 +373,6 @@ impl Drop for Cluster {
     }
 }
 
-/// psql as the superuser over the socket in `sock` (peer authentication as the server's
-/// OS user), without reading any psqlrc.
 /// Arguments for the binary that point it at the server on socket directory `sock`, `port`,
 /// with data directory `data`.
 pub fn conn_args(sock: &Path, port: u16, data: &Path) -> Vec<String> {
@@ -392,6 +407,8 @@ pub fn psql_stdin(sock: &Path, port: u16, db: &str, sql: &str) -> std::process::
     child.wait_with_output().unwrap()
 }
 
+/// psql as the superuser over the socket in `sock` (peer authentication as the server's
+/// OS user), without reading any psqlrc.
 pub fn psql_superuser(sock: &Path, port: u16) -> Command {
     let mut cmd = as_server_user(pg_bin("psql"));
     cmd.args(["-X", "-q", "-U", "postgres", "-d", "postgres", "-h"])
