@@ -73,9 +73,8 @@ pub fn command(settings: RunSettings) -> anyhow::Result<u8> {
         ))
         .context(Failure::Config);
     }
-    let config = settings.config.clone();
     // Bound before CMD starts: an address that cannot be had is a configuration error.
-    let listener = match &config {
+    let listener = match &settings.config {
         Some(_) => metrics::bind(&settings.watch.metrics)?,
         None => {
             let asked = &settings.watch.metrics;
@@ -88,7 +87,8 @@ pub fn command(settings: RunSettings) -> anyhow::Result<u8> {
     let command = command_or_default(&settings.cmd);
     let withheld = withheld_env(&settings.watch.pgdata);
     // The state file belongs to the sync: with --no-sync there is nothing to report.
-    let state = config
+    let state = settings
+        .config
         .as_ref()
         .map(|_| StateFile::new(&settings.watch.state_dir));
     if let Some(state) = &state {
@@ -100,7 +100,7 @@ pub fn command(settings: RunSettings) -> anyhow::Result<u8> {
     supervisor.run(
         &command,
         withheld,
-        |child, hangups| work(child, hangups, settings, config, state, listener),
+        |child, hangups| work(child, hangups, settings, state, listener),
         |child| async move {
             if let Some(state) = &after_state {
                 state.record_ready(false);
@@ -139,12 +139,11 @@ fn withheld_env(pgdata: &Path) -> &'static [&'static str] {
 async fn work(
     child: Child,
     hangups: Hangups,
-    settings: RunSettings,
-    config: Option<Config>,
+    mut settings: RunSettings,
     state: Option<StateFile>,
     listener: Option<std::net::TcpListener>,
 ) -> anyhow::Result<()> {
-    let (Some(config), Some(state)) = (config, state) else {
+    let (Some(config), Some(state)) = (settings.config.take(), state) else {
         tracing::info!("--no-sync: supervising only");
         return Ok(());
     };
