@@ -113,6 +113,14 @@ pub fn socket_path(dir: &Path, port: u16) -> std::path::PathBuf {
     dir.join(format!(".s.PGSQL.{port}"))
 }
 
+// `STARTUP_OPTIONS` as a literal, so that `concat!` can extend it.
+macro_rules! startup_options {
+    () => {
+        "-c idle_session_timeout=0 -c statement_timeout=0 -c lock_timeout=0 \
+         -c idle_in_transaction_session_timeout=0"
+    };
+}
+
 /// Settings sent in the startup packet, which take precedence over a database's and a
 /// role's settings (`ALTER DATABASE … SET`): the timeouts a database owner could set to a
 /// millisecond so that our session ends or its first statement fails before anything could
@@ -120,14 +128,11 @@ pub fn socket_path(dir: &Path, port: u16) -> std::path::PathBuf {
 /// the session, or between two statements that pin it). Each exists on every supported
 /// major (14+). The other settings such an owner can attach are cleared by the pinning
 /// statements (`session::superuser`), which these let run.
-const STARTUP_OPTIONS: &str = "-c idle_session_timeout=0 -c statement_timeout=0 \
-                               -c lock_timeout=0 -c idle_in_transaction_session_timeout=0";
+const STARTUP_OPTIONS: &str = startup_options!();
 
 /// `STARTUP_OPTIONS` with `transaction_timeout` (PostgreSQL 17+), which a server of an
 /// older major refuses as an unknown setting after the login.
-const STARTUP_OPTIONS_17: &str = "-c idle_session_timeout=0 -c statement_timeout=0 \
-                                  -c lock_timeout=0 -c idle_in_transaction_session_timeout=0 \
-                                  -c transaction_timeout=0";
+const STARTUP_OPTIONS_17: &str = concat!(startup_options!(), " -c transaction_timeout=0");
 
 /// Whether to send `STARTUP_OPTIONS_17`: yes until a server refuses it (an older major),
 /// then not again in this process; `session::superuser` clears `transaction_timeout` in its

@@ -38,8 +38,9 @@ const PIN_FIRST: &str = "\
 
 /// Then the rest: the search path is set to the catalog alone (`pg_temp` named last, so no
 /// temporary relation comes first), `SET ROLE NONE` returns to the login's own role
-/// (`RESET ROLE` would return to the database's setting), and the settings that could stop
-/// a statement get their defaults (the sync's own bounds come later, with `SET LOCAL`).
+/// (`RESET ROLE` would return to the database's setting), and read-only is turned off (the
+/// timeouts that could stop a statement were cleared in the startup packet,
+/// `connect::STARTUP_OPTIONS`; the sync's own bounds come later, with `SET LOCAL`).
 /// Each statement sees what others committed before it (`read committed`): a
 /// `repeatable read` default would keep the catalog as it was when a transaction began,
 /// before the sync's lock was granted, hiding what a session that held the lock changed.
@@ -47,8 +48,7 @@ const PIN_FIRST: &str = "\
 /// (`sync::sql::QUIET_SETTINGS`): nothing else a superuser session sends carries a secret.
 const PINNED_SESSION: &str = "\
     SET search_path = pg_catalog, pg_temp; SET ROLE NONE; \
-    SET default_transaction_read_only = off; SET statement_timeout = 0; \
-    SET lock_timeout = 0; SET idle_in_transaction_session_timeout = 0; \
+    SET default_transaction_read_only = off; \
     SET default_transaction_isolation = 'read committed'";
 
 /// Opens a superuser session on `config`'s server (`dbname`: another database of it),
