@@ -106,8 +106,11 @@ pub struct Node {
 }
 
 impl Node {
-    /// Patroni's command line for this node, run as the server's OS user (`setpriv` execs
-    /// in place when root, so the pid is Patroni's): what a test's `run -- …` starts.
+    /// Patroni's command line for this node, run as the server's OS user (`setpriv` and
+    /// `env` exec in place, so the pid is Patroni's): what a test's `run -- …` starts. It
+    /// runs in the node's directory: Patroni's bootstrap enters its working directory
+    /// again, and the test's (a checkout in a `mktemp -d` directory, say) may be closed to
+    /// the server's OS user.
     pub fn patroni_command(&self) -> Vec<String> {
         let mut argv = Vec::new();
         if is_root() {
@@ -122,6 +125,8 @@ impl Node {
                 .map(str::to_owned),
             );
         }
+        let dir = self.config.parent().expect("the node's directory");
+        argv.extend(["env".to_owned(), "-C".to_owned(), dir.display().to_string()]);
         argv.push("patroni".to_owned());
         argv.push(self.config.display().to_string());
         argv
